@@ -1,0 +1,155 @@
+"""Fetching from a peer: deadlines, bounded retries, typed errors, every byte checked.
+
+Errors a caller handles (all ``FetchError``, each with a ``reason`` for metrics):
+- ``FetchTimeout``  reason ``timeout``: the peer did not deliver within the deadline.
+- ``FetchRefused``  reason ``not_found`` / ``unavailable`` / ``busy`` / ``refused``: the peer
+  said no, or could not be reached after the allowed retries.
+- ``BadSnapshot``   reason from ``TensorStreamError`` (``truncated``, ``digest_mismatch``,
+  ``oversize``, ``non_finite``, ...): the peer sent data that must not be used.
+
+Only connection-level failures (UNAVAILABLE, RESOURCE_EXHAUSTED) are retried, with
+exponential backoff, and never past the overall deadline. Bad data is never retried: the
+caller skips that peer for this step.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from p2pd.rpc import swarm_pb2 as pb
+from p2pd.rpc import swarm_pb2_grpc as pb_grpc
+from p2pd.server import MAX_MESSAGE_BYTES, TLSConfig
+from p2pd.tensors import Limits, SnapshotKey, StreamDecoder, TensorStreamError
+
+
+class FetchError(Exception):
+    reason = "error"
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class FetchTimeout(FetchError):
+    pass
+
+
+class FetchRefused(FetchError):
+    pass
+
+
+class BadSnapshot(FetchError):
+    pass
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    key: SnapshotKey
+    tensors: dict[str, torch.Tensor]
+    digest: bytes
+    nbytes: int  # payload bytes received
+    seconds: float
+
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE: "unavailable", grpc.StatusCode.RESOURCE_EXHAUSTED: "busy"}
+
+
+class SwarmClient:
+    """A channel to one peer's SwarmServer. Cheap to keep open; thread-safe."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        limits: Limits = Limits(),
+        timeout: float = 30.0,
+        retries: int = 2,
+        backoff: float = 0.2,
+        tls: TLSConfig | None = None,
+        tls_server_name: str | None = None,
+        requester_peer_id: str = "",
+    ):
+        self.address = address
+        self.limits, self.timeout, self.retries, self.backoff = limits, timeout, retries, backoff
+        self.requester_peer_id = requester_peer_id
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", 64 * 1024),
+            ("grpc.enable_retries", 0),  # retries are ours: bounded and deadline-aware
+        ]
+        if tls is not None:
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            ca = Path(tls.ca_file).read_bytes() if tls.ca_file else None
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options)
+        else:
+            self._channel = grpc.insecure_channel(address, options)
+        self._stub = pb_grpc.SwarmStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> SwarmClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def fetch(self, key: SnapshotKey, *, expected_digest: bytes | None = None, timeout: float | None = None) -> Snapshot:
+        """Fetch and fully validate one snapshot; see the module docstring for errors."""
+        start = time.monotonic()
+        deadline = start + (timeout if timeout is not None else self.timeout)
+        request = pb.FetchRequest(key=key.to_pb(), requester_peer_id=self.requester_peer_id)
+        for attempt in range(self.retries + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FetchTimeout("timeout", f"{self.address} {key} after {attempt} attempts")
+            decoder = StreamDecoder(self.limits, expected_digest)
+            call = self._stub.Fetch(request, timeout=remaining)
+            try:
+                for part in call:
+                    decoder.feed(part)
+                tensors = decoder.finish()
+            except TensorStreamError as e:
+                call.cancel()
+                raise BadSnapshot(e.reason, f"from {self.address}: {e.detail}") from e
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise FetchTimeout("timeout", f"{self.address} {key}") from e
+                if code == grpc.StatusCode.NOT_FOUND:
+                    raise FetchRefused("not_found", f"{self.address} has no {key}") from e
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (e.details() or ""):
+                    raise BadSnapshot("oversize", f"{self.address}: {e.details()}") from e
+                if code in _RETRYABLE and attempt < self.retries:
+                    sleep = min(self.backoff * 2**attempt * (1 + random.random()), deadline - time.monotonic())
+                    if sleep > 0:
+                        time.sleep(sleep)
+                    continue
+                reason = _RETRYABLE.get(code, "refused")
+                raise FetchRefused(reason, f"{self.address}: {code.name} {e.details()}") from e
+            return Snapshot(key, tensors, decoder.digest, decoder.bytes_received, time.monotonic() - start)
+        raise AssertionError("unreachable")  # the loop always returns or raises
+
+    def health(self, timeout: float = 5.0) -> tuple[bytes, list[SnapshotKey]]:
+        """The peer's signed record envelope and the snapshot keys it can serve."""
+        try:
+            reply = self._stub.Health(pb.HealthRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise FetchTimeout("timeout", f"{self.address} health") from e
+            raise FetchRefused(_RETRYABLE.get(e.code(), "refused"), f"{self.address}: {e.code().name}") from e
+        keys = []
+        for k in reply.available:
+            try:
+                keys.append(SnapshotKey.from_pb(k))
+            except ValueError:
+                continue  # a kind this version does not know
+        return reply.signed_record, keys

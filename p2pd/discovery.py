@@ -1,0 +1,227 @@
+"""Swarm membership on the hivemind DHT: join, heartbeat a signed record, list live peers.
+
+Every member stores its signed PeerRecord under one DHT key, ``atoll/<swarm>/peers``, with
+its peer id as the subkey, so a single ``get`` returns the whole swarm (one row per peer,
+each row with its own expiry). A node re-publishes every ``ttl / 3`` seconds; a node that
+stops doing so disappears once its row expires, i.e. within ``ttl``.
+
+Two checks keep forged rows out:
+- ``PeerRecordValidator`` runs inside every atoll DHT node, on stores it receives and on
+  values it fetches: a row whose signature is bad, whose signer is not the row's subkey, or
+  whose DHT expiry outlives the signed one is never stored nor returned.
+- ``live_peers`` opens every row again (signature, schema, binding, expiry against the local
+  clock) and drops and counts the failures in ``refused`` by reason, so a row that slipped
+  through a foreign DHT node (one without the validator) still never reaches the caller.
+
+The DHT daemon runs with the node's own Ed25519 key (see identity.py), so its libp2p peer
+id equals the record's peer id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import Any, Sequence
+
+import hivemind
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import get_dht_time
+from hivemind.utils.serializer import MSGPackSerializer
+
+from p2pd.identity import Identity
+from p2pd.records import CLOCK_SKEW_SECONDS, PeerRecord, RecordRefused, open_record, sign_record, swarm_key
+
+log = logging.getLogger(__name__)
+
+
+class DiscoveryError(RuntimeError):
+    """The DHT could not be started or joined; the message says what to check."""
+
+
+class PeerRecordValidator(RecordValidatorBase):
+    """hivemind record validator for the swarm key; other keys pass through untouched."""
+
+    def __init__(self, swarm: str):
+        self._key_id = DHTID.generate(source=swarm_key(swarm)).to_bytes()
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.key != self._key_id:
+            return True
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+            value = MSGPackSerializer.loads(record.value)
+            if not isinstance(subkey, str) or not isinstance(value, bytes):
+                return False
+            # Expiry is deliberately not checked here: hivemind drops expired rows itself, and
+            # a rejection here would discard a whole multi-peer answer over one stale row.
+            rec = open_record(value, now=None, expected_peer_id=subkey)
+        except (RecordRefused, ValueError, TypeError):
+            return False
+        except Exception:  # msgpack raises its own exception types for junk
+            return False
+        return record.expiration_time <= rec.expires_at + CLOCK_SKEW_SECONDS
+
+
+class Discovery:
+    """Membership of one swarm for one node.
+
+    >>> d = Discovery(identity, swarm="demo", initial_peers=["/ip4/127.0.0.1/tcp/4000/p2p/12D3..."])
+    >>> d.start(); d.announce(grpc_address="127.0.0.1:5000")
+    >>> d.live_peers()  # [PeerRecord(...), ...] including this node
+    >>> d.close()
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        swarm: str = "atoll",
+        initial_peers: Sequence[str] = (),
+        host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        announce_maddrs: Sequence[str] | None = None,
+        ttl: float = 30.0,
+        startup_timeout: float = 30.0,
+    ):
+        if identity.path is None:
+            raise ValueError("Discovery needs an identity persisted to a file (Identity.load_or_create)")
+        if not 1.0 <= ttl <= 3600.0:
+            raise ValueError(f"ttl must be within [1, 3600] s, got {ttl}")
+        self.identity = identity
+        self.swarm = swarm
+        self.key = swarm_key(swarm)
+        self.ttl = ttl
+        self.refused: Counter[str] = Counter()  # rows dropped by live_peers, by reason
+        self._dht_kwargs = dict(
+            initial_peers=list(initial_peers),
+            host_maddrs=list(host_maddrs),
+            announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+            startup_timeout=startup_timeout,
+        )
+        self._dht: hivemind.DHT | None = None
+        self._fields: dict[str, Any] | None = None
+        self._record: PeerRecord | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._logged: set[tuple[str, str]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> Discovery:
+        try:
+            self._dht = hivemind.DHT(
+                start=True,
+                identity_path=str(self.identity.path),
+                check_if_identity_free=False,  # hivemind's probe parses RSA keys only
+                record_validators=[PeerRecordValidator(self.swarm)],
+                **self._dht_kwargs,
+            )
+        except Exception as e:
+            hint = " (are the initial peers reachable, and is this key not used by a running node?)"
+            raise DiscoveryError(f"could not start the DHT: {e}{hint if self._dht_kwargs['initial_peers'] else ''}") from e
+        return self
+
+    @property
+    def dht(self) -> hivemind.DHT:
+        if self._dht is None:
+            raise RuntimeError("Discovery.start() has not been called")
+        return self._dht
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the DHT child process (its p2pd daemon is that process's child)."""
+        return self._dht.pid if self._dht is not None else None
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    def close(self) -> None:
+        """Leave: stop heartbeating and shut the DHT process and its p2pd down."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=10)
+        if self._dht is not None:
+            self._dht.shutdown()
+            self._dht.join(timeout=10)
+            self._dht = None
+
+    def __enter__(self) -> Discovery:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- publishing ------------------------------------------------------------------------
+    def announce(self, **fields: Any) -> PeerRecord:
+        """Publish this node's record (fields of PeerRecord except id and times) and keep it alive."""
+        with self._lock:
+            self._fields = dict(fields)
+            record = self._publish_locked()
+        if self._heartbeat is None:
+            self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="atoll-heartbeat", daemon=True)
+            self._heartbeat.start()
+        return record
+
+    def update(self, **fields: Any) -> PeerRecord:
+        """Change some fields (round, model_digest, ...) and re-publish at once."""
+        with self._lock:
+            if self._fields is None:
+                raise RuntimeError("announce() first")
+            self._fields.update(fields)
+            return self._publish_locked()
+
+    @property
+    def record(self) -> PeerRecord | None:
+        return self._record
+
+    def signed_record(self) -> bytes:
+        """The current record's envelope (served by the gRPC Health call)."""
+        with self._lock:
+            return sign_record(self._record, self.identity) if self._record else b""
+
+    def _publish_locked(self) -> PeerRecord:
+        now = get_dht_time()
+        fields = dict(self._fields)
+        fields.setdefault("dht_maddrs", tuple(self.visible_maddrs()[:8]))
+        record = PeerRecord(
+            peer_id=self.identity.peer_id, issued_at=now, expires_at=now + self.ttl, **fields
+        )
+        ok = self.dht.store(self.key, sign_record(record, self.identity), record.expires_at, subkey=record.peer_id)
+        if not ok:
+            log.warning("DHT store of this node's record was not acknowledged; will retry on heartbeat")
+        self._record = record
+        return record
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                with self._lock:
+                    self._publish_locked()
+            except Exception as e:  # keep heartbeating through transient DHT errors
+                log.warning("heartbeat failed: %s", e)
+
+    # -- reading ---------------------------------------------------------------------------
+    def live_peers(self, include_self: bool = True) -> list[PeerRecord]:
+        """Records of every peer whose row is alive and checks out, sorted by peer id."""
+        found = self.dht.get(self.key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        now = get_dht_time()
+        peers = []
+        for subkey, item in found.value.items():
+            try:
+                if not isinstance(subkey, str):
+                    raise RecordRefused("malformed", "subkey is not a peer id")
+                peers.append(open_record(item.value, now=now, expected_peer_id=subkey))
+            except RecordRefused as e:
+                self._count_refusal(str(subkey), e)
+        if not include_self:
+            peers = [p for p in peers if p.peer_id != self.identity.peer_id]
+        return sorted(peers, key=lambda p: p.peer_id)
+
+    def _count_refusal(self, subkey: str, e: RecordRefused) -> None:
+        self.refused[e.reason] += 1
+        if (subkey, e.reason) not in self._logged and len(self._logged) < 10_000:
+            self._logged.add((subkey, e.reason))
+            log.warning("refused peer record in row %s: %s", subkey[:20], e)

@@ -1,0 +1,173 @@
+"""Signed peer records: what a node tells the swarm about itself, and how others check it.
+
+Wire format (what is stored in the DHT, and what other tools read): UTF-8 JSON
+
+    {"body": "<PeerRecord as compact JSON>", "sig": "<base64 Ed25519 signature>"}
+
+The signature covers ``DOMAIN + body`` (the exact body string, so nothing is re-serialised
+before checking). The signer's public key is embedded in ``peer_id`` (see identity.py), so
+a record is self-certifying: whoever holds the key behind the id wrote it, and nobody else
+can. ``open_record`` checks, in order: envelope, signature, schema, binding to the DHT row
+it was found in, issue time, expiry. Each failure raises ``RecordRefused`` with a short
+``reason`` that callers count in metrics.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from p2pd import __version__
+from p2pd.identity import Identity, IdentityError, public_key_from_peer_id, verify
+
+DOMAIN = b"atoll/peer-record/v1\x00"
+MAX_RECORD_BYTES = 8192
+MAX_TTL_SECONDS = 3600.0
+# hivemind assumes peers' clocks agree within a few seconds; allow a little more
+CLOCK_SKEW_SECONDS = 5.0
+
+Role = Literal["trainer", "aggregator", "expert", "router", "observer"]
+_HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):(?P<port>[0-9]{1,5})$")
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:[0-9]{1,2})?)$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class RecordRefused(ValueError):
+    """A record that must not be used. `reason` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def swarm_key(swarm: str) -> str:
+    """The DHT key under which every member of `swarm` stores its record (subkey = peer id)."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", swarm):
+        raise ValueError(f"swarm name must match [a-z0-9][a-z0-9_-]{{0,62}}, got {swarm!r}")
+    return f"atoll/{swarm}/peers"
+
+
+class PeerRecord(BaseModel):
+    """One node's self-description. Immutable; build a new one to change a field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    peer_id: str
+    grpc_address: str
+    dht_maddrs: Annotated[tuple[Annotated[str, Field(max_length=256)], ...], Field(max_length=8)] = ()
+    device: str = "cpu"
+    samples_per_second: Annotated[float, Field(ge=0.0)] = 0.0
+    dataset_size: Annotated[int, Field(ge=0)] = 0
+    round: Annotated[int, Field(ge=0)] = 0
+    model_digest: str = ""  # hex BLAKE3 of the latest published model snapshot, "" if none
+    roles: Annotated[tuple[Role, ...], Field(max_length=5)] = ("trainer",)
+    software_version: Annotated[str, Field(max_length=32)] = __version__
+    issued_at: float
+    expires_at: float
+
+    @field_validator("peer_id")
+    @classmethod
+    def _peer_id(cls, v: str) -> str:
+        try:
+            public_key_from_peer_id(v)
+        except IdentityError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("grpc_address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        m = _HOST_PORT.fullmatch(v)
+        if not m or not 0 < int(m["port"]) < 65536:
+            raise ValueError(f"grpc_address must be host:port, got {v!r}")
+        return v
+
+    @field_validator("dht_maddrs")
+    @classmethod
+    def _maddrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for addr in v:
+            if not addr.startswith("/") or any(c.isspace() for c in addr):
+                raise ValueError(f"not a multiaddr: {addr!r}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.fullmatch(v):
+            raise ValueError(f"device must be cpu, mps or cuda[:N], got {v!r}")
+        return v
+
+    @field_validator("model_digest")
+    @classmethod
+    def _digest(cls, v: str) -> str:
+        if v and not _HEX64.fullmatch(v):
+            raise ValueError("model_digest must be 64 lowercase hex characters or empty")
+        return v
+
+    @field_validator("samples_per_second", "issued_at", "expires_at")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+    @model_validator(mode="after")
+    def _times(self) -> PeerRecord:
+        ttl = self.expires_at - self.issued_at
+        if not 0 < ttl <= MAX_TTL_SECONDS:
+            raise ValueError(f"expires_at - issued_at must be in (0, {MAX_TTL_SECONDS:.0f}] s, got {ttl:.1f}")
+        return self
+
+
+def sign_record(record: PeerRecord, identity: Identity) -> bytes:
+    """Serialise and sign `record` with the key it names; returns the envelope bytes."""
+    if record.peer_id != identity.peer_id:
+        raise ValueError("a node can only sign its own record")
+    body = record.model_dump_json()
+    sig = identity.sign(DOMAIN + body.encode())
+    envelope = json.dumps({"body": body, "sig": base64.b64encode(sig).decode()}, separators=(",", ":"))
+    return envelope.encode()
+
+
+def open_record(data: bytes, *, now: float | None, expected_peer_id: str | None = None) -> PeerRecord:
+    """Check an envelope and return its record, or raise RecordRefused(reason).
+
+    `now` is the DHT time to check issue and expiry times against; None skips those checks.
+    """
+    if not isinstance(data, (bytes, bytearray)):
+        raise RecordRefused("malformed", f"expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordRefused("oversize", f"{len(data)} bytes > {MAX_RECORD_BYTES}")
+    try:
+        envelope = json.loads(data)
+        body, sig_b64 = envelope["body"], envelope["sig"]
+        if set(envelope) != {"body", "sig"} or not isinstance(body, str) or not isinstance(sig_b64, str):
+            raise ValueError("unexpected envelope fields")
+        sig = base64.b64decode(sig_b64, validate=True)
+        claimed = json.loads(body)["peer_id"]
+        if not isinstance(claimed, str):
+            raise ValueError("peer_id is not a string")
+    except (ValueError, KeyError, TypeError, binascii.Error) as e:
+        raise RecordRefused("malformed", str(e)[:200]) from None
+    if not verify(claimed, DOMAIN + body.encode(), sig):
+        raise RecordRefused("bad_signature", f"record claiming {claimed[:16]}...")
+    try:
+        record = PeerRecord.model_validate_json(body)
+    except ValidationError as e:
+        raise RecordRefused("schema", str(e).replace("\n", " ")[:300]) from None
+    if expected_peer_id is not None and record.peer_id != expected_peer_id:
+        raise RecordRefused("peer_id_mismatch", f"row {expected_peer_id[:16]}... holds {record.peer_id[:16]}...")
+    if now is None:
+        return record
+    if record.issued_at > now + CLOCK_SKEW_SECONDS:
+        raise RecordRefused("not_yet_valid", f"issued {record.issued_at - now:.1f} s in the future")
+    if record.expires_at <= now:
+        raise RecordRefused("expired", f"expired {now - record.expires_at:.1f} s ago")
+    return record

@@ -1,0 +1,153 @@
+"""The gRPC side of a node: serve the snapshots it has published, and its signed record.
+
+Memory is bounded: ``SnapshotStore`` keeps the newest ``keep`` snapshots per kind and
+drops older ones (a peer asking for those gets NOT_FOUND and skips us for that step).
+Snapshots are packed (copied to CPU bytes and digested) once at publish time, so serving a
+fetch costs only the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import grpc
+import torch
+
+from p2pd.rpc import swarm_pb2 as pb
+from p2pd.rpc import swarm_pb2_grpc as pb_grpc
+from p2pd.tensors import DEFAULT_CHUNK_BYTES, PackedSnapshot, SnapshotKey, iter_parts, pack
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # > one chunk plus framing; see client.py
+
+
+class SnapshotStore:
+    """Thread-safe map SnapshotKey -> PackedSnapshot, newest `keep` per kind."""
+
+    def __init__(self, keep: int = 4):
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        self.keep = keep
+        self._items: dict[SnapshotKey, PackedSnapshot] = {}
+        self._lock = threading.Lock()
+
+    def publish(self, key: SnapshotKey, state_dict: Mapping[str, torch.Tensor]) -> PackedSnapshot:
+        packed = pack(state_dict)
+        with self._lock:
+            self._items[key] = packed
+            same_kind = sorted(k for k in self._items if k.kind == key.kind)
+            for old in same_kind[: max(0, len(same_kind) - self.keep)]:
+                del self._items[old]
+        return packed
+
+    def get(self, key: SnapshotKey) -> PackedSnapshot | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def keys(self) -> list[SnapshotKey]:
+        with self._lock:
+            return sorted(self._items)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """PEM files. Server: cert + key. Client: ca (the cert that signed the server's)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+
+
+class SwarmServicer(pb_grpc.SwarmServicer):
+    def __init__(self, store: SnapshotStore, signed_record: Callable[[], bytes], chunk_bytes: int):
+        self.store = store
+        self.signed_record = signed_record
+        self.chunk_bytes = chunk_bytes
+        self.stats: Counter[str] = Counter()  # fetches_served, bytes_sent, not_found, bad_request
+        self._lock = threading.Lock()
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.stats[name] += n
+
+    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext):
+        try:
+            key = SnapshotKey.from_pb(request.key)
+        except ValueError as e:
+            self._count("bad_request")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        packed = self.store.get(key)
+        if packed is None:
+            self._count("not_found")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no snapshot {key}")
+        for part in iter_parts(packed, request.key, self.chunk_bytes):
+            if not context.is_active():  # client gave up or deadline passed: stop producing
+                return
+            if part.HasField("chunk"):
+                self._count("bytes_sent", part.chunk.ByteSize())
+            yield part
+        self._count("fetches_served")
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        return pb.HealthReply(signed_record=self.signed_record(), available=[k.to_pb() for k in self.store.keys()])
+
+
+class SwarmServer:
+    """A gRPC server for one node. `start()` binds and returns the port."""
+
+    def __init__(
+        self,
+        store: SnapshotStore,
+        signed_record: Callable[[], bytes] = lambda: b"",
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: TLSConfig | None = None,
+        max_workers: int = 8,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
+        if chunk_bytes + 4096 > MAX_MESSAGE_BYTES:
+            raise ValueError(f"chunk_bytes must be <= {MAX_MESSAGE_BYTES - 4096}")
+        self.servicer = SwarmServicer(store, signed_record, chunk_bytes)
+        self.host, self._want_port, self.tls = host, port, tls
+        self.port: int | None = None
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="atoll-grpc"),
+            # beyond this many concurrent calls clients get RESOURCE_EXHAUSTED instead of queueing
+            maximum_concurrent_rpcs=max_workers * 2,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", 64 * 1024),  # requests are tiny
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_SwarmServicer_to_server(self.servicer, self._server)
+
+    def start(self) -> int:
+        bind = f"{self.host}:{self._want_port}"
+        if self.tls is not None:
+            if not (self.tls.cert_file and self.tls.key_file):
+                raise ValueError("TLS needs both cert_file and key_file")
+            creds = grpc.ssl_server_credentials(
+                [(Path(self.tls.key_file).read_bytes(), Path(self.tls.cert_file).read_bytes())]
+            )
+            self.port = self._server.add_secure_port(bind, creds)
+        else:
+            self.port = self._server.add_insecure_port(bind)
+        if not self.port:
+            raise OSError(f"could not bind gRPC server to {bind}")
+        self._server.start()
+        return self.port
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._server.stop(grace).wait(grace + 5)
