@@ -14,7 +14,9 @@ caller skips that peer for this step.
 
 from __future__ import annotations
 
+import queue
 import random
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,44 @@ class Snapshot:
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE: "unavailable", grpc.StatusCode.RESOURCE_EXHAUSTED: "busy"}
 
 
+def _read_ahead(call, depth: int = 8):
+    """Iterate `call` from a helper thread so the network keeps flowing while this thread
+    copies, hashes and checks the previous parts (those steps release the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def pump():
+        try:
+            for item in call:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # grpc.RpcError and friends travel to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=pump, name="atoll-fetch-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        call.cancel()
+        thread.join(timeout=5)
+
+
 class SwarmClient:
     """A channel to one peer's SwarmServer. Cheap to keep open; thread-safe."""
 
@@ -83,6 +123,7 @@ class SwarmClient:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", 64 * 1024),
             ("grpc.enable_retries", 0),  # retries are ours: bounded and deadline-aware
+            ("grpc.http2.max_frame_size", 16777215),
         ]
         if tls is not None:
             if tls_server_name:
@@ -114,7 +155,7 @@ class SwarmClient:
             decoder = StreamDecoder(self.limits, expected_digest)
             call = self._stub.Fetch(request, timeout=remaining)
             try:
-                for part in call:
+                for part in _read_ahead(call):
                     decoder.feed(part)
                 tensors = decoder.finish()
             except TensorStreamError as e:

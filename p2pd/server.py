@@ -2,8 +2,9 @@
 
 Memory is bounded: ``SnapshotStore`` keeps the newest ``keep`` snapshots per kind and
 drops older ones (a peer asking for those gets NOT_FOUND and skips us for that step).
-Snapshots are packed (copied to CPU bytes and digested) once at publish time, so serving a
-fetch costs only the network.
+Snapshots are encoded (copied to CPU, digested and serialized into wire parts) once at
+publish time, so serving a fetch only writes ready bytes: the Fetch handler is registered
+with an identity response serializer for that reason.
 """
 
 from __future__ import annotations
@@ -20,25 +21,28 @@ import grpc
 import torch
 
 from p2pd.rpc import swarm_pb2 as pb
-from p2pd.rpc import swarm_pb2_grpc as pb_grpc
-from p2pd.tensors import DEFAULT_CHUNK_BYTES, PackedSnapshot, SnapshotKey, iter_parts, pack
+from p2pd.tensors import DEFAULT_CHUNK_BYTES, EncodedSnapshot, SnapshotKey, encode
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # > one chunk plus framing; see client.py
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Swarm"].full_name  # "atoll.v1.Swarm"
 
 
 class SnapshotStore:
     """Thread-safe map SnapshotKey -> PackedSnapshot, newest `keep` per kind."""
 
-    def __init__(self, keep: int = 4):
+    def __init__(self, keep: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        if chunk_bytes < 1 or chunk_bytes + 4096 > MAX_MESSAGE_BYTES:
+            raise ValueError(f"chunk_bytes must be in [1, {MAX_MESSAGE_BYTES - 4096}]")
+        self.chunk_bytes = chunk_bytes
         if keep < 1:
             raise ValueError("keep must be >= 1")
         self.keep = keep
-        self._items: dict[SnapshotKey, PackedSnapshot] = {}
+        self._items: dict[SnapshotKey, EncodedSnapshot] = {}
         self._lock = threading.Lock()
 
-    def publish(self, key: SnapshotKey, state_dict: Mapping[str, torch.Tensor]) -> PackedSnapshot:
-        packed = pack(state_dict)
+    def publish(self, key: SnapshotKey, state_dict: Mapping[str, torch.Tensor]) -> EncodedSnapshot:
+        packed = encode(state_dict, key.to_pb(), self.chunk_bytes)
         with self._lock:
             self._items[key] = packed
             same_kind = sorted(k for k in self._items if k.kind == key.kind)
@@ -46,7 +50,7 @@ class SnapshotStore:
                 del self._items[old]
         return packed
 
-    def get(self, key: SnapshotKey) -> PackedSnapshot | None:
+    def get(self, key: SnapshotKey) -> EncodedSnapshot | None:
         with self._lock:
             return self._items.get(key)
 
@@ -64,11 +68,12 @@ class TLSConfig:
     ca_file: Path | None = None
 
 
-class SwarmServicer(pb_grpc.SwarmServicer):
-    def __init__(self, store: SnapshotStore, signed_record: Callable[[], bytes], chunk_bytes: int):
+class SwarmServicer:
+    """Handlers for the atoll.v1.Swarm service (see proto/swarm.proto)."""
+
+    def __init__(self, store: SnapshotStore, signed_record: Callable[[], bytes]):
         self.store = store
         self.signed_record = signed_record
-        self.chunk_bytes = chunk_bytes
         self.stats: Counter[str] = Counter()  # fetches_served, bytes_sent, not_found, bad_request
         self._lock = threading.Lock()
 
@@ -86,11 +91,10 @@ class SwarmServicer(pb_grpc.SwarmServicer):
         if packed is None:
             self._count("not_found")
             context.abort(grpc.StatusCode.NOT_FOUND, f"no snapshot {key}")
-        for part in iter_parts(packed, request.key, self.chunk_bytes):
+        for part in packed.parts:
             if not context.is_active():  # client gave up or deadline passed: stop producing
                 return
-            if part.HasField("chunk"):
-                self._count("bytes_sent", part.chunk.ByteSize())
+            self._count("bytes_sent", len(part))
             yield part
         self._count("fetches_served")
 
@@ -110,11 +114,8 @@ class SwarmServer:
         port: int = 0,
         tls: TLSConfig | None = None,
         max_workers: int = 8,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ):
-        if chunk_bytes + 4096 > MAX_MESSAGE_BYTES:
-            raise ValueError(f"chunk_bytes must be <= {MAX_MESSAGE_BYTES - 4096}")
-        self.servicer = SwarmServicer(store, signed_record, chunk_bytes)
+        self.servicer = SwarmServicer(store, signed_record)
         self.host, self._want_port, self.tls = host, port, tls
         self.port: int | None = None
         self._server = grpc.server(
@@ -127,7 +128,18 @@ class SwarmServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_SwarmServicer_to_server(self.servicer, self._server)
+        handlers = {
+            # response_serializer=None: Fetch yields parts that are already serialized
+            "Fetch": grpc.unary_stream_rpc_method_handler(
+                self.servicer.Fetch, request_deserializer=pb.FetchRequest.FromString
+            ),
+            "Health": grpc.unary_unary_rpc_method_handler(
+                self.servicer.Health,
+                request_deserializer=pb.HealthRequest.FromString,
+                response_serializer=pb.HealthReply.SerializeToString,
+            ),
+        }
+        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])
 
     def start(self) -> int:
         bind = f"{self.host}:{self._want_port}"

@@ -41,6 +41,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9_.\-:/]{1,256}$")
 
@@ -146,6 +147,37 @@ def iter_parts(
     yield pb.SnapshotPart(trailer=pb.StreamTrailer(digest=snapshot.digest))
 
 
+@dataclass(frozen=True)
+class EncodedSnapshot:
+    """A snapshot as its serialized wire parts, ready to be written to any number of peers.
+
+    Building protobuf messages around multi-MiB payloads costs ~1.5 ms per MiB here, so it is
+    done once at publish time and a fetch only writes these bytes.
+    """
+
+    key: pb.SnapshotKey
+    digest: bytes
+    total_bytes: int  # tensor payload bytes
+    parts: tuple[bytes, ...]
+
+    @property
+    def wire_bytes(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    @property
+    def hexdigest(self) -> str:
+        return self.digest.hex()
+
+
+def encode(
+    state_dict: Mapping[str, torch.Tensor], key: pb.SnapshotKey, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> EncodedSnapshot:
+    """pack + serialize every wire part. Holds one copy of the data (the packed copy is dropped)."""
+    packed = pack(state_dict)
+    parts = tuple(part.SerializeToString() for part in iter_parts(packed, key, chunk_bytes))
+    return EncodedSnapshot(key, packed.digest, packed.total_bytes, parts)
+
+
 class StreamDecoder:
     """Rebuilds a state dict from parts, checking everything. Use `feed` then `finish`."""
 
@@ -230,8 +262,7 @@ class StreamDecoder:
         shape = tuple(c.shape)
         if len(shape) > self.limits.max_ndim or any(d < 0 for d in shape):
             raise TensorStreamError("bad_shape", f"{c.name}: shape {shape[:16]}")
-        itemsize = torch.empty((), dtype=DTYPES[c.dtype]).element_size()
-        nbytes = itemsize * int(np.prod(shape, dtype=object))  # exact, no int64 overflow
+        nbytes = _ITEMSIZE[c.dtype] * int(np.prod(shape, dtype=object))  # exact, no int64 overflow
         if self._declared + nbytes > self.header.total_bytes:
             raise TensorStreamError(
                 "oversize", f"{c.name}: tensors declare more than the {self.header.total_bytes} bytes announced"

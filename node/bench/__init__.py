@@ -1,0 +1,1 @@
+"""Benchmarks behind `atoll bench ...`: each writes a table, JSON and a plot."""

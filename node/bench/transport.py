@@ -1,0 +1,257 @@
+"""`atoll bench transport`: snapshot exchange throughput over loopback, against baselines.
+
+Four paths move the same state dict (MLP-like: 1024x1024 fp32 layers plus biases) from a
+server process to this process, each timed end to end (request to usable tensors):
+
+- ``copy``      in-process ``tensor.clone()`` of every tensor: the memory-bandwidth ceiling.
+- ``grpc_raw``  a bare gRPC unary-stream of the raw bytes in 4 MiB messages, no protobuf, no
+                checks, bytes only counted: what gRPC itself can do here.
+- ``atoll``     ``SwarmClient.fetch``: protobuf parts, tensors rebuilt, BLAKE3 digest checked
+                against the one the server announced, NaN/Inf check.
+- ``hivemind``  hivemind's libp2p stream (``P2P`` protobuf handler, ``serialize_torch_tensor``
+                + ``split_for_streaming`` in 2 MiB parts, ``deserialize_tensor_stream``).
+
+The server side of every network path runs in one separate (spawned) process, so client
+and server do not share a GIL. Each figure is the best of ``repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+PATHS = ("copy", "grpc_raw", "atoll", "hivemind")
+RAW_CHUNK = 4 * 1024 * 1024
+HIVEMIND_CHUNK = 2 * 1024 * 1024
+_RAW_METHOD = "/atoll.bench.Raw/Stream"
+
+
+def make_state_dict(megabytes: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """fp32 MLP-shaped tensors totalling `megabytes` MiB (within one layer's size)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = 1024 * 1024  # elements per weight matrix (4 MiB)
+    total = megabytes * 1024 * 1024 // 4
+    sd, i = {}, 0
+    while total > 0:
+        n = min(layer, total)
+        rows = max(1, n // 1024)
+        sd[f"layers.{i:03d}.weight"] = torch.randn(rows, n // rows, generator=g)
+        total -= rows * (n // rows)
+        if total >= 1024:
+            sd[f"layers.{i:03d}.bias"] = torch.randn(1024, generator=g)
+            total -= 1024
+        i += 1
+        if total < 1024:
+            break
+    return sd
+
+
+# -- server process ----------------------------------------------------------------------------
+def _serve(sizes: list[int], conn) -> None:
+    """Runs in a spawned process: atoll server, raw gRPC server and a hivemind P2P peer."""
+    import grpc
+    from hivemind.compression import serialize_torch_tensor
+    from hivemind.p2p import P2P
+    from hivemind.proto import runtime_pb2
+    from hivemind.utils.streaming import split_for_streaming
+
+    from p2pd.server import MAX_MESSAGE_BYTES, SnapshotStore, SwarmServer
+    from p2pd.tensors import SnapshotKey
+
+    store = SnapshotStore(keep=len(sizes))
+    digests, dicts = {}, {}
+    for mb in sizes:
+        dicts[mb] = make_state_dict(mb)
+        digests[mb] = store.publish(SnapshotKey("model", mb), dicts[mb]).hexdigest
+    atoll = SwarmServer(store, max_workers=4)
+    atoll.start()
+
+    # the baseline streams the same tensor bytes, pre-cut into 4 MiB messages
+    raw_chunks = {}
+    for mb, sd in dicts.items():
+        raw_chunks[mb] = [
+            mv[off : off + RAW_CHUNK].tobytes()
+            for mv in (memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) for t in sd.values())
+            for off in range(0, mv.nbytes, RAW_CHUNK)
+        ]
+
+    def raw_stream(request: bytes, context):
+        yield from raw_chunks[int(request.decode())]
+
+    raw = grpc.server(
+        __import__("concurrent.futures").futures.ThreadPoolExecutor(4),
+        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+    )
+    raw.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("atoll.bench.Raw", {"Stream": grpc.unary_stream_rpc_method_handler(raw_stream)})]
+    )
+    raw_port = raw.add_insecure_port("127.0.0.1:0")
+    raw.start()
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def handler(request: runtime_pb2.ExpertUID, _context):
+        for t in dicts[int(request.uid)].values():
+            for part in split_for_streaming(serialize_torch_tensor(t), HIVEMIND_CHUNK):
+                yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    async def start_p2p():
+        p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        await p2p.add_protobuf_handler("bench", handler, runtime_pb2.ExpertUID, stream_output=True)
+        return p2p, [str(m) for m in await p2p.get_visible_maddrs()]
+
+    p2p, maddrs = asyncio.run_coroutine_threadsafe(start_p2p(), loop).result(60)
+    conn.send(dict(atoll=atoll.address, raw=f"127.0.0.1:{raw_port}", maddrs=maddrs, peer_id=p2p.peer_id.to_base58(), digests=digests))
+    conn.recv()  # any message (or EOF) means stop
+    atoll.stop(0)
+    raw.stop(0)
+    asyncio.run_coroutine_threadsafe(p2p.shutdown(), loop).result(30)
+
+
+# -- client side -------------------------------------------------------------------------------
+@dataclass
+class Row:
+    size_mb: int
+    path: str
+    seconds: float
+    gbps: float
+    ratio_to_grpc_raw: float | None = None
+
+
+def _time_best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, progress=None) -> list[Row]:
+    import grpc
+    from hivemind.compression import deserialize_tensor_stream
+    from hivemind.p2p import P2P, PeerID
+    from hivemind.proto import runtime_pb2
+
+    from p2pd.client import SwarmClient
+    from p2pd.server import MAX_MESSAGE_BYTES
+    from p2pd.tensors import SnapshotKey
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve, args=(sizes, child), daemon=True)
+    proc.start()
+    rows: list[Row] = []
+    loop = asyncio.new_event_loop()
+    p2p = None
+    try:
+        if not parent.poll(300):
+            raise RuntimeError("benchmark server did not start within 300 s")
+        info = parent.recv()
+        client = SwarmClient(info["atoll"], timeout=600)
+        raw_channel = grpc.insecure_channel(info["raw"], [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        raw_call = raw_channel.unary_stream(_RAW_METHOD)
+        if "hivemind" in paths:
+            p2p = loop.run_until_complete(P2P.create(initial_peers=info["maddrs"], host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+            server_id = PeerID.from_base58(info["peer_id"])
+
+        for mb in sizes:
+            local = make_state_dict(mb)
+            nbytes = sum(t.numel() * t.element_size() for t in local.values())
+            digest = bytes.fromhex(info["digests"][mb])
+
+            def do_copy():
+                {k: v.clone() for k, v in local.items()}
+
+            def do_raw():
+                got = sum(len(chunk) for chunk in raw_call(str(mb).encode(), timeout=600))
+                assert got == nbytes, (got, nbytes)
+
+            def do_atoll():
+                snap = client.fetch(SnapshotKey("model", mb), expected_digest=digest)
+                assert snap.nbytes == nbytes
+
+            async def _hm():
+                stream = await p2p.iterate_protobuf_handler(
+                    server_id, "bench", runtime_pb2.ExpertUID(uid=str(mb)), runtime_pb2.ExpertResponse
+                )
+                tensors = await deserialize_tensor_stream(msg.tensors async for msg in stream)
+                assert sum(t.numel() * t.element_size() for t in tensors) == nbytes
+
+            def do_hivemind():
+                loop.run_until_complete(_hm())
+
+            fns = dict(copy=do_copy, grpc_raw=do_raw, atoll=do_atoll, hivemind=do_hivemind)
+            for path in paths:
+                secs = _time_best(fns[path], repeats)
+                rows.append(Row(mb, path, secs, nbytes / secs / 1e9))
+                if progress:
+                    progress(rows[-1])
+        client.close()
+        raw_channel.close()
+    finally:
+        if p2p is not None:
+            loop.run_until_complete(p2p.shutdown())
+        loop.close()
+        try:
+            parent.send("stop")
+        except (BrokenPipeError, OSError):
+            pass
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+    base = {r.size_mb: r.gbps for r in rows if r.path == "grpc_raw"}
+    for r in rows:
+        if r.size_mb in base:
+            r.ratio_to_grpc_raw = r.gbps / base[r.size_mb]
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| size (MiB) | path | best seconds | GB/s | ratio to bare gRPC |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = f"{r.ratio_to_grpc_raw:.2f}" if r.ratio_to_grpc_raw is not None else "-"
+        lines.append(f"| {r.size_mb} | {r.path} | {r.seconds:.3f} | {r.gbps:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[Row], out: Path, meta: dict) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    (out / "table.md").write_text(table(rows) + "\n")
+    written = [out / "results.json", out / "table.md"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sizes = sorted({r.size_mb for r in rows})
+    for path in PATHS:
+        ys = [next((r.gbps for r in rows if r.size_mb == s and r.path == path), None) for s in sizes]
+        if any(y is not None for y in ys):
+            ax.plot(sizes, ys, marker="o", label=path)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("state dict size (MiB)")
+    ax.set_ylabel("throughput (GB/s, log)")
+    ax.set_title("Snapshot exchange over loopback (best of runs)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "transport.png", dpi=120)
+    plt.close(fig)
+    written.append(out / "transport.png")
+    return written
