@@ -235,11 +235,12 @@ class StreamDecoder:
             if c.offset != 0:
                 raise TensorStreamError("malformed", f"tensor data at offset {c.offset} before its first chunk")
             self._start_tensor(c)
-        elif c.name or c.dtype or c.shape or c.offset != self._filled:
+        elif c.name or c.offset > self._filled:  # next tensor started, or bytes went missing
             raise TensorStreamError(
-                "truncated" if c.name else "malformed",
-                f"tensor {self._current[0]!r} ended at {self._filled}/{self._current[3].nbytes} bytes",
+                "truncated", f"tensor {self._current[0]!r} got {self._filled}/{self._current[3].nbytes} bytes"
             )
+        elif c.dtype or c.shape or c.offset != self._filled:
+            raise TensorStreamError("malformed", f"tensor {self._current[0]!r}: unexpected chunk at {c.offset}")
         name, dtype, shape, buf = self._current
         if self._filled + n > buf.nbytes:
             raise TensorStreamError("oversize", f"{name}: more bytes than its shape allows")

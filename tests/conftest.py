@@ -1,0 +1,45 @@
+import os
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+@pytest.fixture
+def keydir(tmp_path):
+    d = tmp_path / "keys"
+    d.mkdir()
+    return d
+
+
+def _descendants():
+    try:
+        return psutil.Process(os.getpid()).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_processes():
+    """Fail the session if a test left a process (a node, a DHT, a p2pd) running; kill it."""
+    yield
+    leaked = [p for p in _descendants() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in leaked:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(leaked, timeout=10)
+    names = [f"{p.pid}:{p.name()}" for p in leaked if _safe(lambda: p.name())]
+    assert not leaked, f"tests leaked processes: {names}"
+
+
+def _safe(fn):
+    try:
+        return fn()
+    except psutil.Error:
+        return None

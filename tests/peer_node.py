@@ -1,0 +1,56 @@
+"""A minimal atoll peer for integration tests: DHT discovery + gRPC server + one snapshot.
+
+Prints JSON lines on stdout: {"event": "ready", ...} once, then {"event": "peers", ...}
+whenever the set of live peers it sees changes. SIGTERM makes it leave cleanly.
+"""
+
+import argparse
+import json
+import signal
+import threading
+
+import torch
+
+from p2pd.discovery import Discovery
+from p2pd.identity import Identity
+from p2pd.server import SnapshotStore, SwarmServer
+from p2pd.tensors import SnapshotKey
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--key", required=True)
+    ap.add_argument("--swarm", default="test")
+    ap.add_argument("--initial-peers", nargs="*", default=[])
+    ap.add_argument("--ttl", type=float, default=4.0)
+    ap.add_argument("--poll", type=float, default=0.5)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    identity = Identity.load_or_create(args.key)
+    # the DHT forks: start it before any gRPC object exists in this process
+    discovery = Discovery(identity, swarm=args.swarm, initial_peers=args.initial_peers, ttl=args.ttl).start()
+    store = SnapshotStore()
+    server = SwarmServer(store, discovery.signed_record)
+    server.start()
+    torch.manual_seed(args.seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    packed = store.publish(SnapshotKey("model", 1), model.state_dict())
+    discovery.announce(grpc_address=server.address, round=1, model_digest=packed.hexdigest, dataset_size=100)
+    print(json.dumps(dict(event="ready", peer_id=identity.peer_id, grpc=server.address,
+                          maddrs=discovery.visible_maddrs(), digest=packed.hexdigest, dht_pid=discovery.pid)), flush=True)
+    seen = None
+    while not stop.wait(args.poll):
+        peers = sorted(p.peer_id for p in discovery.live_peers())
+        if peers != seen:
+            seen = peers
+            print(json.dumps(dict(event="peers", peers=peers, refused=dict(discovery.refused))), flush=True)
+    server.stop(0.5)
+    discovery.close()
+
+
+if __name__ == "__main__":
+    main()

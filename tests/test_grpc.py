@@ -1,0 +1,181 @@
+"""Real gRPC servers on 127.0.0.1: good snapshots arrive intact, bad ones are refused with
+the right reason, and the receiving node keeps serving."""
+
+import datetime
+import ipaddress
+import time
+
+import grpc
+import pytest
+import torch
+
+from p2pd.client import BadSnapshot, FetchRefused, FetchTimeout, SwarmClient
+from p2pd.rpc import swarm_pb2 as pb
+from p2pd.server import MAX_MESSAGE_BYTES, SERVICE_NAME, SnapshotStore, SwarmServer, TLSConfig
+from p2pd.tensors import Limits, SnapshotKey, iter_parts, pack
+
+pytestmark = pytest.mark.integration
+
+
+def model_state(seed=0):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    return m.state_dict()
+
+
+# scenario by requested round: what a broken or malicious peer sends
+def _evil_parts(round_: int):
+    key = SnapshotKey("model", round_).to_pb()
+    good = list(iter_parts(pack(model_state()), key, 4096))
+    if round_ == 1:  # truncated: stream stops halfway
+        return good[: len(good) // 2]
+    if round_ == 2:  # wrong digest in the trailer
+        return good[:-1] + [pb.SnapshotPart(trailer=pb.StreamTrailer(digest=b"\x07" * 32))]
+    if round_ == 3:  # NaN inside an otherwise consistent, correctly digested stream
+        sd = model_state()
+        sd["0.weight"][3, 3] = float("nan")
+        return list(iter_parts(pack(sd), key, 4096))
+    if round_ == 4:  # announces 1 GiB
+        return [pb.SnapshotPart(header=pb.StreamHeader(key=key, tensor_count=1, total_bytes=2**30))]
+    if round_ == 5:  # unknown dtype
+        bad = list(good)
+        bad[1] = pb.SnapshotPart.FromString(bad[1].SerializeToString())
+        bad[1].chunk.dtype = "complex128"
+        return bad
+    if round_ == 6:  # one message over the receiver's max message size
+        big = pb.TensorChunk(name="w", dtype="uint8", shape=[MAX_MESSAGE_BYTES + 10], payload=b"\x00" * (MAX_MESSAGE_BYTES + 10))
+        return [pb.SnapshotPart(header=pb.StreamHeader(key=key, tensor_count=1, total_bytes=MAX_MESSAGE_BYTES + 10)),
+                pb.SnapshotPart(chunk=big)]
+    return good
+
+
+@pytest.fixture
+def evil_server():
+    def fetch(request, context):
+        r = request.key.round
+        if r == 7:  # never answers in time
+            time.sleep(3)
+        for part in _evil_parts(r):
+            yield part.SerializeToString()
+
+    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(4),
+                         options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        SERVICE_NAME, {"Fetch": grpc.unary_stream_rpc_method_handler(fetch, request_deserializer=pb.FetchRequest.FromString)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0).wait(5)
+
+
+@pytest.fixture
+def node():
+    """The receiving node's own server, which must keep serving through all of this."""
+    store = SnapshotStore(keep=2)
+    server = SwarmServer(store, lambda: b"record")
+    server.start()
+    published = store.publish(SnapshotKey("model", 1), model_state(1))
+    yield server, published
+    server.stop(0)
+
+
+@pytest.mark.parametrize(
+    "round_,reason",
+    [(1, "truncated"), (2, "digest_mismatch"), (3, "non_finite"), (4, "oversize"), (5, "unknown_dtype"), (6, "oversize")],
+)
+def test_bad_streams_refused_and_node_keeps_serving(evil_server, node, round_, reason):
+    server, published = node
+    with SwarmClient(evil_server, timeout=10, limits=Limits(max_total_bytes=64 * 2**20)) as c:
+        with pytest.raises(BadSnapshot) as e:
+            c.fetch(SnapshotKey("model", round_))
+        assert e.value.reason == reason
+    with SwarmClient(server.address, timeout=10) as c:  # our own node still answers
+        snap = c.fetch(SnapshotKey("model", 1), expected_digest=published.digest)
+        assert snap.digest == published.digest
+    assert server.servicer.stats["fetches_served"] == 1
+
+
+def test_timeout_is_typed_and_bounded(evil_server):
+    with SwarmClient(evil_server, retries=3) as c:
+        t0 = time.monotonic()
+        with pytest.raises(FetchTimeout):
+            c.fetch(SnapshotKey("model", 7), timeout=0.5)
+        assert time.monotonic() - t0 < 2.5  # no retry past the deadline
+
+
+def test_digest_from_signed_record_is_enforced(node):
+    server, published = node
+    with SwarmClient(server.address) as c:
+        with pytest.raises(BadSnapshot) as e:
+            c.fetch(SnapshotKey("model", 1), expected_digest=b"\x00" * 32)
+        assert e.value.reason == "digest_mismatch"
+
+
+def test_not_found_eviction_and_health(node):
+    server, _ = node
+    store = server.servicer.store
+    for r in (2, 3):
+        store.publish(SnapshotKey("model", r), model_state(r))
+    store.publish(SnapshotKey("logits", 3), {"logits": torch.randn(5, 10)})
+    assert store.keys() == [SnapshotKey("logits", 3), SnapshotKey("model", 2), SnapshotKey("model", 3)]
+    with SwarmClient(server.address) as c:
+        with pytest.raises(FetchRefused) as e:
+            c.fetch(SnapshotKey("model", 1))  # evicted: keep=2
+        assert e.value.reason == "not_found"
+        record, keys = c.health()
+        assert record == b"record" and SnapshotKey("model", 3) in keys
+
+
+def test_unreachable_peer_is_refused_after_bounded_retries():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with SwarmClient(f"127.0.0.1:{port}", retries=2, backoff=0.05) as c:
+        t0 = time.monotonic()
+        with pytest.raises(FetchRefused) as e:
+            c.fetch(SnapshotKey("model", 1), timeout=10)
+        assert e.value.reason == "unavailable"
+        assert time.monotonic() - t0 < 8
+
+
+def _self_signed(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "atoll-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_tls(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    store = SnapshotStore()
+    published = store.publish(SnapshotKey("model", 1), model_state())
+    server = SwarmServer(store, tls=TLSConfig(cert_file=cert, key_file=key))
+    server.start()
+    try:
+        with SwarmClient(server.address, tls=TLSConfig(ca_file=cert)) as c:
+            assert c.fetch(SnapshotKey("model", 1)).digest == published.digest
+        with SwarmClient(server.address, retries=0) as plain:  # plaintext client to a TLS server
+            with pytest.raises(FetchRefused):
+                plain.fetch(SnapshotKey("model", 1), timeout=5)
+    finally:
+        server.stop(0)

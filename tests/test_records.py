@@ -1,0 +1,102 @@
+import base64
+import json
+import time
+
+import pytest
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils.serializer import MSGPackSerializer
+
+from p2pd.discovery import PeerRecordValidator
+from p2pd.identity import Identity
+from p2pd.records import DOMAIN, PeerRecord, RecordRefused, open_record, sign_record, swarm_key
+
+NOW = 1_800_000_000.0
+
+
+def make(ident, **kw):
+    fields = dict(peer_id=ident.peer_id, grpc_address="127.0.0.1:5000", issued_at=NOW, expires_at=NOW + 30)
+    fields.update(kw)
+    return PeerRecord(**fields)
+
+
+def reason_of(data, **kw):
+    with pytest.raises(RecordRefused) as e:
+        open_record(data, **kw)
+    return e.value.reason
+
+
+def test_roundtrip():
+    ident = Identity.generate()
+    rec = make(ident, round=7, model_digest="ab" * 32, roles=("trainer", "aggregator"), device="cuda:1")
+    assert open_record(sign_record(rec, ident), now=NOW + 1, expected_peer_id=ident.peer_id) == rec
+
+
+def test_forged_signature_refused():
+    victim, attacker = Identity.generate(), Identity.generate()
+    env = json.loads(sign_record(make(attacker), attacker))
+    body = json.loads(env["body"])
+    body["peer_id"] = victim.peer_id  # claim the victim's id, sign with our own key
+    env["body"] = json.dumps(body)
+    assert reason_of(json.dumps(env).encode(), now=NOW) == "bad_signature"
+
+
+def test_tampered_body_refused():
+    ident = Identity.generate()
+    env = json.loads(sign_record(make(ident), ident))
+    env["body"] = env["body"].replace("127.0.0.1:5000", "127.0.0.1:6666")
+    assert reason_of(json.dumps(env).encode(), now=NOW) == "bad_signature"
+
+
+def test_record_in_another_peers_row_refused():
+    a, b = Identity.generate(), Identity.generate()
+    assert reason_of(sign_record(make(a), a), now=NOW, expected_peer_id=b.peer_id) == "peer_id_mismatch"
+
+
+def test_expired_and_future_records_refused():
+    ident = Identity.generate()
+    data = sign_record(make(ident), ident)
+    assert reason_of(data, now=NOW + 31) == "expired"
+    assert reason_of(data, now=NOW - 60) == "not_yet_valid"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not json", b"[]", b'{"body": 1, "sig": "x"}', b'{"body": "{}", "sig": "!!"}', b"x" * 10000],
+)
+def test_malformed_envelopes_refused(data):
+    assert reason_of(data, now=NOW) in {"malformed", "oversize"}
+
+
+def test_schema_violations_signed_by_owner_refused():
+    """A correctly signed body that breaks the schema is still refused."""
+    ident = Identity.generate()
+    for bad in ({"samples_per_second": -1.0}, {"grpc_address": "nohost"}, {"extra_field": 1}, {"expires_at": NOW + 10**6}):
+        body = json.loads(make(ident).model_dump_json())
+        body.update(bad)
+        body_s = json.dumps(body)
+        env = {"body": body_s, "sig": base64.b64encode(ident.sign(DOMAIN + body_s.encode())).decode()}
+        assert reason_of(json.dumps(env).encode(), now=NOW) == "schema", bad
+
+
+def test_swarm_key_validation():
+    assert swarm_key("demo-1") == "atoll/demo-1/peers"
+    with pytest.raises(ValueError):
+        swarm_key("../etc")
+
+
+def test_dht_validator_accepts_only_owner_signed_rows():
+    ident, other = Identity.generate(), Identity.generate()
+    v = PeerRecordValidator("demo")
+    key = DHTID.generate(source=swarm_key("demo")).to_bytes()
+    rec = make(ident)
+    value = MSGPackSerializer.dumps(sign_record(rec, ident))
+    sub = MSGPackSerializer.dumps(ident.peer_id)
+    assert v.validate(DHTRecord(key, sub, value, rec.expires_at))
+    # a row under someone else's subkey, a longer DHT expiry than signed, junk: all refused
+    assert not v.validate(DHTRecord(key, MSGPackSerializer.dumps(other.peer_id), value, rec.expires_at))
+    assert not v.validate(DHTRecord(key, sub, value, rec.expires_at + 3600))
+    assert not v.validate(DHTRecord(key, sub, MSGPackSerializer.dumps(b"junk"), rec.expires_at))
+    assert not v.validate(DHTRecord(key, sub, b"\xc1", rec.expires_at))
+    # other keys are not ours to judge
+    assert v.validate(DHTRecord(DHTID.generate(source="other").to_bytes(), sub, b"\xc1", rec.expires_at))
