@@ -16,11 +16,16 @@ def keydir(tmp_path):
     return d
 
 
+# torch's shared-memory helper is started by torch itself, idles, and exits with this process
+_OURS_TO_KEEP = {"torch_shm_manager"}
+
+
 def _descendants():
     try:
-        return psutil.Process(os.getpid()).children(recursive=True)
+        procs = psutil.Process(os.getpid()).children(recursive=True)
     except psutil.Error:
         return []
+    return [p for p in procs if _safe(p.name) not in _OURS_TO_KEEP]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,13 +33,13 @@ def no_leaked_processes():
     """Fail the session if a test left a process (a node, a DHT, a p2pd) running; kill it."""
     yield
     leaked = [p for p in _descendants() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    names = [f"{p.pid}:{' '.join(_safe(p.cmdline) or [])[:120]}" for p in leaked]
     for p in leaked:
         try:
             p.kill()
         except psutil.Error:
             pass
     psutil.wait_procs(leaked, timeout=10)
-    names = [f"{p.pid}:{p.name()}" for p in leaked if _safe(lambda: p.name())]
     assert not leaked, f"tests leaked processes: {names}"
 
 

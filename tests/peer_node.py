@@ -17,6 +17,13 @@ from p2pd.server import SnapshotStore, SwarmServer
 from p2pd.tensors import SnapshotKey
 
 
+def build_model(seed: int) -> torch.nn.Module:
+    """About 12.6 MB of fp32 parameters, deterministic in `seed`."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(784, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 768),
+                               torch.nn.ReLU(), torch.nn.Linear(768, 10))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--key", required=True)
@@ -36,8 +43,7 @@ def main():
     store = SnapshotStore()
     server = SwarmServer(store, discovery.signed_record)
     server.start()
-    torch.manual_seed(args.seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    model = build_model(args.seed)
     packed = store.publish(SnapshotKey("model", 1), model.state_dict())
     discovery.announce(grpc_address=server.address, round=1, model_digest=packed.hexdigest, dataset_size=100)
     print(json.dumps(dict(event="ready", peer_id=identity.peer_id, grpc=server.address,

@@ -1,0 +1,137 @@
+"""Real node processes on 127.0.0.1 with a real hivemind DHT (and its p2pd daemons)."""
+
+import json
+import time
+
+import hivemind
+import pytest
+import torch
+from hivemind.utils import get_dht_time
+
+from helpers import NodeProcess, kill_tree
+from p2pd.client import SwarmClient
+from p2pd.discovery import Discovery
+from p2pd.identity import Identity
+from p2pd.records import PeerRecord, open_record, sign_record, swarm_key
+from p2pd.tensors import SnapshotKey
+
+pytestmark = pytest.mark.integration
+SWARM = "itest"
+TTL = 4.0
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """Three node processes; the first bootstraps the other two."""
+    keys = tmp_path_factory.mktemp("keys")
+    nodes = []
+    try:
+        first = NodeProcess("--key", str(keys / "n0.key"), "--swarm", SWARM, "--ttl", str(TTL), "--seed", "0")
+        nodes.append(first)
+        boot = first.ready()["maddrs"]
+        for i in (1, 2):
+            nodes.append(NodeProcess("--key", str(keys / f"n{i}.key"), "--swarm", SWARM, "--ttl", str(TTL),
+                                     "--seed", str(i), "--initial-peers", *boot))
+        for n in nodes[1:]:
+            n.ready()
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+@pytest.fixture
+def observer(swarm, keydir):
+    """A Discovery in the test process, joined to the swarm (it forks its own DHT)."""
+    d = Discovery(Identity.load_or_create(keydir / "observer.key"), swarm=SWARM, ttl=TTL,
+                  initial_peers=swarm[0].info["maddrs"]).start()
+    yield d
+    d.close()
+    assert d.pid is None
+
+
+def test_three_nodes_discover_each_other_in_seconds(swarm):
+    ids = sorted(n.info["peer_id"] for n in swarm)
+    t0 = time.monotonic()
+    for n in swarm:
+        n.wait_event("peers", timeout=20, predicate=lambda e: sorted(e["peers"]) == ids)
+    assert time.monotonic() - t0 < 20
+    # the DHT daemon runs with the node's own key: record peer id == libp2p peer id
+    assert all(m.endswith("/p2p/" + n.info["peer_id"]) for n in swarm for m in n.info["maddrs"])
+
+
+def test_fetch_from_discovered_peer_is_bit_identical_and_matches_signed_digest(swarm, observer):
+    """A >10 MB model snapshot fetched from another node process, found through the DHT."""
+    peers = {p.peer_id: p for p in observer.live_peers()}
+    target = swarm[1].info
+    rec = peers[target["peer_id"]]
+    with SwarmClient(rec.grpc_address, timeout=60) as c:
+        snap = c.fetch(SnapshotKey("model", 1), expected_digest=bytes.fromhex(rec.model_digest))
+    assert snap.nbytes > 10 * 2**20
+    torch.manual_seed(1)  # peer_node builds its model from its seed: rebuild it here
+    from peer_node import build_model
+
+    ref = build_model(1).state_dict()
+    assert set(snap.tensors) == set(ref)
+    assert all(torch.equal(snap.tensors[k], ref[k]) for k in ref)
+
+
+def test_plain_hivemind_dht_reads_the_records(swarm):
+    """Other tools join with a stock hivemind.DHT and read `atoll/<swarm>/peers`."""
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=swarm[0].info["maddrs"])
+    try:
+        found = dht.get(swarm_key(SWARM), latest=True)
+        assert found is not None
+        rows = {sub: open_record(v.value, now=get_dht_time(), expected_peer_id=sub) for sub, v in found.value.items()}
+        assert {n.info["peer_id"] for n in swarm} <= set(rows)
+        assert all(rows[n.info["peer_id"]].grpc_address == n.info["grpc"] for n in swarm)
+    finally:
+        dht.shutdown()
+        dht.join(10)
+
+
+def test_forged_expired_and_malformed_rows_never_returned(swarm, observer, keydir):
+    """A stock DHT node (no validator) tries to plant rows; atoll nodes refuse to store them and
+    never return them."""
+    victim = swarm[2].info["peer_id"]
+    attacker = Identity.generate()
+    now = get_dht_time()
+    rec = PeerRecord(peer_id=attacker.peer_id, grpc_address="127.0.0.1:1", issued_at=now, expires_at=now + 60)
+    forged = json.loads(sign_record(rec, attacker))
+    forged["body"] = forged["body"].replace(attacker.peer_id, victim)  # victim's id, attacker's signature
+    old = PeerRecord(peer_id=attacker.peer_id, grpc_address="127.0.0.1:2", issued_at=now - 100, expires_at=now - 50)
+    rows = {
+        victim: json.dumps(forged).encode(),  # forged record in the victim's row
+        attacker.peer_id: sign_record(old, attacker),  # expired record kept alive by the DHT expiry
+        "garbage": b"\x00not a record",
+    }
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=swarm[0].info["maddrs"])
+    try:
+        for sub, value in rows.items():
+            dht.store(swarm_key(SWARM), value, get_dht_time() + 60, subkey=sub)
+        time.sleep(1.0)
+        for _ in range(3):
+            peers = observer.live_peers()
+            ids = {p.peer_id for p in peers}
+            assert attacker.peer_id not in ids and "garbage" not in ids
+            assert next(p for p in peers if p.peer_id == victim).grpc_address == swarm[2].info["grpc"]
+            time.sleep(0.5)
+        for n in swarm:  # the real nodes' own views stay clean too
+            assert set(n.last_peers) <= {m.info["peer_id"] for m in swarm}
+    finally:
+        dht.shutdown()
+        dht.join(10)
+
+
+def test_killed_node_drops_out_within_ttl(swarm, observer):
+    victim = swarm[2]
+    vid = victim.info["peer_id"]
+    assert vid in {p.peer_id for p in observer.live_peers()}
+    victim.kill()  # SIGKILL the node, its DHT process and its p2pd: no clean leave
+    t0 = time.monotonic()
+    while vid in {p.peer_id for p in observer.live_peers()}:
+        assert time.monotonic() - t0 < TTL + 3, "killed node still listed after its TTL"
+        time.sleep(0.25)
+    survivors = sorted(n.info["peer_id"] for n in swarm[:2])
+    for n in swarm[:2]:
+        n.wait_event("peers", timeout=TTL + 5, predicate=lambda e: sorted(e["peers"]) == survivors)
