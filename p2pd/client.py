@@ -26,7 +26,7 @@ import torch
 
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.rpc import swarm_pb2_grpc as pb_grpc
-from p2pd.server import MAX_MESSAGE_BYTES, TLSConfig
+from p2pd.server import MAX_MESSAGE_BYTES, SERVICE_NAME, TLSConfig
 from p2pd.tensors import Limits, SnapshotKey, StreamDecoder, TensorStreamError
 
 
@@ -133,6 +133,10 @@ class SwarmClient:
         else:
             self._channel = grpc.insecure_channel(address, options)
         self._stub = pb_grpc.SwarmStub(self._channel)
+        # Fetch parts arrive as raw bytes: StreamDecoder.feed_bytes uses payloads in place
+        self._fetch_raw = self._channel.unary_stream(
+            f"/{SERVICE_NAME}/Fetch", request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=None
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -153,10 +157,10 @@ class SwarmClient:
             if remaining <= 0:
                 raise FetchTimeout("timeout", f"{self.address} {key} after {attempt} attempts")
             decoder = StreamDecoder(self.limits, expected_digest)
-            call = self._stub.Fetch(request, timeout=remaining)
+            call = self._fetch_raw(request, timeout=remaining)
             try:
-                for part in _read_ahead(call):
-                    decoder.feed(part)
+                for raw in _read_ahead(call):
+                    decoder.feed_bytes(raw)
                 tensors = decoder.finish()
             except TensorStreamError as e:
                 call.cancel()

@@ -26,16 +26,30 @@ def parts_of(sd, chunk=64):
     return list(iter_parts(pack(sd), KEY, chunk))
 
 
+def decode_bytes(parts, limits=Limits(), expected_digest=None):
+    """The client's path: serialized parts through the zero-copy chunk reader."""
+    dec = StreamDecoder(limits, expected_digest)
+    for p in parts:
+        dec.feed_bytes(p.SerializeToString())
+    return dec.finish(), dec.digest
+
+
 def reason(parts, **kw):
-    with pytest.raises(TensorStreamError) as e:
-        decode(parts, **kw)
-    return e.value.reason
+    """Refusal reason, checked to be the same on the parsed and the raw-bytes path."""
+    got = []
+    for fn in (decode, decode_bytes):
+        with pytest.raises(TensorStreamError) as e:
+            fn(parts, **kw)
+        got.append(e.value.reason)
+    assert got[0] == got[1], f"paths disagree: {got}"
+    return got[0]
 
 
+@pytest.mark.parametrize("via", [decode, decode_bytes])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
-def test_roundtrip_bit_identical_any_chunking(chunk):
+def test_roundtrip_bit_identical_any_chunking(chunk, via):
     sd = sample()
-    out, digest = decode(parts_of(sd, chunk))
+    out, digest = via(parts_of(sd, chunk))
     assert digest == pack(sd).digest
     assert set(out) == set(sd)
     for k in sd:
@@ -169,3 +183,24 @@ def test_decoder_accounts_bytes():
         dec.feed(p)
     dec.finish()
     assert dec.bytes_received == 400
+
+
+def test_chunk_fast_path_agrees_with_protobuf_and_falls_back():
+    from p2pd.tensors import _split_chunk
+
+    c = pb.TensorChunk(name="w", dtype="float32", shape=[2, 3], offset=0, payload=bytes(range(24)))
+    meta, payload = _split_chunk(pb.SnapshotPart(chunk=c).SerializeToString())
+    assert bytes(payload) == c.payload and meta.name == "w" and list(meta.shape) == [2, 3]
+    # payload written before the other fields, and an unknown field: still parsed the same
+    inner = pb.TensorChunk(payload=c.payload).SerializeToString() + pb.TensorChunk(
+        name="w", dtype="float32", shape=[2, 3]).SerializeToString() + b"\x30\x07"  # field 6 varint
+    raw = b"\x12" + bytes([len(inner)]) + inner
+    meta, payload = _split_chunk(raw)
+    assert bytes(payload) == c.payload and meta.dtype == "float32"
+    # not a chunk, truncated framing, junk: the fast path declines and protobuf decides
+    assert _split_chunk(pb.SnapshotPart(header=pb.StreamHeader(tensor_count=1)).SerializeToString()) is None
+    assert _split_chunk(pb.SnapshotPart(chunk=c).SerializeToString()[:-3]) is None
+    dec = StreamDecoder()
+    with pytest.raises(TensorStreamError) as e:
+        dec.feed_bytes(b"\xff\xff\xff")
+    assert e.value.reason == "malformed"
