@@ -70,7 +70,7 @@ def bench_transport(
     paths = tuple(p for p in transport.PATHS if not (skip_hivemind and p == "hivemind"))
 
     def progress(row):
-        typer.echo(f"  {row.size_mb:>5} MiB  {row.path:<9} {row.gbps:7.3f} GB/s", err=True)
+        typer.echo(f"  {row.size_mb:>5} MiB  {row.path:<11} {row.gbps:7.3f} GB/s", err=True)
 
     typer.echo(f"bench transport: sizes {size_list} MiB, best of {repeats}, paths {', '.join(paths)}", err=True)
     rows = transport.run(size_list, repeats=repeats, paths=paths, progress=progress)

@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import grpc
 import torch
@@ -147,8 +148,18 @@ class SwarmClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def fetch(self, key: SnapshotKey, *, expected_digest: bytes | None = None, timeout: float | None = None) -> Snapshot:
-        """Fetch and fully validate one snapshot; see the module docstring for errors."""
+    def fetch(
+        self,
+        key: SnapshotKey,
+        *,
+        expected_digest: bytes | None = None,
+        timeout: float | None = None,
+        into: Mapping[str, torch.Tensor] | None = None,
+    ) -> Snapshot:
+        """Fetch and fully validate one snapshot; see the module docstring for errors.
+
+        `into`: tensors to reuse as receive buffers where name, dtype and shape match (their
+        contents are undefined if the fetch fails)."""
         start = time.monotonic()
         deadline = start + (timeout if timeout is not None else self.timeout)
         request = pb.FetchRequest(key=key.to_pb(), requester_peer_id=self.requester_peer_id)
@@ -156,7 +167,7 @@ class SwarmClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise FetchTimeout("timeout", f"{self.address} {key} after {attempt} attempts")
-            decoder = StreamDecoder(self.limits, expected_digest)
+            decoder = StreamDecoder(self.limits, expected_digest, into)
             call = self._fetch_raw(request, timeout=remaining)
             try:
                 for raw in _read_ahead(call):

@@ -181,9 +181,18 @@ def encode(
 class StreamDecoder:
     """Rebuilds a state dict from parts, checking everything. Use `feed` then `finish`."""
 
-    def __init__(self, limits: Limits = Limits(), expected_digest: bytes | None = None):
+    def __init__(
+        self,
+        limits: Limits = Limits(),
+        expected_digest: bytes | None = None,
+        into: Mapping[str, torch.Tensor] | None = None,
+    ):
+        """`into`: optional CPU tensors to decode into when name, dtype and shape match (a
+        node keeps one such set per neighbour, which saves faulting in fresh memory every
+        round). If decoding fails, their contents are undefined."""
         self.limits = limits
         self.expected_digest = expected_digest
+        self.into = into or {}
         self.header: pb.StreamHeader | None = None
         self.digest: bytes | None = None
         self.bytes_received = 0  # payload bytes, for accounting
@@ -289,9 +298,18 @@ class StreamDecoder:
         self._declared += nbytes
         self._last_name = c.name
         self._hasher.update(_tensor_preamble(c.name, c.dtype, shape, nbytes))
-        # torch's allocator faults fresh pages in far faster than numpy's here (THP)
-        self._current = (c.name, c.dtype, shape, torch.empty(nbytes, dtype=torch.uint8).numpy())
+        self._current = (c.name, c.dtype, shape, self._buffer(c.name, DTYPES[c.dtype], shape, nbytes))
         self._filled = 0
+
+    def _buffer(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> np.ndarray:
+        t = self.into.get(name)
+        if (
+            t is not None and t.dtype == dtype and tuple(t.shape) == shape and t.device.type == "cpu"
+            and t.is_contiguous() and nbytes > 0
+        ):
+            return t.detach().reshape(-1).view(torch.uint8).numpy()
+        # torch's allocator faults fresh pages in far faster than numpy's here (THP)
+        return torch.empty(nbytes, dtype=torch.uint8).numpy()
 
     def _finish_tensor(self) -> None:
         name, dtype, shape, buf = self._current
@@ -397,9 +415,14 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(np.isfinite(a.min())) and bool(np.isfinite(a.max()))
 
 
-def decode(parts: Iterable[pb.SnapshotPart], limits: Limits = Limits(), expected_digest: bytes | None = None):
+def decode(
+    parts: Iterable[pb.SnapshotPart],
+    limits: Limits = Limits(),
+    expected_digest: bytes | None = None,
+    into: Mapping[str, torch.Tensor] | None = None,
+):
     """Decode a whole stream; returns (state_dict, digest)."""
-    dec = StreamDecoder(limits, expected_digest)
+    dec = StreamDecoder(limits, expected_digest, into)
     for part in parts:
         dec.feed(part)
     return dec.finish(), dec.digest

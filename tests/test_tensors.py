@@ -204,3 +204,13 @@ def test_chunk_fast_path_agrees_with_protobuf_and_falls_back():
     with pytest.raises(TensorStreamError) as e:
         dec.feed_bytes(b"\xff\xff\xff")
     assert e.value.reason == "malformed"
+
+
+def test_decode_into_reuses_matching_buffers_only():
+    sd = sample()
+    into = {"fc.weight": torch.zeros(33, 17), "fc.bias": torch.zeros(3, dtype=torch.float16)}  # bias: wrong shape
+    target = into["fc.weight"]
+    out, _ = decode(parts_of(sd), into=into)
+    assert out["fc.weight"].data_ptr() == target.data_ptr()
+    assert torch.equal(target, sd["fc.weight"])
+    assert out["fc.bias"].data_ptr() != into["fc.bias"].data_ptr() and torch.equal(out["fc.bias"], sd["fc.bias"])

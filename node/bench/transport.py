@@ -8,6 +8,8 @@ server process to this process, each timed end to end (request to usable tensors
                 checks, bytes only counted: what gRPC itself can do here.
 - ``atoll``     ``SwarmClient.fetch``: protobuf parts, tensors rebuilt, BLAKE3 digest checked
                 against the one the server announced, NaN/Inf check.
+- ``atoll_reuse`` the same, decoding into the previous fetch's tensors (``fetch(into=...)``),
+                as a node does each round with one buffer set per neighbour.
 - ``hivemind``  hivemind's libp2p stream (``P2P`` protobuf handler, ``serialize_torch_tensor``
                 + ``split_for_streaming`` in 2 MiB parts, ``deserialize_tensor_stream``).
 
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-PATHS = ("copy", "grpc_raw", "atoll", "hivemind")
+PATHS = ("copy", "grpc_raw", "atoll", "atoll_reuse", "hivemind")
 RAW_CHUNK = 4 * 1024 * 1024
 HIVEMIND_CHUNK = 2 * 1024 * 1024
 _RAW_METHOD = "/atoll.bench.Raw/Stream"
@@ -179,6 +181,12 @@ def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, prog
                 snap = client.fetch(SnapshotKey("model", mb), expected_digest=digest)
                 assert snap.nbytes == nbytes
 
+            buffers = {k: torch.zeros_like(v) for k, v in local.items()}  # faulted in, as a live node's are
+
+            def do_atoll_reuse():
+                snap = client.fetch(SnapshotKey("model", mb), expected_digest=digest, into=buffers)
+                assert snap.nbytes == nbytes
+
             async def _hm():
                 stream = await p2p.iterate_protobuf_handler(
                     server_id, "bench", runtime_pb2.ExpertUID(uid=str(mb)), runtime_pb2.ExpertResponse
@@ -189,7 +197,7 @@ def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, prog
             def do_hivemind():
                 loop.run_until_complete(_hm())
 
-            fns = dict(copy=do_copy, grpc_raw=do_raw, atoll=do_atoll, hivemind=do_hivemind)
+            fns = dict(copy=do_copy, grpc_raw=do_raw, atoll=do_atoll, atoll_reuse=do_atoll_reuse, hivemind=do_hivemind)
             for path in paths:
                 secs = _time_best(fns[path], repeats)
                 rows.append(Row(mb, path, secs, nbytes / secs / 1e9))

@@ -1,0 +1,46 @@
+"""The CLI end to end: `atoll bench transport` on a tiny size, and clean errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def atoll(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_bench_transport_json_and_outputs(tmp_path):
+    r = atoll("bench", "transport", "--sizes", "2", "--repeats", "1", "--json", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)
+    assert {row["path"] for row in rows} == {"copy", "grpc_raw", "atoll", "atoll_reuse", "hivemind"}
+    assert all(row["gbps"] > 0 and row["size_mb"] == 2 for row in rows)
+    assert next(row for row in rows if row["path"] == "grpc_raw")["ratio_to_grpc_raw"] == 1.0
+    for name in ("results.json", "table.md", "transport.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("args", [["bench", "transport", "--sizes", "ten"], ["bench", "transport", "--sizes", "0"],
+                                  ["bench", "transport", "--repeats", "0"]])
+def test_bad_input_is_one_clear_line_not_a_traceback(args):
+    r = atoll(*args, timeout=60)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.strip()
+
+
+def test_identity_show_creates_then_reuses_key(tmp_path):
+    key = tmp_path / "n.key"
+    first = atoll("identity", "show", "--key", str(key), timeout=60)
+    second = atoll("identity", "show", "--key", str(key), timeout=60)
+    assert first.returncode == 0 and first.stdout.strip().startswith("12D3KooW")
+    assert first.stdout == second.stdout
+    key.chmod(0o644)
+    bad = atoll("identity", "show", "--key", str(key), timeout=60)
+    assert bad.returncode == 2 and "chmod 600" in bad.stderr and "Traceback" not in bad.stderr
