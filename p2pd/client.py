@@ -25,19 +25,15 @@ from typing import Mapping
 import grpc
 import torch
 
+from p2pd.errors import ReasonedError
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.rpc import swarm_pb2_grpc as pb_grpc
 from p2pd.server import MAX_MESSAGE_BYTES, SERVICE_NAME, TLSConfig
 from p2pd.tensors import Limits, SnapshotKey, StreamDecoder, TensorStreamError
 
 
-class FetchError(Exception):
-    reason = "error"
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+class FetchError(ReasonedError):
+    """Base of the three errors a fetch can end with."""
 
 
 class FetchTimeout(FetchError):

@@ -24,6 +24,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from p2pd import __version__
+from p2pd.errors import ReasonedError
 from p2pd.identity import Identity, IdentityError, public_key_from_peer_id, verify
 
 DOMAIN = b"atoll/peer-record/v1\x00"
@@ -38,13 +39,8 @@ _DEVICE = re.compile(r"^(cpu|mps|cuda(:[0-9]{1,2})?)$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class RecordRefused(ValueError):
+class RecordRefused(ReasonedError, ValueError):
     """A record that must not be used. `reason` is a short metric label."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 def swarm_key(swarm: str) -> str:

@@ -26,6 +26,7 @@ import blake3
 import numpy as np
 import torch
 
+from p2pd.errors import ReasonedError
 from p2pd.rpc import swarm_pb2 as pb
 
 DTYPES: dict[str, torch.dtype] = {
@@ -46,13 +47,8 @@ DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9_.\-:/]{1,256}$")
 
 
-class TensorStreamError(ValueError):
+class TensorStreamError(ReasonedError, ValueError):
     """A tensor stream that must not be used. `reason` is a short metric label."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)

@@ -100,3 +100,35 @@ def test_dht_validator_accepts_only_owner_signed_rows():
     assert not v.validate(DHTRecord(key, sub, b"\xc1", rec.expires_at))
     # other keys are not ours to judge
     assert v.validate(DHTRecord(DHTID.generate(source="other").to_bytes(), sub, b"\xc1", rec.expires_at))
+
+
+def test_live_peers_drops_and_counts_bad_rows_by_reason(keydir):
+    """Second line of defence: rows a foreign DHT node returned are opened again by the reader.
+    (The DHT is a stand-in here; the real-DHT version is in test_discovery.py.)"""
+    from types import SimpleNamespace
+
+    from hivemind.utils import get_dht_time
+
+    from p2pd.discovery import Discovery
+
+    me, peer, other, old = (Identity.load_or_create(keydir / f"{n}.key") for n in ("me", "peer", "other", "old"))
+    now = get_dht_time()
+
+    def signed(ident, **kw):
+        return sign_record(make(ident, issued_at=kw.get("issued_at", now), expires_at=kw.get("expires_at", now + 30)), ident)
+
+    rows = {
+        peer.peer_id: signed(peer),
+        me.peer_id: signed(me),
+        other.peer_id: signed(peer),  # peer's record in other's row
+        old.peer_id: signed(old, issued_at=now - 100, expires_at=now - 10),
+        "junk": b"{not json",
+        7: signed(other),
+    }
+    found = SimpleNamespace(value={k: SimpleNamespace(value=v) for k, v in rows.items()})
+    d = Discovery(me, swarm="demo")
+    d._dht = SimpleNamespace(get=lambda key, latest: found)
+    assert [p.peer_id for p in d.live_peers()] == sorted([me.peer_id, peer.peer_id])
+    assert [p.peer_id for p in d.live_peers(include_self=False)] == [peer.peer_id]
+    assert d.refused == {"peer_id_mismatch": 2, "expired": 2, "malformed": 4}
+    d._dht = None

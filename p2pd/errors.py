@@ -1,0 +1,14 @@
+"""One shape for every refusal in the network layer: a message plus a short `reason`.
+
+`reason` is a low-cardinality label (e.g. "bad_signature", "truncated", "timeout") that
+callers count in metrics; `detail` is for the log line.
+"""
+
+from __future__ import annotations
+
+
+class ReasonedError(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
