@@ -28,7 +28,7 @@ import torch
 from p2pd.errors import ReasonedError
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.rpc import swarm_pb2_grpc as pb_grpc
-from p2pd.server import MAX_MESSAGE_BYTES, SERVICE_NAME, TLSConfig
+from p2pd.server import MAX_FETCH_SECONDS, MAX_MESSAGE_BYTES, SERVICE_NAME, TLSConfig
 from p2pd.tensors import Limits, SnapshotKey, StreamDecoder, TensorStreamError
 
 
@@ -62,25 +62,29 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE: "unavailable", grpc.StatusCode.RESOUR
 
 def _read_ahead(call, depth: int = 8):
     """Iterate `call` from a helper thread so the network keeps flowing while this thread
-    copies, hashes and checks the previous parts (those steps release the GIL)."""
+    copies, hashes and checks the previous parts (those steps release the GIL). The helper
+    never blocks for good: every put gives up once the consumer has stopped."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
 
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def pump():
         try:
             for item in call:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(done)
+            put(done)
         except BaseException as e:  # grpc.RpcError and friends travel to the consumer
-            q.put(e)
+            put(e)
 
     thread = threading.Thread(target=pump, name="atoll-fetch-reader", daemon=True)
     thread.start()
@@ -95,6 +99,11 @@ def _read_ahead(call, depth: int = 8):
     finally:
         stop.set()
         call.cancel()
+        while True:  # free buffered parts now, not when the thread object is collected
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                break
         thread.join(timeout=5)
 
 
@@ -113,6 +122,8 @@ class SwarmClient:
         tls_server_name: str | None = None,
         requester_peer_id: str = "",
     ):
+        if not 0 < timeout <= MAX_FETCH_SECONDS:
+            raise ValueError(f"timeout must be in (0, {MAX_FETCH_SECONDS:.0f}] s (servers refuse longer fetches)")
         self.address = address
         self.limits, self.timeout, self.retries, self.backoff = limits, timeout, retries, backoff
         self.requester_peer_id = requester_peer_id
@@ -157,13 +168,13 @@ class SwarmClient:
         `into`: tensors to reuse as receive buffers where name, dtype and shape match (their
         contents are undefined if the fetch fails)."""
         start = time.monotonic()
-        deadline = start + (timeout if timeout is not None else self.timeout)
+        deadline = start + min(timeout if timeout is not None else self.timeout, MAX_FETCH_SECONDS)
         request = pb.FetchRequest(key=key.to_pb(), requester_peer_id=self.requester_peer_id)
         for attempt in range(self.retries + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise FetchTimeout("timeout", f"{self.address} {key} after {attempt} attempts")
-            decoder = StreamDecoder(self.limits, expected_digest, into)
+            decoder = StreamDecoder(self.limits, expected_digest, into, expected_key=key.to_pb())
             call = self._fetch_raw(request, timeout=remaining)
             try:
                 for raw in _read_ahead(call):

@@ -31,7 +31,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
 from p2pd.identity import Identity
-from p2pd.records import CLOCK_SKEW_SECONDS, PeerRecord, RecordRefused, open_record, sign_record, swarm_key
+from p2pd.records import PeerRecord, RecordRefused, open_record, sign_record, swarm_key
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ class PeerRecordValidator(RecordValidatorBase):
             return False
         except Exception:  # msgpack raises its own exception types for junk
             return False
-        return record.expiration_time <= rec.expires_at + CLOCK_SKEW_SECONDS
+        # Exactly the signed expiry or less: any slack would let a replayed older record outlive
+        # (and so replace, since hivemind keeps the later expiry) the current one.
+        return record.expiration_time <= rec.expires_at
 
 
 class Discovery:
@@ -106,6 +108,7 @@ class Discovery:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._logged: set[tuple[str, str]] = set()
+        self._envelope = b""
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Discovery:
@@ -176,9 +179,9 @@ class Discovery:
         return self._record
 
     def signed_record(self) -> bytes:
-        """The current record's envelope (served by the gRPC Health call)."""
-        with self._lock:
-            return sign_record(self._record, self.identity) if self._record else b""
+        """The current record's envelope (served by the gRPC Health call). Lock-free: it must
+        not wait behind a slow DHT store."""
+        return self._envelope
 
     def _publish_locked(self) -> PeerRecord:
         now = get_dht_time()
@@ -187,7 +190,9 @@ class Discovery:
         record = PeerRecord(
             peer_id=self.identity.peer_id, issued_at=now, expires_at=now + self.ttl, **fields
         )
-        ok = self.dht.store(self.key, sign_record(record, self.identity), record.expires_at, subkey=record.peer_id)
+        envelope = sign_record(record, self.identity)
+        self._envelope = envelope
+        ok = self.dht.store(self.key, envelope, record.expires_at, subkey=record.peer_id)
         if not ok:
             log.warning("DHT store of this node's record was not acknowledged; will retry on heartbeat")
         self._record = record

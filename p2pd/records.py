@@ -60,8 +60,8 @@ class PeerRecord(BaseModel):
     dht_maddrs: Annotated[tuple[Annotated[str, Field(max_length=256)], ...], Field(max_length=8)] = ()
     device: str = "cpu"
     samples_per_second: Annotated[float, Field(ge=0.0)] = 0.0
-    dataset_size: Annotated[int, Field(ge=0)] = 0
-    round: Annotated[int, Field(ge=0)] = 0
+    dataset_size: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    round: Annotated[int, Field(ge=0, lt=2**63)] = 0
     model_digest: str = ""  # hex BLAKE3 of the latest published model snapshot, "" if none
     roles: Annotated[tuple[Role, ...], Field(max_length=5)] = ("trainer",)
     software_version: Annotated[str, Field(max_length=32)] = __version__
@@ -150,8 +150,8 @@ def open_record(data: bytes, *, now: float | None, expected_peer_id: str | None 
         claimed = json.loads(body)["peer_id"]
         if not isinstance(claimed, str):
             raise ValueError("peer_id is not a string")
-    except (ValueError, KeyError, TypeError, binascii.Error) as e:
-        raise RecordRefused("malformed", str(e)[:200]) from None
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as e:
+        raise RecordRefused("malformed", f"{type(e).__name__}: {str(e)[:200]}") from None
     if not verify(claimed, DOMAIN + body.encode(), sig):
         raise RecordRefused("bad_signature", f"record claiming {claimed[:16]}...")
     try:

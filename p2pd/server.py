@@ -25,6 +25,9 @@ from p2pd.tensors import DEFAULT_CHUNK_BYTES, EncodedSnapshot, SnapshotKey, enco
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # > one chunk plus framing; see client.py
+# A fetch holds a server thread while the client reads, so every fetch must carry a deadline
+# no longer than this: a peer that stops reading frees its thread when the deadline passes.
+MAX_FETCH_SECONDS = 600.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Swarm"].full_name  # "atoll.v1.Swarm"
 
 
@@ -71,9 +74,12 @@ class TLSConfig:
 class SwarmServicer:
     """Handlers for the atoll.v1.Swarm service (see proto/swarm.proto)."""
 
-    def __init__(self, store: SnapshotStore, signed_record: Callable[[], bytes]):
+    def __init__(self, store: SnapshotStore, signed_record: Callable[[], bytes], max_fetches: int):
         self.store = store
         self.signed_record = signed_record
+        # fetches beyond this get RESOURCE_EXHAUSTED at once (clients back off and retry),
+        # which keeps worker threads free for Health calls
+        self._fetch_slots = threading.BoundedSemaphore(max_fetches)
         self.stats: Counter[str] = Counter()  # fetches_served, bytes_sent, not_found, bad_request
         self._lock = threading.Lock()
 
@@ -82,6 +88,10 @@ class SwarmServicer:
             self.stats[name] += n
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext):
+        remaining = context.time_remaining()
+        if remaining is None or remaining > MAX_FETCH_SECONDS + 5:  # 5 s for clock and transit slack
+            self._count("bad_request")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a fetch needs a deadline of at most {MAX_FETCH_SECONDS:.0f} s")
         try:
             key = SnapshotKey.from_pb(request.key)
         except ValueError as e:
@@ -91,12 +101,18 @@ class SwarmServicer:
         if packed is None:
             self._count("not_found")
             context.abort(grpc.StatusCode.NOT_FOUND, f"no snapshot {key}")
-        for part in packed.parts:
-            if not context.is_active():  # client gave up or deadline passed: stop producing
-                return
-            self._count("bytes_sent", len(part))
-            yield part
-        self._count("fetches_served")
+        if not self._fetch_slots.acquire(blocking=False):
+            self._count("busy")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent fetches")
+        try:
+            for part in packed.parts:
+                if not context.is_active():  # client gave up or deadline passed: stop producing
+                    return
+                self._count("bytes_sent", len(part))
+                yield part
+            self._count("fetches_served")
+        finally:
+            self._fetch_slots.release()
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         return pb.HealthReply(signed_record=self.signed_record(), available=[k.to_pb() for k in self.store.keys()])
@@ -115,7 +131,9 @@ class SwarmServer:
         tls: TLSConfig | None = None,
         max_workers: int = 8,
     ):
-        self.servicer = SwarmServicer(store, signed_record)
+        if max_workers < 3:
+            raise ValueError("max_workers must be >= 3 (two threads stay free for Health)")
+        self.servicer = SwarmServicer(store, signed_record, max_fetches=max_workers - 2)
         self.host, self._want_port, self.tls = host, port, tls
         self.port: int | None = None
         self._server = grpc.server(

@@ -10,7 +10,8 @@ It depends only on the content (not on chunking), is computed once when a snapsh
 packed, and is what a node signs into its PeerRecord as ``model_digest``.
 
 The decoder refuses, with ``TensorStreamError.reason``:
-``malformed`` (parts out of order, inconsistent sizes, bad names), ``truncated`` (stream
+``malformed`` (parts out of order, inconsistent sizes, bad names), ``wrong_key`` (not the
+snapshot that was asked for), ``truncated`` (stream
 ended early), ``oversize`` (over the byte or tensor-count limit), ``unknown_dtype``,
 ``bad_shape``, ``digest_mismatch`` (trailer, or the digest the caller expected from a
 signed record) and ``non_finite`` (NaN/Inf in a floating tensor).
@@ -58,6 +59,7 @@ class Limits:
     max_total_bytes: int = 2 * 1024**3
     max_tensors: int = 4096
     max_ndim: int = 8
+    max_dim: int = 2**31 - 1  # also bounds zero-size tensors, whose byte count says nothing
     dtypes: frozenset[str] = field(default_factory=lambda: frozenset(DTYPES))
     allow_non_finite: bool = False
 
@@ -182,13 +184,19 @@ class StreamDecoder:
         limits: Limits = Limits(),
         expected_digest: bytes | None = None,
         into: Mapping[str, torch.Tensor] | None = None,
+        expected_key: pb.SnapshotKey | None = None,
     ):
-        """`into`: optional CPU tensors to decode into when name, dtype and shape match (a
+        """`expected_key`: the key that was asked for; a stream announcing another is refused
+        (`wrong_key`), so a peer cannot answer with an older snapshot.
+
+        `into`: optional CPU tensors to decode into when name, dtype and shape match (a
         node keeps one such set per neighbour, which saves faulting in fresh memory every
         round). If decoding fails, their contents are undefined."""
         self.limits = limits
         self.expected_digest = expected_digest
         self.into = into or {}
+        self.expected_key = expected_key
+        self._used_storage: set[int] = set()
         self.header: pb.StreamHeader | None = None
         self.digest: bytes | None = None
         self.bytes_received = 0  # payload bytes, for accounting
@@ -246,6 +254,11 @@ class StreamDecoder:
     def _on_header(self, h: pb.StreamHeader) -> None:
         if self.header is not None:
             raise TensorStreamError("malformed", "second header")
+        if self.expected_key is not None and h.key != self.expected_key:
+            raise TensorStreamError(
+                "wrong_key", f"asked for round {self.expected_key.round} step {self.expected_key.gossip_step} "
+                f"kind {self.expected_key.kind}, got {h.key.round}/{h.key.gossip_step}/{h.key.kind}"
+            )
         if h.total_bytes > self.limits.max_total_bytes:
             raise TensorStreamError("oversize", f"{h.total_bytes} bytes > limit {self.limits.max_total_bytes}")
         if h.tensor_count > self.limits.max_tensors:
@@ -284,7 +297,7 @@ class StreamDecoder:
         if c.dtype not in self.limits.dtypes:
             raise TensorStreamError("unknown_dtype", f"{c.name}: dtype {c.dtype[:32]!r} is not accepted")
         shape = tuple(c.shape)
-        if len(shape) > self.limits.max_ndim or any(d < 0 for d in shape):
+        if len(shape) > self.limits.max_ndim or any(d < 0 or d > self.limits.max_dim for d in shape):
             raise TensorStreamError("bad_shape", f"{c.name}: shape {shape[:16]}")
         nbytes = _ITEMSIZE[c.dtype] * int(np.prod(shape, dtype=object))  # exact, no int64 overflow
         if self._declared + nbytes > self.header.total_bytes:
@@ -302,17 +315,22 @@ class StreamDecoder:
         if (
             t is not None and t.dtype == dtype and tuple(t.shape) == shape and t.device.type == "cpu"
             and t.is_contiguous() and nbytes > 0
+            and t.untyped_storage().data_ptr() not in self._used_storage  # tied weights share one
         ):
+            self._used_storage.add(t.untyped_storage().data_ptr())
             return t.detach().reshape(-1).view(torch.uint8).numpy()
         # torch's allocator faults fresh pages in far faster than numpy's here (THP)
         return torch.empty(nbytes, dtype=torch.uint8).numpy()
 
     def _finish_tensor(self) -> None:
         name, dtype, shape, buf = self._current
-        if buf.nbytes == 0:  # numpy gives empty arrays a zero stride that torch cannot view
-            t = torch.empty(shape, dtype=DTYPES[dtype])
-        else:
-            t = torch.from_numpy(buf).view(DTYPES[dtype]).reshape(shape)
+        try:
+            if buf.nbytes == 0:  # numpy gives empty arrays a zero stride that torch cannot view
+                t = torch.empty(shape, dtype=DTYPES[dtype])
+            else:
+                t = torch.from_numpy(buf).view(DTYPES[dtype]).reshape(shape)
+        except RuntimeError as e:  # e.g. stride overflow for absurd zero-size shapes
+            raise TensorStreamError("bad_shape", f"{name}: {e}") from None
         if not self.limits.allow_non_finite and not _all_finite(t):
             raise TensorStreamError("non_finite", f"{name} holds NaN or Inf")
         self._tensors[name] = t
@@ -416,9 +434,10 @@ def decode(
     limits: Limits = Limits(),
     expected_digest: bytes | None = None,
     into: Mapping[str, torch.Tensor] | None = None,
+    expected_key: pb.SnapshotKey | None = None,
 ):
     """Decode a whole stream; returns (state_dict, digest)."""
-    dec = StreamDecoder(limits, expected_digest, into)
+    dec = StreamDecoder(limits, expected_digest, into, expected_key)
     for part in parts:
         dec.feed(part)
     return dec.finish(), dec.digest

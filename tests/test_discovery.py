@@ -110,6 +110,9 @@ def test_forged_expired_and_malformed_rows_never_returned(swarm, observer, keydi
         for sub, value in rows.items():
             dht.store(swarm_key(SWARM), value, get_dht_time() + 60, subkey=sub)
         time.sleep(1.0)
+        # the rows really are in the DHT: the stock node (no validator) holds and returns them
+        planted = dht.get(swarm_key(SWARM), latest=True).value
+        assert set(rows) <= set(planted) and planted[victim].value == rows[victim]
         for _ in range(3):
             peers = observer.live_peers()
             ids = {p.peer_id for p in peers}

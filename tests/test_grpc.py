@@ -179,3 +179,59 @@ def test_tls(tmp_path):
                 plain.fetch(SnapshotKey("model", 1), timeout=5)
     finally:
         server.stop(0)
+
+
+def _reader_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "atoll-fetch-reader" and t.is_alive()]
+
+
+def test_refused_fetch_frees_its_reader_thread_quickly(tmp_path):
+    """A bad tensor followed by many more parts: the fetch fails fast and leaves nothing behind."""
+    store = SnapshotStore(chunk_bytes=64 * 1024)
+    sd = {"a": torch.zeros(4 * 2**20), **{f"z{i:02d}": torch.zeros(64 * 1024) for i in range(20)}}
+    sd["a"][-1] = float("nan")
+    store.publish(SnapshotKey("model", 1), sd)
+    server = SwarmServer(store)
+    server.start()
+    try:
+        with SwarmClient(server.address) as c:
+            for _ in range(3):
+                t0 = time.monotonic()
+                with pytest.raises(BadSnapshot) as e:
+                    c.fetch(SnapshotKey("model", 1))
+                assert e.value.reason == "non_finite"
+                assert time.monotonic() - t0 < 3
+        deadline = time.monotonic() + 3
+        while _reader_threads() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _reader_threads()
+    finally:
+        server.stop(0)
+
+
+def test_fetch_without_deadline_is_refused_and_stalled_readers_cannot_block_health():
+    store = SnapshotStore(chunk_bytes=64 * 1024)
+    store.publish(SnapshotKey("model", 1), {"w": torch.zeros(2**20)})
+    server = SwarmServer(store, lambda: b"rec", max_workers=3)  # one fetch slot, two kept for Health
+    server.start()
+    channel = grpc.insecure_channel(server.address)
+    raw = channel.unary_stream(f"/{SERVICE_NAME}/Fetch", request_serializer=pb.FetchRequest.SerializeToString,
+                               response_deserializer=None)
+    req = pb.FetchRequest(key=SnapshotKey("model", 1).to_pb())
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            next(iter(raw(req)))  # no deadline at all
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stalled = raw(req, timeout=30)
+        next(stalled)  # read one part, then stop reading: holds the only fetch slot
+        with SwarmClient(server.address, retries=0) as c:
+            assert c.health(timeout=2)[0] == b"rec"
+            with pytest.raises(FetchRefused) as busy:
+                c.fetch(SnapshotKey("model", 1), timeout=5)
+            assert busy.value.reason == "busy"
+        stalled.cancel()
+    finally:
+        channel.close()
+        server.stop(0)

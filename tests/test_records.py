@@ -132,3 +132,27 @@ def test_live_peers_drops_and_counts_bad_rows_by_reason(keydir):
     assert [p.peer_id for p in d.live_peers(include_self=False)] == [peer.peer_id]
     assert d.refused == {"peer_id_mismatch": 2, "expired": 2, "malformed": 4}
     d._dht = None
+
+
+def test_replayed_older_record_cannot_outlive_the_signed_expiry():
+    """hivemind keeps the row with the later expiry: a replay stored with even 1 s more than
+    its signed expiry would replace a newer record, so the validator allows none."""
+    ident = Identity.generate()
+    v = PeerRecordValidator("demo")
+    key = DHTID.generate(source=swarm_key("demo")).to_bytes()
+    rec = make(ident)
+    value = MSGPackSerializer.dumps(sign_record(rec, ident))
+    sub = MSGPackSerializer.dumps(ident.peer_id)
+    assert not v.validate(DHTRecord(key, sub, value, rec.expires_at + 1.0))
+    assert v.validate(DHTRecord(key, sub, value, rec.expires_at))
+
+
+def test_hostile_json_is_malformed_not_a_crash():
+    assert reason_of(b"[" * 5000, now=NOW) == "malformed"
+    assert reason_of(b'{"body": "' + b"[" * 3000 + b'", "sig": ""}', now=NOW) == "malformed"
+
+
+def test_round_is_bounded_like_snapshot_keys():
+    ident = Identity.generate()
+    with pytest.raises(Exception):
+        make(ident, round=2**63)

@@ -26,9 +26,9 @@ def parts_of(sd, chunk=64):
     return list(iter_parts(pack(sd), KEY, chunk))
 
 
-def decode_bytes(parts, limits=Limits(), expected_digest=None):
+def decode_bytes(parts, limits=Limits(), expected_digest=None, expected_key=None):
     """The client's path: serialized parts through the zero-copy chunk reader."""
-    dec = StreamDecoder(limits, expected_digest)
+    dec = StreamDecoder(limits, expected_digest, expected_key=expected_key)
     for p in parts:
         dec.feed_bytes(p.SerializeToString())
     return dec.finish(), dec.digest
@@ -214,3 +214,28 @@ def test_decode_into_reuses_matching_buffers_only():
     assert out["fc.weight"].data_ptr() == target.data_ptr()
     assert torch.equal(target, sd["fc.weight"])
     assert out["fc.bias"].data_ptr() != into["fc.bias"].data_ptr() and torch.equal(out["fc.bias"], sd["fc.bias"])
+
+
+def test_stream_for_another_key_is_refused():
+    parts = parts_of({"w": torch.zeros(4)})  # announces KEY (model, round 3, step 1)
+    assert reason(parts, expected_key=SnapshotKey("model", 4, 1).to_pb()) == "wrong_key"
+    out, _ = decode(parts, expected_key=KEY)
+    assert "w" in out
+
+
+def test_absurd_zero_size_shape_is_bad_shape():
+    parts = parts_of({"w": torch.zeros(0, 2)})
+    del parts[1].chunk.shape[:]
+    parts[1].chunk.shape.extend([0, 2**62, 2**62])
+    assert reason(parts) == "bad_shape"
+    parts = parts_of({"w": torch.zeros(0, 2)})
+    del parts[1].chunk.shape[:]
+    parts[1].chunk.shape.extend([0] + [2**31 - 1] * 7)
+    assert reason(parts) == "bad_shape"
+
+
+def test_decode_into_tied_buffers_keeps_tensors_distinct():
+    shared = torch.zeros(4)
+    sd = {"a": torch.ones(4), "b": torch.full((4,), 2.0)}
+    out, _ = decode(parts_of(sd), into={"a": shared, "b": shared})
+    assert torch.equal(out["a"], sd["a"]) and torch.equal(out["b"], sd["b"])

@@ -159,7 +159,7 @@ def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, prog
         if not parent.poll(300):
             raise RuntimeError("benchmark server did not start within 300 s")
         info = parent.recv()
-        client = SwarmClient(info["atoll"], timeout=600)
+        client = SwarmClient(info["atoll"], timeout=300)
         raw_channel = grpc.insecure_channel(info["raw"], [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         raw_call = raw_channel.unary_stream(_RAW_METHOD)
         if "hivemind" in paths:

@@ -1,0 +1,42 @@
+"""Gossip averaging with Metropolis-Hastings weights.
+
+W_ij = 1 / (1 + max(d_i, d_j)) for each neighbour j, W_ii = 1 - sum_j W_ij. This is
+symmetric and doubly stochastic, so repeated mixing converges to the exact average. When some
+neighbours did not answer this round, the weights of self and the answering neighbours are
+renormalised to sum to one (nobody waits for a dead peer).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+
+def metropolis_hastings(my_degree: int, neighbour_degrees: Mapping[str, int]) -> tuple[float, dict[str, float]]:
+    """(self weight, {neighbour: weight}) for one node."""
+    w = {j: 1.0 / (1 + max(my_degree, d)) for j, d in neighbour_degrees.items()}
+    return 1.0 - sum(w.values()), w
+
+
+def renormalise(self_w: float, weights: Mapping[str, float], answered: set[str]) -> tuple[float, dict[str, float]]:
+    kept = {j: w for j, w in weights.items() if j in answered}
+    total = self_w + sum(kept.values())
+    return self_w / total, {j: w / total for j, w in kept.items()}
+
+
+def mix(own: Mapping[str, torch.Tensor], others: Mapping[str, Mapping[str, torch.Tensor]],
+        self_w: float, weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """sum_j W_ij x_j over self and `others` (every state dict must have own's keys and shapes).
+
+    Integer buffers (e.g. BatchNorm's num_batches_tracked) are kept from `own`."""
+    out = {}
+    for k, v in own.items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+            continue
+        acc = v.to(torch.float32) * self_w
+        for j, w in weights.items():
+            acc += others[j][k].to(device=v.device, dtype=torch.float32) * w
+        out[k] = acc.to(v.dtype)
+    return out

@@ -1,0 +1,154 @@
+"""Node configuration: typed, nested, loaded from YAML and overridden by CLI flags.
+
+Every model forbids unknown fields, so a typo in a YAML file or a `--set` flag is an error
+naming the field, not a silently ignored setting. `load_config` turns every failure into a
+`ConfigError` whose message is one line fit for a user.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    dataset: Literal["digits"] = "digits"
+    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed)")
+    shards_per_node: int = Field(2, ge=1)
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    seed: int = 0
+
+
+class ModelConfig(_Strict):
+    family: Literal["mlp", "cnn"] = "mlp"
+    width: int = Field(128, ge=4, le=8192)
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1, le=65536)
+
+
+class TrainConfig(_Strict):
+    rounds: int = Field(30, ge=1, le=1_000_000)
+    local_steps: Optional[int] = Field(10, ge=1, description="local SGD steps per round")
+    local_seconds: Optional[float] = Field(None, gt=0, description="or: a time budget per round")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        if (self.local_steps is None) == (self.local_seconds is None):
+            raise ValueError("set exactly one of local_steps and local_seconds")
+        return self
+
+
+class CommConfig(_Strict):
+    topology: Literal["ring", "complete"] = "ring"
+    fetch_timeout: float = Field(20.0, gt=0, le=3600, description="seconds to wait for a neighbour's snapshot")
+    min_peers: int = Field(1, ge=1, description="live nodes (self included) needed before round 0")
+    join_timeout: float = Field(60.0, gt=0)
+
+
+class NetConfig(_Strict):
+    swarm: str = "atoll"
+    identity_path: Path = Path("~/.atoll/node.key")
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(0, ge=0, le=65535)
+    dht_listen: list[str] = ["/ip4/127.0.0.1/tcp/0"]
+    announce_maddrs: list[str] = []
+    initial_peers: list[str] = []
+    record_ttl: float = Field(15.0, ge=1, le=3600)
+    tls_cert: Optional[Path] = None
+    tls_key: Optional[Path] = None
+    tls_ca: Optional[Path] = None
+
+
+class NodeConfig(_Strict):
+    node_index: int = Field(0, ge=0, description="this node's data partition")
+    node_count: int = Field(1, ge=1, description="number of partitions the data set is cut into")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+    checkpoint_dir: Path = Path("~/.atoll/checkpoints")
+    metrics_port: Optional[int] = Field(0, ge=0, le=65535, description="0 = any free port, null = off")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    comm: CommConfig = CommConfig()
+    net: NetConfig = NetConfig()
+
+    @model_validator(mode="after")
+    def _index(self) -> NodeConfig:
+        if self.node_index >= self.node_count:
+            raise ValueError(f"node_index {self.node_index} must be < node_count {self.node_count}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration a user must fix; str() is one line."""
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = tree.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a section")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'train.rounds=5' -> ('train.rounds', 5); the value is parsed as YAML (numbers, lists...)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return key.strip(), raw
+
+
+def _one_line(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "config"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """YAML file (optional) + dotted overrides -> validated NodeConfig, or ConfigError."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path).expanduser()
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {p} must be a mapping at the top level")
+        tree = loaded or {}
+    for key, value in (overrides or {}).items():
+        _set_path(tree, key, value)
+    try:
+        return NodeConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def dump_config(cfg: NodeConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

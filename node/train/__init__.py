@@ -1,0 +1,99 @@
+"""Local training on the node's own partition, and evaluation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RoundStats:
+    loss: float
+    steps: int
+    samples: int
+    seconds: float
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float):
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+class LocalTrainer:
+    """Minibatch training on (x, y) already on `device`. Batches are drawn from a generator
+    seeded per (seed, round), so a resumed node replays the same sample order."""
+
+    def __init__(self, model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+        self.model, self.optimizer = model, optimizer
+        self.x, self.y = x, y
+        self.batch_size = min(batch_size, len(x))
+        self.seed = seed
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def train_round(self, round_: int, steps: int | None = None, seconds: float | None = None,
+                    stop=lambda: False) -> RoundStats:
+        """Run `steps` steps, or as many as fit in `seconds` (at least one). `stop()` is checked
+        between steps so a shutdown finishes the current step, not the round."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_)
+        self.model.train()
+        total_loss, done, samples = 0.0, 0, 0
+        t0 = time.perf_counter()
+        while True:
+            if steps is not None and done >= steps:
+                break
+            if seconds is not None and done > 0 and time.perf_counter() - t0 >= seconds:
+                break
+            if done > 0 and stop():
+                break
+            idx = torch.randint(len(self.x), (self.batch_size,), generator=gen).to(self.x.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.model(self.x[idx]), self.y[idx])
+            loss.backward()
+            self.optimizer.step()
+            total_loss += float(loss.detach())
+            done += 1
+            samples += len(idx)
+        return RoundStats(total_loss / max(done, 1), done, samples, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+    return correct / max(len(x), 1)
+
+
+def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into flat tensors (for safetensors) and JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    for key, v in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
