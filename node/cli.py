@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -15,8 +16,195 @@ from p2pd import __version__
 app = typer.Typer(help="atoll: a peer-to-peer training daemon.", no_args_is_help=True, add_completion=False)
 bench_app = typer.Typer(help="Benchmarks that compare atoll against baselines measured in the same run.", no_args_is_help=True)
 identity_app = typer.Typer(help="The node's Ed25519 identity (its libp2p peer id).", no_args_is_help=True)
+node_app = typer.Typer(help="Run one node daemon.", no_args_is_help=True)
+swarm_app = typer.Typer(help="Run a whole swarm on this machine (loopback) to try atoll.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+app.add_typer(node_app, name="node")
+app.add_typer(swarm_app, name="swarm")
+app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 app.add_typer(identity_app, name="identity")
+
+SET_HELP = "Override a config field, e.g. --set train.rounds=20 --set data.alpha=0.1 (repeatable)."
+
+
+def _load(config: Optional[Path], sets: list[str], extra: dict | None = None):
+    from node.config import ConfigError, load_config, parse_override
+
+    try:
+        overrides = dict(parse_override(s) for s in sets)
+        overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
+        return load_config(config, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+@config_app.command("show")
+def config_show(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Print the effective configuration (defaults, then the file, then --set)."""
+    from node.config import dump_config
+
+    typer.echo(dump_config(_load(config, set_)), nl=False)
+
+
+@node_app.command("start")
+def node_start(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    initial_peers: list[str] = typer.Option([], "--initial-peers", "-p", help="Multiaddr of a swarm member (repeatable)."),
+    identity: Optional[Path] = typer.Option(None, help="Node key file (created on first start)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="Where checkpoints go; a restart resumes from them."),
+    metrics_port: Optional[int] = typer.Option(None, help="Prometheus endpoint port (0 = any free port)."),
+    json_events: bool = typer.Option(False, "--json-events", help="Print progress as JSON lines (for tools)."),
+) -> None:
+    """Start one node in the foreground: join the swarm, train, gossip, checkpoint. SIGTERM or
+    Ctrl-C finishes the current step, checkpoints and leaves cleanly."""
+    import signal as _signal
+
+    extra = {"net.identity_path": str(identity) if identity else None,
+             "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
+             "metrics_port": metrics_port}
+    if initial_peers:
+        extra["net.initial_peers"] = list(initial_peers)
+    cfg = _load(config, set_, extra)
+    logging.getLogger().setLevel(cfg.log_level)
+    from node.daemon import Node
+    from p2pd.discovery import DiscoveryError
+    from p2pd.identity import IdentityError
+
+    node = Node(cfg, on_event=_json_event if json_events else _human_event)
+    for sig in (_signal.SIGTERM, _signal.SIGINT):
+        _signal.signal(sig, lambda *_: node.request_stop())
+    try:
+        summary = node.run()
+    except (DiscoveryError, IdentityError, OSError, RuntimeError, ValueError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if summary["event"] == "stopped":
+        raise typer.Exit(0)
+
+
+def _json_event(e: dict) -> None:
+    print(json.dumps(e), flush=True)
+
+
+def _human_event(e: dict) -> None:
+    kind = e["event"]
+    if kind == "ready":
+        typer.echo(f"node {e['peer_id']} ready: gRPC {e['grpc']}, metrics :{e['metrics_port']}, "
+                   f"{e['dataset_size']} samples on {e['device']}, starting at round {e['start_round']}")
+        for m in e["maddrs"]:
+            typer.echo(f"  join with: atoll node start --initial-peers {m}")
+    elif kind == "round":
+        typer.echo(f"round {e['round']:>4}/{e['rounds']}  loss {e['loss']:.4f}  acc {100 * e['accuracy']:5.1f}%  "
+                   f"peers {e['peers']}  mixed {e['mixed']}  sent {e['sent_bytes'] / 1e6:.1f} MB  "
+                   f"recv {e['received_bytes'] / 1e6:.1f} MB  {e['seconds']:.2f}s")
+    else:
+        acc = f"{100 * e['accuracy']:.1f}%" if e.get("accuracy") is not None else "n/a"
+        typer.echo(f"{kind} at round {e['round']}: accuracy {acc}")
+
+
+@swarm_app.command("up")
+def swarm_up(
+    nodes: int = typer.Option(4, "--nodes", "-n", min=1, max=64, help="Number of node processes."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Base YAML config for every node."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    rounds: Optional[int] = typer.Option(None, min=1, help="Shortcut for --set train.rounds=N."),
+    alpha: Optional[float] = typer.Option(None, help="Shortcut for --set data.alpha=A (Dirichlet partition)."),
+    out: Optional[Path] = typer.Option(None, help="Write results.json here."),
+    workdir: Optional[Path] = typer.Option(None, help="Keys, checkpoints, configs and logs of the nodes (default: a temp dir)."),
+    timeout: float = typer.Option(900.0, help="Give up after this many seconds."),
+) -> None:
+    """Start NODES daemons on 127.0.0.1 (real DHT, gRPC and metrics), show their progress, and
+    compare the result with a centralized baseline trained in the same run."""
+    import tempfile
+
+    from node import swarm
+
+    base = _load(config, set_, {"train.rounds": rounds, "data.alpha": alpha})
+    wd = workdir or Path(tempfile.mkdtemp(prefix="atoll-swarm-"))
+    typer.echo(f"starting {nodes} nodes (workdir {wd})", err=True)
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(stderr=True)
+    t0 = time.monotonic()
+    with Live(console=console, refresh_per_second=4, transient=False) as live:
+        def update(runs):
+            live.update(_swarm_table(runs, base.train.rounds, time.monotonic() - t0))
+
+        try:
+            runs = swarm.run_swarm(base, nodes, wd, update, timeout)
+        except (RuntimeError, TimeoutError) as e:
+            _fail(str(e))
+    wall = time.monotonic() - t0
+    steps = base.train.rounds * (base.train.local_steps or 10)
+    typer.echo(f"training the centralized baseline ({steps} steps on all data)...", err=True)
+    baseline = swarm.centralized_baseline(base, steps)
+    res = swarm.results(runs, baseline, base, wall)
+    accs = [n["final_accuracy"] for n in res["nodes"]]
+    typer.echo(f"swarm of {nodes} finished {base.train.rounds} rounds in {wall:.1f} s")
+    typer.echo(f"  node accuracy: min {100 * min(accs):.1f}%  mean {100 * sum(accs) / len(accs):.1f}%  "
+               f"max {100 * max(accs):.1f}%")
+    typer.echo(f"  centralized baseline: {100 * baseline:.1f}%  (gap of the worst node: "
+               f"{100 * (baseline - min(accs)):+.1f} points)")
+    sent = sum(n["sent_bytes"] for n in res["nodes"])
+    typer.echo(f"  bytes sent by all nodes: {sent / 1e6:.1f} MB")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(res, indent=2))
+        typer.echo(f"wrote {out / 'results.json'}", err=True)
+
+
+def _swarm_table(runs, rounds: int, elapsed: float):
+    from rich.table import Table
+
+    t = Table(title=f"atoll swarm, {elapsed:.0f} s")
+    for col in ("node", "peer id", "round", "accuracy", "loss", "peers", "mixed", "sent MB", "state"):
+        t.add_column(col)
+    for r in runs:
+        last = r.last or {}
+        state = r.final["event"] if r.final else ("training" if r.ready else "starting")
+        t.add_row(str(r.index), (r.ready or {}).get("peer_id", "")[-12:], f"{last.get('round', 0)}/{rounds}",
+                  f"{100 * last['accuracy']:.1f}%" if "accuracy" in last else "-",
+                  f"{last['loss']:.3f}" if "loss" in last else "-", str(last.get("peers", "-")),
+                  str(last.get("mixed", "-")), f"{last.get('sent_bytes', 0) / 1e6:.1f}", state)
+    return t
+
+
+@app.command()
+def status(
+    peers: list[str] = typer.Option(..., "--peers", "-p", help="Multiaddr of any swarm member (repeatable)."),
+    swarm_name: str = typer.Option("atoll", "--swarm", help="Swarm name (the DHT key atoll/<swarm>/peers)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
+    wait: float = typer.Option(2.0, help="Seconds to let the DHT settle before reading."),
+) -> None:
+    """The swarm as the DHT sees it: every live node's signed record."""
+    import tempfile
+
+    from p2pd.discovery import Discovery, DiscoveryError
+    from p2pd.identity import Identity
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ident = Identity.load_or_create(Path(tmp) / "observer.key")
+        try:
+            d = Discovery(ident, swarm=swarm_name, initial_peers=peers, client_mode=True).start()
+        except (DiscoveryError, ValueError) as e:
+            _fail(str(e).splitlines()[0])
+        try:
+            time.sleep(wait)
+            records = d.live_peers()
+        finally:
+            d.close()
+    if as_json:
+        typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+        return
+    typer.echo(f"{len(records)} live node(s) in swarm {swarm_name!r}")
+    for r in records:
+        typer.echo(f"  {r.peer_id}  {r.grpc_address:<21} round {r.round:<5} {r.device:<6} "
+                   f"{r.samples_per_second:8.0f} samples/s  {r.dataset_size} samples")
 
 
 def _fail(message: str) -> None:

@@ -41,7 +41,7 @@ class OptimConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    rounds: int = Field(30, ge=1, le=1_000_000)
+    rounds: int = Field(50, ge=1, le=1_000_000)
     local_steps: Optional[int] = Field(10, ge=1, description="local SGD steps per round")
     local_seconds: Optional[float] = Field(None, gt=0, description="or: a time budget per round")
     seed: int = 0

@@ -85,7 +85,10 @@ class Discovery:
         announce_maddrs: Sequence[str] | None = None,
         ttl: float = 30.0,
         startup_timeout: float = 30.0,
+        client_mode: bool = False,
     ):
+        """`client_mode`: read the swarm without serving DHT requests (for observers such as
+        `atoll status`); such a node should not announce."""
         if identity.path is None:
             raise ValueError("Discovery needs an identity persisted to a file (Identity.load_or_create)")
         if not 1.0 <= ttl <= 3600.0:
@@ -100,6 +103,7 @@ class Discovery:
             host_maddrs=list(host_maddrs),
             announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
             startup_timeout=startup_timeout,
+            client_mode=client_mode,
         )
         self._dht: hivemind.DHT | None = None
         self._fields: dict[str, Any] | None = None

@@ -1,0 +1,303 @@
+"""The node loop: join, then per round train, publish, fetch neighbours, mix, evaluate,
+checkpoint; leave cleanly on SIGTERM; resume from the checkpoint after a crash.
+
+Round protocol (decentralized SGD, one gossip step per round):
+1. train locally for the round's budget (steps or seconds);
+2. publish the model as snapshot (model, r, 0) and sign its digest into the record (round=r);
+3. for each neighbour in the round's graph over the live peers: ask its Health for its signed
+   record; once it has published round r, fetch that snapshot (checked against the digest it
+   signed); a neighbour that has not answered by the deadline is skipped this round;
+4. mix with Metropolis-Hastings weights renormalised over the neighbours that answered;
+5. evaluate, export metrics, checkpoint (next round r+1).
+After the last round the node publishes its final model as round R and keeps serving until
+every live peer has reached R (or a timeout), so slower neighbours can still fetch from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from node import checkpoint
+from node.comm.mixing import metropolis_hastings, mix, renormalise
+from node.comm.topology import degree, neighbours
+from node.config import NodeConfig
+from node.data import load_dataset, partition
+from node.metrics import NodeMetrics
+from node.models import build_model
+from node.train import LocalTrainer, evaluate, make_optimizer, optimizer_tensors, restore_optimizer
+from p2pd import __version__
+from p2pd.client import FetchError, SwarmClient
+from p2pd.discovery import Discovery
+from p2pd.identity import Identity
+from p2pd.records import RecordRefused, open_record
+from p2pd.server import SnapshotStore, SwarmServer, TLSConfig
+from p2pd.tensors import SnapshotKey
+
+log = logging.getLogger("atoll.node")
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: cuda, then mps, then cpu. Chosen once; every tensor is moved explicitly."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name} requested but CUDA is not available on this machine")
+    return dev
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig, on_event: Callable[[dict], None] = lambda e: None):
+        self.cfg = cfg
+        self.on_event = on_event
+        self.stop_requested = threading.Event()
+        self.metrics = NodeMetrics()
+        self._clients: dict[str, SwarmClient] = {}
+        self._peers_live = 0
+        self._received_bytes = 0
+        self._lock = threading.Lock()
+        self.discovery: Discovery | None = None
+        self.server: SwarmServer | None = None
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    # -- setup -----------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.device = pick_device(cfg.device)
+        self.identity = Identity.load_or_create(cfg.net.identity_path)
+        self.ckpt_dir = Path(cfg.checkpoint_dir).expanduser()
+        ds = load_dataset(cfg.data.dataset, test_fraction=cfg.data.test_fraction, seed=cfg.data.seed)
+        parts = partition(ds.y_train.numpy(), cfg.node_count, cfg.data.partition, alpha=cfg.data.alpha,
+                          shards_per_node=cfg.data.shards_per_node, seed=cfg.data.seed)
+        mine = torch.from_numpy(parts[cfg.node_index])
+        self.x, self.y = ds.x_train[mine].to(self.device), ds.y_train[mine].to(self.device)
+        self.x_test, self.y_test = ds.x_test.to(self.device), ds.y_test.to(self.device)
+        # one shared init: every node builds the model from the same seed
+        self.model = build_model(cfg.model.family, ds.input_shape, ds.num_classes, cfg.model.width, cfg.train.seed).to(self.device)
+        o = cfg.optim
+        self.optimizer = make_optimizer(self.model, o.name, o.lr, o.momentum, o.weight_decay)
+        self.trainer = LocalTrainer(self.model, self.optimizer, self.x, self.y, o.batch_size,
+                                    seed=cfg.train.seed * 7919 + cfg.node_index)
+        self.start_round = 0
+        restored = checkpoint.load(self.ckpt_dir, self.device)
+        if restored is not None:
+            model_sd, optim_t, state = restored
+            if state.get("peer_id") not in (None, self.identity.peer_id):
+                raise RuntimeError(f"checkpoint in {self.ckpt_dir} belongs to another node ({state.get('peer_id')})")
+            self.model.load_state_dict(model_sd)
+            restore_optimizer(self.optimizer, optim_t, state["optim"])
+            self.start_round = int(state["round"])
+            self.metrics.checkpoint_time = float(state.get("time", 0.0))
+            log.info("resumed from checkpoint at round %d", self.start_round)
+
+        # The DHT forks a child process: start it before any gRPC object exists here.
+        self.discovery = Discovery(self.identity, swarm=cfg.net.swarm, initial_peers=cfg.net.initial_peers,
+                                   host_maddrs=cfg.net.dht_listen, announce_maddrs=cfg.net.announce_maddrs or None,
+                                   ttl=cfg.net.record_ttl).start()
+        self.tls = None
+        if cfg.net.tls_cert or cfg.net.tls_key:
+            self.tls = TLSConfig(cfg.net.tls_cert, cfg.net.tls_key, cfg.net.tls_ca)
+        self.store = SnapshotStore(keep=4)
+        self.server = SwarmServer(self.store, self.discovery.signed_record, host=cfg.net.host,
+                                  port=cfg.net.grpc_port, tls=self.tls)
+        self.server.start()
+        stats = self.server.servicer.stats
+        self.metrics.watch(lambda: stats["bytes_sent"], lambda: dict(self.discovery.refused))
+        self.metrics_port = None
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(cfg.net.host, cfg.metrics_port)
+        self.dataset_size = len(self.x)
+        self.discovery.announce(grpc_address=self.server.address, device=_device_label(self.device),
+                                dataset_size=self.dataset_size, round=self.start_round,
+                                roles=("trainer",), software_version=__version__)
+        self.on_event(dict(event="ready", peer_id=self.identity.peer_id, grpc=self.server.address,
+                           maddrs=self.discovery.visible_maddrs(), metrics_port=self.metrics_port,
+                           start_round=self.start_round, dataset_size=self.dataset_size,
+                           device=str(self.device), dht_pid=self.discovery.pid))
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> dict:
+        try:
+            self._setup()
+            self._wait_for_peers()
+            accuracy, loss = None, None
+            rounds = self.cfg.train.rounds
+            r = self.start_round
+            while r < rounds and not self.stop_requested.is_set():
+                t0 = time.perf_counter()
+                stats = self.trainer.train_round(r, self.cfg.train.local_steps, self.cfg.train.local_seconds,
+                                                 stop=self.stop_requested.is_set)
+                if self.stop_requested.is_set():
+                    break  # checkpoint below keeps round r: it restarts from this model
+                loss = stats.loss
+                mixed_with = self._gossip(r, stats.samples_per_second)
+                accuracy = evaluate(self.model, self.x_test, self.y_test)
+                r += 1
+                self._checkpoint(r, accuracy)
+                self._observe(r, loss, accuracy, stats.samples_per_second, mixed_with)
+                self.on_event(dict(event="round", round=r, rounds=rounds, loss=round(loss, 5),
+                                   accuracy=round(accuracy, 5), mixed=len(mixed_with),
+                                   peers=self._peers_live, sent_bytes=self.server.servicer.stats["bytes_sent"],
+                                   received_bytes=self._received_bytes,
+                                   seconds=round(time.perf_counter() - t0, 3)))
+            finished = r >= rounds
+            if finished:
+                if accuracy is None:  # resumed after the last round: report the model as is
+                    accuracy = evaluate(self.model, self.x_test, self.y_test)
+                self._linger(rounds)
+            else:
+                self._checkpoint(r, accuracy)
+            summary = dict(event="done" if finished else "stopped", round=r, accuracy=accuracy,
+                           peer_id=self.identity.peer_id, sent_bytes=self.server.servicer.stats["bytes_sent"],
+                           received_bytes=self._received_bytes, dataset_size=self.dataset_size)
+            self.on_event(summary)
+            return summary
+        finally:
+            self._teardown()
+
+    def _wait_for_peers(self) -> None:
+        want, deadline = self.cfg.comm.min_peers, time.monotonic() + self.cfg.comm.join_timeout
+        while not self.stop_requested.is_set():
+            live = self.discovery.live_peers()
+            self._set_peers(len(live))
+            if len(live) >= want:
+                return
+            if time.monotonic() > deadline:
+                log.warning("only %d of %d wanted peers after %.0f s; starting anyway", len(live), want,
+                            self.cfg.comm.join_timeout)
+                return
+            time.sleep(0.2)
+
+    def _gossip(self, r: int, samples_per_second: float) -> list[str]:
+        """Publish round r, fetch the neighbours' round r, mix in place. Returns who was mixed."""
+        own = {k: v.detach() for k, v in self.model.state_dict().items()}
+        packed = self.store.publish(SnapshotKey("model", r), own)
+        self.discovery.update(round=r, model_digest=packed.hexdigest, samples_per_second=round(samples_per_second, 3))
+        live = self.discovery.live_peers()
+        self._set_peers(len(live))
+        ids = [p.peer_id for p in live]
+        me = self.identity.peer_id
+        kind = self.cfg.comm.topology
+        nbrs = neighbours(ids, me, kind, r)
+        if not nbrs:
+            return []
+        addr = {p.peer_id: p.grpc_address for p in live}
+        self_w, w = metropolis_hastings(degree(ids, me, kind, r), {j: degree(ids, j, kind, r) for j in nbrs})
+        with ThreadPoolExecutor(max_workers=min(8, len(nbrs)), thread_name_prefix="atoll-fetch") as pool:
+            got = dict(zip(nbrs, pool.map(lambda j: self._fetch_round(j, addr[j], r, own), nbrs)))
+        answered = {j: sd for j, sd in got.items() if sd is not None}
+        self_w, w = renormalise(self_w, w, set(answered))
+        mixed = mix(own, answered, self_w, w)
+        self.model.load_state_dict(mixed)
+        return sorted(answered)
+
+    def _fetch_round(self, peer_id: str, address: str, r: int, own: dict) -> dict | None:
+        """The neighbour's round-r model, or None (reason counted) if not had by the deadline."""
+        deadline = time.monotonic() + self.cfg.comm.fetch_timeout
+        key = SnapshotKey("model", r)
+        client = self._client(address)
+        reason = "timeout"
+        while time.monotonic() < deadline and not self.stop_requested.is_set():
+            remaining = deadline - time.monotonic()
+            try:
+                envelope, keys = client.health(timeout=min(5.0, remaining))
+                rec = open_record(envelope, now=time.time(), expected_peer_id=peer_id)
+                if key not in keys:
+                    reason = "behind" if rec.round < r else "evicted"
+                    if rec.round > r:
+                        break  # it moved on and dropped round r: nothing to wait for
+                    time.sleep(0.05)
+                    continue
+                t0 = time.perf_counter()
+                digest = bytes.fromhex(rec.model_digest) if rec.round == r and rec.model_digest else None
+                snap = client.fetch(key, expected_digest=digest, timeout=max(0.1, deadline - time.monotonic()))
+                self.metrics.fetch_seconds.observe(time.perf_counter() - t0)
+                self.metrics.received.inc(snap.nbytes)
+                with self._lock:
+                    self._received_bytes += snap.nbytes
+                if not _compatible(snap.tensors, own):
+                    reason = "incompatible"
+                    break
+                return snap.tensors
+            except RecordRefused as e:
+                reason = f"record_{e.reason}"
+                break
+            except FetchError as e:
+                reason = e.reason
+                if e.reason in ("timeout", "unavailable", "busy", "not_found"):
+                    time.sleep(0.1)
+                    continue
+                break  # bad data: skip this neighbour for this round
+        self.metrics.fetch_failures.labels(reason=reason).inc()
+        log.info("round %d: skipped neighbour %s (%s)", r, peer_id[:16], reason)
+        return None
+
+    def _set_peers(self, n: int) -> None:
+        self._peers_live = n
+        self.metrics.peers_live.set(n)
+
+    def _client(self, address: str) -> SwarmClient:
+        if address not in self._clients:
+            self._clients[address] = SwarmClient(address, timeout=self.cfg.comm.fetch_timeout, retries=1,
+                                                  tls=self.tls, requester_peer_id=self.identity.peer_id)
+        return self._clients[address]
+
+    def _observe(self, r, loss, accuracy, sps, mixed_with) -> None:
+        m = self.metrics
+        m.round.set(r)
+        m.loss.set(loss)
+        m.accuracy.set(accuracy)
+        m.samples_per_second.set(sps)
+        m.neighbours_mixed.set(len(mixed_with))
+
+    def _checkpoint(self, next_round: int, accuracy: float | None) -> None:
+        optim_t, optim_meta = optimizer_tensors(self.optimizer)
+        now = time.time()
+        checkpoint.save(self.ckpt_dir, self.model.state_dict(), optim_t,
+                        dict(round=next_round, peer_id=self.identity.peer_id, node_index=self.cfg.node_index,
+                             accuracy=accuracy, time=now, optim=optim_meta))
+        self.metrics.checkpoint_time = now
+
+    def _linger(self, rounds: int) -> None:
+        """Serve the final model and stay until every live peer has finished too (bounded)."""
+        final = self.store.publish(SnapshotKey("model", rounds), self.model.state_dict())
+        self.discovery.update(round=rounds, model_digest=final.hexdigest)
+        deadline = time.monotonic() + self.cfg.comm.fetch_timeout + 2 * self.cfg.net.record_ttl
+        while time.monotonic() < deadline and not self.stop_requested.is_set():
+            live = self.discovery.live_peers()
+            if all(p.round >= rounds for p in live):
+                return
+            time.sleep(0.2)
+
+    def _teardown(self) -> None:
+        for c in self._clients.values():
+            c.close()
+        if self.server is not None:
+            self.server.stop(0.5)
+        if self.discovery is not None:
+            self.discovery.close()
+        self.metrics.close()
+
+
+def _device_label(dev: torch.device) -> str:
+    return dev.type if dev.index is None or dev.type != "cuda" else f"cuda:{dev.index}"
+
+
+def _compatible(theirs: dict, own: dict) -> bool:
+    return set(theirs) == set(own) and all(
+        theirs[k].shape == own[k].shape and theirs[k].dtype == own[k].dtype for k in own
+    )
+

@@ -1,0 +1,187 @@
+"""`atoll swarm up`: N node daemons as separate processes on 127.0.0.1, a live table, and a
+summary against a centralized baseline trained in the same run.
+
+Each node is a real `atoll node start` process with its own identity, DHT daemon, gRPC server
+and metrics endpoint; node 0 bootstraps the others. Nodes report progress as JSON lines on
+stdout (`--json-events`), which is all this orchestrator reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import yaml
+
+from node.config import NodeConfig
+from node.data import load_dataset
+from node.models import build_model
+from node.train import LocalTrainer, evaluate, make_optimizer
+
+
+@dataclass
+class NodeRun:
+    index: int
+    proc: subprocess.Popen
+    events: queue.Queue = field(default_factory=queue.Queue)
+    ready: dict | None = None
+    last: dict | None = None
+    final: dict | None = None
+    log_path: Path | None = None
+
+
+def _reader(run: NodeRun) -> None:
+    for line in run.proc.stdout:
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                run.events.put(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+
+
+def kill_tree(pid: int, sig=signal.SIGTERM, timeout: float = 15.0) -> None:
+    """Signal a process and all its descendants (its DHT process and p2pd), then reap them."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def node_command(config_path: Path) -> list[str]:
+    return [sys.executable, "-m", "node.cli", "node", "start", "--config", str(config_path), "--json-events"]
+
+
+def start_node(cfg: NodeConfig, workdir: Path) -> NodeRun:
+    path = workdir / f"node{cfg.node_index}.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    log_path = workdir / f"node{cfg.node_index}.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(node_command(path), stdout=subprocess.PIPE, stderr=open(log_path, "wb"),
+                            stdin=subprocess.DEVNULL, text=True, env=env)
+    run = NodeRun(cfg.node_index, proc, log_path=log_path)
+    threading.Thread(target=_reader, args=(run,), daemon=True).start()
+    return run
+
+
+def node_configs(base: NodeConfig, n: int, workdir: Path) -> list[NodeConfig]:
+    cfgs = []
+    for i in range(n):
+        c = base.model_copy(deep=True)
+        c.node_count, c.node_index = n, i
+        c.net.identity_path = workdir / f"node{i}" / "node.key"
+        c.checkpoint_dir = workdir / f"node{i}" / "checkpoints"
+        c.net.host = "127.0.0.1"
+        c.net.dht_listen = ["/ip4/127.0.0.1/tcp/0"]
+        c.comm.min_peers = n
+        cfgs.append(c)
+    return cfgs
+
+
+def centralized_baseline(base: NodeConfig, steps: int) -> float:
+    """Same model, init and optimizer, trained on all training data for `steps` steps."""
+    ds = load_dataset(base.data.dataset, test_fraction=base.data.test_fraction, seed=base.data.seed)
+    model = build_model(base.model.family, ds.input_shape, ds.num_classes, base.model.width, base.train.seed)
+    o = base.optim
+    opt = make_optimizer(model, o.name, o.lr, o.momentum, o.weight_decay)
+    LocalTrainer(model, opt, ds.x_train, ds.y_train, o.batch_size, seed=base.train.seed).train_round(0, steps=steps)
+    return evaluate(model, ds.x_test, ds.y_test)
+
+
+def run_swarm(base: NodeConfig, n: int, workdir: Path, on_update, timeout: float) -> list[NodeRun]:
+    """Start the swarm, feed events to on_update(runs), wait for every node to finish."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfgs = node_configs(base, n, workdir)
+    runs: list[NodeRun] = []
+    deadline = time.monotonic() + timeout
+    try:
+        runs.append(start_node(cfgs[0], workdir))
+        _wait_ready(runs[0], deadline)
+        for c in cfgs[1:]:
+            c.net.initial_peers = runs[0].ready["maddrs"]
+            runs.append(start_node(c, workdir))
+        for r in runs[1:]:
+            _wait_ready(r, deadline)
+        on_update(runs)
+        while any(r.final is None for r in runs):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"swarm did not finish within {timeout:.0f} s")
+            for r in runs:
+                _drain(r)
+                if r.final is None and r.proc.poll() is not None:
+                    _drain(r)
+                    if r.final is None:
+                        raise RuntimeError(f"node {r.index} exited with code {r.proc.returncode}; see {r.log_path}")
+            on_update(runs)
+            time.sleep(0.2)
+        for r in runs:
+            r.proc.wait(timeout=max(5.0, deadline - time.monotonic()))
+        return runs
+    finally:
+        for r in runs:
+            kill_tree(r.proc.pid)
+
+
+def _drain(run: NodeRun) -> None:
+    while True:
+        try:
+            e = run.events.get_nowait()
+        except queue.Empty:
+            return
+        kind = e.get("event")
+        if kind == "ready":
+            run.ready = e
+        elif kind == "round":
+            run.last = e
+        elif kind in ("done", "stopped"):
+            run.final = e
+
+
+def _wait_ready(run: NodeRun, deadline: float) -> None:
+    while run.ready is None:
+        _drain(run)
+        if run.ready is not None:
+            return
+        if run.proc.poll() is not None:
+            raise RuntimeError(f"node {run.index} exited with code {run.proc.returncode} before it was ready; "
+                               f"see {run.log_path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"node {run.index} was not ready in time; see {run.log_path}")
+        time.sleep(0.1)
+
+
+def results(runs: list[NodeRun], baseline: float, base: NodeConfig, seconds: float) -> dict:
+    return {
+        "nodes": [
+            {"index": r.index, "peer_id": r.ready["peer_id"], "final_accuracy": r.final.get("accuracy"),
+             "rounds": r.final.get("round"), "sent_bytes": r.final.get("sent_bytes"),
+             "received_bytes": r.final.get("received_bytes"), "dataset_size": r.final.get("dataset_size")}
+            for r in runs
+        ],
+        "centralized_baseline_accuracy": baseline,
+        "wall_seconds": round(seconds, 2),
+        "config": base.model_dump(mode="json"),
+    }
+
