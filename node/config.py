@@ -63,7 +63,8 @@ class CommConfig(_Strict):
 class NetConfig(_Strict):
     swarm: str = "atoll"
     identity_path: Path = Path("~/.atoll/node.key")
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="address the gRPC server and metrics bind to")
+    advertise_host: Optional[str] = Field(None, description="address peers use to reach this node (default: host)")
     grpc_port: int = Field(0, ge=0, le=65535)
     dht_listen: list[str] = ["/ip4/127.0.0.1/tcp/0"]
     announce_maddrs: list[str] = []
@@ -72,6 +73,13 @@ class NetConfig(_Strict):
     tls_cert: Optional[Path] = None
     tls_key: Optional[Path] = None
     tls_ca: Optional[Path] = None
+
+
+    @model_validator(mode="after")
+    def _reachable(self) -> NetConfig:
+        if self.host in ("0.0.0.0", "::", "") and not self.advertise_host:
+            raise ValueError(f"host {self.host!r} binds every interface: set net.advertise_host to the address peers should use")
+        return self
 
 
 class NodeConfig(_Strict):

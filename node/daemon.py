@@ -120,7 +120,8 @@ class Node:
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.net.host, cfg.metrics_port)
         self.dataset_size = len(self.x)
-        self.discovery.announce(grpc_address=self.server.address, device=_device_label(self.device),
+        advertised = f"{cfg.net.advertise_host or cfg.net.host}:{self.server.port}"
+        self.discovery.announce(grpc_address=advertised, device=_device_label(self.device),
                                 dataset_size=self.dataset_size, round=self.start_round,
                                 roles=("trainer",), software_version=__version__)
         self.on_event(dict(event="ready", peer_id=self.identity.peer_id, grpc=self.server.address,

@@ -39,14 +39,15 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL, timeout: float = 15.0) -> Non
 
 
 class NodeProcess:
-    """tests/peer_node.py in its own process; its stdout JSON lines are collected as events."""
+    """tests/peer_node.py (or any command printing JSON-line events) in its own process."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, command: list[str] | None = None, stderr_path: Path | None = None):
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        self.stderr_path = stderr_path
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "peer_node.py"), *args],
+            (command or [sys.executable, str(ROOT / "tests" / "peer_node.py")]) + list(args),
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
             env=env,
             text=True,
@@ -55,6 +56,7 @@ class NodeProcess:
         self.events: queue.Queue = queue.Queue()
         self.info: dict | None = None
         self.last_peers: list[str] = []
+        self.seen: list[dict] = []
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -73,6 +75,7 @@ class NodeProcess:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"node {self.pid} exited with {self.proc.returncode}")
                 continue
+            self.seen.append(e)
             if e.get("event") == "peers":
                 self.last_peers = e["peers"]
             if e.get("event") == kind and predicate(e):
@@ -98,3 +101,11 @@ class NodeProcess:
         """Crash: SIGKILL the node and its DHT/p2pd descendants at once."""
         kill_tree(self.pid, signal.SIGKILL)
         self.proc.wait(10)
+
+
+ATOLL_NODE = [sys.executable, "-m", "node.cli", "node", "start", "--json-events"]
+
+
+def atoll_node(config: Path, *extra: str, log: Path | None = None) -> NodeProcess:
+    """A real `atoll node start` daemon."""
+    return NodeProcess("--config", str(config), *extra, command=ATOLL_NODE, stderr_path=log)

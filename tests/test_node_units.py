@@ -1,0 +1,161 @@
+"""Units of node/: config, partitions, topology, mixing, checkpoints, local training."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from node import checkpoint
+from node.comm.mixing import metropolis_hastings, mix, renormalise
+from node.comm.topology import degree, neighbours
+from node.config import ConfigError, load_config, parse_override
+from node.data import load_dataset, partition
+from node.models import build_model
+from node.train import LocalTrainer, evaluate, make_optimizer, optimizer_tensors, restore_optimizer
+
+
+# -- config -----------------------------------------------------------------------------------
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  rounds: 7\ndata:\n  alpha: 0.1\n")
+    cfg = load_config(p, dict([parse_override("train.rounds=9"), parse_override("net.initial_peers=[/ip4/1.2.3.4/tcp/1]")]))
+    assert cfg.train.rounds == 9 and cfg.data.alpha == 0.1 and cfg.net.initial_peers == ["/ip4/1.2.3.4/tcp/1"]
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"train.rounds": 0}, "train.rounds"),
+    ({"optim.lr": "fast"}, "optim.lr"),
+    ({"data.partition": "random"}, "data.partition"),
+    ({"trian.rounds": 3}, "trian"),
+    ({"node_index": 4, "node_count": 4}, "node_index"),
+    ({"device": "tpu"}, "device"),
+])
+def test_bad_values_name_the_field_in_one_line(overrides, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    msg = str(e.value)
+    assert field in msg and "\n" not in msg
+
+
+def test_unreadable_or_non_mapping_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+# -- data -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "shards"])
+def test_partitions_cover_everything_once_and_are_deterministic(kind):
+    y = load_dataset().y_train.numpy()
+    parts = partition(y, 8, kind, alpha=0.3, seed=4)
+    allidx = np.concatenate(parts)
+    assert len(allidx) == len(y) and len(np.unique(allidx)) == len(y)
+    assert min(len(p) for p in parts) >= 10
+    again = partition(y, 8, kind, alpha=0.3, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_dirichlet_skew_follows_alpha():
+    y = load_dataset().y_train.numpy()
+
+    def mean_classes_per_node(alpha):  # classes holding >= 5% of a node's data
+        return np.mean([(np.bincount(y[p], minlength=10) / len(p) >= 0.05).sum() for p in partition(y, 8, "dirichlet", alpha=alpha)])
+
+    assert mean_classes_per_node(0.1) < mean_classes_per_node(100.0)
+
+
+def test_partition_refuses_impossible_requests():
+    with pytest.raises(ValueError):
+        partition(np.zeros(50, dtype=int), 10)
+
+
+def test_split_is_stratified_and_shared():
+    a, b = load_dataset(seed=3), load_dataset(seed=3)
+    assert torch.equal(a.y_test, b.y_test) and set(a.y_test.tolist()) == set(range(10))
+
+
+# -- topology and mixing ----------------------------------------------------------------------
+def test_ring_and_complete():
+    ids = [f"p{i}" for i in range(5)]
+    assert neighbours(ids, "p0", "ring") == ["p1", "p4"]
+    assert neighbours(list(reversed(ids)), "p0", "ring") == ["p1", "p4"]  # order-free
+    assert neighbours(["p0", "p1"], "p0", "ring") == ["p1"]
+    assert neighbours(["p0"], "p0", "ring") == []
+    assert degree(ids, "p3", "complete") == 4
+    with pytest.raises(ValueError):
+        neighbours(ids, "p0", "star")
+
+
+def test_metropolis_hastings_is_doubly_stochastic_and_converges_to_the_mean():
+    ids = [f"p{i}" for i in range(6)]
+    x = {p: {"w": torch.full((3,), float(i))} for i, p in enumerate(ids)}
+    for _ in range(200):
+        new = {}
+        for p in ids:
+            nb = neighbours(ids, p, "ring")
+            sw, w = metropolis_hastings(degree(ids, p), {j: degree(ids, j) for j in nb})
+            assert abs(sw + sum(w.values()) - 1) < 1e-12
+            new[p] = mix(x[p], {j: x[j] for j in nb}, sw, w)
+        x = new
+    for p in ids:
+        assert torch.allclose(x[p]["w"], torch.full((3,), 2.5), atol=1e-4)
+
+
+def test_renormalise_over_answered():
+    sw, w = renormalise(0.5, {"a": 0.25, "b": 0.25}, {"a"})
+    assert sw == pytest.approx(2 / 3) and w == {"a": pytest.approx(1 / 3)}
+
+
+def test_mix_keeps_integer_buffers():
+    own = {"w": torch.ones(2), "n": torch.tensor(3)}
+    other = {"w": torch.zeros(2), "n": torch.tensor(100)}
+    out = mix(own, {"o": other}, 0.5, {"o": 0.5})
+    assert torch.equal(out["w"], torch.full((2,), 0.5)) and int(out["n"]) == 3
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def test_checkpoint_roundtrip_and_corruption(tmp_path):
+    model = build_model("mlp", (1, 8, 8), 10, 16)
+    opt = make_optimizer(model, "sgd", 0.1, 0.9, 0.0)
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    opt.step()
+    t, meta = optimizer_tensors(opt)
+    checkpoint.save(tmp_path, model.state_dict(), t, {"round": 5, "optim": meta})
+    m2, o2, state = checkpoint.load(tmp_path, torch.device("cpu"))
+    assert state["round"] == 5 and all(torch.equal(m2[k], v) for k, v in model.state_dict().items())
+    opt2 = make_optimizer(build_model("mlp", (1, 8, 8), 10, 16), "sgd", 0.1, 0.9, 0.0)
+    restore_optimizer(opt2, o2, state["optim"])
+    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    # a torn write: model file changed after state.json was written
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load(tmp_path, torch.device("cpu"))
+    assert checkpoint.load(tmp_path / "none", torch.device("cpu")) is None
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# -- training ---------------------------------------------------------------------------------
+def test_local_training_learns_digits():
+    ds = load_dataset()
+    model = build_model("mlp", ds.input_shape, 10, 64, seed=0)
+    opt = make_optimizer(model, "sgd", 0.05, 0.9, 0.0)
+    trainer = LocalTrainer(model, opt, ds.x_train, ds.y_train, 32, seed=0)
+    before = evaluate(model, ds.x_test, ds.y_test)
+    stats = trainer.train_round(0, steps=300)
+    after = evaluate(model, ds.x_test, ds.y_test)
+    assert before < 0.3 and after > 0.9 and stats.steps == 300 and stats.samples_per_second > 0
+
+
+def test_time_budget_and_stop():
+    ds = load_dataset()
+    model = build_model("cnn", ds.input_shape, 10, 8)
+    trainer = LocalTrainer(model, make_optimizer(model, "adam", 1e-3, 0.0, 0.0), ds.x_train, ds.y_train, 16, seed=0)
+    s = trainer.train_round(0, seconds=0.2)
+    assert s.steps >= 1 and s.seconds < 2
+    assert trainer.train_round(1, steps=100, stop=lambda: True).steps == 1  # finishes the current step only

@@ -1,0 +1,124 @@
+"""A real 4-node swarm of `atoll node start` daemons on 127.0.0.1: training, a SIGKILLed node
+that the others survive, its resume from checkpoint, status, metrics and a clean SIGTERM."""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from helpers import ROOT, atoll_node
+
+pytestmark = pytest.mark.integration
+N, ROUNDS, SWARM = 4, 60, "itswarm"
+
+
+def write_config(path, i, workdir, **extra):
+    cfg = {
+        "node_index": i, "node_count": N, "checkpoint_dir": str(workdir / f"n{i}" / "ckpt"), "metrics_port": 0,
+        "log_level": "INFO",
+        # a time budget per round keeps the run long enough to kill and restart a node mid-run
+        "train": {"rounds": ROUNDS, "local_steps": None, "local_seconds": 0.25},
+        "comm": {"fetch_timeout": 6, "min_peers": N, "join_timeout": 60},
+        "net": {"swarm": SWARM, "identity_path": str(workdir / f"n{i}" / "node.key"), "record_ttl": 4},
+    }
+    for k, v in extra.items():
+        cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.update({k: v})
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metrics_text(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def test_swarm_trains_survives_a_kill_and_the_node_resumes(tmp_path):
+    nodes = []
+    try:
+        cfgs = [write_config(tmp_path / f"n{i}.yaml", i, tmp_path) for i in range(N)]
+        nodes.append(atoll_node(cfgs[0], log=tmp_path / "n0.log"))
+        boot = nodes[0].ready(timeout=90)["maddrs"]
+        for i in range(1, N):
+            nodes.append(atoll_node(cfgs[i], "--initial-peers", boot[0], log=tmp_path / f"n{i}.log"))
+        for n in nodes[1:]:
+            n.ready(timeout=90)
+
+        # status: the swarm as the DHT sees it
+        st = subprocess.run([sys.executable, "-m", "node.cli", "status", "--peers", boot[0], "--swarm", SWARM, "--json"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert st.returncode == 0, st.stderr[-2000:]
+        records = {r["peer_id"]: r for r in json.loads(st.stdout)}
+        assert set(records) == {n.info["peer_id"] for n in nodes}
+        assert all(records[n.info["peer_id"]]["grpc_address"] == n.info["grpc"] for n in nodes)
+
+        # kill node 3 with SIGKILL once it has done a few rounds
+        victim = nodes[3]
+        killed_at = victim.wait_event("round", timeout=120, predicate=lambda e: e["round"] >= 4)["round"]
+        victim.kill()
+
+        # metrics of a live node, while it runs
+        text = metrics_text(nodes[0].info["metrics_port"])
+        for name in ("atoll_round", "atoll_train_loss", "atoll_test_accuracy_ratio", "atoll_sent_bytes_total",
+                     "atoll_received_bytes_total", "atoll_fetch_duration_seconds_bucket", "atoll_peers_live",
+                     "atoll_checkpoint_age_seconds", "atoll_samples_per_second"):
+            assert name in text, name
+
+        # restart it from its checkpoint: it resumes where it was, not at round 0, and rejoins
+        restarted = atoll_node(cfgs[3], "--initial-peers", boot[0], log=tmp_path / "n3b.log")
+        nodes.append(restarted)
+        info = restarted.ready(timeout=90)
+        assert info["peer_id"] == victim.info["peer_id"]
+        assert info["start_round"] >= killed_at
+        first = restarted.wait_event("round", timeout=120)
+        assert first["round"] == info["start_round"] + 1
+        assert first["peers"] >= 2, "restarted node did not see the swarm again"
+
+        # the survivors finish every round, with useful models
+        finals = [n.wait_event("done", timeout=240) for n in nodes[:3]]
+        assert all(f["round"] == ROUNDS for f in finals)
+        assert all(f["accuracy"] > 0.85 for f in finals), finals
+        assert restarted.wait_event("done", timeout=240)["round"] == ROUNDS
+        # someone noticed the dead node: a fetch failure was counted with a reason
+        failures = [e for n in nodes[:3] for e in n.seen if e.get("event") == "round" and e["mixed"] < 2]
+        assert failures, "no survivor ever skipped the killed neighbour"
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_sigterm_checkpoints_and_leaves(tmp_path):
+    cfg = write_config(tmp_path / "solo.yaml", 0, tmp_path, node_count=1,
+                       comm={"min_peers": 1, "fetch_timeout": 2, "join_timeout": 5},
+                       train={"rounds": 100000, "local_steps": 5, "local_seconds": None})
+    node = atoll_node(cfg, log=tmp_path / "solo.log")
+    try:
+        node.ready(timeout=90)
+        node.wait_event("round", timeout=60, predicate=lambda e: e["round"] >= 3)
+        rc = node.stop()  # SIGTERM
+        assert rc == 0
+        stopped = [e for e in node.seen if e.get("event") == "stopped"]
+        while not stopped and not node.events.empty():
+            e = node.events.get()
+            node.seen.append(e)
+            stopped = [e] if e.get("event") == "stopped" else []
+        state = json.loads((tmp_path / "n0" / "ckpt" / "state.json").read_text())
+        assert state["round"] >= 3
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "train.rounds=-1"], "train.rounds"),
+    (["--set", "data.alpha=zero"], "data.alpha"),
+    (["--config", "/nonexistent.yaml"], "cannot read"),
+])
+def test_bad_config_is_one_clear_line(args, needle):
+    r = subprocess.run([sys.executable, "-m", "node.cli", "node", "start", *args], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
