@@ -142,7 +142,7 @@ def swarm_up(
     wall = time.monotonic() - t0
     steps = base.train.rounds * (base.train.local_steps or 10)
     typer.echo(f"training the centralized baseline ({steps} steps on all data)...", err=True)
-    baseline = swarm.centralized_baseline(base, steps)
+    baseline = swarm.centralized_baseline(base)
     res = swarm.results(runs, baseline, base, wall)
     accs = [n["final_accuracy"] for n in res["nodes"]]
     typer.echo(f"swarm of {nodes} finished {base.train.rounds} rounds in {wall:.1f} s")

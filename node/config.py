@@ -38,6 +38,8 @@ class OptimConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1, le=65536)
+    schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate over the rounds")
+    final_lr_fraction: float = Field(0.05, ge=0, le=1, description="cosine: lr in the last round, as a fraction")
 
 
 class TrainConfig(_Strict):

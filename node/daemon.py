@@ -31,7 +31,8 @@ from node.config import NodeConfig
 from node.data import load_dataset, partition
 from node.metrics import NodeMetrics
 from node.models import build_model
-from node.train import LocalTrainer, evaluate, make_optimizer, optimizer_tensors, restore_optimizer
+from node.train import (LocalTrainer, evaluate, make_optimizer, optimizer_tensors, restore_optimizer, round_lr,
+                        set_lr)
 from p2pd import __version__
 from p2pd.client import FetchError, SwarmClient
 from p2pd.discovery import Discovery
@@ -139,6 +140,8 @@ class Node:
             r = self.start_round
             while r < rounds and not self.stop_requested.is_set():
                 t0 = time.perf_counter()
+                o = self.cfg.optim
+                set_lr(self.optimizer, round_lr(o.lr, o.schedule, r, rounds, o.final_lr_fraction))
                 stats = self.trainer.train_round(r, self.cfg.train.local_steps, self.cfg.train.local_seconds,
                                                  stop=self.stop_requested.is_set)
                 if self.stop_requested.is_set():

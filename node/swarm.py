@@ -25,7 +25,7 @@ import yaml
 from node.config import NodeConfig
 from node.data import load_dataset
 from node.models import build_model
-from node.train import LocalTrainer, evaluate, make_optimizer
+from node.train import LocalTrainer, evaluate, make_optimizer, round_lr, set_lr
 
 
 @dataclass
@@ -100,13 +100,17 @@ def node_configs(base: NodeConfig, n: int, workdir: Path) -> list[NodeConfig]:
     return cfgs
 
 
-def centralized_baseline(base: NodeConfig, steps: int) -> float:
-    """Same model, init and optimizer, trained on all training data for `steps` steps."""
+def centralized_baseline(base: NodeConfig) -> float:
+    """Same model, init, optimizer and schedule, trained on all training data with the same
+    number of steps as one node (rounds x local steps)."""
     ds = load_dataset(base.data.dataset, test_fraction=base.data.test_fraction, seed=base.data.seed)
     model = build_model(base.model.family, ds.input_shape, ds.num_classes, base.model.width, base.train.seed)
-    o = base.optim
+    o, rounds = base.optim, base.train.rounds
     opt = make_optimizer(model, o.name, o.lr, o.momentum, o.weight_decay)
-    LocalTrainer(model, opt, ds.x_train, ds.y_train, o.batch_size, seed=base.train.seed).train_round(0, steps=steps)
+    trainer = LocalTrainer(model, opt, ds.x_train, ds.y_train, o.batch_size, seed=base.train.seed)
+    for r in range(rounds):
+        set_lr(opt, round_lr(o.lr, o.schedule, r, rounds, o.final_lr_fraction))
+        trainer.train_round(r, steps=base.train.local_steps or 10)
     return evaluate(model, ds.x_test, ds.y_test)
 
 

@@ -159,3 +159,13 @@ def test_time_budget_and_stop():
     s = trainer.train_round(0, seconds=0.2)
     assert s.steps >= 1 and s.seconds < 2
     assert trainer.train_round(1, steps=100, stop=lambda: True).steps == 1  # finishes the current step only
+
+
+def test_round_lr_schedules():
+    from node.train import round_lr
+
+    assert round_lr(0.1, "constant", 7, 10) == 0.1
+    assert round_lr(0.1, "cosine", 0, 10) == pytest.approx(0.1)
+    assert round_lr(0.1, "cosine", 9, 10, 0.05) == pytest.approx(0.005)
+    lrs = [round_lr(0.1, "cosine", r, 10) for r in range(10)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))

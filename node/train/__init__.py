@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,22 @@ class RoundStats:
     @property
     def samples_per_second(self) -> float:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+def round_lr(base_lr: float, schedule: str, round_: int, rounds: int, final_fraction: float = 0.05) -> float:
+    """Learning rate of a round. Cosine decays from base_lr to base_lr * final_fraction, which
+    also pulls non-IID nodes together in the last rounds."""
+    if schedule == "constant" or rounds <= 1:
+        return base_lr
+    if schedule == "cosine":
+        t = min(max(round_ / (rounds - 1), 0.0), 1.0)
+        return base_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * t)))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float):
