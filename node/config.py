@@ -19,7 +19,8 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    dataset: Literal["digits"] = "digits"
+    dataset: Literal["digits", "fashion-mnist"] = "digits"
+    path: Optional[Path] = Field(None, description="where the data set's files are, if not the default")
     partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed)")
     shards_per_node: int = Field(2, ge=1)

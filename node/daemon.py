@@ -80,7 +80,7 @@ class Node:
         self.device = pick_device(cfg.device)
         self.identity = Identity.load_or_create(cfg.net.identity_path)
         self.ckpt_dir = Path(cfg.checkpoint_dir).expanduser()
-        ds = load_dataset(cfg.data.dataset, test_fraction=cfg.data.test_fraction, seed=cfg.data.seed)
+        ds = load_dataset(cfg.data.dataset, test_fraction=cfg.data.test_fraction, seed=cfg.data.seed, path=cfg.data.path)
         parts = partition(ds.y_train.numpy(), cfg.node_count, cfg.data.partition, alpha=cfg.data.alpha,
                           shards_per_node=cfg.data.shards_per_node, seed=cfg.data.seed)
         mine = torch.from_numpy(parts[cfg.node_index])

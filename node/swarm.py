@@ -103,7 +103,7 @@ def node_configs(base: NodeConfig, n: int, workdir: Path) -> list[NodeConfig]:
 def centralized_baseline(base: NodeConfig) -> float:
     """Same model, init, optimizer and schedule, trained on all training data with the same
     number of steps as one node (rounds x local steps)."""
-    ds = load_dataset(base.data.dataset, test_fraction=base.data.test_fraction, seed=base.data.seed)
+    ds = load_dataset(base.data.dataset, test_fraction=base.data.test_fraction, seed=base.data.seed, path=base.data.path)
     model = build_model(base.model.family, ds.input_shape, ds.num_classes, base.model.width, base.train.seed)
     o, rounds = base.optim, base.train.rounds
     opt = make_optimizer(model, o.name, o.lr, o.momentum, o.weight_decay)

@@ -169,3 +169,45 @@ def test_round_lr_schedules():
     assert round_lr(0.1, "cosine", 9, 10, 0.05) == pytest.approx(0.005)
     lrs = [round_lr(0.1, "cosine", r, 10) for r in range(10)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def _write_idx(path, arr):
+    import gzip
+    import struct
+
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 0x08, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape) + arr.tobytes())
+
+
+def test_fashion_mnist_reader_on_small_idx_files(tmp_path):
+    from node.data.datasets import DatasetMissing
+
+    with pytest.raises(DatasetMissing, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", path=tmp_path)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("t10k", 12)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
+    ds = load_dataset("fashion-mnist", path=tmp_path)
+    assert ds.x_train.shape == (30, 1, 28, 28) and ds.x_test.shape == (12, 1, 28, 28)
+    assert 0.0 <= float(ds.x_train.min()) and float(ds.x_train.max()) <= 1.0
+    # a truncated file and a wrong magic number are refused with a reason
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 11, dtype=np.uint8))
+    with pytest.raises(ValueError, match="inconsistent"):
+        load_dataset("fashion-mnist", path=tmp_path)
+    import gzip
+
+    with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x0d\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="not an IDX"):
+        load_dataset("fashion-mnist", path=tmp_path)
+
+
+def test_real_fashion_mnist_when_installed():
+    from node.data.datasets import FASHION_MNIST_DIR
+
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    ds = load_dataset("fashion-mnist")
+    assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
+    assert torch.bincount(ds.y_train).tolist() == [6000] * 10

@@ -1,15 +1,28 @@
 """Data sets that ship inside installed packages, so nodes work offline.
 
-`digits`: scikit-learn's 1,797 8x8 handwritten digits (10 classes), scaled to [0, 1].
-The train/test split is a deterministic function of the seed, identical on every node.
+- `digits`: scikit-learn's 1,797 8x8 handwritten digits (10 classes), scaled to [0, 1]; the
+  train/test split is a deterministic function of the seed, identical on every node.
+- `fashion-mnist`: the 70,000 28x28 images of the Debian package `dataset-fashion-mnist`
+  (IDX files in /usr/share/datasets/fashion-mnist, or `path`), with its own test split.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import gzip
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DATASETS = ("digits", "fashion-mnist")
+
+
+class DatasetMissing(RuntimeError):
+    """A data set that is not installed on this machine; the message says how to get it."""
 
 
 @dataclass(frozen=True)
@@ -38,15 +51,56 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 
 
-def load_dataset(name: str = "digits", *, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
-    if name != "digits":
-        raise ValueError(f"unknown data set {name!r}; available: digits")
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - scikit-learn is a dependency
-        raise RuntimeError("the digits data set needs scikit-learn: pip install scikit-learn") from e
+def load_dataset(name: str = "digits", *, test_fraction: float = 0.25, seed: int = 0,
+                 path: str | os.PathLike | None = None) -> Dataset:
+    if name == "digits":
+        return _digits(test_fraction, seed)
+    if name == "fashion-mnist":
+        return _fashion_mnist(Path(path) if path else FASHION_MNIST_DIR)
+    raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
+
+
+def _digits(test_fraction: float, seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+
     d = load_digits()
     x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = d.target.astype(np.int64)
     xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
-    return Dataset(name, torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte), torch.from_numpy(yte), 10)
+    return Dataset("digits", torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte), torch.from_numpy(yte), 10)
+
+
+def _fashion_mnist(root: Path) -> Dataset:
+    files = {k: root / f"{k}-ubyte.gz" for k in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")}
+    missing = [p.name for p in files.values() if not p.is_file()]
+    if missing:
+        raise DatasetMissing(
+            f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}): install the Debian package "
+            f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set data.path"
+        )
+    xtr, ytr = read_idx(files["train-images-idx3"], 3), read_idx(files["train-labels-idx1"], 1)
+    xte, yte = read_idx(files["t10k-images-idx3"], 3), read_idx(files["t10k-labels-idx1"], 1)
+    for x, y, split in ((xtr, ytr, "train"), (xte, yte, "test")):
+        if len(x) != len(y) or x.shape[1:] != (28, 28) or y.max(initial=0) > 9:
+            raise ValueError(f"Fashion-MNIST {split} files in {root} are inconsistent: {x.shape} images, {y.shape} labels")
+    prep = lambda x: torch.from_numpy(x.astype(np.float32)[:, None] / 255.0)  # noqa: E731
+    return Dataset("fashion-mnist", prep(xtr), torch.from_numpy(ytr.astype(np.int64)),
+                   prep(xte), torch.from_numpy(yte.astype(np.int64)), 10)
+
+
+_IDX_MAX_BYTES = 1 << 30
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """A gzipped IDX file of unsigned bytes (the MNIST format), validated before use."""
+    with gzip.open(path, "rb") as f:
+        head = f.read(4)
+        if len(head) != 4 or head[:2] != b"\x00\x00" or head[2] != 0x08 or head[3] != ndim:
+            raise ValueError(f"{path} is not an IDX file of {ndim}-d unsigned bytes")
+        dims = np.frombuffer(f.read(4 * ndim), dtype=">u4").astype(np.int64)
+        if len(dims) != ndim or int(np.prod(dims)) > _IDX_MAX_BYTES:
+            raise ValueError(f"{path}: bad or oversized dimensions {dims.tolist()}")
+        data = f.read(int(np.prod(dims)) + 1)
+    if len(data) != int(np.prod(dims)):
+        raise ValueError(f"{path}: expected {int(np.prod(dims))} data bytes, found {len(data)}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(tuple(int(d) for d in dims))
