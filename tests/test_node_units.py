@@ -211,3 +211,23 @@ def test_real_fashion_mnist_when_installed():
     ds = load_dataset("fashion-mnist")
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
     assert torch.bincount(ds.y_train).tolist() == [6000] * 10
+
+
+def test_metrics_pass_promtool():
+    import shutil
+    import subprocess
+
+    from prometheus_client import generate_latest
+
+    from node.metrics import NodeMetrics
+
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool (Debian package prometheus) is not installed")
+    m = NodeMetrics()
+    m.watch(lambda: 123, lambda: {"bad_signature": 2, "expired": 1})
+    m.fetch_failures.labels(reason="timeout").inc()
+    m.fetch_seconds.observe(0.2)
+    text = generate_latest(m.registry)
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert b'atoll_records_refused_total{reason="bad_signature"} 2.0' in text
