@@ -7,7 +7,7 @@ install:
 # A 4-node swarm on 127.0.0.1 (real DHT, gRPC, metrics) on scikit-learn digits, Dirichlet 0.5,
 # compared with a centralized baseline trained in the same run.
 demo: install
-	.venv/bin/atoll swarm up --config examples/swarm4.yaml --nodes 4 --out out/demo
+	.venv/bin/atoll swarm up --config examples/swarm4.yaml --out out/demo
 
 # The fast default test set (what CI runs).
 test: install

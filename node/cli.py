@@ -108,24 +108,30 @@ def _human_event(e: dict) -> None:
 
 @swarm_app.command("up")
 def swarm_up(
-    nodes: int = typer.Option(4, "--nodes", "-n", min=1, max=64, help="Number of node processes."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Base YAML config for every node."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", min=1, max=64, help="Number of node processes (default: the config's, else 4)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Swarm YAML (nodes, node: shared config, per_node: overrides)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every node."),
     rounds: Optional[int] = typer.Option(None, min=1, help="Shortcut for --set train.rounds=N."),
     alpha: Optional[float] = typer.Option(None, help="Shortcut for --set data.alpha=A (Dirichlet partition)."),
     out: Optional[Path] = typer.Option(None, help="Write results.json here."),
     workdir: Optional[Path] = typer.Option(None, help="Keys, checkpoints, configs and logs of the nodes (default: a temp dir)."),
-    timeout: float = typer.Option(900.0, help="Give up after this many seconds."),
 ) -> None:
-    """Start NODES daemons on 127.0.0.1 (real DHT, gRPC and metrics), show their progress, and
+    """Start N daemons on 127.0.0.1 (real DHT, gRPC and metrics), show their progress, and
     compare the result with a centralized baseline trained in the same run."""
     import tempfile
 
     from node import swarm
+    from node.config import ConfigError, load_swarm_config, parse_override
 
-    base = _load(config, set_, {"train.rounds": rounds, "data.alpha": alpha})
+    try:
+        overrides = dict(parse_override(s) for s in set_)
+        overrides.update({k: v for k, v in {"train.rounds": rounds, "data.alpha": alpha}.items() if v is not None})
+        scfg = load_swarm_config(config, overrides, nodes)
+    except ConfigError as e:
+        _fail(str(e))
+    base = scfg.node
     wd = workdir or Path(tempfile.mkdtemp(prefix="atoll-swarm-"))
-    typer.echo(f"starting {nodes} nodes (workdir {wd})", err=True)
+    typer.echo(f"starting {scfg.nodes} nodes (workdir {wd})", err=True)
     from rich.console import Console
     from rich.live import Live
 
@@ -136,16 +142,15 @@ def swarm_up(
             live.update(_swarm_table(runs, base.train.rounds, time.monotonic() - t0))
 
         try:
-            runs = swarm.run_swarm(base, nodes, wd, update, timeout)
+            runs = swarm.run_swarm(scfg, wd, update)
         except (RuntimeError, TimeoutError) as e:
             _fail(str(e))
     wall = time.monotonic() - t0
-    steps = base.train.rounds * (base.train.local_steps or 10)
-    typer.echo(f"training the centralized baseline ({steps} steps on all data)...", err=True)
+    typer.echo("training the centralized baseline (same model and steps, all data)...", err=True)
     baseline = swarm.centralized_baseline(base)
-    res = swarm.results(runs, baseline, base, wall)
+    res = swarm.results(runs, baseline, scfg, wall)
     accs = [n["final_accuracy"] for n in res["nodes"]]
-    typer.echo(f"swarm of {nodes} finished {base.train.rounds} rounds in {wall:.1f} s")
+    typer.echo(f"swarm of {scfg.nodes} finished {base.train.rounds} rounds in {wall:.1f} s")
     typer.echo(f"  node accuracy: min {100 * min(accs):.1f}%  mean {100 * sum(accs) / len(accs):.1f}%  "
                f"max {100 * max(accs):.1f}%")
     typer.echo(f"  centralized baseline: {100 * baseline:.1f}%  (gap of the worst node: "

@@ -139,20 +139,22 @@ def _one_line(e: ValidationError) -> str:
     return "invalid config: " + "; ".join(parts)
 
 
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path).expanduser()
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config {p} must be a mapping at the top level")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
     """YAML file (optional) + dotted overrides -> validated NodeConfig, or ConfigError."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path).expanduser()
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {p} must be a mapping at the top level")
-        tree = loaded or {}
+    tree = _read_yaml(path) if path is not None else {}
     for key, value in (overrides or {}).items():
         _set_path(tree, key, value)
     try:
@@ -163,3 +165,46 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 def dump_config(cfg: NodeConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+class SwarmConfig(_Strict):
+    """A local swarm for `atoll swarm up`: how many nodes, the config they share, and optional
+    per-node overrides (by node index, dotted keys), e.g. a different model width on node 3."""
+
+    nodes: int = Field(4, ge=1, le=64)
+    timeout: float = Field(900.0, gt=0, description="give up on the swarm after this many seconds")
+    node: NodeConfig = NodeConfig()
+    per_node: dict[int, dict[str, Any]] = {}
+
+    def config_for(self, index: int) -> NodeConfig:
+        """The shared config with this node's overrides, index and count applied."""
+        tree = self.node.model_dump(mode="json")
+        for key, value in self.per_node.get(index, {}).items():
+            _set_path(tree, key, value)
+        tree["node_index"], tree["node_count"] = index, self.nodes
+        try:
+            return NodeConfig.model_validate(tree)
+        except ValidationError as e:
+            raise ConfigError(f"per_node[{index}]: " + _one_line(e)) from None
+
+
+def load_swarm_config(path: str | Path | None = None, node_overrides: dict[str, Any] | None = None,
+                      nodes: int | None = None) -> SwarmConfig:
+    """Swarm YAML (optional) + dotted overrides of the shared node config -> SwarmConfig."""
+    tree = _read_yaml(path) if path is not None else {}
+    node_tree = tree.setdefault("node", {}) or {}
+    tree["node"] = node_tree
+    for key, value in (node_overrides or {}).items():
+        _set_path(node_tree, key, value)
+    if nodes is not None:
+        tree["nodes"] = nodes
+    try:
+        cfg = SwarmConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+    bad = [i for i in cfg.per_node if not 0 <= i < cfg.nodes]
+    if bad:
+        raise ConfigError(f"invalid config: per_node names nodes {bad} outside 0..{cfg.nodes - 1}")
+    for i in range(cfg.nodes):
+        cfg.config_for(i)  # every node's config must be valid before anything starts
+    return cfg

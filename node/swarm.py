@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from node.config import NodeConfig
+from node.config import NodeConfig, SwarmConfig
 from node.data import load_dataset
 from node.models import build_model
 from node.train import LocalTrainer, evaluate, make_optimizer, round_lr, set_lr
@@ -86,16 +86,21 @@ def start_node(cfg: NodeConfig, workdir: Path) -> NodeRun:
     return run
 
 
-def node_configs(base: NodeConfig, n: int, workdir: Path) -> list[NodeConfig]:
+def node_configs(swarm_cfg: SwarmConfig, workdir: Path) -> list[NodeConfig]:
+    """Every node's config: shared config, per-node overrides, and its own key, checkpoints
+    and loopback addresses under `workdir`."""
     cfgs = []
-    for i in range(n):
-        c = base.model_copy(deep=True)
-        c.node_count, c.node_index = n, i
+    for i in range(swarm_cfg.nodes):
+        c = swarm_cfg.config_for(i)
         c.net.identity_path = workdir / f"node{i}" / "node.key"
         c.checkpoint_dir = workdir / f"node{i}" / "checkpoints"
         c.net.host = "127.0.0.1"
+        c.net.advertise_host = None
+        c.net.grpc_port = 0
+        c.metrics_port = 0
         c.net.dht_listen = ["/ip4/127.0.0.1/tcp/0"]
-        c.comm.min_peers = n
+        c.net.announce_maddrs = []
+        c.comm.min_peers = swarm_cfg.nodes
         cfgs.append(c)
     return cfgs
 
@@ -114,10 +119,11 @@ def centralized_baseline(base: NodeConfig) -> float:
     return evaluate(model, ds.x_test, ds.y_test)
 
 
-def run_swarm(base: NodeConfig, n: int, workdir: Path, on_update, timeout: float) -> list[NodeRun]:
+def run_swarm(swarm_cfg: SwarmConfig, workdir: Path, on_update) -> list[NodeRun]:
     """Start the swarm, feed events to on_update(runs), wait for every node to finish."""
     workdir.mkdir(parents=True, exist_ok=True)
-    cfgs = node_configs(base, n, workdir)
+    cfgs = node_configs(swarm_cfg, workdir)
+    timeout = swarm_cfg.timeout
     runs: list[NodeRun] = []
     deadline = time.monotonic() + timeout
     try:
@@ -176,7 +182,7 @@ def _wait_ready(run: NodeRun, deadline: float) -> None:
         time.sleep(0.1)
 
 
-def results(runs: list[NodeRun], baseline: float, base: NodeConfig, seconds: float) -> dict:
+def results(runs: list[NodeRun], baseline: float, swarm_cfg: SwarmConfig, seconds: float) -> dict:
     return {
         "nodes": [
             {"index": r.index, "peer_id": r.ready["peer_id"], "final_accuracy": r.final.get("accuracy"),
@@ -186,6 +192,6 @@ def results(runs: list[NodeRun], baseline: float, base: NodeConfig, seconds: flo
         ],
         "centralized_baseline_accuracy": baseline,
         "wall_seconds": round(seconds, 2),
-        "config": base.model_dump(mode="json"),
+        "config": swarm_cfg.model_dump(mode="json"),
     }
 

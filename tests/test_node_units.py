@@ -231,3 +231,26 @@ def test_metrics_pass_promtool():
     r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert b'atoll_records_refused_total{reason="bad_signature"} 2.0' in text
+
+
+def test_swarm_config_per_node_overrides(tmp_path):
+    from node.config import load_swarm_config
+
+    p = tmp_path / "s.yaml"
+    p.write_text("nodes: 3\nnode:\n  train: {rounds: 5}\nper_node:\n  2: {model.width: 32, optim.lr: 0.01}\n")
+    s = load_swarm_config(p, {"data.alpha": 0.2})
+    c0, c2 = s.config_for(0), s.config_for(2)
+    assert (c0.node_index, c0.node_count, c0.model.width, c0.train.rounds, c0.data.alpha) == (0, 3, 128, 5, 0.2)
+    assert (c2.node_index, c2.model.width, c2.optim.lr) == (2, 32, 0.01)
+    assert load_swarm_config(p, nodes=5).nodes == 5
+    p.write_text("nodes: 2\nper_node:\n  1: {model.family: transformer}\n")
+    with pytest.raises(ConfigError, match=r"per_node\[1\].*model.family"):
+        load_swarm_config(p)
+
+
+def test_example_swarm_config_is_valid():
+    from helpers import ROOT
+    from node.config import load_swarm_config
+
+    s = load_swarm_config(ROOT / "examples" / "swarm4.yaml")
+    assert s.nodes == 4 and s.node.data.dataset == "digits" and s.node.data.alpha == 0.5
