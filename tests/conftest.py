@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -34,12 +35,10 @@ def no_leaked_processes():
     yield
     leaked = [p for p in _descendants() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     names = [f"{p.pid}:{' '.join(_safe(p.cmdline) or [])[:120]}" for p in leaked]
+    from node.swarm import kill_tree
+
     for p in leaked:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(leaked, timeout=10)
+        kill_tree(p.pid, signal.SIGKILL)
     assert not leaked, f"tests leaked processes: {names}"
 
 

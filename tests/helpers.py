@@ -12,30 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
+from node.swarm import kill_tree  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def kill_tree(pid: int, sig: int = signal.SIGKILL, timeout: float = 15.0) -> None:
-    """Signal a process and every descendant (DHT child, p2pd grandchild) by pid, then reap."""
-    try:
-        root = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-    gone, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:  # SIGTERM ignored: force
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
 
 
 class NodeProcess:
@@ -94,7 +73,7 @@ class NodeProcess:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
-        kill_tree(self.pid)
+        kill_tree(self.pid, signal.SIGKILL)
         return self.proc.returncode
 
     def kill(self) -> None:
