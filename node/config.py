@@ -57,7 +57,8 @@ class TrainConfig(_Strict):
 
 
 class CommConfig(_Strict):
-    topology: Literal["ring", "complete"] = "ring"
+    topology: Literal["ring", "torus", "exponential", "random", "complete"] = "ring"
+    random_degree: int = Field(4, ge=2, le=64, description="topology random: degree bound k")
     fetch_timeout: float = Field(20.0, gt=0, le=3600, description="seconds to wait for a neighbour's snapshot")
     min_peers: int = Field(1, ge=1, description="live nodes (self included) needed before round 0")
     join_timeout: float = Field(60.0, gt=0)

@@ -194,12 +194,13 @@ class Node:
         self._set_peers(len(live))
         ids = [p.peer_id for p in live]
         me = self.identity.peer_id
-        kind = self.cfg.comm.topology
-        nbrs = neighbours(ids, me, kind, r)
+        kind, seed, k = self.cfg.comm.topology, self.cfg.train.seed, self.cfg.comm.random_degree
+        nbrs = neighbours(ids, me, kind, r, seed, k)
         if not nbrs:
             return []
         addr = {p.peer_id: p.grpc_address for p in live}
-        self_w, w = metropolis_hastings(degree(ids, me, kind, r), {j: degree(ids, j, kind, r) for j in nbrs})
+        self_w, w = metropolis_hastings(degree(ids, me, kind, r, seed, k),
+                                        {j: degree(ids, j, kind, r, seed, k) for j in nbrs})
         with ThreadPoolExecutor(max_workers=min(8, len(nbrs)), thread_name_prefix="atoll-fetch") as pool:
             got = dict(zip(nbrs, pool.map(lambda j: self._fetch_round(j, addr[j], r, own), nbrs)))
         answered = {j: sd for j, sd in got.items() if sd is not None}

@@ -254,3 +254,54 @@ def test_example_swarm_config_is_valid():
 
     s = load_swarm_config(ROOT / "examples" / "swarm4.yaml")
     assert s.nodes == 4 and s.node.data.dataset == "digits" and s.node.data.alpha == 0.5
+
+
+@pytest.mark.parametrize("kind", ["ring", "torus", "exponential", "random", "complete"])
+def test_topologies_are_symmetric_deterministic_and_connected(kind):
+    from node.comm.topology import graph
+
+    ids = [f"peer{i:02d}" for i in range(12)]
+    g = graph(ids, kind, round_=3, seed=1)
+    assert g == graph(list(reversed(ids)), kind, round_=3, seed=1)
+    assert all(a not in g[a] and all(a in g[b] for b in g[a]) for a in ids)
+    seen, todo = {ids[0]}, [ids[0]]
+    while todo:
+        for b in g[todo.pop()]:
+            if b not in seen:
+                seen.add(b)
+                todo.append(b)
+    assert seen == set(ids)
+    expected = {"ring": 2, "torus": 4, "complete": 11}
+    if kind in expected:
+        assert all(len(v) == expected[kind] for v in g.values())
+    if kind == "random":
+        assert all(len(v) <= 4 for v in g.values())
+        assert graph(ids, kind, round_=4, seed=1) != g  # re-drawn each round
+
+
+def test_schedules_spend_exactly_the_budget():
+    from node.comm.schedule import allotment
+
+    assert allotment("constant", 10, 40) == [4] * 10
+    late = allotment("late", 20, 40, shape=3.0)
+    assert sum(late) == 40 and late == sorted(late) and sum(late[-5:]) > 0.5 * 40
+    assert allotment("late", 10, 30, shape=0.0) == [3] * 10
+    with pytest.raises(ValueError):
+        allotment("early", 10, 10)
+
+
+def test_variance_corrected_mean_restores_variance_and_skips_norms():
+    from node.aggregate import mean, variance_corrected_mean
+
+    g = torch.Generator().manual_seed(0)
+    states = [{"fc.weight": torch.randn(64, 64, generator=g), "bn.weight": torch.randn(64, generator=g),
+               "bn.num_batches_tracked": torch.tensor(i)} for i in range(8)]
+    plain, corrected = mean(states), variance_corrected_mean(states)
+    # independent inits: the plain mean has ~1/8 of the variance, the corrected one ~all of it
+    assert plain["fc.weight"].var() < 0.2
+    assert corrected["fc.weight"].var() == pytest.approx(1.0, rel=0.05)
+    assert torch.equal(corrected["bn.weight"], plain["bn.weight"])
+    assert int(corrected["bn.num_batches_tracked"]) == 0
+    # identical inputs: the correction changes nothing
+    same = variance_corrected_mean([states[0], states[0]])
+    assert torch.allclose(same["fc.weight"], states[0]["fc.weight"], rtol=1e-3, atol=1e-4)  # eps shrinks by ~5e-5

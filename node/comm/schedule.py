@@ -1,0 +1,39 @@
+"""Communication schedules: how many gossip steps each round gets out of a fixed budget.
+
+- ``constant``: the budget spread evenly (with Q steps per round this is multi-step gossip,
+  MGS; with one step per round, plain D-PSGD).
+- ``late``: a late-concentrated budget ("A Single Merging Suffices"): round r gets a share
+  proportional to ((r + 1) / R) ** shape, so most steps fall in the last rounds; shape 0 is
+  constant, larger shapes concentrate harder.
+Integer steps are allotted by largest remainder, so the total is exactly the budget.
+A final global merge (one exact average of all live nodes) is a separate switch.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def allotment(schedule: str, rounds: int, budget: int, shape: float = 3.0) -> list[int]:
+    """Gossip steps for every round; sums to `budget`."""
+    if rounds < 1 or budget < 0:
+        raise ValueError("rounds must be >= 1 and budget >= 0")
+    if schedule == "constant":
+        weights = [1.0] * rounds
+    elif schedule == "late":
+        if shape < 0:
+            raise ValueError("shape must be >= 0")
+        weights = [((r + 1) / rounds) ** shape for r in range(rounds)]
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; available: constant, late")
+    total = sum(weights)
+    exact = [budget * w / total for w in weights]
+    steps = [math.floor(x) for x in exact]
+    order = sorted(range(rounds), key=lambda r: (exact[r] - steps[r], r), reverse=True)
+    for r in order[: budget - sum(steps)]:
+        steps[r] += 1
+    return steps
+
+
+def gossip_steps(schedule: str, round_: int, rounds: int, budget: int, shape: float = 3.0) -> int:
+    return allotment(schedule, rounds, budget, shape)[round_]
