@@ -40,6 +40,7 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1, le=65536)
     schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate over the rounds")
+    sam_rho: float = Field(0.0, ge=0, le=1, description="> 0: SAM local steps (DFedSAM), rho about 0.01")
     final_lr_fraction: float = Field(0.05, ge=0, le=1, description="cosine: lr in the last round, as a fraction")
 
 

@@ -91,7 +91,7 @@ class Node:
         o = cfg.optim
         self.optimizer = make_optimizer(self.model, o.name, o.lr, o.momentum, o.weight_decay)
         self.trainer = LocalTrainer(self.model, self.optimizer, self.x, self.y, o.batch_size,
-                                    seed=cfg.train.seed * 7919 + cfg.node_index)
+                                    seed=cfg.train.seed * 7919 + cfg.node_index, sam_rho=o.sam_rho)
         self.start_round = 0
         restored = checkpoint.load(self.ckpt_dir, self.device)
         if restored is not None:

@@ -305,3 +305,16 @@ def test_variance_corrected_mean_restores_variance_and_skips_norms():
     # identical inputs: the correction changes nothing
     same = variance_corrected_mean([states[0], states[0]])
     assert torch.allclose(same["fc.weight"], states[0]["fc.weight"], rtol=1e-3, atol=1e-4)  # eps shrinks by ~5e-5
+
+
+def test_sam_steps_learn_and_differ_from_sgd():
+    ds = load_dataset()
+    out = {}
+    for rho in (0.0, 0.05):
+        model = build_model("mlp", ds.input_shape, 10, 64, seed=0)
+        trainer = LocalTrainer(model, make_optimizer(model, "sgd", 0.05, 0.9, 0.0), ds.x_train, ds.y_train, 32,
+                               seed=0, sam_rho=rho)
+        trainer.train_round(0, steps=300)
+        out[rho] = (evaluate(model, ds.x_test, ds.y_test), model.state_dict()["1.weight"].clone())
+    assert out[0.05][0] > 0.9
+    assert not torch.equal(out[0.0][1], out[0.05][1])

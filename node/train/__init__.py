@@ -48,9 +48,16 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weig
 
 class LocalTrainer:
     """Minibatch training on (x, y) already on `device`. Batches are drawn from a generator
-    seeded per (seed, round), so a resumed node replays the same sample order."""
+    seeded per (seed, round), so a resumed node replays the same sample order.
 
-    def __init__(self, model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+    `sam_rho` > 0 makes every step a SAM step (as in DFedSAM): the gradient is taken at the
+    worst-case point w + rho * g / ||g|| of the neighbourhood and applied at w."""
+
+    def __init__(self, model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
+                 sam_rho: float = 0.0):
+        if sam_rho < 0:
+            raise ValueError("sam_rho must be >= 0")
+        self.sam_rho = sam_rho
         self.model, self.optimizer = model, optimizer
         self.x, self.y = x, y
         self.batch_size = min(batch_size, len(x))
@@ -76,11 +83,27 @@ class LocalTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(self.model(self.x[idx]), self.y[idx])
             loss.backward()
+            if self.sam_rho > 0:
+                self._sam_gradient(idx)
             self.optimizer.step()
             total_loss += float(loss.detach())
             done += 1
             samples += len(idx)
         return RoundStats(total_loss / max(done, 1), done, samples, time.perf_counter() - t0)
+
+
+    def _sam_gradient(self, idx: torch.Tensor) -> None:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.norm(torch.stack([p.grad.norm(2) for p in params]), 2) + 1e-12
+        with torch.no_grad():
+            shifts = [p.grad * (self.sam_rho / norm) for p in params]
+            for p, e in zip(params, shifts):
+                p.add_(e)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_fn(self.model(self.x[idx]), self.y[idx]).backward()
+        with torch.no_grad():
+            for p, e in zip(params, shifts):
+                p.sub_(e)
 
 
 @torch.no_grad()
