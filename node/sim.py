@@ -1,0 +1,241 @@
+"""N virtual nodes in one process, running the same algorithm functions as the daemons.
+
+The simulator steps every node through the same round as the daemon does (local training,
+then the round's gossip steps over the round's graph, Metropolis-Hastings weights
+renormalised over the neighbours that answered), with an in-memory transport. Bytes are
+counted exactly as on the wire: a published model is encoded with `p2pd.tensors.encode` (the
+daemon's own code path) and every fetch adds its `wire_bytes`, so sim and daemons report the
+same figure for the same exchange.
+
+Methods (`method`):
+- ``gossip``: decentralized SGD with the configured schedule (constant budget = D-PSGD or
+  MGS, late-concentrated budget) and optionally one final exact global merge;
+- ``fedavg``: a server averages all responsive nodes' models every round (weighted by data
+  size) and sends the average back: 2 model transfers per node per round;
+- ``centralized``: one model trained on all the data (the same steps per round as a node);
+- ``modest``: per round a deterministic sample of `sample_size` trainers and
+  `aggregators` aggregators; trainers pull the model from the previous round's aggregators,
+  train, and the aggregators average what the trainers send. Unresponsive sampled nodes are
+  skipped, so the round goes on as long as anyone answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from node.aggregate import mean, variance_corrected_mean
+from node.comm.mixing import metropolis_hastings, mix, renormalise
+from node.comm.schedule import allotment
+from node.comm.topology import graph
+from node.data import load_dataset, partition
+from node.models import build_model
+from node.train import LocalTrainer, evaluate, make_optimizer, round_lr, set_lr
+from p2pd.tensors import SnapshotKey, encode
+
+METHODS = ("gossip", "fedavg", "centralized", "modest")
+
+
+@dataclass
+class SimConfig:
+    method: str = "gossip"
+    nodes: int = 16
+    rounds: int = 20
+    local_steps: int = 10
+    dataset: str = "digits"
+    partition: str = "dirichlet"
+    alpha: float = 0.1
+    model: str = "mlp"
+    width: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 32
+    lr_schedule: str = "constant"
+    sam_rho: float = 0.0
+    topology: str = "ring"
+    schedule: str = "constant"  # gossip budget over rounds
+    gossip_budget: int | None = None  # total gossip steps; default 1 per round
+    late_shape: float = 3.0
+    final_merge: bool = False
+    merge: str = "mean"  # final merge: mean or variance_corrected
+    shared_init: bool = True
+    unresponsive: float = 0.0  # fraction of nodes that do not answer in each round
+    speeds: list[float] | None = None  # per-node relative speed: local steps scale with it
+    sample_size: int = 4  # modest: trainers per round
+    aggregators: int = 2  # modest: aggregators per round
+    seed: int = 0
+    eval_every: int = 1
+
+
+@dataclass
+class RoundLog:
+    round: int
+    accuracy_mean: float
+    accuracy_min: float
+    accuracy_max: float
+    bytes_sent: int  # cumulative
+    seconds: float  # cumulative wall time of the simulation
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    log: list[RoundLog] = field(default_factory=list)
+    final_accuracies: list[float] = field(default_factory=list)
+    bytes_sent: int = 0
+    seconds: float = 0.0
+
+
+def _rng(seed: int, round_: int, salt: str) -> random.Random:
+    return random.Random(int.from_bytes(hashlib.sha256(f"{salt}:{seed}:{round_}".encode()).digest()[:8], "big"))
+
+
+class Simulation:
+    def __init__(self, cfg: SimConfig):
+        if cfg.method not in METHODS:
+            raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
+        self.cfg = cfg
+        self.ds = load_dataset(cfg.dataset, seed=0)
+        self.ids = [f"n{i:04d}" for i in range(cfg.nodes)]
+        n_models = 1 if cfg.method == "centralized" else cfg.nodes
+        if cfg.method == "centralized":
+            self.parts = [np.arange(len(self.ds.y_train))]
+        else:
+            self.parts = partition(self.ds.y_train.numpy(), cfg.nodes, cfg.partition, alpha=cfg.alpha, seed=cfg.seed,
+                                   min_size=min(10, len(self.ds.y_train) // cfg.nodes))
+        self.models, self.opts, self.trainers = [], [], []
+        for i in range(n_models):
+            init_seed = cfg.seed if cfg.shared_init else cfg.seed * 100_003 + i
+            m = build_model(cfg.model, self.ds.input_shape, self.ds.num_classes, cfg.width, init_seed)
+            o = make_optimizer(m, "sgd", cfg.lr, cfg.momentum, 0.0)
+            idx = torch.from_numpy(self.parts[i])
+            self.models.append(m)
+            self.opts.append(o)
+            self.trainers.append(LocalTrainer(m, o, self.ds.x_train[idx], self.ds.y_train[idx], cfg.batch_size,
+                                              seed=cfg.seed * 7919 + i, sam_rho=cfg.sam_rho))
+        self.sizes = [len(p) for p in self.parts]
+        self.bytes_sent = 0
+        self._wire_cache: dict[tuple[int, int], int] = {}
+        budget = cfg.gossip_budget if cfg.gossip_budget is not None else cfg.rounds
+        self.steps = allotment(cfg.schedule, cfg.rounds, budget, cfg.late_shape)
+
+    # -- transport accounting --------------------------------------------------------------
+    def wire_bytes(self, state: dict, round_: int, step: int) -> int:
+        """Bytes one fetch of `state` puts on the wire, from the daemon's own encoder."""
+        return encode(state, SnapshotKey("model", round_, step).to_pb()).wire_bytes
+
+    def _state(self, i: int) -> dict:
+        return {k: v.detach() for k, v in self.models[i].state_dict().items()}
+
+    # -- rounds ----------------------------------------------------------------------------
+    def responsive(self, round_: int) -> list[int]:
+        cfg = self.cfg
+        k = int(round(cfg.unresponsive * cfg.nodes))
+        down = set(_rng(cfg.seed, round_, "down").sample(range(cfg.nodes), k)) if k else set()
+        return [i for i in range(len(self.models)) if i not in down]
+
+    def _train(self, i: int, round_: int) -> None:
+        cfg = self.cfg
+        set_lr(self.opts[i], round_lr(cfg.lr, cfg.lr_schedule, round_, cfg.rounds))
+        speed = cfg.speeds[i] if cfg.speeds else 1.0
+        self.trainers[i].train_round(round_, steps=max(1, int(round(cfg.local_steps * speed))))
+
+    def _gossip_step(self, round_: int, step: int, alive: list[int]) -> None:
+        cfg = self.cfg
+        ids = [self.ids[i] for i in alive]
+        g = graph(ids, cfg.topology, round_ * 1000 + step, cfg.seed)
+        states = {self.ids[i]: self._state(i) for i in alive}
+        sizes = {p: self.wire_bytes(states[p], round_, step) for p in ids}
+        new = {}
+        for i in alive:
+            me = self.ids[i]
+            nb = sorted(g[me])
+            self_w, w = metropolis_hastings(len(g[me]), {j: len(g[j]) for j in nb})
+            self_w, w = renormalise(self_w, w, set(nb))
+            new[i] = mix(states[me], {j: states[j] for j in nb}, self_w, w)
+            self.bytes_sent += sum(sizes[j] for j in nb)
+        for i, sd in new.items():
+            self.models[i].load_state_dict(sd)
+
+    def _global_average(self, members: list[int], round_: int, how: str = "mean", weights=None) -> dict:
+        states = [self._state(i) for i in members]
+        return variance_corrected_mean(states, weights=weights) if how == "variance_corrected" else mean(states, weights)
+
+    def run_round(self, r: int) -> None:
+        cfg = self.cfg
+        if cfg.method == "centralized":
+            self._train(0, r)
+            return
+        alive = self.responsive(r)
+        if cfg.method == "modest":
+            self._modest_round(r, alive)
+            return
+        for i in alive:
+            self._train(i, r)
+        if cfg.method == "fedavg":
+            avg = self._global_average(alive, r, weights=[self.sizes[i] for i in alive])
+            size = self.wire_bytes(avg, r, 0)
+            self.bytes_sent += 2 * size * len(alive)  # every node uploads, the server sends back
+            for i in alive:
+                self.models[i].load_state_dict(avg)
+            return
+        for q in range(self.steps[r]):
+            self._gossip_step(r, q, alive)
+        if cfg.final_merge and r == cfg.rounds - 1:
+            avg = self._global_average(alive, r, cfg.merge)
+            # a ring all-reduce sends 2 (n - 1) / n model sizes per node
+            n = len(alive)
+            self.bytes_sent += int(2 * (n - 1) / n * self.wire_bytes(avg, r, 0)) * n
+            for i in alive:
+                self.models[i].load_state_dict(avg)
+
+    def _modest_round(self, r: int, alive: list[int]) -> None:
+        cfg = self.cfg
+        rng = _rng(cfg.seed, r, "modest")
+        trainers = rng.sample(range(cfg.nodes), min(cfg.sample_size, cfg.nodes))
+        aggregators = rng.sample(range(cfg.nodes), min(cfg.aggregators, cfg.nodes))
+        alive_set = set(alive)
+        if not hasattr(self, "_modest_model"):
+            self._modest_model = self._state(0)
+        start = self._modest_model
+        size = self.wire_bytes(start, r, 0)
+        sent_back = []
+        for i in trainers:
+            if i not in alive_set:
+                continue  # unresponsive this round: skipped, nobody waits
+            self.bytes_sent += size  # trainer pulls the current model from a live aggregator
+            self.models[i].load_state_dict(start)
+            self._train(i, r)
+            sent_back.append(i)
+        live_aggs = [a for a in aggregators if a in alive_set]
+        if sent_back and live_aggs:
+            self.bytes_sent += size * len(sent_back) * len(live_aggs)  # each trainer sends to every aggregator
+            self._modest_model = self._global_average(sent_back, r, weights=[self.sizes[i] for i in sent_back])
+        # every node's "model" for evaluation is the swarm's current model
+        for i in range(cfg.nodes):
+            self.models[i].load_state_dict(self._modest_model)
+
+    def accuracies(self) -> list[float]:
+        models = self.models[:1] if self.cfg.method == "modest" else self.models
+        return [evaluate(m, self.ds.x_test, self.ds.y_test) for m in models]
+
+    def run(self, progress=None) -> SimResult:
+        res = SimResult(self.cfg)
+        t0 = time.perf_counter()
+        for r in range(self.cfg.rounds):
+            self.run_round(r)
+            if (r + 1) % self.cfg.eval_every == 0 or r == self.cfg.rounds - 1:
+                accs = self.accuracies()
+                res.log.append(RoundLog(r + 1, float(np.mean(accs)), min(accs), max(accs), self.bytes_sent,
+                                        time.perf_counter() - t0))
+                if progress:
+                    progress(res.log[-1])
+        res.final_accuracies = self.accuracies()
+        res.bytes_sent = self.bytes_sent
+        res.seconds = time.perf_counter() - t0
+        return res
