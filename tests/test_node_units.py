@@ -284,7 +284,7 @@ def test_schedules_spend_exactly_the_budget():
 
     assert allotment("constant", 10, 40) == [4] * 10
     late = allotment("late", 20, 40, shape=3.0)
-    assert sum(late) == 40 and late == sorted(late) and sum(late[-5:]) > 0.5 * 40
+    assert sum(late) == 40 and sum(late[:10]) < sum(late[10:]) and sum(late[-5:]) > 0.5 * 40
     assert allotment("late", 10, 30, shape=0.0) == [3] * 10
     with pytest.raises(ValueError):
         allotment("early", 10, 10)
@@ -318,3 +318,13 @@ def test_sam_steps_learn_and_differ_from_sgd():
         out[rho] = (evaluate(model, ds.x_test, ds.y_test), model.state_dict()["1.weight"].clone())
     assert out[0.05][0] > 0.9
     assert not torch.equal(out[0.0][1], out[0.05][1])
+
+
+def test_a_sparse_constant_budget_is_spread_evenly():
+    from node.comm.schedule import allotment
+
+    steps = allotment("constant", 20, 6)
+    assert sum(steps) == 6 and max(steps) == 1
+    where = [r for r, s in enumerate(steps) if s]
+    assert where[0] < 5 and where[-1] >= 15  # not bunched at either end
+    assert allotment("late", 20, 6, 3.0) != steps

@@ -5,7 +5,7 @@
 - ``late``: a late-concentrated budget ("A Single Merging Suffices"): round r gets a share
   proportional to ((r + 1) / R) ** shape, so most steps fall in the last rounds; shape 0 is
   constant, larger shapes concentrate harder.
-Integer steps are allotted by largest remainder, so the total is exactly the budget.
+Integer steps are allotted by cumulative rounding, so the total is exactly the budget.
 A final global merge (one exact average of all live nodes) is a separate switch.
 """
 
@@ -26,12 +26,15 @@ def allotment(schedule: str, rounds: int, budget: int, shape: float = 3.0) -> li
         weights = [((r + 1) / rounds) ** shape for r in range(rounds)]
     else:
         raise ValueError(f"unknown schedule {schedule!r}; available: constant, late")
-    total = sum(weights)
-    exact = [budget * w / total for w in weights]
-    steps = [math.floor(x) for x in exact]
-    order = sorted(range(rounds), key=lambda r: (exact[r] - steps[r], r), reverse=True)
-    for r in order[: budget - sum(steps)]:
-        steps[r] += 1
+    # cumulative rounding: round r gets round(C(r+1)) - round(C(r)) where C is the cumulative
+    # share, so steps follow the curve, spread evenly when it is flat, and sum to the budget
+    total, acc, prev, steps = sum(weights), 0.0, 0, []
+    for w in weights:
+        acc += budget * w / total
+        now = min(budget, math.floor(acc + 0.5))
+        steps.append(now - prev)
+        prev = now
+    steps[-1] += budget - prev  # float drift
     return steps
 
 

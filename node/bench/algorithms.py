@@ -1,0 +1,109 @@
+"""`atoll bench algorithms`: every schedule and algorithm against the baselines, in the simulator.
+
+Each method is a `SimConfig` variant run over several seeds with equal local compute (the
+same local steps per node per round); the table gives mean and spread (std) of the final
+test accuracy over nodes and seeds, and the bytes sent. Plots: accuracy against bytes sent
+and against rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from node.sim import SimConfig, Simulation
+
+
+def methods(rounds: int, q: int = 4) -> dict[str, dict]:
+    """name -> SimConfig overrides. Budgets are in gossip steps over the whole run."""
+    third = max(1, rounds // 3)
+    return {
+        "centralized": dict(method="centralized"),
+        "fedavg": dict(method="fedavg"),
+        "dpsgd": dict(method="gossip", schedule="constant", gossip_budget=rounds),
+        f"mgs_q{q}": dict(method="gossip", schedule="constant", gossip_budget=q * rounds),
+        f"dfedsam_mgs_q{q}": dict(method="gossip", schedule="constant", gossip_budget=q * rounds, sam_rho=0.01),
+        "late_merge": dict(method="gossip", schedule="late", gossip_budget=third, final_merge=True),
+        "constant_merge": dict(method="gossip", schedule="constant", gossip_budget=third, final_merge=True),
+        "modest_50": dict(method="modest", unresponsive=0.5, sample_size=8, aggregators=2),
+        "modest_80": dict(method="modest", unresponsive=0.8, sample_size=8, aggregators=2),
+        "indep_mean": dict(method="gossip", gossip_budget=0, final_merge=True, merge="mean", shared_init=False),
+        "indep_varcorr": dict(method="gossip", gossip_budget=0, final_merge=True, merge="variance_corrected",
+                              shared_init=False),
+    }
+
+
+def run(base: SimConfig, names: list[str], seeds: list[int], progress=None) -> list[dict]:
+    table = methods(base.rounds)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; available: {', '.join(table)}")
+    rows = []
+    for name in names:
+        for seed in seeds:
+            cfg = replace(base, seed=seed, **table[name])
+            res = Simulation(cfg).run()
+            rows.append(dict(method=name, seed=seed, alpha=base.alpha, nodes=base.nodes,
+                             final_accuracy_mean=statistics.fmean(res.final_accuracies),
+                             final_accuracy_min=min(res.final_accuracies), bytes_sent=res.bytes_sent,
+                             seconds=res.seconds, log=[asdict(x) for x in res.log], config=asdict(cfg)))
+            if progress:
+                progress(rows[-1])
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for name in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == name]
+        accs = [r["final_accuracy_mean"] for r in rs]
+        out.append(dict(method=name, seeds=len(rs), accuracy=statistics.fmean(accs),
+                        accuracy_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                        worst_node=min(r["final_accuracy_min"] for r in rs),
+                        megabytes=statistics.fmean(r["bytes_sent"] for r in rs) / 1e6,
+                        seconds=statistics.fmean(r["seconds"] for r in rs)))
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    lines = ["| method | seeds | accuracy (mean ± std) | worst node | MB sent | seconds |", "|---|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        lines.append(f"| {s['method']} | {s['seeds']} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f} | "
+                     f"{100 * s['worst_node']:.1f} | {s['megabytes']:.1f} | {s['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1))
+    (out / "table.md").write_text(table(summary) + "\n")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r["method"] for r in rows):
+        logs = [r["log"] for r in rows if r["method"] == name]
+        n = min(len(lg) for lg in logs)
+        acc = [statistics.fmean(lg[i]["accuracy_mean"] for lg in logs) for i in range(n)]
+        mb = [statistics.fmean(lg[i]["bytes_sent"] for lg in logs) / 1e6 for i in range(n)]
+        rounds = [logs[0][i]["round"] for i in range(n)]
+        ax1.plot(rounds, acc, label=name)
+        if mb[-1] > 0:
+            ax2.plot(mb, acc, label=name)
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("mean test accuracy over nodes")
+    ax2.set_xlabel("MB sent (all nodes)")
+    ax2.set_xscale("log")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+    ax1.legend(fontsize=7)
+    fig.suptitle(meta.get("title", "atoll bench algorithms"))
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+    return [out / "results.json", out / "table.md", out / "accuracy.png"]
