@@ -60,7 +60,13 @@ class TrainConfig(_Strict):
 class CommConfig(_Strict):
     topology: Literal["ring", "torus", "exponential", "random", "complete"] = "ring"
     random_degree: int = Field(4, ge=2, le=64, description="topology random: degree bound k")
-    fetch_timeout: float = Field(20.0, gt=0, le=3600, description="seconds to wait for a neighbour's snapshot")
+    schedule: Literal["constant", "late"] = Field("constant", description="how the gossip budget is spread over rounds")
+    gossip_budget: Optional[int] = Field(None, ge=0, description="gossip steps over the whole run (default: one per round)")
+    late_shape: float = Field(3.0, ge=0, description="late schedule: round r gets a share ~ ((r+1)/R)^shape")
+    final_merge: bool = Field(False, description="after the last round, one exact all-reduce average of all live nodes")
+    merge_timeout: float = Field(60.0, gt=0, description="seconds for the final merge before a node keeps its own model")
+    keep_snapshots: int = Field(8, ge=1, le=1024, description="published snapshots kept for slower neighbours")
+    fetch_timeout: float = Field(20.0, gt=0, le=600, description="seconds to wait for a neighbour's snapshot")
     min_peers: int = Field(1, ge=1, description="live nodes (self included) needed before round 0")
     join_timeout: float = Field(60.0, gt=0)
 

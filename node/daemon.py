@@ -26,6 +26,7 @@ import torch
 
 from node import checkpoint
 from node.comm.mixing import metropolis_hastings, mix, renormalise
+from node.comm.schedule import allotment
 from node.comm.topology import degree, neighbours
 from node.config import NodeConfig
 from node.data import load_dataset, partition
@@ -111,7 +112,10 @@ class Node:
         self.tls = None
         if cfg.net.tls_cert or cfg.net.tls_key:
             self.tls = TLSConfig(cfg.net.tls_cert, cfg.net.tls_key, cfg.net.tls_ca)
-        self.store = SnapshotStore(keep=4)
+        self.store = SnapshotStore(keep=cfg.comm.keep_snapshots)
+        c = cfg.comm
+        self.gossip_steps = allotment(c.schedule, cfg.train.rounds,
+                                      cfg.train.rounds if c.gossip_budget is None else c.gossip_budget, c.late_shape)
         self.server = SwarmServer(self.store, self.discovery.signed_record, host=cfg.net.host,
                                   port=cfg.net.grpc_port, tls=self.tls)
         self.server.start()
@@ -147,7 +151,11 @@ class Node:
                 if self.stop_requested.is_set():
                     break  # checkpoint below keeps round r: it restarts from this model
                 loss = stats.loss
-                mixed_with = self._gossip(r, stats.samples_per_second)
+                mixed_with: list[str] = []
+                for q in range(self.gossip_steps[r]):
+                    mixed_with = self._gossip(r, q, stats.samples_per_second)
+                if not self.gossip_steps[r]:  # no gossip this round: still tell the swarm where we are
+                    self.discovery.update(round=r, step=0, samples_per_second=round(stats.samples_per_second, 3))
                 accuracy = evaluate(self.model, self.x_test, self.y_test)
                 r += 1
                 self._checkpoint(r, accuracy)
@@ -185,34 +193,38 @@ class Node:
                 return
             time.sleep(0.2)
 
-    def _gossip(self, r: int, samples_per_second: float) -> list[str]:
-        """Publish round r, fetch the neighbours' round r, mix in place. Returns who was mixed."""
+    def _gossip(self, r: int, q: int, samples_per_second: float) -> list[str]:
+        """Gossip step q of round r: publish, fetch the neighbours' (r, q), mix in place.
+        Returns the neighbours that were mixed."""
         own = {k: v.detach() for k, v in self.model.state_dict().items()}
-        packed = self.store.publish(SnapshotKey("model", r), own)
-        self.discovery.update(round=r, model_digest=packed.hexdigest, samples_per_second=round(samples_per_second, 3))
+        packed = self.store.publish(SnapshotKey("model", r, q), own)
+        self.discovery.update(round=r, step=q, model_digest=packed.hexdigest,
+                              samples_per_second=round(samples_per_second, 3))
         live = self.discovery.live_peers()
         self._set_peers(len(live))
         ids = [p.peer_id for p in live]
         me = self.identity.peer_id
         kind, seed, k = self.cfg.comm.topology, self.cfg.train.seed, self.cfg.comm.random_degree
-        nbrs = neighbours(ids, me, kind, r, seed, k)
+        g_round = r * 1000 + q  # random graphs are re-drawn every gossip step
+        nbrs = neighbours(ids, me, kind, g_round, seed, k)
         if not nbrs:
             return []
         addr = {p.peer_id: p.grpc_address for p in live}
-        self_w, w = metropolis_hastings(degree(ids, me, kind, r, seed, k),
-                                        {j: degree(ids, j, kind, r, seed, k) for j in nbrs})
+        self_w, w = metropolis_hastings(degree(ids, me, kind, g_round, seed, k),
+                                        {j: degree(ids, j, kind, g_round, seed, k) for j in nbrs})
         with ThreadPoolExecutor(max_workers=min(8, len(nbrs)), thread_name_prefix="atoll-fetch") as pool:
-            got = dict(zip(nbrs, pool.map(lambda j: self._fetch_round(j, addr[j], r, own), nbrs)))
+            got = dict(zip(nbrs, pool.map(lambda j: self._fetch_round(j, addr[j], r, q, own), nbrs)))
         answered = {j: sd for j, sd in got.items() if sd is not None}
         self_w, w = renormalise(self_w, w, set(answered))
         mixed = mix(own, answered, self_w, w)
         self.model.load_state_dict(mixed)
         return sorted(answered)
 
-    def _fetch_round(self, peer_id: str, address: str, r: int, own: dict) -> dict | None:
-        """The neighbour's round-r model, or None (reason counted) if not had by the deadline."""
+    def _fetch_round(self, peer_id: str, address: str, r: int, q: int, own: dict) -> dict | None:
+        """The neighbour's model of (round r, step q), or None (reason counted) if not had by
+        the deadline."""
         deadline = time.monotonic() + self.cfg.comm.fetch_timeout
-        key = SnapshotKey("model", r)
+        key = SnapshotKey("model", r, q)
         client = self._client(address)
         reason = "timeout"
         while time.monotonic() < deadline and not self.stop_requested.is_set():
@@ -221,13 +233,14 @@ class Node:
                 envelope, keys = client.health(timeout=min(5.0, remaining))
                 rec = open_record(envelope, now=time.time(), expected_peer_id=peer_id)
                 if key not in keys:
-                    reason = "behind" if rec.round < r else "evicted"
-                    if rec.round > r:
-                        break  # it moved on and dropped round r: nothing to wait for
+                    reason = "behind" if (rec.round, rec.step) < (r, q) else "evicted"
+                    if (rec.round, rec.step) > (r, q):
+                        break  # it moved on and dropped (r, q): nothing to wait for
                     time.sleep(0.05)
                     continue
                 t0 = time.perf_counter()
-                digest = bytes.fromhex(rec.model_digest) if rec.round == r and rec.model_digest else None
+                same = (rec.round, rec.step) == (r, q) and rec.model_digest
+                digest = bytes.fromhex(rec.model_digest) if same else None
                 snap = client.fetch(key, expected_digest=digest, timeout=max(0.1, deadline - time.monotonic()))
                 self.metrics.fetch_seconds.observe(time.perf_counter() - t0)
                 self.metrics.received.inc(snap.nbytes)
@@ -279,7 +292,7 @@ class Node:
     def _linger(self, rounds: int) -> None:
         """Serve the final model and stay until every live peer has finished too (bounded)."""
         final = self.store.publish(SnapshotKey("model", rounds), self.model.state_dict())
-        self.discovery.update(round=rounds, model_digest=final.hexdigest)
+        self.discovery.update(round=rounds, step=0, model_digest=final.hexdigest)
         deadline = time.monotonic() + self.cfg.comm.fetch_timeout + 2 * self.cfg.net.record_ttl
         while time.monotonic() < deadline and not self.stop_requested.is_set():
             live = self.discovery.live_peers()

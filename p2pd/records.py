@@ -62,7 +62,8 @@ class PeerRecord(BaseModel):
     samples_per_second: Annotated[float, Field(ge=0.0)] = 0.0
     dataset_size: Annotated[int, Field(ge=0, lt=2**63)] = 0
     round: Annotated[int, Field(ge=0, lt=2**63)] = 0
-    model_digest: str = ""  # hex BLAKE3 of the latest published model snapshot, "" if none
+    step: Annotated[int, Field(ge=0, lt=2**32)] = 0  # gossip step within the round
+    model_digest: str = ""  # hex BLAKE3 of the snapshot published as (round, step), "" if none
     roles: Annotated[tuple[Role, ...], Field(max_length=5)] = ("trainer",)
     software_version: Annotated[str, Field(max_length=32)] = __version__
     issued_at: float
