@@ -1,9 +1,9 @@
-"""Checkpoints: safetensors for tensors plus a small JSON state, written atomically.
+"""Checkpoints: safetensors for tensors plus a small JSON state, crash-safe.
 
-Layout in the checkpoint directory: `model.safetensors`, `optim.safetensors`, `state.json`.
-Each file is written to a temporary name, fsynced and renamed, and state.json goes last and
-names the digest of the model file, so a crash at any point leaves either the previous
-checkpoint or the new one, never a mix.
+Each save writes `model-<n>.safetensors` and `optim-<n>.safetensors` under fresh names, then
+replaces `state.json` (which names both files and their sha256) with one atomic rename, and
+only then deletes the previous save's files. A crash at any point leaves `state.json`
+naming a complete, intact set: the previous checkpoint or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,51 +19,80 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE = "state.json"
+_FILE = re.compile(r"^(model|optim)-[0-9]+\.safetensors$")
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
+def _fsync_write(path: Path, write) -> None:
+    write(path)
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def _sync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save(directory: Path, model: dict[str, torch.Tensor], optim: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
+    previous = _read_state(directory) if (directory / STATE).exists() else None
+    serial = int(previous.get("serial", 0)) + 1 if isinstance(previous, dict) else 1
     cpu = lambda sd: {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}  # noqa: E731
-    _atomic_write(directory / "model.safetensors", lambda p: save_file(cpu(model), str(p)))
-    _atomic_write(directory / "optim.safetensors", lambda p: save_file(cpu(optim), str(p)))
-    full = dict(state, model_sha256=_digest(directory / "model.safetensors"),
-                optim_sha256=_digest(directory / "optim.safetensors"))
-    _atomic_write(directory / STATE, lambda p: p.write_text(json.dumps(full, indent=1)))
-    dir_fd = os.open(directory, os.O_RDONLY)
+    names = {"model": f"model-{serial}.safetensors", "optim": f"optim-{serial}.safetensors"}
+    _fsync_write(directory / names["model"], lambda p: save_file(cpu(model), str(p)))
+    _fsync_write(directory / names["optim"], lambda p: save_file(cpu(optim), str(p)))
+    full = dict(state, serial=serial, files=names,
+                sha256={k: _digest(directory / n) for k, n in names.items()})
+    tmp = directory / (STATE + ".tmp")
+    _fsync_write(tmp, lambda p: p.write_text(json.dumps(full, indent=1)))
+    os.replace(tmp, directory / STATE)
+    _sync_dir(directory)
+    for old in directory.iterdir():  # the previous save's files, now unreferenced
+        if _FILE.match(old.name) and old.name not in names.values():
+            old.unlink()
+
+
+def _read_state(directory: Path) -> dict:
     try:
-        os.fsync(dir_fd)  # make the renames themselves durable
-    finally:
-        os.close(dir_fd)
+        state = json.loads((directory / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint state {directory / STATE} is unreadable: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint state {directory / STATE} is not a JSON object")
+    return state
 
 
 def load(directory: Path, device: torch.device) -> tuple[dict, dict, dict] | None:
     """(model, optim, state) or None when there is no checkpoint; CheckpointError if corrupt."""
-    state_path = directory / STATE
-    if not state_path.exists():
+    if not (directory / STATE).exists():
         return None
+    state = _read_state(directory)
+    files, sums = state.get("files"), state.get("sha256")
+    if not (isinstance(files, dict) and isinstance(sums, dict) and set(files) == {"model", "optim"}
+            and all(isinstance(v, str) and _FILE.match(v) for v in files.values())):
+        raise CheckpointError(f"checkpoint state {directory / STATE} does not name its files")
     try:
-        state = json.loads(state_path.read_text())
-        for name in ("model", "optim"):
-            if _digest(directory / f"{name}.safetensors") != state[f"{name}_sha256"]:
-                raise CheckpointError(f"{name}.safetensors does not match state.json")
-        model = load_file(str(directory / "model.safetensors"), device=str(device))
-        optim = load_file(str(directory / "optim.safetensors"), device=str(device))
-    except (OSError, KeyError, ValueError) as e:
+        for name, fname in files.items():
+            if _digest(directory / fname) != sums.get(name):
+                raise CheckpointError(f"{fname} in {directory} does not match state.json (corrupt checkpoint)")
+        # map_location: tensors go straight to this node's device, whatever device wrote them
+        model = load_file(str(directory / files["model"]), device=str(device))
+        optim = load_file(str(directory / files["optim"]), device=str(device))
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint in {directory} is unreadable: {e}") from e
     return model, optim, state

@@ -131,6 +131,12 @@ def swarm_up(
         _fail(str(e))
     base = scfg.node
     wd = workdir or Path(tempfile.mkdtemp(prefix="atoll-swarm-"))
+    try:
+        swarm.check_workdir(wd)
+        if out is not None and out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a directory")
+    except ValueError as e:
+        _fail(str(e))
     typer.echo(f"starting {scfg.nodes} nodes (workdir {wd})", err=True)
     from rich.console import Console
     from rich.live import Live
@@ -149,8 +155,12 @@ def swarm_up(
     typer.echo("training the centralized baseline (same model and steps, all data)...", err=True)
     baseline = swarm.centralized_baseline(base)
     res = swarm.results(runs, baseline, scfg, wall)
-    accs = [n["final_accuracy"] for n in res["nodes"]]
-    typer.echo(f"swarm of {scfg.nodes} finished {base.train.rounds} rounds in {wall:.1f} s")
+    accs = [n["final_accuracy"] for n in res["nodes"] if n["final_accuracy"] is not None] or [0.0]
+    unfinished = [n["index"] for n in res["nodes"] if (n["rounds"] or 0) < base.train.rounds]
+    if unfinished:
+        typer.secho(f"nodes {unfinished} stopped before round {base.train.rounds}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"swarm of {scfg.nodes} ran up to {base.train.rounds} rounds in {wall:.1f} s"
+               + (f" ({scfg.nodes - len(unfinished)} nodes finished)" if unfinished else ""))
     typer.echo(f"  node accuracy: min {100 * min(accs):.1f}%  mean {100 * sum(accs) / len(accs):.1f}%  "
                f"max {100 * max(accs):.1f}%")
     typer.echo(f"  centralized baseline: {100 * baseline:.1f}%  (gap of the worst node: "
@@ -161,6 +171,8 @@ def swarm_up(
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(res, indent=2))
         typer.echo(f"wrote {out / 'results.json'}", err=True)
+    if unfinished:
+        raise typer.Exit(1)
 
 
 def _swarm_table(runs, rounds: int, elapsed: float):

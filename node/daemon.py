@@ -96,14 +96,7 @@ class Node:
         self.start_round = 0
         restored = checkpoint.load(self.ckpt_dir, self.device)
         if restored is not None:
-            model_sd, optim_t, state = restored
-            if state.get("peer_id") not in (None, self.identity.peer_id):
-                raise RuntimeError(f"checkpoint in {self.ckpt_dir} belongs to another node ({state.get('peer_id')})")
-            self.model.load_state_dict(model_sd)
-            restore_optimizer(self.optimizer, optim_t, state["optim"])
-            self.start_round = int(state["round"])
-            self.metrics.checkpoint_time = float(state.get("time", 0.0))
-            log.info("resumed from checkpoint at round %d", self.start_round)
+            self._restore(*restored)
 
         # The DHT forks a child process: start it before any gRPC object exists here.
         self.discovery = Discovery(self.identity, swarm=cfg.net.swarm, initial_peers=cfg.net.initial_peers,
@@ -134,6 +127,33 @@ class Node:
                            start_round=self.start_round, dataset_size=self.dataset_size,
                            device=str(self.device), dht_pid=self.discovery.pid))
 
+    def _restore(self, model_sd: dict, optim_t: dict, state: dict) -> None:
+        """Resume from a checkpoint, or raise CheckpointError saying what does not fit."""
+        cfg, where = self.cfg, self.ckpt_dir
+        if state.get("peer_id") not in (None, self.identity.peer_id):
+            raise checkpoint.CheckpointError(f"checkpoint in {where} belongs to another node ({state.get('peer_id')})")
+        for key, want in (("optimizer", cfg.optim.name), ("node_index", cfg.node_index), ("node_count", cfg.node_count),
+                          ("model", f"{cfg.model.family}/{cfg.model.width}")):
+            if key in state and state[key] != want:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint in {where} was written with {key}={state[key]}, the config says {want}: "
+                    f"use the same setting or another checkpoint_dir")
+        r = state.get("round")
+        if not isinstance(r, int) or r < 0 or not isinstance(state.get("optim"), dict):
+            raise checkpoint.CheckpointError(f"checkpoint state in {where} is malformed")
+        try:
+            self.model.load_state_dict(model_sd)
+            restore_optimizer(self.optimizer, optim_t, state["optim"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise checkpoint.CheckpointError(f"checkpoint in {where} does not fit this model/optimizer: {e}") from None
+        for group in self.optimizer.param_groups:  # the config wins over the saved hyperparameters
+            group["weight_decay"] = cfg.optim.weight_decay
+            if "momentum" in group:
+                group["momentum"] = cfg.optim.momentum
+        self.start_round = r
+        self.metrics.checkpoint_time = float(state.get("time", 0.0))
+        log.info("resumed from checkpoint at round %d", r)
+
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> dict:
         try:
@@ -154,6 +174,8 @@ class Node:
                 mixed_with: list[str] = []
                 for q in range(self.gossip_steps[r]):
                     mixed_with = self._gossip(r, q, stats.samples_per_second)
+                if self.stop_requested.is_set():
+                    break  # gossip was cut short: round r is redone after a restart
                 if not self.gossip_steps[r]:  # no gossip this round: still tell the swarm where we are
                     self.discovery.update(round=r, step=0, samples_per_second=round(stats.samples_per_second, 3))
                 accuracy = evaluate(self.model, self.x_test, self.y_test)
@@ -212,18 +234,18 @@ class Node:
         addr = {p.peer_id: p.grpc_address for p in live}
         self_w, w = metropolis_hastings(degree(ids, me, kind, g_round, seed, k),
                                         {j: degree(ids, j, kind, g_round, seed, k) for j in nbrs})
-        with ThreadPoolExecutor(max_workers=min(8, len(nbrs)), thread_name_prefix="atoll-fetch") as pool:
-            got = dict(zip(nbrs, pool.map(lambda j: self._fetch_round(j, addr[j], r, q, own), nbrs)))
+        deadline = time.monotonic() + self.cfg.comm.fetch_timeout  # one deadline for the whole step
+        with ThreadPoolExecutor(max_workers=min(32, len(nbrs)), thread_name_prefix="atoll-fetch") as pool:
+            got = dict(zip(nbrs, pool.map(lambda j: self._fetch_round(j, addr[j], r, q, own, deadline), nbrs)))
         answered = {j: sd for j, sd in got.items() if sd is not None}
         self_w, w = renormalise(self_w, w, set(answered))
         mixed = mix(own, answered, self_w, w)
         self.model.load_state_dict(mixed)
         return sorted(answered)
 
-    def _fetch_round(self, peer_id: str, address: str, r: int, q: int, own: dict) -> dict | None:
+    def _fetch_round(self, peer_id: str, address: str, r: int, q: int, own: dict, deadline: float) -> dict | None:
         """The neighbour's model of (round r, step q), or None (reason counted) if not had by
         the deadline."""
-        deadline = time.monotonic() + self.cfg.comm.fetch_timeout
         key = SnapshotKey("model", r, q)
         client = self._client(address)
         reason = "timeout"
@@ -286,6 +308,8 @@ class Node:
         now = time.time()
         checkpoint.save(self.ckpt_dir, self.model.state_dict(), optim_t,
                         dict(round=next_round, peer_id=self.identity.peer_id, node_index=self.cfg.node_index,
+                             node_count=self.cfg.node_count, optimizer=self.cfg.optim.name,
+                             model=f"{self.cfg.model.family}/{self.cfg.model.width}",
                              accuracy=accuracy, time=now, optim=optim_meta))
         self.metrics.checkpoint_time = now
 

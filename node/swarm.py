@@ -50,18 +50,31 @@ def _reader(run: NodeRun) -> None:
 
 
 def kill_tree(pid: int, sig=signal.SIGTERM, timeout: float = 15.0) -> None:
-    """Signal a process and all its descendants (its DHT process and p2pd), then reap them."""
+    """Signal a process, all its descendants and every member of its process group, then reap.
+
+    The group matters: a node that died has left its DHT process and p2pd orphaned (they are
+    no longer its children) but still in its process group, since nodes start in their own
+    session (see start_node)."""
+    procs: dict[int, psutil.Process] = {}
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        for p in [root, *root.children(recursive=True)]:
+            procs[p.pid] = p
     except psutil.NoSuchProcess:
-        return
-    for p in procs:
+        pass
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and os.getpgid(p.pid) == pid:
+                procs[p.pid] = p
+                procs.update({c.pid: c for c in p.children(recursive=True)})
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    for p in procs.values():
         try:
             p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
     for p in alive:
         try:
             p.kill()
@@ -79,8 +92,9 @@ def start_node(cfg: NodeConfig, workdir: Path) -> NodeRun:
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     log_path = workdir / f"node{cfg.node_index}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # its own session and process group: see kill_tree
     proc = subprocess.Popen(node_command(path), stdout=subprocess.PIPE, stderr=open(log_path, "wb"),
-                            stdin=subprocess.DEVNULL, text=True, env=env)
+                            stdin=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
     run = NodeRun(cfg.node_index, proc, log_path=log_path)
     threading.Thread(target=_reader, args=(run,), daemon=True).start()
     return run
@@ -180,6 +194,15 @@ def _wait_ready(run: NodeRun, deadline: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"node {run.index} was not ready in time; see {run.log_path}")
         time.sleep(0.1)
+
+
+def check_workdir(workdir: Path) -> None:
+    """A fresh place for the nodes' keys and checkpoints, or a clear refusal."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} exists and is not a directory")
+    if workdir.is_dir() and any(workdir.glob("node*")):
+        raise ValueError(f"--workdir {workdir} already holds a swarm (its nodes would resume, not train): "
+                         f"choose an empty directory")
 
 
 def results(runs: list[NodeRun], baseline: float, swarm_cfg: SwarmConfig, seconds: float) -> dict:

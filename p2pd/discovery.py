@@ -19,6 +19,7 @@ id equals the record's peer id.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 from collections import Counter
@@ -86,6 +87,7 @@ class Discovery:
         ttl: float = 30.0,
         startup_timeout: float = 30.0,
         client_mode: bool = False,
+        call_timeout: float | None = None,
     ):
         """`client_mode`: read the swarm without serving DHT requests (for observers such as
         `atoll status`); such a node should not announce."""
@@ -98,6 +100,7 @@ class Discovery:
         self.key = swarm_key(swarm)
         self.ttl = ttl
         self.refused: Counter[str] = Counter()  # rows dropped by live_peers, by reason
+        self.call_timeout = call_timeout if call_timeout is not None else max(10.0, ttl)
         self._dht_kwargs = dict(
             initial_peers=list(initial_peers),
             host_maddrs=list(host_maddrs),
@@ -196,7 +199,7 @@ class Discovery:
         )
         envelope = sign_record(record, self.identity)
         self._envelope = envelope
-        ok = self.dht.store(self.key, envelope, record.expires_at, subkey=record.peer_id)
+        ok = self._call(self.dht.store(self.key, envelope, record.expires_at, subkey=record.peer_id, return_future=True))
         if not ok:
             log.warning("DHT store of this node's record was not acknowledged; will retry on heartbeat")
         self._record = record
@@ -213,7 +216,7 @@ class Discovery:
     # -- reading ---------------------------------------------------------------------------
     def live_peers(self, include_self: bool = True) -> list[PeerRecord]:
         """Records of every peer whose row is alive and checks out, sorted by peer id."""
-        found = self.dht.get(self.key, latest=True)
+        found = self._call(self.dht.get(self.key, latest=True, return_future=True))
         if found is None or not isinstance(found.value, dict):
             return []
         now = get_dht_time()
@@ -228,6 +231,18 @@ class Discovery:
         if not include_self:
             peers = [p for p in peers if p.peer_id != self.identity.peer_id]
         return sorted(peers, key=lambda p: p.peer_id)
+
+    def _call(self, future):
+        """Wait for a DHT call, bounded: a dead DHT process must not hang the node forever."""
+        try:
+            return future.result(timeout=self.call_timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            alive = self._dht is not None and self._dht.is_alive()
+            raise DiscoveryError(
+                f"the DHT did not answer within {self.call_timeout:.0f} s"
+                + ("" if alive else " (its process has died)")
+            ) from None
 
     def _count_refusal(self, subkey: str, e: RecordRefused) -> None:
         self.refused[e.reason] += 1

@@ -30,6 +30,7 @@ class NodeProcess:
             stdin=subprocess.DEVNULL,
             env=env,
             text=True,
+            start_new_session=True,  # kill_tree can then find its orphans by process group
         )
         self.pid = self.proc.pid
         self.events: queue.Queue = queue.Queue()

@@ -138,3 +138,21 @@ def test_killed_node_drops_out_within_ttl(swarm, observer):
     survivors = sorted(n.info["peer_id"] for n in swarm[:2])
     for n in swarm[:2]:
         n.wait_event("peers", timeout=TTL + 5, predicate=lambda e: sorted(e["peers"]) == survivors)
+
+
+def test_a_dead_dht_process_is_an_error_not_a_hang(keydir):
+    import signal
+
+    d = Discovery(Identity.load_or_create(keydir / "lonely.key"), swarm="dead", ttl=4, call_timeout=3).start()
+    try:
+        d.announce(grpc_address="127.0.0.1:1")
+        kill_tree(d.pid, signal.SIGKILL)  # the DHT child and its p2pd die under the node
+        t0 = time.monotonic()
+        from p2pd.discovery import DiscoveryError
+
+        with pytest.raises(DiscoveryError, match="did not answer|died"):
+            d.live_peers()
+        assert time.monotonic() - t0 < 10
+    finally:
+        d._stop.set()
+        d._dht = None  # already dead; nothing left to shut down

@@ -127,17 +127,44 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
     opt.step()
     t, meta = optimizer_tensors(opt)
     checkpoint.save(tmp_path, model.state_dict(), t, {"round": 5, "optim": meta})
+    checkpoint.save(tmp_path, model.state_dict(), t, {"round": 6, "optim": meta})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-2.safetensors", "optim-2.safetensors", "state.json"]
     m2, o2, state = checkpoint.load(tmp_path, torch.device("cpu"))
-    assert state["round"] == 5 and all(torch.equal(m2[k], v) for k, v in model.state_dict().items())
+    assert state["round"] == 6 and all(torch.equal(m2[k], v) for k, v in model.state_dict().items())
     opt2 = make_optimizer(build_model("mlp", (1, 8, 8), 10, 16), "sgd", 0.1, 0.9, 0.0)
     restore_optimizer(opt2, o2, state["optim"])
     assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
-    # a torn write: model file changed after state.json was written
-    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 10)
-    with pytest.raises(checkpoint.CheckpointError):
+    # corrupted file, non-object state: a clear CheckpointError, never a traceback from deep inside
+    (tmp_path / "model-2.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        checkpoint.load(tmp_path, torch.device("cpu"))
+    (tmp_path / "state.json").write_text("[1, 2]")
+    with pytest.raises(checkpoint.CheckpointError, match="not a JSON object"):
         checkpoint.load(tmp_path, torch.device("cpu"))
     assert checkpoint.load(tmp_path / "none", torch.device("cpu")) is None
-    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_survives_a_crash_between_files(tmp_path, monkeypatch):
+    """A save that dies after writing the new model file leaves the previous checkpoint usable."""
+    model = build_model("mlp", (1, 8, 8), 10, 16)
+    checkpoint.save(tmp_path, model.state_dict(), {}, {"round": 3})
+    real = checkpoint._fsync_write
+    calls = []
+
+    def crash_on_second(path, write):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("power cut")
+        real(path, write)
+
+    monkeypatch.setattr(checkpoint, "_fsync_write", crash_on_second)
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path, model.state_dict(), {}, {"round": 4})
+    monkeypatch.setattr(checkpoint, "_fsync_write", real)
+    _, _, state = checkpoint.load(tmp_path, torch.device("cpu"))
+    assert state["round"] == 3
 
 
 # -- training ---------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_live_peers_drops_and_counts_bad_rows_by_reason(keydir):
     }
     found = SimpleNamespace(value={k: SimpleNamespace(value=v) for k, v in rows.items()})
     d = Discovery(me, swarm="demo")
-    d._dht = SimpleNamespace(get=lambda key, latest: found)
+    d._dht = SimpleNamespace(get=lambda key, latest, return_future: SimpleNamespace(result=lambda timeout: found))
     assert [p.peer_id for p in d.live_peers()] == sorted([me.peer_id, peer.peer_id])
     assert [p.peer_id for p in d.live_peers(include_self=False)] == [peer.peer_id]
     assert d.refused == {"peer_id_mismatch": 2, "expired": 2, "malformed": 4}

@@ -2,11 +2,13 @@
 that the others survive, its resume from checkpoint, status, metrics and a clean SIGTERM."""
 
 import json
+import os
 import subprocess
 import sys
 import time
 import urllib.request
 
+import psutil
 import pytest
 import yaml
 
@@ -57,11 +59,18 @@ def test_swarm_trains_survives_a_kill_and_the_node_resumes(tmp_path):
 
         # kill node 3 with SIGKILL once it has done a few rounds
         victim = nodes[3]
-        killed_at = victim.wait_event("round", timeout=120, predicate=lambda e: e["round"] >= 4)["round"]
+        victim.wait_event("round", timeout=120, predicate=lambda e: e["round"] >= 4)
         victim.kill()
+        saved = json.loads((tmp_path / "n3" / "ckpt" / "state.json").read_text())["round"]
 
-        # metrics of a live node, while it runs
-        text = metrics_text(nodes[0].info["metrics_port"])
+        # metrics of live nodes, while they run; the killed node's ring neighbours count the failure
+        texts = [metrics_text(n.info["metrics_port"]) for n in nodes[:3]]
+        deadline = time.monotonic() + 30
+        while not any("atoll_fetch_failures_total{" in t for t in texts) and time.monotonic() < deadline:
+            time.sleep(1)
+            texts = [metrics_text(n.info["metrics_port"]) for n in nodes[:3]]
+        assert any('atoll_fetch_failures_total{reason="' in t for t in texts)
+        text = texts[0]
         for name in ("atoll_round", "atoll_train_loss", "atoll_test_accuracy_ratio", "atoll_sent_bytes_total",
                      "atoll_received_bytes_total", "atoll_fetch_duration_seconds_bucket", "atoll_peers_live",
                      "atoll_checkpoint_age_seconds", "atoll_samples_per_second"):
@@ -72,7 +81,7 @@ def test_swarm_trains_survives_a_kill_and_the_node_resumes(tmp_path):
         nodes.append(restarted)
         info = restarted.ready(timeout=90)
         assert info["peer_id"] == victim.info["peer_id"]
-        assert info["start_round"] >= killed_at
+        assert info["start_round"] == saved >= 4  # exactly where its last checkpoint was
         first = restarted.wait_event("round", timeout=120)
         assert first["round"] == info["start_round"] + 1
         assert first["peers"] >= 2, "restarted node did not see the swarm again"
@@ -82,7 +91,7 @@ def test_swarm_trains_survives_a_kill_and_the_node_resumes(tmp_path):
         assert all(f["round"] == ROUNDS for f in finals)
         assert all(f["accuracy"] > 0.85 for f in finals), finals
         assert restarted.wait_event("done", timeout=240)["round"] == ROUNDS
-        # someone noticed the dead node: a fetch failure was counted with a reason
+        # someone noticed the dead node: a survivor skipped it and counted why
         failures = [e for n in nodes[:3] for e in n.seen if e.get("event") == "round" and e["mixed"] < 2]
         assert failures, "no survivor ever skipped the killed neighbour"
     finally:
@@ -98,15 +107,13 @@ def test_sigterm_checkpoints_and_leaves(tmp_path):
     try:
         node.ready(timeout=90)
         node.wait_event("round", timeout=60, predicate=lambda e: e["round"] >= 3)
+        dht_pid = node.info["dht_pid"]
         rc = node.stop()  # SIGTERM
         assert rc == 0
-        stopped = [e for e in node.seen if e.get("event") == "stopped"]
-        while not stopped and not node.events.empty():
-            e = node.events.get()
-            node.seen.append(e)
-            stopped = [e] if e.get("event") == "stopped" else []
+        stopped = node.wait_event("stopped", timeout=10)
         state = json.loads((tmp_path / "n0" / "ckpt" / "state.json").read_text())
-        assert state["round"] >= 3
+        assert state["round"] == stopped["round"] >= 3
+        assert not psutil.pid_exists(dht_pid) or psutil.Process(dht_pid).status() == psutil.STATUS_ZOMBIE
     finally:
         node.stop()
 
@@ -122,3 +129,45 @@ def test_bad_config_is_one_clear_line(args, needle):
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_swarm_up_end_to_end(tmp_path):
+    """`atoll swarm up` itself: a 2-node swarm, the summary and results.json."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "node.cli", "swarm", "up", "--nodes", "2", "--rounds", "4",
+                        "--set", "train.local_steps=5", "--set", "net.record_ttl=4", "--out", str(out),
+                        "--workdir", str(tmp_path / "wd")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["nodes"]) == 2 and all(n["rounds"] == 4 and n["final_accuracy"] > 0.3 for n in res["nodes"])
+    assert all(n["sent_bytes"] > 0 and n["received_bytes"] > 0 for n in res["nodes"])
+    assert 0 < res["centralized_baseline_accuracy"] <= 1
+    assert "centralized baseline" in r.stdout
+
+
+def test_kill_tree_reaps_orphans_of_a_dead_node(tmp_path):
+    """SIGKILL only a node's own pid: its DHT process and p2pd live on as orphans in its
+    process group, and kill_tree must still find and stop them."""
+    import signal
+
+    from helpers import NodeProcess, kill_tree
+
+    node = NodeProcess("--key", str(tmp_path / "k.key"), "--swarm", "orphans")
+    try:
+        node.ready(timeout=60)
+        group = [p for p in psutil.process_iter() if _pgid(p) == node.pid]
+        assert len(group) >= 3  # node, its DHT child, p2pd
+        os.kill(node.pid, signal.SIGKILL)
+        node.proc.wait(10)
+        assert any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in group if p.pid != node.pid)
+        kill_tree(node.pid, signal.SIGKILL)
+        assert not [p for p in psutil.process_iter() if _pgid(p) == node.pid and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        node.stop()
+
+
+def _pgid(p):
+    try:
+        return os.getpgid(p.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
