@@ -40,7 +40,7 @@ from p2pd.discovery import Discovery
 from p2pd.identity import Identity
 from p2pd.records import RecordRefused, open_record
 from p2pd.server import SnapshotStore, SwarmServer, TLSConfig
-from p2pd.tensors import SnapshotKey
+from p2pd.tensors import SnapshotKey, pack
 
 log = logging.getLogger("atoll.node")
 
@@ -67,6 +67,7 @@ class Node:
         self.metrics = NodeMetrics()
         self._clients: dict[str, SwarmClient] = {}
         self._peers_live = 0
+        self.merged_with: int | None = None  # final merge: group size, 0 = missed, None = not run
         self._received_bytes = 0
         self._lock = threading.Lock()
         self.discovery: Discovery | None = None
@@ -102,6 +103,12 @@ class Node:
         self.discovery = Discovery(self.identity, swarm=cfg.net.swarm, initial_peers=cfg.net.initial_peers,
                                    host_maddrs=cfg.net.dht_listen, announce_maddrs=cfg.net.announce_maddrs or None,
                                    ttl=cfg.net.record_ttl).start()
+        self.merger = None
+        if cfg.comm.final_merge:  # forks the averager process: before any gRPC object exists
+            from node.merge import FinalMerge
+
+            self.merger = FinalMerge(self.discovery.dht, cfg.net.swarm, self.model.state_dict(), cfg.node_count,
+                                     cfg.comm.merge_timeout)
         self.tls = None
         if cfg.net.tls_cert or cfg.net.tls_key:
             self.tls = TLSConfig(cfg.net.tls_cert, cfg.net.tls_key, cfg.net.tls_ca)
@@ -189,12 +196,12 @@ class Node:
                                    seconds=round(time.perf_counter() - t0, 3)))
             finished = r >= rounds
             if finished:
-                if accuracy is None:  # resumed after the last round: report the model as is
-                    accuracy = evaluate(self.model, self.x_test, self.y_test)
-                self._linger(rounds)
+                self._finish(rounds)
+                accuracy = evaluate(self.model, self.x_test, self.y_test)
             else:
                 self._checkpoint(r, accuracy)
             summary = dict(event="done" if finished else "stopped", round=r, accuracy=accuracy,
+                           model_digest=pack(self.model.state_dict()).hexdigest, merged_with=self.merged_with,
                            peer_id=self.identity.peer_id, sent_bytes=self.server.servicer.stats["bytes_sent"],
                            received_bytes=self._received_bytes, dataset_size=self.dataset_size)
             self.on_event(summary)
@@ -313,14 +320,53 @@ class Node:
                              accuracy=accuracy, time=now, optim=optim_meta))
         self.metrics.checkpoint_time = now
 
-    def _linger(self, rounds: int) -> None:
-        """Serve the final model and stay until every live peer has finished too (bounded)."""
+    def _finish(self, rounds: int) -> None:
+        """After the last round: publish the final model (record round = R), optionally run the
+        final all-reduce merge once every live peer is done (record round = R + 1 after it), and
+        keep serving until every live peer has got as far (bounded), so nobody waits on us."""
         final = self.store.publish(SnapshotKey("model", rounds), self.model.state_dict())
         self.discovery.update(round=rounds, step=0, model_digest=final.hexdigest)
-        deadline = time.monotonic() + self.cfg.comm.fetch_timeout + 2 * self.cfg.net.record_ttl
+        last = rounds
+        if self.merger is not None:
+            last = rounds + 1
+            self._wait_all_at(rounds, self.cfg.comm.merge_timeout)
+            result = self.merger.run(self.model.state_dict())
+            self.merged_with = len(result[1]) if result is not None else 0
+            self.metrics.merge_peers.set(self.merged_with)
+            if result is not None:
+                merged, group = result
+                canonical = group[0]  # everyone adopts this member's copy: bit-identical models
+                if canonical != self.identity.peer_id:
+                    merged = self._adopt_canonical(canonical, last, merged)
+                self.model.load_state_dict(merged)
+            packed = self.store.publish(SnapshotKey("model", last), self.model.state_dict())
+            self.discovery.update(round=last, step=0, model_digest=packed.hexdigest)
+            self._checkpoint(rounds, None)
+        self._wait_all_at(last, self.cfg.comm.fetch_timeout + 2 * self.cfg.net.record_ttl)
+
+    def _adopt_canonical(self, canonical: str, round_: int, mine: dict) -> dict:
+        """Fetch the canonical member's merged model; adopt it if it is the same merge as ours
+        up to float rounding, else keep ours (and count why)."""
+        from node.merge import same_merge
+
+        addr = {p.peer_id: p.grpc_address for p in self.discovery.live_peers()}.get(canonical)
+        if addr is None:
+            self.metrics.fetch_failures.labels(reason="merge_canonical_gone").inc()
+            return mine
+        deadline = time.monotonic() + self.cfg.comm.fetch_timeout
+        theirs = self._fetch_round(canonical, addr, round_, 0, mine, deadline)
+        if theirs is None:
+            return mine
+        if not same_merge(mine, theirs):
+            self.metrics.fetch_failures.labels(reason="merge_mismatch").inc()
+            log.warning("canonical merged model of %s differs from ours beyond rounding; keeping ours", canonical[:16])
+            return mine
+        return {k: theirs[k].to(device=v.device, dtype=v.dtype) for k, v in mine.items()}
+
+    def _wait_all_at(self, round_: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.stop_requested.is_set():
-            live = self.discovery.live_peers()
-            if all(p.round >= rounds for p in live):
+            if all(p.round >= round_ for p in self.discovery.live_peers()):
                 return
             time.sleep(0.2)
 
@@ -329,6 +375,8 @@ class Node:
             c.close()
         if self.server is not None:
             self.server.stop(0.5)
+        if getattr(self, "merger", None) is not None:
+            self.merger.close()
         if self.discovery is not None:
             self.discovery.close()
         self.metrics.close()

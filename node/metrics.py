@@ -28,6 +28,8 @@ class NodeMetrics:
         )
         self.fetch_failures = Counter("atoll_fetch_failures", "Neighbour fetches that failed, by reason", ["reason"], registry=r)
         self.neighbours_mixed = Gauge("atoll_neighbours_mixed", "Neighbours whose model was mixed in the last round", registry=r)
+        self.merge_peers = Gauge("atoll_final_merge_peers",
+                                 "Group size of the final all-reduce merge (0: this node missed it)", registry=r)
         self.checkpoint_time = 0.0
         Gauge("atoll_checkpoint_age_seconds", "Seconds since the last checkpoint was written (-1: none yet)",
               registry=r).set_function(lambda: time.time() - self.checkpoint_time if self.checkpoint_time else -1.0)

@@ -210,7 +210,8 @@ def results(runs: list[NodeRun], baseline: float, swarm_cfg: SwarmConfig, second
         "nodes": [
             {"index": r.index, "peer_id": r.ready["peer_id"], "final_accuracy": r.final.get("accuracy"),
              "rounds": r.final.get("round"), "sent_bytes": r.final.get("sent_bytes"),
-             "received_bytes": r.final.get("received_bytes"), "dataset_size": r.final.get("dataset_size")}
+             "received_bytes": r.final.get("received_bytes"), "dataset_size": r.final.get("dataset_size"),
+             "model_digest": r.final.get("model_digest"), "merged_with": r.final.get("merged_with")}
             for r in runs
         ],
         "centralized_baseline_accuracy": baseline,

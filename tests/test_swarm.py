@@ -171,3 +171,17 @@ def _pgid(p):
         return os.getpgid(p.pid)
     except (ProcessLookupError, PermissionError):
         return None
+
+
+def test_late_schedule_and_allreduce_merge_end_in_one_model(tmp_path):
+    """4 daemons, late-concentrated gossip, then hivemind's all-reduce: one merged model."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "node.cli", "swarm", "up", "--nodes", "4", "--rounds", "10",
+                        "--set", "train.local_steps=5", "--set", "comm.schedule=late", "--set", "comm.gossip_budget=4",
+                        "--set", "comm.final_merge=true", "--set", "net.record_ttl=4", "--out", str(out),
+                        "--workdir", str(tmp_path / "wd")], capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    nodes = json.loads((out / "results.json").read_text())["nodes"]
+    assert all(n["merged_with"] == 4 for n in nodes), nodes
+    assert len({n["model_digest"] for n in nodes}) == 1
+    assert len({n["final_accuracy"] for n in nodes}) == 1

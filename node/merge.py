@@ -1,0 +1,72 @@
+"""The single final merge: one exact average of all live nodes, by hivemind's all-reduce.
+
+`DecentralizedAverager` finds its group through the swarm's DHT (under a prefix of its own)
+and runs a butterfly all-reduce, so every member ends with bit-identical averaged tensors;
+no node coordinates. A node that misses the group (late, partitioned) keeps its own model
+and says so (`FinalMerge.run` returns None; the daemon counts it in a metric).
+
+The averager runs in a forked process, so it is created when the node starts, before any
+gRPC object exists (see HIVEMIND.md), with tensors shaped like the model's floating tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+
+log = logging.getLogger("atoll.merge")
+
+
+def float_names(state: dict[str, torch.Tensor]) -> list[str]:
+    """The tensors that are averaged: floating point ones, in a fixed order."""
+    return sorted(k for k, v in state.items() if v.is_floating_point())
+
+
+class FinalMerge:
+    def __init__(self, dht, swarm: str, state: dict[str, torch.Tensor], group_size: int, timeout: float):
+        self.names = float_names(state)
+        self.timeout = timeout
+        tensors = [state[k].detach().to("cpu", dtype=torch.float32, copy=True) for k in self.names]
+        self.averager = DecentralizedAverager(
+            tensors, dht=dht, prefix=f"atoll_{swarm}_final_merge", start=True,
+            target_group_size=max(2, group_size), min_group_size=2,
+            min_matchmaking_time=3.0, request_timeout=3.0, allreduce_timeout=timeout,
+        )
+
+    def run(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]] | None:
+        """All-reduce `state`'s floating tensors with whoever joins: (merged state, sorted peer
+        ids of the group), or None if this node missed the merge.
+
+        hivemind applies the average as local + (average - local), so members agree only up to
+        float rounding; `canonical()` picks the copy everyone adopts to end bit-identical."""
+        with self.averager.get_tensors() as shared:
+            for name, t in zip(self.names, shared):
+                t.copy_(state[name].detach().to("cpu", dtype=torch.float32))
+        try:
+            group = self.averager.step(timeout=self.timeout, allow_retries=True)
+        except Exception as e:  # hivemind raises assorted errors when peers vanish mid-way
+            log.warning("final merge failed: %s", e)
+            return None
+        if not group:
+            log.warning("final merge found no group within %.0f s; keeping this node's model", self.timeout)
+            return None
+        merged = dict(state)
+        with self.averager.get_tensors() as shared:
+            for name, t in zip(self.names, shared):
+                merged[name] = t.detach().clone().to(device=state[name].device, dtype=state[name].dtype)
+        log.info("final merge with %d peers", len(group))
+        return merged, sorted(peer.to_base58() for peer in group)
+
+    def close(self) -> None:
+        self.averager.shutdown()
+
+
+def same_merge(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-4, atol: float = 1e-5) -> bool:
+    """True if two members' merged models differ only by the all-reduce's float rounding."""
+    return set(a) == set(b) and all(
+        a[k].shape == b[k].shape and torch.allclose(a[k].to(torch.float32).cpu(), b[k].to(torch.float32).cpu(),
+                                                    rtol=rtol, atol=atol)
+        for k in a
+    )
