@@ -108,7 +108,7 @@ class Node:
             from node.merge import FinalMerge
 
             self.merger = FinalMerge(self.discovery.dht, cfg.net.swarm, self.model.state_dict(), cfg.node_count,
-                                     cfg.comm.merge_timeout)
+                                     cfg.comm.merge_timeout, how=cfg.comm.merge)
         self.tls = None
         if cfg.net.tls_cert or cfg.net.tls_key:
             self.tls = TLSConfig(cfg.net.tls_cert, cfg.net.tls_key, cfg.net.tls_ca)

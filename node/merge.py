@@ -16,7 +16,16 @@ import logging
 import torch
 from hivemind.averaging import DecentralizedAverager
 
+from node.aggregate import is_norm_param
+
 log = logging.getLogger("atoll.merge")
+
+
+VAR_EPS = 1e-4  # as in node.aggregate.variance_corrected_mean
+
+
+def _var(t: torch.Tensor) -> float:
+    return float(t.detach().to(torch.float32).var()) if t.numel() > 1 else 0.0
 
 
 def float_names(state: dict[str, torch.Tensor]) -> list[str]:
@@ -25,10 +34,17 @@ def float_names(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 class FinalMerge:
-    def __init__(self, dht, swarm: str, state: dict[str, torch.Tensor], group_size: int, timeout: float):
+    def __init__(self, dht, swarm: str, state: dict[str, torch.Tensor], group_size: int, timeout: float,
+                 how: str = "mean"):
+        """`how`: "mean", or "variance_corrected": the per-tensor variances travel in the same
+        all-reduce (one extra small tensor), so every member rescales the average to the
+        members' mean variance exactly as node.aggregate.variance_corrected_mean does."""
+        if how not in ("mean", "variance_corrected"):
+            raise ValueError(f"unknown merge {how!r}")
         self.names = float_names(state)
-        self.timeout = timeout
+        self.timeout, self.how = timeout, how
         tensors = [state[k].detach().to("cpu", dtype=torch.float32, copy=True) for k in self.names]
+        tensors.append(torch.zeros(len(self.names)))  # per-tensor variances
         self.averager = DecentralizedAverager(
             tensors, dht=dht, prefix=f"atoll_{swarm}_final_merge", start=True,
             target_group_size=max(2, group_size), min_group_size=2,
@@ -44,6 +60,7 @@ class FinalMerge:
         with self.averager.get_tensors() as shared:
             for name, t in zip(self.names, shared):
                 t.copy_(state[name].detach().to("cpu", dtype=torch.float32))
+            shared[-1].copy_(torch.tensor([_var(state[n]) for n in self.names]))
         try:
             group = self.averager.step(timeout=self.timeout, allow_retries=True)
         except Exception as e:  # hivemind raises assorted errors when peers vanish mid-way
@@ -54,8 +71,13 @@ class FinalMerge:
             return None
         merged = dict(state)
         with self.averager.get_tensors() as shared:
-            for name, t in zip(self.names, shared):
-                merged[name] = t.detach().clone().to(device=state[name].device, dtype=state[name].dtype)
+            mean_vars = shared[-1].clone()
+            for i, (name, t) in enumerate(zip(self.names, shared)):
+                x = t.detach().clone()
+                if self.how == "variance_corrected" and x.numel() > 1 and not is_norm_param(name):
+                    mu = x.mean()
+                    x = mu + (x - mu) * torch.sqrt(mean_vars[i] / (x.var() + VAR_EPS))
+                merged[name] = x.to(device=state[name].device, dtype=state[name].dtype)
         log.info("final merge with %d peers", len(group))
         return merged, sorted(peer.to_base58() for peer in group)
 
@@ -64,9 +86,10 @@ class FinalMerge:
 
 
 def same_merge(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-4, atol: float = 1e-5) -> bool:
-    """True if two members' merged models differ only by the all-reduce's float rounding."""
+    """True if two members' merged models differ only by the all-reduce's float rounding
+    (integer buffers such as step counters are not averaged and may differ)."""
     return set(a) == set(b) and all(
-        a[k].shape == b[k].shape and torch.allclose(a[k].to(torch.float32).cpu(), b[k].to(torch.float32).cpu(),
-                                                    rtol=rtol, atol=atol)
+        a[k].shape == b[k].shape and (not a[k].is_floating_point() or torch.allclose(
+            a[k].to(torch.float32).cpu(), b[k].to(torch.float32).cpu(), rtol=rtol, atol=atol))
         for k in a
     )

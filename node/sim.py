@@ -106,8 +106,10 @@ class Simulation:
         if cfg.method == "centralized":
             self.parts = [np.arange(len(self.ds.y_train))]
         else:
+            # many virtual nodes on a small data set: each still needs a few samples
+            min_size = max(1, min(10, len(self.ds.y_train) // (2 * cfg.nodes)))
             self.parts = partition(self.ds.y_train.numpy(), cfg.nodes, cfg.partition, alpha=cfg.alpha, seed=cfg.seed,
-                                   min_size=min(10, len(self.ds.y_train) // cfg.nodes))
+                                   min_size=min_size)
         self.models, self.opts, self.trainers = [], [], []
         for i in range(n_models):
             init_seed = cfg.seed if cfg.shared_init else cfg.seed * 100_003 + i

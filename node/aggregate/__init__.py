@@ -51,6 +51,6 @@ def variance_corrected_mean(states: Sequence[Mapping[str, torch.Tensor]], eps: f
         target = torch.stack([s[k].to(device=x.device, dtype=torch.float32).var() for s in states]).mean()
         xf = x.to(torch.float32)
         mu = xf.mean()
-        scale = torch.sqrt(target / (xf.var() + eps))
+        scale = torch.sqrt(target / (xf.var() + eps))  # node.merge applies the same formula after an all-reduce
         avg[k] = (mu + (xf - mu) * scale).to(x.dtype)
     return avg
