@@ -326,6 +326,34 @@ def bench_algorithms(
             typer.echo(f"wrote {path}", err=True)
 
 
+@bench_app.command("scale")
+def bench_scale(
+    sizes: str = typer.Option("16,64,256", help="Numbers of virtual nodes, comma-separated."),
+    rounds: int = typer.Option(20, min=1, max=10000),
+    local_steps: int = typer.Option(10, min=1),
+    out: Optional[Path] = typer.Option(None, help="Write results.json, table.md and scale.png here."),
+) -> None:
+    """Simulator seconds per round and peak memory against the number of virtual nodes."""
+    from node.bench import scale
+
+    try:
+        size_list = [int(x) for x in sizes.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--sizes must be comma-separated integers, got {sizes!r}")
+    if not size_list or any(not 2 <= n <= 4096 for n in size_list):
+        _fail("--sizes must be between 2 and 4096")
+    try:
+        rows = scale.run(size_list, rounds, local_steps,
+                         progress=lambda r: typer.echo(f"  {r['nodes']} nodes: {r['seconds_per_round']:.2f} s/round", err=True))
+    except RuntimeError as e:
+        _fail(str(e))
+    typer.echo(scale.table(rows))
+    if out is not None:
+        meta = {"command": " ".join(["atoll", *sys.argv[1:]])}
+        for path in scale.write_outputs(rows, out, meta):
+            typer.echo(f"wrote {path}", err=True)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()

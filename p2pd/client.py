@@ -131,6 +131,7 @@ class SwarmClient:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", 64 * 1024),
             ("grpc.enable_retries", 0),  # retries are ours: bounded and deadline-aware
+            ("grpc.http2.lookahead_bytes", 67108864),
             ("grpc.http2.max_frame_size", 16777215),
         ]
         if tls is not None:
