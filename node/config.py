@@ -60,6 +60,9 @@ class TrainConfig(_Strict):
 class CommConfig(_Strict):
     topology: Literal["ring", "torus", "exponential", "random", "complete"] = "ring"
     random_degree: int = Field(4, ge=2, le=64, description="topology random: degree bound k")
+    algorithm: Literal["gossip", "modest"] = Field("gossip", description="gossip averaging, or MoDeST sampling")
+    modest_trainers: int = Field(4, ge=1, description="modest: nodes sampled to train each round")
+    modest_aggregators: int = Field(2, ge=1, description="modest: nodes sampled to aggregate each round")
     schedule: Literal["constant", "late"] = Field("constant", description="how the gossip budget is spread over rounds")
     gossip_budget: Optional[int] = Field(None, ge=0, description="gossip steps over the whole run (default: one per round)")
     late_shape: float = Field(3.0, ge=0, description="late schedule: round r gets a share ~ ((r+1)/R)^shape")

@@ -26,13 +26,15 @@ import torch
 
 from node import checkpoint
 from node.comm.mixing import metropolis_hastings, mix, renormalise
+from node import aggregate
+from node.comm import modest
 from node.comm.schedule import allotment
 from node.comm.topology import degree, neighbours
 from node.config import NodeConfig
 from node.data import load_dataset, partition
 from node.metrics import NodeMetrics
 from node.models import build_model
-from node.train import (LocalTrainer, evaluate, make_optimizer, optimizer_tensors, restore_optimizer, round_lr,
+from node.train import (LocalTrainer, RoundStats, evaluate, make_optimizer, optimizer_tensors, restore_optimizer, round_lr,
                         set_lr)
 from p2pd import __version__
 from p2pd.client import FetchError, SwarmClient
@@ -171,20 +173,20 @@ class Node:
             r = self.start_round
             while r < rounds and not self.stop_requested.is_set():
                 t0 = time.perf_counter()
-                o = self.cfg.optim
-                set_lr(self.optimizer, round_lr(o.lr, o.schedule, r, rounds, o.final_lr_fraction))
-                stats = self.trainer.train_round(r, self.cfg.train.local_steps, self.cfg.train.local_seconds,
-                                                 stop=self.stop_requested.is_set)
+                if self.cfg.comm.algorithm == "modest":
+                    stats, mixed_with = self._modest_round(r, rounds)
+                else:
+                    stats = self._train(r, rounds)
+                    if self.stop_requested.is_set():
+                        break  # checkpoint below keeps round r: it restarts from this model
+                    mixed_with = []
+                    for q in range(self.gossip_steps[r]):
+                        mixed_with = self._gossip(r, q, stats.samples_per_second)
+                    if not self.gossip_steps[r]:  # no gossip this round: still tell the swarm where we are
+                        self.discovery.update(round=r, step=0, samples_per_second=round(stats.samples_per_second, 3))
                 if self.stop_requested.is_set():
-                    break  # checkpoint below keeps round r: it restarts from this model
-                loss = stats.loss
-                mixed_with: list[str] = []
-                for q in range(self.gossip_steps[r]):
-                    mixed_with = self._gossip(r, q, stats.samples_per_second)
-                if self.stop_requested.is_set():
-                    break  # gossip was cut short: round r is redone after a restart
-                if not self.gossip_steps[r]:  # no gossip this round: still tell the swarm where we are
-                    self.discovery.update(round=r, step=0, samples_per_second=round(stats.samples_per_second, 3))
+                    break  # the round was cut short: it is redone after a restart
+                loss = stats.loss if stats.steps else (loss or 0.0)
                 accuracy = evaluate(self.model, self.x_test, self.y_test)
                 r += 1
                 self._checkpoint(r, accuracy)
@@ -196,6 +198,8 @@ class Node:
                                    seconds=round(time.perf_counter() - t0, 3)))
             finished = r >= rounds
             if finished:
+                if self.cfg.comm.algorithm == "modest":
+                    self._adopt_final_aggregate(rounds)
                 self._finish(rounds)
                 accuracy = evaluate(self.model, self.x_test, self.y_test)
             else:
@@ -221,6 +225,71 @@ class Node:
                             self.cfg.comm.join_timeout)
                 return
             time.sleep(0.2)
+
+    def _train(self, r: int, rounds: int):
+        o = self.cfg.optim
+        set_lr(self.optimizer, round_lr(o.lr, o.schedule, r, rounds, o.final_lr_fraction))
+        return self.trainer.train_round(r, self.cfg.train.local_steps, self.cfg.train.local_seconds,
+                                        stop=self.stop_requested.is_set)
+
+    def _modest_round(self, r: int, rounds: int):
+        """One MoDeST round (see node/comm/modest.py): train if sampled as a trainer (starting
+        from the previous round's aggregate), aggregate if sampled as an aggregator."""
+        c = self.cfg.comm
+        live = self.discovery.live_peers()
+        self._set_peers(len(live))
+        ids = [p.peer_id for p in live]
+        addr = {p.peer_id: p.grpc_address for p in live}
+        size = {p.peer_id: max(1, p.dataset_size) for p in live}
+        me, seed = self.identity.peer_id, self.cfg.train.seed
+        trainers, aggs = modest.sample(ids, r, seed, c.modest_trainers, c.modest_aggregators)
+        stats, mixed = RoundStats(0.0, 0, 0, 0.0), []
+        if me in trainers:
+            if r > 0:
+                self._adopt_aggregate(ids, addr, r - 1)
+            stats = self._train(r, rounds)
+            if self.stop_requested.is_set():
+                return stats, mixed
+            packed = self.store.publish(SnapshotKey("model", r, 0), self.model.state_dict())
+            self.discovery.update(round=r, step=0, model_digest=packed.hexdigest,
+                                  samples_per_second=round(stats.samples_per_second, 3))
+        if me in aggs:
+            own = {k: v.detach() for k, v in self.model.state_dict().items()}
+            deadline = time.monotonic() + c.fetch_timeout
+            others = [t for t in trainers if t != me and t in addr]
+            with ThreadPoolExecutor(max_workers=max(1, min(32, len(others))), thread_name_prefix="atoll-fetch") as pool:
+                got = dict(zip(others, pool.map(lambda j: self._fetch_round(j, addr[j], r, 0, own, deadline), others)))
+            models = {j: sd for j, sd in got.items() if sd is not None}
+            if me in trainers:
+                models[me] = own
+            if models:
+                names = sorted(models)
+                self.model.load_state_dict(aggregate.mean([models[j] for j in names], [size.get(j, 1) for j in names]))
+            mixed = sorted(j for j in models if j != me)
+            packed = self.store.publish(SnapshotKey("model", r, modest.AGGREGATE_STEP), self.model.state_dict())
+            self.discovery.update(round=r, step=modest.AGGREGATE_STEP, model_digest=packed.hexdigest)
+        elif me not in trainers:
+            self.discovery.update(round=r, step=0)
+        return stats, mixed
+
+    def _adopt_aggregate(self, ids: list[str], addr: dict, r: int) -> bool:
+        """Load round r's aggregate from the first of its aggregators that delivers it."""
+        c = self.cfg.comm
+        _, aggs = modest.sample(ids, r, self.cfg.train.seed, c.modest_trainers, c.modest_aggregators)
+        if self.identity.peer_id in aggs:
+            return True  # we made it ourselves: our model is that aggregate
+        own = {k: v.detach() for k, v in self.model.state_dict().items()}
+        for a in aggs:
+            if a in addr:
+                sd = self._fetch_round(a, addr[a], r, modest.AGGREGATE_STEP, own, time.monotonic() + c.fetch_timeout)
+                if sd is not None:
+                    self.model.load_state_dict(sd)
+                    return True
+        return False
+
+    def _adopt_final_aggregate(self, rounds: int) -> None:
+        live = self.discovery.live_peers()
+        self._adopt_aggregate([p.peer_id for p in live], {p.peer_id: p.grpc_address for p in live}, rounds - 1)
 
     def _gossip(self, r: int, q: int, samples_per_second: float) -> list[str]:
         """Gossip step q of round r: publish, fetch the neighbours' (r, q), mix in place.

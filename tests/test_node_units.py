@@ -355,3 +355,15 @@ def test_a_sparse_constant_budget_is_spread_evenly():
     where = [r for r, s in enumerate(steps) if s]
     assert where[0] < 5 and where[-1] >= 15  # not bunched at either end
     assert allotment("late", 20, 6, 3.0) != steps
+
+
+def test_modest_sample_is_deterministic_and_sized():
+    from node.comm import modest
+
+    ids = [f"p{i}" for i in range(10)]
+    t, a = modest.sample(ids, 3, 0, 4, 2)
+    assert (t, a) == modest.sample(list(reversed(ids)), 3, 0, 4, 2)
+    assert len(t) == 4 and len(a) == 2 and set(t) <= set(ids)
+    assert modest.sample(ids, 4, 0, 4, 2) != (t, a)
+    assert modest.sample(ids[:1], 0, 0, 4, 2) == (["p0"], ["p0"])
+    assert modest.sample(ids, -1, 0, 4, 2) == ([], [])

@@ -185,3 +185,17 @@ def test_late_schedule_and_allreduce_merge_end_in_one_model(tmp_path):
     assert all(n["merged_with"] == 4 for n in nodes), nodes
     assert len({n["model_digest"] for n in nodes}) == 1
     assert len({n["final_accuracy"] for n in nodes}) == 1
+
+
+def test_modest_swarm_learns_from_sampled_trainers(tmp_path):
+    """4 daemons, MoDeST with 2 trainers and 2 aggregators per round: every node finishes with
+    the swarm's final aggregate."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "node.cli", "swarm", "up", "--nodes", "4", "--rounds", "15",
+                        "--set", "comm.algorithm=modest", "--set", "comm.modest_trainers=2",
+                        "--set", "comm.modest_aggregators=2", "--set", "net.record_ttl=4", "--out", str(out),
+                        "--workdir", str(tmp_path / "wd")], capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    nodes = json.loads((out / "results.json").read_text())["nodes"]
+    assert all(n["rounds"] == 15 and n["final_accuracy"] > 0.8 for n in nodes), nodes
+    assert len({n["model_digest"] for n in nodes}) == 1
