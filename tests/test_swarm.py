@@ -143,6 +143,12 @@ def test_swarm_up_end_to_end(tmp_path):
     assert all(n["sent_bytes"] > 0 and n["received_bytes"] > 0 for n in res["nodes"])
     assert 0 < res["centralized_baseline_accuracy"] <= 1
     assert "centralized baseline" in r.stdout
+    # the simulator's byte accounting for the same run matches what the daemons served
+    from node.sim import SimConfig, Simulation
+
+    sim = Simulation(SimConfig(nodes=2, rounds=4, local_steps=5, width=128, alpha=0.5))
+    sim.run()
+    assert sum(n["sent_bytes"] for n in res["nodes"]) == sim.bytes_sent
 
 
 def test_kill_tree_reaps_orphans_of_a_dead_node(tmp_path):
