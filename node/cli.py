@@ -229,14 +229,15 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _parse_sizes(text: str) -> list[int]:
+def _int_list(text: str, option: str, lo: int, hi: int) -> list[int]:
+    """A comma-separated list of integers in [lo, hi], or one clear error line."""
     try:
-        sizes = [int(s) for s in text.split(",") if s.strip()]
+        values = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        _fail(f"--sizes must be comma-separated integers (MiB), got {text!r}")
-    if not sizes or any(not 1 <= s <= 4096 for s in sizes):
-        _fail("--sizes must list sizes between 1 and 4096 MiB")
-    return sizes
+        _fail(f"{option} must be comma-separated integers, got {text!r}")
+    if not values or any(not lo <= v <= hi for v in values):
+        _fail(f"{option} must list integers between {lo} and {hi}")
+    return values
 
 
 @app.command()
@@ -271,7 +272,7 @@ def bench_transport(
     stream, hivemind's libp2p stream, and an in-process copy (the physical limit)."""
     from node.bench import transport
 
-    size_list = _parse_sizes(sizes)
+    size_list = _int_list(sizes, "--sizes", 1, 4096)
     paths = tuple(p for p in transport.PATHS if not (skip_hivemind and p == "hivemind"))
 
     def progress(row):
@@ -307,14 +308,11 @@ def bench_algorithms(
     from node.bench import algorithms as alg
     from node.sim import SimConfig
 
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        _fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+    seed_list = _int_list(seeds, "--seeds", 0, 2**31)
     names = list(alg.methods(rounds)) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [n for n in names if n not in alg.methods(rounds)]
-    if unknown or not seed_list:
-        _fail(f"unknown methods {unknown}; available: {', '.join(alg.methods(rounds))}" if unknown else "no seeds")
+    if unknown:
+        _fail(f"unknown methods {unknown}; available: {', '.join(alg.methods(rounds))}")
     base = SimConfig(nodes=nodes, dataset=dataset, alpha=alpha, rounds=rounds, local_steps=local_steps)
     with Progress(transient=True) as bar:
         task = bar.add_task("simulating", total=len(names) * len(seed_list))
@@ -336,12 +334,7 @@ def bench_scale(
     """Simulator seconds per round and peak memory against the number of virtual nodes."""
     from node.bench import scale
 
-    try:
-        size_list = [int(x) for x in sizes.split(",") if x.strip()]
-    except ValueError:
-        _fail(f"--sizes must be comma-separated integers, got {sizes!r}")
-    if not size_list or any(not 2 <= n <= 4096 for n in size_list):
-        _fail("--sizes must be between 2 and 4096")
+    size_list = _int_list(sizes, "--sizes", 2, 4096)
     try:
         rows = scale.run(size_list, rounds, local_steps,
                          progress=lambda r: typer.echo(f"  {r['nodes']} nodes: {r['seconds_per_round']:.2f} s/round", err=True))

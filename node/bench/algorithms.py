@@ -8,11 +8,11 @@ and against rounds.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from node.bench import pyplot, write_results
 from node.sim import SimConfig, Simulation
 
 
@@ -76,15 +76,9 @@ def table(summary: list[dict]) -> str:
 
 
 def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1))
-    (out / "table.md").write_text(table(summary) + "\n")
+    written = write_results(out, {"meta": meta, "summary": summary, "runs": rows}, table(summary))
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in dict.fromkeys(r["method"] for r in rows):
         logs = [r["log"] for r in rows if r["method"] == name]
@@ -106,4 +100,4 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
-    return [out / "results.json", out / "table.md", out / "accuracy.png"]
+    return [*written, out / "accuracy.png"]

@@ -8,11 +8,12 @@ Dirichlet draw; this benchmark measures cost, not accuracy).
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import resource
 import time
 from pathlib import Path
+
+from node.bench import pyplot, write_results
 
 
 def _one(nodes: int, rounds: int, local_steps: int, conn) -> None:
@@ -62,14 +63,8 @@ def table(rows: list[dict]) -> str:
 
 
 def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "table.md").write_text(table(rows) + "\n")
+    written = write_results(out, {"meta": meta, "rows": rows}, table(rows))
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     n = [r["nodes"] for r in rows]
     ax[0].plot(n, [r["seconds_per_round"] for r in rows], marker="o")
@@ -83,4 +78,4 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
     fig.tight_layout()
     fig.savefig(out / "scale.png", dpi=110)
     plt.close(fig)
-    return [out / "results.json", out / "table.md", out / "scale.png"]
+    return [*written, out / "scale.png"]

@@ -21,7 +21,6 @@ and server do not share a GIL. Each figure is the best of ``repeats`` runs.
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing as mp
 import threading
 import time
@@ -240,15 +239,12 @@ def table(rows: list[Row]) -> str:
 
 
 def write_outputs(rows: list[Row], out: Path, meta: dict) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
-    (out / "table.md").write_text(table(rows) + "\n")
-    written = [out / "results.json", out / "table.md"]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    from node.bench import pyplot, write_results
+
+    written = write_results(out, {"meta": meta, "rows": [asdict(r) for r in rows]}, table(rows))
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     sizes = sorted({r.size_mb for r in rows})
