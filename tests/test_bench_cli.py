@@ -44,3 +44,19 @@ def test_identity_show_creates_then_reuses_key(tmp_path):
     key.chmod(0o644)
     bad = atoll("identity", "show", "--key", str(key), timeout=60)
     assert bad.returncode == 2 and "chmod 600" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_algorithms_and_scale_write_their_outputs(tmp_path):
+    r = atoll("bench", "algorithms", "--nodes", "4", "--rounds", "3", "--seeds", "0", "--methods", "fedavg,late_merge",
+              "--out", str(tmp_path / "alg"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "alg" / "results.json").read_text())
+    assert {s["method"] for s in res["summary"]} == {"fedavg", "late_merge"}
+    assert all(run["bytes_sent"] > 0 and len(run["log"]) == 3 for run in res["runs"])
+    assert (tmp_path / "alg" / "accuracy.png").stat().st_size > 0
+    r = atoll("bench", "scale", "--sizes", "4,8", "--rounds", "2", "--out", str(tmp_path / "scale"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "scale" / "results.json").read_text())["rows"]
+    assert [row["nodes"] for row in rows] == [4, 8] and all(row["peak_rss_mb"] > 0 for row in rows)
+    bad = atoll("bench", "algorithms", "--methods", "gossip-of-doom", timeout=60)
+    assert bad.returncode == 2 and "unknown methods" in bad.stderr and "Traceback" not in bad.stderr
