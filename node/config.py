@@ -68,6 +68,7 @@ class CommConfig(_Strict):
     late_shape: float = Field(3.0, ge=0, description="late schedule: round r gets a share ~ ((r+1)/R)^shape")
     final_merge: bool = Field(False, description="after the last round, one exact all-reduce average of all live nodes")
     merge: Literal["mean", "variance_corrected"] = Field("mean", description="final merge: plain or variance-corrected mean")
+    mix_variance_correction: bool = Field(False, description="variance-corrected gossip averaging at every step")
     merge_timeout: float = Field(60.0, gt=0, description="seconds for the final merge before a node keeps its own model")
     keep_snapshots: int = Field(8, ge=1, le=1024, description="published snapshots kept for slower neighbours")
     fetch_timeout: float = Field(20.0, gt=0, le=600, description="seconds to wait for a neighbour's snapshot")

@@ -315,7 +315,7 @@ class Node:
             got = dict(zip(nbrs, pool.map(lambda j: self._fetch_round(j, addr[j], r, q, own, deadline), nbrs)))
         answered = {j: sd for j, sd in got.items() if sd is not None}
         self_w, w = renormalise(self_w, w, set(answered))
-        mixed = mix(own, answered, self_w, w)
+        mixed = mix(own, answered, self_w, w, correct_variance=self.cfg.comm.mix_variance_correction)
         self.model.load_state_dict(mixed)
         return sorted(answered)
 

@@ -63,6 +63,7 @@ class SimConfig:
     late_shape: float = 3.0
     final_merge: bool = False
     merge: str = "mean"  # final merge: mean or variance_corrected
+    mix_variance_correction: bool = False  # variance-corrected gossip averaging at every step
     shared_init: bool = True
     unresponsive: float = 0.0  # fraction of nodes that do not answer in each round
     speeds: list[float] | None = None  # per-node relative speed: local steps scale with it
@@ -159,7 +160,7 @@ class Simulation:
             nb = sorted(g[me])
             self_w, w = metropolis_hastings(len(g[me]), {j: len(g[j]) for j in nb})
             self_w, w = renormalise(self_w, w, set(nb))
-            new[i] = mix(states[me], {j: states[j] for j in nb}, self_w, w)
+            new[i] = mix(states[me], {j: states[j] for j in nb}, self_w, w, correct_variance=cfg.mix_variance_correction)
             self.bytes_sent += sum(sizes[j] for j in nb)
         for i, sd in new.items():
             self.models[i].load_state_dict(sd)

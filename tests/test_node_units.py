@@ -367,3 +367,16 @@ def test_modest_sample_is_deterministic_and_sized():
     assert modest.sample(ids, 4, 0, 4, 2) != (t, a)
     assert modest.sample(ids[:1], 0, 0, 4, 2) == (["p0"], ["p0"])
     assert modest.sample(ids, -1, 0, 4, 2) == ([], [])
+
+
+def test_variance_corrected_mixing_matches_the_merge_for_equal_weights():
+    from node.aggregate import variance_corrected_mean
+
+    g = torch.Generator().manual_seed(1)
+    a, b = ({"w": torch.randn(50, 20, generator=g), "bn.weight": torch.randn(20, generator=g)} for _ in range(2))
+    mixed = mix(a, {"b": b}, 0.5, {"b": 0.5}, correct_variance=True)
+    merged = variance_corrected_mean([a, b])
+    assert torch.allclose(mixed["w"], merged["w"], atol=1e-5)
+    assert torch.allclose(mixed["bn.weight"], (a["bn.weight"] + b["bn.weight"]) / 2)  # norms left alone
+    plain = mix(a, {"b": b}, 0.5, {"b": 0.5})
+    assert mixed["w"].var() > plain["w"].var() * 1.5  # independent inputs: the plain mean shrinks variance

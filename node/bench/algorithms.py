@@ -32,6 +32,9 @@ def methods(rounds: int, q: int = 4) -> dict[str, dict]:
         "indep_mean": dict(method="gossip", gossip_budget=0, final_merge=True, merge="mean", shared_init=False),
         "indep_varcorr": dict(method="gossip", gossip_budget=0, final_merge=True, merge="variance_corrected",
                               shared_init=False),
+        "indep_dpsgd": dict(method="gossip", schedule="constant", gossip_budget=rounds, shared_init=False),
+        "indep_dpsgd_varcorr": dict(method="gossip", schedule="constant", gossip_budget=rounds, shared_init=False,
+                                    mix_variance_correction=True),
     }
 
 

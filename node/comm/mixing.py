@@ -26,10 +26,16 @@ def renormalise(self_w: float, weights: Mapping[str, float], answered: set[str])
 
 
 def mix(own: Mapping[str, torch.Tensor], others: Mapping[str, Mapping[str, torch.Tensor]],
-        self_w: float, weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        self_w: float, weights: Mapping[str, float], correct_variance: bool = False,
+        eps: float = 1e-4) -> dict[str, torch.Tensor]:
     """sum_j W_ij x_j over self and `others` (every state dict must have own's keys and shapes).
 
-    Integer buffers (e.g. BatchNorm's num_batches_tracked) are kept from `own`."""
+    Integer buffers (e.g. BatchNorm's num_batches_tracked) are kept from `own`. With
+    `correct_variance`, each non-normalisation tensor of the result is rescaled around its mean
+    to the weighted mean of the inputs' variances (as node.aggregate.variance_corrected_mean
+    does for a merge), so any schedule can use variance-corrected averaging."""
+    from node.aggregate import is_norm_param
+
     out = {}
     for k, v in own.items():
         if not v.is_floating_point():
@@ -38,5 +44,11 @@ def mix(own: Mapping[str, torch.Tensor], others: Mapping[str, Mapping[str, torch
         acc = v.to(torch.float32) * self_w
         for j, w in weights.items():
             acc += others[j][k].to(device=v.device, dtype=torch.float32) * w
+        if correct_variance and acc.numel() > 1 and not is_norm_param(k):
+            target = v.to(torch.float32).var() * self_w
+            for j, w in weights.items():
+                target = target + others[j][k].to(device=v.device, dtype=torch.float32).var() * w
+            mu = acc.mean()
+            acc = mu + (acc - mu) * torch.sqrt(target / (acc.var() + eps))
         out[k] = acc.to(v.dtype)
     return out
