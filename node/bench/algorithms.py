@@ -82,23 +82,27 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
     summary = summarize(rows)
     written = write_results(out, {"meta": meta, "summary": summary, "runs": rows}, table(summary))
     plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in dict.fromkeys(r["method"] for r in rows):
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    colors = plt.cm.tab20.colors
+    for n_i, name in enumerate(names):
+        style = dict(color=colors[(2 * n_i) % 20 if n_i < 10 else (2 * n_i + 1) % 20],
+                     linestyle=("-", "--", ":")[n_i % 3], label=name)
         logs = [r["log"] for r in rows if r["method"] == name]
         n = min(len(lg) for lg in logs)
         acc = [statistics.fmean(lg[i]["accuracy_mean"] for lg in logs) for i in range(n)]
         mb = [statistics.fmean(lg[i]["bytes_sent"] for lg in logs) / 1e6 for i in range(n)]
         rounds = [logs[0][i]["round"] for i in range(n)]
-        ax1.plot(rounds, acc, label=name)
+        ax1.plot(rounds, acc, **style)
         if mb[-1] > 0:
-            ax2.plot(mb, acc, label=name)
+            ax2.plot(mb, acc, **style)
     ax1.set_xlabel("round")
     ax1.set_ylabel("mean test accuracy over nodes")
-    ax2.set_xlabel("MB sent (all nodes)")
+    ax2.set_xlabel("MB sent (all nodes, log scale)")
     ax2.set_xscale("log")
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
-    ax1.legend(fontsize=7)
+    ax2.legend(*ax1.get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(meta.get("title", "atoll bench algorithms"))
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
