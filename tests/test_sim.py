@@ -63,3 +63,13 @@ def test_training_improves_and_methods_run():
         assert res.log[-1].accuracy_mean > max(0.2, res.log[0].accuracy_mean), (method, res.log)
     with pytest.raises(ValueError):
         Simulation(small(method="swarmavg"))
+
+
+def test_per_node_speed_scales_local_steps():
+    sim = Simulation(small(speeds=[1.0, 0.5, 0.1, 1.0, 1.0, 2.0], local_steps=10))
+    done = {}
+    for i, t in enumerate(sim.trainers):
+        orig = t.train_round
+        t.train_round = lambda r, steps=None, _o=orig, _i=i, **kw: done.setdefault(_i, steps) and _o(r, steps=steps, **kw)
+    sim.run_round(0)
+    assert done == {0: 10, 1: 5, 2: 1, 3: 10, 4: 10, 5: 20}
