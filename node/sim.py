@@ -38,7 +38,8 @@ from node.models import build_model
 from node.train import LocalTrainer, evaluate, make_optimizer, round_lr, set_lr
 from p2pd.tensors import SnapshotKey, encode
 
-METHODS = ("gossip", "fedavg", "centralized", "modest")
+METHODS = ("gossip", "fedavg", "centralized", "modest", "isolated", "edgefd", "knfu")
+DISTILL = ("edgefd", "knfu")
 
 
 @dataclass
@@ -71,6 +72,13 @@ class SimConfig:
     aggregators: int = 2  # modest: aggregators per round
     seed: int = 0
     eval_every: int = 1
+    # federated distillation (isolated / edgefd / knfu): per-node "family:width" models, a
+    # proxy set taken out of the training split, and distillation steps per round
+    architectures: list[str] | None = None
+    proxy_size: int = 300
+    distill_steps: int = 5
+    temperature: float = 1.0  # T=2 (x4 gradient via T^2) made small CNNs diverge with SGD lr 0.05
+    knfu_beta: float = 10.0
 
 
 @dataclass
@@ -104,17 +112,29 @@ class Simulation:
         self.ds = load_dataset(cfg.dataset, seed=0)
         self.ids = [f"n{i:04d}" for i in range(cfg.nodes)]
         n_models = 1 if cfg.method == "centralized" else cfg.nodes
+        labels = self.ds.y_train.numpy()
+        pool = np.arange(len(labels))
+        if cfg.method in DISTILL + ("isolated",):
+            from node.distill import proxy_split
+
+            self.proxy_idx, self.proxy_digest = proxy_split(len(labels), cfg.proxy_size, cfg.seed, cfg.dataset)
+            pool = np.setdiff1d(pool, self.proxy_idx)  # the proxy is nobody's labelled data
+            self.proxy_x = self.ds.x_train[torch.from_numpy(self.proxy_idx)]
         if cfg.method == "centralized":
             self.parts = [np.arange(len(self.ds.y_train))]
         else:
             # many virtual nodes on a small data set: each still needs a few samples
             min_size = max(1, min(10, len(self.ds.y_train) // (2 * cfg.nodes)))
-            self.parts = partition(self.ds.y_train.numpy(), cfg.nodes, cfg.partition, alpha=cfg.alpha, seed=cfg.seed,
-                                   min_size=min_size)
+            self.parts = [pool[p] for p in partition(labels[pool], cfg.nodes, cfg.partition, alpha=cfg.alpha,
+                                                      seed=cfg.seed, min_size=min_size)]
         self.models, self.opts, self.trainers = [], [], []
         for i in range(n_models):
             init_seed = cfg.seed if cfg.shared_init else cfg.seed * 100_003 + i
-            m = build_model(cfg.model, self.ds.input_shape, self.ds.num_classes, cfg.width, init_seed)
+            family, width = cfg.model, cfg.width
+            if cfg.architectures:
+                family, w = cfg.architectures[i % len(cfg.architectures)].split(":")
+                width = int(w)
+            m = build_model(family, self.ds.input_shape, self.ds.num_classes, width, init_seed)
             o = make_optimizer(m, "sgd", cfg.lr, cfg.momentum, 0.0)
             idx = torch.from_numpy(self.parts[i])
             self.models.append(m)
@@ -175,6 +195,9 @@ class Simulation:
             self._train(0, r)
             return
         alive = self.responsive(r)
+        if cfg.method in DISTILL + ("isolated",):
+            self._distill_round(r, alive)
+            return
         if cfg.method == "modest":
             self._modest_round(r, alive)
             return
@@ -196,6 +219,61 @@ class Simulation:
             self.bytes_sent += int(2 * (n - 1) / n * self.wire_bytes(avg, r, 0)) * n
             for i in alive:
                 self.models[i].load_state_dict(avg)
+
+    def _distill_round(self, r: int, alive: list[int]) -> None:
+        """Train locally, publish logits on the proxy set, distill from the neighbours' logits."""
+        from node.distill import distillation_loss, edgefd_filter, knfu_weights, soft_targets
+
+        cfg = self.cfg
+        for i in alive:
+            self._train(i, r)
+        if cfg.method == "isolated":
+            return
+        if not hasattr(self, "_keep"):  # EdgeFD: each node's in-distribution proxy samples, once
+            self._keep = {i: (edgefd_filter(self.trainers[i].x, self.proxy_x, seed=cfg.seed)
+                              if cfg.method == "edgefd" else np.arange(len(self.proxy_x))) for i in range(cfg.nodes)}
+        logits = {}
+        for i in alive:
+            self.models[i].eval()
+            with torch.no_grad():
+                logits[i] = self.models[i](self.proxy_x)
+        g = graph([self.ids[i] for i in alive], cfg.topology, r, cfg.seed)
+        index = {self.ids[i]: i for i in alive}
+        n_proxy = len(self.proxy_x)
+        for i in alive:
+            nb = [index[p] for p in sorted(g[self.ids[i]])]
+            if not nb:
+                continue
+            # EdgeFD: a teacher only speaks for the proxy samples it judges in-distribution, so
+            # it sends those rows only; each sample's target averages the teachers that spoke
+            for j in nb:
+                rows = self._keep[j]
+                self.bytes_sent += encode({"logits": logits[j][torch.from_numpy(rows)], "rows": torch.from_numpy(rows)},
+                                          SnapshotKey("logits", r).to_pb()).wire_bytes
+            if cfg.method == "knfu":
+                w = knfu_weights(logits[i], {str(j): logits[j] for j in nb}, cfg.knfu_beta)
+                weights = [w[str(j)] for j in nb]
+            else:
+                weights = [1.0] * len(nb)
+            num = torch.zeros(n_proxy, self.ds.num_classes)
+            den = torch.zeros(n_proxy, 1)
+            for j, wj in zip(nb, weights):
+                mask = torch.zeros(n_proxy, 1)
+                mask[torch.from_numpy(self._keep[j])] = 1.0
+                num += wj * mask * soft_targets([logits[j]], [1.0], cfg.temperature)
+                den += wj * mask
+            covered = torch.nonzero(den[:, 0] > 0).flatten()
+            if len(covered) == 0:
+                continue
+            targets = num / den.clamp_min(1e-12)
+            gen = torch.Generator().manual_seed(cfg.seed * 31 + r * 7 + i)
+            model, opt = self.models[i], self.opts[i]
+            model.train()
+            for _ in range(cfg.distill_steps):
+                b = covered[torch.randint(len(covered), (min(cfg.batch_size, len(covered)),), generator=gen)]
+                opt.zero_grad(set_to_none=True)
+                distillation_loss(model(self.proxy_x[b]), targets[b], cfg.temperature).backward()
+                opt.step()
 
     def _modest_round(self, r: int, alive: list[int]) -> None:
         cfg = self.cfg

@@ -73,3 +73,14 @@ def test_per_node_speed_scales_local_steps():
         t.train_round = lambda r, steps=None, _o=orig, _i=i, **kw: done.setdefault(_i, steps) and _o(r, steps=steps, **kw)
     sim.run_round(0)
     assert done == {0: 10, 1: 5, 2: 1, 3: 10, 4: 10, 5: 20}
+
+
+def test_distillation_methods_run_on_mixed_architectures_with_few_bytes():
+    arch = ["mlp:128", "cnn:8"]
+    fd = Simulation(small(method="edgefd", architectures=arch, rounds=3, topology="complete", proxy_size=100))
+    res = fd.run()
+    assert len({type(m[1]).__name__ for m in fd.models}) == 2  # two architectures in one swarm
+    gossip = Simulation(small(rounds=3, topology="complete", width=128)).run()  # the MLP alone, gossiped
+    assert 0 < res.bytes_sent < gossip.bytes_sent / 5  # logits on <= 100 proxy rows vs whole models
+    assert not set(fd.proxy_idx.tolist()) & {int(i) for p in fd.parts for i in p}  # proxy is nobody's data
+    assert Simulation(small(method="knfu", architectures=arch, rounds=2, proxy_size=100)).run().log
