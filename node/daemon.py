@@ -24,10 +24,9 @@ from typing import Callable
 
 import torch
 
-from node import checkpoint
-from node.comm.mixing import metropolis_hastings, mix, renormalise
-from node import aggregate
+from node import aggregate, checkpoint
 from node.comm import modest
+from node.comm.mixing import metropolis_hastings, mix, renormalise
 from node.comm.schedule import allotment
 from node.comm.topology import degree, neighbours
 from node.config import NodeConfig
@@ -254,12 +253,8 @@ class Node:
             self.discovery.update(round=r, step=0, model_digest=packed.hexdigest,
                                   samples_per_second=round(stats.samples_per_second, 3))
         if me in aggs:
-            own = {k: v.detach() for k, v in self.model.state_dict().items()}
-            deadline = time.monotonic() + c.fetch_timeout
-            others = [t for t in trainers if t != me and t in addr]
-            with ThreadPoolExecutor(max_workers=max(1, min(32, len(others))), thread_name_prefix="atoll-fetch") as pool:
-                got = dict(zip(others, pool.map(lambda j: self._fetch_round(j, addr[j], r, 0, own, deadline), others)))
-            models = {j: sd for j, sd in got.items() if sd is not None}
+            own = self.model.state_dict()
+            models = self._fetch_all([t for t in trainers if t != me and t in addr], addr, r, 0, own)
             if me in trainers:
                 models[me] = own
             if models:
@@ -278,7 +273,7 @@ class Node:
         _, aggs = modest.sample(ids, r, self.cfg.train.seed, c.modest_trainers, c.modest_aggregators)
         if self.identity.peer_id in aggs:
             return True  # we made it ourselves: our model is that aggregate
-        own = {k: v.detach() for k, v in self.model.state_dict().items()}
+        own = self.model.state_dict()
         for a in aggs:
             if a in addr:
                 sd = self._fetch_round(a, addr[a], r, modest.AGGREGATE_STEP, own, time.monotonic() + c.fetch_timeout)
@@ -294,7 +289,7 @@ class Node:
     def _gossip(self, r: int, q: int, samples_per_second: float) -> list[str]:
         """Gossip step q of round r: publish, fetch the neighbours' (r, q), mix in place.
         Returns the neighbours that were mixed."""
-        own = {k: v.detach() for k, v in self.model.state_dict().items()}
+        own = self.model.state_dict()
         packed = self.store.publish(SnapshotKey("model", r, q), own)
         self.discovery.update(round=r, step=q, model_digest=packed.hexdigest,
                               samples_per_second=round(samples_per_second, 3))
@@ -310,14 +305,21 @@ class Node:
         addr = {p.peer_id: p.grpc_address for p in live}
         self_w, w = metropolis_hastings(degree(ids, me, kind, g_round, seed, k),
                                         {j: degree(ids, j, kind, g_round, seed, k) for j in nbrs})
-        deadline = time.monotonic() + self.cfg.comm.fetch_timeout  # one deadline for the whole step
-        with ThreadPoolExecutor(max_workers=min(32, len(nbrs)), thread_name_prefix="atoll-fetch") as pool:
-            got = dict(zip(nbrs, pool.map(lambda j: self._fetch_round(j, addr[j], r, q, own, deadline), nbrs)))
-        answered = {j: sd for j, sd in got.items() if sd is not None}
+        answered = self._fetch_all(nbrs, addr, r, q, own)
         self_w, w = renormalise(self_w, w, set(answered))
         mixed = mix(own, answered, self_w, w, correct_variance=self.cfg.comm.mix_variance_correction)
         self.model.load_state_dict(mixed)
         return sorted(answered)
+
+    def _fetch_all(self, peers: list[str], addr: dict[str, str], r: int, q: int, own: dict) -> dict[str, dict]:
+        """(r, q) snapshots of `peers`, fetched in parallel under one deadline; those that
+        answered in time."""
+        if not peers:
+            return {}
+        deadline = time.monotonic() + self.cfg.comm.fetch_timeout
+        with ThreadPoolExecutor(max_workers=min(32, len(peers)), thread_name_prefix="atoll-fetch") as pool:
+            got = dict(zip(peers, pool.map(lambda j: self._fetch_round(j, addr[j], r, q, own, deadline), peers)))
+        return {j: sd for j, sd in got.items() if sd is not None}
 
     def _fetch_round(self, peer_id: str, address: str, r: int, q: int, own: dict, deadline: float) -> dict | None:
         """The neighbour's model of (round r, step q), or None (reason counted) if not had by

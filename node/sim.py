@@ -21,8 +21,6 @@ Methods (`method`):
 
 from __future__ import annotations
 
-import hashlib
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 from node.aggregate import mean, variance_corrected_mean
+from node.comm import modest, seeded_rng
 from node.comm.mixing import metropolis_hastings, mix, renormalise
 from node.comm.schedule import allotment
 from node.comm.topology import graph
@@ -100,10 +99,6 @@ class SimResult:
     seconds: float = 0.0
 
 
-def _rng(seed: int, round_: int, salt: str) -> random.Random:
-    return random.Random(int.from_bytes(hashlib.sha256(f"{salt}:{seed}:{round_}".encode()).digest()[:8], "big"))
-
-
 class Simulation:
     def __init__(self, cfg: SimConfig):
         if cfg.method not in METHODS:
@@ -143,23 +138,30 @@ class Simulation:
                                               seed=cfg.seed * 7919 + i, sam_rho=cfg.sam_rho))
         self.sizes = [len(p) for p in self.parts]
         self.bytes_sent = 0
-        self._wire_cache: dict[tuple[int, int], int] = {}
+        self._wire_cache: dict[tuple, int] = {}
         budget = cfg.gossip_budget if cfg.gossip_budget is not None else cfg.rounds
         self.steps = allotment(cfg.schedule, cfg.rounds, budget, cfg.late_shape)
 
     # -- transport accounting --------------------------------------------------------------
-    def wire_bytes(self, state: dict, round_: int, step: int) -> int:
-        """Bytes one fetch of `state` puts on the wire, from the daemon's own encoder."""
-        return encode(state, SnapshotKey("model", round_, step).to_pb()).wire_bytes
+    def wire_bytes(self, state: dict, round_: int, step: int, kind: str = "model") -> int:
+        """Bytes one fetch of `state` puts on the wire, from the daemon's own encoder.
+
+        The size depends only on the key and the tensors' names, dtypes and shapes (payloads
+        have fixed lengths, the digest is 32 bytes), so it is encoded once per layout and key
+        rather than once per node and step."""
+        layout = (kind, round_, step, tuple((k, v.dtype, tuple(v.shape)) for k, v in sorted(state.items())))
+        if layout not in self._wire_cache:
+            self._wire_cache[layout] = encode(state, SnapshotKey(kind, round_, step).to_pb()).wire_bytes
+        return self._wire_cache[layout]
 
     def _state(self, i: int) -> dict:
-        return {k: v.detach() for k, v in self.models[i].state_dict().items()}
+        return self.models[i].state_dict()  # already detached tensors
 
     # -- rounds ----------------------------------------------------------------------------
     def responsive(self, round_: int) -> list[int]:
         cfg = self.cfg
         k = int(round(cfg.unresponsive * cfg.nodes))
-        down = set(_rng(cfg.seed, round_, "down").sample(range(cfg.nodes), k)) if k else set()
+        down = set(seeded_rng("down", cfg.seed, round_).sample(range(cfg.nodes), k)) if k else set()
         return [i for i in range(len(self.models)) if i not in down]
 
     def _train(self, i: int, round_: int) -> None:
@@ -248,8 +250,8 @@ class Simulation:
             # it sends those rows only; each sample's target averages the teachers that spoke
             for j in nb:
                 rows = self._keep[j]
-                self.bytes_sent += encode({"logits": logits[j][torch.from_numpy(rows)], "rows": torch.from_numpy(rows)},
-                                          SnapshotKey("logits", r).to_pb()).wire_bytes
+                self.bytes_sent += self.wire_bytes({"logits": logits[j][torch.from_numpy(rows)],
+                                                    "rows": torch.from_numpy(rows)}, r, 0, kind="logits")
             if cfg.method == "knfu":
                 w = knfu_weights(logits[i], {str(j): logits[j] for j in nb}, cfg.knfu_beta)
                 weights = [w[str(j)] for j in nb]
@@ -277,9 +279,9 @@ class Simulation:
 
     def _modest_round(self, r: int, alive: list[int]) -> None:
         cfg = self.cfg
-        rng = _rng(cfg.seed, r, "modest")
-        trainers = rng.sample(range(cfg.nodes), min(cfg.sample_size, cfg.nodes))
-        aggregators = rng.sample(range(cfg.nodes), min(cfg.aggregators, cfg.nodes))
+        index = {p: i for i, p in enumerate(self.ids)}  # the daemons' sampling, over the same ids
+        sampled = modest.sample(self.ids, r, cfg.seed, cfg.sample_size, cfg.aggregators)
+        trainers, aggregators = ([index[p] for p in group] for group in sampled)
         alive_set = set(alive)
         if not hasattr(self, "_modest_model"):
             self._modest_model = self._state(0)

@@ -167,6 +167,8 @@ class Discovery:
         """Publish this node's record (fields of PeerRecord except id and times) and keep it alive."""
         with self._lock:
             self._fields = dict(fields)
+            # the listen addresses are fixed for the node's life: ask the DHT process once
+            self._fields.setdefault("dht_maddrs", tuple(self.visible_maddrs()[:8]))
             record = self._publish_locked()
         if self._heartbeat is None:
             self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="atoll-heartbeat", daemon=True)
@@ -192,11 +194,7 @@ class Discovery:
 
     def _publish_locked(self) -> PeerRecord:
         now = get_dht_time()
-        fields = dict(self._fields)
-        fields.setdefault("dht_maddrs", tuple(self.visible_maddrs()[:8]))
-        record = PeerRecord(
-            peer_id=self.identity.peer_id, issued_at=now, expires_at=now + self.ttl, **fields
-        )
+        record = PeerRecord(peer_id=self.identity.peer_id, issued_at=now, expires_at=now + self.ttl, **self._fields)
         envelope = sign_record(record, self.identity)
         self._envelope = envelope
         ok = self._call(self.dht.store(self.key, envelope, record.expires_at, subkey=record.peer_id, return_future=True))

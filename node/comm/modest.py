@@ -9,9 +9,9 @@ skipped, which is why the scheme tolerates most peers being unresponsive.
 
 from __future__ import annotations
 
-import hashlib
-import random
 from typing import Sequence
+
+from node.comm import seeded_rng
 
 AGGREGATE_STEP = 1  # snapshot (model, r, 1) is round r's aggregate; (model, r, 0) a trainer's model
 
@@ -21,5 +21,5 @@ def sample(peers: Sequence[str], round_: int, seed: int, trainers: int, aggregat
     ids = sorted(set(peers))
     if round_ < 0 or not ids:
         return [], []
-    rng = random.Random(int.from_bytes(hashlib.sha256(f"modest:{seed}:{round_}".encode()).digest()[:8], "big"))
+    rng = seeded_rng("modest", seed, round_)
     return sorted(rng.sample(ids, min(trainers, len(ids)))), sorted(rng.sample(ids, min(aggregators, len(ids))))

@@ -12,18 +12,13 @@ Available kinds:
 
 from __future__ import annotations
 
-import hashlib
 import math
-import random
 from functools import lru_cache
 from typing import Sequence
 
+from node.comm import seeded_rng
+
 KINDS = ("ring", "torus", "exponential", "random", "complete")
-
-
-def _rng(seed: int, round_: int, salt: str) -> random.Random:
-    digest = hashlib.sha256(f"{salt}:{seed}:{round_}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
 
 
 @lru_cache(maxsize=256)
@@ -56,7 +51,7 @@ def _graph(ids: tuple[str, ...], kind: str, round_: int, seed: int, k: int) -> d
                 add(a, (a + hop) % n)
             hop *= 2
     elif kind == "random":
-        rng = _rng(seed, round_, "random-graph")
+        rng = seeded_rng("random-graph", seed, round_)
         for _ in range(max(1, k // 2)):
             perm = list(range(n))
             rng.shuffle(perm)
