@@ -283,8 +283,8 @@ class Simulation:
         sampled = modest.sample(self.ids, r, cfg.seed, cfg.sample_size, cfg.aggregators)
         trainers, aggregators = ([index[p] for p in group] for group in sampled)
         alive_set = set(alive)
-        if not hasattr(self, "_modest_model"):
-            self._modest_model = self._state(0)
+        if not hasattr(self, "_modest_model"):  # a copy: node 0 may train this round and move its own
+            self._modest_model = {k: v.clone() for k, v in self._state(0).items()}
         start = self._modest_model
         size = self.wire_bytes(start, r, 0)
         sent_back = []
