@@ -153,18 +153,20 @@ def swarm_up(
             _fail(str(e))
     wall = time.monotonic() - t0
     typer.echo("training the centralized baseline (same model and steps, all data)...", err=True)
-    baseline = swarm.centralized_baseline(base)
-    res = swarm.results(runs, baseline, scfg, wall)
-    accs = [n["final_accuracy"] for n in res["nodes"] if n["final_accuracy"] is not None] or [0.0]
+    baselines = swarm.centralized_baselines(scfg)
+    res = swarm.results(runs, baselines, scfg, wall)
     unfinished = [n["index"] for n in res["nodes"] if (n["rounds"] or 0) < base.train.rounds]
     if unfinished:
         typer.secho(f"nodes {unfinished} stopped before round {base.train.rounds}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"swarm of {scfg.nodes} ran up to {base.train.rounds} rounds in {wall:.1f} s"
                + (f" ({scfg.nodes - len(unfinished)} nodes finished)" if unfinished else ""))
-    typer.echo(f"  node accuracy: min {100 * min(accs):.1f}%  mean {100 * sum(accs) / len(accs):.1f}%  "
-               f"max {100 * max(accs):.1f}%")
-    typer.echo(f"  centralized baseline: {100 * baseline:.1f}%  (gap of the worst node: "
-               f"{100 * (baseline - min(accs)):+.1f} points)")
+    for name, baseline in baselines.items():
+        accs = [n["final_accuracy"] for n in res["nodes"] if n["model"] == name and n["final_accuracy"] is not None] or [0.0]
+        label = f" {name}" if len(baselines) > 1 else ""
+        typer.echo(f"  node accuracy{label}: min {100 * min(accs):.1f}%  mean {100 * sum(accs) / len(accs):.1f}%  "
+                   f"max {100 * max(accs):.1f}%")
+        typer.echo(f"  centralized baseline{label}: {100 * baseline:.1f}%  (gap of the worst node: "
+                   f"{100 * (baseline - min(accs)):+.1f} points)")
     sent = sum(n["sent_bytes"] for n in res["nodes"])
     typer.echo(f"  bytes sent by all nodes: {sent / 1e6:.1f} MB")
     if out is not None:
@@ -179,12 +181,12 @@ def _swarm_table(runs, rounds: int, elapsed: float):
     from rich.table import Table
 
     t = Table(title=f"atoll swarm, {elapsed:.0f} s")
-    for col in ("node", "peer id", "round", "accuracy", "loss", "peers", "mixed", "sent MB", "state"):
+    for col in ("node", "model", "peer id", "round", "accuracy", "loss", "peers", "mixed", "sent MB", "state"):
         t.add_column(col)
     for r in runs:
         last = r.last or {}
         state = r.final["event"] if r.final else ("training" if r.ready else "starting")
-        t.add_row(str(r.index), (r.ready or {}).get("peer_id", "")[-12:], f"{last.get('round', 0)}/{rounds}",
+        t.add_row(str(r.index), r.model, (r.ready or {}).get("peer_id", "")[-12:], f"{last.get('round', 0)}/{rounds}",
                   f"{100 * last['accuracy']:.1f}%" if "accuracy" in last else "-",
                   f"{last['loss']:.3f}" if "loss" in last else "-", str(last.get("peers", "-")),
                   str(last.get("mixed", "-")), f"{last.get('sent_bytes', 0) / 1e6:.1f}", state)
@@ -321,6 +323,58 @@ def bench_algorithms(
     if out is not None:
         meta = {"command": " ".join(["atoll", *sys.argv[1:]]), "title": f"{nodes} nodes, {dataset}, alpha {alpha}"}
         for path in alg.write_outputs(rows, out, meta):
+            typer.echo(f"wrote {path}", err=True)
+
+
+@bench_app.command("distill")
+def bench_distill(
+    nodes: int = typer.Option(8, min=2, max=256, help="Virtual nodes; they cycle through the architectures."),
+    architectures: str = typer.Option("mlp:64,mlp:256,cnn:32", help="Comma-separated family:width models."),
+    dataset: str = typer.Option("digits", help="digits or fashion-mnist."),
+    alpha: float = typer.Option(0.1, min=0.001, help="Dirichlet alpha of the partition."),
+    rounds: int = typer.Option(30, min=1, max=10000),
+    local_steps: int = typer.Option(20, min=1, help="Local SGD steps per node per round (equal for all methods)."),
+    distill_steps: int = typer.Option(20, min=1, help="Distillation steps per round on the proxy set."),
+    proxy_size: int = typer.Option(300, min=10, help="Unlabeled proxy samples, taken out of the training split."),
+    topology: str = typer.Option("ring", help="Graph of the logit exchange: ring, torus, exponential, random or complete."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
+    methods: str = typer.Option("all", help="Comma-separated method names, or all."),
+    out: Optional[Path] = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
+) -> None:
+    """Federated distillation (EdgeFD, KnFu) on a mixed-architecture swarm against isolated
+    training, model gossip within each architecture and centralized training, in the simulator."""
+    from rich.progress import Progress
+
+    from node.bench import distill
+    from node.models import FAMILIES
+    from node.sim import SimConfig
+
+    archs = [a.strip() for a in architectures.split(",") if a.strip()]
+    for a in archs:
+        family, _, width = a.partition(":")
+        if family not in FAMILIES or not width.isdigit() or not 4 <= int(width) <= 8192:
+            _fail(f"--architectures: {a!r} is not family:width with family in {', '.join(FAMILIES)} and width 4..8192")
+    if topology not in ("ring", "torus", "exponential", "random", "complete"):
+        _fail(f"--topology: unknown {topology!r}")
+    seed_list = _int_list(seeds, "--seeds", 0, 2**31)
+    table = distill.methods(rounds, archs)
+    names = list(table) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        _fail(f"unknown methods {unknown}; available: {', '.join(table)}")
+    base = SimConfig(nodes=nodes, dataset=dataset, alpha=alpha, rounds=rounds, local_steps=local_steps,
+                     distill_steps=distill_steps, proxy_size=proxy_size, topology=topology, architectures=archs)
+    with Progress(transient=True) as bar:
+        task = bar.add_task("simulating", total=len(names) * len(seed_list))
+        try:
+            rows = distill.run(base, names, seed_list, progress=lambda row: bar.advance(task))
+        except ValueError as e:  # e.g. a proxy set larger than the training split
+            _fail(str(e))
+    typer.echo(distill.table(distill.summarize(rows), archs))
+    if out is not None:
+        meta = {"command": " ".join(["atoll", *sys.argv[1:]]),
+                "title": f"{nodes} nodes ({', '.join(archs)}), {dataset}, alpha {alpha}, {topology}"}
+        for path in distill.write_outputs(rows, out, meta, archs):
             typer.echo(f"wrote {path}", err=True)
 
 

@@ -58,6 +58,8 @@ class TrainConfig(_Strict):
 
 
 class CommConfig(_Strict):
+    exchange: Literal["model", "logits"] = Field(
+        "model", description="model: gossip parameters (one architecture); logits: distill on a proxy set (any mix)")
     topology: Literal["ring", "torus", "exponential", "random", "complete"] = "ring"
     random_degree: int = Field(4, ge=2, le=64, description="topology random: degree bound k")
     algorithm: Literal["gossip", "modest"] = Field("gossip", description="gossip averaging, or MoDeST sampling")
@@ -74,6 +76,18 @@ class CommConfig(_Strict):
     fetch_timeout: float = Field(20.0, gt=0, le=600, description="seconds to wait for a neighbour's snapshot")
     min_peers: int = Field(1, ge=1, description="live nodes (self included) needed before round 0")
     join_timeout: float = Field(60.0, gt=0)
+
+
+class DistillConfig(_Strict):
+    """Federated distillation, used when comm.exchange is logits (see node/distill/)."""
+
+    method: Literal["edgefd", "knfu", "edgefd+knfu"] = Field(
+        "edgefd", description="edgefd: speak only for in-distribution proxy rows; knfu: weight similar neighbours more")
+    proxy_size: int = Field(300, ge=10, le=100_000, description="unlabeled proxy samples taken out of the training split")
+    steps: int = Field(20, ge=1, le=10_000, description="distillation steps per round on the proxy set")
+    temperature: float = Field(1.0, gt=0, le=20)
+    knfu_beta: float = Field(10.0, ge=0, le=1000, description="knfu: softmax sharpness over neighbour similarity")
+    lr: Optional[float] = Field(None, gt=0, le=10, description="distillation step size (default: optim.lr)")
 
 
 class NetConfig(_Strict):
@@ -110,12 +124,20 @@ class NodeConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     comm: CommConfig = CommConfig()
+    distill: DistillConfig = DistillConfig()
     net: NetConfig = NetConfig()
 
     @model_validator(mode="after")
     def _index(self) -> NodeConfig:
         if self.node_index >= self.node_count:
             raise ValueError(f"node_index {self.node_index} must be < node_count {self.node_count}")
+        c = self.comm
+        if c.exchange == "logits":
+            clash = [name for name, on in (("comm.algorithm: modest", c.algorithm == "modest"),
+                                           ("comm.final_merge", c.final_merge),
+                                           ("comm.mix_variance_correction", c.mix_variance_correction)) if on]
+            if clash:
+                raise ValueError(f"comm.exchange logits does not average models: unset {', '.join(clash)}")
         return self
 
 

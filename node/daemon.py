@@ -20,16 +20,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import numpy as np
 
 import torch
 
-from node import aggregate, checkpoint
+from node import aggregate, checkpoint, distill
 from node.comm import modest
 from node.comm.mixing import metropolis_hastings, mix, renormalise
 from node.comm.schedule import allotment
 from node.comm.topology import degree, neighbours
-from node.config import NodeConfig
+from node.config import ConfigError, NodeConfig
 from node.data import load_dataset, partition
 from node.metrics import NodeMetrics
 from node.models import build_model
@@ -38,6 +40,7 @@ from node.train import (LocalTrainer, RoundStats, evaluate, make_optimizer, opti
 from p2pd import __version__
 from p2pd.client import FetchError, SwarmClient
 from p2pd.discovery import Discovery
+from p2pd.errors import ReasonedError
 from p2pd.identity import Identity
 from p2pd.records import RecordRefused, open_record
 from p2pd.server import SnapshotStore, SwarmServer, TLSConfig
@@ -84,9 +87,20 @@ class Node:
         self.identity = Identity.load_or_create(cfg.net.identity_path)
         self.ckpt_dir = Path(cfg.checkpoint_dir).expanduser()
         ds = load_dataset(cfg.data.dataset, test_fraction=cfg.data.test_fraction, seed=cfg.data.seed, path=cfg.data.path)
-        parts = partition(ds.y_train.numpy(), cfg.node_count, cfg.data.partition, alpha=cfg.data.alpha,
+        pool = np.arange(len(ds.y_train))
+        self.logits = cfg.comm.exchange == "logits"
+        self.proxy_digest = ""
+        if self.logits:  # the proxy set is nobody's labelled data: it leaves the pool first
+            try:
+                proxy_idx, self.proxy_digest = distill.proxy_split(len(pool), cfg.distill.proxy_size, cfg.data.seed,
+                                                                   cfg.data.dataset)
+            except ValueError as e:
+                raise ConfigError(f"invalid config: distill.proxy_size: {e}") from None
+            pool = np.setdiff1d(pool, proxy_idx)
+            self.proxy_x = ds.x_train[torch.from_numpy(proxy_idx)].to(self.device)
+        parts = partition(ds.y_train.numpy()[pool], cfg.node_count, cfg.data.partition, alpha=cfg.data.alpha,
                           shards_per_node=cfg.data.shards_per_node, seed=cfg.data.seed)
-        mine = torch.from_numpy(parts[cfg.node_index])
+        mine = torch.from_numpy(pool[parts[cfg.node_index]])
         self.x, self.y = ds.x_train[mine].to(self.device), ds.y_train[mine].to(self.device)
         self.x_test, self.y_test = ds.x_test.to(self.device), ds.y_test.to(self.device)
         # one shared init: every node builds the model from the same seed
@@ -95,6 +109,12 @@ class Node:
         self.optimizer = make_optimizer(self.model, o.name, o.lr, o.momentum, o.weight_decay)
         self.trainer = LocalTrainer(self.model, self.optimizer, self.x, self.y, o.batch_size,
                                     seed=cfg.train.seed * 7919 + cfg.node_index, sam_rho=o.sam_rho)
+        if self.logits:
+            self.num_classes = ds.num_classes
+            # its own momentum-free optimizer: see node.distill.kd.distill_steps
+            self.distill_opt = torch.optim.SGD(self.model.parameters(), lr=cfg.distill.lr or o.lr)
+            self.proxy_rows = distill.speaking_rows(distill.uses_filter(cfg.distill.method), self.x, self.proxy_x,
+                                                    cfg.data.seed)
         self.start_round = 0
         restored = checkpoint.load(self.ckpt_dir, self.device)
         if restored is not None:
@@ -128,7 +148,7 @@ class Node:
         self.dataset_size = len(self.x)
         advertised = f"{cfg.net.advertise_host or cfg.net.host}:{self.server.port}"
         self.discovery.announce(grpc_address=advertised, device=_device_label(self.device),
-                                dataset_size=self.dataset_size, round=self.start_round,
+                                dataset_size=self.dataset_size, round=self.start_round, proxy_digest=self.proxy_digest,
                                 roles=("trainer",), software_version=__version__)
         self.on_event(dict(event="ready", peer_id=self.identity.peer_id, grpc=self.server.address,
                            maddrs=self.discovery.visible_maddrs(), metrics_port=self.metrics_port,
@@ -174,6 +194,8 @@ class Node:
                 t0 = time.perf_counter()
                 if self.cfg.comm.algorithm == "modest":
                     stats, mixed_with = self._modest_round(r, rounds)
+                elif self.logits:
+                    stats, mixed_with = self._distill_round(r, rounds)
                 else:
                     stats = self._train(r, rounds)
                     if self.stop_requested.is_set():
@@ -254,7 +276,8 @@ class Node:
                                   samples_per_second=round(stats.samples_per_second, 3))
         if me in aggs:
             own = self.model.state_dict()
-            models = self._fetch_all([t for t in trainers if t != me and t in addr], addr, r, 0, own)
+            models = self._fetch_all([t for t in trainers if t != me and t in addr], addr, SnapshotKey("model", r, 0),
+                                     _model_like(own))
             if me in trainers:
                 models[me] = own
             if models:
@@ -276,7 +299,8 @@ class Node:
         own = self.model.state_dict()
         for a in aggs:
             if a in addr:
-                sd = self._fetch_round(a, addr[a], r, modest.AGGREGATE_STEP, own, time.monotonic() + c.fetch_timeout)
+                sd = self._fetch_round(a, addr[a], SnapshotKey("model", r, modest.AGGREGATE_STEP), _model_like(own),
+                                       time.monotonic() + c.fetch_timeout)
                 if sd is not None:
                     self.model.load_state_dict(sd)
                     return True
@@ -285,6 +309,50 @@ class Node:
     def _adopt_final_aggregate(self, rounds: int) -> None:
         live = self.discovery.live_peers()
         self._adopt_aggregate([p.peer_id for p in live], {p.peer_id: p.grpc_address for p in live}, rounds - 1)
+
+    def _distill_round(self, r: int, rounds: int):
+        """Logit exchange: train locally, publish this round's logits on the proxy rows we
+        speak for, then distill from the neighbours' logits of the same round (the order
+        is measured in node/sim.py)."""
+        stats = self._train(r, rounds)
+        if self.stop_requested.is_set():
+            return stats, []
+        payload = distill.logits_payload(self.model, self.proxy_x, self.proxy_rows)
+        packed = self.store.publish(SnapshotKey("logits", r, 0), payload)
+        self.discovery.update(round=r, step=0, model_digest=packed.hexdigest,
+                              samples_per_second=round(stats.samples_per_second, 3))
+        return stats, self._distill_from_neighbours(r)
+
+    def _distill_from_neighbours(self, r: int) -> list[str]:
+        """Fetch the neighbours' round r logits, fuse them per proxy row (EdgeFD: only the
+        rows each teacher speaks for; KnFu: similarity weights) and take the distillation
+        steps. Returns the teachers used."""
+        cfg, me = self.cfg, self.identity.peer_id
+        live = self.discovery.live_peers()
+        self._set_peers(len(live))
+        nbrs = neighbours([p.peer_id for p in live], me, cfg.comm.topology, r * 1000, cfg.train.seed,
+                          cfg.comm.random_degree)
+        addr = {p.peer_id: p.grpc_address for p in live}
+        n_proxy = len(self.proxy_x)
+        teachers = self._fetch_all(nbrs, addr, SnapshotKey("logits", r, 0),
+                                   lambda t: distill.check_logits(t, n_proxy, self.num_classes))
+        if not teachers:
+            return []
+        d = cfg.distill
+        if distill.uses_knfu(d.method):
+            self.model.eval()
+            with torch.no_grad():
+                own = self.model(self.proxy_x)
+            weights = distill.knfu_weights(own, {j: t[1] for j, t in teachers.items()}, d.knfu_beta)
+        else:
+            weights = {j: 1.0 for j in teachers}
+        targets, covered = distill.fused_targets(n_proxy, self.num_classes, teachers, weights, d.temperature)
+        gen = torch.Generator().manual_seed(cfg.train.seed * 31 + r * 7 + cfg.node_index)
+        loss = distill.distill_steps(self.model, self.distill_opt, self.proxy_x, targets, covered, d.steps,
+                                     cfg.optim.batch_size, d.temperature, gen)
+        if loss is not None:
+            self.metrics.distill_loss.set(loss)
+        return sorted(teachers)
 
     def _gossip(self, r: int, q: int, samples_per_second: float) -> list[str]:
         """Gossip step q of round r: publish, fetch the neighbours' (r, q), mix in place.
@@ -305,26 +373,26 @@ class Node:
         addr = {p.peer_id: p.grpc_address for p in live}
         self_w, w = metropolis_hastings(degree(ids, me, kind, g_round, seed, k),
                                         {j: degree(ids, j, kind, g_round, seed, k) for j in nbrs})
-        answered = self._fetch_all(nbrs, addr, r, q, own)
+        answered = self._fetch_all(nbrs, addr, SnapshotKey("model", r, q), _model_like(own))
         self_w, w = renormalise(self_w, w, set(answered))
         mixed = mix(own, answered, self_w, w, correct_variance=self.cfg.comm.mix_variance_correction)
         self.model.load_state_dict(mixed)
         return sorted(answered)
 
-    def _fetch_all(self, peers: list[str], addr: dict[str, str], r: int, q: int, own: dict) -> dict[str, dict]:
-        """(r, q) snapshots of `peers`, fetched in parallel under one deadline; those that
-        answered in time."""
+    def _fetch_all(self, peers: list[str], addr: dict[str, str], key: SnapshotKey, accept: Accept) -> dict[str, Any]:
+        """`key` snapshots of `peers`, fetched in parallel under one deadline and passed through
+        `accept`; those that answered in time and were accepted."""
         if not peers:
             return {}
         deadline = time.monotonic() + self.cfg.comm.fetch_timeout
         with ThreadPoolExecutor(max_workers=min(32, len(peers)), thread_name_prefix="atoll-fetch") as pool:
-            got = dict(zip(peers, pool.map(lambda j: self._fetch_round(j, addr[j], r, q, own, deadline), peers)))
-        return {j: sd for j, sd in got.items() if sd is not None}
+            got = dict(zip(peers, pool.map(lambda j: self._fetch_round(j, addr[j], key, accept, deadline), peers)))
+        return {j: v for j, v in got.items() if v is not None}
 
-    def _fetch_round(self, peer_id: str, address: str, r: int, q: int, own: dict, deadline: float) -> dict | None:
-        """The neighbour's model of (round r, step q), or None (reason counted) if not had by
-        the deadline."""
-        key = SnapshotKey("model", r, q)
+    def _fetch_round(self, peer_id: str, address: str, key: SnapshotKey, accept: Accept, deadline: float) -> Any:
+        """accept(the neighbour's snapshot `key`), or None (reason counted) if not had by the
+        deadline or refused. `accept` raises a ReasonedError for content that must not be used."""
+        r, q = key.round, key.step
         client = self._client(address)
         reason = "timeout"
         while time.monotonic() < deadline and not self.stop_requested.is_set():
@@ -332,6 +400,9 @@ class Node:
             try:
                 envelope, keys = client.health(timeout=min(5.0, remaining))
                 rec = open_record(envelope, now=time.time(), expected_peer_id=peer_id)
+                if key.kind == "logits" and rec.proxy_digest != self.proxy_digest:
+                    reason = "proxy_mismatch"  # logits about another proxy set: meaningless to us
+                    break
                 if key not in keys:
                     reason = "behind" if (rec.round, rec.step) < (r, q) else "evicted"
                     if (rec.round, rec.step) > (r, q):
@@ -346,10 +417,7 @@ class Node:
                 self.metrics.received.inc(snap.nbytes)
                 with self._lock:
                     self._received_bytes += snap.nbytes
-                if not _compatible(snap.tensors, own):
-                    reason = "incompatible"
-                    break
-                return snap.tensors
+                return accept(snap.tensors)
             except RecordRefused as e:
                 reason = f"record_{e.reason}"
                 break
@@ -359,6 +427,9 @@ class Node:
                     time.sleep(0.1)
                     continue
                 break  # bad data: skip this neighbour for this round
+            except ReasonedError as e:  # refused by `accept`
+                reason = e.reason
+                break
         self.metrics.fetch_failures.labels(reason=reason).inc()
         log.info("round %d: skipped neighbour %s (%s)", r, peer_id[:16], reason)
         return None
@@ -425,7 +496,7 @@ class Node:
             self.metrics.fetch_failures.labels(reason="merge_canonical_gone").inc()
             return mine
         deadline = time.monotonic() + self.cfg.comm.fetch_timeout
-        theirs = self._fetch_round(canonical, addr, round_, 0, mine, deadline)
+        theirs = self._fetch_round(canonical, addr, SnapshotKey("model", round_, 0), _model_like(mine), deadline)
         if theirs is None:
             return mine
         if not same_merge(mine, theirs):
@@ -457,8 +528,16 @@ def _device_label(dev: torch.device) -> str:
     return dev.type if dev.index is None or dev.type != "cuda" else f"cuda:{dev.index}"
 
 
-def _compatible(theirs: dict, own: dict) -> bool:
-    return set(theirs) == set(own) and all(
-        theirs[k].shape == own[k].shape and theirs[k].dtype == own[k].dtype for k in own
-    )
+Accept = Callable[[dict], Any]
+
+
+def _model_like(own: dict) -> Accept:
+    """Accept a received state dict only if it has our model's names, shapes and dtypes."""
+
+    def accept(theirs: dict) -> dict:
+        if set(theirs) != set(own) or any(theirs[k].shape != own[k].shape or theirs[k].dtype != own[k].dtype for k in own):
+            raise ReasonedError("incompatible", "snapshot does not fit this model")
+        return theirs
+
+    return accept
 

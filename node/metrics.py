@@ -28,6 +28,8 @@ class NodeMetrics:
         )
         self.fetch_failures = Counter("atoll_fetch_failures", "Neighbour fetches that failed, by reason", ["reason"], registry=r)
         self.neighbours_mixed = Gauge("atoll_neighbours_mixed", "Neighbours whose model was mixed in the last round", registry=r)
+        self.distill_loss = Gauge("atoll_distill_loss", "Mean distillation loss on the proxy set in the last round "
+                                  "(logit exchange only)", registry=r)
         self.merge_peers = Gauge("atoll_final_merge_peers",
                                  "Group size of the final all-reduce merge (0: this node missed it)", registry=r)
         self.checkpoint_time = 0.0

@@ -37,6 +37,7 @@ class NodeRun:
     last: dict | None = None
     final: dict | None = None
     log_path: Path | None = None
+    model: str = ""
 
 
 def _reader(run: NodeRun) -> None:
@@ -95,7 +96,7 @@ def start_node(cfg: NodeConfig, workdir: Path) -> NodeRun:
     # its own session and process group: see kill_tree
     proc = subprocess.Popen(node_command(path), stdout=subprocess.PIPE, stderr=open(log_path, "wb"),
                             stdin=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
-    run = NodeRun(cfg.node_index, proc, log_path=log_path)
+    run = NodeRun(cfg.node_index, proc, log_path=log_path, model=model_name(cfg))
     threading.Thread(target=_reader, args=(run,), daemon=True).start()
     return run
 
@@ -117,6 +118,19 @@ def node_configs(swarm_cfg: SwarmConfig, workdir: Path) -> list[NodeConfig]:
         c.comm.min_peers = swarm_cfg.nodes
         cfgs.append(c)
     return cfgs
+
+
+def model_name(cfg: NodeConfig) -> str:
+    return f"{cfg.model.family}:{cfg.model.width}"
+
+
+def centralized_baselines(swarm_cfg: SwarmConfig) -> dict[str, float]:
+    """One centralized baseline per model the swarm runs (a mixed swarm has several)."""
+    firsts = {}
+    for i in range(swarm_cfg.nodes):
+        c = swarm_cfg.config_for(i)
+        firsts.setdefault(model_name(c), c)
+    return {name: centralized_baseline(c) for name, c in firsts.items()}
 
 
 def centralized_baseline(base: NodeConfig) -> float:
@@ -205,16 +219,17 @@ def check_workdir(workdir: Path) -> None:
                          f"choose an empty directory")
 
 
-def results(runs: list[NodeRun], baseline: float, swarm_cfg: SwarmConfig, seconds: float) -> dict:
+def results(runs: list[NodeRun], baselines: dict[str, float], swarm_cfg: SwarmConfig, seconds: float) -> dict:
     return {
         "nodes": [
-            {"index": r.index, "peer_id": r.ready["peer_id"], "final_accuracy": r.final.get("accuracy"),
+            {"index": r.index, "peer_id": r.ready["peer_id"], "model": model_name(swarm_cfg.config_for(r.index)),
+             "final_accuracy": r.final.get("accuracy"),
              "rounds": r.final.get("round"), "sent_bytes": r.final.get("sent_bytes"),
              "received_bytes": r.final.get("received_bytes"), "dataset_size": r.final.get("dataset_size"),
              "model_digest": r.final.get("model_digest"), "merged_with": r.final.get("merged_with")}
             for r in runs
         ],
-        "centralized_baseline_accuracy": baseline,
+        "centralized_baseline_accuracy": baselines,  # by model
         "wall_seconds": round(seconds, 2),
         "config": swarm_cfg.model_dump(mode="json"),
     }

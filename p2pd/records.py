@@ -64,6 +64,7 @@ class PeerRecord(BaseModel):
     round: Annotated[int, Field(ge=0, lt=2**63)] = 0
     step: Annotated[int, Field(ge=0, lt=2**32)] = 0  # gossip step within the round
     model_digest: str = ""  # hex BLAKE3 of the snapshot published as (round, step), "" if none
+    proxy_digest: str = ""  # logit exchange: hex digest of the node's proxy set, "" if it exchanges models
     roles: Annotated[tuple[Role, ...], Field(max_length=5)] = ("trainer",)
     software_version: Annotated[str, Field(max_length=32)] = __version__
     issued_at: float
@@ -101,11 +102,11 @@ class PeerRecord(BaseModel):
             raise ValueError(f"device must be cpu, mps or cuda[:N], got {v!r}")
         return v
 
-    @field_validator("model_digest")
+    @field_validator("model_digest", "proxy_digest")
     @classmethod
     def _digest(cls, v: str) -> str:
         if v and not _HEX64.fullmatch(v):
-            raise ValueError("model_digest must be 64 lowercase hex characters or empty")
+            raise ValueError("digests must be 64 lowercase hex characters or empty")
         return v
 
     @field_validator("samples_per_second", "issued_at", "expires_at")

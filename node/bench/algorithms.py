@@ -38,8 +38,9 @@ def methods(rounds: int, q: int = 4) -> dict[str, dict]:
     }
 
 
-def run(base: SimConfig, names: list[str], seeds: list[int], progress=None) -> list[dict]:
-    table = methods(base.rounds)
+def run(base: SimConfig, names: list[str], seeds: list[int], progress=None, table: dict[str, dict] | None = None) -> list[dict]:
+    """Every named method (SimConfig overrides from `table`, default `methods`) over every seed."""
+    table = table if table is not None else methods(base.rounds)
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; available: {', '.join(table)}")
@@ -50,7 +51,8 @@ def run(base: SimConfig, names: list[str], seeds: list[int], progress=None) -> l
             res = Simulation(cfg).run()
             rows.append(dict(method=name, seed=seed, alpha=base.alpha, nodes=base.nodes,
                              final_accuracy_mean=statistics.fmean(res.final_accuracies),
-                             final_accuracy_min=min(res.final_accuracies), bytes_sent=res.bytes_sent,
+                             final_accuracy_min=min(res.final_accuracies), final_accuracies=res.final_accuracies,
+                             bytes_sent=res.bytes_sent,
                              seconds=res.seconds, log=[asdict(x) for x in res.log], config=asdict(cfg)))
             if progress:
                 progress(rows[-1])
@@ -78,9 +80,12 @@ def table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
-    summary = summarize(rows)
-    written = write_results(out, {"meta": meta, "summary": summary, "runs": rows}, table(summary))
+def write_outputs(rows: list[dict], out: Path, meta: dict, summary: list[dict] | None = None,
+                  table_md: str | None = None) -> list[Path]:
+    """results.json, table.md and accuracy.png (against rounds and against bytes)."""
+    summary = summary if summary is not None else summarize(rows)
+    written = write_results(out, {"meta": meta, "summary": summary, "runs": rows},
+                            table_md if table_md is not None else table(summary))
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
     names = list(dict.fromkeys(r["method"] for r in rows))
