@@ -9,6 +9,12 @@ Round protocol (decentralized SGD, one gossip step per round):
    signed); a neighbour that has not answered by the deadline is skipped this round;
 4. mix with Metropolis-Hastings weights renormalised over the neighbours that answered;
 5. evaluate, export metrics, checkpoint (next round r+1).
+Other exchanges follow the same publish-then-fetch pattern: a gossip schedule runs steps 2-4
+once per gossip step q (snapshots (model, r, q)); MoDeST samples trainers and aggregators
+(node/comm/modest.py); with `comm.exchange: logits` (any mix of architectures) step 2 publishes
+the node's logits on the shared proxy set as (logits, r, 0), neighbours whose record names
+another proxy digest are skipped, and step 4 is distillation from the neighbours' logits
+(node/distill/).
 After the last round the node publishes its final model as round R and keeps serving until
 every live peer has reached R (or a timeout), so slower neighbours can still fetch from it.
 """

@@ -60,3 +60,19 @@ def test_bench_algorithms_and_scale_write_their_outputs(tmp_path):
     assert [row["nodes"] for row in rows] == [4, 8] and all(row["peak_rss_mb"] > 0 for row in rows)
     bad = atoll("bench", "algorithms", "--methods", "gossip-of-doom", timeout=60)
     assert bad.returncode == 2 and "unknown methods" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_distill_writes_per_architecture_results(tmp_path):
+    r = atoll("bench", "distill", "--nodes", "4", "--architectures", "mlp:16,cnn:8", "--rounds", "2",
+              "--local-steps", "3", "--distill-steps", "2", "--proxy-size", "60", "--seeds", "0",
+              "--methods", "isolated,edgefd,gossip_same_arch", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    summary = {s["method"]: s for s in res["summary"]}
+    assert set(summary["edgefd"]["per_architecture"]) == {"mlp:16", "cnn:8"}
+    assert summary["isolated"]["kilobytes_per_round"] == 0 < summary["edgefd"]["kilobytes_per_round"]
+    assert summary["edgefd"]["kilobytes_per_round"] < summary["gossip_same_arch"]["kilobytes_per_round"]
+    assert "fewer" in (tmp_path / "table.md").read_text() and (tmp_path / "accuracy.png").stat().st_size > 0
+    for bad in (["--architectures", "mlp:huge"], ["--methods", "fedmd"], ["--proxy-size", "5000"]):
+        b = atoll("bench", "distill", "--seeds", "0", "--rounds", "1", *bad, timeout=60)
+        assert b.returncode == 2 and "Traceback" not in b.stderr and b.stderr.strip(), (bad, b.stderr[-500:])

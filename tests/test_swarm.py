@@ -122,6 +122,9 @@ def test_sigterm_checkpoints_and_leaves(tmp_path):
     (["--set", "train.rounds=-1"], "train.rounds"),
     (["--set", "data.alpha=zero"], "data.alpha"),
     (["--config", "/nonexistent.yaml"], "cannot read"),
+    (["--set", "comm.exchange=logits", "--set", "comm.final_merge=true"], "comm.final_merge"),
+    (["--set", "distill.method=fedmd"], "distill.method"),
+    (["--set", "comm.exchange=logits", "--set", "distill.proxy_size=5000"], "distill.proxy_size"),
 ])
 def test_bad_config_is_one_clear_line(args, needle):
     r = subprocess.run([sys.executable, "-m", "node.cli", "node", "start", *args], capture_output=True, text=True,

@@ -5,7 +5,8 @@ steps per round. Methods: isolated local training; EdgeFD, KnFu and both combine
 (exchange logits on the proxy set); model gossip, which can only mix models of one
 architecture, so each architecture group gossips on its own; centralized training of each
 architecture on all the data. The table gives per-architecture accuracy (mean over that
-architecture's nodes and the seeds) and bytes per round (all nodes).
+architecture's nodes and the seeds), the mean over all nodes with its spread over seeds, and
+bytes per round (all nodes).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def summarize(rows: list[dict]) -> list[dict]:
             accs = [acc for r in rs for i, acc in enumerate(r["final_accuracies"]) if archs[i % len(archs)] == a]
             per_arch[a] = statistics.fmean(accs)
         rounds = rs[0]["config"]["rounds"]
-        out.append(dict(method=name, seeds=len(rs), per_architecture=per_arch,
-                        accuracy=statistics.fmean(r["final_accuracy_mean"] for r in rs),
+        means = [r["final_accuracy_mean"] for r in rs]
+        out.append(dict(method=name, seeds=len(rs), per_architecture=per_arch, accuracy=statistics.fmean(means),
+                        accuracy_std=statistics.stdev(means) if len(means) > 1 else 0.0,
                         kilobytes_per_round=statistics.fmean(r["bytes_sent"] for r in rs) / 1e3 / rounds,
                         seconds=statistics.fmean(r["seconds"] for r in rs)))
     return out
@@ -51,13 +53,13 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def table(summary: list[dict], architectures: list[str]) -> str:
     gossip = next((s["kilobytes_per_round"] for s in summary if s["method"] == "gossip_same_arch"), None)
-    head = "| method | " + " | ".join(architectures) + " | all nodes | KB per round | vs model gossip bytes |"
+    head = "| method | " + " | ".join(architectures) + " | all nodes (± std over seeds) | KB per round | vs model gossip bytes |"
     lines = [head, "|---|" + "---:|" * (len(architectures) + 3)]
     for s in summary:
         accs = [f"{100 * s['per_architecture'][a]:.1f}" if a in s["per_architecture"] else "" for a in architectures]
         kb = s["kilobytes_per_round"]
         ratio = f"{gossip / kb:.0f}x fewer" if gossip and kb and s["method"] != "gossip_same_arch" else ""
-        lines.append(f"| {s['method']} | " + " | ".join(accs) + f" | {100 * s['accuracy']:.1f} | {kb:.1f} | {ratio} |")
+        lines.append(f"| {s['method']} | " + " | ".join(accs) + f" | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f} | {kb:.1f} | {ratio} |")
     return "\n".join(lines)
 
 
