@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 ARCHS = [("mlp", 32), ("mlp", 128), ("cnn", 16)]
 
 
-def node_config(path, workdir, i, n, swarm, rounds, **comm):
+def node_config(path, workdir, i, n, swarm, rounds, method="edgefd", **comm):
     family, width = ARCHS[i % len(ARCHS)]
     cfg = {
         "node_index": i, "node_count": n, "checkpoint_dir": str(workdir / f"n{i}" / "ckpt"), "metrics_port": 0,
@@ -23,7 +23,7 @@ def node_config(path, workdir, i, n, swarm, rounds, **comm):
         "train": {"rounds": rounds, "local_steps": 10},
         "comm": {"exchange": "logits", "topology": "complete", "fetch_timeout": 10, "min_peers": n,
                  "join_timeout": 60, **comm},
-        "distill": {"method": "edgefd", "proxy_size": 300, "steps": 20},
+        "distill": {"method": method, "proxy_size": 300, "steps": 20},
         "net": {"swarm": swarm, "identity_path": str(workdir / f"n{i}" / "node.key"), "record_ttl": 4},
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -37,7 +37,8 @@ def test_mixed_architecture_swarm_learns_through_logits(tmp_path):
     rounds, nodes = 6, []
     try:
         for i in range(3):
-            cfg = node_config(tmp_path / f"n{i}.yaml", tmp_path, i, 3, "mixed", rounds)
+            # the filter and the KnFu weights both on: every distillation code path of the daemon
+            cfg = node_config(tmp_path / f"n{i}.yaml", tmp_path, i, 3, "mixed", rounds, method="edgefd+knfu")
             extra = ["--set", f"net.initial_peers={nodes[0].info['maddrs']}"] if nodes else []
             nodes.append(atoll_node(cfg, *extra, log=tmp_path / f"n{i}.log"))
             nodes[-1].ready(60)
