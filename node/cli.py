@@ -378,6 +378,62 @@ def bench_distill(
             typer.echo(f"wrote {path}", err=True)
 
 
+def _names(text: str, option: str, available) -> list[str]:
+    names = list(available) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [n for n in names if n not in available]
+    if unknown or not names:
+        _fail(f"{option}: unknown {unknown or text!r}; available: {', '.join(available)}")
+    return names
+
+
+@bench_app.command("byzantine")
+def bench_byzantine(
+    honest: int = typer.Option(16, min=2, max=256, help="Honest nodes in the main grid."),
+    fraction: float = typer.Option(0.25, min=0.0, max=0.49, help="Byzantine share of the swarm (at least)."),
+    sybils: int = typer.Option(10, min=1, max=256, help="Sybil identities in the sybil run."),
+    sybil_honest: int = typer.Option(6, min=2, max=256, help="Honest nodes in the sybil run."),
+    attacks: str = typer.Option("all", help="Comma-separated attacks, or all."),
+    aggregators: str = typer.Option("all", help="Comma-separated aggregators, or all."),
+    dataset: str = typer.Option("digits", help="digits or fashion-mnist."),
+    alpha: float = typer.Option(0.5, min=0.001, help="Dirichlet alpha of the partition."),
+    rounds: int = typer.Option(20, min=1, max=10000),
+    local_steps: int = typer.Option(10, min=1, help="Local SGD steps per node per round."),
+    topology: str = typer.Option("complete", help="ring, torus, exponential, random or complete."),
+    seeds: str = typer.Option("0,1", help="Comma-separated seeds."),
+    out: Optional[Path] = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
+) -> None:
+    """Every attack (label flip, sign flip, Gaussian, ALIE, IPM, free riding, sybils) against every
+    aggregator (mean, median, trimmed mean, Krum, ClippedGossip, SybilWall, Bristle), plus a sybil
+    run, with the trust score's detection precision and recall, in the simulator."""
+    from rich.progress import Progress
+
+    from node.aggregate.robust import AGGREGATORS
+    from node.bench import byzantine
+    from node.security.attacks import ATTACKS
+    from node.sim import SimConfig
+
+    atk = _names(attacks, "--attacks", ATTACKS)
+    agg = _names(aggregators, "--aggregators", AGGREGATORS)
+    if topology not in ("ring", "torus", "exponential", "random", "complete"):
+        _fail(f"--topology: unknown {topology!r}")
+    seed_list = _int_list(seeds, "--seeds", 0, 2**31)
+    n_byz = byzantine.byzantine_count(honest, fraction)
+    base = SimConfig(dataset=dataset, alpha=alpha, rounds=rounds, local_steps=local_steps, topology=topology)
+    runs = len(list(byzantine.cases(honest, n_byz, sybils, sybil_honest, atk, agg))) * len(seed_list)
+    typer.echo(f"bench byzantine: {honest} honest + {n_byz} byzantine; sybil run {sybils} vs {sybil_honest}; "
+               f"{runs} simulations", err=True)
+    with Progress(transient=True) as bar:
+        task = bar.add_task("simulating", total=runs)
+        rows = byzantine.run(base, seed_list, honest, n_byz, sybils, sybil_honest, atk, agg,
+                             progress=lambda row: bar.advance(task))
+    typer.echo(byzantine.tables(byzantine.summarize(rows), agg))
+    if out is not None:
+        meta = {"command": " ".join(["atoll", *sys.argv[1:]]),
+                "title": f"{honest} honest + {n_byz} byzantine, {dataset}, alpha {alpha}, {topology}, {rounds} rounds"}
+        for path in byzantine.write_outputs(rows, out, meta):
+            typer.echo(f"wrote {path}", err=True)
+
+
 @bench_app.command("scale")
 def bench_scale(
     sizes: str = typer.Option("16,64,256", help="Numbers of virtual nodes, comma-separated."),

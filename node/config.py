@@ -90,6 +90,36 @@ class DistillConfig(_Strict):
     lr: Optional[float] = Field(None, gt=0, le=10, description="distillation step size (default: optim.lr)")
 
 
+class SecurityConfig(_Strict):
+    """Byzantine and sybil defence (node/aggregate/robust.py, node/security/), and attacks for
+    tests and benchmarks. Model exchange with gossip only."""
+
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "clipped", "sybilwall", "bristle"] = Field(
+        "mean", description="how neighbour models are combined; mean is plain gossip averaging")
+    byzantine_fraction: float = Field(0.25, ge=0, lt=0.5, description="share of inputs the robust aggregators assume malicious")
+    flag_below: float = Field(0.35, gt=0, lt=1, description="trust below this flags a neighbour")
+    sybil_similarity: float = Field(0.98, gt=0, le=1, description="update-history cosine that marks suspected sybils")
+    metrics_top_n: int = Field(16, ge=1, le=256, description="per-peer trust series exported for the N least trusted")
+    fetch_rate: float = Field(20.0, gt=0, description="gRPC calls per second served to one identity (token bucket)")
+    fetch_burst: int = Field(60, ge=1, description="token bucket size per identity")
+    attack: Optional[Literal["label_flip", "sign_flip", "gaussian", "alie", "ipm", "free_ride", "sybil"]] = Field(
+        None, description="make this node malicious (tests and benchmarks only)")
+    attack_params: dict[str, float | str] = Field({}, description="scale, sigma, epsilon, z, free_ride_mode, jitter")
+
+    @model_validator(mode="after")
+    def _attack_params(self) -> SecurityConfig:
+        if self.attack is not None:
+            from node.security.attacks import Attack
+
+            try:
+                Attack(self.attack, **self.attack_params)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"attack_params: {e}") from None
+        elif self.attack_params:
+            raise ValueError("attack_params set without an attack")
+        return self
+
+
 class NetConfig(_Strict):
     swarm: str = "atoll"
     identity_path: Path = Path("~/.atoll/node.key")
@@ -125,6 +155,7 @@ class NodeConfig(_Strict):
     train: TrainConfig = TrainConfig()
     comm: CommConfig = CommConfig()
     distill: DistillConfig = DistillConfig()
+    security: SecurityConfig = SecurityConfig()
     net: NetConfig = NetConfig()
 
     @model_validator(mode="after")
@@ -138,6 +169,9 @@ class NodeConfig(_Strict):
                                            ("comm.mix_variance_correction", c.mix_variance_correction)) if on]
             if clash:
                 raise ValueError(f"comm.exchange logits does not average models: unset {', '.join(clash)}")
+        sec = self.security
+        if (sec.aggregator != "mean" or sec.attack) and (c.exchange != "model" or c.algorithm != "gossip"):
+            raise ValueError("security.aggregator and security.attack need comm.exchange model and comm.algorithm gossip")
         return self
 
 

@@ -41,6 +41,10 @@ from node.config import ConfigError, NodeConfig
 from node.data import load_dataset, partition
 from node.metrics import NodeMetrics
 from node.models import build_model
+from node.aggregate.vectors import flatten, unflatten
+from node.security import Attack, flip_labels
+from node.security.defence import Defence
+from node.security.trust import TrustTracker
 from node.train import (LocalTrainer, RoundStats, evaluate, make_optimizer, optimizer_tensors, restore_optimizer, round_lr,
                         set_lr)
 from p2pd import __version__
@@ -108,6 +112,10 @@ class Node:
                           shards_per_node=cfg.data.shards_per_node, seed=cfg.data.seed)
         mine = torch.from_numpy(pool[parts[cfg.node_index]])
         self.x, self.y = ds.x_train[mine].to(self.device), ds.y_train[mine].to(self.device)
+        sec = cfg.security
+        self.attack = Attack(sec.attack, **sec.attack_params) if sec.attack else None
+        if self.attack is not None and self.attack.flips_labels:
+            self.y = flip_labels(self.y, ds.num_classes)
         self.x_test, self.y_test = ds.x_test.to(self.device), ds.y_test.to(self.device)
         # one shared init: every node builds the model from the same seed
         self.model = build_model(cfg.model.family, ds.input_shape, ds.num_classes, cfg.model.width, cfg.train.seed).to(self.device)
@@ -115,6 +123,14 @@ class Node:
         self.optimizer = make_optimizer(self.model, o.name, o.lr, o.momentum, o.weight_decay)
         self.trainer = LocalTrainer(self.model, self.optimizer, self.x, self.y, o.batch_size,
                                     seed=cfg.train.seed * 7919 + cfg.node_index, sam_rho=o.sam_rho)
+        self.init_vector = flatten(self.model.state_dict())  # the shared init (free riders publish it)
+        self.defence = Defence(sec.aggregator, self.model, self.x, self.y, ds.num_classes, sec.byzantine_fraction,
+                               seed=cfg.train.seed * 7919 + cfg.node_index,
+                               tracker=TrustTracker(flag_below=sec.flag_below, sybil_similarity=sec.sybil_similarity))
+        self._honest_seen: list = []  # neighbour models of the last exchange (what alie/ipm attackers use)
+        self._round_start: dict | None = None
+        self._trust_view: tuple = ({}, [])  # (signals by peer, sybil clusters), replaced whole each exchange
+        self.metrics.watch_trust(lambda: self._trust_view, sec.metrics_top_n)
         if self.logits:
             self.num_classes = ds.num_classes
             # its own momentum-free optimizer: see node.distill.kd.distill_steps
@@ -203,6 +219,7 @@ class Node:
                 elif self.logits:
                     stats, mixed_with = self._distill_round(r, rounds)
                 else:
+                    self._round_start = {k: v.clone() for k, v in self.model.state_dict().items()}
                     stats = self._train(r, rounds)
                     if self.stop_requested.is_set():
                         break  # checkpoint below keeps round r: it restarts from this model
@@ -364,7 +381,7 @@ class Node:
         """Gossip step q of round r: publish, fetch the neighbours' (r, q), mix in place.
         Returns the neighbours that were mixed."""
         own = self.model.state_dict()
-        packed = self.store.publish(SnapshotKey("model", r, q), own)
+        packed = self.store.publish(SnapshotKey("model", r, q), self._published(own, r, q))
         self.discovery.update(round=r, step=q, model_digest=packed.hexdigest,
                               samples_per_second=round(samples_per_second, 3))
         live = self.discovery.live_peers()
@@ -381,9 +398,32 @@ class Node:
                                         {j: degree(ids, j, kind, g_round, seed, k) for j in nbrs})
         answered = self._fetch_all(nbrs, addr, SnapshotKey("model", r, q), _model_like(own))
         self_w, w = renormalise(self_w, w, set(answered))
-        mixed = mix(own, answered, self_w, w, correct_variance=self.cfg.comm.mix_variance_correction)
+        if not answered:
+            return []
+        ref = self._round_start if q == 0 and self._round_start is not None else own
+        mixed, signals, outcome = self.defence.step(r, ref, own, answered, self_w, w,
+                                                    self.cfg.comm.mix_variance_correction)
+        for reason in outcome.discarded.values():
+            self.metrics.updates_discarded.labels(reason=reason).inc()
+        tracker = self.defence.tracker
+        tracker.forget(set(ids))
+        self._trust_view = (dict(tracker.signals), tracker.sybil_clusters())
+        if self.attack is not None:
+            self._honest_seen = [flatten(sd) for sd in answered.values()]
+            if not self.attack.mixes:
+                return []
         self.model.load_state_dict(mixed)
         return sorted(answered)
+
+    def _published(self, own: dict, r: int, q: int) -> dict:
+        """What this node publishes: its model, or, for an attacking node, the attack's forgery."""
+        if self.attack is None:
+            return own
+        base = flatten(self._round_start if q == 0 and self._round_start is not None else own)
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + r * 1009 + q * 31 + self.cfg.node_index)
+        vec = self.attack.craft(base, flatten(own), self.init_vector, self._honest_seen,
+                                n=len(self._honest_seen) + 2, f=1, gen=gen)
+        return unflatten(vec, own)
 
     def _fetch_all(self, peers: list[str], addr: dict[str, str], key: SnapshotKey, accept: Accept) -> dict[str, Any]:
         """`key` snapshots of `peers`, fetched in parallel under one deadline and passed through

@@ -1,7 +1,11 @@
 """Prometheus metrics of one node: one registry, one exporter.
 
 Names follow Prometheus conventions (atoll_ prefix, base units, _total counters). Labels are
-low-cardinality: `reason` takes values from a fixed set of refusal reasons.
+low-cardinality: `reason` takes values from a fixed set of refusal reasons, and the per-peer
+trust series (`peer` = the neighbour's full peer id, so it matches `atoll status` and the DHT)
+are exported only for the `top_n` least trusted neighbours in view: at most top_n series per
+metric per node, whatever the swarm's size, and always the ones an operator needs to see.
+Swarm-wide counts (flagged peers, sybil-cluster size) cover every neighbour.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
 class NodeMetrics:
@@ -32,6 +36,9 @@ class NodeMetrics:
                                   "(logit exchange only)", registry=r)
         self.merge_peers = Gauge("atoll_final_merge_peers",
                                  "Group size of the final all-reduce merge (0: this node missed it)", registry=r)
+        self.updates_discarded = Counter(
+            "atoll_updates_discarded", "Neighbour models the robust aggregator set aside or clipped, by reason",
+            ["reason"], registry=r)
         self.checkpoint_time = 0.0
         Gauge("atoll_checkpoint_age_seconds", "Seconds since the last checkpoint was written (-1: none yet)",
               registry=r).set_function(lambda: time.time() - self.checkpoint_time if self.checkpoint_time else -1.0)
@@ -40,6 +47,10 @@ class NodeMetrics:
     def watch(self, sent_bytes: Callable[[], float], refused: Callable[[], dict[str, int]]) -> None:
         """Export counters kept by the network layer (it holds no prometheus objects itself)."""
         self.registry.register(_Callback(sent_bytes, refused))
+
+    def watch_trust(self, view: Callable[[], tuple], top_n: int) -> None:
+        """Export per-neighbour trust from `view()` = (signals by peer id, sybil clusters)."""
+        self.registry.register(_TrustCallback(view, top_n))
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics endpoint; returns the bound port."""
@@ -65,3 +76,40 @@ class _Callback:
         for reason, n in sorted(self.refused().items()):
             refused.add_metric([reason], float(n))
         yield refused
+
+
+class _TrustCallback:
+    _PER_PEER = (
+        ("atoll_peer_trust_ratio", "Trust score of a neighbour in [0, 1] (exponential average of its round scores)", "trust"),
+        ("atoll_peer_update_norm_ratio", "Size of a neighbour's update over the median update size", "norm_ratio"),
+        ("atoll_peer_consensus_cosine", "Cosine of a neighbour's update with the coordinate-wise median update",
+         "cos_consensus"),
+        ("atoll_peer_history_cosine", "Largest cosine of a neighbour's update history with another peer's",
+         "cos_history"),
+    )
+
+    def __init__(self, view, top_n):
+        self.view, self.top_n = view, top_n
+
+    def collect(self):
+        signals, clusters = self.view()
+        shown = sorted(signals, key=lambda j: (signals[j].trust, j))[: self.top_n]
+        for name, doc, attr in self._PER_PEER:
+            g = GaugeMetricFamily(name, doc, labels=["peer"])
+            for j in shown:
+                g.add_metric([j], float(getattr(signals[j], attr)))
+            yield g
+        flagged = GaugeMetricFamily("atoll_peer_flagged", "1 if a neighbour is flagged (low trust or suspected sybil)",
+                                    labels=["peer", "why"])
+        for j in shown:
+            s = signals[j]
+            why = "sybil" if s.sybil else "trust" if s.flagged else "none"
+            flagged.add_metric([j, why], 1.0 if s.flagged else 0.0)
+        yield flagged
+        count = GaugeMetricFamily("atoll_peers_flagged", "Neighbours in view that are flagged")
+        count.add_metric([], float(sum(s.flagged for s in signals.values())))
+        yield count
+        size = GaugeMetricFamily("atoll_sybil_cluster_size",
+                                 "Peers in the largest group of near-identical update histories (0: none)")
+        size.add_metric([], float(max((len(c) for c in clusters), default=0)))
+        yield size

@@ -34,6 +34,7 @@ from node.comm.schedule import allotment
 from node.comm.topology import graph
 from node.data import load_dataset, partition
 from node.models import build_model
+from node.security import Attack, flip_labels
 from node.train import LocalTrainer, evaluate, make_optimizer, round_lr, set_lr
 from p2pd.tensors import SnapshotKey, encode
 
@@ -78,6 +79,16 @@ class SimConfig:
     distill_steps: int = 20
     temperature: float = 1.0
     knfu_beta: float = 10.0
+    # byzantine runs: `byzantine` malicious nodes join the `nodes` honest ones and publish
+    # `attack` (node/security/attacks.py); honest nodes aggregate with `aggregator`
+    # (node/aggregate/robust.py) and score their neighbours (node/security/trust.py)
+    aggregator: str = "mean"
+    byzantine: int = 0
+    attack: str | None = None
+    attack_params: dict = field(default_factory=dict)
+    byzantine_fraction: float = 0.25  # f the robust aggregators assume, as a fraction of their inputs
+    history_gossip: float = 0.5  # sybilwall: chance per round and neighbour to share update histories
+    track_trust: bool = False  # score neighbours (and so run the byzantine round) even with no attack
 
 
 @dataclass
@@ -97,6 +108,7 @@ class SimResult:
     final_accuracies: list[float] = field(default_factory=list)
     bytes_sent: int = 0
     seconds: float = 0.0
+    detection: dict | None = None  # byzantine runs: flagged vs truly malicious, last round
 
 
 class Simulation:
@@ -105,8 +117,15 @@ class Simulation:
             raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
         self.cfg = cfg
         self.ds = load_dataset(cfg.dataset, seed=0)
-        self.ids = [f"n{i:04d}" for i in range(cfg.nodes)]
-        n_models = 1 if cfg.method == "centralized" else cfg.nodes
+        self.robust = cfg.byzantine > 0 or cfg.aggregator != "mean" or cfg.track_trust
+        if self.robust and cfg.method != "gossip":
+            raise ValueError("byzantine runs and robust aggregators need method gossip")
+        if cfg.byzantine and not cfg.attack:
+            raise ValueError("byzantine nodes need an attack")
+        total = cfg.nodes + cfg.byzantine
+        self.ids = [f"n{i:04d}" for i in range(total)]
+        self.honest = list(range(cfg.nodes))
+        n_models = 1 if cfg.method == "centralized" else total
         labels = self.ds.y_train.numpy()
         pool = np.arange(len(labels))
         if cfg.method in DISTILL + ("isolated",):
@@ -120,9 +139,10 @@ class Simulation:
         else:
             # many virtual nodes on a small data set: each still needs a few samples
             min_size = max(1, min(10, len(self.ds.y_train) // (2 * cfg.nodes)))
-            self.parts = [pool[p] for p in partition(labels[pool], cfg.nodes, cfg.partition, alpha=cfg.alpha,
+            self.parts = [pool[p] for p in partition(labels[pool], total, cfg.partition, alpha=cfg.alpha,
                                                       seed=cfg.seed, min_size=min_size)]
         self.models, self.opts, self.trainers = [], [], []
+        self.attack = Attack(cfg.attack, **cfg.attack_params) if cfg.attack else None
         for i in range(n_models):
             init_seed = cfg.seed if cfg.shared_init else cfg.seed * 100_003 + i
             family, width = cfg.model, cfg.width
@@ -132,9 +152,12 @@ class Simulation:
             m = build_model(family, self.ds.input_shape, self.ds.num_classes, width, init_seed)
             o = make_optimizer(m, "sgd", cfg.lr, cfg.momentum, 0.0)
             idx = torch.from_numpy(self.parts[i])
+            y = self.ds.y_train[idx]
+            if i >= cfg.nodes and self.attack.flips_labels:
+                y = flip_labels(y, self.ds.num_classes)
             self.models.append(m)
             self.opts.append(o)
-            self.trainers.append(LocalTrainer(m, o, self.ds.x_train[idx], self.ds.y_train[idx], cfg.batch_size,
+            self.trainers.append(LocalTrainer(m, o, self.ds.x_train[idx], y, cfg.batch_size,
                                               seed=cfg.seed * 7919 + i, sam_rho=cfg.sam_rho))
         # distillation has its own momentum-free optimizer (see node.distill.kd.distill_steps)
         self.distill_opts = [torch.optim.SGD(m.parameters(), lr=cfg.lr) for m in self.models]
@@ -143,6 +166,15 @@ class Simulation:
         self._wire_cache: dict[tuple, int] = {}
         budget = cfg.gossip_budget if cfg.gossip_budget is not None else cfg.rounds
         self.steps = allotment(cfg.schedule, cfg.rounds, budget, cfg.late_shape)
+        if self.robust:
+            from node.aggregate.vectors import flatten
+            from node.security.defence import Defence
+
+            self.defences = {i: Defence(cfg.aggregator, self.models[i], self.trainers[i].x, self.trainers[i].y,
+                                        self.ds.num_classes, cfg.byzantine_fraction, seed=cfg.seed * 7919 + i)
+                             for i in self.honest}
+            self.init_vec = flatten(self.models[0].state_dict())
+            self.signals: dict[int, dict] = {}
 
     # -- transport accounting --------------------------------------------------------------
     def wire_bytes(self, state: dict, round_: int, step: int, kind: str = "model") -> int:
@@ -209,6 +241,9 @@ class Simulation:
             self._train(0, r)
             return
         alive = self.responsive(r)
+        if self.robust:
+            self._robust_round(r, alive)
+            return
         if cfg.method in DISTILL + ("isolated",):
             self._distill_round(r, alive)
             return
@@ -274,6 +309,72 @@ class Simulation:
             distill_steps(self.models[i], self.distill_opts[i], self.proxy_x, targets, covered, cfg.distill_steps,
                           cfg.batch_size, cfg.temperature, gen)
 
+    def _robust_round(self, r: int, alive: list[int]) -> None:
+        """One gossip step per round with byzantine publishers and each honest node's Defence."""
+        from node.aggregate.sybilwall import gossip_partners, merge_heard
+        from node.aggregate.vectors import flatten, unflatten
+
+        cfg = self.cfg
+        honest = [i for i in alive if i < cfg.nodes]
+        refs = {i: {k: v.clone() for k, v in self._state(i).items()} for i in honest}
+        for i in honest:
+            self._train(i, r)
+        published = {self.ids[i]: self._state(i) for i in honest}
+        honest_vecs = [flatten(published[self.ids[i]]) for i in honest]
+        consensus = torch.stack([flatten(refs[i]) for i in honest]).mean(0) if honest else self.init_vec
+        byz = [i for i in alive if i >= cfg.nodes]
+        sybil_vec = None
+        for b in byz:
+            atk = self.attack
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r * 1009 + b)
+            template = self.models[b].state_dict()
+            if atk.name == "sybil":
+                if sybil_vec is None:  # one attacker: every identity publishes the first member's model
+                    self._train(cfg.nodes, r)
+                    sybil_vec = flatten(self._state(cfg.nodes))
+                trained, base = sybil_vec, sybil_vec
+            else:
+                base = consensus  # an omniscient attacker starts each round from the swarm's consensus
+                self.models[b].load_state_dict(unflatten(base, template))
+                if atk.trains:
+                    self._train(b, r)
+                trained = flatten(self._state(b))
+            vec = atk.craft(base, trained, self.init_vec, honest_vecs, n=len(alive), f=len(byz), gen=gen)
+            published[self.ids[b]] = unflatten(vec, template)
+        ids = [self.ids[i] for i in alive]
+        g = graph(ids, cfg.topology, r * 1000, cfg.seed)
+        new = {}
+        for i in honest:
+            me = self.ids[i]
+            nb = sorted(g[me])
+            self_w, w = metropolis_hastings(len(g[me]), {j: len(g[j]) for j in nb})
+            sd, signals, _ = self.defences[i].step(r, refs[i], published[me], {j: published[j] for j in nb}, self_w, w,
+                                                   cfg.mix_variance_correction)
+            new[i] = sd
+            self.signals[i] = signals
+            self.bytes_sent += sum(self.wire_bytes(published[j], r, 0) for j in nb)
+        for i, sd in new.items():
+            self.models[i].load_state_dict(sd)
+        if cfg.aggregator == "sybilwall" and cfg.history_gossip > 0:  # probabilistic gossip of histories
+            rng = seeded_rng("histories", cfg.seed, r)
+            for i in honest:
+                me = self.ids[i]
+                for j in gossip_partners(me, sorted(p for p in g[me] if int(p[1:]) < cfg.nodes), cfg.history_gossip, rng):
+                    other = self.defences[int(j[1:])].tracker
+                    merge_heard(other.heard, other.histories, self.defences[i].tracker.histories, j)
+
+    def detection(self) -> dict:
+        """Precision and recall of the honest nodes' last flags (pairs observer -> neighbour)."""
+        tp = fp = fn = 0
+        for i, signals in self.signals.items():
+            for j, s in signals.items():
+                bad = int(j[1:]) >= self.cfg.nodes
+                tp += s.flagged and bad
+                fp += s.flagged and not bad
+                fn += (not s.flagged) and bad
+        return dict(precision=tp / (tp + fp) if tp + fp else None, recall=tp / (tp + fn) if tp + fn else None,
+                    flagged=tp + fp, malicious_pairs=tp + fn)
+
     def _modest_round(self, r: int, alive: list[int]) -> None:
         cfg = self.cfg
         index = {p: i for i, p in enumerate(self.ids)}  # the daemons' sampling, over the same ids
@@ -301,7 +402,7 @@ class Simulation:
             self.models[i].load_state_dict(self._modest_model)
 
     def accuracies(self) -> list[float]:
-        models = self.models[:1] if self.cfg.method == "modest" else self.models
+        models = self.models[:1] if self.cfg.method == "modest" else self.models[: len(self.models) - self.cfg.byzantine]
         return [evaluate(m, self.ds.x_test, self.ds.y_test) for m in models]
 
     def run(self, progress=None) -> SimResult:
@@ -317,5 +418,7 @@ class Simulation:
                     progress(res.log[-1])
         res.final_accuracies = self.accuracies()
         res.bytes_sent = self.bytes_sent
+        if self.robust:
+            res.detection = self.detection()
         res.seconds = time.perf_counter() - t0
         return res

@@ -115,6 +115,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / max(len(x), 1)
 
 
+@torch.no_grad()
+def per_class_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Accuracy on each class's samples of (x, y); 0 for classes with no sample."""
+    model.eval()
+    pred = model(x).argmax(1)
+    hits = torch.zeros(num_classes, device=x.device).index_add_(0, y, (pred == y).float())
+    count = torch.bincount(y, minlength=num_classes).float()
+    return (hits / count.clamp_min(1)).cpu()
+
+
 def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state dict into flat tensors (for safetensors) and JSON-able rest."""
     sd = optimizer.state_dict()

@@ -1,0 +1,117 @@
+"""Byzantine-robust aggregation for one node: its own model plus its neighbours' (flat vectors).
+
+Every aggregator takes the node's own vector, the neighbours' vectors by peer id and the
+gossip (Metropolis-Hastings) weights, and returns the new own vector plus, per neighbour that
+was set aside, the reason (a metric label). f, the number of byzantine inputs assumed, is
+floor(byzantine_fraction * n) for n inputs (self included).
+
+- ``mean``: the weighted gossip average (no defence; the baseline);
+- ``median``: coordinate-wise median (Yin et al. 2018);
+- ``trimmed_mean``: coordinate-wise mean after dropping the f largest and f smallest values;
+- ``krum``: multi-Krum (Blanchard et al. 2017): score = sum of squared distances to the
+  n - f - 2 nearest inputs; average the n - f best scored;
+- ``clipped``: ClippedGossip (He et al. 2022): x_i + sum_j w_ij clip(x_j - x_i, tau), tau the
+  median neighbour distance, so at most half the neighbours (all the far ones) are clipped;
+- ``sybilwall``: FoolsGold-style down-weighting of neighbours whose update histories look
+  alike (node/aggregate/sybilwall.py);
+- ``bristle``: distance-based prioritiser plus per-class performance check on own data
+  (node/aggregate/bristle.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "clipped", "sybilwall", "bristle")
+
+
+@dataclass
+class Outcome:
+    vector: torch.Tensor
+    discarded: dict[str, str] = field(default_factory=dict)  # neighbour -> reason
+
+
+@dataclass
+class Context:
+    """What the stateful aggregators need beyond the vectors."""
+
+    byzantine_fraction: float = 0.25
+    histories: Mapping[str, torch.Tensor] | None = None  # sybilwall: known update histories
+    per_class_accuracy: Callable[[torch.Tensor], torch.Tensor] | None = None  # bristle: on own data
+    familiar: torch.Tensor | None = None  # bristle: bool mask of the classes in own data
+    bristle_keep: float = 0.6
+    bristle_tolerance: float = 0.15
+    seed: int = 0
+
+
+def assumed_byzantine(n: int, fraction: float) -> int:
+    return int(math.floor(fraction * n))
+
+
+def weighted_mean(own, others, self_w, weights) -> torch.Tensor:
+    acc = own * self_w
+    for j, w in weights.items():
+        acc = acc + others[j] * w
+    return acc / (self_w + sum(weights.values()))
+
+
+def combine(name: str, own: torch.Tensor, others: Mapping[str, torch.Tensor], self_w: float,
+            weights: Mapping[str, float], ctx: Context) -> Outcome:
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {name!r}; available: {', '.join(AGGREGATORS)}")
+    if not others:
+        return Outcome(own.clone())
+    names = sorted(others)
+    if name == "mean":
+        return Outcome(weighted_mean(own, others, self_w, {j: weights[j] for j in names}))
+    stack = torch.stack([own] + [others[j] for j in names])
+    n = len(stack)
+    f = assumed_byzantine(n, ctx.byzantine_fraction)
+    if name == "median":
+        return Outcome(stack.median(dim=0).values)
+    if name == "trimmed_mean":
+        t = min(f, (n - 1) // 2)
+        kept = stack.sort(dim=0).values[t:n - t]
+        return Outcome(kept.mean(dim=0))
+    if name == "krum":
+        chosen = multi_krum(stack, f)
+        return Outcome(stack[chosen].mean(dim=0),
+                       {j: "not_selected" for i, j in enumerate(names, start=1) if i not in chosen})
+    if name == "clipped":
+        return clipped_gossip(own, others, self_w, weights)
+    if name == "sybilwall":
+        from node.aggregate.sybilwall import sybilwall
+
+        return sybilwall(own, others, self_w, weights, ctx.histories or {})
+    from node.aggregate.bristle import bristle
+
+    return bristle(own, others, self_w, weights, ctx)
+
+
+def multi_krum(stack: torch.Tensor, f: int) -> list[int]:
+    """Indices of the n - f inputs with the lowest Krum scores."""
+    n = len(stack)
+    closest = max(1, n - f - 2)
+    d = torch.cdist(stack, stack).pow(2)
+    d.fill_diagonal_(float("inf"))
+    scores = d.sort(dim=1).values[:, :closest].sum(dim=1)
+    return sorted(int(i) for i in scores.argsort()[: max(1, n - f)])
+
+
+def clipped_gossip(own, others, self_w, weights) -> Outcome:
+    names = sorted(others)
+    diffs = {j: others[j] - own for j in names}
+    dist = {j: float(d.norm()) for j, d in diffs.items()}
+    tau = float(torch.tensor(list(dist.values())).median())
+    out, clipped = own.clone(), {}
+    total = self_w + sum(weights[j] for j in names)
+    for j in names:
+        scale = min(1.0, tau / dist[j]) if dist[j] > 0 else 1.0
+        if scale < 1.0:
+            clipped[j] = "clipped"
+        out = out + (weights[j] / total) * diffs[j] * scale
+    return Outcome(out, clipped)

@@ -1,0 +1,36 @@
+"""State dict <-> one flat float32 vector (float tensors only, sorted by name), so the robust
+aggregators and trust signals are plain vector maths. Non-float buffers are kept from a template."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+
+def float_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    return sorted(k for k, v in state.items() if v.is_floating_point())
+
+
+def flatten(state: Mapping[str, torch.Tensor], keys: list[str] | None = None) -> torch.Tensor:
+    keys = float_keys(state) if keys is None else keys
+    return torch.cat([state[k].detach().reshape(-1).to(device="cpu", dtype=torch.float32) for k in keys])
+
+
+def unflatten(vec: torch.Tensor, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict shaped like `template` (its device and dtypes) whose float tensors come from `vec`."""
+    out, i = {}, 0
+    keys = set(float_keys(template))
+    for k in sorted(template):
+        v = template[k]
+        if k not in keys:
+            continue
+        n = v.numel()
+        out[k] = vec[i:i + n].reshape(v.shape).to(device=v.device, dtype=v.dtype)
+        i += n
+    if i != vec.numel():
+        raise ValueError(f"vector has {vec.numel()} values, the template {i}")
+    for k, v in template.items():
+        if k not in out:
+            out[k] = v.clone()
+    return {k: out[k] for k in template}
