@@ -406,6 +406,13 @@ class Node:
         for reason in outcome.discarded.values():
             self.metrics.updates_discarded.labels(reason=reason).inc()
         tracker = self.defence.tracker
+        was_flagged = {j for j, s in self._trust_view[0].items() if s.flagged}
+        for j, s in sorted(signals.items()):
+            log.debug("round %d.%d peer %s: trust %.3f score %.3f norm_ratio %.2f cos %.2f history %.2f", r, q,
+                      j[-8:], s.trust, s.score, s.norm_ratio, s.cos_consensus, s.cos_history)
+            if s.flagged and j not in was_flagged:
+                log.warning("peer %s flagged in round %d: trust %.2f, %s", j, r, s.trust,
+                            "suspected sybil" if s.sybil else f"norm ratio {s.norm_ratio:.1f}, cosine {s.cos_consensus:.2f}")
         tracker.forget(set(ids))
         self._trust_view = (dict(tracker.signals), tracker.sybil_clusters())
         if self.attack is not None:

@@ -10,7 +10,7 @@ from helpers import atoll_node
 from test_swarm import metrics_text
 
 pytestmark = pytest.mark.integration
-HONEST, ROUNDS = 4, 6
+HONEST, ROUNDS = 4, 8
 
 
 def node_config(path, workdir, i, n, attack=None):
@@ -18,7 +18,7 @@ def node_config(path, workdir, i, n, attack=None):
         "node_index": i, "node_count": n, "checkpoint_dir": str(workdir / f"n{i}" / "ckpt"), "metrics_port": 0,
         "data": {"partition": "dirichlet", "alpha": 0.5},
         "model": {"family": "mlp", "width": 32},
-        "train": {"rounds": ROUNDS, "local_steps": 10},
+        "train": {"rounds": ROUNDS, "local_steps": 25},
         "comm": {"topology": "complete", "fetch_timeout": 10, "min_peers": n, "join_timeout": 60},
         "security": {"aggregator": "trimmed_mean", **({"attack": attack} if attack else {})},
         "net": {"swarm": "byz", "identity_path": str(workdir / f"n{i}" / "node.key"), "record_ttl": 4},
@@ -50,7 +50,7 @@ def test_sign_flipper_is_flagged_and_honest_nodes_still_learn(tmp_path):
             assert trust and float(trust.group(1)) < 0.35  # security.flag_below
             assert re.search(r"^atoll_peers_flagged 1\.0$", text, re.M)
         done = [node.wait_event("done", 240) for node in honest]
-        assert all(d["accuracy"] >= 0.75 for d in done), [d["accuracy"] for d in done]
+        assert all(d["accuracy"] >= 0.8 for d in done), [d["accuracy"] for d in done]
     finally:
         for node in nodes:
             node.stop()

@@ -10,12 +10,15 @@ round, ref. A neighbour's update is u_j = x_j - ref (what it would move us by). 
 - ``cos_history``: the largest cosine between u_j's running sum (its history, FoolsGold's
   signal) and any other known history: coordinated sybils publish near-identical histories.
 
-Round score s_j = clip(1/2 + cos_consensus / (2 cos_full), 0, 1) * min(1, (norm_tolerance / norm_ratio)^2):
+Round score s_j = clip(1/2 + cos_consensus / (2 cos_full), 0, 1) * min(1, (norm_tolerance / norm_ratio)^4):
 an update that goes the swarm's way (cosine >= cos_full = 0.2) with an ordinary size scores
 1, an orthogonal one 1/2, one against the swarm (cosine <= -0.2) 0. Orthogonal is neutral on
 purpose: late in training an honest node with an unusual class mix moves at right angles to
 the median (measured: cosine about 0), while a reversed or inner-product attack moves against
-it. Trust is an exponential average, t_j <- (1 - alpha) t_j + alpha s_j, starting at 1 (a
+it. The size term is steep (4th power) because on non-IID data the cosine is a weak signal in
+daemons (honest updates of nodes with different class mixes are themselves near-orthogonal or
+opposed), while honest size ratios stay under 2 (measured): an update 4x the median scores
+0.15, one 2.5x or less is not penalised. Trust is an exponential average, t_j <- (1 - alpha) t_j + alpha s_j, starting at 1 (a
 newcomer is not suspect); a neighbour is *flagged* when t_j < flag_below, or when its history
 is as similar to another's as ``sybil_similarity`` (a suspected sybil).
 """
@@ -44,6 +47,7 @@ class TrustTracker:
     flag_below: float = 0.35
     cos_full: float = 0.2
     norm_tolerance: float = 2.5
+    norm_power: float = 4.0
     sybil_similarity: float = 0.98
     trust: dict[str, float] = field(default_factory=dict)
     histories: dict[str, torch.Tensor] = field(default_factory=dict)  # neighbours', observed directly
@@ -71,7 +75,7 @@ class TrustTracker:
         for i, j in enumerate(names, start=1):
             ratio = float(norms[i] / med_norm)
             c = float(cos[i]) if torch.isfinite(cos[i]) else -1.0
-            score = min(max(0.5 + c / (2 * self.cos_full), 0.0), 1.0) * min(1.0, (self.norm_tolerance / max(ratio, 1e-12)) ** 2)
+            score = min(max(0.5 + c / (2 * self.cos_full), 0.0), 1.0) * min(1.0, (self.norm_tolerance / max(ratio, 1e-12)) ** self.norm_power)
             t = (1 - self.alpha) * self.trust.get(j, 1.0) + self.alpha * score
             self.trust[j] = t
             ch = sim.get(j, 0.0)
