@@ -72,7 +72,8 @@ class CommConfig(_Strict):
     merge: Literal["mean", "variance_corrected"] = Field("mean", description="final merge: plain or variance-corrected mean")
     mix_variance_correction: bool = Field(False, description="variance-corrected gossip averaging at every step")
     merge_timeout: float = Field(60.0, gt=0, description="seconds for the final merge before a node keeps its own model")
-    keep_snapshots: int = Field(8, ge=1, le=1024, description="published snapshots kept for slower neighbours")
+    keep_snapshots: int = Field(8, ge=1, le=32, description="published snapshots kept for slower neighbours "
+                                "(each one's digest is signed into the peer record, hence the cap)")
     fetch_timeout: float = Field(20.0, gt=0, le=600, description="seconds to wait for a neighbour's snapshot")
     min_peers: int = Field(1, ge=1, description="live nodes (self included) needed before round 0")
     join_timeout: float = Field(60.0, gt=0)

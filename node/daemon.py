@@ -48,6 +48,7 @@ from node.security.trust import TrustTracker
 from node.train import (LocalTrainer, RoundStats, evaluate, make_optimizer, optimizer_tensors, restore_optimizer, round_lr,
                         set_lr)
 from p2pd import __version__
+from p2pd.admission import Admission
 from p2pd.client import FetchError, SwarmClient
 from p2pd.discovery import Discovery
 from p2pd.errors import ReasonedError
@@ -159,11 +160,13 @@ class Node:
         c = cfg.comm
         self.gossip_steps = allotment(c.schedule, cfg.train.rounds,
                                       cfg.train.rounds if c.gossip_budget is None else c.gossip_budget, c.late_shape)
+        admission = Admission(self.identity.peer_id, self.discovery.is_known, sec.fetch_rate, sec.fetch_burst)
         self.server = SwarmServer(self.store, self.discovery.signed_record, host=cfg.net.host,
-                                  port=cfg.net.grpc_port, tls=self.tls)
+                                  port=cfg.net.grpc_port, tls=self.tls, admission=admission)
         self.server.start()
-        stats = self.server.servicer.stats
-        self.metrics.watch(lambda: stats["bytes_sent"], lambda: dict(self.discovery.refused))
+        servicer = self.server.servicer
+        self.metrics.watch(lambda: servicer.stats["bytes_sent"], lambda: dict(self.discovery.refused),
+                           lambda: dict(servicer.refused))
         self.metrics_port = None
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.net.host, cfg.metrics_port)
@@ -294,9 +297,8 @@ class Node:
             stats = self._train(r, rounds)
             if self.stop_requested.is_set():
                 return stats, mixed
-            packed = self.store.publish(SnapshotKey("model", r, 0), self.model.state_dict())
-            self.discovery.update(round=r, step=0, model_digest=packed.hexdigest,
-                                  samples_per_second=round(stats.samples_per_second, 3))
+            self._publish(SnapshotKey("model", r, 0), self.model.state_dict(),
+                          samples_per_second=round(stats.samples_per_second, 3))
         if me in aggs:
             own = self.model.state_dict()
             models = self._fetch_all([t for t in trainers if t != me and t in addr], addr, SnapshotKey("model", r, 0),
@@ -307,8 +309,7 @@ class Node:
                 names = sorted(models)
                 self.model.load_state_dict(aggregate.mean([models[j] for j in names], [size.get(j, 1) for j in names]))
             mixed = sorted(j for j in models if j != me)
-            packed = self.store.publish(SnapshotKey("model", r, modest.AGGREGATE_STEP), self.model.state_dict())
-            self.discovery.update(round=r, step=modest.AGGREGATE_STEP, model_digest=packed.hexdigest)
+            self._publish(SnapshotKey("model", r, modest.AGGREGATE_STEP), self.model.state_dict())
         elif me not in trainers:
             self.discovery.update(round=r, step=0)
         return stats, mixed
@@ -341,9 +342,7 @@ class Node:
         if self.stop_requested.is_set():
             return stats, []
         payload = distill.logits_payload(self.model, self.proxy_x, self.proxy_rows)
-        packed = self.store.publish(SnapshotKey("logits", r, 0), payload)
-        self.discovery.update(round=r, step=0, model_digest=packed.hexdigest,
-                              samples_per_second=round(stats.samples_per_second, 3))
+        self._publish(SnapshotKey("logits", r, 0), payload, samples_per_second=round(stats.samples_per_second, 3))
         return stats, self._distill_from_neighbours(r)
 
     def _distill_from_neighbours(self, r: int) -> list[str]:
@@ -381,9 +380,8 @@ class Node:
         """Gossip step q of round r: publish, fetch the neighbours' (r, q), mix in place.
         Returns the neighbours that were mixed."""
         own = self.model.state_dict()
-        packed = self.store.publish(SnapshotKey("model", r, q), self._published(own, r, q))
-        self.discovery.update(round=r, step=q, model_digest=packed.hexdigest,
-                              samples_per_second=round(samples_per_second, 3))
+        self._publish(SnapshotKey("model", r, q), self._published(own, r, q),
+                      samples_per_second=round(samples_per_second, 3))
         live = self.discovery.live_peers()
         self._set_peers(len(live))
         ids = [p.peer_id for p in live]
@@ -421,6 +419,13 @@ class Node:
                 return []
         self.model.load_state_dict(mixed)
         return sorted(answered)
+
+    def _publish(self, key: SnapshotKey, tensors: dict, **record) -> None:
+        """Serve `tensors` as `key` and sign its digest (with every other held one's) into our
+        record: peers refuse snapshots whose digest we have not signed."""
+        packed = self.store.publish(key, tensors)
+        self.discovery.update(round=key.round, step=key.step, model_digest=packed.hexdigest,
+                              snapshots=self.store.index(), **record)
 
     def _published(self, own: dict, r: int, q: int) -> dict:
         """What this node publishes: its model, or, for an attacking node, the attack's forgery."""
@@ -463,9 +468,13 @@ class Node:
                     time.sleep(0.05)
                     continue
                 t0 = time.perf_counter()
-                same = (rec.round, rec.step) == (r, q) and rec.model_digest
-                digest = bytes.fromhex(rec.model_digest) if same else None
-                snap = client.fetch(key, expected_digest=digest, timeout=max(0.1, deadline - time.monotonic()))
+                digest = rec.snapshot_digest(key.kind, r, q)
+                if digest is None:  # served but not (yet: the record is re-signed just after) signed
+                    reason = "unsigned"
+                    time.sleep(0.05)
+                    continue
+                snap = client.fetch(key, expected_digest=digest, timeout=max(0.1, deadline - time.monotonic()),
+                                    server_peer_id=peer_id)
                 self.metrics.fetch_seconds.observe(time.perf_counter() - t0)
                 self.metrics.received.inc(snap.nbytes)
                 with self._lock:
@@ -476,7 +485,8 @@ class Node:
                 break
             except FetchError as e:
                 reason = e.reason
-                if e.reason in ("timeout", "unavailable", "busy", "not_found"):
+                if e.reason in ("timeout", "unavailable", "busy", "not_found", "rate_limited", "denied"):
+                    # denied: a peer that joined a moment ago may not have seen our record yet
                     time.sleep(0.1)
                     continue
                 break  # bad data: skip this neighbour for this round
@@ -494,7 +504,7 @@ class Node:
     def _client(self, address: str) -> SwarmClient:
         if address not in self._clients:
             self._clients[address] = SwarmClient(address, timeout=self.cfg.comm.fetch_timeout, retries=1,
-                                                  tls=self.tls, requester_peer_id=self.identity.peer_id)
+                                                  tls=self.tls, identity=self.identity)
         return self._clients[address]
 
     def _observe(self, r, loss, accuracy, sps, mixed_with) -> None:
@@ -519,8 +529,7 @@ class Node:
         """After the last round: publish the final model (record round = R), optionally run the
         final all-reduce merge once every live peer is done (record round = R + 1 after it), and
         keep serving until every live peer has got as far (bounded), so nobody waits on us."""
-        final = self.store.publish(SnapshotKey("model", rounds), self.model.state_dict())
-        self.discovery.update(round=rounds, step=0, model_digest=final.hexdigest)
+        self._publish(SnapshotKey("model", rounds), self.model.state_dict())
         last = rounds
         if self.merger is not None:
             last = rounds + 1
@@ -534,8 +543,7 @@ class Node:
                 if canonical != self.identity.peer_id:
                     merged = self._adopt_canonical(canonical, last, merged)
                 self.model.load_state_dict(merged)
-            packed = self.store.publish(SnapshotKey("model", last), self.model.state_dict())
-            self.discovery.update(round=last, step=0, model_digest=packed.hexdigest)
+            self._publish(SnapshotKey("model", last), self.model.state_dict())
             self._checkpoint(rounds, None)
         self._wait_all_at(last, self.cfg.comm.fetch_timeout + 2 * self.cfg.net.record_ttl)
 

@@ -44,9 +44,10 @@ class NodeMetrics:
               registry=r).set_function(lambda: time.time() - self.checkpoint_time if self.checkpoint_time else -1.0)
         self._server = None
 
-    def watch(self, sent_bytes: Callable[[], float], refused: Callable[[], dict[str, int]]) -> None:
+    def watch(self, sent_bytes: Callable[[], float], refused: Callable[[], dict[str, int]],
+              requests_refused: Callable[[], dict[str, int]] = dict) -> None:
         """Export counters kept by the network layer (it holds no prometheus objects itself)."""
-        self.registry.register(_Callback(sent_bytes, refused))
+        self.registry.register(_Callback(sent_bytes, refused, requests_refused))
 
     def watch_trust(self, view: Callable[[], tuple], top_n: int) -> None:
         """Export per-neighbour trust from `view()` = (signals by peer id, sybil clusters)."""
@@ -65,8 +66,8 @@ class NodeMetrics:
 
 
 class _Callback:
-    def __init__(self, sent_bytes, refused):
-        self.sent_bytes, self.refused = sent_bytes, refused
+    def __init__(self, sent_bytes, refused, requests_refused):
+        self.sent_bytes, self.refused, self.requests_refused = sent_bytes, refused, requests_refused
 
     def collect(self):
         sent = CounterMetricFamily("atoll_sent_bytes", "Snapshot bytes served to neighbours")
@@ -76,6 +77,11 @@ class _Callback:
         for reason, n in sorted(self.refused().items()):
             refused.add_metric([reason], float(n))
         yield refused
+        requests = CounterMetricFamily("atoll_requests_refused", "Fetch requests this node refused to serve, by "
+                                       "reason (unsigned, stale, unknown identity, rate limit)", labels=["reason"])
+        for reason, n in sorted(self.requests_refused().items()):
+            requests.add_metric([reason], float(n))
+        yield requests
 
 
 class _TrustCallback:

@@ -2,8 +2,9 @@
 
 Errors a caller handles (all ``FetchError``, each with a ``reason`` for metrics):
 - ``FetchTimeout``  reason ``timeout``: the peer did not deliver within the deadline.
-- ``FetchRefused``  reason ``not_found`` / ``unavailable`` / ``busy`` / ``refused``: the peer
-  said no, or could not be reached after the allowed retries.
+- ``FetchRefused``  reason ``not_found`` / ``unavailable`` / ``busy`` / ``rate_limited`` /
+  ``denied`` / ``refused``: the peer said no (``denied``: its admission refused our signed
+  request, see p2pd/admission.py), or could not be reached after the allowed retries.
 - ``BadSnapshot``   reason from ``TensorStreamError`` (``truncated``, ``digest_mismatch``,
   ``oversize``, ``non_finite``, ...): the peer sent data that must not be used.
 
@@ -25,7 +26,9 @@ from typing import Mapping
 import grpc
 import torch
 
+from p2pd.admission import signed_request
 from p2pd.errors import ReasonedError
+from p2pd.identity import Identity
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.rpc import swarm_pb2_grpc as pb_grpc
 from p2pd.server import MAX_FETCH_SECONDS, MAX_MESSAGE_BYTES, SERVICE_NAME, TLSConfig
@@ -120,13 +123,13 @@ class SwarmClient:
         backoff: float = 0.2,
         tls: TLSConfig | None = None,
         tls_server_name: str | None = None,
-        requester_peer_id: str = "",
+        identity: Identity | None = None,
     ):
         if not 0 < timeout <= MAX_FETCH_SECONDS:
             raise ValueError(f"timeout must be in (0, {MAX_FETCH_SECONDS:.0f}] s (servers refuse longer fetches)")
         self.address = address
         self.limits, self.timeout, self.retries, self.backoff = limits, timeout, retries, backoff
-        self.requester_peer_id = requester_peer_id
+        self.identity = identity  # signs every fetch request; None sends unsigned ones
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", 64 * 1024),
@@ -163,14 +166,19 @@ class SwarmClient:
         expected_digest: bytes | None = None,
         timeout: float | None = None,
         into: Mapping[str, torch.Tensor] | None = None,
+        server_peer_id: str = "",
     ) -> Snapshot:
         """Fetch and fully validate one snapshot; see the module docstring for errors.
 
         `into`: tensors to reuse as receive buffers where name, dtype and shape match (their
-        contents are undefined if the fetch fails)."""
+        contents are undefined if the fetch fails). `server_peer_id`: the peer we ask, named in
+        the signed request so it cannot be replayed to another node."""
         start = time.monotonic()
         deadline = start + min(timeout if timeout is not None else self.timeout, MAX_FETCH_SECONDS)
-        request = pb.FetchRequest(key=key.to_pb(), requester_peer_id=self.requester_peer_id)
+        if self.identity is not None:
+            request = signed_request(self.identity, server_peer_id, key, time.time())
+        else:
+            request = pb.FetchRequest(key=key.to_pb())
         for attempt in range(self.retries + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -192,6 +200,10 @@ class SwarmClient:
                     raise FetchRefused("not_found", f"{self.address} has no {key}") from e
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (e.details() or ""):
                     raise BadSnapshot("oversize", f"{self.address}: {e.details()}") from e
+                if code == grpc.StatusCode.PERMISSION_DENIED:
+                    raise FetchRefused("denied", f"{self.address}: {e.details()}") from e
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "refused: rate" in (e.details() or ""):
+                    raise FetchRefused("rate_limited", f"{self.address}: {e.details()}") from e
                 if code in _RETRYABLE and attempt < self.retries:
                     sleep = min(self.backoff * 2**attempt * (1 + random.random()), deadline - time.monotonic())
                     if sleep > 0:

@@ -116,6 +116,9 @@ class Discovery:
         self._heartbeat: threading.Thread | None = None
         self._logged: set[tuple[str, str]] = set()
         self._envelope = b""
+        self._known: dict[str, float] = {}  # peer id -> record expiry, from the last live_peers()
+        self._known_at = 0.0
+        self._lock_known = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Discovery:
@@ -226,9 +229,27 @@ class Discovery:
                 peers.append(open_record(item.value, now=now, expected_peer_id=subkey))
             except RecordRefused as e:
                 self._count_refusal(str(subkey), e)
+        self._known = {p.peer_id: p.expires_at for p in peers}  # replaced whole: readers need no lock
         if not include_self:
             peers = [p for p in peers if p.peer_id != self.identity.peer_id]
         return sorted(peers, key=lambda p: p.peer_id)
+
+    def is_known(self, peer_id: str) -> bool:
+        """Whether `peer_id` has a live, valid record in the swarm's DHT row (admission of
+        fetches). Answers from the last look at the DHT; an id not seen there triggers a fresh
+        look at most once a second, so a flood of unknown ids cannot flood the DHT."""
+        now = get_dht_time()
+        if self._known.get(peer_id, 0.0) > now:
+            return True
+        with self._lock_known:
+            if now - self._known_at < 1.0:
+                return False
+            self._known_at = now
+        try:
+            self.live_peers()
+        except DiscoveryError:
+            return False
+        return self._known.get(peer_id, 0.0) > get_dht_time()
 
     def _call(self, future):
         """Wait for a DHT call, bounded: a dead DHT process must not hang the node forever."""

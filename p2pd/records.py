@@ -35,6 +35,8 @@ CLOCK_SKEW_SECONDS = 5.0
 
 Role = Literal["trainer", "aggregator", "expert", "router", "observer"]
 _HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):(?P<port>[0-9]{1,5})$")
+MAX_SNAPSHOTS = 32
+_SNAPSHOT_ENTRY = r"^(model|logits):[0-9]{1,19}:[0-9]{1,10}:[0-9a-f]{64}$"
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:[0-9]{1,2})?)$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -64,6 +66,9 @@ class PeerRecord(BaseModel):
     round: Annotated[int, Field(ge=0, lt=2**63)] = 0
     step: Annotated[int, Field(ge=0, lt=2**32)] = 0  # gossip step within the round
     model_digest: str = ""  # hex BLAKE3 of the snapshot published as (round, step), "" if none
+    # every snapshot the node serves, "kind:round:step:hexdigest": a fetched snapshot must
+    # match the digest its producer signed here, or it is refused as unsigned
+    snapshots: Annotated[tuple[Annotated[str, Field(pattern=_SNAPSHOT_ENTRY)], ...], Field(max_length=MAX_SNAPSHOTS)] = ()
     proxy_digest: str = ""  # logit exchange: hex digest of the node's proxy set, "" if it exchanges models
     roles: Annotated[tuple[Role, ...], Field(max_length=5)] = ("trainer",)
     software_version: Annotated[str, Field(max_length=32)] = __version__
@@ -115,6 +120,14 @@ class PeerRecord(BaseModel):
         if not math.isfinite(v):
             raise ValueError("must be finite")
         return v
+
+    def snapshot_digest(self, kind: str, round: int, step: int) -> bytes | None:
+        """The digest this record signs for snapshot (kind, round, step), or None."""
+        prefix = f"{kind}:{round}:{step}:"
+        for entry in self.snapshots:
+            if entry.startswith(prefix):
+                return bytes.fromhex(entry[len(prefix):])
+        return None
 
     @model_validator(mode="after")
     def _times(self) -> PeerRecord:

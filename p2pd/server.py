@@ -20,6 +20,7 @@ from typing import Callable, Mapping
 import grpc
 import torch
 
+from p2pd.admission import Admission
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.tensors import DEFAULT_CHUNK_BYTES, EncodedSnapshot, SnapshotKey, encode
 
@@ -61,6 +62,11 @@ class SnapshotStore:
         with self._lock:
             return sorted(self._items)
 
+    def index(self) -> tuple[str, ...]:
+        """Every held snapshot as "kind:round:step:hexdigest", for the signed peer record."""
+        with self._lock:
+            return tuple(f"{k.kind}:{k.round}:{k.step}:{v.hexdigest}" for k, v in sorted(self._items.items()))
+
 
 @dataclass(frozen=True)
 class TLSConfig:
@@ -74,13 +80,16 @@ class TLSConfig:
 class SwarmServicer:
     """Handlers for the atoll.v1.Swarm service (see proto/swarm.proto)."""
 
-    def __init__(self, store: SnapshotStore, signed_record: Callable[[], bytes], max_fetches: int):
+    def __init__(self, store: SnapshotStore, signed_record: Callable[[], bytes], max_fetches: int,
+                 admission: Admission | None = None):
         self.store = store
         self.signed_record = signed_record
+        self.admission = admission  # None: serve anyone (tools and tests); daemons always pass one
         # fetches beyond this get RESOURCE_EXHAUSTED at once (clients back off and retry),
         # which keeps worker threads free for Health calls
         self._fetch_slots = threading.BoundedSemaphore(max_fetches)
-        self.stats: Counter[str] = Counter()  # fetches_served, bytes_sent, not_found, bad_request
+        self.stats: Counter[str] = Counter()  # fetches_served, bytes_sent, not_found, bad_request, busy
+        self.refused: Counter[str] = Counter()  # admission refusals by reason (p2pd/admission.py)
         self._lock = threading.Lock()
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -97,6 +106,12 @@ class SwarmServicer:
         except ValueError as e:
             self._count("bad_request")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        refusal = self.admission.check(request, key) if self.admission is not None else None
+        if refusal is not None:
+            with self._lock:
+                self.refused[refusal] += 1
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if refusal == "rate" else grpc.StatusCode.PERMISSION_DENIED
+            context.abort(code, f"refused: {refusal}")
         packed = self.store.get(key)
         if packed is None:
             self._count("not_found")
@@ -130,10 +145,11 @@ class SwarmServer:
         port: int = 0,
         tls: TLSConfig | None = None,
         max_workers: int = 8,
+        admission: Admission | None = None,
     ):
         if max_workers < 3:
             raise ValueError("max_workers must be >= 3 (two threads stay free for Health)")
-        self.servicer = SwarmServicer(store, signed_record, max_fetches=max_workers - 2)
+        self.servicer = SwarmServicer(store, signed_record, max_fetches=max_workers - 2, admission=admission)
         self.host, self._want_port, self.tls = host, port, tls
         self.port: int | None = None
         self._server = grpc.server(

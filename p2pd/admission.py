@@ -1,0 +1,87 @@
+"""Who may fetch from a node: signed requests, known identities, a rate per identity.
+
+A fetch carries the requester's peer id, its clock and an Ed25519 signature over
+``fetch_message(server, requester, key, issued_at)``. Naming the server stops a request
+recorded at one node being replayed to another; the clock bounds replays to the same node to
+``max_skew`` seconds. The server then refuses, with a reason it counts:
+
+- ``unsigned``: no or an invalid signature, or a peer id that is not an Ed25519 key;
+- ``stale``: issued_at further than ``max_skew`` from the server's clock;
+- ``unknown``: a valid identity without a live record in the swarm's DHT (``is_known``);
+- ``rate``: the identity spent its token bucket (``rate`` per second, ``burst`` deep).
+
+What this does and does not buy is written up in docs/security.md: identities are free
+Ed25519 keys, so a rate per identity bounds what one identity costs a server, not how many
+identities an attacker brings.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable
+
+from p2pd.identity import Identity, verify
+from p2pd.rpc import swarm_pb2 as pb
+from p2pd.tensors import SnapshotKey
+
+DOMAIN = b"atoll/fetch/v1\x00"
+
+
+def fetch_message(server_peer_id: str, requester_peer_id: str, key: SnapshotKey, issued_at: float) -> bytes:
+    return DOMAIN + "|".join((server_peer_id, requester_peer_id, key.kind, str(key.round), str(key.step),
+                              repr(float(issued_at)))).encode()
+
+
+def signed_request(identity: Identity, server_peer_id: str, key: SnapshotKey, now: float) -> pb.FetchRequest:
+    sig = identity.sign(fetch_message(server_peer_id, identity.peer_id, key, now))
+    return pb.FetchRequest(key=key.to_pb(), requester_peer_id=identity.peer_id, issued_at=now, signature=sig)
+
+
+class TokenBuckets:
+    """One token bucket per identity; the least recently used are forgotten beyond `max_keys`
+    (a forgotten identity starts again with a full bucket, which costs the attacker a fresh
+    DHT record per identity: see ``unknown``)."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 4096, clock: Callable[[], float] = time.monotonic):
+        if not rate > 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate, self.burst, self.max_keys, self.clock = rate, burst, max_keys, clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # id -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> bool:
+        now = self.clock()
+        with self._lock:
+            tokens, at = self._buckets.pop(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+            ok = tokens >= 1.0
+            self._buckets[key] = (tokens - 1.0 if ok else tokens, now)
+            while len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+            return ok
+
+
+class Admission:
+    """The server-side check of one FetchRequest: None to serve it, or the refusal reason."""
+
+    def __init__(self, server_peer_id: str, is_known: Callable[[str], bool], rate: float, burst: int,
+                 max_skew: float = 30.0, clock: Callable[[], float] = time.time):
+        self.server_peer_id, self.is_known, self.max_skew, self.clock = server_peer_id, is_known, max_skew, clock
+        self.buckets = TokenBuckets(rate, burst)
+
+    def check(self, request: pb.FetchRequest, key: SnapshotKey) -> str | None:
+        requester = request.requester_peer_id
+        if not request.signature or len(requester) > 128:
+            return "unsigned"
+        if not math.isfinite(request.issued_at) or abs(self.clock() - request.issued_at) > self.max_skew:
+            return "stale"
+        if not verify(requester, fetch_message(self.server_peer_id, requester, key, request.issued_at), request.signature):
+            return "unsigned"
+        if not self.is_known(requester):
+            return "unknown"
+        if not self.buckets.take(requester):
+            return "rate"
+        return None
