@@ -5,6 +5,7 @@ It announces a signed record (with the swarm's proxy digest, or another one in m
   shape  one class too few
   nan    a NaN inside an otherwise consistent, correctly digested stream
   proxy  well-formed logits about another proxy set (its record names a different digest)
+  unsigned  well-formed logits whose digests its record does not sign
 Prints {"event": "ready", ...} once; SIGTERM makes it leave.
 """
 
@@ -27,7 +28,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--key", required=True)
     ap.add_argument("--swarm", required=True)
-    ap.add_argument("--mode", choices=("shape", "nan", "proxy"), required=True)
+    ap.add_argument("--mode", choices=("shape", "nan", "proxy", "unsigned"), required=True)
     ap.add_argument("--rounds", type=int, required=True)
     ap.add_argument("--proxy-size", type=int, default=300)
     ap.add_argument("--initial-peers", nargs="*", default=[])
@@ -53,7 +54,9 @@ def main():
     for r in range(args.rounds + 1):
         store.publish(SnapshotKey("logits", r, 0), {"mask": mask, "logits": logits})
     # "ahead" of everyone, so honest nodes neither wait for it nor for it at the end
-    discovery.announce(grpc_address=server.address, round=args.rounds + 1, proxy_digest=digest, dataset_size=100)
+    signed = () if args.mode == "unsigned" else store.index()
+    discovery.announce(grpc_address=server.address, round=args.rounds + 1, proxy_digest=digest, dataset_size=100,
+                       snapshots=signed)
     print(json.dumps(dict(event="ready", peer_id=identity.peer_id, maddrs=discovery.visible_maddrs(),
                           dht_pid=discovery.pid)), flush=True)
     stop.wait(600)  # bounded: the test stops it long before

@@ -76,3 +76,27 @@ def test_bench_distill_writes_per_architecture_results(tmp_path):
     for bad in (["--architectures", "mlp:huge"], ["--methods", "fedmd"], ["--proxy-size", "5000"]):
         b = atoll("bench", "distill", "--seeds", "0", "--rounds", "1", *bad, timeout=60)
         assert b.returncode == 2 and "Traceback" not in b.stderr and b.stderr.strip(), (bad, b.stderr[-500:])
+
+
+def test_bench_byzantine_tiny_grid(tmp_path):
+    r = atoll("bench", "byzantine", "--honest", "4", "--sybils", "3", "--sybil-honest", "3", "--attacks",
+              "sign_flip,sybil", "--aggregators", "mean,median,sybilwall", "--rounds", "3", "--seeds", "0",
+              "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {(row["attack"], row["aggregator"]) for row in rows if row["group"] == "grid"} >= {
+        ("none", "mean"), ("sign_flip", "median"), ("sybil", "sybilwall")}
+    assert "precision / recall" in r.stdout and (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["security.attack=teleport"], "security.attack"),
+    (["security.attack=sign_flip", "security.attack_params={scale: 2, volume: 11}"], "attack_params"),
+    (["security.attack_params={scale: 2}"], "without an attack"),
+    (["security.aggregator=krum", "comm.exchange=logits"], "need comm.exchange model"),
+    (["security.byzantine_fraction=0.7"], "byzantine_fraction"),
+])
+def test_bad_security_config_is_a_clear_error(sets, message):
+    r = atoll("config", "show", *[a for s in sets for a in ("--set", s)], timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert message in r.stderr, r.stderr

@@ -56,25 +56,26 @@ def test_mixed_architecture_swarm_learns_through_logits(tmp_path):
 
 
 def test_malformed_logits_are_refused_and_counted(tmp_path):
-    """One honest daemon among three peers that serve logits with a wrong class count, a NaN,
-    or about another proxy set: it refuses each for its reason, counts it, and keeps training."""
+    """One honest daemon among four peers that serve logits with a wrong class count, a NaN,
+    about another proxy set, or not signed in their record: it refuses each for its reason,
+    counts it, and keeps training."""
     rounds, swarm = 4, "evil"
     peers, honest = [], None
     try:
-        for k, mode in enumerate(("shape", "nan", "proxy")):
+        for k, mode in enumerate(("shape", "nan", "proxy", "unsigned")):
             extra = ["--initial-peers", *peers[0].info["maddrs"]] if peers else []
             peers.append(NodeProcess("--key", str(tmp_path / f"evil{k}.key"), "--swarm", swarm, "--mode", mode,
                                      "--rounds", str(rounds), *extra,
                                      command=[sys.executable, str(ROOT / "tests" / "logits_peer.py")],
                                      stderr_path=tmp_path / f"evil{k}.log"))
             peers[-1].ready(60)
-        cfg = node_config(tmp_path / "honest.yaml", tmp_path, 0, 1, swarm, rounds, min_peers=4)
+        cfg = node_config(tmp_path / "honest.yaml", tmp_path, 0, 1, swarm, rounds, min_peers=5)
         honest = atoll_node(cfg, "--set", f"net.initial_peers={peers[0].info['maddrs']}", log=tmp_path / "honest.log")
         honest.ready(60)
         honest.wait_event("round", 120, lambda e: e["round"] == rounds - 1)
         text = metrics_text(honest.info["metrics_port"])  # while it still serves
         counts = {m[0]: float(m[1]) for m in re.findall(r'atoll_fetch_failures_total\{reason="(\w+)"\} (\S+)', text)}
-        for reason in ("logits_shape", "non_finite", "proxy_mismatch"):
+        for reason in ("logits_shape", "non_finite", "proxy_mismatch", "unsigned"):
             assert counts.get(reason, 0) >= rounds - 1, (reason, counts)
         done = honest.wait_event("done", 120)
         assert done["round"] == rounds and done["received_bytes"] > 0  # fetched, then refused

@@ -216,7 +216,9 @@ def test_fetch_without_deadline_is_refused_and_stalled_readers_cannot_block_heal
     store.publish(SnapshotKey("model", 1), {"w": torch.zeros(2**20)})
     server = SwarmServer(store, lambda: b"rec", max_workers=3)  # one fetch slot, two kept for Health
     server.start()
-    channel = grpc.insecure_channel(server.address)
+    # no BDP probing: the receive window stays at its 64 KiB default, so a reader that stops
+    # reading really stalls the server (with probing the window can grow to hold all 4 MiB)
+    channel = grpc.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)])
     raw = channel.unary_stream(f"/{SERVICE_NAME}/Fetch", request_serializer=pb.FetchRequest.SerializeToString,
                                response_deserializer=None)
     req = pb.FetchRequest(key=SnapshotKey("model", 1).to_pb())

@@ -1,0 +1,107 @@
+"""Admission of fetches (p2pd/admission.py) through a real gRPC server on 127.0.0.1: signed
+requests from known identities are served; unsigned, replayed, stale, unknown and
+over-rate ones are refused with their reason and counted. Plus the signed snapshot list in
+peer records that receivers check fetched snapshots against."""
+
+import pydantic
+import pytest
+import torch
+
+from p2pd.admission import Admission, TokenBuckets, signed_request
+from p2pd.client import FetchRefused, SwarmClient
+from p2pd.identity import Identity
+from p2pd.records import MAX_SNAPSHOTS, PeerRecord
+from p2pd.server import SnapshotStore, SwarmServer
+from p2pd.tensors import SnapshotKey
+
+KEY = SnapshotKey("model", 3, 1)
+
+
+@pytest.fixture
+def node():
+    """A server that knows `friend`, serving one snapshot, limited to a burst of 3 fetches."""
+    me, friend, stranger = Identity.generate(), Identity.generate(), Identity.generate()
+    store = SnapshotStore()
+    store.publish(KEY, {"w": torch.arange(6.0)})
+    admission = Admission(me.peer_id, {me.peer_id, friend.peer_id}.__contains__, rate=1e-3, burst=3)
+    server = SwarmServer(store, admission=admission)
+    server.start()
+    yield server, me, friend, stranger
+    server.stop(0.2)
+
+
+def refusal(address, identity, server_id="", key=KEY):
+    with SwarmClient(address, identity=identity, retries=0, timeout=5) as c, pytest.raises(FetchRefused) as e:
+        c.fetch(key, server_peer_id=server_id)
+    return e.value.reason, str(e.value)
+
+
+@pytest.mark.integration
+def test_signed_known_identity_is_served_others_refused_and_counted(node):
+    server, me, friend, stranger = node
+    with SwarmClient(server.address, identity=friend, retries=0, timeout=5) as c:
+        assert torch.equal(c.fetch(KEY, server_peer_id=me.peer_id).tensors["w"], torch.arange(6.0))
+    reason, detail = refusal(server.address, None, me.peer_id)
+    assert (reason, "unsigned" in detail) == ("denied", True)
+    reason, detail = refusal(server.address, friend, server_id="12D3KooWsomeoneElse")  # signed for another node
+    assert (reason, "unsigned" in detail) == ("denied", True)
+    reason, detail = refusal(server.address, stranger, me.peer_id)  # valid signature, not in the swarm
+    assert (reason, "unknown" in detail) == ("denied", True)
+    assert dict(server.servicer.refused) == {"unsigned": 2, "unknown": 1}
+
+
+@pytest.mark.integration
+def test_rate_limit_per_identity(node):
+    server, me, friend, _ = node
+    with SwarmClient(server.address, identity=friend, retries=0, timeout=5) as c:
+        for _ in range(3):  # the burst
+            c.fetch(KEY, server_peer_id=me.peer_id)
+        with pytest.raises(FetchRefused) as e:
+            c.fetch(KEY, server_peer_id=me.peer_id)
+    assert e.value.reason == "rate_limited"
+    with SwarmClient(server.address, identity=me, retries=0, timeout=5) as c:  # another identity has its own bucket
+        c.fetch(KEY, server_peer_id=me.peer_id)
+    assert server.servicer.refused["rate"] == 1 and server.servicer.stats["fetches_served"] == 4
+
+
+def test_stale_and_tampered_requests_refused():
+    me, friend = Identity.generate(), Identity.generate()
+    now = [1_800_000_000.0]
+    adm = Admission(me.peer_id, lambda p: True, rate=10, burst=10, max_skew=30, clock=lambda: now[0])
+    req = signed_request(friend, me.peer_id, KEY, now[0])
+    assert adm.check(req, KEY) is None
+    assert adm.check(req, SnapshotKey("model", 4, 1)) == "unsigned"  # signature bound to the key asked for
+    now[0] += 31
+    assert adm.check(req, KEY) == "stale"  # a replay after max_skew
+    bad = signed_request(friend, me.peer_id, KEY, now[0])
+    bad.requester_peer_id = me.peer_id  # claims another identity
+    assert adm.check(bad, KEY) == "unsigned"
+    bad = signed_request(friend, me.peer_id, KEY, now[0])
+    bad.issued_at = float("nan")
+    assert adm.check(bad, KEY) == "stale"
+
+
+def test_token_buckets_refill_and_stay_bounded():
+    t = [0.0]
+    b = TokenBuckets(rate=2.0, burst=2, max_keys=3, clock=lambda: t[0])
+    assert [b.take("a") for _ in range(3)] == [True, True, False]
+    t[0] += 0.5  # one token back at 2/s
+    assert [b.take("a"), b.take("a")] == [True, False]
+    for k in "bcde":
+        b.take(k)
+    assert len(b._buckets) == 3 and "a" not in b._buckets  # least recently used forgotten
+
+
+def test_record_signs_snapshot_digests_and_refuses_bad_entries():
+    ident = Identity.generate()
+    store = SnapshotStore()
+    packed = store.publish(KEY, {"w": torch.ones(3)})
+    rec = PeerRecord(peer_id=ident.peer_id, grpc_address="127.0.0.1:5000", issued_at=1.0, expires_at=31.0,
+                     snapshots=store.index())
+    assert rec.snapshot_digest("model", 3, 1) == packed.digest
+    assert rec.snapshot_digest("model", 3, 0) is None and rec.snapshot_digest("logits", 3, 1) is None
+    for entries in (("model:3:1:" + "zz" * 32,), ("weights:3:1:" + "ab" * 32,), ("model:3:1:" + "ab" * 31,),
+                    tuple(f"model:{i}:0:" + "ab" * 32 for i in range(MAX_SNAPSHOTS + 1))):
+        with pytest.raises(pydantic.ValidationError):
+            PeerRecord(peer_id=ident.peer_id, grpc_address="127.0.0.1:5000", issued_at=1.0, expires_at=31.0,
+                       snapshots=entries)
