@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "proto"
-PROTOS = ("swarm.proto",)
+PROTOS = ("swarm.proto", "router.proto")
 
 
 def generate(out_dir: Path) -> list[Path]:
