@@ -19,11 +19,16 @@ identity_app = typer.Typer(help="The node's Ed25519 identity (its libp2p peer id
 node_app = typer.Typer(help="Run one node daemon.", no_args_is_help=True)
 swarm_app = typer.Typer(help="Run a whole swarm on this machine (loopback) to try atoll.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+expert_app = typer.Typer(help="Decentralized diffusion experts: one per data cluster, trained in isolation.",
+                         no_args_is_help=True)
+router_app = typer.Typer(help="The router that samples images from the live experts' ensemble.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
 app.add_typer(swarm_app, name="swarm")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 app.add_typer(identity_app, name="identity")
+app.add_typer(expert_app, name="expert")
+app.add_typer(router_app, name="router")
 
 SET_HELP = "Override a config field, e.g. --set train.rounds=20 --set data.alpha=0.1 (repeatable)."
 
@@ -70,6 +75,9 @@ def node_start(
     if initial_peers:
         extra["net.initial_peers"] = list(initial_peers)
     cfg = _load(config, set_, extra)
+    if cfg.role != "trainer":
+        _run_role(cfg, json_events)
+        return
     logging.getLogger().setLevel(cfg.log_level)
     from node.daemon import Node
     from p2pd.discovery import DiscoveryError
@@ -84,6 +92,41 @@ def node_start(
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if summary["event"] == "stopped":
         raise typer.Exit(0)
+
+
+def _run_role(cfg, json_events: bool, serve: bool = True) -> dict:
+    """Run an expert or router node in the foreground until done or SIGTERM / Ctrl-C."""
+    import signal as _signal
+
+    from node.checkpoint import CheckpointError
+    from node.experts.roles import ExpertNode, RouterNode
+    from p2pd.discovery import DiscoveryError
+    from p2pd.identity import IdentityError
+
+    logging.getLogger().setLevel(cfg.log_level)
+    emit = _json_event if json_events else _role_event
+    try:
+        node = ExpertNode(cfg, emit) if cfg.role == "expert" else RouterNode(cfg, emit)
+        for sig in (_signal.SIGTERM, _signal.SIGINT):
+            _signal.signal(sig, lambda *_: node.request_stop())
+        result = node.run(serve) if cfg.role == "expert" else node.run()
+    except (DiscoveryError, IdentityError, CheckpointError, OSError, RuntimeError, ValueError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    emit(result)
+    return result
+
+
+def _role_event(e: dict) -> None:
+    kind = e["event"]
+    if kind == "train":
+        typer.echo(f"{e['role']} step {e['step']:>6}/{e['steps']}  loss {e['loss']:.4f}  {e['seconds']:.0f}s")
+    elif kind == "ready":
+        what = f"expert of cluster {e['cluster']}" if e["role"] == "expert" else "router"
+        typer.echo(f"{what} {e['peer_id']} serving on {e['grpc']}")
+        for m in e["maddrs"]:
+            typer.echo(f"  join with: --initial-peers {m}")
+    else:
+        typer.echo(" ".join(f"{k}={v}" for k, v in e.items()))
 
 
 def _json_event(e: dict) -> None:
@@ -224,6 +267,116 @@ def status(
     for r in records:
         typer.echo(f"  {r.peer_id}  {r.grpc_address:<21} round {r.round:<5} {r.device:<6} "
                    f"{r.samples_per_second:8.0f} samples/s  {r.dataset_size} samples")
+
+
+@expert_app.command("train")
+def expert_train(
+    cluster: int = typer.Option(..., "--cluster", "-k", min=0, help="The cluster this expert models."),
+    clusters: Optional[int] = typer.Option(None, help="K, the number of clusters (default: experts.clusters)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps (default: experts.steps)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="Checkpoints go to DIR/expert-K; a rerun resumes."),
+    serve: bool = typer.Option(False, "--serve", help="After training, join the swarm and serve predictions."),
+    json_events: bool = typer.Option(False, "--json-events", help="Print progress as JSON lines."),
+) -> None:
+    """Train the flow-matching expert of one data cluster, in isolation (no communication at
+    all), checkpointing as it goes; with --serve it then answers Predict calls (the same as
+    `atoll node start --set role=expert`)."""
+    extra = {"role": "expert", "experts.cluster": cluster, "experts.clusters": clusters, "experts.steps": steps,
+             "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
+    _run_role(_load(config, set_, extra), json_events, serve=serve)
+
+
+@router_app.command("serve")
+def router_serve(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    initial_peers: list[str] = typer.Option([], "--initial-peers", "-p", help="Multiaddr of a swarm member (repeatable)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="The router's checkpoint goes to DIR/router."),
+    json_events: bool = typer.Option(False, "--json-events", help="Print progress as JSON lines."),
+) -> None:
+    """Train (or load) the router p(cluster | x_t, t), join the swarm and serve ensemble
+    sampling over the experts live in the DHT (the same as `atoll node start --set role=router`)."""
+    extra = {"role": "router", "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
+    if initial_peers:
+        extra["net.initial_peers"] = list(initial_peers)
+    _run_role(_load(config, set_, extra), json_events)
+
+
+@router_app.command("query")
+def router_query(
+    router: Optional[str] = typer.Option(None, help="The router's gRPC host:port."),
+    peers: list[str] = typer.Option([], "--peers", "-p", help="Or: a swarm member's multiaddr, to find a router."),
+    swarm_name: str = typer.Option("atoll", "--swarm", help="Swarm name (with --peers)."),
+    n: int = typer.Option(16, min=1, help="Images to sample."),
+    strategy: str = typer.Option("top1", help="top1, top2, ..., or full."),
+    seed: int = typer.Option(0, min=0),
+    steps: int = typer.Option(0, min=0, help="Euler steps (0: the router's default)."),
+    out: Optional[Path] = typer.Option(None, help="Write the images as a PNG grid here."),
+    timeout: float = typer.Option(300.0, min=1.0, help="Seconds to wait for the answer."),
+    as_json: bool = typer.Option(False, "--json", help="Print which experts served each image as JSON."),
+) -> None:
+    """Ask a router for images; prints which experts served each one."""
+    import grpc
+
+    from node.experts.service import matrix_from_pb
+    from p2pd.rpc import router_pb2 as rpb
+    from p2pd.rpc import router_pb2_grpc as rpb_grpc
+
+    address = router or _find_router(peers, swarm_name)
+    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 * 2**20)]) as ch:
+        try:
+            reply = rpb_grpc.RouterStub(ch).Sample(rpb.SampleRequest(n=n, strategy=strategy, seed=seed, steps=steps),
+                                                   timeout=timeout)
+        except grpc.RpcError as e:
+            _fail(f"router {address}: {e.code().name}: {e.details()}")
+    shape = tuple(reply.image_shape)
+    try:
+        if len(shape) != 3:
+            raise ValueError(f"image shape {shape}")
+        images = matrix_from_pb(reply.images, shape[0] * shape[1] * shape[2], max_rows=n)
+    except ValueError as e:
+        _fail(f"router {address} sent a bad reply: {e}")
+    served = [list(s.clusters) for s in reply.served]
+    if as_json:
+        typer.echo(json.dumps(dict(n=len(images), shape=list(shape), served=served, failed=list(reply.failed))))
+    else:
+        typer.echo(f"{len(images)} images of shape {shape} from {address} ({strategy})")
+        for i, s in enumerate(served):
+            typer.echo(f"  image {i:>3}: experts {', '.join(map(str, s)) or '-'}")
+        for f in reply.failed:
+            typer.echo(f"  dropped expert {f}")
+    if out is not None:
+        from node.experts.grid import save_grid
+
+        save_grid(images.reshape(len(images), *shape), out)
+        typer.echo(f"wrote {out}", err=True)
+
+
+def _find_router(peers: list[str], swarm_name: str) -> str:
+    import tempfile
+
+    from p2pd.discovery import Discovery, DiscoveryError
+    from p2pd.identity import Identity
+
+    if not peers:
+        _fail("give --router HOST:PORT or --peers MADDR")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            d = Discovery(Identity.load_or_create(Path(tmp) / "observer.key"), swarm=swarm_name, initial_peers=peers,
+                          client_mode=True).start()
+        except (DiscoveryError, ValueError) as e:
+            _fail(str(e).splitlines()[0])
+        try:
+            for _ in range(20):  # bounded: 10 s for the DHT to answer
+                routers = [r for r in d.live_peers() if "router" in r.roles]
+                if routers:
+                    return routers[0].grpc_address
+                time.sleep(0.5)
+        finally:
+            d.close()
+    _fail(f"no live router in swarm {swarm_name!r}")
 
 
 def _fail(message: str) -> None:

@@ -121,6 +121,23 @@ class SecurityConfig(_Strict):
         return self
 
 
+class ExpertsConfig(_Strict):
+    """Decentralized diffusion (node/experts/): for `role: expert` and `role: router`."""
+
+    clusters: int = Field(4, ge=2, le=64, description="K: KMeans clusters of the data set, one expert each")
+    cluster: int = Field(0, ge=0, description="the cluster an expert node trains on")
+    steps: int = Field(1500, ge=1, description="expert training steps (flow matching, Adam)")
+    router_steps: int = Field(2000, ge=1, description="router training steps")
+    width: int = Field(256, ge=8, le=4096)
+    depth: int = Field(3, ge=1, le=8)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints while training")
+    sample_steps: int = Field(50, ge=1, le=500, description="router: default Euler steps per sample")
+    max_n: int = Field(256, ge=1, le=4096, description="router: most images one request may ask for")
+    predict_timeout: float = Field(10.0, gt=0, le=300, description="router: deadline of one expert call")
+
+
 class NetConfig(_Strict):
     swarm: str = "atoll"
     identity_path: Path = Path("~/.atoll/node.key")
@@ -150,6 +167,9 @@ class NodeConfig(_Strict):
     checkpoint_dir: Path = Path("~/.atoll/checkpoints")
     metrics_port: Optional[int] = Field(0, ge=0, le=65535, description="0 = any free port, null = off")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    role: Literal["trainer", "expert", "router"] = Field(
+        "trainer", description="trainer: gossip training; expert: train one diffusion expert in isolation and "
+        "serve it; router: serve ensemble sampling over the live experts")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -157,6 +177,7 @@ class NodeConfig(_Strict):
     comm: CommConfig = CommConfig()
     distill: DistillConfig = DistillConfig()
     security: SecurityConfig = SecurityConfig()
+    experts: ExpertsConfig = ExpertsConfig()
     net: NetConfig = NetConfig()
 
     @model_validator(mode="after")
@@ -170,6 +191,8 @@ class NodeConfig(_Strict):
                                            ("comm.mix_variance_correction", c.mix_variance_correction)) if on]
             if clash:
                 raise ValueError(f"comm.exchange logits does not average models: unset {', '.join(clash)}")
+        if self.role == "expert" and self.experts.cluster >= self.experts.clusters:
+            raise ValueError(f"experts.cluster {self.experts.cluster} must be < experts.clusters {self.experts.clusters}")
         sec = self.security
         if (sec.aggregator != "mean" or sec.attack) and (c.exchange != "model" or c.algorithm != "gossip"):
             raise ValueError("security.aggregator and security.attack need comm.exchange model and comm.algorithm gossip")

@@ -71,6 +71,10 @@ class PeerRecord(BaseModel):
     snapshots: Annotated[tuple[Annotated[str, Field(pattern=_SNAPSHOT_ENTRY)], ...], Field(max_length=MAX_SNAPSHOTS)] = ()
     proxy_digest: str = ""  # logit exchange: hex digest of the node's proxy set, "" if it exchanges models
     roles: Annotated[tuple[Role, ...], Field(max_length=5)] = ("trainer",)
+    # diffusion experts (node/experts/): the cluster an expert models (-1: not an expert) and the
+    # digest of the clustering it belongs to; model_digest is then its checkpoint's sha256
+    cluster: Annotated[int, Field(ge=-1, lt=2**16)] = -1
+    cluster_digest: str = ""
     software_version: Annotated[str, Field(max_length=32)] = __version__
     issued_at: float
     expires_at: float
@@ -107,7 +111,7 @@ class PeerRecord(BaseModel):
             raise ValueError(f"device must be cpu, mps or cuda[:N], got {v!r}")
         return v
 
-    @field_validator("model_digest", "proxy_digest")
+    @field_validator("model_digest", "proxy_digest", "cluster_digest")
     @classmethod
     def _digest(cls, v: str) -> str:
         if v and not _HEX64.fullmatch(v):

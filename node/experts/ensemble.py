@@ -56,13 +56,15 @@ class SampleResult:
 
 @torch.no_grad()
 def sample(router: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], experts: Mapping[int, Velocity], k: int,
-           n: int, dim: int, steps: int, top: int, gen: torch.Generator) -> SampleResult:
-    """Euler sampling of n images from the ensemble. `experts` maps cluster id -> velocity
-    callable (missing ids count as dead); `router` returns logits (B, k)."""
+           n: int, dim: int, steps: int, top: int, gen: torch.Generator | None = None,
+           x0: torch.Tensor | None = None) -> SampleResult:
+    """Euler sampling of n images from the ensemble, from noise x0 (or drawn from `gen`).
+    `experts` maps cluster id -> velocity callable (missing ids count as dead); `router`
+    returns logits (B, k)."""
     alive = torch.tensor([j in experts for j in range(k)])
     if not alive.any():
         raise ExpertUnavailable("no live expert")
-    x = torch.randn(n, dim, generator=gen)
+    x = x0.clone() if x0 is not None else torch.randn(n, dim, generator=gen)
     served: list[set[int]] = [set() for _ in range(n)]
     out = SampleResult(x, served)
     for i in range(steps):

@@ -54,21 +54,24 @@ def noisy(x1: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.T
     return xt, t, x1 - x0
 
 
-def train_denoiser(model: TimeMLP, x: torch.Tensor, steps: int, *, batch_size: int = 128, lr: float = 2e-3,
-                   seed: int = 0, progress: Callable[[int, float], None] | None = None) -> float:
-    """`steps` Adam steps of flow matching on x (N, D) in [-1, 1]; returns the last 50 steps' mean loss.
-    The learning rate decays linearly to 5% over the run."""
-    if len(x) == 0:
-        raise ValueError("no data to train on")
-    gen = torch.Generator().manual_seed(seed)
+def fit(model: nn.Module, batch_loss: Callable[[torch.Generator], torch.Tensor], steps: int, *, lr: float = 2e-3,
+        seed: int = 0, start: int = 0, opt_state: dict | None = None, every: int = 0,
+        on_checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None,
+        progress: Callable[[int, float], None] | None = None) -> float:
+    """Adam on `batch_loss(gen)` from step `start` to `steps`, the learning rate decaying
+    linearly to 5%; `on_checkpoint(step, opt)` every `every` steps and at the end (a restart
+    passes the saved step and optimizer state back). Returns the last 50 steps' mean loss."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - 0.95 * s / max(1, steps))
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - 0.95 * s / max(1, steps), last_epoch=-1)
+    for _ in range(start):
+        sched.step()  # cheap: replays the schedule to the resumed step
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + start)  # deterministic from any resume point
     model.train()
     recent: list[float] = []
-    for step in range(steps):
-        idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
-        xt, t, target = noisy(x[idx], gen)
-        loss = (model(xt, t) - target).pow(2).mean()
+    for step in range(start, steps):
+        loss = batch_loss(gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -76,8 +79,23 @@ def train_denoiser(model: TimeMLP, x: torch.Tensor, steps: int, *, batch_size: i
         recent = (recent + [loss.item()])[-50:]
         if progress is not None:
             progress(step + 1, recent[-1])
+        if on_checkpoint is not None and ((every and (step + 1) % every == 0) or step + 1 == steps):
+            on_checkpoint(step + 1, opt)
     model.eval()
-    return sum(recent) / len(recent)
+    return sum(recent) / len(recent) if recent else float("nan")
+
+
+def train_denoiser(model: TimeMLP, x: torch.Tensor, steps: int, *, batch_size: int = 128, **kw) -> float:
+    """Flow matching on x (N, D) in [-1, 1]; see `fit` for the other arguments."""
+    if len(x) == 0:
+        raise ValueError("no data to train on")
+
+    def batch_loss(gen):
+        idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
+        xt, t, target = noisy(x[idx], gen)
+        return (model(xt, t) - target).pow(2).mean()
+
+    return fit(model, batch_loss, steps, **kw)
 
 
 @torch.no_grad()

@@ -7,11 +7,9 @@ dominates. That is the DDM paper's router, in small.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from node.experts.flow import TimeMLP, noisy
+from node.experts.flow import TimeMLP, fit, noisy
 
 
 def router_net(dim: int, k: int, width: int = 256, depth: int = 3, seed: int = 0) -> TimeMLP:
@@ -21,26 +19,15 @@ def router_net(dim: int, k: int, width: int = 256, depth: int = 3, seed: int = 0
 
 
 def train_router(model: TimeMLP, x: torch.Tensor, labels: torch.Tensor, steps: int, *, batch_size: int = 128,
-                 lr: float = 2e-3, seed: int = 0, progress: Callable[[int, float], None] | None = None) -> float:
-    """Cross-entropy on (x_t, t) -> cluster of x_1; returns the last 50 steps' mean loss."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - 0.95 * s / max(1, steps))
-    model.train()
-    recent: list[float] = []
-    for step in range(steps):
+                 **kw) -> float:
+    """Cross-entropy on (x_t, t) -> cluster of x_1; see flow.fit for the other arguments."""
+
+    def batch_loss(gen):
         idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
         xt, t, _ = noisy(x[idx], gen)
-        loss = torch.nn.functional.cross_entropy(model(xt, t), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        recent = (recent + [loss.item()])[-50:]
-        if progress is not None:
-            progress(step + 1, recent[-1])
-    model.eval()
-    return sum(recent) / len(recent)
+        return torch.nn.functional.cross_entropy(model(xt, t), labels[idx])
+
+    return fit(model, batch_loss, steps, **kw)
 
 
 @torch.no_grad()

@@ -1,0 +1,213 @@
+"""gRPC services of the diffusion roles (proto/router.proto): an expert's Predict, the
+router's Sample, and the client side of Predict that the router calls.
+
+Matrices travel as raw little-endian float32 with their shape; `matrix_from_pb` checks rank,
+sizes, byte length and finiteness before anything touches a model. The router batches
+concurrent Sample requests that ask for the same (strategy, steps) into one ensemble run, so
+every expert sees one Predict per step for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+import numpy as np
+import torch
+
+from node.experts import ensemble
+from node.experts.flow import Velocity
+from p2pd.rpc import router_pb2 as pb
+from p2pd.rpc import router_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+MAX_ROWS = 4096  # per Predict call
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def matrix_to_pb(t: torch.Tensor) -> pb.Matrix:
+    a = t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    return pb.Matrix(shape=list(a.shape), data=a.tobytes())
+
+
+def matrix_from_pb(m: pb.Matrix, cols: int, max_rows: int = MAX_ROWS) -> torch.Tensor:
+    """The (rows, cols) float32 tensor in `m`, or ValueError saying what is wrong with it."""
+    if len(m.shape) != 2:
+        raise ValueError(f"expected a matrix (rank 2), got rank {len(m.shape)}")
+    rows, c = m.shape
+    if c != cols:
+        raise ValueError(f"expected {cols} columns, got {c}")
+    if not 1 <= rows <= max_rows:
+        raise ValueError(f"rows must be in [1, {max_rows}], got {rows}")
+    if len(m.data) != rows * cols * 4:
+        raise ValueError(f"{len(m.data)} bytes for a {rows}x{cols} float32 matrix")
+    t = torch.from_numpy(np.frombuffer(m.data, dtype="<f4").astype(np.float32).reshape(rows, cols))
+    if not torch.isfinite(t).all():
+        raise ValueError("matrix holds NaN or Inf")
+    return t
+
+
+# -- expert -----------------------------------------------------------------------------------
+class ExpertService(pb_grpc.ExpertServicer):
+    def __init__(self, model: torch.nn.Module, cluster: int, cluster_digest: str, dim: int, device: torch.device):
+        self.model, self.cluster, self.cluster_digest, self.dim, self.device = model, cluster, cluster_digest, dim, device
+        self.calls = 0
+        self._lock = threading.Lock()  # one forward at a time: CPU threads are the bottleneck anyway
+
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictReply:
+        if request.cluster_digest != self.cluster_digest:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this expert belongs to another clustering (cluster_digest differs)")
+        try:
+            x = matrix_from_pb(request.x, self.dim)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"x: {e}")
+        t = torch.tensor(list(request.t), dtype=torch.float32)
+        if len(t) != len(x) or not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "t needs one value in [0, 1] per row of x")
+        with self._lock, torch.no_grad():
+            v = self.model(x.to(self.device), t.to(self.device)).cpu()
+            self.calls += 1
+        return pb.PredictReply(velocity=matrix_to_pb(v), cluster=self.cluster)
+
+
+class RemoteExpert:
+    """A live expert's Predict as a velocity callable; any failure raises ExpertUnavailable."""
+
+    def __init__(self, address: str, cluster: int, cluster_digest: str, dim: int, timeout: float = 10.0):
+        self.address, self.cluster, self.cluster_digest, self.dim, self.timeout = address, cluster, cluster_digest, dim, timeout
+        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                                                ("grpc.enable_retries", 0)])
+        self._stub = pb_grpc.ExpertStub(self._channel)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        req = pb.PredictRequest(x=matrix_to_pb(x), t=t.tolist(), cluster_digest=self.cluster_digest)
+        try:
+            reply = self._stub.Predict(req, timeout=self.timeout)
+            if reply.cluster != self.cluster:
+                raise ensemble.ExpertUnavailable(f"{self.address} answered as cluster {reply.cluster}")
+            return matrix_from_pb(reply.velocity, self.dim)
+        except grpc.RpcError as e:
+            raise ensemble.ExpertUnavailable(f"{self.address}: {e.code().name}") from None
+        except ValueError as e:
+            raise ensemble.ExpertUnavailable(f"{self.address}: bad reply: {e}") from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+# -- router -----------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    n: int
+    top: int
+    steps: int
+    seed: int
+    done: threading.Event
+    result: ensemble.SampleResult | None = None
+    error: str | None = None
+
+
+class RouterService(pb_grpc.RouterServicer):
+    """Sample requests -> ensemble runs, batched: requests with the same (strategy, steps) that
+    arrive while a run is going are served together by the next run."""
+
+    def __init__(self, router: torch.nn.Module, experts: Callable[[], dict[int, Velocity]], k: int, dim: int,
+                 image_shape: tuple[int, ...], max_n: int = 256, default_steps: int = 50, max_steps: int = 500,
+                 max_batch: int = 1024):
+        self.router, self.experts, self.k, self.dim, self.image_shape = router, experts, k, dim, image_shape
+        self.max_n, self.default_steps, self.max_steps, self.max_batch = max_n, default_steps, max_steps, max_batch
+        self.runs = 0  # ensemble runs (fewer than requests when batching works)
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._loop, name="atoll-router", daemon=True)
+        self._worker.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._worker.join(timeout=10)
+
+    def Sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> pb.SampleReply:
+        if not 1 <= request.n <= self.max_n:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"n must be in [1, {self.max_n}], got {request.n}")
+        try:
+            top = ensemble.parse_strategy(request.strategy, self.k)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        steps = request.steps or self.default_steps
+        if not 1 <= steps <= self.max_steps:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"steps must be in [1, {self.max_steps}]")
+        job = _Job(request.n, top, steps, request.seed, threading.Event())
+        self._queue.put(job)
+        while not job.done.wait(0.5):
+            if not context.is_active():
+                return pb.SampleReply()  # the client gave up; the run finishes for the others
+        if job.error is not None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, job.error)
+        res = job.result
+        images = ((res.x.clamp(-1, 1) + 1) / 2)
+        return pb.SampleReply(images=matrix_to_pb(images), image_shape=list(self.image_shape),
+                              served=[pb.ServedBy(clusters=sorted(s)) for s in res.served],
+                              failed=[f"{j}: {why}" for j, why in sorted(res.failed.items())])
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch, rest = [first], []
+            total = first.n
+            while True:  # everything already waiting that fits this run
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if (job.top, job.steps) == (first.top, first.steps) and total + job.n <= self.max_batch:
+                    batch.append(job)
+                    total += job.n
+                else:
+                    rest.append(job)
+            for job in rest:
+                self._queue.put(job)
+            self._run(batch)
+
+    def _run(self, batch: list[_Job]) -> None:
+        first = batch[0]
+        # each request's noise comes from its own seed, so a request's images do not depend on
+        # what it was batched with (up to the router/expert arithmetic on a bigger batch)
+        x0 = torch.cat([torch.randn(j.n, self.dim, generator=torch.Generator().manual_seed(j.seed)) for j in batch])
+        try:
+            res = ensemble.sample(self.router, self.experts(), self.k, len(x0), self.dim, first.steps, first.top,
+                                  gen=None, x0=x0)
+            self.runs += 1
+        except ensemble.ExpertUnavailable as e:
+            for job in batch:
+                job.error = f"no expert could serve: {e}"
+                job.done.set()
+            return
+        at = 0
+        for job in batch:
+            job.result = ensemble.SampleResult(res.x[at:at + job.n], res.served[at:at + job.n], dict(res.failed),
+                                               res.expert_calls)
+            at += job.n
+            job.done.set()
+
+
+def serve(servicer, add: Callable, host: str = "127.0.0.1", port: int = 0, workers: int = 8) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="atoll-rpc"),
+                         maximum_concurrent_rpcs=workers * 4,
+                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)])
+    add(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise OSError(f"could not bind {host}:{port}")
+    server.start()
+    return server, bound
