@@ -587,6 +587,43 @@ def bench_byzantine(
             typer.echo(f"wrote {path}", err=True)
 
 
+@bench_app.command("experts")
+def bench_experts(
+    clusters: int = typer.Option(4, min=2, max=16, help="K: clusters, one expert each."),
+    steps: int = typer.Option(1500, min=1, help="Training steps per expert (the monolith gets K times as many)."),
+    router_steps: int = typer.Option(2000, min=1, help="Router training steps."),
+    width: int = typer.Option(256, min=8, max=4096, help="Hidden width of every net."),
+    samples: int = typer.Option(1000, min=20, max=10000, help="Images sampled per method and seed."),
+    sample_steps: int = typer.Option(50, min=1, max=1000, help="Euler steps per sample."),
+    dataset: str = typer.Option("digits", help="digits or fashion-mnist."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
+    out: Optional[Path] = typer.Option(None, help="Write results.json, table.md, frechet.png and a grid per method."),
+) -> None:
+    """Decentralized diffusion in miniature: K experts trained in isolation on KMeans clusters vs a
+    monolith at equal total training compute, sampled with top-1, top-2 and full routing, scored
+    by a classifier trained in the same run; plus router throughput with experts in process vs
+    behind gRPC on 127.0.0.1."""
+    from node.bench import experts as bench
+
+    seed_list = _int_list(seeds, "--seeds", 0, 2**31)
+    if dataset not in ("digits", "fashion-mnist"):
+        _fail(f"--dataset: unknown {dataset!r}")
+    note = lambda s: typer.echo(s, err=True)  # noqa: E731
+    from node.data.datasets import DatasetMissing
+
+    try:
+        rows, infos, judge_acc = bench.run(dataset, clusters, steps, router_steps, width, samples, sample_steps,
+                                           seed_list, out, note)
+    except (DatasetMissing, OSError) as e:
+        _fail(str(e))
+    typer.echo(bench.tables(bench.summarize(rows), infos))
+    if out is not None:
+        meta = {"command": " ".join(["atoll", *sys.argv[1:]]),
+                "title": f"{clusters} experts vs monolith, {dataset}, {steps} steps per expert, {len(seed_list)} seeds"}
+        for path in bench.write_outputs(rows, infos, judge_acc, out, meta):
+            typer.echo(f"wrote {path}", err=True)
+
+
 @bench_app.command("scale")
 def bench_scale(
     sizes: str = typer.Option("16,64,256", help="Numbers of virtual nodes, comma-separated."),

@@ -1,4 +1,4 @@
-"""Images -> one PNG grid (matplotlib, no display needed)."""
+"""Images -> one PNG grid (matplotlib on the file-only backend)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import torch
 
 def save_grid(images: torch.Tensor, path: Path, cols: int | None = None, title: str | None = None) -> Path:
     """images (N, C, H, W) in [0, 1]; writes a grid, grayscale for one channel."""
-    import matplotlib
+    from node.bench import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = len(images)
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
