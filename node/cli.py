@@ -265,7 +265,8 @@ def status(
         return
     typer.echo(f"{len(records)} live node(s) in swarm {swarm_name!r}")
     for r in records:
-        typer.echo(f"  {r.peer_id}  {r.grpc_address:<21} round {r.round:<5} {r.device:<6} "
+        role = ",".join(r.roles) + (f" of cluster {r.cluster}" if r.cluster >= 0 else "")
+        typer.echo(f"  {r.peer_id}  {r.grpc_address:<21} {role:<10} round {r.round:<5} {r.device:<6} "
                    f"{r.samples_per_second:8.0f} samples/s  {r.dataset_size} samples")
 
 

@@ -64,9 +64,8 @@ def fit(model: nn.Module, batch_loss: Callable[[torch.Generator], torch.Tensor],
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - 0.95 * s / max(1, steps), last_epoch=-1)
-    for _ in range(start):
-        sched.step()  # cheap: replays the schedule to the resumed step
+    # counted from `start`, so a resumed run continues the same schedule
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - 0.95 * min(1.0, (s + start) / max(1, steps)))
     gen = torch.Generator().manual_seed(seed * 1_000_003 + start)  # deterministic from any resume point
     model.train()
     recent: list[float] = []

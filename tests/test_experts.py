@@ -1,0 +1,154 @@
+"""Units of decentralized diffusion: clustering, wire matrices, routing weights, ensemble
+sampling with failing experts, request batching and refusals of the router service,
+checkpointed expert training that resumes, and the Fréchet distance."""
+
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from node.experts import ensemble, flow
+from node.experts.cluster import cluster, from_unit, to_unit
+from node.experts.evaluate import frechet
+from node.experts.service import RouterService, matrix_from_pb, matrix_to_pb, serve
+from p2pd.rpc import router_pb2 as pb
+from p2pd.rpc import router_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from node.data import load_dataset
+
+    return load_dataset("digits")
+
+
+def test_clustering_is_deterministic_and_ordered(digits):
+    a, b = cluster(digits.x_train, 4, 0), cluster(digits.x_train, 4, 0)
+    assert torch.equal(a.labels, b.labels) and a.digest == b.digest
+    sizes = torch.bincount(a.labels).tolist()
+    assert sizes == sorted(sizes, reverse=True) and min(sizes) > 100
+    assert (a.assign(to_unit(digits.x_train)) == a.labels).float().mean() > 0.99
+    assert torch.allclose(from_unit(to_unit(digits.x_train[:3]), (1, 8, 8)), digits.x_train[:3])
+
+
+@pytest.mark.parametrize("shape,data,why", [
+    ([4], b"\0" * 16, "rank"), ([2, 3], b"\0" * 24, "columns"), ([0, 4], b"", "rows"),
+    ([2, 4], b"\0" * 31, "bytes"), ([5000, 4], b"\0" * 80000, "rows"),
+])
+def test_matrix_validation_refuses_malformed(shape, data, why):
+    with pytest.raises(ValueError, match=why):
+        matrix_from_pb(pb.Matrix(shape=shape, data=data), cols=4)
+
+
+def test_matrix_roundtrip_and_nan_refused():
+    x = torch.randn(3, 4)
+    assert torch.equal(matrix_from_pb(matrix_to_pb(x), 4), x)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        matrix_from_pb(matrix_to_pb(x), 4)
+
+
+def test_expert_weights_top_k_and_dead_experts():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.2, 0.7]])
+    alive = torch.tensor([True, True, True])
+    assert torch.equal(ensemble.expert_weights(probs, 1, alive), torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]))
+    w2 = ensemble.expert_weights(probs, 2, alive)
+    assert torch.allclose(w2[0], torch.tensor([2 / 3, 1 / 3, 0])) and torch.allclose(w2.sum(1), torch.ones(2))
+    dead0 = ensemble.expert_weights(probs, 1, torch.tensor([False, True, True]))
+    assert torch.equal(dead0[0], torch.tensor([0, 1.0, 0]))  # its mass moves to the best live expert
+    only2 = ensemble.expert_weights(torch.tensor([[1.0, 0, 0]]), 1, torch.tensor([False, False, True]))
+    assert torch.equal(only2, torch.tensor([[0, 0, 1.0]]))
+    assert ensemble.parse_strategy("top-2", 4) == 2 and ensemble.parse_strategy("full", 4) == 4
+    for bad in ("top0", "top5", "best", ""):
+        with pytest.raises(ValueError):
+            ensemble.parse_strategy(bad, 4)
+
+
+def _const(value):
+    return lambda x, t: torch.full_like(x, value)
+
+
+def _uniform_router(k):
+    return lambda x, t: torch.zeros(len(x), k)
+
+
+def test_ensemble_drops_a_failing_expert_and_renormalises():
+    def broken(x, t):
+        raise ensemble.ExpertUnavailable("gone")
+
+    res = ensemble.sample(_uniform_router(3), {0: _const(1.0), 1: broken, 2: _const(3.0)}, 3, n=5, dim=2, steps=4,
+                          top=3, x0=torch.zeros(5, 2))
+    assert res.failed == {1: "gone"} and all(s == {0, 2} for s in res.served)
+    assert torch.allclose(res.x, torch.full((5, 2), 2.0))  # mean of 1 and 3 over t in [0, 1]
+    with pytest.raises(ensemble.ExpertUnavailable):
+        ensemble.sample(_uniform_router(2), {0: broken}, 2, n=2, dim=2, steps=2, top=1, x0=torch.zeros(2, 2))
+    nan = ensemble.sample(_uniform_router(2), {0: _const(float("nan")), 1: _const(1.0)}, 2, n=2, dim=2, steps=2,
+                          top=2, x0=torch.zeros(2, 2))
+    assert 0 in nan.failed and torch.isfinite(nan.x).all()
+
+
+def test_router_service_batches_concurrent_requests_and_refuses_bad_ones():
+    def slow(x, t):
+        time.sleep(0.05)
+        return torch.zeros_like(x)
+
+    svc = RouterService(_uniform_router(2), lambda: {0: slow, 1: slow}, 2, 4, (1, 2, 2), max_n=8, default_steps=10)
+    server, port = serve(svc, pb_grpc.add_RouterServicer_to_server)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.RouterStub(ch)
+            replies = []
+            first = threading.Thread(target=lambda: replies.append(stub.Sample(pb.SampleRequest(n=2, strategy="top1"),
+                                                                                timeout=30)))
+            first.start()
+            time.sleep(0.3)  # the first run is going: the next three wait and are served by one run
+            rest = [threading.Thread(target=lambda s=s: replies.append(
+                stub.Sample(pb.SampleRequest(n=3, strategy="top1", seed=s), timeout=30))) for s in range(3)]
+            for th in rest:
+                th.start()
+            for th in [first, *rest]:
+                th.join(30)
+            assert len(replies) == 4 and sorted(len(r.served) for r in replies) == [2, 3, 3, 3]
+            assert svc.runs == 2
+            for req, what in ((pb.SampleRequest(n=9, strategy="top1"), "n must be"),
+                              (pb.SampleRequest(n=1, strategy="median"), "strategy"),
+                              (pb.SampleRequest(n=1, strategy="top1", steps=501), "steps")):
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Sample(req, timeout=10)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and what in e.value.details()
+            assert len(stub.Sample(pb.SampleRequest(n=1, strategy="full"), timeout=30).served) == 1
+    finally:
+        svc.close()
+        server.stop(0)
+
+
+def test_denoiser_learns_and_resumes_from_checkpoint(tmp_path):
+    from node.config import NodeConfig
+    from node.experts.roles import ExpertNode
+
+    cfg = NodeConfig(role="expert", checkpoint_dir=tmp_path, experts=dict(clusters=2, cluster=1, steps=120, width=32,
+                                                                        checkpoint_every=40))
+    events = []
+    node = ExpertNode(cfg, events.append)
+    node.stop_requested.set()  # stop at the first checkpoint
+    assert node.run(serve=False) == dict(event="stopped", step=40)
+    again = ExpertNode(cfg, events.append)
+    done = again.run(serve=False)
+    assert done["event"] == "done" and len(done["checkpoint"]) == 64
+    steps = [e["step"] for e in events if e["event"] == "train"]
+    assert steps[0] <= 40 and steps[-1] == 120 and 40 < min(s for s in steps if s > 40)  # resumed, not restarted
+    assert ExpertNode(cfg).run(serve=False)["checkpoint"] == done["checkpoint"]  # finished: loaded, not retrained
+    first_losses = [e["loss"] for e in events if e["event"] == "train"]
+    assert first_losses[-1] < first_losses[0]
+    other = NodeConfig(role="expert", checkpoint_dir=tmp_path, experts=dict(clusters=2, cluster=1, steps=120, width=64))
+    with pytest.raises(ValueError, match="another expert"):
+        ExpertNode(other).run(serve=False)
+
+
+def test_frechet_distance():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3000, 6, generator=g), torch.randn(3000, 6, generator=g)
+    assert frechet(a, a) < 1e-6 and frechet(a, b) < 0.05
+    assert abs(frechet(a, b + 2) - 6 * 4) < 0.5  # |mu difference|^2
