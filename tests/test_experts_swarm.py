@@ -2,6 +2,8 @@
 images of the requested shape; with one expert SIGKILLed the router still answers, served by
 the others; bad requests get a clear gRPC error and both roles keep serving."""
 
+import json
+import subprocess
 import sys
 
 import grpc
@@ -58,6 +60,18 @@ def test_experts_and_router_serve_survive_a_dead_expert_and_refuse_bad_requests(
         x = matrix_from_pb(reply.images, 64, max_rows=6)
         assert tuple(reply.image_shape) == (1, 8, 8) and x.shape == (6, 64) and 0 <= x.min() and x.max() <= 1
         assert set().union(*[set(s.clusters) for s in reply.served]) == set(range(K))  # full: every expert
+
+        # the CLI a user runs: finds the router through the DHT, writes the grid, says who served
+        cli = subprocess.run([sys.executable, "-m", "node.cli", "router", "query", "--peers", experts[0].info["maddrs"][0],
+                              "--swarm", "ddm", "--n", "4", "--strategy", "top2", "--json", "--out",
+                              str(tmp_path / "grid.png")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert cli.returncode == 0, cli.stderr[-2000:]
+        got = json.loads(cli.stdout)
+        assert got["n"] == 4 and got["shape"] == [1, 8, 8] and all(1 <= len(s) <= 2 for s in got["served"])
+        assert (tmp_path / "grid.png").stat().st_size > 0
+        bad = subprocess.run([sys.executable, "-m", "node.cli", "router", "query", "--router", addr, "--n", "2",
+                              "--strategy", "best"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert bad.returncode == 2 and "strategy" in bad.stderr and "Traceback" not in bad.stderr
 
         # bad requests: clear errors, and the router keeps serving
         assert code_of(lambda: sample(addr, n=33, strategy="top1"))[0] == grpc.StatusCode.INVALID_ARGUMENT
