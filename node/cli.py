@@ -380,6 +380,50 @@ def _find_router(peers: list[str], swarm_name: str) -> str:
     _fail(f"no live router in swarm {swarm_name!r}")
 
 
+@app.command("prometheus-targets")
+def prometheus_targets(
+    peers: list[str] = typer.Option(..., "--peers", "-p", help="Multiaddr of any swarm member (repeatable)."),
+    out: Path = typer.Option(..., help="The file_sd JSON file Prometheus reads (replaced atomically)."),
+    swarm_name: str = typer.Option("atoll", "--swarm", help="Swarm name."),
+    every: float = typer.Option(0.0, min=0.0, help="Rewrite every this many seconds until stopped (0: once)."),
+    wait: float = typer.Option(2.0, min=0.0, help="Seconds to let the DHT settle before the first read."),
+) -> None:
+    """Write Prometheus file_sd targets (every live node's metrics endpoint) from the DHT, so
+    Prometheus follows the swarm as nodes join and leave."""
+    import signal as _signal
+    import tempfile
+    import threading
+
+    from node.prometheus_sd import targets, write_atomic
+    from p2pd.discovery import Discovery, DiscoveryError
+    from p2pd.identity import Identity
+
+    stop = threading.Event()
+    for sig in (_signal.SIGTERM, _signal.SIGINT):
+        _signal.signal(sig, lambda *_: stop.set())
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            d = Discovery(Identity.load_or_create(Path(tmp) / "observer.key"), swarm=swarm_name, initial_peers=peers,
+                          client_mode=True).start()
+        except (DiscoveryError, ValueError) as e:
+            _fail(str(e).splitlines()[0])
+        try:
+            stop.wait(wait)
+            while True:
+                try:
+                    groups = targets(d.live_peers(), swarm_name)
+                    write_atomic(out, groups)
+                    typer.echo(f"{len(groups)} target(s) -> {out}", err=True)
+                except DiscoveryError as e:  # keep the last good file; try again next time
+                    typer.echo(f"warning: {e}", err=True)
+                except OSError as e:
+                    _fail(f"cannot write {out}: {e}")
+                if not every or stop.wait(every):
+                    break
+        finally:
+            d.close()
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)

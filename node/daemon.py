@@ -174,7 +174,8 @@ class Node:
         advertised = f"{cfg.net.advertise_host or cfg.net.host}:{self.server.port}"
         self.discovery.announce(grpc_address=advertised, device=_device_label(self.device),
                                 dataset_size=self.dataset_size, round=self.start_round, proxy_digest=self.proxy_digest,
-                                roles=("trainer",), software_version=__version__)
+                                roles=("trainer",), software_version=__version__,
+                                metrics_port=self.metrics_port or 0)
         self.on_event(dict(event="ready", peer_id=self.identity.peer_id, grpc=self.server.address,
                            maddrs=self.discovery.visible_maddrs(), metrics_port=self.metrics_port,
                            start_round=self.start_round, dataset_size=self.dataset_size,

@@ -73,6 +73,7 @@ class PeerRecord(BaseModel):
     roles: Annotated[tuple[Role, ...], Field(max_length=5)] = ("trainer",)
     # diffusion experts (node/experts/): the cluster an expert models (-1: not an expert) and the
     # digest of the clustering it belongs to; model_digest is then its checkpoint's sha256
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0  # Prometheus endpoint on the gRPC host, 0: none
     cluster: Annotated[int, Field(ge=-1, lt=2**16)] = -1
     cluster_digest: str = ""
     software_version: Annotated[str, Field(max_length=32)] = __version__
