@@ -4,7 +4,9 @@
 target group per live node that exposes metrics, `host:metrics_port` with the host of its
 advertised gRPC address, labelled with its peer id, roles and device. The file is replaced
 atomically, so Prometheus never reads half of it; run with `--every` to follow the swarm as
-nodes join and leave.
+nodes join and leave. The scraped node's peer id is the target label `node`, not `peer`:
+per-neighbour metrics carry their own `peer` label (the neighbour), which a target label of
+the same name would rename to `exported_peer` and break every rule grouped by peer.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def targets(records: list[PeerRecord], swarm: str) -> list[dict]:
             continue
         host = r.grpc_address.rsplit(":", 1)[0]
         groups.append({"targets": [f"{host}:{r.metrics_port}"],
-                       "labels": {"peer": r.peer_id, "swarm": swarm, "roles": ",".join(r.roles), "device": r.device}})
+                       "labels": {"node": r.peer_id, "swarm": swarm, "roles": ",".join(r.roles), "device": r.device}})
     return groups
 
 

@@ -57,7 +57,7 @@ def test_prometheus_scrapes_the_swarm_through_file_sd(tmp_path):
                             "--swarm", "prom", "--out", str(sd)], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert r.returncode == 0, r.stderr[-2000:]
         groups = json.loads(sd.read_text())
-        assert sorted(g["labels"]["peer"] for g in groups) == sorted(n.info["peer_id"] for n in nodes)
+        assert sorted(g["labels"]["node"] for g in groups) == sorted(n.info["peer_id"] for n in nodes)
         assert sorted(g["targets"][0] for g in groups) == sorted(f"127.0.0.1:{n.info['metrics_port']}" for n in nodes)
 
         port = free_port()
@@ -83,10 +83,12 @@ def test_prometheus_scrapes_the_swarm_through_file_sd(tmp_path):
                 continue
             if len(accuracy) == N and {t["metric"]["peer"] for t in trust} == peers:
                 break
-        assert {a["metric"]["peer"] for a in accuracy} == peers, (accuracy, (tmp_path / "prometheus.log").read_text()[-2000:])
+        assert {a["metric"]["node"] for a in accuracy} == peers, (accuracy, (tmp_path / "prometheus.log").read_text()[-2000:])
         assert all(0.0 <= float(a["value"][1]) <= 1.0 for a in accuracy)
-        # every node is trusted by the other two: each peer label appears on 2 scraped nodes
+        # every node scores the other two: each neighbour (peer) is seen by N - 1 scraped nodes (node)
         assert {t["metric"]["peer"]: int(t["value"][1]) for t in trust} == {p: N - 1 for p in peers}
+        pairs = query(port, "atoll_peer_trust_ratio")
+        assert {(t["metric"]["node"], t["metric"]["peer"]) for t in pairs} == {(a, b) for a in peers for b in peers if a != b}
         rules = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=10).read())
         assert sum(len(g["rules"]) for g in rules["data"]["groups"]) >= 9  # the alert rules loaded
     finally:
