@@ -1,5 +1,5 @@
 # The two commands a new user needs. Both create .venv and install atoll first.
-.PHONY: demo test install
+.PHONY: demo test test-all install
 
 install:
 	bash scripts/install.sh
@@ -12,3 +12,7 @@ demo: install
 # The fast default test set (what CI runs).
 test: install
 	.venv/bin/python -m pytest -m "not slow" -q
+
+# Everything, slow tests included (the chaos test: about 2.5 more minutes).
+test-all: install
+	.venv/bin/python -m pytest -q
