@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -241,25 +242,12 @@ def status(
     peers: list[str] = typer.Option(..., "--peers", "-p", help="Multiaddr of any swarm member (repeatable)."),
     swarm_name: str = typer.Option("atoll", "--swarm", help="Swarm name (the DHT key atoll/<swarm>/peers)."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
-    wait: float = typer.Option(2.0, help="Seconds to let the DHT settle before reading."),
+    wait: float = typer.Option(2.0, min=0.0, help="Seconds to let the DHT settle before reading."),
 ) -> None:
     """The swarm as the DHT sees it: every live node's signed record."""
-    import tempfile
-
-    from p2pd.discovery import Discovery, DiscoveryError
-    from p2pd.identity import Identity
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ident = Identity.load_or_create(Path(tmp) / "observer.key")
-        try:
-            d = Discovery(ident, swarm=swarm_name, initial_peers=peers, client_mode=True).start()
-        except (DiscoveryError, ValueError) as e:
-            _fail(str(e).splitlines()[0])
-        try:
-            time.sleep(wait)
-            records = d.live_peers()
-        finally:
-            d.close()
+    with _observer(peers, swarm_name) as d:
+        time.sleep(wait)
+        records = d.live_peers()
     if as_json:
         typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
         return
@@ -356,27 +344,14 @@ def router_query(
 
 
 def _find_router(peers: list[str], swarm_name: str) -> str:
-    import tempfile
-
-    from p2pd.discovery import Discovery, DiscoveryError
-    from p2pd.identity import Identity
-
     if not peers:
         _fail("give --router HOST:PORT or --peers MADDR")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            d = Discovery(Identity.load_or_create(Path(tmp) / "observer.key"), swarm=swarm_name, initial_peers=peers,
-                          client_mode=True).start()
-        except (DiscoveryError, ValueError) as e:
-            _fail(str(e).splitlines()[0])
-        try:
-            for _ in range(20):  # bounded: 10 s for the DHT to answer
-                routers = [r for r in d.live_peers() if "router" in r.roles]
-                if routers:
-                    return routers[0].grpc_address
-                time.sleep(0.5)
-        finally:
-            d.close()
+    with _observer(peers, swarm_name) as d:
+        for _ in range(20):  # bounded: 10 s for the DHT to answer
+            routers = [r for r in d.live_peers() if "router" in r.roles]
+            if routers:
+                return routers[0].grpc_address
+            time.sleep(0.5)
     _fail(f"no live router in swarm {swarm_name!r}")
 
 
@@ -391,16 +366,38 @@ def prometheus_targets(
     """Write Prometheus file_sd targets (every live node's metrics endpoint) from the DHT, so
     Prometheus follows the swarm as nodes join and leave."""
     import signal as _signal
-    import tempfile
     import threading
 
     from node.prometheus_sd import targets, write_atomic
-    from p2pd.discovery import Discovery, DiscoveryError
-    from p2pd.identity import Identity
+    from p2pd.discovery import DiscoveryError
 
     stop = threading.Event()
     for sig in (_signal.SIGTERM, _signal.SIGINT):
         _signal.signal(sig, lambda *_: stop.set())
+    with _observer(peers, swarm_name) as d:
+        stop.wait(wait)
+        while True:
+            try:
+                groups = targets(d.live_peers(), swarm_name)
+                write_atomic(out, groups)
+                typer.echo(f"{len(groups)} target(s) -> {out}", err=True)
+            except DiscoveryError as e:  # keep the last good file; try again next time
+                typer.echo(f"warning: {e}", err=True)
+            except OSError as e:
+                _fail(f"cannot write {out}: {e}")
+            if not every or stop.wait(every):
+                break
+
+
+@contextlib.contextmanager
+def _observer(peers: list[str], swarm_name: str):
+    """A client-mode DHT member with a throwaway identity, for commands that only read the
+    swarm's records; a bad multiaddr or an unreachable swarm is one error line."""
+    import tempfile
+
+    from p2pd.discovery import Discovery, DiscoveryError
+    from p2pd.identity import Identity
+
     with tempfile.TemporaryDirectory() as tmp:
         try:
             d = Discovery(Identity.load_or_create(Path(tmp) / "observer.key"), swarm=swarm_name, initial_peers=peers,
@@ -408,18 +405,7 @@ def prometheus_targets(
         except (DiscoveryError, ValueError) as e:
             _fail(str(e).splitlines()[0])
         try:
-            stop.wait(wait)
-            while True:
-                try:
-                    groups = targets(d.live_peers(), swarm_name)
-                    write_atomic(out, groups)
-                    typer.echo(f"{len(groups)} target(s) -> {out}", err=True)
-                except DiscoveryError as e:  # keep the last good file; try again next time
-                    typer.echo(f"warning: {e}", err=True)
-                except OSError as e:
-                    _fail(f"cannot write {out}: {e}")
-                if not every or stop.wait(every):
-                    break
+            yield d
         finally:
             d.close()
 
