@@ -1,7 +1,8 @@
 """Three "hosts" as network namespaces joined by veth links to a bridge, all created (and
 removed) by this test, one node each; the slow host's link is throttled with tc tbf. The swarm
 forms across them and trains, and the slow host does not stall the others: the fast nodes go on
-without its snapshot when it misses the fetch deadline. Skipped with the reason where namespaces cannot be made."""
+without its snapshot when it misses the fetch deadline. Skipped with the reason where namespaces
+cannot be made."""
 
 import os
 import shutil
