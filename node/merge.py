@@ -17,6 +17,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 
 from node.aggregate import is_norm_param
+from p2pd.procs import start_hivemind_process
 
 log = logging.getLogger("atoll.merge")
 
@@ -45,11 +46,11 @@ class FinalMerge:
         self.timeout, self.how = timeout, how
         tensors = [state[k].detach().to("cpu", dtype=torch.float32, copy=True) for k in self.names]
         tensors.append(torch.zeros(len(self.names)))  # per-tensor variances
-        self.averager = DecentralizedAverager(
-            tensors, dht=dht, prefix=f"atoll_{swarm}_final_merge", start=True,
+        self.averager = start_hivemind_process(lambda: DecentralizedAverager(
+            tensors, dht=dht, prefix=f"atoll_{swarm}_final_merge", start=False,
             target_group_size=max(2, group_size), min_group_size=2,
             min_matchmaking_time=3.0, request_timeout=3.0, allreduce_timeout=timeout,
-        )
+        ))
 
     def run(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]] | None:
         """All-reduce `state`'s floating tensors with whoever joins: (merged state, sorted peer

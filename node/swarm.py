@@ -19,13 +19,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import yaml
 
 from node.config import NodeConfig, SwarmConfig
 from node.data import load_dataset
 from node.models import build_model
 from node.train import LocalTrainer, evaluate, make_optimizer, round_lr, set_lr
+from p2pd.procs import kill_tree
 
 
 @dataclass
@@ -48,40 +48,6 @@ def _reader(run: NodeRun) -> None:
                 run.events.put(json.loads(line))
             except json.JSONDecodeError:
                 pass
-
-
-def kill_tree(pid: int, sig=signal.SIGTERM, timeout: float = 15.0) -> None:
-    """Signal a process, all its descendants and every member of its process group, then reap.
-
-    The group matters: a node that died has left its DHT process and p2pd orphaned (they are
-    no longer its children) but still in its process group, since nodes start in their own
-    session (see start_node)."""
-    procs: dict[int, psutil.Process] = {}
-    try:
-        root = psutil.Process(pid)
-        for p in [root, *root.children(recursive=True)]:
-            procs[p.pid] = p
-    except psutil.NoSuchProcess:
-        pass
-    for p in psutil.process_iter():
-        try:
-            if p.pid != os.getpid() and os.getpgid(p.pid) == pid:
-                procs[p.pid] = p
-                procs.update({c.pid: c for c in p.children(recursive=True)})
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            continue
-    for p in procs.values():
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
 
 
 def node_command(config_path: Path) -> list[str]:

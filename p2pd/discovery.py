@@ -32,6 +32,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
 from p2pd.identity import Identity
+from p2pd.procs import start_hivemind_process
 from p2pd.records import PeerRecord, RecordRefused, open_record, sign_record, swarm_key
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,14 @@ log = logging.getLogger(__name__)
 
 class DiscoveryError(RuntimeError):
     """The DHT could not be started or joined; the message says what to check."""
+
+
+def start_dht(*, ready_timeout: float = 60.0, **dht_kwargs: Any) -> hivemind.DHT:
+    """A started hivemind DHT process, waited for with a bound (see start_hivemind_process)."""
+    try:
+        return start_hivemind_process(lambda: hivemind.DHT(start=False, **dht_kwargs), ready_timeout=ready_timeout)
+    except TimeoutError as e:
+        raise DiscoveryError(str(e)) from e
 
 
 class PeerRecordValidator(RecordValidatorBase):
@@ -123,13 +132,15 @@ class Discovery:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Discovery:
         try:
-            self._dht = hivemind.DHT(
-                start=True,
+            self._dht = start_dht(
+                ready_timeout=2 * self._dht_kwargs["startup_timeout"],
                 identity_path=str(self.identity.path),
                 check_if_identity_free=False,  # hivemind's probe parses RSA keys only
                 record_validators=[PeerRecordValidator(self.swarm)],
                 **self._dht_kwargs,
             )
+        except DiscoveryError:
+            raise
         except Exception as e:
             hint = " (are the initial peers reachable, and is this key not used by a running node?)"
             raise DiscoveryError(f"could not start the DHT: {e}{hint if self._dht_kwargs['initial_peers'] else ''}") from e

@@ -35,7 +35,7 @@ def no_leaked_processes():
     yield
     leaked = [p for p in _descendants() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     names = [f"{p.pid}:{' '.join(_safe(p.cmdline) or [])[:120]}" for p in leaked]
-    from node.swarm import kill_tree
+    from p2pd.procs import kill_tree
 
     for p in leaked:
         kill_tree(p.pid, signal.SIGKILL)

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from node.swarm import kill_tree  # noqa: F401  (tests import it from here)
+from p2pd.procs import kill_tree  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 

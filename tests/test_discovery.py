@@ -10,7 +10,7 @@ from hivemind.utils import get_dht_time
 
 from helpers import NodeProcess, kill_tree
 from p2pd.client import SwarmClient
-from p2pd.discovery import Discovery
+from p2pd.discovery import Discovery, start_dht
 from p2pd.identity import Identity
 from p2pd.records import PeerRecord, open_record, sign_record, swarm_key
 from p2pd.tensors import SnapshotKey
@@ -78,7 +78,7 @@ def test_fetch_from_discovered_peer_is_bit_identical_and_matches_signed_digest(s
 
 def test_plain_hivemind_dht_reads_the_records(swarm):
     """Other tools join with a stock hivemind.DHT and read `atoll/<swarm>/peers`."""
-    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=swarm[0].info["maddrs"])
+    dht = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=swarm[0].info["maddrs"])
     try:
         found = dht.get(swarm_key(SWARM), latest=True)
         assert found is not None
@@ -105,7 +105,7 @@ def test_forged_expired_and_malformed_rows_never_returned(swarm, observer, keydi
         attacker.peer_id: sign_record(old, attacker),  # expired record kept alive by the DHT expiry
         "garbage": b"\x00not a record",
     }
-    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=swarm[0].info["maddrs"])
+    dht = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=swarm[0].info["maddrs"])
     try:
         for sub, value in rows.items():
             dht.store(swarm_key(SWARM), value, get_dht_time() + 60, subkey=sub)
