@@ -68,3 +68,40 @@ def test_an_error_is_raised_at_once_not_retried():
     with pytest.raises(RuntimeError, match="bootstrap"):
         start_hivemind_process(lambda: FakeProcess("error"), ready_timeout=0.1)
     assert len(FakeProcess.started) == 1 and _gone(FakeProcess.started[0])
+
+
+def test_an_orphaned_hivemind_lock_is_repaired_before_a_start(tmp_path):
+    """A forked process dies holding hivemind's MPFuture lock: a later DHT would never report
+    ready. The start repairs the lock and the real DHT starts."""
+    import multiprocessing as mp
+    import os
+    import signal
+    import time
+
+    from hivemind.utils.mpfuture import MPFuture
+
+    from p2pd.discovery import start_dht
+    from p2pd.procs import repair_orphaned_future_locks
+
+    def hold():
+        MPFuture._update_lock.acquire()
+        time.sleep(60)
+
+    holder = mp.get_context("fork").Process(target=hold)
+    holder.start()
+    try:
+        deadline = time.monotonic() + 10
+        while MPFuture._update_lock.acquire(timeout=0.05):  # until the child holds it
+            MPFuture._update_lock.release()
+            assert time.monotonic() < deadline, "the child never took the lock"
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+    assert not MPFuture._update_lock.acquire(timeout=0.5)  # orphaned: held by a dead process
+    dht = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"], ready_timeout=30)
+    try:
+        assert dht.get_visible_maddrs()
+    finally:
+        dht.shutdown()
+        dht.join(10)
+    assert not repair_orphaned_future_locks()  # healthy locks are left alone
