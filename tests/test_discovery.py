@@ -3,7 +3,6 @@
 import json
 import time
 
-import hivemind
 import pytest
 import torch
 from hivemind.utils import get_dht_time

@@ -1,13 +1,19 @@
 """Bounded start of hivemind's background processes: a stuck child is killed and retried."""
 
 import concurrent.futures
+import multiprocessing as mp
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
+from hivemind.utils.mpfuture import MPFuture
 
-from p2pd.procs import start_hivemind_process
+from p2pd.discovery import start_dht
+from p2pd.procs import repair_orphaned_future_locks, start_hivemind_process
 
 
 class FakeProcess:
@@ -70,19 +76,9 @@ def test_an_error_is_raised_at_once_not_retried():
     assert len(FakeProcess.started) == 1 and _gone(FakeProcess.started[0])
 
 
-def test_an_orphaned_hivemind_lock_is_repaired_before_a_start(tmp_path):
+def test_an_orphaned_hivemind_lock_is_repaired_before_a_start():
     """A forked process dies holding hivemind's MPFuture lock: a later DHT would never report
     ready. The start repairs the lock and the real DHT starts."""
-    import multiprocessing as mp
-    import os
-    import signal
-    import time
-
-    from hivemind.utils.mpfuture import MPFuture
-
-    from p2pd.discovery import start_dht
-    from p2pd.procs import repair_orphaned_future_locks
-
     def hold():
         MPFuture._update_lock.acquire()
         time.sleep(60)
