@@ -33,6 +33,47 @@ app.add_typer(router_app, name="router")
 
 SET_HELP = "Override a config field, e.g. --set train.rounds=20 --set data.alpha=0.1 (repeatable)."
 
+# The options of every command that joins a swarm (node start, expert train --serve, router
+# serve): one definition, so the commands cannot drift apart.
+PEERS_OPTION = typer.Option([], "--initial-peers", "-p", help="Multiaddr of a swarm member (repeatable).")
+IDENTITY_OPTION = typer.Option(None, "--identity", help="Node key file (created on first start); net.identity_path.")
+
+
+def _join_overrides(initial_peers: list[str], identity: Optional[Path], **more) -> dict:
+    """Config overrides from the joining options (None: not given, keep the config's)."""
+    extra = {"net.identity_path": str(identity) if identity else None, **more}
+    if initial_peers:
+        extra["net.initial_peers"] = list(initial_peers)
+    return extra
+
+
+class GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM handler of a long-running command: the first signal calls
+    `target` (finish the step, checkpoint, leave) and says so; a second one quits at once
+    (hivemind's children notice and stop themselves, see p2pd/procs.py). Before `target` is
+    set, nothing has started and the first signal just exits."""
+
+    def __init__(self, target=None):
+        import signal
+
+        self.target, self.count = target, 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+    def __call__(self, signum: int, frame) -> None:
+        import os
+        import signal
+
+        self.count += 1
+        if self.target is None:
+            raise SystemExit(128 + signum)
+        if self.count > 1:
+            os._exit(128 + signum)
+        # os.write: print() is not safe here if the main thread was interrupted mid-write
+        os.write(2, f"{signal.Signals(signum).name}: stopping after the current step "
+                    f"(again to quit at once)\n".encode())
+        self.target()
+
 
 def _load(config: Optional[Path], sets: list[str], extra: dict | None = None):
     from node.config import ConfigError, load_config, parse_override
@@ -60,33 +101,28 @@ def config_show(
 def node_start(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    initial_peers: list[str] = typer.Option([], "--initial-peers", "-p", help="Multiaddr of a swarm member (repeatable)."),
-    identity: Optional[Path] = typer.Option(None, help="Node key file (created on first start)."),
+    initial_peers: list[str] = PEERS_OPTION,
+    identity: Optional[Path] = IDENTITY_OPTION,
     checkpoint_dir: Optional[Path] = typer.Option(None, help="Where checkpoints go; a restart resumes from them."),
     metrics_port: Optional[int] = typer.Option(None, help="Prometheus endpoint port (0 = any free port)."),
     json_events: bool = typer.Option(False, "--json-events", help="Print progress as JSON lines (for tools)."),
 ) -> None:
     """Start one node in the foreground: join the swarm, train, gossip, checkpoint. SIGTERM or
     Ctrl-C finishes the current step, checkpoints and leaves cleanly."""
-    import signal as _signal
-
-    extra = {"net.identity_path": str(identity) if identity else None,
-             "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
-             "metrics_port": metrics_port}
-    if initial_peers:
-        extra["net.initial_peers"] = list(initial_peers)
+    extra = _join_overrides(initial_peers, identity, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                            metrics_port=metrics_port)
     cfg = _load(config, set_, extra)
     if cfg.role != "trainer":
         _run_role(cfg, json_events)
         return
+    stopper = GracefulStop()
     logging.getLogger().setLevel(cfg.log_level)
     from node.daemon import Node
     from p2pd.discovery import DiscoveryError
     from p2pd.identity import IdentityError
 
     node = Node(cfg, on_event=_json_event if json_events else _human_event)
-    for sig in (_signal.SIGTERM, _signal.SIGINT):
-        _signal.signal(sig, lambda *_: node.request_stop())
+    stopper.target = node.request_stop
     try:
         summary = node.run()
     except (DiscoveryError, IdentityError, OSError, RuntimeError, ValueError) as e:
@@ -97,8 +133,7 @@ def node_start(
 
 def _run_role(cfg, json_events: bool, serve: bool = True) -> dict:
     """Run an expert or router node in the foreground until done or SIGTERM / Ctrl-C."""
-    import signal as _signal
-
+    stopper = GracefulStop()
     from node.checkpoint import CheckpointError
     from node.experts.roles import ExpertNode, RouterNode
     from p2pd.discovery import DiscoveryError
@@ -108,8 +143,7 @@ def _run_role(cfg, json_events: bool, serve: bool = True) -> dict:
     emit = _json_event if json_events else _role_event
     try:
         node = ExpertNode(cfg, emit) if cfg.role == "expert" else RouterNode(cfg, emit)
-        for sig in (_signal.SIGTERM, _signal.SIGINT):
-            _signal.signal(sig, lambda *_: node.request_stop())
+        stopper.target = node.request_stop
         result = node.run(serve) if cfg.role == "expert" else node.run()
     except (DiscoveryError, IdentityError, CheckpointError, OSError, RuntimeError, ValueError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -267,13 +301,18 @@ def expert_train(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     checkpoint_dir: Optional[Path] = typer.Option(None, help="Checkpoints go to DIR/expert-K; a rerun resumes."),
     serve: bool = typer.Option(False, "--serve", help="After training, join the swarm and serve predictions."),
+    initial_peers: list[str] = PEERS_OPTION,
+    identity: Optional[Path] = IDENTITY_OPTION,
     json_events: bool = typer.Option(False, "--json-events", help="Print progress as JSON lines."),
 ) -> None:
     """Train the flow-matching expert of one data cluster, in isolation (no communication at
     all), checkpointing as it goes; with --serve it then answers Predict calls (the same as
     `atoll node start --set role=expert`)."""
-    extra = {"role": "expert", "experts.cluster": cluster, "experts.clusters": clusters, "experts.steps": steps,
-             "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
+    if (initial_peers or identity) and not serve:
+        _fail("--initial-peers and --identity join a swarm: add --serve (training alone needs no swarm)")
+    extra = _join_overrides(initial_peers, identity, role="expert", **{
+        "experts.cluster": cluster, "experts.clusters": clusters, "experts.steps": steps,
+        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None})
     _run_role(_load(config, set_, extra), json_events, serve=serve)
 
 
@@ -281,15 +320,15 @@ def expert_train(
 def router_serve(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    initial_peers: list[str] = typer.Option([], "--initial-peers", "-p", help="Multiaddr of a swarm member (repeatable)."),
+    initial_peers: list[str] = PEERS_OPTION,
+    identity: Optional[Path] = IDENTITY_OPTION,
     checkpoint_dir: Optional[Path] = typer.Option(None, help="The router's checkpoint goes to DIR/router."),
     json_events: bool = typer.Option(False, "--json-events", help="Print progress as JSON lines."),
 ) -> None:
     """Train (or load) the router p(cluster | x_t, t), join the swarm and serve ensemble
     sampling over the experts live in the DHT (the same as `atoll node start --set role=router`)."""
-    extra = {"role": "router", "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
-    if initial_peers:
-        extra["net.initial_peers"] = list(initial_peers)
+    extra = _join_overrides(initial_peers, identity, role="router",
+                            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
     _run_role(_load(config, set_, extra), json_events)
 
 
@@ -328,14 +367,25 @@ def router_query(
     except ValueError as e:
         _fail(f"router {address} sent a bad reply: {e}")
     served = [list(s.clusters) for s in reply.served]
+    live = list(reply.live)
+    fewest = min((len(s) for s in served), default=0)
     if as_json:
-        typer.echo(json.dumps(dict(n=len(images), shape=list(shape), served=served, failed=list(reply.failed))))
+        typer.echo(json.dumps(dict(n=len(images), shape=list(shape), served=served, failed=list(reply.failed),
+                                   clusters=reply.clusters, live=live, per_image=reply.per_image)))
     else:
-        typer.echo(f"{len(images)} images of shape {shape} from {address} ({strategy})")
+        typer.echo(f"{len(images)} images of shape {shape} from {address} ({strategy}); "
+                   f"{len(live)} of {reply.clusters} experts live: {', '.join(map(str, live)) or 'none'}")
         for i, s in enumerate(served):
             typer.echo(f"  image {i:>3}: experts {', '.join(map(str, s)) or '-'}")
         for f in reply.failed:
             typer.echo(f"  dropped expert {f}")
+    if served and fewest < reply.per_image:
+        missing = sorted(set(range(reply.clusters)) - set(live))
+        typer.secho(f"warning: {strategy} asks for {reply.per_image} experts per image, but some images got only "
+                    f"{fewest}: {len(live)} of {reply.clusters} experts were live"
+                    + (f" (missing: {', '.join(map(str, missing))})" if missing else "")
+                    + (f", {len(reply.failed)} dropped during the run" if reply.failed else ""),
+                    fg=typer.colors.YELLOW, err=True)
     if out is not None:
         from node.experts.grid import save_grid
 
@@ -365,15 +415,13 @@ def prometheus_targets(
 ) -> None:
     """Write Prometheus file_sd targets (every live node's metrics endpoint) from the DHT, so
     Prometheus follows the swarm as nodes join and leave."""
-    import signal as _signal
     import threading
 
     from node.prometheus_sd import targets, write_atomic
     from p2pd.discovery import DiscoveryError
 
     stop = threading.Event()
-    for sig in (_signal.SIGTERM, _signal.SIGINT):
-        _signal.signal(sig, lambda *_: stop.set())
+    GracefulStop(stop.set)
     with _observer(peers, swarm_name) as d:
         stop.wait(wait)
         while True:
@@ -678,7 +726,26 @@ def bench_scale(
             typer.echo(f"wrote {path}", err=True)
 
 
+def _thread_excepthook(args) -> None:
+    """multiprocessing's resource-sharer thread raises ConnectionResetError when a hivemind
+    child is killed while it asks this process for a file descriptor (a stop by SIGTERM to
+    every process, as systemd sends): expected at stop, so one log line, not a traceback."""
+    tb = args.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if issubclass(args.exc_type, ConnectionError) and tb is not None and \
+            tb.tb_frame.f_code.co_filename.endswith("multiprocessing/connection.py"):
+        logging.getLogger("atoll").info("a child process hung up: %s", args.exc_value)
+        return
+    _default_thread_excepthook(args)
+
+
 def main() -> None:
+    import threading
+
+    global _default_thread_excepthook
+    _default_thread_excepthook = threading.excepthook
+    threading.excepthook = _thread_excepthook
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()
 

@@ -50,7 +50,7 @@ from node.train import (LocalTrainer, RoundStats, evaluate, make_optimizer, opti
 from p2pd import __version__
 from p2pd.admission import Admission
 from p2pd.client import FetchError, SwarmClient
-from p2pd.discovery import Discovery
+from p2pd.discovery import Discovery, DiscoveryError
 from p2pd.errors import ReasonedError
 from p2pd.identity import Identity
 from p2pd.records import RecordRefused, open_record
@@ -218,20 +218,14 @@ class Node:
             r = self.start_round
             while r < rounds and not self.stop_requested.is_set():
                 t0 = time.perf_counter()
-                if self.cfg.comm.algorithm == "modest":
-                    stats, mixed_with = self._modest_round(r, rounds)
-                elif self.logits:
-                    stats, mixed_with = self._distill_round(r, rounds)
-                else:
-                    self._round_start = {k: v.clone() for k, v in self.model.state_dict().items()}
-                    stats = self._train(r, rounds)
-                    if self.stop_requested.is_set():
-                        break  # checkpoint below keeps round r: it restarts from this model
-                    mixed_with = []
-                    for q in range(self.gossip_steps[r]):
-                        mixed_with = self._gossip(r, q, stats.samples_per_second)
-                    if not self.gossip_steps[r]:  # no gossip this round: still tell the swarm where we are
-                        self.discovery.update(round=r, step=0, samples_per_second=round(stats.samples_per_second, 3))
+                try:
+                    stats, mixed_with = self._round(r, rounds)
+                except DiscoveryError:
+                    if not self.stop_requested.is_set():
+                        raise
+                    # a stop signal sent to every process (systemd's default) also ended the DHT
+                    log.info("the DHT is gone while stopping; checkpointing round %d", r)
+                    break
                 if self.stop_requested.is_set():
                     break  # the round was cut short: it is redone after a restart
                 loss = stats.loss if stats.steps else (loss or 0.0)
@@ -261,10 +255,32 @@ class Node:
         finally:
             self._teardown()
 
+    def _round(self, r: int, rounds: int) -> tuple[RoundStats, list[str]]:
+        """One round of the configured exchange: (training stats, neighbours mixed with)."""
+        if self.cfg.comm.algorithm == "modest":
+            return self._modest_round(r, rounds)
+        if self.logits:
+            return self._distill_round(r, rounds)
+        self._round_start = {k: v.clone() for k, v in self.model.state_dict().items()}
+        stats = self._train(r, rounds)
+        mixed_with: list[str] = []
+        if self.stop_requested.is_set():
+            return stats, mixed_with  # the caller checkpoints round r: it restarts from this model
+        for q in range(self.gossip_steps[r]):
+            mixed_with = self._gossip(r, q, stats.samples_per_second)
+        if not self.gossip_steps[r]:  # no gossip this round: still tell the swarm where we are
+            self.discovery.update(round=r, step=0, samples_per_second=round(stats.samples_per_second, 3))
+        return stats, mixed_with
+
     def _wait_for_peers(self) -> None:
         want, deadline = self.cfg.comm.min_peers, time.monotonic() + self.cfg.comm.join_timeout
         while not self.stop_requested.is_set():
-            live = self.discovery.live_peers()
+            try:
+                live = self.discovery.live_peers()
+            except DiscoveryError:
+                if self.stop_requested.is_set():
+                    return
+                raise
             self._set_peers(len(live))
             if len(live) >= want:
                 return

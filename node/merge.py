@@ -17,7 +17,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 
 from node.aggregate import is_norm_param
-from p2pd.procs import start_hivemind_process
+from p2pd.procs import start_hivemind_process, stop_hivemind_process
 
 log = logging.getLogger("atoll.merge")
 
@@ -83,7 +83,7 @@ class FinalMerge:
         return merged, sorted(peer.to_base58() for peer in group)
 
     def close(self) -> None:
-        self.averager.shutdown()
+        stop_hivemind_process(self.averager)
 
 
 def same_merge(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-4, atol: float = 1e-5) -> bool:

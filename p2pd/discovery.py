@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import time
 from collections import Counter
 from typing import Any, Sequence
 
@@ -32,7 +33,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
 from p2pd.identity import Identity
-from p2pd.procs import start_hivemind_process
+from p2pd.procs import start_hivemind_process, stop_hivemind_process
 from p2pd.records import PeerRecord, RecordRefused, open_record, sign_record, swarm_key
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,7 @@ class Discovery:
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=10)
         if self._dht is not None:
-            self._dht.shutdown()
-            self._dht.join(timeout=10)
+            stop_hivemind_process(self._dht)
             self._dht = None
 
     def __enter__(self) -> Discovery:
@@ -263,16 +263,21 @@ class Discovery:
         return self._known.get(peer_id, 0.0) > get_dht_time()
 
     def _call(self, future):
-        """Wait for a DHT call, bounded: a dead DHT process must not hang the node forever."""
-        try:
-            return future.result(timeout=self.call_timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            alive = self._dht is not None and self._dht.is_alive()
-            raise DiscoveryError(
-                f"the DHT did not answer within {self.call_timeout:.0f} s"
-                + ("" if alive else " (its process has died)")
-            ) from None
+        """Wait for a DHT call, bounded: a dead DHT process must not hang the node, and one
+        that died (killed with its process group, say) fails the call within a second."""
+        deadline = time.monotonic() + self.call_timeout
+        while True:
+            try:
+                return future.result(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            except concurrent.futures.TimeoutError:
+                alive = self._dht is not None and self._dht.is_alive()
+                if alive and time.monotonic() < deadline:
+                    continue
+                future.cancel()
+                raise DiscoveryError(
+                    f"the DHT did not answer within {self.call_timeout:.0f} s" if alive
+                    else "the DHT process has died"
+                ) from None
 
     def _count_refusal(self, subkey: str, e: RecordRefused) -> None:
         self.refused[e.reason] += 1

@@ -1,5 +1,16 @@
-"""Starting hivemind's background processes with a bounded wait, and stopping a process
-together with everything it started (DHT processes, p2pd daemons)."""
+"""hivemind's background processes (the DHT with its p2pd, the averager): started with a
+bounded wait, bound to the process that started them, and stopped with everything they started.
+
+hivemind forks these processes from the node. A plain fork leaves the child in the node's
+process group with the node's Python signal handlers, which caused two faults in the field:
+Ctrl-C (SIGINT to the terminal's foreground group) killed p2pd under the DHT before the node
+could leave, and the child, running the node's "stop requested" handler, ignored the SIGTERM
+that hivemind's shutdown sends, so the node waited for it forever at exit; after a SIGKILL of
+the node, the child and p2pd lived on as orphans. So every child started here (see
+`bind_to_parent`) leads a process group of its own (signals meant for the node reach the node
+only; the node stops its children in order), ignores SIGINT, ends its whole group (itself and
+p2pd) on SIGTERM, and ends it as well when a watchdog thread sees the node gone.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +18,9 @@ import concurrent.futures
 import logging
 import os
 import signal
-from typing import Callable, TypeVar
+import threading
+import time
+from typing import Any, Callable, TypeVar
 
 import psutil
 
@@ -33,6 +46,7 @@ def start_hivemind_process(make: Callable[[], P], *, ready_timeout: float = 60.0
     for attempt in range(1, attempts + 1):
         repair_orphaned_future_locks()
         proc = make()
+        bind_to_parent(proc)
         proc.run_in_background(await_ready=False)  # as hivemind's start=True does, minus the unbounded wait
         try:
             proc.wait_until_ready(ready_timeout)
@@ -96,3 +110,60 @@ def kill_tree(pid: int, sig=signal.SIGTERM, timeout: float = 15.0) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
+
+
+def bind_to_parent(proc: Any) -> None:
+    """Make the child that `proc.start()` forks (a multiprocessing.Process such as hivemind's
+    DHT or DecentralizedAverager) run `_bound_child` before its own `run`; see the module
+    docstring for why. Objects without `run` are left alone."""
+    run = getattr(proc, "run", None)
+    if run is None:
+        return
+    parent = os.getpid()
+
+    def run_bound() -> None:
+        _bound_child(parent)
+        run()
+
+    proc.run = run_bound
+
+
+def _bound_child(parent: int, poll: float = 0.5) -> None:
+    """Runs first in a forked child: own process group, SIGINT ignored, SIGTERM ends the group,
+    and a watchdog ends the group once `parent` is gone (the child is then re-parented)."""
+    try:
+        os.setpgid(0, 0)
+    except OSError as e:  # still bound by the watchdog; only Ctrl-C isolation is lost
+        log.debug("setpgid in child failed: %s", e)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _end_own_group)
+
+    def watchdog() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os.killpg(os.getpgrp(), signal.SIGTERM)  # handled by _end_own_group in the main thread
+        time.sleep(5.0)  # a main thread stuck in C code never runs that handler
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="atoll-parent-watchdog", daemon=True).start()
+
+
+def _end_own_group(*_: Any) -> None:
+    """SIGTERM handler of a bound child: SIGTERM to its own process group (p2pd, which then
+    removes its socket files, and this process, which now dies of it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stop_hivemind_process(proc: Any, timeout: float = 5.0) -> None:
+    """hivemind's own shutdown (a graceful leave) of `proc`, then whatever is left of the
+    child's process group (p2pd, or a child that did not leave in time) is stopped."""
+    pid = proc.pid
+    try:
+        proc.shutdown()
+    except Exception as e:  # a child that already died leaves hivemind's pipes broken
+        log.debug("hivemind shutdown of %s failed: %s", pid, e)
+    if pid is not None:
+        kill_tree(pid, timeout=timeout)

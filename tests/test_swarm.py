@@ -154,34 +154,6 @@ def test_swarm_up_end_to_end(tmp_path):
     assert sum(n["sent_bytes"] for n in res["nodes"]) == sim.bytes_sent
 
 
-def test_kill_tree_reaps_orphans_of_a_dead_node(tmp_path):
-    """SIGKILL only a node's own pid: its DHT process and p2pd live on as orphans in its
-    process group, and kill_tree must still find and stop them."""
-    import signal
-
-    from helpers import NodeProcess, kill_tree
-
-    node = NodeProcess("--key", str(tmp_path / "k.key"), "--swarm", "orphans")
-    try:
-        node.ready(timeout=60)
-        group = [p for p in psutil.process_iter() if _pgid(p) == node.pid]
-        assert len(group) >= 3  # node, its DHT child, p2pd
-        os.kill(node.pid, signal.SIGKILL)
-        node.proc.wait(10)
-        assert any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in group if p.pid != node.pid)
-        kill_tree(node.pid, signal.SIGKILL)
-        assert not [p for p in psutil.process_iter() if _pgid(p) == node.pid and p.status() != psutil.STATUS_ZOMBIE]
-    finally:
-        node.stop()
-
-
-def _pgid(p):
-    try:
-        return os.getpgid(p.pid)
-    except (ProcessLookupError, PermissionError):
-        return None
-
-
 def test_late_schedule_and_allreduce_merge_end_in_one_model(tmp_path):
     """4 daemons, late-concentrated gossip, then hivemind's all-reduce: one merged model."""
     out = tmp_path / "out"

@@ -112,6 +112,7 @@ class _Job:
     done: threading.Event
     result: ensemble.SampleResult | None = None
     error: str | None = None
+    live: tuple[int, ...] = ()  # clusters with a live expert when the run started
 
 
 class RouterService(pb_grpc.RouterServicer):
@@ -154,7 +155,8 @@ class RouterService(pb_grpc.RouterServicer):
         images = ((res.x.clamp(-1, 1) + 1) / 2)
         return pb.SampleReply(images=matrix_to_pb(images), image_shape=list(self.image_shape),
                               served=[pb.ServedBy(clusters=sorted(s)) for s in res.served],
-                              failed=[f"{j}: {why}" for j, why in sorted(res.failed.items())])
+                              failed=[f"{j}: {why}" for j, why in sorted(res.failed.items())],
+                              clusters=self.k, live=list(job.live), per_image=top)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -183,8 +185,11 @@ class RouterService(pb_grpc.RouterServicer):
         # each request's noise comes from its own seed, so a request's images do not depend on
         # what it was batched with (up to the router/expert arithmetic on a bigger batch)
         x0 = torch.cat([torch.randn(j.n, self.dim, generator=torch.Generator().manual_seed(j.seed)) for j in batch])
+        experts = self.experts()
+        for job in batch:
+            job.live = tuple(sorted(experts))
         try:
-            res = ensemble.sample(self.router, self.experts(), self.k, len(x0), self.dim, first.steps, first.top,
+            res = ensemble.sample(self.router, experts, self.k, len(x0), self.dim, first.steps, first.top,
                                   gen=None, x0=x0)
             self.runs += 1
         except ensemble.ExpertUnavailable as e:
