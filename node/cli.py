@@ -367,21 +367,23 @@ def router_query(
     except ValueError as e:
         _fail(f"router {address} sent a bad reply: {e}")
     served = [list(s.clusters) for s in reply.served]
+    per_step = [s.fewest for s in reply.served]
     live = list(reply.live)
-    fewest = min((len(s) for s in served), default=0)
+    fewest = min(per_step, default=0)
     if as_json:
-        typer.echo(json.dumps(dict(n=len(images), shape=list(shape), served=served, failed=list(reply.failed),
-                                   clusters=reply.clusters, live=live, per_image=reply.per_image)))
+        typer.echo(json.dumps(dict(n=len(images), shape=list(shape), served=served, per_step=per_step,
+                                   failed=list(reply.failed), clusters=reply.clusters, live=live,
+                                   per_image=reply.per_image)))
     else:
         typer.echo(f"{len(images)} images of shape {shape} from {address} ({strategy}); "
                    f"{len(live)} of {reply.clusters} experts live: {', '.join(map(str, live)) or 'none'}")
-        for i, s in enumerate(served):
-            typer.echo(f"  image {i:>3}: experts {', '.join(map(str, s)) or '-'}")
+        for i, (s, f) in enumerate(zip(served, per_step)):
+            typer.echo(f"  image {i:>3}: {f} per step, from experts {', '.join(map(str, s)) or '-'}")
         for f in reply.failed:
             typer.echo(f"  dropped expert {f}")
     if served and fewest < reply.per_image:
         missing = sorted(set(range(reply.clusters)) - set(live))
-        typer.secho(f"warning: {strategy} asks for {reply.per_image} experts per image, but some images got only "
+        typer.secho(f"warning: {strategy} asks for {reply.per_image} experts per image, but some steps mixed only "
                     f"{fewest}: {len(live)} of {reply.clusters} experts were live"
                     + (f" (missing: {', '.join(map(str, missing))})" if missing else "")
                     + (f", {len(reply.failed)} dropped during the run" if reply.failed else ""),

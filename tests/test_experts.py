@@ -89,6 +89,23 @@ def test_ensemble_drops_a_failing_expert_and_renormalises():
     assert 0 in nan.failed and torch.isfinite(nan.x).all()
 
 
+def test_ensemble_reports_experts_per_step_so_a_short_strategy_is_visible():
+    """top2 with one of four experts live mixes one expert per step (and says so); with a
+    router that moves its choice between steps, an image's union of experts can exceed two
+    while each step still mixes exactly two."""
+    lone = ensemble.sample(_uniform_router(4), {0: _const(1.0)}, 4, n=3, dim=2, steps=3, top=2, x0=torch.zeros(3, 2))
+    assert lone.fewest == [1, 1, 1]
+
+    def drifting(x, t):  # prefers experts (0, 1) early and (2, 3) late
+        early = (t < 0.5).to(torch.float32).unsqueeze(1)
+        return torch.cat([early.expand(-1, 2) * 2.0 + 0.1 * torch.tensor([1.0, 0.0]),
+                          (1 - early).expand(-1, 2) * 2.0 + 0.1 * torch.tensor([1.0, 0.0])], dim=1)
+
+    everyone = {j: _const(float(j)) for j in range(4)}
+    res = ensemble.sample(drifting, everyone, 4, n=2, dim=2, steps=4, top=2, x0=torch.zeros(2, 2))
+    assert res.fewest == [2, 2] and all(s == {0, 1, 2, 3} for s in res.served)
+
+
 def test_router_service_batches_concurrent_requests_and_refuses_bad_ones():
     def slow(x, t):
         time.sleep(0.05)

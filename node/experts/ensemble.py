@@ -49,9 +49,10 @@ def expert_weights(probs: torch.Tensor, top: int, alive: torch.Tensor) -> torch.
 @dataclass
 class SampleResult:
     x: torch.Tensor  # (n, D)
-    served: list[set[int]]  # experts that contributed to each sample
+    served: list[set[int]]  # experts that contributed to each sample, over all steps
     failed: dict[int, str] = field(default_factory=dict)  # expert -> why it was dropped
     expert_calls: int = 0
+    fewest: list[int] = field(default_factory=list)  # per sample: experts mixed at its leanest step
 
 
 @torch.no_grad()
@@ -67,6 +68,7 @@ def sample(router: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], experts
     x = x0.clone() if x0 is not None else torch.randn(n, dim, generator=gen)
     served: list[set[int]] = [set() for _ in range(n)]
     out = SampleResult(x, served)
+    fewest = torch.full((n,), k)
     for i in range(steps):
         t = torch.full((n,), i / steps)
         probs = torch.softmax(router(x, t), dim=1)
@@ -83,6 +85,7 @@ def sample(router: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], experts
                     v[rows] += w[rows, j].unsqueeze(1) * pred
                     for r in rows.tolist():
                         served[r].add(j)
+                fewest = torch.minimum(fewest, (w > 0).sum(dim=1))
                 break
             except ExpertUnavailable as e:
                 alive[j] = False
@@ -91,4 +94,5 @@ def sample(router: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], experts
                     raise ExpertUnavailable(f"every expert failed: {out.failed}") from None
         x = x + v / steps
     out.x = x
+    out.fewest = fewest.tolist()
     return out

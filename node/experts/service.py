@@ -154,7 +154,7 @@ class RouterService(pb_grpc.RouterServicer):
         res = job.result
         images = ((res.x.clamp(-1, 1) + 1) / 2)
         return pb.SampleReply(images=matrix_to_pb(images), image_shape=list(self.image_shape),
-                              served=[pb.ServedBy(clusters=sorted(s)) for s in res.served],
+                              served=[pb.ServedBy(clusters=sorted(s), fewest=f) for s, f in zip(res.served, res.fewest)],
                               failed=[f"{j}: {why}" for j, why in sorted(res.failed.items())],
                               clusters=self.k, live=list(job.live), per_image=top)
 
@@ -200,7 +200,7 @@ class RouterService(pb_grpc.RouterServicer):
         at = 0
         for job in batch:
             job.result = ensemble.SampleResult(res.x[at:at + job.n], res.served[at:at + job.n], dict(res.failed),
-                                               res.expert_calls)
+                                               res.expert_calls, res.fewest[at:at + job.n])
             at += job.n
             job.done.set()
 

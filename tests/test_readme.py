@@ -1,0 +1,215 @@
+"""The README cannot drift from the CLI: every `atoll` command line in its code blocks parses
+(options, types, and the --set fields against the config schema), every option its CLI
+synopsis names exists, and the diffusion-experts walkthrough runs as written on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import typer
+
+from helpers import ROOT
+from node import cli
+
+README = (ROOT / "README.md").read_text()
+# placeholders the README uses, with values of the right form
+PLACEHOLDERS = {"MADDR": "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWGpZbTizLcpLuW1VJ4tMvTj8x1gBQdNeXUQw5jDX3L8sV",
+                "HOST:PORT": "127.0.0.1:5000"}
+
+
+def code_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of every fenced block."""
+    return re.findall(r"^```([a-z]*)\n(.*?)^```", text, flags=re.M | re.S)
+
+
+def command_lines(body: str) -> list[list[str]]:
+    """The `atoll ...` commands of a shell block, continuation lines joined, comments dropped,
+    placeholders filled in."""
+    commands = []
+    for line in body.replace("\\\n", " ").splitlines():
+        for name, value in PLACEHOLDERS.items():
+            line = line.replace(name, value)
+        words = shlex.split(line, comments=True)
+        if words and words[0].endswith("atoll"):
+            commands.append(words[1:])
+    return commands
+
+
+def command_of(path: list[str]):
+    """The click command `atoll PATH...` (typer may vendor click: use it through typer only)."""
+    cmd = typer.main.get_command(cli.app)
+    for name in path:
+        cmd = cmd.commands[name]
+    return cmd
+
+
+def resolve(args: list[str]):
+    """Parse `atoll ARGS` exactly as the CLI would, without running it: (click command, params).
+    Raises click's UsageError / BadParameter for anything the CLI would refuse, KeyError for an
+    unknown command. atoll's groups take no options, so leading words name the subcommand."""
+    args, path = list(args), []
+    while args and args[0] in getattr(command_of(path), "commands", {}):
+        path.append(args.pop(0))
+    cmd = command_of(path)
+    if hasattr(cmd, "commands"):
+        raise KeyError(f"atoll {' '.join(path)} needs a subcommand, got {args[:1]}")
+    return cmd, cmd.make_context(" ".join(["atoll", *path]), args).params
+
+
+SHELL_COMMANDS = [c for lang, body in code_blocks(README) if lang in ("bash", "sh") for c in command_lines(body)]
+
+
+def test_the_readme_has_shell_commands_to_check():
+    """Every block is a checked shell block, except the CLI synopsis (checked below), so a
+    command cannot escape the checks by sitting in an untagged block."""
+    blocks = code_blocks(README)
+    synopsis = code_blocks(README.split("## CLI", 1)[1])[0]
+    assert all(lang in ("bash", "sh") or (lang, body) == synopsis for lang, body in blocks), blocks
+    assert len(SHELL_COMMANDS) >= 8, SHELL_COMMANDS
+
+
+@pytest.mark.parametrize("args", SHELL_COMMANDS, ids=[" ".join(a[:3]) for a in SHELL_COMMANDS])
+def test_every_readme_command_parses(args):
+    """Options and values as the CLI parses them; --set fields and -c files as the config
+    loader validates them (the command itself is not run)."""
+    try:
+        cmd, params = resolve(args)
+    except Exception as e:  # click's UsageError / BadParameter
+        message = e.format_message() if hasattr(e, "format_message") else repr(e)
+        pytest.fail(f"README command `atoll {' '.join(args)}` does not parse: {message}")
+    if "set_" in params:
+        from node.config import ConfigError, load_config, load_swarm_config, parse_override
+
+        overrides = dict(parse_override(s) for s in params["set_"])
+        config = params.get("config")
+        config = ROOT / config if config is not None and not config.is_absolute() else config
+        try:
+            if cmd.name == "up":
+                load_swarm_config(config, overrides, params.get("nodes"))
+            else:
+                load_config(config, overrides)
+        except ConfigError as e:
+            pytest.fail(f"README command `atoll {' '.join(args)}`: {e}")
+
+
+def _synopsis() -> list[str]:
+    """The CLI section's block: one command per line, options in brackets."""
+    section = README.split("## CLI", 1)[1]
+    body = code_blocks(section)[0][1]
+    return [part.strip() for line in body.splitlines() for part in line.split(";") if part.strip()]
+
+
+@pytest.mark.parametrize("line", _synopsis())
+def test_every_option_in_the_cli_synopsis_exists(line):
+    path = []
+    for w in line.split()[1:]:
+        if not re.fullmatch(r"[a-z][a-z-]*", w):
+            break
+        path.append(w)
+    try:
+        cmd = command_of(path)
+    except (KeyError, AttributeError):
+        pytest.fail(f"synopsis names a command that does not exist: atoll {' '.join(path)}")
+    known = {"--help"} | {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)}
+    named = set(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", line))
+    assert named <= known, f"`{line}`: {sorted(named - known)} are not options of atoll {' '.join(path)}"
+
+
+class Terminal:
+    """A command as a user runs it in a terminal of its own: human output, its own session,
+    Ctrl-C by SIGINT to its process group."""
+
+    def __init__(self, args: list[str], cwd: Path, log: Path):
+        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                                     stderr=open(log, "wb"), stdin=subprocess.DEVNULL, text=True,
+                                     env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := re.search(pattern, line):
+                    return m
+            if self.proc.poll() is not None and not any(re.search(pattern, x) for x in self.lines):
+                raise RuntimeError(f"exited with {self.proc.returncode}: {''.join(self.lines)[-1500:]}")
+            time.sleep(0.2)
+        raise TimeoutError(f"no line matching {pattern!r} within {timeout} s: {''.join(self.lines)[-1500:]}")
+
+    def ctrl_c(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            return self.proc.wait(15)
+        finally:
+            from p2pd.procs import kill_tree
+
+            kill_tree(self.proc.pid, signal.SIGKILL)
+
+
+def _expert_walkthrough() -> list[list[str]]:
+    section = README.split("## Diffusion experts and the ensemble router", 1)[1]
+    return [shlex.split(line) for line in code_blocks(section)[0][1].splitlines() if line.startswith("atoll ")]
+
+
+# Smaller nets and fewer steps than the defaults, so the walkthrough runs in seconds; these are
+# appended, every flag the README shows is used as written.
+BUDGET = ["--set", "experts.width=64", "--set", "experts.sample_steps=10"]
+
+
+@pytest.mark.integration
+def test_the_readme_expert_walkthrough_forms_a_4_expert_swarm_and_top2_uses_two_experts(tmp_path):
+    steps = _expert_walkthrough()
+    experts = [s[1:] for s in steps if s[1:3] == ["expert", "train"]]
+    router = next(s[1:] for s in steps if s[1:3] == ["router", "serve"])
+    query = next(s[1:] for s in steps if s[1:3] == ["router", "query"])
+    assert len(experts) == 4, "the README shows one expert per cluster, K = 4"
+    running: list[Terminal] = []
+
+    def start(args: list[str], name: str, maddr: str | None, *budget: str) -> Terminal:
+        args = [maddr if a == "MADDR" else a for a in args]
+        running.append(Terminal([*args, *budget, *BUDGET], tmp_path, tmp_path / f"{name}.log"))
+        return running[-1]
+
+    def ask() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "node.cli", *[maddr if a == "MADDR" else a for a in query]],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+    try:
+        first = start(experts[0], "e0", None, "--steps", "150")
+        maddr = first.wait_for(r"join with: --initial-peers (\S+)", 120).group(1)
+        start(router, "router", maddr, "--set", "experts.router_steps=150").wait_for(r"router \S+ serving on", 120)
+
+        # one expert of four live: the query still answers, says so, and warns
+        alone = ask()
+        assert alone.returncode == 0, alone.stderr[-2000:]
+        assert "1 of 4 experts live: 0" in alone.stdout, alone.stdout
+        assert "warning: top2 asks for 2 experts per image" in alone.stderr and "missing: 1, 2, 3" in alone.stderr
+
+        for k, args in enumerate(experts[1:], start=1):
+            start(args, f"e{k}", maddr, "--steps", "150")
+        for t in running[2:]:
+            t.wait_for(r"serving on", 120)
+        deadline = time.monotonic() + 60
+        while "4 of 4 experts live" not in (reply := ask()).stdout and time.monotonic() < deadline:
+            time.sleep(1)
+        assert reply.returncode == 0 and "4 of 4 experts live" in reply.stdout, reply.stdout + reply.stderr
+        per_step = re.findall(r"image +\d+: (\d+) per step, from experts", reply.stdout)
+        assert per_step == ["2"] * 16, reply.stdout
+        assert "warning" not in reply.stderr
+        assert (tmp_path / "grid.png").stat().st_size > 0
+    finally:
+        codes = [t.ctrl_c() for t in running]
+    assert codes == [0] * len(running), codes
