@@ -53,10 +53,10 @@ class GracefulStop:
     (hivemind's children notice and stop themselves, see p2pd/procs.py). Before `target` is
     set, nothing has started and the first signal just exits."""
 
-    def __init__(self, target=None):
+    def __init__(self, target=None, message: str = "stopping after the current step"):
         import signal
 
-        self.target, self.count = target, 0
+        self.target, self.count, self.message = target, 0, message
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self)
 
@@ -70,8 +70,7 @@ class GracefulStop:
         if self.count > 1:
             os._exit(128 + signum)
         # os.write: print() is not safe here if the main thread was interrupted mid-write
-        os.write(2, f"{signal.Signals(signum).name}: stopping after the current step "
-                    f"(again to quit at once)\n".encode())
+        os.write(2, f"\n{signal.Signals(signum).name}: {self.message} (again to quit at once)\n".encode())
         self.target()
 
 
@@ -152,14 +151,25 @@ def _run_role(cfg, json_events: bool, serve: bool = True) -> dict:
 
 
 def _role_event(e: dict) -> None:
+    from node import console
+
     kind = e["event"]
-    if kind == "train":
+    if kind == "expert":
+        typer.echo(f"expert of cluster {e['cluster']} of {e['clusters']}: training on {e['images']} images")
+    elif kind == "train":
         typer.echo(f"{e['role']} step {e['step']:>6}/{e['steps']}  loss {e['loss']:.4f}  {e['seconds']:.0f}s")
+    elif kind == "trained":
+        typer.echo(f"{e['role']} trained: {e['steps']} steps, loss {e['loss']:.4f}, {e['seconds']:.0f}s")
     elif kind == "ready":
         what = f"expert of cluster {e['cluster']}" if e["role"] == "expert" else "router"
-        typer.echo(f"{what} {e['peer_id']} serving on {e['grpc']}")
-        for m in e["maddrs"]:
-            typer.echo(f"  join with: --initial-peers {m}")
+        for line in console.ready_lines(e, what, f"atoll {'expert train' if e['role'] == 'expert' else 'router serve'} ..."):
+            typer.echo(line)
+        typer.echo(f"{what} serving on {e['grpc']} (Ctrl-C stops it)")
+    elif kind == "done":
+        typer.echo(f"expert of cluster {e['cluster']} done, checkpoint {e['checkpoint'][:16]}")
+    elif kind == "stopped":
+        where = f" at step {e['step']} (checkpointed)" if "step" in e else ""
+        typer.echo(f"stopped{where}")
     else:
         typer.echo(" ".join(f"{k}={v}" for k, v in e.items()))
 
@@ -169,16 +179,16 @@ def _json_event(e: dict) -> None:
 
 
 def _human_event(e: dict) -> None:
+    from node import console
+
     kind = e["event"]
     if kind == "ready":
-        typer.echo(f"node {e['peer_id']} ready: gRPC {e['grpc']}, metrics :{e['metrics_port']}, "
-                   f"{e['dataset_size']} samples on {e['device']}, starting at round {e['start_round']}")
-        for m in e["maddrs"]:
-            typer.echo(f"  join with: atoll node start --initial-peers {m}")
+        for line in console.ready_lines(e, "node", "atoll node start"):
+            typer.echo(line)
+    elif kind == "waiting":
+        typer.echo(console.waiting_line(e))
     elif kind == "round":
-        typer.echo(f"round {e['round']:>4}/{e['rounds']}  loss {e['loss']:.4f}  acc {100 * e['accuracy']:5.1f}%  "
-                   f"peers {e['peers']}  mixed {e['mixed']}  sent {e['sent_bytes'] / 1e6:.1f} MB  "
-                   f"recv {e['received_bytes'] / 1e6:.1f} MB  {e['seconds']:.2f}s")
+        typer.echo(console.round_line(e, console.width()))
     else:
         acc = f"{100 * e['accuracy']:.1f}%" if e.get("accuracy") is not None else "n/a"
         typer.echo(f"{kind} at round {e['round']}: accuracy {acc}")
@@ -215,21 +225,38 @@ def swarm_up(
             raise ValueError(f"--out {out} exists and is not a directory")
     except ValueError as e:
         _fail(str(e))
-    typer.echo(f"starting {scfg.nodes} nodes (workdir {wd})", err=True)
+    import threading
+
     from rich.console import Console
     from rich.live import Live
 
-    console = Console(stderr=True)
+    from node import console
+
+    typer.echo(console.with_path(f"starting {scfg.nodes} nodes; keys, checkpoints and logs in", wd, console.width()),
+               err=True)
+    stop = threading.Event()
+    GracefulStop(stop.set, message="stopping all nodes: they checkpoint and leave")
+    err = Console(stderr=True)
     t0 = time.monotonic()
-    with Live(console=console, refresh_per_second=4, transient=False) as live:
+    with Live(console=err, refresh_per_second=4, transient=False) as live:
         def update(runs):
-            live.update(_swarm_table(runs, base.train.rounds, time.monotonic() - t0))
+            live.update(console.swarm_table(runs, base.train.rounds, time.monotonic() - t0, console.width()))
 
         try:
-            runs = swarm.run_swarm(scfg, wd, update)
+            runs = swarm.run_swarm(scfg, wd, update, stop=stop)
         except (RuntimeError, TimeoutError) as e:
             _fail(str(e))
+    if not err.is_terminal:  # piped: rich leaves the cursor after the table's last line
+        err.print()
     wall = time.monotonic() - t0
+    if stop.is_set():
+        res = swarm.results(runs, {}, scfg, wall)
+        typer.echo(console.with_path(f"interrupted after {wall:.1f} s; the nodes checkpointed in", wd, console.width()))
+        for n in res["nodes"]:
+            acc = f"{100 * n['final_accuracy']:.1f}%" if n["final_accuracy"] is not None else "-"
+            typer.echo(f"  node {n['index']} ({n['model']}): {n['state']} at round {n['rounds'] or 0}, accuracy {acc}")
+        _write_results(out, dict(res, interrupted=True))
+        raise typer.Exit(130)
     typer.echo("training the centralized baseline (same model and steps, all data)...", err=True)
     baselines = swarm.centralized_baselines(scfg)
     res = swarm.results(runs, baselines, scfg, wall)
@@ -245,30 +272,18 @@ def swarm_up(
                    f"max {100 * max(accs):.1f}%")
         typer.echo(f"  centralized baseline{label}: {100 * baseline:.1f}%  (gap of the worst node: "
                    f"{100 * (baseline - min(accs)):+.1f} points)")
-    sent = sum(n["sent_bytes"] for n in res["nodes"])
+    sent = sum(n["sent_bytes"] or 0 for n in res["nodes"])
     typer.echo(f"  bytes sent by all nodes: {sent / 1e6:.1f} MB")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(res, indent=2))
-        typer.echo(f"wrote {out / 'results.json'}", err=True)
+    _write_results(out, res)
     if unfinished:
         raise typer.Exit(1)
 
 
-def _swarm_table(runs, rounds: int, elapsed: float):
-    from rich.table import Table
-
-    t = Table(title=f"atoll swarm, {elapsed:.0f} s")
-    for col in ("node", "model", "peer id", "round", "accuracy", "loss", "peers", "mixed", "sent MB", "state"):
-        t.add_column(col)
-    for r in runs:
-        last = r.last or {}
-        state = r.final["event"] if r.final else ("training" if r.ready else "starting")
-        t.add_row(str(r.index), r.model, (r.ready or {}).get("peer_id", "")[-12:], f"{last.get('round', 0)}/{rounds}",
-                  f"{100 * last['accuracy']:.1f}%" if "accuracy" in last else "-",
-                  f"{last['loss']:.3f}" if "loss" in last else "-", str(last.get("peers", "-")),
-                  str(last.get("mixed", "-")), f"{last.get('sent_bytes', 0) / 1e6:.1f}", state)
-    return t
+def _write_results(out: Optional[Path], res: dict) -> None:
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(res, indent=2))
+        typer.echo(f"wrote {out / 'results.json'}", err=True)
 
 
 @app.command()
@@ -286,10 +301,15 @@ def status(
         typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
         return
     typer.echo(f"{len(records)} live node(s) in swarm {swarm_name!r}")
-    for r in records:
-        role = ",".join(r.roles) + (f" of cluster {r.cluster}" if r.cluster >= 0 else "")
-        typer.echo(f"  {r.peer_id}  {r.grpc_address:<21} {role:<10} round {r.round:<5} {r.device:<6} "
-                   f"{r.samples_per_second:8.0f} samples/s  {r.dataset_size} samples")
+    if not records:
+        typer.echo("  if your nodes use another net.swarm, name it with --swarm NAME "
+                   "(the examples use demo, lab, mylab, mixed)")
+        return
+    from rich.console import Console
+
+    from node import console
+
+    Console(width=console.width()).print(console.status_table(records, console.width()))
 
 
 @expert_app.command("train")
@@ -534,7 +554,9 @@ def bench_algorithms(
     rounds: int = typer.Option(20, min=1, max=10000),
     local_steps: int = typer.Option(10, min=1, help="Local SGD steps per node per round (equal for all methods)."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
-    methods: str = typer.Option("all", help="Comma-separated method names, or all."),
+    methods: str = typer.Option("all", help="Comma-separated method names, or all: centralized, fedavg, dpsgd, "
+                                "mgs_q4, dfedsam_mgs_q4, late_merge, constant_merge, modest_50, modest_80, "
+                                "indep_mean, indep_varcorr, indep_dpsgd, indep_dpsgd_varcorr."),
     out: Optional[Path] = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
 ) -> None:
     """Schedules and algorithms (D-PSGD, MGS, DFedSAM, late-concentrated + final merge, MoDeST,
@@ -572,7 +594,8 @@ def bench_distill(
     proxy_size: int = typer.Option(300, min=10, help="Unlabeled proxy samples, taken out of the training split."),
     topology: str = typer.Option("ring", help="Graph of the logit exchange: ring, torus, exponential, random or complete."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
-    methods: str = typer.Option("all", help="Comma-separated method names, or all."),
+    methods: str = typer.Option("all", help="Comma-separated method names, or all: isolated, edgefd, knfu, "
+                                "edgefd+knfu, gossip_same_arch, and centralized_ARCH for each architecture."),
     out: Optional[Path] = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
 ) -> None:
     """Federated distillation (EdgeFD, KnFu) on a mixed-architecture swarm against isolated

@@ -75,7 +75,8 @@ class CommConfig(_Strict):
     keep_snapshots: int = Field(8, ge=1, le=32, description="published snapshots kept for slower neighbours "
                                 "(each one's digest is signed into the peer record, hence the cap)")
     fetch_timeout: float = Field(20.0, gt=0, le=600, description="seconds to wait for a neighbour's snapshot")
-    min_peers: int = Field(1, ge=1, description="live nodes (self included) needed before round 0")
+    min_peers: Optional[int] = Field(None, ge=1, description="live nodes (self included) to wait for before "
+                                     "round 0 (default: node_count, on a fresh start)")
     join_timeout: float = Field(60.0, gt=0)
 
 
@@ -245,15 +246,54 @@ def _read_yaml(path: str | Path) -> dict:
     return loaded or {}
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
-    """YAML file (optional) + dotted overrides -> validated NodeConfig, or ConfigError."""
-    tree = _read_yaml(path) if path is not None else {}
-    for key, value in (overrides or {}).items():
+# The two local-work budgets exclude each other: a layer (file, per_node, --set) that sets one
+# replaces the other, instead of failing until the user also nulls the first.
+_BUDGETS = ("train.local_steps", "train.local_seconds")
+SWARM_FIELDS = ("nodes", "timeout", "node", "per_node")
+
+
+def _apply(tree: dict, overrides: dict[str, Any]) -> None:
+    """Set dotted `overrides` in `tree`; setting one local-work budget clears the other."""
+    for key, value in overrides.items():
         _set_path(tree, key, value)
+    for mine, other in (_BUDGETS, _BUDGETS[::-1]):
+        if overrides.get(mine) is not None and other not in overrides:
+            _set_path(tree, other, None)
+
+
+def is_swarm_file(tree: dict) -> bool:
+    """A swarm file (for `atoll swarm up`) has `node:` / `nodes:` / `per_node:` at the top."""
+    return any(k in tree for k in ("nodes", "node", "per_node"))
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """YAML file (optional) + dotted overrides -> validated NodeConfig, or ConfigError.
+
+    The file may also be a swarm file (see `SwarmConfig`): then its shared `node:` section is
+    used, with `node_count` from its `nodes` and the `per_node` overrides of the node index
+    that the overrides (or the section) name."""
+    tree = _read_yaml(path) if path is not None else {}
+    overrides = dict(overrides or {})
+    if is_swarm_file(tree):
+        tree = _node_tree_of_swarm_file(tree, overrides, path)
+    _apply(tree, overrides)
     try:
         return NodeConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
+
+
+def _node_tree_of_swarm_file(tree: dict, overrides: dict[str, Any], path) -> dict:
+    try:
+        swarm = SwarmConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(f"{path} is a swarm file (for `atoll swarm up`; node commands use its node: section): "
+                          + _one_line(e).removeprefix("invalid config: ")) from None
+    index = overrides.get("node_index", swarm.node.node_index)
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < swarm.nodes:
+        raise ConfigError(f"node_index must be an integer in 0..{swarm.nodes - 1} for the swarm file {path} "
+                          f"(nodes: {swarm.nodes}), got {index!r}")
+    return swarm.config_for(index).model_dump(mode="json")
 
 
 def dump_config(cfg: NodeConfig) -> str:
@@ -272,8 +312,7 @@ class SwarmConfig(_Strict):
     def config_for(self, index: int) -> NodeConfig:
         """The shared config with this node's overrides, index and count applied."""
         tree = self.node.model_dump(mode="json")
-        for key, value in self.per_node.get(index, {}).items():
-            _set_path(tree, key, value)
+        _apply(tree, self.per_node.get(index, {}))
         tree["node_index"], tree["node_count"] = index, self.nodes
         try:
             return NodeConfig.model_validate(tree)
@@ -283,12 +322,14 @@ class SwarmConfig(_Strict):
 
 def load_swarm_config(path: str | Path | None = None, node_overrides: dict[str, Any] | None = None,
                       nodes: int | None = None) -> SwarmConfig:
-    """Swarm YAML (optional) + dotted overrides of the shared node config -> SwarmConfig."""
+    """Swarm YAML (optional) + dotted overrides of the shared node config -> SwarmConfig.
+    A node file (no `node:` section) is taken as the config every node shares."""
     tree = _read_yaml(path) if path is not None else {}
+    if tree and not is_swarm_file(tree):
+        tree = {"node": tree}
     node_tree = tree.setdefault("node", {}) or {}
     tree["node"] = node_tree
-    for key, value in (node_overrides or {}).items():
-        _set_path(node_tree, key, value)
+    _apply(node_tree, node_overrides or {})
     if nodes is not None:
         tree["nodes"] = nodes
     try:

@@ -273,7 +273,11 @@ class Node:
         return stats, mixed_with
 
     def _wait_for_peers(self) -> None:
-        want, deadline = self.cfg.comm.min_peers, time.monotonic() + self.cfg.comm.join_timeout
+        """Before the first round, wait (up to comm.join_timeout) until comm.min_peers nodes are
+        live, by default all node_count of them on a fresh start; say so while waiting."""
+        c = self.cfg.comm
+        want = c.min_peers if c.min_peers is not None else (self.cfg.node_count if self.start_round == 0 else 1)
+        deadline, said = time.monotonic() + c.join_timeout, None
         while not self.stop_requested.is_set():
             try:
                 live = self.discovery.live_peers()
@@ -284,10 +288,15 @@ class Node:
             self._set_peers(len(live))
             if len(live) >= want:
                 return
-            if time.monotonic() > deadline:
-                log.warning("only %d of %d wanted peers after %.0f s; starting anyway", len(live), want,
-                            self.cfg.comm.join_timeout)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("only %d of %d nodes live after %.0f s (comm.join_timeout); starting anyway",
+                            len(live), want, c.join_timeout)
                 return
+            if said != len(live):  # once per change, not every poll
+                said = len(live)
+                self.on_event(dict(event="waiting", live=len(live), want=want, seconds_left=round(left),
+                                   peers=[p.peer_id for p in live]))
             time.sleep(0.2)
 
     def _train(self, r: int, rounds: int):

@@ -81,7 +81,6 @@ def node_configs(swarm_cfg: SwarmConfig, workdir: Path) -> list[NodeConfig]:
         c.metrics_port = 0
         c.net.dht_listen = ["/ip4/127.0.0.1/tcp/0"]
         c.net.announce_maddrs = []
-        c.comm.min_peers = swarm_cfg.nodes
         cfgs.append(c)
     return cfgs
 
@@ -113,35 +112,52 @@ def centralized_baseline(base: NodeConfig) -> float:
     return evaluate(model, ds.x_test, ds.y_test)
 
 
-def run_swarm(swarm_cfg: SwarmConfig, workdir: Path, on_update) -> list[NodeRun]:
-    """Start the swarm, feed events to on_update(runs), wait for every node to finish."""
+def run_swarm(swarm_cfg: SwarmConfig, workdir: Path, on_update, stop: threading.Event | None = None,
+              stop_grace: float = 60.0) -> list[NodeRun]:
+    """Start the swarm, feed events to on_update(runs), wait for every node to finish.
+
+    Once `stop` is set (Ctrl-C), every node gets SIGTERM (it finishes its step, checkpoints and
+    leaves) and is waited for up to `stop_grace` seconds; the runs are returned as they got."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfgs = node_configs(swarm_cfg, workdir)
-    timeout = swarm_cfg.timeout
+    stop = stop or threading.Event()
     runs: list[NodeRun] = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + swarm_cfg.timeout
     try:
         runs.append(start_node(cfgs[0], workdir))
-        _wait_ready(runs[0], deadline)
+        _wait_ready(runs[0], deadline, stop)
         for c in cfgs[1:]:
+            if stop.is_set():
+                break
             c.net.initial_peers = runs[0].ready["maddrs"]
             runs.append(start_node(c, workdir))
         for r in runs[1:]:
-            _wait_ready(r, deadline)
+            _wait_ready(r, deadline, stop)
         on_update(runs)
+        stopping = False
         while any(r.final is None for r in runs):
+            if stop.is_set() and not stopping:
+                stopping, deadline = True, time.monotonic() + stop_grace
+                for r in runs:
+                    if r.proc.poll() is None:
+                        r.proc.send_signal(signal.SIGTERM)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"swarm did not finish within {timeout:.0f} s")
+                raise TimeoutError("nodes did not stop in time" if stopping else
+                                   f"swarm did not finish within {swarm_cfg.timeout:.0f} s")
             for r in runs:
                 _drain(r)
                 if r.final is None and r.proc.poll() is not None:
                     _drain(r)
-                    if r.final is None:
+                    if r.final is None and not stopping:
                         raise RuntimeError(f"node {r.index} exited with code {r.proc.returncode}; see {r.log_path}")
+            if stopping and all(r.proc.poll() is not None for r in runs):
+                break
             on_update(runs)
             time.sleep(0.2)
         for r in runs:
             r.proc.wait(timeout=max(5.0, deadline - time.monotonic()))
+            _drain(r)
+        on_update(runs)
         return runs
     finally:
         for r in runs:
@@ -163,10 +179,10 @@ def _drain(run: NodeRun) -> None:
             run.final = e
 
 
-def _wait_ready(run: NodeRun, deadline: float) -> None:
+def _wait_ready(run: NodeRun, deadline: float, stop: threading.Event) -> None:
     while run.ready is None:
         _drain(run)
-        if run.ready is not None:
+        if run.ready is not None or stop.is_set():
             return
         if run.proc.poll() is not None:
             raise RuntimeError(f"node {run.index} exited with code {run.proc.returncode} before it was ready; "
@@ -186,15 +202,20 @@ def check_workdir(workdir: Path) -> None:
 
 
 def results(runs: list[NodeRun], baselines: dict[str, float], swarm_cfg: SwarmConfig, seconds: float) -> dict:
+    """The run as JSON: per node its final event (None fields for a node stopped before it
+    reported one), the baselines, the wall time and the config."""
+    def node(r: NodeRun) -> dict:
+        final, last = r.final or {}, r.last or {}
+        return {"index": r.index, "peer_id": (r.ready or {}).get("peer_id"), "model": r.model,
+                "final_accuracy": final.get("accuracy", last.get("accuracy")),
+                "rounds": final.get("round", last.get("round")), "state": final.get("event", "killed"),
+                "sent_bytes": final.get("sent_bytes", last.get("sent_bytes")),
+                "received_bytes": final.get("received_bytes", last.get("received_bytes")),
+                "dataset_size": final.get("dataset_size"), "model_digest": final.get("model_digest"),
+                "merged_with": final.get("merged_with")}
+
     return {
-        "nodes": [
-            {"index": r.index, "peer_id": r.ready["peer_id"], "model": model_name(swarm_cfg.config_for(r.index)),
-             "final_accuracy": r.final.get("accuracy"),
-             "rounds": r.final.get("round"), "sent_bytes": r.final.get("sent_bytes"),
-             "received_bytes": r.final.get("received_bytes"), "dataset_size": r.final.get("dataset_size"),
-             "model_digest": r.final.get("model_digest"), "merged_with": r.final.get("merged_with")}
-            for r in runs
-        ],
+        "nodes": [node(r) for r in runs],
         "centralized_baseline_accuracy": baselines,  # by model
         "wall_seconds": round(seconds, 2),
         "config": swarm_cfg.model_dump(mode="json"),

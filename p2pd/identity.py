@@ -108,7 +108,9 @@ class Identity:
         try:
             pb = crypto_pb2.PrivateKey.FromString(data)
         except Exception as e:  # protobuf raises DecodeError or RuntimeError for junk
-            raise IdentityError(f"key file{where} is not a libp2p private key") from e
+            raise IdentityError(f"key file{where} is not a key atoll can read (expected a libp2p Ed25519 private key, "
+                                f"as atoll writes it); give another path and atoll creates a new key there, "
+                                f"e.g. atoll identity show --key NEW.key") from e
         if pb.key_type != _ED25519:
             raise IdentityError(f"key file{where} holds a {crypto_pb2.KeyType.Name(pb.key_type)} key; atoll needs Ed25519")
         if len(pb.data) != 64:
@@ -123,6 +125,9 @@ class Identity:
     def load_or_create(cls, path: str | os.PathLike) -> Identity:
         """Load the key at `path`, or create it (mode 0600, parent dirs included) if missing."""
         path = Path(path).expanduser()
+        if path.is_dir():
+            raise IdentityError(f"key file {path} is a directory: give the path of a file, e.g. {path / 'node.key'} "
+                                f"(created on first start)")
         if path.exists():
             if path.stat().st_mode & 0o077:
                 raise IdentityError(f"key file {path} is readable by other users; run: chmod 600 {path}")
