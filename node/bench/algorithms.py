@@ -86,6 +86,8 @@ def write_outputs(rows: list[dict], out: Path, meta: dict, summary: list[dict] |
     summary = summary if summary is not None else summarize(rows)
     written = write_results(out, {"meta": meta, "summary": summary, "runs": rows},
                             table_md if table_md is not None else table(summary))
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
     names = list(dict.fromkeys(r["method"] for r in rows))
@@ -102,6 +104,7 @@ def write_outputs(rows: list[dict], out: Path, meta: dict, summary: list[dict] |
         if mb[-1] > 0:
             ax2.plot(mb, acc, **style)
     ax1.set_xlabel("round")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax1.set_ylabel("mean test accuracy over nodes")
     ax2.set_xlabel("MB sent (all nodes, log scale)")
     ax2.set_xscale("log")

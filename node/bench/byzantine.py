@@ -137,6 +137,8 @@ def plot(summary: dict, path: Path, aggregators=AGGREGATORS) -> None:
             for x, v in enumerate(row):
                 ax.text(x, y, f"{v:.0f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
         ax.set_title("attacks × aggregators" if group == "grid" else "sybils")
+        ax.set_xlabel("attack")
+        ax.set_ylabel("aggregator")
     fig.colorbar(im, ax=axes[0].tolist(), label="honest accuracy (%)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

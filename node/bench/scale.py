@@ -74,6 +74,7 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
     for a in ax:
         a.set_xscale("log", base=2)
         a.set_xlabel("virtual nodes")
+        a.set_ylim(bottom=0)  # from zero: a zoomed axis makes a flat line look like growth
         a.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "scale.png", dpi=110)

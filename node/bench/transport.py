@@ -30,6 +30,10 @@ from pathlib import Path
 import torch
 
 PATHS = ("copy", "grpc_raw", "atoll", "atoll_reuse", "hivemind")
+# what each path is, for a reader of the plot (see the module docstring)
+LEGEND = {"copy": "in-process copy (memory ceiling)", "grpc_raw": "bare gRPC byte stream, no checks",
+          "atoll": "atoll fetch (decode, digest, NaN check)", "atoll_reuse": "atoll fetch into reused tensors",
+          "hivemind": "hivemind libp2p tensor stream"}
 RAW_CHUNK = 4 * 1024 * 1024
 HIVEMIND_CHUNK = 2 * 1024 * 1024
 _RAW_METHOD = "/atoll.bench.Raw/Stream"
@@ -251,7 +255,7 @@ def write_outputs(rows: list[Row], out: Path, meta: dict) -> list[Path]:
     for path in PATHS:
         ys = [next((r.gbps for r in rows if r.size_mb == s and r.path == path), None) for s in sizes]
         if any(y is not None for y in ys):
-            ax.plot(sizes, ys, marker="o", label=path)
+            ax.plot(sizes, ys, marker="o", label=LEGEND[path])
     ax.set_xscale("log")
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):
@@ -262,7 +266,7 @@ def write_outputs(rows: list[Row], out: Path, meta: dict) -> list[Path]:
     ax.set_ylabel("throughput (GB/s, log)")
     ax.set_title("Snapshot exchange over loopback (best of runs)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "transport.png", dpi=120)
     plt.close(fig)
