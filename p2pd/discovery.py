@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import multiprocessing
 import threading
 import time
 from collections import Counter
 from typing import Any, Sequence
 
 import hivemind
+from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
@@ -52,14 +54,25 @@ def start_dht(*, ready_timeout: float = 60.0, **dht_kwargs: Any) -> hivemind.DHT
 
 
 class PeerRecordValidator(RecordValidatorBase):
-    """hivemind record validator for the swarm key; other keys pass through untouched."""
+    """hivemind record validator for the swarm key; other keys pass through untouched.
+
+    `dropped` counts the rows it refused, in memory shared with the DHT child process where
+    it runs (created before the fork), so the node can export the count."""
 
     def __init__(self, swarm: str):
         self._key_id = DHTID.generate(source=swarm_key(swarm)).to_bytes()
+        self.dropped = multiprocessing.Value("Q", 0)
 
     def validate(self, record: DHTRecord) -> bool:
         if record.key != self._key_id:
             return True
+        ok = self._valid_row(record)
+        if not ok:
+            with self.dropped.get_lock():
+                self.dropped.value += 1
+        return ok
+
+    def _valid_row(self, record: DHTRecord) -> bool:
         try:
             subkey = MSGPackSerializer.loads(record.subkey)
             value = MSGPackSerializer.loads(record.value)
@@ -75,6 +88,25 @@ class PeerRecordValidator(RecordValidatorBase):
         # Exactly the signed expiry or less: any slack would let a replayed older record outlive
         # (and so replace, since hivemind keeps the later expiry) the current one.
         return record.expiration_time <= rec.expires_at
+
+
+def _validate_rows_one_by_one(self, key_bytes: bytes, dictionary) -> bool:
+    """Replaces hivemind's DHTProtocol._validate_dictionary, which refuses a peer's whole
+    dictionary answer when one row fails: one garbage row held by a DHT node that does not run
+    atoll's validator (a stock bootstrap) would then hide every member it holds. Here invalid
+    rows are dropped (and counted by the validator) and the valid ones kept."""
+    if self.record_validator is None:
+        return True
+    with dictionary.freeze():
+        bad = [subkey for subkey, (value, expiration) in dictionary.items()
+               if not self.record_validator.validate(
+                   DHTRecord(key_bytes, self.serializer.dumps(subkey), value, expiration))]
+    for subkey in bad:
+        del dictionary[subkey]
+    return True
+
+
+DHTProtocol._validate_dictionary = _validate_rows_one_by_one  # hivemind <1.2, see pyproject
 
 
 class Discovery:
@@ -109,7 +141,8 @@ class Discovery:
         self.swarm = swarm
         self.key = swarm_key(swarm)
         self.ttl = ttl
-        self.refused: Counter[str] = Counter()  # rows dropped by live_peers, by reason
+        self._refused: Counter[str] = Counter()  # rows dropped by live_peers, by reason
+        self._validator = PeerRecordValidator(swarm)
         self.call_timeout = call_timeout if call_timeout is not None else max(10.0, ttl)
         self._dht_kwargs = dict(
             initial_peers=list(initial_peers),
@@ -137,7 +170,7 @@ class Discovery:
                 ready_timeout=2 * self._dht_kwargs["startup_timeout"],
                 identity_path=str(self.identity.path),
                 check_if_identity_free=False,  # hivemind's probe parses RSA keys only
-                record_validators=[PeerRecordValidator(self.swarm)],
+                record_validators=[self._validator],
                 **self._dht_kwargs,
             )
         except DiscoveryError:
@@ -146,6 +179,15 @@ class Discovery:
             hint = " (are the initial peers reachable, and is this key not used by a running node?)"
             raise DiscoveryError(f"could not start the DHT: {e}{hint if self._dht_kwargs['initial_peers'] else ''}") from e
         return self
+
+    @property
+    def refused(self) -> Counter[str]:
+        """Rows refused, by reason: by live_peers, and inside the DHT (`invalid_row`: a row that
+        failed the record validator on its way in, stored or fetched)."""
+        counts = Counter(self._refused)
+        if self._validator.dropped.value:
+            counts["invalid_row"] = self._validator.dropped.value
+        return counts
 
     @property
     def dht(self) -> hivemind.DHT:
@@ -280,7 +322,7 @@ class Discovery:
                 ) from None
 
     def _count_refusal(self, subkey: str, e: RecordRefused) -> None:
-        self.refused[e.reason] += 1
+        self._refused[e.reason] += 1
         if (subkey, e.reason) not in self._logged and len(self._logged) < 10_000:
             self._logged.add((subkey, e.reason))
             log.warning("refused peer record in row %s: %s", subkey[:20], e)

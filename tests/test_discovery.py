@@ -155,3 +155,26 @@ def test_a_dead_dht_process_is_an_error_not_a_hang(keydir):
     finally:
         d._stop.set()
         d._dht = None  # already dead; nothing left to shut down
+
+
+def test_one_garbage_row_on_a_stock_bootstrap_hides_nobody(keydir):
+    """hivemind drops a peer's whole answer when one row fails a validator. A stock hivemind
+    DHT bootstrap (no atoll validator) that holds a real signed record beside one garbage row
+    must still give a reader the real record, and the refused row is counted."""
+    stock = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    observer = None
+    try:
+        member = Identity.load_or_create(keydir / "a.key")
+        now = get_dht_time()
+        rec = PeerRecord(peer_id=member.peer_id, grpc_address="127.0.0.1:1", issued_at=now, expires_at=now + 60)
+        stock.store(swarm_key("stock"), sign_record(rec, member), rec.expires_at, subkey=member.peer_id)
+        stock.store(swarm_key("stock"), b"\x00garbage", now + 60, subkey="garbage")
+        observer = Discovery(Identity.load_or_create(keydir / "o.key"), swarm="stock", client_mode=True,
+                             initial_peers=[str(m) for m in stock.get_visible_maddrs()]).start()
+        assert [p.peer_id for p in observer.live_peers()] == [member.peer_id]
+        assert observer.refused["invalid_row"] >= 1, dict(observer.refused)
+    finally:
+        if observer is not None:
+            observer.close()
+        stock.shutdown()
+        stock.join(10)
