@@ -28,6 +28,11 @@ from p2pd.errors import ReasonedError
 from p2pd.identity import Identity, IdentityError, public_key_from_peer_id, verify
 
 DOMAIN = b"atoll/peer-record/v1\x00"
+# The record format's version. Within a version, fields are only ever added, and readers ignore
+# fields they do not know (the signature still covers the whole body), so nodes of different
+# releases read each other's records during a rolling upgrade. A change that old readers would
+# misread bumps the version; a reader refuses records of a newer version (reason newer_version).
+RECORD_VERSION = 1
 MAX_RECORD_BYTES = 8192
 MAX_TTL_SECONDS = 3600.0
 # hivemind assumes peers' clocks agree within a few seconds; allow a little more
@@ -53,10 +58,12 @@ def swarm_key(swarm: str) -> str:
 
 
 class PeerRecord(BaseModel):
-    """One node's self-description. Immutable; build a new one to change a field."""
+    """One node's self-description. Immutable; build a new one to change a field. Unknown
+    fields (from a newer release of the same record version) are ignored, see RECORD_VERSION."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
+    record_version: Annotated[int, Field(ge=1, lt=2**16)] = RECORD_VERSION
     peer_id: str
     grpc_address: str
     dht_maddrs: Annotated[tuple[Annotated[str, Field(max_length=256)], ...], Field(max_length=8)] = ()
@@ -146,7 +153,8 @@ def sign_record(record: PeerRecord, identity: Identity) -> bytes:
     """Serialise and sign `record` with the key it names; returns the envelope bytes."""
     if record.peer_id != identity.peer_id:
         raise ValueError("a node can only sign its own record")
-    body = record.model_dump_json()
+    # version 1 bodies carry no version field: releases from before versioning refuse unknown fields
+    body = record.model_dump_json(exclude={"record_version"} if record.record_version == 1 else None)
     sig = identity.sign(DOMAIN + body.encode())
     envelope = json.dumps({"body": body, "sig": base64.b64encode(sig).decode()}, separators=(",", ":"))
     return envelope.encode()
@@ -178,6 +186,9 @@ def open_record(data: bytes, *, now: float | None, expected_peer_id: str | None 
         record = PeerRecord.model_validate_json(body)
     except ValidationError as e:
         raise RecordRefused("schema", str(e).replace("\n", " ")[:300]) from None
+    if record.record_version > RECORD_VERSION:
+        raise RecordRefused("newer_version", f"record version {record.record_version} > {RECORD_VERSION}: "
+                                             f"upgrade atoll to read {record.peer_id[:16]}...")
     if expected_peer_id is not None and record.peer_id != expected_peer_id:
         raise RecordRefused("peer_id_mismatch", f"row {expected_peer_id[:16]}... holds {record.peer_id[:16]}...")
     if now is None:

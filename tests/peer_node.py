@@ -24,6 +24,24 @@ def build_model(seed: int) -> torch.nn.Module:
                                torch.nn.ReLU(), torch.nn.Linear(768, 10))
 
 
+def _sign_like_a_newer_release() -> None:
+    """Make this process's records carry two fields this release does not know, as a later
+    release of the same record version would."""
+    import base64
+
+    import p2pd.discovery
+    from p2pd.records import DOMAIN
+
+    def sign(record, identity):
+        body = json.loads(record.model_dump_json(exclude={"record_version"}))
+        body.update(reachability="direct", codecs=["fp16", "int8"])
+        text = json.dumps(body, separators=(",", ":"))
+        sig = base64.b64encode(identity.sign(DOMAIN + text.encode())).decode()
+        return json.dumps({"body": text, "sig": sig}).encode()
+
+    p2pd.discovery.sign_record = sign
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--key", required=True)
@@ -32,7 +50,11 @@ def main():
     ap.add_argument("--ttl", type=float, default=4.0)
     ap.add_argument("--poll", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--newer-release", action="store_true",
+                    help="sign records with fields a newer atoll release would add (mixed-version swarms)")
     args = ap.parse_args()
+    if args.newer_release:
+        _sign_like_a_newer_release()
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

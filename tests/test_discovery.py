@@ -178,3 +178,17 @@ def test_one_garbage_row_on_a_stock_bootstrap_hides_nobody(keydir):
             observer.close()
         stock.shutdown()
         stock.join(10)
+
+
+def test_a_node_of_a_newer_release_stays_in_the_swarm(swarm, observer, keydir):
+    """Mixed versions: a node whose records carry fields this release does not know (as a newer
+    atoll adds them) is read by every node, not refused as `schema`."""
+    newer = NodeProcess("--key", str(keydir / "newer.key"), "--swarm", SWARM, "--ttl", str(TTL), "--seed", "3",
+                        "--newer-release", "--initial-peers", *swarm[0].info["maddrs"])
+    try:
+        newer_id = newer.ready()["peer_id"]
+        assert newer_id in {p.peer_id for p in observer.live_peers()}
+        swarm[1].wait_event("peers", 20, lambda e: newer_id in e["peers"])
+        assert "schema" not in observer.refused
+    finally:
+        newer.stop()

@@ -68,15 +68,34 @@ def test_malformed_envelopes_refused(data):
     assert reason_of(data, now=NOW) in {"malformed", "oversize"}
 
 
+def _signed(ident, **changes) -> bytes:
+    """An envelope whose body is a valid record with `changes` applied, signed by its owner."""
+    body = json.loads(make(ident).model_dump_json())
+    body.update(changes)
+    body_s = json.dumps(body)
+    return json.dumps({"body": body_s, "sig": base64.b64encode(ident.sign(DOMAIN + body_s.encode())).decode()}).encode()
+
+
 def test_schema_violations_signed_by_owner_refused():
     """A correctly signed body that breaks the schema is still refused."""
     ident = Identity.generate()
-    for bad in ({"samples_per_second": -1.0}, {"grpc_address": "nohost"}, {"extra_field": 1}, {"expires_at": NOW + 10**6}):
-        body = json.loads(make(ident).model_dump_json())
-        body.update(bad)
-        body_s = json.dumps(body)
-        env = {"body": body_s, "sig": base64.b64encode(ident.sign(DOMAIN + body_s.encode())).decode()}
-        assert reason_of(json.dumps(env).encode(), now=NOW) == "schema", bad
+    for bad in ({"samples_per_second": -1.0}, {"grpc_address": "nohost"}, {"expires_at": NOW + 10**6},
+                {"round": "7"}, {"record_version": 0}):
+        assert reason_of(_signed(ident, **bad), now=NOW) == "schema", bad
+
+
+def test_a_newer_release_adding_fields_is_read_and_a_newer_format_refused():
+    """Rolling upgrades: a field added by a newer release of the same record version is ignored
+    (the signature still covers it); a newer record version is refused with its own reason."""
+    ident = Identity.generate()
+    rec = open_record(_signed(ident, reachability="relayed", future={"nested": [1, 2]}), now=NOW)
+    assert rec.peer_id == ident.peer_id and not hasattr(rec, "reachability")
+    assert reason_of(_signed(ident, record_version=2), now=NOW) == "newer_version"
+    tampered = json.loads(_signed(ident, future=1))
+    tampered["body"] = tampered["body"].replace('"future": 1', '"future": 2')
+    assert reason_of(json.dumps(tampered).encode(), now=NOW) == "bad_signature"
+    # version 1 bodies have no version field, so releases from before versioning still read them
+    assert "record_version" not in json.loads(json.loads(sign_record(make(ident), ident))["body"])
 
 
 def test_swarm_key_validation():
