@@ -8,14 +8,24 @@ naming the field, not a silently ignored setting. `load_config` turns every fail
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's true/false are not numbers: `train.rounds: true` is a mistake, not 1 round."""
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is not bool and bool not in get_args(annotation):
+                raise ValueError(f"expected {getattr(annotation, '__name__', annotation)}, got {value}")
+        return value
 
 
 class DataConfig(_Strict):
@@ -26,6 +36,12 @@ class DataConfig(_Strict):
     shards_per_node: int = Field(2, ge=1)
     test_fraction: float = Field(0.25, gt=0, lt=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_applies(self) -> DataConfig:
+        if self.path is not None and self.dataset == "digits":
+            raise ValueError("path is for fashion-mnist files; digits ships inside scikit-learn and takes no path")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -229,7 +245,7 @@ def _one_line(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
         where = ".".join(str(x) for x in err["loc"]) or "config"
-        parts.append(f"{where}: {err['msg']}")
+        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
     return "invalid config: " + "; ".join(parts)
 
 

@@ -21,7 +21,9 @@ every live peer has reached R (or a timeout), so slower neighbours can still fet
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +50,7 @@ from node.security.trust import TrustTracker
 from node.train import (LocalTrainer, RoundStats, evaluate, make_optimizer, optimizer_tensors, restore_optimizer, round_lr,
                         set_lr)
 from p2pd import __version__
+from p2pd.addresses import host_port
 from p2pd.admission import Admission
 from p2pd.client import FetchError, SwarmClient
 from p2pd.discovery import Discovery, DiscoveryError
@@ -58,6 +61,25 @@ from p2pd.server import SnapshotStore, SwarmServer, TLSConfig
 from p2pd.tensors import SnapshotKey, pack
 
 log = logging.getLogger("atoll.node")
+
+
+class KeyInUse(RuntimeError):
+    """Another live process serves this node's peer id (a copied key file)."""
+
+
+class Diverged(RuntimeError):
+    """The model kept becoming non-finite (NaN/Inf) after rolling back: MAX_ROLLBACKS in a row."""
+
+
+class _NonFinite(Exception):
+    """This round made the loss or the model non-finite; `where` is the metric reason."""
+
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
+
+
+MAX_ROLLBACKS = 3  # consecutive non-finite rounds before the node gives up with an error
 
 
 def pick_device(name: str) -> torch.device:
@@ -171,7 +193,10 @@ class Node:
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.net.host, cfg.metrics_port)
         self.dataset_size = len(self.x)
-        advertised = f"{cfg.net.advertise_host or cfg.net.host}:{self.server.port}"
+        advertised = host_port(cfg.net.advertise_host or cfg.net.host, self.server.port)
+        self.advertised = advertised
+        self.discovery.live_peers()  # before announcing: is this key already live elsewhere?
+        self._check_key_in_use()
         self.discovery.announce(grpc_address=advertised, device=_device_label(self.device),
                                 dataset_size=self.dataset_size, round=self.start_round, proxy_digest=self.proxy_digest,
                                 roles=("trainer",), software_version=__version__,
@@ -216,10 +241,16 @@ class Node:
             accuracy, loss = None, None
             rounds = self.cfg.train.rounds
             r = self.start_round
+            self._keep_good_state()
             while r < rounds and not self.stop_requested.is_set():
                 t0 = time.perf_counter()
                 try:
                     stats, mixed_with = self._round(r, rounds)
+                    if not self._all_finite():
+                        raise _NonFinite("model_after_mixing")
+                except _NonFinite as e:
+                    self._roll_back(r, e.where)
+                    continue  # the round again, from the last good state
                 except DiscoveryError:
                     if not self.stop_requested.is_set():
                         raise
@@ -228,10 +259,13 @@ class Node:
                     break
                 if self.stop_requested.is_set():
                     break  # the round was cut short: it is redone after a restart
+                self._check_key_in_use(running=True)
                 loss = stats.loss if stats.steps else (loss or 0.0)
                 accuracy = evaluate(self.model, self.x_test, self.y_test)
                 r += 1
+                self._keep_good_state()
                 self._checkpoint(r, accuracy)
+                self.metrics.round_seconds.observe(time.perf_counter() - t0)
                 self._observe(r, loss, accuracy, stats.samples_per_second, mixed_with)
                 self.on_event(dict(event="round", round=r, rounds=rounds, loss=round(loss, 5),
                                    accuracy=round(accuracy, 5), mixed=len(mixed_with),
@@ -300,10 +334,42 @@ class Node:
             time.sleep(0.2)
 
     def _train(self, r: int, rounds: int):
+        """Local training of round r; raises _NonFinite before anything of it is published."""
         o = self.cfg.optim
         set_lr(self.optimizer, round_lr(o.lr, o.schedule, r, rounds, o.final_lr_fraction))
-        return self.trainer.train_round(r, self.cfg.train.local_steps, self.cfg.train.local_seconds,
-                                        stop=self.stop_requested.is_set)
+        stats = self.trainer.train_round(r, self.cfg.train.local_steps, self.cfg.train.local_seconds,
+                                         stop=self.stop_requested.is_set)
+        if stats.steps and not math.isfinite(stats.loss):
+            raise _NonFinite("loss")
+        if not self._all_finite():
+            raise _NonFinite("model_after_training")
+        return stats
+
+    def _all_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point())
+
+    def _keep_good_state(self) -> None:
+        """Remember the model and optimizer as they are now (finite: checked by the caller), the
+        state a non-finite round rolls back to."""
+        self._good = ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                      copy.deepcopy(self.optimizer.state_dict()))
+        self._rollbacks_in_a_row = 0
+
+    def _roll_back(self, r: int, where: str) -> None:
+        """Undo a round that went non-finite: nothing of it was checkpointed, and no non-finite
+        model was published (the check runs before every publish). Raises Diverged when it keeps
+        happening: lowering the step size silently would hide a broken run."""
+        self.metrics.rollbacks.labels(reason=where).inc()
+        self._rollbacks_in_a_row += 1
+        model_sd, optim_sd = self._good
+        self.model.load_state_dict(model_sd)
+        self.optimizer.load_state_dict(copy.deepcopy(optim_sd))
+        if self._rollbacks_in_a_row >= MAX_ROLLBACKS:
+            raise Diverged(f"the {where.replace('_', ' ')} became non-finite (NaN/Inf) in round {r} "
+                           f"{MAX_ROLLBACKS} times in a row, each time rolled back to the last good state; "
+                           f"the last good checkpoint is kept. Lower optim.lr or check the data")
+        log.warning("round %d: %s became non-finite (NaN/Inf); rolled back to the last good state and "
+                    "redoing the round (%d of %d)", r, where.replace("_", " "), self._rollbacks_in_a_row, MAX_ROLLBACKS)
 
     def _modest_round(self, r: int, rounds: int):
         """One MoDeST round (see node/comm/modest.py): train if sampled as a trainer (starting
@@ -527,6 +593,27 @@ class Node:
         self._peers_live = n
         self.metrics.peers_live.set(n)
 
+    def _check_key_in_use(self, running: bool = False) -> None:
+        """Refuse to run (KeyInUse) when another live process serves this node's peer id: two
+        processes with one key would overwrite each other's record and split the swarm. At start
+        the newcomer refuses; two that find each other while running agree without talking
+        that the one with the larger address stops. The other record may also be this node's
+        own from before a restart: then its address no longer answers with this id."""
+        other = self.discovery.foreign_self()
+        if other is None or other.grpc_address == self.advertised or (running and self.advertised < other.grpc_address):
+            return
+        try:
+            envelope, _ = SwarmClient(other.grpc_address, timeout=5.0, retries=0, tls=self.tls).health(timeout=3.0)
+            alive = open_record(envelope, now=None).peer_id == self.identity.peer_id
+        except (FetchError, RecordRefused):
+            alive = False
+        if alive:
+            raise KeyInUse(f"this node's key {self.cfg.net.identity_path} (peer id {self.identity.peer_id[:20]}...) is "
+                           f"already in use by a live node at {other.grpc_address}: stop that one, or give this "
+                           f"one its own key (--identity)")
+        log.info("a record of this peer id from an earlier run (%s) is still in the DHT; it will expire",
+                 other.grpc_address)
+
     def _client(self, address: str) -> SwarmClient:
         if address not in self._clients:
             self._clients[address] = SwarmClient(address, timeout=self.cfg.comm.fetch_timeout, retries=1,
@@ -542,6 +629,9 @@ class Node:
         m.neighbours_mixed.set(len(mixed_with))
 
     def _checkpoint(self, next_round: int, accuracy: float | None) -> None:
+        if not self._all_finite():  # never over a good checkpoint (the round loop rolls back first)
+            log.warning("not checkpointing round %d: the model is not finite", next_round)
+            return
         optim_t, optim_meta = optimizer_tensors(self.optimizer)
         now = time.time()
         checkpoint.save(self.ckpt_dir, self.model.state_dict(), optim_t,
@@ -560,8 +650,11 @@ class Node:
         if self.merger is not None:
             last = rounds + 1
             self._wait_all_at(rounds, self.cfg.comm.merge_timeout)
-            result = self.merger.run(self.model.state_dict())
-            self.merged_with = len(result[1]) if result is not None else 0
+            alone = not self.discovery.live_peers(include_self=False)
+            if alone:
+                log.info("final merge skipped: no other live node")
+            result = None if alone else self.merger.run(self.model.state_dict())
+            self.merged_with = 1 if alone else len(result[1]) if result is not None else 0
             self.metrics.merge_peers.set(self.merged_with)
             if result is not None:
                 merged, group = result

@@ -23,6 +23,7 @@ log = logging.getLogger("atoll.merge")
 
 
 VAR_EPS = 1e-4  # as in node.aggregate.variance_corrected_mean
+MATCHMAKING_SECONDS = 3.0  # how long peers gather into a group before the all-reduce
 
 
 def _var(t: torch.Tensor) -> float:
@@ -46,10 +47,16 @@ class FinalMerge:
         self.timeout, self.how = timeout, how
         tensors = [state[k].detach().to("cpu", dtype=torch.float32, copy=True) for k in self.names]
         tensors.append(torch.zeros(len(self.names)))  # per-tensor variances
+        # hivemind logs a failed step with a full traceback; run() says why in one line instead
+        # (the averager process inherits this level when it is forked)
+        logging.getLogger("hivemind.averaging.averager").setLevel(logging.CRITICAL)
         self.averager = start_hivemind_process(lambda: DecentralizedAverager(
             tensors, dht=dht, prefix=f"atoll_{swarm}_final_merge", start=False,
             target_group_size=max(2, group_size), min_group_size=2,
-            min_matchmaking_time=3.0, request_timeout=3.0, allreduce_timeout=timeout,
+            # a request must time out well before matchmaking ends, or two peers asking each
+            # other at once can deadlock the round (hivemind's Matchmaking docstring)
+            min_matchmaking_time=MATCHMAKING_SECONDS, request_timeout=MATCHMAKING_SECONDS / 2,
+            allreduce_timeout=timeout,
         ))
 
     def run(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]] | None:
@@ -65,7 +72,8 @@ class FinalMerge:
         try:
             group = self.averager.step(timeout=self.timeout, allow_retries=True)
         except Exception as e:  # hivemind raises assorted errors when peers vanish mid-way
-            log.warning("final merge failed: %s", e)
+            log.warning("final merge failed, keeping this node's model: %s",
+                        (str(e).splitlines() or [type(e).__name__])[0][:200])
             return None
         if not group:
             log.warning("final merge found no group within %.0f s; keeping this node's model", self.timeout)

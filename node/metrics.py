@@ -13,8 +13,10 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from p2pd.addresses import bare_host, host_port
 
 
 class NodeMetrics:
@@ -36,6 +38,13 @@ class NodeMetrics:
                                   "(logit exchange only)", registry=r)
         self.merge_peers = Gauge("atoll_final_merge_peers",
                                  "Group size of the final all-reduce merge (0: this node missed it)", registry=r)
+        self.rollbacks = Counter("atoll_rollbacks", "Rounds undone because the model or loss became non-finite, "
+                                 "by where it was seen", ["reason"], registry=r)
+        self.round_seconds = Histogram(
+            "atoll_round_duration_seconds", "Wall time of one round: training, exchange, mixing, evaluation",
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
+        # the node's own registry would otherwise export no process metrics (memory, CPU, files)
+        ProcessCollector(registry=r)
         self.updates_discarded = Counter(
             "atoll_updates_discarded", "Neighbour models the robust aggregator set aside or clipped, by reason",
             ["reason"], registry=r)
@@ -54,8 +63,13 @@ class NodeMetrics:
         self.registry.register(_TrustCallback(view, top_n))
 
     def serve(self, host: str, port: int) -> int:
-        """Start the /metrics endpoint; returns the bound port."""
-        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Start the /metrics endpoint on `host` (IPv4, IPv6 with or without brackets, or a
+        name); returns the bound port. Raises OSError naming the port and the setting."""
+        try:
+            self._server, _ = start_http_server(port, addr=bare_host(host), registry=self.registry)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {host_port(host, port)}: {e.strerror or e} "
+                          f"(metrics_port / --metrics-port; 0 picks a free port)") from None
         return self._server.server_port
 
     def close(self) -> None:
@@ -105,13 +119,17 @@ class _TrustCallback:
             for j in shown:
                 g.add_metric([j], float(getattr(signals[j], attr)))
             yield g
+        # one series per neighbour whatever its state (a label that changed with the verdict
+        # made a new series each time); why it is flagged is a gauge of its own
         flagged = GaugeMetricFamily("atoll_peer_flagged", "1 if a neighbour is flagged (low trust or suspected sybil)",
-                                    labels=["peer", "why"])
+                                    labels=["peer"])
+        sybil = GaugeMetricFamily("atoll_peer_sybil_suspected", "1 if a neighbour's update history is near-identical "
+                                  "to another's (a suspected sybil)", labels=["peer"])
         for j in shown:
-            s = signals[j]
-            why = "sybil" if s.sybil else "trust" if s.flagged else "none"
-            flagged.add_metric([j, why], 1.0 if s.flagged else 0.0)
+            flagged.add_metric([j], 1.0 if signals[j].flagged else 0.0)
+            sybil.add_metric([j], 1.0 if signals[j].sybil else 0.0)
         yield flagged
+        yield sybil
         count = GaugeMetricFamily("atoll_peers_flagged", "Neighbours in view that are flagged")
         count.add_metric([], float(sum(s.flagged for s in signals.values())))
         yield count

@@ -19,6 +19,7 @@ id equals the record's peer id.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import multiprocessing
@@ -34,6 +35,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
+from p2pd.addresses import maddr_tcp_listen, tcp_port_in_use
 from p2pd.identity import Identity
 from p2pd.procs import start_hivemind_process, stop_hivemind_process
 from p2pd.records import PeerRecord, RecordRefused, open_record, sign_record, swarm_key
@@ -160,11 +162,18 @@ class Discovery:
         self._logged: set[tuple[str, str]] = set()
         self._envelope = b""
         self._known: dict[str, float] = {}  # peer id -> record expiry, from the last live_peers()
+        self._issued: collections.deque[float] = collections.deque(maxlen=64)  # issued_at of our records
+        self._foreign_self: PeerRecord | None = None
         self._known_at = 0.0
         self._lock_known = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Discovery:
+        for maddr in self._dht_kwargs["host_maddrs"]:
+            listen = maddr_tcp_listen(maddr)
+            if listen is not None and tcp_port_in_use(*listen):
+                raise DiscoveryError(f"the DHT listen address {maddr} is in use by another process: "
+                                     f"choose another port (net.dht_listen) or stop that process")
         try:
             self._dht = start_dht(
                 ready_timeout=2 * self._dht_kwargs["startup_timeout"],
@@ -176,8 +185,10 @@ class Discovery:
         except DiscoveryError:
             raise
         except Exception as e:
-            hint = " (are the initial peers reachable, and is this key not used by a running node?)"
-            raise DiscoveryError(f"could not start the DHT: {e}{hint if self._dht_kwargs['initial_peers'] else ''}") from e
+            # the hint only where it applies: hivemind says this when no initial peer answered
+            hint = " (are the initial peers reachable from here?)" if "bootstrap" in str(e) else ""
+            raise DiscoveryError(f"could not start the DHT: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                 f"{hint}") from e
         return self
 
     @property
@@ -253,6 +264,7 @@ class Discovery:
         record = PeerRecord(peer_id=self.identity.peer_id, issued_at=now, expires_at=now + self.ttl, **self._fields)
         envelope = sign_record(record, self.identity)
         self._envelope = envelope
+        self._issued.append(record.issued_at)
         ok = self._call(self.dht.store(self.key, envelope, record.expires_at, subkey=record.peer_id, return_future=True))
         if not ok:
             log.warning("DHT store of this node's record was not acknowledged; will retry on heartbeat")
@@ -283,9 +295,17 @@ class Discovery:
             except RecordRefused as e:
                 self._count_refusal(str(subkey), e)
         self._known = {p.peer_id: p.expires_at for p in peers}  # replaced whole: readers need no lock
+        mine = next((p for p in peers if p.peer_id == self.identity.peer_id), None)
+        self._foreign_self = mine if mine is not None and mine.issued_at not in self._issued else None
         if not include_self:
             peers = [p for p in peers if p.peer_id != self.identity.peer_id]
         return sorted(peers, key=lambda p: p.peer_id)
+
+    def foreign_self(self) -> PeerRecord | None:
+        """A live record under this node's own peer id that this process did not sign, as of
+        the last live_peers(): the key is (or was, before a restart) in use elsewhere. Whether
+        that other process is alive is for the caller to ask it (see Node._check_key_in_use)."""
+        return self._foreign_self
 
     def is_known(self, peer_id: str) -> bool:
         """Whether `peer_id` has a live, valid record in the swarm's DHT row (admission of

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import grpc
 import torch
 
+from p2pd.addresses import host_port, tcp_port_in_use
 from p2pd.admission import Admission
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.tensors import DEFAULT_CHUNK_BYTES, EncodedSnapshot, SnapshotKey, encode
@@ -77,57 +79,123 @@ class TLSConfig:
     ca_file: Path | None = None
 
 
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A request deserializer that returns None for undecodable bytes instead of raising: gRPC
+    would log a full traceback for each one, so anyone could flood the node's log. The handler
+    then refuses the None with one counted reason."""
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception:  # protobuf's DecodeError, or anything a malformed message triggers
+            return None
+
+    return deserialize
+
+
 class SwarmServicer:
-    """Handlers for the atoll.v1.Swarm service (see proto/swarm.proto)."""
+    """Handlers for the atoll.v1.Swarm service (see proto/swarm.proto).
+
+    Slots: at most `max_fetches` streams at once (the rest get RESOURCE_EXHAUSTED at once, which
+    keeps worker threads free for Health), at most `per_identity` of them for one requester, and
+    a stream whose reader stops reading for `stall_seconds` is cancelled, so one identity cannot
+    hold every slot with streams it never reads. Refusals are counted in `refused` by reason."""
 
     def __init__(self, store: SnapshotStore, signed_record: Callable[[], bytes], max_fetches: int,
-                 admission: Admission | None = None):
+                 admission: Admission | None = None, per_identity: int = 2, stall_seconds: float = 10.0):
         self.store = store
         self.signed_record = signed_record
         self.admission = admission  # None: serve anyone (tools and tests); daemons always pass one
-        # fetches beyond this get RESOURCE_EXHAUSTED at once (clients back off and retry),
-        # which keeps worker threads free for Health calls
         self._fetch_slots = threading.BoundedSemaphore(max_fetches)
+        self.per_identity, self.stall_seconds = per_identity, stall_seconds
+        self._in_flight: Counter[str] = Counter()  # requester -> streams being served
+        self._progress: dict[int, tuple[float, grpc.ServicerContext]] = {}  # stream -> (last progress, context)
         self.stats: Counter[str] = Counter()  # fetches_served, bytes_sent, not_found, bad_request, busy
-        self.refused: Counter[str] = Counter()  # admission refusals by reason (p2pd/admission.py)
+        self.refused: Counter[str] = Counter()  # refusals by reason (admission's, busy_identity, stalled, ...)
         self._lock = threading.Lock()
+        self._last_log = 0.0
+        threading.Thread(target=self._cancel_stalled, name="atoll-stall-watch", daemon=True).start()
+
+    def _refuse(self, context: grpc.ServicerContext, reason: str, code: grpc.StatusCode, details: str) -> None:
+        """Count, log at most one line a minute, abort the call (raises)."""
+        now = time.monotonic()
+        with self._lock:
+            self.refused[reason] += 1
+            quiet = now - self._last_log < 60.0
+            self._last_log = self._last_log if quiet else now
+        if not quiet:
+            log.info("refused a request from %s: %s (further refusals are only counted for a minute)",
+                     context.peer(), reason)
+        context.abort(code, details)
+
+    def _cancel_stalled(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.stall_seconds / 2))
+            now = time.monotonic()
+            with self._lock:
+                stalled = [(k, ctx) for k, (t, ctx) in self._progress.items() if now - t > self.stall_seconds]
+                for k, _ in stalled:
+                    del self._progress[k]
+                    self.refused["stalled"] += 1
+            for _, ctx in stalled:
+                ctx.cancel()
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self.stats[name] += n
 
-    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext):
+    def Fetch(self, request: pb.FetchRequest | None, context: grpc.ServicerContext):
+        if request is None:
+            self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
         remaining = context.time_remaining()
         if remaining is None or remaining > MAX_FETCH_SECONDS + 5:  # 5 s for clock and transit slack
-            self._count("bad_request")
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a fetch needs a deadline of at most {MAX_FETCH_SECONDS:.0f} s")
+            self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT,
+                         f"a fetch needs a deadline of at most {MAX_FETCH_SECONDS:.0f} s")
         try:
             key = SnapshotKey.from_pb(request.key)
         except ValueError as e:
-            self._count("bad_request")
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, str(e))
         refusal = self.admission.check(request, key) if self.admission is not None else None
         if refusal is not None:
-            with self._lock:
-                self.refused[refusal] += 1
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if refusal == "rate" else grpc.StatusCode.PERMISSION_DENIED
-            context.abort(code, f"refused: {refusal}")
+            self._refuse(context, refusal, code, f"refused: {refusal}")
         packed = self.store.get(key)
         if packed is None:
             self._count("not_found")
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no snapshot {key}")
+            self._refuse(context, "not_found", grpc.StatusCode.NOT_FOUND, f"no snapshot {key}")
+        requester = request.requester_peer_id
+        with self._lock:
+            over = self._in_flight[requester] >= self.per_identity
+            if not over:
+                self._in_flight[requester] += 1
+        if over:
+            self._refuse(context, "busy_identity", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"at most {self.per_identity} concurrent fetches per requester")
         if not self._fetch_slots.acquire(blocking=False):
+            self._release(requester, None)
             self._count("busy")
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent fetches")
+            self._refuse(context, "busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent fetches")
+        stream = id(context)
         try:
             for part in packed.parts:
-                if not context.is_active():  # client gave up or deadline passed: stop producing
+                if not context.is_active():  # client gave up, deadline passed, or stalled: stop producing
                     return
+                with self._lock:
+                    self._progress[stream] = (time.monotonic(), context)
                 self._count("bytes_sent", len(part))
                 yield part
             self._count("fetches_served")
         finally:
+            self._release(requester, stream)
             self._fetch_slots.release()
+
+    def _release(self, requester: str, stream: int | None) -> None:
+        with self._lock:
+            self._in_flight[requester] -= 1
+            if self._in_flight[requester] <= 0:
+                del self._in_flight[requester]
+            if stream is not None:
+                self._progress.pop(stream, None)
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         return pb.HealthReply(signed_record=self.signed_record(), available=[k.to_pb() for k in self.store.keys()])
@@ -165,18 +233,23 @@ class SwarmServer:
         handlers = {
             # response_serializer=None: Fetch yields parts that are already serialized
             "Fetch": grpc.unary_stream_rpc_method_handler(
-                self.servicer.Fetch, request_deserializer=pb.FetchRequest.FromString
+                self.servicer.Fetch, request_deserializer=_lenient(pb.FetchRequest.FromString)
             ),
             "Health": grpc.unary_unary_rpc_method_handler(
                 self.servicer.Health,
-                request_deserializer=pb.HealthRequest.FromString,
+                request_deserializer=_lenient(pb.HealthRequest.FromString),
                 response_serializer=pb.HealthReply.SerializeToString,
             ),
         }
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])
 
     def start(self) -> int:
-        bind = f"{self.host}:{self._want_port}"
+        """Bind and serve; returns the port. Raises OSError naming the address and setting when
+        the port is taken (gRPC itself would share it or log a cryptic bind error)."""
+        bind = host_port(self.host, self._want_port)
+        if tcp_port_in_use(self.host, self._want_port):
+            raise OSError(f"cannot serve gRPC on {bind}: the port is in use by another process "
+                          f"(net.grpc_port; 0 picks a free port)")
         if self.tls is not None:
             if not (self.tls.cert_file and self.tls.key_file):
                 raise ValueError("TLS needs both cert_file and key_file")
@@ -187,13 +260,13 @@ class SwarmServer:
         else:
             self.port = self._server.add_insecure_port(bind)
         if not self.port:
-            raise OSError(f"could not bind gRPC server to {bind}")
+            raise OSError(f"could not bind the gRPC server to {bind} (net.host, net.grpc_port)")
         self._server.start()
         return self.port
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def stop(self, grace: float = 1.0) -> None:
         self._server.stop(grace).wait(grace + 5)

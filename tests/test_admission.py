@@ -105,3 +105,73 @@ def test_record_signs_snapshot_digests_and_refuses_bad_entries():
         with pytest.raises(pydantic.ValidationError):
             PeerRecord(peer_id=ident.peer_id, grpc_address="127.0.0.1:5000", issued_at=1.0, expires_at=31.0,
                        snapshots=entries)
+
+
+@pytest.mark.integration
+def test_one_identity_cannot_hold_every_fetch_slot_with_streams_it_never_reads(caplog):
+    """Field report: eight signed Fetch streams from one member, opened and never read, held
+    every slot; honest neighbours got "too many concurrent fetches" and nothing was counted.
+    Now one identity gets at most two slots, stalled streams are cancelled, and an honest
+    neighbour is served meanwhile."""
+    import time
+
+    import grpc
+    from hivemind.utils import get_dht_time
+
+    from p2pd.rpc import swarm_pb2 as pb
+    from p2pd.tensors import SnapshotKey as Key
+
+    me, hog, honest = Identity.generate(), Identity.generate(), Identity.generate()
+    store = SnapshotStore()
+    big = Key("model", 1, 0)
+    store.publish(big, {"w": torch.zeros(16 * 2**20 // 4)})  # 16 MiB: more than the transport buffers
+    admission = Admission(me.peer_id, {hog.peer_id, honest.peer_id}.__contains__, rate=100, burst=100)
+    server = SwarmServer(store, admission=admission)
+    server.servicer.stall_seconds = 2.0
+    server.start()
+    channels, calls = [], []
+    try:
+        for _ in range(8):  # each on its own connection, so gRPC's per-connection window cannot hide it
+            ch = grpc.insecure_channel(server.address, options=[("grpc.max_receive_message_length", 8 * 2**20)])
+            channels.append(ch)
+            fetch = ch.unary_stream("/atoll.v1.Swarm/Fetch", request_serializer=pb.FetchRequest.SerializeToString,
+                                    response_deserializer=None)
+            call = fetch(signed_request(hog, me.peer_id, big, get_dht_time()), timeout=60)
+            calls.append(call)
+            try:
+                next(call)  # one part read, then never again
+            except grpc.RpcError:
+                pass
+        assert server.servicer.refused["busy_identity"] == 6, dict(server.servicer.refused)
+        with SwarmClient(server.address, identity=honest, retries=0, timeout=30) as c:
+            assert c.fetch(big, server_peer_id=me.peer_id).tensors["w"].numel() == 4 * 2**20
+        for _ in range(50):  # the two held streams are cancelled once stalled for 2 s
+            if server.servicer.refused["stalled"] >= 2:
+                break
+            time.sleep(0.2)
+        assert server.servicer.refused["stalled"] == 2, dict(server.servicer.refused)
+    finally:
+        for c in calls:
+            c.cancel()
+        for ch in channels:
+            ch.close()
+        server.stop(0.2)
+
+
+@pytest.mark.integration
+def test_undecodable_requests_are_counted_not_logged_as_tracebacks(node, caplog):
+    """Field report: 200 undecodable requests wrote 1206 log lines of ERROR tracebacks."""
+    import logging
+
+    import grpc
+
+    server, *_ = node
+    caplog.set_level(logging.INFO)
+    with grpc.insecure_channel(server.address) as ch:
+        raw = ch.unary_stream("/atoll.v1.Swarm/Fetch", request_serializer=None, response_deserializer=None)
+        for _ in range(200):
+            with pytest.raises(grpc.RpcError) as e:
+                list(raw(b"\xff\xff\xff garbage", timeout=5))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert server.servicer.refused["bad_request"] == 200
+    assert len(caplog.records) <= 2 and "Traceback" not in caplog.text

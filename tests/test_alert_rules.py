@@ -40,9 +40,9 @@ def scrape_with_attacker() -> bytes:
 
 def test_scrape_shows_attackers_with_bounded_labels():
     text = scrape_with_attacker().decode()
-    flagged = set(re.findall(r'^atoll_peer_flagged\{peer="([^"]+)",why="[a-z]+"\} 1\.0$', text, re.M))
+    flagged = set(re.findall(r'^atoll_peer_flagged\{peer="([^"]+)"\} 1\.0$', text, re.M))
     assert flagged == {"flipper", "s1", "s2"}
-    assert re.search(r'^atoll_peer_flagged\{peer="s1",why="sybil"\} 1\.0$', text, re.M)
+    assert re.search(r'^atoll_peer_sybil_suspected\{peer="s1"\} 1\.0$', text, re.M)
     assert re.search(r"^atoll_sybil_cluster_size 2\.0$", text, re.M)
     assert re.search(r"^atoll_peers_flagged 3\.0$", text, re.M)  # counts every neighbour, not just the top 4
     peers = set(re.findall(r'^atoll_peer_trust_ratio\{peer="([^"]+)"\}', text, re.M))

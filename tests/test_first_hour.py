@@ -193,3 +193,18 @@ def test_ctrl_c_on_swarm_up_stops_every_node_with_a_checkpoint_and_a_summary(tmp
 
         kill_tree(up.pid, signal.SIGKILL)
         up.wait(10)
+
+
+@pytest.mark.parametrize("sets, message", [
+    ({"train.rounds": True}, "train.rounds: expected int, got True"),
+    ({"comm.fetch_timeout": False}, "comm.fetch_timeout: expected float, got False"),
+    ({"data.path": "/tmp"}, "digits ships inside scikit-learn and takes no path"),
+])
+def test_config_that_would_be_meaningless_is_refused(sets, message):
+    """Field report: `train.rounds=true` was taken as 1 round and `data.path` was silently
+    ignored for digits."""
+    from node.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, sets)
+    assert load_config(None, {"comm.final_merge": True}).comm.final_merge is True  # real booleans still are

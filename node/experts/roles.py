@@ -25,6 +25,7 @@ from node.experts import flow, service
 from node.experts.cluster import Clustering, cluster, to_unit
 from node.experts.router import router_net, train_router
 from p2pd import __version__
+from p2pd.addresses import host_port
 from p2pd.discovery import Discovery
 from p2pd.identity import Identity
 from p2pd.rpc import router_pb2_grpc as pb_grpc
@@ -126,7 +127,7 @@ class _Role:
 
     def _announce(self, port: int) -> None:
         cfg = self.cfg
-        self.discovery.announce(grpc_address=f"{cfg.net.advertise_host or cfg.net.host}:{port}",
+        self.discovery.announce(grpc_address=host_port(cfg.net.advertise_host or cfg.net.host, port),
                                 cluster_digest=self.clustering.digest, software_version=__version__,
                                 dataset_size=len(self.x), **self._record)
 
@@ -178,7 +179,7 @@ class ExpertNode(_Role):
             self._record["model_digest"] = digest
             self._announce(port)
             self.on_event(dict(event="ready", role="expert", cluster=self.k, peer_id=self.identity.peer_id,
-                               grpc=f"{self.cfg.net.host}:{port}", maddrs=self.discovery.visible_maddrs(),
+                               grpc=host_port(self.cfg.net.host, port), maddrs=self.discovery.visible_maddrs(),
                                dht_pid=self.discovery.pid, checkpoint=digest))
             self._serve_until_stopped()
             return dict(event="stopped", calls=svc.calls)
@@ -232,7 +233,7 @@ class RouterNode(_Role):
                                               self.cfg.net.grpc_port)
             self._announce(port)
             self.on_event(dict(event="ready", role="router", peer_id=self.identity.peer_id,
-                               grpc=f"{self.cfg.net.host}:{port}", maddrs=self.discovery.visible_maddrs(),
+                               grpc=host_port(self.cfg.net.host, port), maddrs=self.discovery.visible_maddrs(),
                                dht_pid=self.discovery.pid))
             self._serve_until_stopped()
             return dict(event="stopped", runs=self.service.runs)

@@ -22,6 +22,7 @@ import torch
 
 from node.experts import ensemble
 from node.experts.flow import Velocity
+from p2pd.addresses import host_port, tcp_port_in_use
 from p2pd.rpc import router_pb2 as pb
 from p2pd.rpc import router_pb2_grpc as pb_grpc
 
@@ -211,8 +212,11 @@ def serve(servicer, add: Callable, host: str = "127.0.0.1", port: int = 0, worke
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)])
     add(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tcp_port_in_use(host, port):
+        raise OSError(f"cannot serve gRPC on {host_port(host, port)}: the port is in use by another process "
+                      f"(net.grpc_port; 0 picks a free port)")
+    bound = server.add_insecure_port(host_port(host, port))
     if not bound:
-        raise OSError(f"could not bind {host}:{port}")
+        raise OSError(f"could not bind {host_port(host, port)} (net.host, net.grpc_port)")
     server.start()
     return server, bound

@@ -1,0 +1,160 @@
+"""Faults that operators of comparable swarms reported, tried on atoll as real processes on
+127.0.0.1: each test failed before its fix."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from helpers import ROOT, atoll_node
+
+pytestmark = pytest.mark.integration
+
+
+def _config(path, workdir, name: str, swarm: str, **extra) -> str:
+    cfg = {"checkpoint_dir": str(workdir / name / "ck"), "metrics_port": None,
+           "train": {"rounds": 100_000, "local_steps": 5},
+           "net": {"swarm": swarm, "identity_path": str(workdir / f"{name}.key"), "record_ttl": 6}}
+    cfg.update(extra)
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_a_copied_key_is_refused_and_the_original_keeps_its_record(tmp_path):
+    """Node A, node B joining A, then a copy of A's key joining B: the copy must refuse with one
+    line, and A's record must still point at A (before: the copy ran silently and took over
+    A's record, so nobody fetched A's model)."""
+    a = atoll_node(_config(tmp_path / "a.yaml", tmp_path, "a", "dup"), log=tmp_path / "a.log")
+    nodes = [a]
+    try:
+        boot = a.ready(90)["maddrs"]
+        b = atoll_node(_config(tmp_path / "b.yaml", tmp_path, "b", "dup"), "-p", boot[0], log=tmp_path / "b.log")
+        nodes.append(b)
+        b_maddr = b.ready(90)["maddrs"][0]
+        shutil.copy(tmp_path / "a.key", tmp_path / "copy.key")
+        copy = subprocess.run([sys.executable, "-m", "node.cli", "node", "start", "-c",
+                               _config(tmp_path / "c.yaml", tmp_path, "c", "dup"), "--identity",
+                               str(tmp_path / "copy.key"), "-p", b_maddr], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT)
+        assert copy.returncode == 2, copy.stderr[-2000:]
+        assert "already in use by a live node at " + a.info["grpc"] in copy.stderr
+        assert len([line for line in copy.stderr.splitlines() if line.startswith("error:")]) == 1
+        status = subprocess.run([sys.executable, "-m", "node.cli", "status", "-p", boot[0], "--swarm", "dup", "--json"],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        records = {r["peer_id"]: r for r in yaml.safe_load(status.stdout)}
+        assert records[a.info["peer_id"]]["grpc_address"] == a.info["grpc"] and len(records) == 2
+        assert a.proc.poll() is None and b.proc.poll() is None
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_a_diverging_node_rolls_back_never_checkpoints_nan_and_exits_non_zero(tmp_path):
+    """Before: one overflowing step made the loss NaN; the node trained on to "done" (exit 0),
+    replaced its good checkpoint with the NaN model and served NaN to its neighbours."""
+    import json
+
+    import safetensors.torch
+    import torch
+
+    cfg = _config(tmp_path / "n.yaml", tmp_path, "n", "nan", train={"rounds": 3, "local_steps": 5})
+    good = subprocess.run([sys.executable, "-m", "node.cli", "node", "start", "-c", cfg], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert good.returncode == 0, good.stderr[-2000:]
+    ck = tmp_path / "n" / "ck"
+    state = json.loads((ck / "state.json").read_text())
+    # resume with a step size that overflows at once: every retry of round 3 goes non-finite
+    bad = subprocess.run([sys.executable, "-m", "node.cli", "node", "start", "-c", cfg, "--set", "train.rounds=6",
+                          "--set", "optim.lr=10", "--set", "optim.momentum=0.99", "--set", "optim.weight_decay=0",
+                          "--set", "log_level=WARNING", "--set", "data.alpha=0.5", "--set", "optim.batch_size=512",
+                          "--set", "train.local_steps=50"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2, bad.stdout[-1000:] + bad.stderr[-2000:]
+    assert "non-finite (NaN/Inf)" in bad.stderr and "3 times in a row" in bad.stderr
+    assert bad.stderr.count("rolled back to the last good state and redoing the round") == 2
+    after = json.loads((ck / "state.json").read_text())
+    assert after["round"] == state["round"] == 3  # the good checkpoint is the one kept
+    model = safetensors.torch.load_file(next(ck.glob("model-*.safetensors")))
+    assert all(torch.isfinite(t).all() for t in model.values())
+
+
+def test_a_lone_node_skips_the_final_merge_at_once_and_quietly(tmp_path):
+    """Before: with comm.final_merge and no other live peer the node waited the whole
+    merge_timeout (60 s), then printed hivemind's "could not find a group" with a traceback."""
+    import time
+
+    cfg = _config(tmp_path / "n.yaml", tmp_path, "n", "lone", train={"rounds": 2, "local_steps": 5},
+                  comm={"final_merge": True, "merge_timeout": 60})
+    t0 = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "node.cli", "node", "start", "-c", cfg, "--json-events"],
+                         capture_output=True, text=True, timeout=50, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert time.monotonic() - t0 < 45
+    done = [line for line in run.stdout.splitlines() if '"event": "done"' in line]
+    assert done and '"merged_with": 1' in done[0]
+    assert "Traceback" not in run.stderr and "deadlock" not in run.stderr, run.stderr[-2000:]
+
+
+def test_ports_in_use_are_refused_with_the_setting_named(tmp_path):
+    """Before: a second node on the same fixed DHT port started and reported ready (joining
+    through its address then failed); a metrics port in use printed only [Errno 98]."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for sets, setting in (([f"net.dht_listen=['/ip4/127.0.0.1/tcp/{port}']"], "net.dht_listen"),
+                              ([f"metrics_port={port}"], "metrics_port"),
+                              ([f"net.grpc_port={port}"], "net.grpc_port")):
+            cfg = _config(tmp_path / "n.yaml", tmp_path, "n", "ports")
+            args = [a for s in sets for a in ("--set", s)]
+            run = subprocess.run([sys.executable, "-m", "node.cli", "node", "start", "-c", cfg, *args],
+                                 capture_output=True, text=True, timeout=90, cwd=ROOT)
+            assert run.returncode == 2 and setting in run.stderr and str(port) in run.stderr, run.stderr[-1500:]
+            assert "Traceback" not in run.stderr
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_a_two_node_swarm_on_ipv6_loopback(tmp_path):
+    """Before: net.host=::1 failed to bind gRPC, and [::1] failed in the metrics server."""
+    import urllib.request
+
+    def cfg(name: str, host: str) -> str:
+        return _config(tmp_path / f"{name}.yaml", tmp_path, name, "six", node_count=2, node_index=int(name == "b"),
+                       metrics_port=0, train={"rounds": 4, "local_steps": 5},
+                       net={"swarm": "six", "identity_path": str(tmp_path / f"{name}.key"), "record_ttl": 6,
+                            "host": host, "dht_listen": ["/ip6/::1/tcp/0"]})
+
+    a = atoll_node(cfg("a", "::1"), log=tmp_path / "a.log")
+    nodes = [a]
+    try:
+        info = a.ready(90)
+        assert info["grpc"].startswith("[::1]:") and any(m.startswith("/ip6/::1/") for m in info["maddrs"])
+        with urllib.request.urlopen(f"http://[::1]:{info['metrics_port']}/metrics", timeout=10) as r:
+            assert b"atoll_round" in r.read()
+        b = atoll_node(cfg("b", "[::1]"), "-p", info["maddrs"][0], log=tmp_path / "b.log")
+        nodes.append(b)
+        b.ready(90)
+        for n in nodes:
+            done = n.wait_event("done", 120)
+            assert done["round"] == 4
+        assert max(e.get("mixed", 0) for e in a.seen if e.get("event") == "round") == 1
+    finally:
+        for n in nodes:
+            n.stop()
