@@ -79,16 +79,19 @@ class TLSConfig:
     ca_file: Path | None = None
 
 
+UNDECODABLE = object()  # what _lenient hands a handler for bytes that are no request
+
+
 def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    """A request deserializer that returns None for undecodable bytes instead of raising: gRPC
-    would log a full traceback for each one, so anyone could flood the node's log. The handler
-    then refuses the None with one counted reason."""
+    """A request deserializer that returns UNDECODABLE for undecodable bytes instead of raising:
+    gRPC would log a full traceback for each one (and treats None the same way), so anyone
+    could flood the node's log. The handler refuses it with one counted reason."""
 
     def deserialize(data: bytes):
         try:
             return parse(data)
         except Exception:  # protobuf's DecodeError, or anything a malformed message triggers
-            return None
+            return UNDECODABLE
 
     return deserialize
 
@@ -144,8 +147,8 @@ class SwarmServicer:
         with self._lock:
             self.stats[name] += n
 
-    def Fetch(self, request: pb.FetchRequest | None, context: grpc.ServicerContext):
-        if request is None:
+    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext):
+        if request is UNDECODABLE:
             self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
         remaining = context.time_remaining()
         if remaining is None or remaining > MAX_FETCH_SECONDS + 5:  # 5 s for clock and transit slack
@@ -198,6 +201,8 @@ class SwarmServicer:
                 self._progress.pop(stream, None)
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        if request is UNDECODABLE:
+            self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
         return pb.HealthReply(signed_record=self.signed_record(), available=[k.to_pb() for k in self.store.keys()])
 
 
