@@ -36,6 +36,7 @@ import torch
 
 from node import aggregate, checkpoint, distill
 from node.comm import modest
+from node.comm.backoff import Backoff
 from node.comm.mixing import metropolis_hastings, mix, renormalise
 from node.comm.schedule import allotment
 from node.comm.topology import degree, neighbours
@@ -103,6 +104,7 @@ class Node:
         self.stop_requested = threading.Event()
         self.metrics = NodeMetrics()
         self._clients: dict[str, SwarmClient] = {}
+        self.backoff = Backoff()  # unreachable neighbours, skipped for a few rounds
         self._peers_live = 0
         self.merged_with: int | None = None  # final merge: group size, 0 = missed, None = not run
         self._received_bytes = 0
@@ -184,7 +186,8 @@ class Node:
                                       cfg.train.rounds if c.gossip_budget is None else c.gossip_budget, c.late_shape)
         admission = Admission(self.identity.peer_id, self.discovery.is_known, sec.fetch_rate, sec.fetch_burst)
         self.server = SwarmServer(self.store, self.discovery.signed_record, host=cfg.net.host,
-                                  port=cfg.net.grpc_port, tls=self.tls, admission=admission)
+                                  port=cfg.net.grpc_port, tls=self.tls, admission=admission,
+                                  address_of=self.discovery.address_of, dial=self._peer_at)
         self.server.start()
         servicer = self.server.servicer
         self.metrics.watch(lambda: servicer.stats["bytes_sent"], lambda: dict(self.discovery.refused),
@@ -195,12 +198,14 @@ class Node:
         self.dataset_size = len(self.x)
         advertised = host_port(cfg.net.advertise_host or cfg.net.host, self.server.port)
         self.advertised = advertised
+        self._check_own_address()
         self.discovery.live_peers()  # before announcing: is this key already live elsewhere?
         self._check_key_in_use()
         self.discovery.announce(grpc_address=advertised, device=_device_label(self.device),
                                 dataset_size=self.dataset_size, round=self.start_round, proxy_digest=self.proxy_digest,
                                 roles=("trainer",), software_version=__version__,
                                 metrics_port=self.metrics_port or 0)
+        threading.Thread(target=self._check_reachability, name="atoll-reachability", daemon=True).start()
         self.on_event(dict(event="ready", peer_id=self.identity.peer_id, grpc=self.server.address,
                            maddrs=self.discovery.visible_maddrs(), metrics_port=self.metrics_port,
                            start_round=self.start_round, dataset_size=self.dataset_size,
@@ -531,7 +536,13 @@ class Node:
 
     def _fetch_all(self, peers: list[str], addr: dict[str, str], key: SnapshotKey, accept: Accept) -> dict[str, Any]:
         """`key` snapshots of `peers`, fetched in parallel under one deadline and passed through
-        `accept`; those that answered in time and were accepted."""
+        `accept`; those that answered in time and were accepted. Neighbours backed off as
+        unreachable (node/comm/backoff.py) are skipped without waiting."""
+        with self._lock:
+            skipped = [j for j in peers if self.backoff.skip(j, key.round)]
+        for _ in skipped:
+            self.metrics.fetch_failures.labels(reason="backed_off").inc()
+        peers = [j for j in peers if j not in skipped]
         if not peers:
             return {}
         deadline = time.monotonic() + self.cfg.comm.fetch_timeout
@@ -544,11 +555,12 @@ class Node:
         deadline or refused. `accept` raises a ReasonedError for content that must not be used."""
         r, q = key.round, key.step
         client = self._client(address)
-        reason = "timeout"
+        reason, answered = "timeout", False
         while time.monotonic() < deadline and not self.stop_requested.is_set():
             remaining = deadline - time.monotonic()
             try:
                 envelope, keys = client.health(timeout=min(5.0, remaining))
+                answered = True
                 rec = open_record(envelope, now=time.time(), expected_peer_id=peer_id)
                 if key.kind == "logits" and rec.proxy_digest != self.proxy_digest:
                     reason = "proxy_mismatch"  # logits about another proxy set: meaningless to us
@@ -571,6 +583,9 @@ class Node:
                 self.metrics.received.inc(snap.nbytes)
                 with self._lock:
                     self._received_bytes += snap.nbytes
+                    if self.backoff.succeeded(peer_id):
+                        log.info("neighbour %s at %s answers again", peer_id[:16], address)
+                    self.metrics.peers_backed_off.set(len(self.backoff.backed_off(r)))
                 return accept(snap.tensors)
             except RecordRefused as e:
                 reason = f"record_{e.reason}"
@@ -587,11 +602,73 @@ class Node:
                 break
         self.metrics.fetch_failures.labels(reason=reason).inc()
         log.info("round %d: skipped neighbour %s (%s)", r, peer_id[:16], reason)
+        if not answered and reason in ("timeout", "unavailable") and not self.stop_requested.is_set():
+            with self._lock:
+                new = self.backoff.failed(peer_id, r)
+                self.metrics.peers_backed_off.set(len(self.backoff.backed_off(r + 1)))
+            if new:
+                log.warning("neighbour %s at %s is unreachable (%s): skipped without waiting from now on, "
+                            "retried after 1, 2, 4, ... rounds (atoll_peers_backed_off)", peer_id[:16], address, reason)
         return None
 
     def _set_peers(self, n: int) -> None:
         self._peers_live = n
         self.metrics.peers_live.set(n)
+
+    def _peer_at(self, address: str) -> str | None:
+        """The peer id whose signed record the node at `address` serves, or None (no answer)."""
+        try:
+            with SwarmClient(address, timeout=5.0, retries=0, tls=self.tls) as c:
+                envelope, _ = c.health(timeout=3.0)
+            return open_record(envelope, now=None).peer_id
+        except (FetchError, RecordRefused):
+            return None
+
+    def _check_reachability(self, ask: int = 3) -> None:
+        """Ask up to `ask` live peers to dial this node back at its advertised address (the
+        Reach RPC; petals' reachability check does the same), once some are live (waits at
+        most comm.join_timeout), and say what they found: neighbours that cannot reach a node
+        skip it, so its training is lost to the swarm."""
+        deadline = time.monotonic() + self.cfg.comm.join_timeout
+        while not self.stop_requested.is_set() and time.monotonic() < deadline:
+            try:
+                peers = self.discovery.live_peers(include_self=False)[:ask]
+            except DiscoveryError:
+                return
+            if peers:
+                break
+            self.stop_requested.wait(1.0)
+        else:
+            return
+        verdicts = []
+        for p in peers:
+            try:
+                with SwarmClient(p.grpc_address, timeout=15.0, retries=0, tls=self.tls, identity=self.identity) as c:
+                    verdicts.append(c.reach(p.peer_id, timeout=10.0))
+            except FetchError:
+                continue  # that peer could not be asked: no verdict either way
+        if any(v.reachable for v in verdicts):
+            self.metrics.reachable.set(1)
+            log.info("reachable at %s (checked by %d of %d peers asked)", self.advertised,
+                     sum(v.reachable for v in verdicts), len(peers))
+        elif verdicts:
+            self.metrics.reachable.set(0)
+            log.warning("%d peer(s) could not reach this node at %s (%s): they will skip it and its training is "
+                        "lost to the swarm; set net.advertise_host to an address they can reach, or forward the "
+                        "port", len(verdicts), self.advertised, verdicts[0].detail or "no answer")
+
+    def _check_own_address(self) -> None:
+        """Warn when the address this node advertises does not answer even from here (a wrong
+        net.advertise_host, or an interface that is not this machine's): neighbours would then
+        wait out their fetch timeout for it. Passing says nothing about NAT or firewalls on the
+        way from other machines."""
+        try:
+            with SwarmClient(self.advertised, timeout=5.0, retries=0, tls=self.tls) as own:
+                own.health(timeout=3.0)
+        except FetchError as e:
+            log.warning("this node's advertised address %s does not answer (%s): neighbours cannot fetch from "
+                        "it; set net.advertise_host to an address of this machine that they can reach",
+                        self.advertised, e.reason)
 
     def _check_key_in_use(self, running: bool = False) -> None:
         """Refuse to run (KeyInUse) when another live process serves this node's peer id: two
@@ -603,7 +680,8 @@ class Node:
         if other is None or other.grpc_address == self.advertised or (running and self.advertised < other.grpc_address):
             return
         try:
-            envelope, _ = SwarmClient(other.grpc_address, timeout=5.0, retries=0, tls=self.tls).health(timeout=3.0)
+            with SwarmClient(other.grpc_address, timeout=5.0, retries=0, tls=self.tls) as theirs:
+                envelope, _ = theirs.health(timeout=3.0)
             alive = open_record(envelope, now=None).peer_id == self.identity.peer_id
         except (FetchError, RecordRefused):
             alive = False

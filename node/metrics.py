@@ -33,6 +33,11 @@ class NodeMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
         )
         self.fetch_failures = Counter("atoll_fetch_failures", "Neighbour fetches that failed, by reason", ["reason"], registry=r)
+        self.reachable = Gauge("atoll_reachable", "1: a peer dialled this node back at its advertised address; "
+                               "0: the peers asked could not; -1: not checked (yet)", registry=r)
+        self.reachable.set(-1)
+        self.peers_backed_off = Gauge("atoll_peers_backed_off", "Neighbours skipped as unreachable "
+                                      "(exponential back-off in rounds)", registry=r)
         self.neighbours_mixed = Gauge("atoll_neighbours_mixed", "Neighbours whose model was mixed in the last round", registry=r)
         self.distill_loss = Gauge("atoll_distill_loss", "Mean distillation loss on the proxy set in the last round "
                                   "(logit exchange only)", registry=r)

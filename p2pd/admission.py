@@ -35,6 +35,15 @@ def fetch_message(server_peer_id: str, requester_peer_id: str, key: SnapshotKey,
                               repr(float(issued_at)))).encode()
 
 
+def reach_message(server_peer_id: str, requester_peer_id: str, issued_at: float) -> bytes:
+    return DOMAIN + "|".join((server_peer_id, requester_peer_id, "reach", repr(float(issued_at)))).encode()
+
+
+def signed_reach(identity: Identity, server_peer_id: str, now: float) -> pb.ReachRequest:
+    sig = identity.sign(reach_message(server_peer_id, identity.peer_id, now))
+    return pb.ReachRequest(requester_peer_id=identity.peer_id, issued_at=now, signature=sig)
+
+
 def signed_request(identity: Identity, server_peer_id: str, key: SnapshotKey, now: float) -> pb.FetchRequest:
     sig = identity.sign(fetch_message(server_peer_id, identity.peer_id, key, now))
     return pb.FetchRequest(key=key.to_pb(), requester_peer_id=identity.peer_id, issued_at=now, signature=sig)
@@ -73,12 +82,21 @@ class Admission:
         self.buckets = TokenBuckets(rate, burst)
 
     def check(self, request: pb.FetchRequest, key: SnapshotKey) -> str | None:
+        return self._check(request, lambda: fetch_message(self.server_peer_id, request.requester_peer_id, key,
+                                                          request.issued_at))
+
+    def check_reach(self, request: pb.ReachRequest) -> str | None:
+        """The same checks for a dial-back request (see SwarmServicer.Reach)."""
+        return self._check(request, lambda: reach_message(self.server_peer_id, request.requester_peer_id,
+                                                          request.issued_at))
+
+    def _check(self, request, message: Callable[[], bytes]) -> str | None:
         requester = request.requester_peer_id
         if not request.signature or len(requester) > 128:
             return "unsigned"
         if not math.isfinite(request.issued_at) or abs(self.clock() - request.issued_at) > self.max_skew:
             return "stale"
-        if not verify(requester, fetch_message(self.server_peer_id, requester, key, request.issued_at), request.signature):
+        if not verify(requester, message(), request.signature):
             return "unsigned"
         if not self.is_known(requester):
             return "unknown"

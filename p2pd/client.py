@@ -26,7 +26,7 @@ from typing import Mapping
 import grpc
 import torch
 
-from p2pd.admission import signed_request
+from p2pd.admission import signed_reach, signed_request
 from p2pd.errors import ReasonedError
 from p2pd.identity import Identity
 from p2pd.rpc import swarm_pb2 as pb
@@ -213,6 +213,17 @@ class SwarmClient:
                 raise FetchRefused(reason, f"{self.address}: {code.name} {e.details()}") from e
             return Snapshot(key, tensors, decoder.digest, decoder.bytes_received, time.monotonic() - start)
         raise AssertionError("unreachable")  # the loop always returns or raises
+
+    def reach(self, server_peer_id: str, timeout: float = 10.0) -> pb.ReachReply:
+        """Ask the peer to dial this node back at its advertised address (needs `identity`)."""
+        if self.identity is None:
+            raise ValueError("reach needs an identity to sign the request")
+        try:
+            return self._stub.Reach(signed_reach(self.identity, server_peer_id, time.time()), timeout=timeout)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise FetchTimeout("timeout", f"{self.address} reach") from e
+            raise FetchRefused(_RETRYABLE.get(e.code(), "refused"), f"{self.address}: {e.code().name}") from e
 
     def health(self, timeout: float = 5.0) -> tuple[bytes, list[SnapshotKey]]:
         """The peer's signed record envelope and the snapshot keys it can serve."""

@@ -163,6 +163,7 @@ class Discovery:
         self._envelope = b""
         self._known: dict[str, float] = {}  # peer id -> record expiry, from the last live_peers()
         self._issued: collections.deque[float] = collections.deque(maxlen=64)  # issued_at of our records
+        self._addresses: dict[str, str] = {}  # peer id -> advertised gRPC address, from the last live_peers()
         self._foreign_self: PeerRecord | None = None
         self._known_at = 0.0
         self._lock_known = threading.Lock()
@@ -295,11 +296,17 @@ class Discovery:
             except RecordRefused as e:
                 self._count_refusal(str(subkey), e)
         self._known = {p.peer_id: p.expires_at for p in peers}  # replaced whole: readers need no lock
+        self._addresses = {p.peer_id: p.grpc_address for p in peers}
         mine = next((p for p in peers if p.peer_id == self.identity.peer_id), None)
         self._foreign_self = mine if mine is not None and mine.issued_at not in self._issued else None
         if not include_self:
             peers = [p for p in peers if p.peer_id != self.identity.peer_id]
         return sorted(peers, key=lambda p: p.peer_id)
+
+    def address_of(self, peer_id: str) -> str | None:
+        """The gRPC address `peer_id` signed into its record, as of the last live_peers(); None
+        if it had no live record then (a fresh look costs the caller one live_peers())."""
+        return self._addresses.get(peer_id)
 
     def foreign_self(self) -> PeerRecord | None:
         """A live record under this node's own peer id that this process did not sign, as of

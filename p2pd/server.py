@@ -105,8 +105,14 @@ class SwarmServicer:
     hold every slot with streams it never reads. Refusals are counted in `refused` by reason."""
 
     def __init__(self, store: SnapshotStore, signed_record: Callable[[], bytes], max_fetches: int,
-                 admission: Admission | None = None, per_identity: int = 2, stall_seconds: float = 10.0):
+                 admission: Admission | None = None, per_identity: int = 2, stall_seconds: float = 10.0,
+                 address_of: Callable[[str], str | None] = lambda peer_id: None,
+                 dial: Callable[[str], str | None] | None = None):
         self.store = store
+        # Reach: the requester's advertised address (from its signed DHT record), and how to
+        # check it; dial(address) returns the peer id that answered there, or None
+        self.address_of, self.dial = address_of, dial
+        self._dials = threading.BoundedSemaphore(2)  # dial-backs at once; the rest are refused as busy
         self.signed_record = signed_record
         self.admission = admission  # None: serve anyone (tools and tests); daemons always pass one
         self._fetch_slots = threading.BoundedSemaphore(max_fetches)
@@ -200,6 +206,31 @@ class SwarmServicer:
             if stream is not None:
                 self._progress.pop(stream, None)
 
+    def Reach(self, request: pb.ReachRequest, context: grpc.ServicerContext) -> pb.ReachReply:
+        """Dial the requester back at the address its signed record advertises (the request
+        names none, so nobody can point this node at a third party)."""
+        if request is UNDECODABLE:
+            self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
+        if self.admission is None or self.dial is None:
+            self._refuse(context, "unsupported", grpc.StatusCode.UNIMPLEMENTED, "this node does not dial back")
+        refusal = self.admission.check_reach(request)
+        if refusal is not None:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if refusal == "rate" else grpc.StatusCode.PERMISSION_DENIED
+            self._refuse(context, refusal, code, f"refused: {refusal}")
+        address = self.address_of(request.requester_peer_id)
+        if address is None:
+            return pb.ReachReply(reachable=False, detail="no live record of the requester")
+        if not self._dials.acquire(blocking=False):
+            self._refuse(context, "busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "too many dial-backs at once")
+        try:
+            answered = self.dial(address)
+        finally:
+            self._dials.release()
+        if answered == request.requester_peer_id:
+            return pb.ReachReply(reachable=True, address=address)
+        return pb.ReachReply(reachable=False, address=address,
+                             detail="no answer there" if answered is None else "another node answers there")
+
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         if request is UNDECODABLE:
             self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
@@ -219,10 +250,13 @@ class SwarmServer:
         tls: TLSConfig | None = None,
         max_workers: int = 8,
         admission: Admission | None = None,
+        address_of: Callable[[str], str | None] = lambda peer_id: None,
+        dial: Callable[[str], str | None] | None = None,
     ):
         if max_workers < 3:
             raise ValueError("max_workers must be >= 3 (two threads stay free for Health)")
-        self.servicer = SwarmServicer(store, signed_record, max_fetches=max_workers - 2, admission=admission)
+        self.servicer = SwarmServicer(store, signed_record, max_fetches=max_workers - 2, admission=admission,
+                                      address_of=address_of, dial=dial)
         self.host, self._want_port, self.tls = host, port, tls
         self.port: int | None = None
         self._server = grpc.server(
@@ -244,6 +278,11 @@ class SwarmServer:
                 self.servicer.Health,
                 request_deserializer=_lenient(pb.HealthRequest.FromString),
                 response_serializer=pb.HealthReply.SerializeToString,
+            ),
+            "Reach": grpc.unary_unary_rpc_method_handler(
+                self.servicer.Reach,
+                request_deserializer=_lenient(pb.ReachRequest.FromString),
+                response_serializer=pb.ReachReply.SerializeToString,
             ),
         }
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])

@@ -10,7 +10,7 @@ import torch
 from p2pd.admission import Admission, TokenBuckets, signed_request
 from p2pd.client import FetchRefused, SwarmClient
 from p2pd.identity import Identity
-from p2pd.records import MAX_SNAPSHOTS, PeerRecord
+from p2pd.records import MAX_SNAPSHOTS, PeerRecord, open_record, sign_record
 from p2pd.server import SnapshotStore, SwarmServer
 from p2pd.tensors import SnapshotKey
 
@@ -175,3 +175,39 @@ def test_undecodable_requests_are_counted_not_logged_as_tracebacks(node, caplog)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert server.servicer.refused["bad_request"] == 200
     assert len(caplog.records) <= 2 and "Traceback" not in caplog.text
+
+
+@pytest.mark.integration
+def test_reach_dials_the_requester_back_only_at_its_signed_address():
+    """Reach: a node asks a peer whether it can be dialled at its advertised address. The
+    server dials the address from the requester's record (the request names none), refuses
+    unsigned requests, and reports who answered there."""
+    me, asker, stranger = Identity.generate(), Identity.generate(), Identity.generate()
+    asker_server = SwarmServer(SnapshotStore(), signed_record=lambda: sign_record(
+        PeerRecord(peer_id=asker.peer_id, grpc_address="127.0.0.1:1", issued_at=1.0, expires_at=2.0), asker))
+    asker_server.start()
+    addresses = {asker.peer_id: asker_server.address, stranger.peer_id: "127.0.0.1:9"}  # nobody on port 9
+
+    def dial(address):
+        try:
+            with SwarmClient(address, retries=0, timeout=5) as c:
+                return open_record(c.health(timeout=2)[0], now=None).peer_id
+        except Exception:
+            return None
+
+    admission = Admission(me.peer_id, addresses.__contains__, rate=100, burst=100)
+    server = SwarmServer(SnapshotStore(), admission=admission, address_of=addresses.get, dial=dial)
+    server.start()
+    try:
+        with SwarmClient(server.address, identity=asker, retries=0, timeout=10) as c:
+            yes = c.reach(me.peer_id)
+        assert yes.reachable and yes.address == asker_server.address
+        with SwarmClient(server.address, identity=stranger, retries=0, timeout=10) as c:
+            no = c.reach(me.peer_id)
+        assert not no.reachable and no.address == "127.0.0.1:9" and no.detail == "no answer there"
+        with SwarmClient(server.address, identity=asker, retries=0, timeout=10) as c, pytest.raises(FetchRefused):
+            c.reach("12D3KooWsomeoneElse")  # signed for another server
+        assert server.servicer.refused["unsigned"] == 1
+    finally:
+        server.stop(0.2)
+        asker_server.stop(0.2)

@@ -160,3 +160,37 @@ def test_a_two_node_swarm_on_ipv6_loopback(tmp_path):
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_an_unreachable_neighbour_is_backed_off_and_both_are_told(tmp_path):
+    """Before: a node whose advertised address nobody could reach made every round of its
+    neighbours wait the full fetch timeout, with INFO lines only, and was never told itself.
+    Here B advertises 127.0.0.2 while listening on 127.0.0.1 only."""
+    import re
+
+    def cfg(name: str, **net) -> str:
+        return _config(tmp_path / f"{name}.yaml", tmp_path, name, "reach", node_count=2, node_index=int(name == "b"),
+                       log_level="INFO", train={"rounds": 12, "local_steps": 5}, comm={"fetch_timeout": 2},
+                       net={"swarm": "reach", "identity_path": str(tmp_path / f"{name}.key"), "record_ttl": 6, **net})
+
+    a = atoll_node(cfg("a"), log=tmp_path / "a.log")
+    nodes = [a]
+    try:
+        boot = a.ready(90)["maddrs"]
+        b = atoll_node(cfg("b", advertise_host="127.0.0.2"), "-p", boot[0], log=tmp_path / "b.log")
+        nodes.append(b)
+        b.ready(90)
+        for n in nodes:
+            assert n.wait_event("done", 180)["round"] == 12
+        a_log, b_log = (tmp_path / "a.log").read_text(), (tmp_path / "b.log").read_text()
+        tries = re.findall(r"skipped neighbour \S+ \((unavailable|timeout)\)", a_log)
+        assert 1 <= len(tries) <= 5, a_log[-3000:]  # tried in rounds 0, 2, 5, 10 (not all 12)
+        assert len(re.findall(r"WARN\w* atoll.node: neighbour \S+ at 127\.0\.0\.2:\d+ is unreachable", a_log)) == 1
+        assert re.search(r"advertised address 127\.0\.0\.2:\d+ does not answer", b_log), b_log[-3000:]
+        # and the peer asked to dial B back (Reach) confirms it; A could ask nobody (B is unreachable)
+        assert re.search(r"1 peer\(s\) could not reach this node at 127\.0\.0\.2:\d+ \(no answer there\)", b_log)
+        assert "could not reach this node" not in a_log
+        assert max(e.get("mixed", 0) for e in b.seen if e.get("event") == "round") == 1  # B still learns from A
+    finally:
+        for n in nodes:
+            n.stop()

@@ -44,6 +44,11 @@ class SwarmStub:
                 request_serializer=p2pd_dot_rpc_dot_swarm__pb2.HealthRequest.SerializeToString,
                 response_deserializer=p2pd_dot_rpc_dot_swarm__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Reach = channel.unary_unary(
+                '/atoll.v1.Swarm/Reach',
+                request_serializer=p2pd_dot_rpc_dot_swarm__pb2.ReachRequest.SerializeToString,
+                response_deserializer=p2pd_dot_rpc_dot_swarm__pb2.ReachReply.FromString,
+                _registered_method=True)
 
 
 class SwarmServicer:
@@ -63,6 +68,13 @@ class SwarmServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reach(self, request, context):
+        """Dial the requester back at its advertised address: can other nodes reach it?
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SwarmServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_SwarmServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=p2pd_dot_rpc_dot_swarm__pb2.HealthRequest.FromString,
                     response_serializer=p2pd_dot_rpc_dot_swarm__pb2.HealthReply.SerializeToString,
+            ),
+            'Reach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reach,
+                    request_deserializer=p2pd_dot_rpc_dot_swarm__pb2.ReachRequest.FromString,
+                    response_serializer=p2pd_dot_rpc_dot_swarm__pb2.ReachReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class Swarm:
             '/atoll.v1.Swarm/Health',
             p2pd_dot_rpc_dot_swarm__pb2.HealthRequest.SerializeToString,
             p2pd_dot_rpc_dot_swarm__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atoll.v1.Swarm/Reach',
+            p2pd_dot_rpc_dot_swarm__pb2.ReachRequest.SerializeToString,
+            p2pd_dot_rpc_dot_swarm__pb2.ReachReply.FromString,
             options,
             channel_credentials,
             insecure,
