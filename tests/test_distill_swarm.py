@@ -69,7 +69,8 @@ def test_malformed_logits_are_refused_and_counted(tmp_path):
                                      command=[sys.executable, str(ROOT / "tests" / "logits_peer.py")],
                                      stderr_path=tmp_path / f"evil{k}.log"))
             peers[-1].ready(60)
-        cfg = node_config(tmp_path / "honest.yaml", tmp_path, 0, 1, swarm, rounds, min_peers=5)
+        # fetch_timeout 3: the unsigned peer is waited for until the deadline in every round
+        cfg = node_config(tmp_path / "honest.yaml", tmp_path, 0, 1, swarm, rounds, min_peers=5, fetch_timeout=3)
         honest = atoll_node(cfg, "--set", f"net.initial_peers={peers[0].info['maddrs']}", log=tmp_path / "honest.log")
         honest.ready(60)
         honest.wait_event("round", 120, lambda e: e["round"] == rounds - 1)

@@ -1,6 +1,8 @@
 """The README cannot drift from the CLI: every `atoll` command line in its code blocks parses
 (options, types, and the --set fields against the config schema), every option its CLI
-synopsis names exists, and the diffusion-experts walkthrough runs as written on loopback."""
+synopsis names exists, and the diffusion-experts walkthrough runs as written on loopback: four
+expert daemons and a router, queries with missing experts, bad requests refused with clear
+gRPC errors, and a SIGKILLed expert the router serves without."""
 
 from __future__ import annotations
 
@@ -210,6 +212,64 @@ def test_the_readme_expert_walkthrough_forms_a_4_expert_swarm_and_top2_uses_two_
         assert per_step == ["2"] * 16, reply.stdout
         assert "warning" not in reply.stderr
         assert (tmp_path / "grid.png").stat().st_size > 0
+
+        router_addr = running[1].wait_for(r"router serving on (\S+)", 1).group(1)
+        expert1_addr = running[2].wait_for(r"expert of cluster 1 serving on (\S+)", 1).group(1)
+        _bad_requests_are_clear_errors(router_addr, expert1_addr, tmp_path / "ck" / "expert-1" / "state.json")
+
+        # an expert dies (SIGKILL, its DHT record lives on until its TTL): the router drops it
+        # and serves every image with the others
+        from p2pd.procs import kill_tree
+
+        kill_tree(running[-1].proc.pid, signal.SIGKILL)
+        reply = _sample(router_addr, n=8, strategy="full", seed=1)
+        assert len(reply.served) == 8 and all(s.clusters and 3 not in s.clusters for s in reply.served)
     finally:
         codes = [t.ctrl_c() for t in running]
-    assert codes == [0] * len(running), codes
+    assert codes[:-1] == [0] * (len(running) - 1), codes  # Ctrl-C: a clean exit (the last was killed)
+
+
+def _sample(address: str, **kw):
+    import grpc
+
+    from p2pd.rpc import router_pb2 as pb
+    from p2pd.rpc import router_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        return pb_grpc.RouterStub(ch).Sample(pb.SampleRequest(**kw), timeout=60)
+
+
+def _bad_requests_are_clear_errors(router: str, expert: str, expert_state: Path) -> None:
+    """Requests a router or an expert must refuse with a clear gRPC error, serving on after."""
+    import json
+
+    import grpc
+    import torch
+
+    from node.experts.service import matrix_to_pb
+    from p2pd.rpc import router_pb2 as pb
+    from p2pd.rpc import router_pb2_grpc as pb_grpc
+
+    def code_of(call):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        return e.value.code(), e.value.details()
+
+    assert code_of(lambda: _sample(router, n=100_000, strategy="top1"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    code, detail = code_of(lambda: _sample(router, n=2, strategy="top9"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "strategy" in detail
+    assert code_of(lambda: _sample(router, n=2, strategy="top1", steps=10_000))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    bad = subprocess.run([sys.executable, "-m", "node.cli", "router", "query", "--router", router, "--n", "2",
+                          "--strategy", "best"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "strategy" in bad.stderr and "Traceback" not in bad.stderr
+    digest = json.loads(expert_state.read_text())["meta"]["clustering"]
+    with grpc.insecure_channel(expert) as ch:
+        stub = pb_grpc.ExpertStub(ch)
+        foreign = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 64)), t=[0.5, 0.5], cluster_digest="x")
+        assert code_of(lambda: stub.Predict(foreign, timeout=10))[0] == grpc.StatusCode.FAILED_PRECONDITION
+        wrong = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 10)), t=[0.5, 0.5], cluster_digest=digest)
+        code, detail = code_of(lambda: stub.Predict(wrong, timeout=10))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "columns" in detail
+        good = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 64)), t=[0.5, 0.5], cluster_digest=digest)
+        assert stub.Predict(good, timeout=10).cluster == 1
+    assert _sample(router, n=2, strategy="top1", seed=3).image_shape == [1, 8, 8]  # still serving

@@ -83,29 +83,37 @@ def _write(path, cfg: dict):
     return path
 
 
-@pytest.mark.parametrize("how", ["int-group", "term-group", "term-main", "kill-main"])
-def test_a_training_node_stops_whole_and_checkpoints(tmp_path, how):
-    cfg = _write(tmp_path / "n.yaml", {
-        "checkpoint_dir": str(tmp_path / "ck"), "metrics_port": None,
-        "train": {"rounds": 100_000, "local_steps": 5},
-        "net": {"swarm": "stop", "identity_path": str(tmp_path / "n.key"), "record_ttl": 4}})
-    node = NodeProcess("--config", str(cfg), command=_cli("node", "start", "--json-events"),
-                       stderr_path=tmp_path / "n.log")
+def test_training_nodes_stop_whole_and_checkpoint_however_they_are_signalled(tmp_path):
+    """Four nodes at once (each in its own session, as from its own terminal), each stopped
+    one way: Ctrl-C to its group, SIGTERM to its group, SIGTERM to its main process, SIGKILL."""
+    ways = ["int-group", "term-group", "term-main", "kill-main"]
+    nodes = {}
     try:
-        node.ready(90)
-        node.wait_event("round", 60, lambda e: e["round"] >= 2)
-        sent = _stop_and_watch(node, how)
-        state = json.loads((tmp_path / "ck" / "state.json").read_text())
-        if how == "kill-main":
-            assert node.proc.returncode == -signal.SIGKILL
-            return
-        assert node.proc.returncode == 0, (tmp_path / "n.log").read_text()[-2000:]
-        stopped = node.wait_event("stopped", 5)
-        assert state["time"] >= sent - 0.5, "no checkpoint written at the stop"
-        assert state["round"] == stopped["round"]
-        assert "Traceback" not in (tmp_path / "n.log").read_text()
+        for how in ways:
+            cfg = _write(tmp_path / f"{how}.yaml", {
+                "checkpoint_dir": str(tmp_path / how / "ck"), "metrics_port": None,
+                "train": {"rounds": 100_000, "local_steps": 5},
+                "net": {"swarm": f"stop-{how}", "identity_path": str(tmp_path / f"{how}.key"), "record_ttl": 4}})
+            nodes[how] = NodeProcess("--config", str(cfg), command=_cli("node", "start", "--json-events"),
+                                     stderr_path=tmp_path / f"{how}.log")
+        for node in nodes.values():
+            node.ready(120)
+            node.wait_event("round", 60, lambda e: e["round"] >= 2)
+        for how, node in nodes.items():
+            log = tmp_path / f"{how}.log"
+            sent = _stop_and_watch(node, how)
+            state = json.loads((tmp_path / how / "ck" / "state.json").read_text())
+            if how == "kill-main":
+                assert node.proc.returncode == -signal.SIGKILL
+                continue
+            assert node.proc.returncode == 0, (how, log.read_text()[-2000:])
+            stopped = node.wait_event("stopped", 5)
+            assert state["time"] >= sent - 0.5, f"{how}: no checkpoint written at the stop"
+            assert state["round"] == stopped["round"]
+            assert "Traceback" not in log.read_text()
     finally:
-        node.stop()
+        for node in nodes.values():
+            node.stop()
 
 
 def _role_config(tmp_path, role: str, **experts) -> str:
