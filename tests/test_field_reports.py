@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from helpers import ROOT, atoll_node
+from helpers import ROOT, NodeProcess, atoll_node
 
 pytestmark = pytest.mark.integration
 
@@ -27,12 +27,13 @@ def _config(path, workdir, name: str, swarm: str, **extra) -> str:
 def test_a_copied_key_is_refused_and_the_original_keeps_its_record(tmp_path):
     """Node A, node B joining A, then a copy of A's key joining B: the copy must refuse with one
     line, and A's record must still point at A (before: the copy ran silently and took over
-    A's record, so nobody fetched A's model)."""
-    a = atoll_node(_config(tmp_path / "a.yaml", tmp_path, "a", "dup"), log=tmp_path / "a.log")
+    A's record, so nobody fetched A's model). A and B are light test peers (DHT, gRPC, a signed
+    record); the copy is a real `atoll node start`."""
+    a = NodeProcess("--key", str(tmp_path / "a.key"), "--swarm", "dup", "--ttl", "6")
     nodes = [a]
     try:
         boot = a.ready(90)["maddrs"]
-        b = atoll_node(_config(tmp_path / "b.yaml", tmp_path, "b", "dup"), "-p", boot[0], log=tmp_path / "b.log")
+        b = NodeProcess("--key", str(tmp_path / "b.key"), "--swarm", "dup", "--ttl", "6", "--initial-peers", *boot)
         nodes.append(b)
         b_maddr = b.ready(90)["maddrs"][0]
         shutil.copy(tmp_path / "a.key", tmp_path / "copy.key")

@@ -15,7 +15,7 @@ import yaml
 
 from helpers import ROOT, NodeProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # about 45 s: `make test-all`
 HOSTS = ("a", "b", "c")  # c is the slow one
 ROUNDS, FETCH_TIMEOUT = 8, 2.0
 SUBNET = "10.231.0"  # exists only inside this test's namespaces

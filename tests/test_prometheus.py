@@ -16,7 +16,7 @@ import yaml
 
 from helpers import ROOT, atoll_node, kill_tree
 
-pytestmark = [pytest.mark.integration,
+pytestmark = [pytest.mark.integration, pytest.mark.slow,  # about 40 s: `make test-all`
               pytest.mark.skipif(shutil.which("prometheus") is None,
                                  reason="prometheus (Debian package prometheus, installed by .ci/run) is missing")]
 N = 3
