@@ -109,3 +109,18 @@ def test_simulated_attack_is_detected_and_defended():
     assert len(robust.final_accuracies) == 6  # honest nodes only
     assert robust.detection["precision"] == 1.0 and robust.detection["recall"] == 1.0
     assert min(robust.final_accuracies) > max(plain.final_accuracies) + 0.2
+
+
+def test_the_median_matches_numpy_for_odd_and_even_counts():
+    """torch.median returns the lower middle value for an even count; the aggregators' median is
+    numpy's (the mean of the two middle values)."""
+    import numpy as np
+    import torch
+
+    from node.aggregate.vectors import median
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 4, 7, 8):
+        x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+        assert np.allclose(median(x).numpy(), np.median(x.numpy(), axis=0)), n
+    assert float(median(torch.tensor([1.0, 2.0, 10.0, 11.0]))) == 6.0

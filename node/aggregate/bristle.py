@@ -23,6 +23,7 @@ import random
 import torch
 
 from node.aggregate.robust import Context, Outcome, weighted_mean
+from node.aggregate.vectors import median
 
 
 def bristle(own, others, self_w, weights, ctx: Context) -> Outcome:
@@ -42,7 +43,7 @@ def bristle(own, others, self_w, weights, ctx: Context) -> Outcome:
         return float(ctx.per_class_accuracy(vec)[fam].mean())
 
     acc = {j: familiar_accuracy(others[j]) for j in kept}
-    ref = min(familiar_accuracy(own), float(torch.tensor(list(acc.values())).median()))
+    ref = min(familiar_accuracy(own), float(median(torch.tensor(list(acc.values())))))
     scaled = {}
     for j in kept:
         w = min(1.0, max(0.0, 1 + (acc[j] - ref) / ctx.bristle_tolerance))

@@ -26,6 +26,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from node.aggregate.vectors import median
+
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "clipped", "sybilwall", "bristle")
 
 
@@ -72,7 +74,7 @@ def combine(name: str, own: torch.Tensor, others: Mapping[str, torch.Tensor], se
     n = len(stack)
     f = assumed_byzantine(n, ctx.byzantine_fraction)
     if name == "median":
-        return Outcome(stack.median(dim=0).values)
+        return Outcome(median(stack))
     if name == "trimmed_mean":
         t = min(f, (n - 1) // 2)
         kept = stack.sort(dim=0).values[t:n - t]
@@ -106,7 +108,7 @@ def clipped_gossip(own, others, self_w, weights) -> Outcome:
     names = sorted(others)
     diffs = {j: others[j] - own for j in names}
     dist = {j: float(d.norm()) for j, d in diffs.items()}
-    tau = float(torch.tensor(list(dist.values())).median())
+    tau = float(median(torch.tensor(list(dist.values()))))
     out, clipped = own.clone(), {}
     total = self_w + sum(weights[j] for j in names)
     for j in names:

@@ -34,3 +34,16 @@ def unflatten(vec: torch.Tensor, template: Mapping[str, torch.Tensor]) -> dict[s
         if k not in out:
             out[k] = v.clone()
     return {k: out[k] for k in template}
+
+
+def median(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The median of `x` along `dim` (removed from the shape). For an even count it is the mean
+    of the two middle values, as numpy's median: torch.median returns the lower one, which
+    biases every even-sized median downwards (about -0.3 sigma with 4 Gaussian inputs).
+    Raises ValueError when `dim` is empty."""
+    n = x.shape[dim]
+    if n == 0:
+        raise ValueError("the median of nothing")
+    s = x.sort(dim=dim).values
+    upper = s.select(dim, n // 2)
+    return upper if n % 2 else (s.select(dim, n // 2 - 1) + upper) / 2

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node.aggregate.vectors import median
+
 
 @dataclass
 class Signals:
@@ -62,12 +64,12 @@ class TrustTracker:
         names = sorted(others)
         updates = torch.stack([own - ref] + [others[j] - ref for j in names])
         norms = updates.norm(dim=1)
-        med_norm = norms.median().clamp_min(1e-12)
+        med_norm = median(norms).clamp_min(1e-12)
         # near-identical updates count once in the median: k copies of one attacker must not
         # become the swarm's "consensus" that honest nodes are then measured against
         same = pairwise_cosine(updates) >= self.sybil_similarity
         distinct = [i for i in range(len(updates)) if not same[i, :i].any()]
-        consensus = updates[distinct].median(dim=0).values
+        consensus = median(updates[distinct])
         cos = torch.nn.functional.cosine_similarity(updates, consensus.unsqueeze(0), dim=1)
         if len(distinct) < self.min_consensus:
             # the median of 2 or 3 updates is one of them, not a consensus: on a ring, honest
