@@ -1,5 +1,5 @@
 # The two commands a new user needs. Both create .venv and install atoll first.
-.PHONY: demo test test-all install
+.PHONY: demo test test-all lint install
 
 install:
 	bash scripts/install.sh
@@ -16,3 +16,8 @@ test: install
 # Everything, slow tests included (the chaos test: about 2.5 more minutes).
 test-all: install
 	.venv/bin/python -m pytest -q
+
+# Formatting and lint (ruff, configured in pyproject.toml); CI runs it before the tests.
+lint: install
+	.venv/bin/ruff format --check .
+	.venv/bin/ruff check .

@@ -48,7 +48,9 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(directory: Path, model: dict[str, torch.Tensor], optim: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+def save(
+    directory: Path, model: dict[str, torch.Tensor], optim: dict[str, torch.Tensor], state: dict[str, Any]
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     previous = _read_state(directory) if (directory / STATE).exists() else None
     serial = int(previous.get("serial", 0)) + 1 if isinstance(previous, dict) else 1
@@ -56,8 +58,7 @@ def save(directory: Path, model: dict[str, torch.Tensor], optim: dict[str, torch
     names = {"model": f"model-{serial}.safetensors", "optim": f"optim-{serial}.safetensors"}
     _fsync_write(directory / names["model"], lambda p: save_file(cpu(model), str(p)))
     _fsync_write(directory / names["optim"], lambda p: save_file(cpu(optim), str(p)))
-    full = dict(state, serial=serial, files=names,
-                sha256={k: _digest(directory / n) for k, n in names.items()})
+    full = dict(state, serial=serial, files=names, sha256={k: _digest(directory / n) for k, n in names.items()})
     tmp = directory / (STATE + ".tmp")
     _fsync_write(tmp, lambda p: p.write_text(json.dumps(full, indent=1)))
     os.replace(tmp, directory / STATE)
@@ -83,8 +84,12 @@ def load(directory: Path, device: torch.device) -> tuple[dict, dict, dict] | Non
         return None
     state = _read_state(directory)
     files, sums = state.get("files"), state.get("sha256")
-    if not (isinstance(files, dict) and isinstance(sums, dict) and set(files) == {"model", "optim"}
-            and all(isinstance(v, str) and _FILE.match(v) for v in files.values())):
+    if not (
+        isinstance(files, dict)
+        and isinstance(sums, dict)
+        and set(files) == {"model", "optim"}
+        and all(isinstance(v, str) and _FILE.match(v) for v in files.values())
+    ):
         raise CheckpointError(f"checkpoint state {directory / STATE} does not name its files")
     try:
         for name, fname in files.items():

@@ -8,20 +8,22 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from p2pd import __version__
 
 app = typer.Typer(help="atoll: a peer-to-peer training daemon.", no_args_is_help=True, add_completion=False)
-bench_app = typer.Typer(help="Benchmarks that compare atoll against baselines measured in the same run.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks that compare atoll against baselines measured in the same run.", no_args_is_help=True
+)
 identity_app = typer.Typer(help="The node's Ed25519 identity (its libp2p peer id).", no_args_is_help=True)
 node_app = typer.Typer(help="Run one node daemon.", no_args_is_help=True)
 swarm_app = typer.Typer(help="Run a whole swarm on this machine (loopback) to try atoll.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
-expert_app = typer.Typer(help="Decentralized diffusion experts: one per data cluster, trained in isolation.",
-                         no_args_is_help=True)
+expert_app = typer.Typer(
+    help="Decentralized diffusion experts: one per data cluster, trained in isolation.", no_args_is_help=True
+)
 router_app = typer.Typer(help="The router that samples images from the live experts' ensemble.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
 app.add_typer(swarm_app, name="swarm")
@@ -39,7 +41,7 @@ PEERS_OPTION = typer.Option([], "--initial-peers", "-p", help="Multiaddr of a sw
 IDENTITY_OPTION = typer.Option(None, "--identity", help="Node key file (created on first start); net.identity_path.")
 
 
-def _join_overrides(initial_peers: list[str], identity: Optional[Path], **more) -> dict:
+def _join_overrides(initial_peers: list[str], identity: Path | None, **more) -> dict:
     """Config overrides from the joining options (None: not given, keep the config's)."""
     extra = {"net.identity_path": str(identity) if identity else None, **more}
     if initial_peers:
@@ -74,7 +76,7 @@ class GracefulStop:
         self.target()
 
 
-def _load(config: Optional[Path], sets: list[str], extra: dict | None = None):
+def _load(config: Path | None, sets: list[str], extra: dict | None = None):
     from node.config import ConfigError, load_config, parse_override
 
     try:
@@ -87,7 +89,7 @@ def _load(config: Optional[Path], sets: list[str], extra: dict | None = None):
 
 @config_app.command("show")
 def config_show(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config file."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Print the effective configuration (defaults, then the file, then --set)."""
@@ -98,18 +100,22 @@ def config_show(
 
 @node_app.command("start")
 def node_start(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config file."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     initial_peers: list[str] = PEERS_OPTION,
-    identity: Optional[Path] = IDENTITY_OPTION,
-    checkpoint_dir: Optional[Path] = typer.Option(None, help="Where checkpoints go; a restart resumes from them."),
-    metrics_port: Optional[int] = typer.Option(None, help="Prometheus endpoint port (0 = any free port)."),
+    identity: Path | None = IDENTITY_OPTION,
+    checkpoint_dir: Path | None = typer.Option(None, help="Where checkpoints go; a restart resumes from them."),
+    metrics_port: int | None = typer.Option(None, help="Prometheus endpoint port (0 = any free port)."),
     json_events: bool = typer.Option(False, "--json-events", help="Print progress as JSON lines (for tools)."),
 ) -> None:
     """Start one node in the foreground: join the swarm, train, gossip, checkpoint. SIGTERM or
     Ctrl-C finishes the current step, checkpoints and leaves cleanly."""
-    extra = _join_overrides(initial_peers, identity, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
-                            metrics_port=metrics_port)
+    extra = _join_overrides(
+        initial_peers,
+        identity,
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+        metrics_port=metrics_port,
+    )
     cfg = _load(config, set_, extra)
     if cfg.role != "trainer":
         _run_role(cfg, json_events)
@@ -162,7 +168,9 @@ def _role_event(e: dict) -> None:
         typer.echo(f"{e['role']} trained: {e['steps']} steps, loss {e['loss']:.4f}, {e['seconds']:.0f}s")
     elif kind == "ready":
         what = f"expert of cluster {e['cluster']}" if e["role"] == "expert" else "router"
-        for line in console.ready_lines(e, what, f"atoll {'expert train' if e['role'] == 'expert' else 'router serve'} ..."):
+        for line in console.ready_lines(
+            e, what, f"atoll {'expert train' if e['role'] == 'expert' else 'router serve'} ..."
+        ):
             typer.echo(line)
         typer.echo(f"{what} serving on {e['grpc']} (Ctrl-C stops it)")
     elif kind == "done":
@@ -196,13 +204,19 @@ def _human_event(e: dict) -> None:
 
 @swarm_app.command("up")
 def swarm_up(
-    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", min=1, max=64, help="Number of node processes (default: the config's, else 4)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Swarm YAML (nodes, node: shared config, per_node: overrides)."),
+    nodes: int | None = typer.Option(
+        None, "--nodes", "-n", min=1, max=64, help="Number of node processes (default: the config's, else 4)."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Swarm YAML (nodes, node: shared config, per_node: overrides)."
+    ),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every node."),
-    rounds: Optional[int] = typer.Option(None, min=1, help="Shortcut for --set train.rounds=N."),
-    alpha: Optional[float] = typer.Option(None, help="Shortcut for --set data.alpha=A (Dirichlet partition)."),
-    out: Optional[Path] = typer.Option(None, help="Write results.json here."),
-    workdir: Optional[Path] = typer.Option(None, help="Keys, checkpoints, configs and logs of the nodes (default: a temp dir)."),
+    rounds: int | None = typer.Option(None, min=1, help="Shortcut for --set train.rounds=N."),
+    alpha: float | None = typer.Option(None, help="Shortcut for --set data.alpha=A (Dirichlet partition)."),
+    out: Path | None = typer.Option(None, help="Write results.json here."),
+    workdir: Path | None = typer.Option(
+        None, help="Keys, checkpoints, configs and logs of the nodes (default: a temp dir)."
+    ),
 ) -> None:
     """Start N daemons on 127.0.0.1 (real DHT, gRPC and metrics), show their progress, and
     compare the result with a centralized baseline trained in the same run."""
@@ -232,13 +246,15 @@ def swarm_up(
 
     from node import console
 
-    typer.echo(console.with_path(f"starting {scfg.nodes} nodes; keys, checkpoints and logs in", wd, console.width()),
-               err=True)
+    typer.echo(
+        console.with_path(f"starting {scfg.nodes} nodes; keys, checkpoints and logs in", wd, console.width()), err=True
+    )
     stop = threading.Event()
     GracefulStop(stop.set, message="stopping all nodes: they checkpoint and leave")
     err = Console(stderr=True)
     t0 = time.monotonic()
     with Live(console=err, refresh_per_second=4, transient=False) as live:
+
         def update(runs):
             live.update(console.swarm_table(runs, base.train.rounds, time.monotonic() - t0, console.width()))
 
@@ -251,7 +267,9 @@ def swarm_up(
     wall = time.monotonic() - t0
     if stop.is_set():
         res = swarm.results(runs, {}, scfg, wall)
-        typer.echo(console.with_path(f"interrupted after {wall:.1f} s; the nodes checkpointed in", wd, console.width()))
+        typer.echo(
+            console.with_path(f"interrupted after {wall:.1f} s; the nodes checkpointed in", wd, console.width())
+        )
         for n in res["nodes"]:
             acc = f"{100 * n['final_accuracy']:.1f}%" if n["final_accuracy"] is not None else "-"
             typer.echo(f"  node {n['index']} ({n['model']}): {n['state']} at round {n['rounds'] or 0}, accuracy {acc}")
@@ -263,15 +281,23 @@ def swarm_up(
     unfinished = [n["index"] for n in res["nodes"] if (n["rounds"] or 0) < base.train.rounds]
     if unfinished:
         typer.secho(f"nodes {unfinished} stopped before round {base.train.rounds}", fg=typer.colors.YELLOW, err=True)
-    typer.echo(f"swarm of {scfg.nodes} ran up to {base.train.rounds} rounds in {wall:.1f} s"
-               + (f" ({scfg.nodes - len(unfinished)} nodes finished)" if unfinished else ""))
+    typer.echo(
+        f"swarm of {scfg.nodes} ran up to {base.train.rounds} rounds in {wall:.1f} s"
+        + (f" ({scfg.nodes - len(unfinished)} nodes finished)" if unfinished else "")
+    )
     for name, baseline in baselines.items():
-        accs = [n["final_accuracy"] for n in res["nodes"] if n["model"] == name and n["final_accuracy"] is not None] or [0.0]
+        accs = [
+            n["final_accuracy"] for n in res["nodes"] if n["model"] == name and n["final_accuracy"] is not None
+        ] or [0.0]
         label = f" {name}" if len(baselines) > 1 else ""
-        typer.echo(f"  node accuracy{label}: min {100 * min(accs):.1f}%  mean {100 * sum(accs) / len(accs):.1f}%  "
-                   f"max {100 * max(accs):.1f}%")
-        typer.echo(f"  centralized baseline{label}: {100 * baseline:.1f}%  (gap of the worst node: "
-                   f"{100 * (baseline - min(accs)):+.1f} points)")
+        typer.echo(
+            f"  node accuracy{label}: min {100 * min(accs):.1f}%  mean {100 * sum(accs) / len(accs):.1f}%  "
+            f"max {100 * max(accs):.1f}%"
+        )
+        typer.echo(
+            f"  centralized baseline{label}: {100 * baseline:.1f}%  (gap of the worst node: "
+            f"{100 * (baseline - min(accs)):+.1f} points)"
+        )
     sent = sum(n["sent_bytes"] or 0 for n in res["nodes"])
     typer.echo(f"  bytes sent by all nodes: {sent / 1e6:.1f} MB")
     _write_results(out, res)
@@ -279,7 +305,7 @@ def swarm_up(
         raise typer.Exit(1)
 
 
-def _write_results(out: Optional[Path], res: dict) -> None:
+def _write_results(out: Path | None, res: dict) -> None:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(res, indent=2))
@@ -302,8 +328,10 @@ def status(
         return
     typer.echo(f"{len(records)} live node(s) in swarm {swarm_name!r}")
     if not records:
-        typer.echo("  if your nodes use another net.swarm, name it with --swarm NAME "
-                   "(the examples use demo, lab, mylab, mixed)")
+        typer.echo(
+            "  if your nodes use another net.swarm, name it with --swarm NAME "
+            "(the examples use demo, lab, mylab, mixed)"
+        )
         return
     from rich.console import Console
 
@@ -315,14 +343,14 @@ def status(
 @expert_app.command("train")
 def expert_train(
     cluster: int = typer.Option(..., "--cluster", "-k", min=0, help="The cluster this expert models."),
-    clusters: Optional[int] = typer.Option(None, help="K, the number of clusters (default: experts.clusters)."),
-    steps: Optional[int] = typer.Option(None, help="Training steps (default: experts.steps)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    clusters: int | None = typer.Option(None, help="K, the number of clusters (default: experts.clusters)."),
+    steps: int | None = typer.Option(None, help="Training steps (default: experts.steps)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config file."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    checkpoint_dir: Optional[Path] = typer.Option(None, help="Checkpoints go to DIR/expert-K; a rerun resumes."),
+    checkpoint_dir: Path | None = typer.Option(None, help="Checkpoints go to DIR/expert-K; a rerun resumes."),
     serve: bool = typer.Option(False, "--serve", help="After training, join the swarm and serve predictions."),
     initial_peers: list[str] = PEERS_OPTION,
-    identity: Optional[Path] = IDENTITY_OPTION,
+    identity: Path | None = IDENTITY_OPTION,
     json_events: bool = typer.Option(False, "--json-events", help="Print progress as JSON lines."),
 ) -> None:
     """Train the flow-matching expert of one data cluster, in isolation (no communication at
@@ -330,38 +358,47 @@ def expert_train(
     `atoll node start --set role=expert`)."""
     if (initial_peers or identity) and not serve:
         _fail("--initial-peers and --identity join a swarm: add --serve (training alone needs no swarm)")
-    extra = _join_overrides(initial_peers, identity, role="expert", **{
-        "experts.cluster": cluster, "experts.clusters": clusters, "experts.steps": steps,
-        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None})
+    extra = _join_overrides(
+        initial_peers,
+        identity,
+        role="expert",
+        **{
+            "experts.cluster": cluster,
+            "experts.clusters": clusters,
+            "experts.steps": steps,
+            "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
+        },
+    )
     _run_role(_load(config, set_, extra), json_events, serve=serve)
 
 
 @router_app.command("serve")
 def router_serve(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config file."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     initial_peers: list[str] = PEERS_OPTION,
-    identity: Optional[Path] = IDENTITY_OPTION,
-    checkpoint_dir: Optional[Path] = typer.Option(None, help="The router's checkpoint goes to DIR/router."),
+    identity: Path | None = IDENTITY_OPTION,
+    checkpoint_dir: Path | None = typer.Option(None, help="The router's checkpoint goes to DIR/router."),
     json_events: bool = typer.Option(False, "--json-events", help="Print progress as JSON lines."),
 ) -> None:
     """Train (or load) the router p(cluster | x_t, t), join the swarm and serve ensemble
     sampling over the experts live in the DHT (the same as `atoll node start --set role=router`)."""
-    extra = _join_overrides(initial_peers, identity, role="router",
-                            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
+    extra = _join_overrides(
+        initial_peers, identity, role="router", checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None
+    )
     _run_role(_load(config, set_, extra), json_events)
 
 
 @router_app.command("query")
 def router_query(
-    router: Optional[str] = typer.Option(None, help="The router's gRPC host:port."),
+    router: str | None = typer.Option(None, help="The router's gRPC host:port."),
     peers: list[str] = typer.Option([], "--peers", "-p", help="Or: a swarm member's multiaddr, to find a router."),
     swarm_name: str = typer.Option("atoll", "--swarm", help="Swarm name (with --peers)."),
     n: int = typer.Option(16, min=1, help="Images to sample."),
     strategy: str = typer.Option("top1", help="top1, top2, ..., or full."),
     seed: int = typer.Option(0, min=0),
     steps: int = typer.Option(0, min=0, help="Euler steps (0: the router's default)."),
-    out: Optional[Path] = typer.Option(None, help="Write the images as a PNG grid here."),
+    out: Path | None = typer.Option(None, help="Write the images as a PNG grid here."),
     timeout: float = typer.Option(300.0, min=1.0, help="Seconds to wait for the answer."),
     as_json: bool = typer.Option(False, "--json", help="Print which experts served each image as JSON."),
 ) -> None:
@@ -375,8 +412,9 @@ def router_query(
     address = router or _find_router(peers, swarm_name)
     with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 * 2**20)]) as ch:
         try:
-            reply = rpb_grpc.RouterStub(ch).Sample(rpb.SampleRequest(n=n, strategy=strategy, seed=seed, steps=steps),
-                                                   timeout=timeout)
+            reply = rpb_grpc.RouterStub(ch).Sample(
+                rpb.SampleRequest(n=n, strategy=strategy, seed=seed, steps=steps), timeout=timeout
+            )
         except grpc.RpcError as e:
             _fail(f"router {address}: {e.code().name}: {e.details()}")
     shape = tuple(reply.image_shape)
@@ -391,23 +429,39 @@ def router_query(
     live = list(reply.live)
     fewest = min(per_step, default=0)
     if as_json:
-        typer.echo(json.dumps(dict(n=len(images), shape=list(shape), served=served, per_step=per_step,
-                                   failed=list(reply.failed), clusters=reply.clusters, live=live,
-                                   per_image=reply.per_image)))
+        typer.echo(
+            json.dumps(
+                dict(
+                    n=len(images),
+                    shape=list(shape),
+                    served=served,
+                    per_step=per_step,
+                    failed=list(reply.failed),
+                    clusters=reply.clusters,
+                    live=live,
+                    per_image=reply.per_image,
+                )
+            )
+        )
     else:
-        typer.echo(f"{len(images)} images of shape {shape} from {address} ({strategy}); "
-                   f"{len(live)} of {reply.clusters} experts live: {', '.join(map(str, live)) or 'none'}")
+        typer.echo(
+            f"{len(images)} images of shape {shape} from {address} ({strategy}); "
+            f"{len(live)} of {reply.clusters} experts live: {', '.join(map(str, live)) or 'none'}"
+        )
         for i, (s, f) in enumerate(zip(served, per_step)):
             typer.echo(f"  image {i:>3}: {f} per step, from experts {', '.join(map(str, s)) or '-'}")
         for f in reply.failed:
             typer.echo(f"  dropped expert {f}")
     if served and fewest < reply.per_image:
         missing = sorted(set(range(reply.clusters)) - set(live))
-        typer.secho(f"warning: {strategy} asks for {reply.per_image} experts per image, but some steps mixed only "
-                    f"{fewest}: {len(live)} of {reply.clusters} experts were live"
-                    + (f" (missing: {', '.join(map(str, missing))})" if missing else "")
-                    + (f", {len(reply.failed)} dropped during the run" if reply.failed else ""),
-                    fg=typer.colors.YELLOW, err=True)
+        typer.secho(
+            f"warning: {strategy} asks for {reply.per_image} experts per image, but some steps mixed only "
+            f"{fewest}: {len(live)} of {reply.clusters} experts were live"
+            + (f" (missing: {', '.join(map(str, missing))})" if missing else "")
+            + (f", {len(reply.failed)} dropped during the run" if reply.failed else ""),
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     if out is not None:
         from node.experts.grid import save_grid
 
@@ -470,8 +524,12 @@ def _observer(peers: list[str], swarm_name: str):
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            d = Discovery(Identity.load_or_create(Path(tmp) / "observer.key"), swarm=swarm_name, initial_peers=peers,
-                          client_mode=True).start()
+            d = Discovery(
+                Identity.load_or_create(Path(tmp) / "observer.key"),
+                swarm=swarm_name,
+                initial_peers=peers,
+                client_mode=True,
+            ).start()
         except (DiscoveryError, ValueError) as e:
             _fail(str(e).splitlines()[0])
         try:
@@ -522,7 +580,7 @@ def bench_transport(
     repeats: int = typer.Option(3, min=1, max=20, help="Runs per path and size; the best is reported."),
     skip_hivemind: bool = typer.Option(False, "--skip-hivemind", help="Leave out hivemind's libp2p stream (slowest)."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON instead of a table."),
-    out: Optional[Path] = typer.Option(None, help="Also write results.json, table.md and transport.png here."),
+    out: Path | None = typer.Option(None, help="Also write results.json, table.md and transport.png here."),
 ) -> None:
     """Snapshot exchange throughput (GB/s) on loopback: atoll's gRPC path vs a bare gRPC byte
     stream, hivemind's libp2p stream, and an in-process copy (the physical limit)."""
@@ -554,10 +612,13 @@ def bench_algorithms(
     rounds: int = typer.Option(20, min=1, max=10000),
     local_steps: int = typer.Option(10, min=1, help="Local SGD steps per node per round (equal for all methods)."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
-    methods: str = typer.Option("all", help="Comma-separated method names, or all: centralized, fedavg, dpsgd, "
-                                "mgs_q4, dfedsam_mgs_q4, late_merge, constant_merge, modest_50, modest_80, "
-                                "indep_mean, indep_varcorr, indep_dpsgd, indep_dpsgd_varcorr."),
-    out: Optional[Path] = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
+    methods: str = typer.Option(
+        "all",
+        help="Comma-separated method names, or all: centralized, fedavg, dpsgd, "
+        "mgs_q4, dfedsam_mgs_q4, late_merge, constant_merge, modest_50, modest_80, "
+        "indep_mean, indep_varcorr, indep_dpsgd, indep_dpsgd_varcorr.",
+    ),
+    out: Path | None = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
 ) -> None:
     """Schedules and algorithms (D-PSGD, MGS, DFedSAM, late-concentrated + final merge, MoDeST,
     variance-corrected merging) against centralized training and FedAvg, in the simulator."""
@@ -592,11 +653,16 @@ def bench_distill(
     local_steps: int = typer.Option(20, min=1, help="Local SGD steps per node per round (equal for all methods)."),
     distill_steps: int = typer.Option(20, min=1, help="Distillation steps per round on the proxy set."),
     proxy_size: int = typer.Option(300, min=10, help="Unlabeled proxy samples, taken out of the training split."),
-    topology: str = typer.Option("ring", help="Graph of the logit exchange: ring, torus, exponential, random or complete."),
+    topology: str = typer.Option(
+        "ring", help="Graph of the logit exchange: ring, torus, exponential, random or complete."
+    ),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
-    methods: str = typer.Option("all", help="Comma-separated method names, or all: isolated, edgefd, knfu, "
-                                "edgefd+knfu, gossip_same_arch, and centralized_ARCH for each architecture."),
-    out: Optional[Path] = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
+    methods: str = typer.Option(
+        "all",
+        help="Comma-separated method names, or all: isolated, edgefd, knfu, "
+        "edgefd+knfu, gossip_same_arch, and centralized_ARCH for each architecture.",
+    ),
+    out: Path | None = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
 ) -> None:
     """Federated distillation (EdgeFD, KnFu) on a mixed-architecture swarm against isolated
     training, model gossip within each architecture and centralized training, in the simulator."""
@@ -619,8 +685,17 @@ def bench_distill(
     unknown = [n for n in names if n not in table]
     if unknown:
         _fail(f"unknown methods {unknown}; available: {', '.join(table)}")
-    base = SimConfig(nodes=nodes, dataset=dataset, alpha=alpha, rounds=rounds, local_steps=local_steps,
-                     distill_steps=distill_steps, proxy_size=proxy_size, topology=topology, architectures=archs)
+    base = SimConfig(
+        nodes=nodes,
+        dataset=dataset,
+        alpha=alpha,
+        rounds=rounds,
+        local_steps=local_steps,
+        distill_steps=distill_steps,
+        proxy_size=proxy_size,
+        topology=topology,
+        architectures=archs,
+    )
     with Progress(transient=True) as bar:
         task = bar.add_task("simulating", total=len(names) * len(seed_list))
         try:
@@ -629,8 +704,10 @@ def bench_distill(
             _fail(str(e))
     typer.echo(distill.table(distill.summarize(rows), archs))
     if out is not None:
-        meta = {"command": " ".join(["atoll", *sys.argv[1:]]),
-                "title": f"{nodes} nodes ({', '.join(archs)}), {dataset}, alpha {alpha}, {topology}"}
+        meta = {
+            "command": " ".join(["atoll", *sys.argv[1:]]),
+            "title": f"{nodes} nodes ({', '.join(archs)}), {dataset}, alpha {alpha}, {topology}",
+        }
         for path in distill.write_outputs(rows, out, meta, archs):
             typer.echo(f"wrote {path}", err=True)
 
@@ -657,7 +734,7 @@ def bench_byzantine(
     local_steps: int = typer.Option(10, min=1, help="Local SGD steps per node per round."),
     topology: str = typer.Option("complete", help="ring, torus, exponential, random or complete."),
     seeds: str = typer.Option("0,1", help="Comma-separated seeds."),
-    out: Optional[Path] = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
+    out: Path | None = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
 ) -> None:
     """Every attack (label flip, sign flip, Gaussian, ALIE, IPM, free riding, sybils) against every
     aggregator (mean, median, trimmed mean, Krum, ClippedGossip, SybilWall, Bristle), plus a sybil
@@ -677,16 +754,22 @@ def bench_byzantine(
     n_byz = byzantine.byzantine_count(honest, fraction)
     base = SimConfig(dataset=dataset, alpha=alpha, rounds=rounds, local_steps=local_steps, topology=topology)
     runs = len(list(byzantine.cases(honest, n_byz, sybils, sybil_honest, atk, agg))) * len(seed_list)
-    typer.echo(f"bench byzantine: {honest} honest + {n_byz} byzantine; sybil run {sybils} vs {sybil_honest}; "
-               f"{runs} simulations", err=True)
+    typer.echo(
+        f"bench byzantine: {honest} honest + {n_byz} byzantine; sybil run {sybils} vs {sybil_honest}; "
+        f"{runs} simulations",
+        err=True,
+    )
     with Progress(transient=True) as bar:
         task = bar.add_task("simulating", total=runs)
-        rows = byzantine.run(base, seed_list, honest, n_byz, sybils, sybil_honest, atk, agg,
-                             progress=lambda row: bar.advance(task))
+        rows = byzantine.run(
+            base, seed_list, honest, n_byz, sybils, sybil_honest, atk, agg, progress=lambda row: bar.advance(task)
+        )
     typer.echo(byzantine.tables(byzantine.summarize(rows), agg))
     if out is not None:
-        meta = {"command": " ".join(["atoll", *sys.argv[1:]]),
-                "title": f"{honest} honest + {n_byz} byzantine, {dataset}, alpha {alpha}, {topology}, {rounds} rounds"}
+        meta = {
+            "command": " ".join(["atoll", *sys.argv[1:]]),
+            "title": f"{honest} honest + {n_byz} byzantine, {dataset}, alpha {alpha}, {topology}, {rounds} rounds",
+        }
         for path in byzantine.write_outputs(rows, out, meta):
             typer.echo(f"wrote {path}", err=True)
 
@@ -701,7 +784,7 @@ def bench_experts(
     sample_steps: int = typer.Option(50, min=1, max=1000, help="Euler steps per sample."),
     dataset: str = typer.Option("digits", help="digits or fashion-mnist."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
-    out: Optional[Path] = typer.Option(None, help="Write results.json, table.md, frechet.png and a grid per method."),
+    out: Path | None = typer.Option(None, help="Write results.json, table.md, frechet.png and a grid per method."),
 ) -> None:
     """Decentralized diffusion in miniature: K experts trained in isolation on KMeans clusters vs a
     monolith at equal total training compute, sampled with top-1, top-2 and full routing, scored
@@ -716,14 +799,17 @@ def bench_experts(
     from node.data.datasets import DatasetMissing
 
     try:
-        rows, infos, judge_acc = bench.run(dataset, clusters, steps, router_steps, width, samples, sample_steps,
-                                           seed_list, out, note)
+        rows, infos, judge_acc = bench.run(
+            dataset, clusters, steps, router_steps, width, samples, sample_steps, seed_list, out, note
+        )
     except (DatasetMissing, OSError) as e:
         _fail(str(e))
     typer.echo(bench.tables(bench.summarize(rows), infos))
     if out is not None:
-        meta = {"command": " ".join(["atoll", *sys.argv[1:]]),
-                "title": f"{clusters} experts vs monolith, {dataset}, {steps} steps per expert, {len(seed_list)} seeds"}
+        meta = {
+            "command": " ".join(["atoll", *sys.argv[1:]]),
+            "title": f"{clusters} experts vs monolith, {dataset}, {steps} steps per expert, {len(seed_list)} seeds",
+        }
         for path in bench.write_outputs(rows, infos, judge_acc, out, meta):
             typer.echo(f"wrote {path}", err=True)
 
@@ -733,15 +819,19 @@ def bench_scale(
     sizes: str = typer.Option("16,64,256", help="Numbers of virtual nodes, comma-separated."),
     rounds: int = typer.Option(20, min=1, max=10000),
     local_steps: int = typer.Option(10, min=1),
-    out: Optional[Path] = typer.Option(None, help="Write results.json, table.md and scale.png here."),
+    out: Path | None = typer.Option(None, help="Write results.json, table.md and scale.png here."),
 ) -> None:
     """Simulator seconds per round and peak memory against the number of virtual nodes."""
     from node.bench import scale
 
     size_list = _int_list(sizes, "--sizes", 2, 4096)
     try:
-        rows = scale.run(size_list, rounds, local_steps,
-                         progress=lambda r: typer.echo(f"  {r['nodes']} nodes: {r['seconds_per_round']:.2f} s/round", err=True))
+        rows = scale.run(
+            size_list,
+            rounds,
+            local_steps,
+            progress=lambda r: typer.echo(f"  {r['nodes']} nodes: {r['seconds_per_round']:.2f} s/round", err=True),
+        )
     except RuntimeError as e:
         _fail(str(e))
     typer.echo(scale.table(rows))
@@ -758,8 +848,11 @@ def _thread_excepthook(args) -> None:
     tb = args.exc_traceback
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    if issubclass(args.exc_type, ConnectionError) and tb is not None and \
-            tb.tb_frame.f_code.co_filename.endswith("multiprocessing/connection.py"):
+    if (
+        issubclass(args.exc_type, ConnectionError)
+        and tb is not None
+        and tb.tb_frame.f_code.co_filename.endswith("multiprocessing/connection.py")
+    ):
         logging.getLogger("atoll").info("a child process hung up: %s", args.exc_value)
         return
     _default_thread_excepthook(args)

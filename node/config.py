@@ -8,7 +8,7 @@ naming the field, not a silently ignored setting. `load_config` turns every fail
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -30,7 +30,7 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     dataset: Literal["digits", "fashion-mnist"] = "digits"
-    path: Optional[Path] = Field(None, description="where the data set's files are, if not the default")
+    path: Path | None = Field(None, description="where the data set's files are, if not the default")
     partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed)")
     shards_per_node: int = Field(2, ge=1)
@@ -62,8 +62,8 @@ class OptimConfig(_Strict):
 
 class TrainConfig(_Strict):
     rounds: int = Field(50, ge=1, le=1_000_000)
-    local_steps: Optional[int] = Field(10, ge=1, description="local SGD steps per round")
-    local_seconds: Optional[float] = Field(None, gt=0, description="or: a time budget per round")
+    local_steps: int | None = Field(10, ge=1, description="local SGD steps per round")
+    local_seconds: float | None = Field(None, gt=0, description="or: a time budget per round")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -75,24 +75,43 @@ class TrainConfig(_Strict):
 
 class CommConfig(_Strict):
     exchange: Literal["model", "logits"] = Field(
-        "model", description="model: gossip parameters (one architecture); logits: distill on a proxy set (any mix)")
+        "model", description="model: gossip parameters (one architecture); logits: distill on a proxy set (any mix)"
+    )
     topology: Literal["ring", "torus", "exponential", "random", "complete"] = "ring"
     random_degree: int = Field(4, ge=2, le=64, description="topology random: degree bound k")
     algorithm: Literal["gossip", "modest"] = Field("gossip", description="gossip averaging, or MoDeST sampling")
     modest_trainers: int = Field(4, ge=1, description="modest: nodes sampled to train each round")
     modest_aggregators: int = Field(2, ge=1, description="modest: nodes sampled to aggregate each round")
-    schedule: Literal["constant", "late"] = Field("constant", description="how the gossip budget is spread over rounds")
-    gossip_budget: Optional[int] = Field(None, ge=0, description="gossip steps over the whole run (default: one per round)")
+    schedule: Literal["constant", "late"] = Field(
+        "constant", description="how the gossip budget is spread over rounds"
+    )
+    gossip_budget: int | None = Field(
+        None, ge=0, description="gossip steps over the whole run (default: one per round)"
+    )
     late_shape: float = Field(3.0, ge=0, description="late schedule: round r gets a share ~ ((r+1)/R)^shape")
-    final_merge: bool = Field(False, description="after the last round, one exact all-reduce average of all live nodes")
-    merge: Literal["mean", "variance_corrected"] = Field("mean", description="final merge: plain or variance-corrected mean")
+    final_merge: bool = Field(
+        False, description="after the last round, one exact all-reduce average of all live nodes"
+    )
+    merge: Literal["mean", "variance_corrected"] = Field(
+        "mean", description="final merge: plain or variance-corrected mean"
+    )
     mix_variance_correction: bool = Field(False, description="variance-corrected gossip averaging at every step")
-    merge_timeout: float = Field(60.0, gt=0, description="seconds for the final merge before a node keeps its own model")
-    keep_snapshots: int = Field(8, ge=1, le=32, description="published snapshots kept for slower neighbours "
-                                "(each one's digest is signed into the peer record, hence the cap)")
+    merge_timeout: float = Field(
+        60.0, gt=0, description="seconds for the final merge before a node keeps its own model"
+    )
+    keep_snapshots: int = Field(
+        8,
+        ge=1,
+        le=32,
+        description="published snapshots kept for slower neighbours "
+        "(each one's digest is signed into the peer record, hence the cap)",
+    )
     fetch_timeout: float = Field(20.0, gt=0, le=600, description="seconds to wait for a neighbour's snapshot")
-    min_peers: Optional[int] = Field(None, ge=1, description="live nodes (self included) to wait for before "
-                                     "round 0 (default: node_count, on a fresh start)")
+    min_peers: int | None = Field(
+        None,
+        ge=1,
+        description="live nodes (self included) to wait for before round 0 (default: node_count, on a fresh start)",
+    )
     join_timeout: float = Field(60.0, gt=0)
 
 
@@ -100,12 +119,15 @@ class DistillConfig(_Strict):
     """Federated distillation, used when comm.exchange is logits (see node/distill/)."""
 
     method: Literal["edgefd", "knfu", "edgefd+knfu"] = Field(
-        "edgefd", description="edgefd: speak only for in-distribution proxy rows; knfu: weight similar neighbours more")
-    proxy_size: int = Field(300, ge=10, le=100_000, description="unlabeled proxy samples taken out of the training split")
+        "edgefd", description="edgefd: speak only for in-distribution proxy rows; knfu: weight similar neighbours more"
+    )
+    proxy_size: int = Field(
+        300, ge=10, le=100_000, description="unlabeled proxy samples taken out of the training split"
+    )
     steps: int = Field(20, ge=1, le=10_000, description="distillation steps per round on the proxy set")
     temperature: float = Field(1.0, gt=0, le=20)
     knfu_beta: float = Field(10.0, ge=0, le=1000, description="knfu: softmax sharpness over neighbour similarity")
-    lr: Optional[float] = Field(None, gt=0, le=10, description="distillation step size (default: optim.lr)")
+    lr: float | None = Field(None, gt=0, le=10, description="distillation step size (default: optim.lr)")
 
 
 class SecurityConfig(_Strict):
@@ -113,15 +135,19 @@ class SecurityConfig(_Strict):
     tests and benchmarks. Model exchange with gossip only."""
 
     aggregator: Literal["mean", "median", "trimmed_mean", "krum", "clipped", "sybilwall", "bristle"] = Field(
-        "mean", description="how neighbour models are combined; mean is plain gossip averaging")
-    byzantine_fraction: float = Field(0.25, ge=0, lt=0.5, description="share of inputs the robust aggregators assume malicious")
+        "mean", description="how neighbour models are combined; mean is plain gossip averaging"
+    )
+    byzantine_fraction: float = Field(
+        0.25, ge=0, lt=0.5, description="share of inputs the robust aggregators assume malicious"
+    )
     flag_below: float = Field(0.35, gt=0, lt=1, description="trust below this flags a neighbour")
     sybil_similarity: float = Field(0.98, gt=0, le=1, description="update-history cosine that marks suspected sybils")
     metrics_top_n: int = Field(16, ge=1, le=256, description="per-peer trust series exported for the N least trusted")
     fetch_rate: float = Field(20.0, gt=0, description="gRPC calls per second served to one identity (token bucket)")
     fetch_burst: int = Field(60, ge=1, description="token bucket size per identity")
-    attack: Optional[Literal["label_flip", "sign_flip", "gaussian", "alie", "ipm", "free_ride", "sybil"]] = Field(
-        None, description="make this node malicious (tests and benchmarks only)")
+    attack: Literal["label_flip", "sign_flip", "gaussian", "alie", "ipm", "free_ride", "sybil"] | None = Field(
+        None, description="make this node malicious (tests and benchmarks only)"
+    )
     attack_params: dict[str, float | str] = Field({}, description="scale, sigma, epsilon, z, free_ride_mode, jitter")
 
     @model_validator(mode="after")
@@ -159,21 +185,22 @@ class NetConfig(_Strict):
     swarm: str = "atoll"
     identity_path: Path = Path("~/.atoll/node.key")
     host: str = Field("127.0.0.1", description="address the gRPC server and metrics bind to")
-    advertise_host: Optional[str] = Field(None, description="address peers use to reach this node (default: host)")
+    advertise_host: str | None = Field(None, description="address peers use to reach this node (default: host)")
     grpc_port: int = Field(0, ge=0, le=65535)
     dht_listen: list[str] = ["/ip4/127.0.0.1/tcp/0"]
     announce_maddrs: list[str] = []
     initial_peers: list[str] = []
     record_ttl: float = Field(15.0, ge=1, le=3600)
-    tls_cert: Optional[Path] = None
-    tls_key: Optional[Path] = None
-    tls_ca: Optional[Path] = None
-
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
 
     @model_validator(mode="after")
     def _reachable(self) -> NetConfig:
         if self.host in ("0.0.0.0", "::", "") and not self.advertise_host:
-            raise ValueError(f"host {self.host!r} binds every interface: set net.advertise_host to the address peers should use")
+            raise ValueError(
+                f"host {self.host!r} binds every interface: set net.advertise_host to the address peers should use"
+            )
         return self
 
 
@@ -182,11 +209,13 @@ class NodeConfig(_Strict):
     node_count: int = Field(1, ge=1, description="number of partitions the data set is cut into")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
     checkpoint_dir: Path = Path("~/.atoll/checkpoints")
-    metrics_port: Optional[int] = Field(0, ge=0, le=65535, description="0 = any free port, null = off")
+    metrics_port: int | None = Field(0, ge=0, le=65535, description="0 = any free port, null = off")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     role: Literal["trainer", "expert", "router"] = Field(
-        "trainer", description="trainer: gossip training; expert: train one diffusion expert in isolation and "
-        "serve it; router: serve ensemble sampling over the live experts")
+        "trainer",
+        description="trainer: gossip training; expert: train one diffusion expert in isolation and "
+        "serve it; router: serve ensemble sampling over the live experts",
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -203,16 +232,26 @@ class NodeConfig(_Strict):
             raise ValueError(f"node_index {self.node_index} must be < node_count {self.node_count}")
         c = self.comm
         if c.exchange == "logits":
-            clash = [name for name, on in (("comm.algorithm: modest", c.algorithm == "modest"),
-                                           ("comm.final_merge", c.final_merge),
-                                           ("comm.mix_variance_correction", c.mix_variance_correction)) if on]
+            clash = [
+                name
+                for name, on in (
+                    ("comm.algorithm: modest", c.algorithm == "modest"),
+                    ("comm.final_merge", c.final_merge),
+                    ("comm.mix_variance_correction", c.mix_variance_correction),
+                )
+                if on
+            ]
             if clash:
                 raise ValueError(f"comm.exchange logits does not average models: unset {', '.join(clash)}")
         if self.role == "expert" and self.experts.cluster >= self.experts.clusters:
-            raise ValueError(f"experts.cluster {self.experts.cluster} must be < experts.clusters {self.experts.clusters}")
+            raise ValueError(
+                f"experts.cluster {self.experts.cluster} must be < experts.clusters {self.experts.clusters}"
+            )
         sec = self.security
         if (sec.aggregator != "mean" or sec.attack) and (c.exchange != "model" or c.algorithm != "gossip"):
-            raise ValueError("security.aggregator and security.attack need comm.exchange model and comm.algorithm gossip")
+            raise ValueError(
+                "security.aggregator and security.attack need comm.exchange model and comm.algorithm gossip"
+            )
         return self
 
 
@@ -303,12 +342,16 @@ def _node_tree_of_swarm_file(tree: dict, overrides: dict[str, Any], path) -> dic
     try:
         swarm = SwarmConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(f"{path} is a swarm file (for `atoll swarm up`; node commands use its node: section): "
-                          + _one_line(e).removeprefix("invalid config: ")) from None
+        raise ConfigError(
+            f"{path} is a swarm file (for `atoll swarm up`; node commands use its node: section): "
+            + _one_line(e).removeprefix("invalid config: ")
+        ) from None
     index = overrides.get("node_index", swarm.node.node_index)
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < swarm.nodes:
-        raise ConfigError(f"node_index must be an integer in 0..{swarm.nodes - 1} for the swarm file {path} "
-                          f"(nodes: {swarm.nodes}), got {index!r}")
+        raise ConfigError(
+            f"node_index must be an integer in 0..{swarm.nodes - 1} for the swarm file {path} "
+            f"(nodes: {swarm.nodes}), got {index!r}"
+        )
     return swarm.config_for(index).model_dump(mode="json")
 
 
@@ -336,8 +379,9 @@ class SwarmConfig(_Strict):
             raise ConfigError(f"per_node[{index}]: " + _one_line(e)) from None
 
 
-def load_swarm_config(path: str | Path | None = None, node_overrides: dict[str, Any] | None = None,
-                      nodes: int | None = None) -> SwarmConfig:
+def load_swarm_config(
+    path: str | Path | None = None, node_overrides: dict[str, Any] | None = None, nodes: int | None = None
+) -> SwarmConfig:
     """Swarm YAML (optional) + dotted overrides of the shared node config -> SwarmConfig.
     A node file (no `node:` section) is taken as the config every node shares."""
     tree = _read_yaml(path) if path is not None else {}

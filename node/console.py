@@ -8,7 +8,8 @@ columns and cannot be broken without breaking a copy and paste.
 from __future__ import annotations
 
 import shutil
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from rich import box
 from rich.table import Table
@@ -44,18 +45,36 @@ def with_path(text: str, path: object, columns: int) -> str:
 def round_line(e: dict[str, Any], columns: int) -> str:
     """One trainer round: the most useful fields first, the rest as far as the width allows."""
     r = f"{e['round']:>{len(str(e['rounds']))}}"
-    return fit([f"round {r}/{e['rounds']}", f"acc {100 * e['accuracy']:5.1f}%", f"loss {e['loss']:.4f}",
-                f"mixed {e['mixed']}/{max(0, e['peers'] - 1)}", f"{e['seconds']:.2f}s",
-                f"sent {size(e['sent_bytes'])}", f"recv {size(e['received_bytes'])}"], columns)
+    return fit(
+        [
+            f"round {r}/{e['rounds']}",
+            f"acc {100 * e['accuracy']:5.1f}%",
+            f"loss {e['loss']:.4f}",
+            f"mixed {e['mixed']}/{max(0, e['peers'] - 1)}",
+            f"{e['seconds']:.2f}s",
+            f"sent {size(e['sent_bytes'])}",
+            f"recv {size(e['received_bytes'])}",
+        ],
+        columns,
+    )
 
 
 def ready_lines(e: dict[str, Any], what: str, join_command: str) -> list[str]:
     """A node, expert or router is up: who, where, and how others join it (`join_command`
     then `--initial-peers MADDR`, each MADDR alone on a line)."""
-    lines = [f"{what} {e['peer_id']} ready", fit(
-        [f"  gRPC {e['grpc']}", f"metrics :{e['metrics_port']}" if e.get("metrics_port") else "",
-         e.get("device", ""), f"{e['dataset_size']} samples" if "dataset_size" in e else "",
-         f"from round {e['start_round']}" if "start_round" in e else ""], width())]
+    lines = [
+        f"{what} {e['peer_id']} ready",
+        fit(
+            [
+                f"  gRPC {e['grpc']}",
+                f"metrics :{e['metrics_port']}" if e.get("metrics_port") else "",
+                e.get("device", ""),
+                f"{e['dataset_size']} samples" if "dataset_size" in e else "",
+                f"from round {e['start_round']}" if "start_round" in e else "",
+            ],
+            width(),
+        ),
+    ]
     if e["maddrs"]:
         lines.append(f"  join with: {join_command} --initial-peers MADDR, MADDR being one of:")
         lines += [f"    {m}" for m in e["maddrs"]]
@@ -64,16 +83,26 @@ def ready_lines(e: dict[str, Any], what: str, join_command: str) -> list[str]:
 
 def waiting_line(e: dict[str, Any]) -> str:
     missing = e["want"] - e["live"]
-    return (f"waiting for {missing} more node{'s' if missing != 1 else ''} ({e['live']} of {e['want']} live; "
-            f"{e['seconds_left']} s left of comm.join_timeout)")
+    return (
+        f"waiting for {missing} more node{'s' if missing != 1 else ''} ({e['live']} of {e['want']} live; "
+        f"{e['seconds_left']} s left of comm.join_timeout)"
+    )
 
 
 def swarm_table(runs, rounds: int, elapsed: float, columns: int) -> Table:
     """The live table of `atoll swarm up`: one row per node, no vertical rules, widths chosen
     so that 80 columns show every column in full (the peer id is cut to its last 6 chars)."""
     t = Table(title=f"atoll swarm, {elapsed:.0f} s", box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
-    cols = [("node", "right"), ("model", "left"), ("round", "right"), ("acc", "right"), ("loss", "right"),
-            ("mixed", "right"), ("sent", "right"), ("state", "left")]
+    cols = [
+        ("node", "right"),
+        ("model", "left"),
+        ("round", "right"),
+        ("acc", "right"),
+        ("loss", "right"),
+        ("mixed", "right"),
+        ("sent", "right"),
+        ("state", "left"),
+    ]
     wide = columns >= 100
     if wide:
         cols.insert(2, ("peer id", "left"))
@@ -82,11 +111,16 @@ def swarm_table(runs, rounds: int, elapsed: float, columns: int) -> Table:
     for r in runs:
         last = r.last or {}
         state = r.final["event"] if r.final else ("training" if r.ready else "starting")
-        row = [str(r.index), r.model, f"{last.get('round', 0)}/{rounds}",
-               f"{100 * last['accuracy']:.1f}%" if "accuracy" in last else "-",
-               f"{last['loss']:.3f}" if "loss" in last else "-",
-               f"{last['mixed']}/{max(0, last['peers'] - 1)}" if "mixed" in last else "-",
-               size(last.get("sent_bytes", 0)), state]
+        row = [
+            str(r.index),
+            r.model,
+            f"{last.get('round', 0)}/{rounds}",
+            f"{100 * last['accuracy']:.1f}%" if "accuracy" in last else "-",
+            f"{last['loss']:.3f}" if "loss" in last else "-",
+            f"{last['mixed']}/{max(0, last['peers'] - 1)}" if "mixed" in last else "-",
+            size(last.get("sent_bytes", 0)),
+            state,
+        ]
         if wide:
             row.insert(2, (r.ready or {}).get("peer_id", "")[-12:])
         t.add_row(*row)
@@ -98,13 +132,28 @@ def status_table(records, columns: int) -> Table:
     experts their cluster, routers their role only."""
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     wide = columns >= 120
-    for name, justify in (("peer id", "left"), ("gRPC", "left"), ("metrics", "right"), ("role", "left"),
-                          ("round", "right"), ("device", "left"), ("samples/s", "right"), ("data", "right")):
+    for name, justify in (
+        ("peer id", "left"),
+        ("gRPC", "left"),
+        ("metrics", "right"),
+        ("role", "left"),
+        ("round", "right"),
+        ("device", "left"),
+        ("samples/s", "right"),
+        ("data", "right"),
+    ):
         t.add_column(name, justify=justify, no_wrap=True)
     for r in records:
         trainer = "trainer" in r.roles
         role = ",".join(r.roles) + (f" {r.cluster}" if r.cluster >= 0 else "")
-        t.add_row(r.peer_id if wide else "…" + r.peer_id[-8:], r.grpc_address, str(r.metrics_port or "-"), role,
-                  str(r.round) if trainer else "-", r.device, f"{r.samples_per_second:.0f}" if trainer else "-",
-                  str(r.dataset_size))
+        t.add_row(
+            r.peer_id if wide else "…" + r.peer_id[-8:],
+            r.grpc_address,
+            str(r.metrics_port or "-"),
+            role,
+            str(r.round) if trainer else "-",
+            r.device,
+            f"{r.samples_per_second:.0f}" if trainer else "-",
+            str(r.dataset_size),
+        )
     return t

@@ -26,30 +26,38 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-
 import torch
 
 from node import aggregate, checkpoint, distill
+from node.aggregate.vectors import flatten, unflatten
 from node.comm import modest
 from node.comm.backoff import Backoff
-from node.comm.mixing import metropolis_hastings, mix, renormalise
+from node.comm.mixing import metropolis_hastings, renormalise
 from node.comm.schedule import allotment
 from node.comm.topology import degree, neighbours
 from node.config import ConfigError, NodeConfig
 from node.data import load_dataset, partition
 from node.metrics import NodeMetrics
 from node.models import build_model
-from node.aggregate.vectors import flatten, unflatten
 from node.security import Attack, flip_labels
 from node.security.defence import Defence
 from node.security.trust import TrustTracker
-from node.train import (LocalTrainer, RoundStats, evaluate, make_optimizer, optimizer_tensors, restore_optimizer, round_lr,
-                        set_lr)
+from node.train import (
+    LocalTrainer,
+    RoundStats,
+    evaluate,
+    make_optimizer,
+    optimizer_tensors,
+    restore_optimizer,
+    round_lr,
+    set_lr,
+)
 from p2pd import __version__
 from p2pd.addresses import host_port
 from p2pd.admission import Admission
@@ -121,20 +129,29 @@ class Node:
         self.device = pick_device(cfg.device)
         self.identity = Identity.load_or_create(cfg.net.identity_path)
         self.ckpt_dir = Path(cfg.checkpoint_dir).expanduser()
-        ds = load_dataset(cfg.data.dataset, test_fraction=cfg.data.test_fraction, seed=cfg.data.seed, path=cfg.data.path)
+        ds = load_dataset(
+            cfg.data.dataset, test_fraction=cfg.data.test_fraction, seed=cfg.data.seed, path=cfg.data.path
+        )
         pool = np.arange(len(ds.y_train))
         self.logits = cfg.comm.exchange == "logits"
         self.proxy_digest = ""
         if self.logits:  # the proxy set is nobody's labelled data: it leaves the pool first
             try:
-                proxy_idx, self.proxy_digest = distill.proxy_split(len(pool), cfg.distill.proxy_size, cfg.data.seed,
-                                                                   cfg.data.dataset)
+                proxy_idx, self.proxy_digest = distill.proxy_split(
+                    len(pool), cfg.distill.proxy_size, cfg.data.seed, cfg.data.dataset
+                )
             except ValueError as e:
                 raise ConfigError(f"invalid config: distill.proxy_size: {e}") from None
             pool = np.setdiff1d(pool, proxy_idx)
             self.proxy_x = ds.x_train[torch.from_numpy(proxy_idx)].to(self.device)
-        parts = partition(ds.y_train.numpy()[pool], cfg.node_count, cfg.data.partition, alpha=cfg.data.alpha,
-                          shards_per_node=cfg.data.shards_per_node, seed=cfg.data.seed)
+        parts = partition(
+            ds.y_train.numpy()[pool],
+            cfg.node_count,
+            cfg.data.partition,
+            alpha=cfg.data.alpha,
+            shards_per_node=cfg.data.shards_per_node,
+            seed=cfg.data.seed,
+        )
         mine = torch.from_numpy(pool[parts[cfg.node_index]])
         self.x, self.y = ds.x_train[mine].to(self.device), ds.y_train[mine].to(self.device)
         sec = cfg.security
@@ -143,15 +160,31 @@ class Node:
             self.y = flip_labels(self.y, ds.num_classes)
         self.x_test, self.y_test = ds.x_test.to(self.device), ds.y_test.to(self.device)
         # one shared init: every node builds the model from the same seed
-        self.model = build_model(cfg.model.family, ds.input_shape, ds.num_classes, cfg.model.width, cfg.train.seed).to(self.device)
+        self.model = build_model(cfg.model.family, ds.input_shape, ds.num_classes, cfg.model.width, cfg.train.seed).to(
+            self.device
+        )
         o = cfg.optim
         self.optimizer = make_optimizer(self.model, o.name, o.lr, o.momentum, o.weight_decay)
-        self.trainer = LocalTrainer(self.model, self.optimizer, self.x, self.y, o.batch_size,
-                                    seed=cfg.train.seed * 7919 + cfg.node_index, sam_rho=o.sam_rho)
+        self.trainer = LocalTrainer(
+            self.model,
+            self.optimizer,
+            self.x,
+            self.y,
+            o.batch_size,
+            seed=cfg.train.seed * 7919 + cfg.node_index,
+            sam_rho=o.sam_rho,
+        )
         self.init_vector = flatten(self.model.state_dict())  # the shared init (free riders publish it)
-        self.defence = Defence(sec.aggregator, self.model, self.x, self.y, ds.num_classes, sec.byzantine_fraction,
-                               seed=cfg.train.seed * 7919 + cfg.node_index,
-                               tracker=TrustTracker(flag_below=sec.flag_below, sybil_similarity=sec.sybil_similarity))
+        self.defence = Defence(
+            sec.aggregator,
+            self.model,
+            self.x,
+            self.y,
+            ds.num_classes,
+            sec.byzantine_fraction,
+            seed=cfg.train.seed * 7919 + cfg.node_index,
+            tracker=TrustTracker(flag_below=sec.flag_below, sybil_similarity=sec.sybil_similarity),
+        )
         self._honest_seen: list = []  # neighbour models of the last exchange (what alie/ipm attackers use)
         self._round_start: dict | None = None
         self._trust_view: tuple = ({}, [])  # (signals by peer, sybil clusters), replaced whole each exchange
@@ -160,38 +193,62 @@ class Node:
             self.num_classes = ds.num_classes
             # its own momentum-free optimizer: see node.distill.kd.distill_steps
             self.distill_opt = torch.optim.SGD(self.model.parameters(), lr=cfg.distill.lr or o.lr)
-            self.proxy_rows = distill.speaking_rows(distill.uses_filter(cfg.distill.method), self.x, self.proxy_x,
-                                                    cfg.data.seed)
+            self.proxy_rows = distill.speaking_rows(
+                distill.uses_filter(cfg.distill.method), self.x, self.proxy_x, cfg.data.seed
+            )
         self.start_round = 0
         restored = checkpoint.load(self.ckpt_dir, self.device)
         if restored is not None:
             self._restore(*restored)
 
         # The DHT forks a child process: start it before any gRPC object exists here.
-        self.discovery = Discovery(self.identity, swarm=cfg.net.swarm, initial_peers=cfg.net.initial_peers,
-                                   host_maddrs=cfg.net.dht_listen, announce_maddrs=cfg.net.announce_maddrs or None,
-                                   ttl=cfg.net.record_ttl).start()
+        self.discovery = Discovery(
+            self.identity,
+            swarm=cfg.net.swarm,
+            initial_peers=cfg.net.initial_peers,
+            host_maddrs=cfg.net.dht_listen,
+            announce_maddrs=cfg.net.announce_maddrs or None,
+            ttl=cfg.net.record_ttl,
+        ).start()
         self.merger = None
         if cfg.comm.final_merge:  # forks the averager process: before any gRPC object exists
             from node.merge import FinalMerge
 
-            self.merger = FinalMerge(self.discovery.dht, cfg.net.swarm, self.model.state_dict(), cfg.node_count,
-                                     cfg.comm.merge_timeout, how=cfg.comm.merge)
+            self.merger = FinalMerge(
+                self.discovery.dht,
+                cfg.net.swarm,
+                self.model.state_dict(),
+                cfg.node_count,
+                cfg.comm.merge_timeout,
+                how=cfg.comm.merge,
+            )
         self.tls = None
         if cfg.net.tls_cert or cfg.net.tls_key:
             self.tls = TLSConfig(cfg.net.tls_cert, cfg.net.tls_key, cfg.net.tls_ca)
         self.store = SnapshotStore(keep=cfg.comm.keep_snapshots)
         c = cfg.comm
-        self.gossip_steps = allotment(c.schedule, cfg.train.rounds,
-                                      cfg.train.rounds if c.gossip_budget is None else c.gossip_budget, c.late_shape)
+        self.gossip_steps = allotment(
+            c.schedule,
+            cfg.train.rounds,
+            cfg.train.rounds if c.gossip_budget is None else c.gossip_budget,
+            c.late_shape,
+        )
         admission = Admission(self.identity.peer_id, self.discovery.is_known, sec.fetch_rate, sec.fetch_burst)
-        self.server = SwarmServer(self.store, self.discovery.signed_record, host=cfg.net.host,
-                                  port=cfg.net.grpc_port, tls=self.tls, admission=admission,
-                                  address_of=self.discovery.address_of, dial=self._peer_at)
+        self.server = SwarmServer(
+            self.store,
+            self.discovery.signed_record,
+            host=cfg.net.host,
+            port=cfg.net.grpc_port,
+            tls=self.tls,
+            admission=admission,
+            address_of=self.discovery.address_of,
+            dial=self._peer_at,
+        )
         self.server.start()
         servicer = self.server.servicer
-        self.metrics.watch(lambda: servicer.stats["bytes_sent"], lambda: dict(self.discovery.refused),
-                           lambda: dict(servicer.refused))
+        self.metrics.watch(
+            lambda: servicer.stats["bytes_sent"], lambda: dict(self.discovery.refused), lambda: dict(servicer.refused)
+        )
         self.metrics_port = None
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.net.host, cfg.metrics_port)
@@ -201,27 +258,47 @@ class Node:
         self._check_own_address()
         self.discovery.live_peers()  # before announcing: is this key already live elsewhere?
         self._check_key_in_use()
-        self.discovery.announce(grpc_address=advertised, device=_device_label(self.device),
-                                dataset_size=self.dataset_size, round=self.start_round, proxy_digest=self.proxy_digest,
-                                roles=("trainer",), software_version=__version__,
-                                metrics_port=self.metrics_port or 0)
+        self.discovery.announce(
+            grpc_address=advertised,
+            device=_device_label(self.device),
+            dataset_size=self.dataset_size,
+            round=self.start_round,
+            proxy_digest=self.proxy_digest,
+            roles=("trainer",),
+            software_version=__version__,
+            metrics_port=self.metrics_port or 0,
+        )
         threading.Thread(target=self._check_reachability, name="atoll-reachability", daemon=True).start()
-        self.on_event(dict(event="ready", peer_id=self.identity.peer_id, grpc=self.server.address,
-                           maddrs=self.discovery.visible_maddrs(), metrics_port=self.metrics_port,
-                           start_round=self.start_round, dataset_size=self.dataset_size,
-                           device=str(self.device), dht_pid=self.discovery.pid))
+        self.on_event(
+            dict(
+                event="ready",
+                peer_id=self.identity.peer_id,
+                grpc=self.server.address,
+                maddrs=self.discovery.visible_maddrs(),
+                metrics_port=self.metrics_port,
+                start_round=self.start_round,
+                dataset_size=self.dataset_size,
+                device=str(self.device),
+                dht_pid=self.discovery.pid,
+            )
+        )
 
     def _restore(self, model_sd: dict, optim_t: dict, state: dict) -> None:
         """Resume from a checkpoint, or raise CheckpointError saying what does not fit."""
         cfg, where = self.cfg, self.ckpt_dir
         if state.get("peer_id") not in (None, self.identity.peer_id):
             raise checkpoint.CheckpointError(f"checkpoint in {where} belongs to another node ({state.get('peer_id')})")
-        for key, want in (("optimizer", cfg.optim.name), ("node_index", cfg.node_index), ("node_count", cfg.node_count),
-                          ("model", f"{cfg.model.family}/{cfg.model.width}")):
+        for key, want in (
+            ("optimizer", cfg.optim.name),
+            ("node_index", cfg.node_index),
+            ("node_count", cfg.node_count),
+            ("model", f"{cfg.model.family}/{cfg.model.width}"),
+        ):
             if key in state and state[key] != want:
                 raise checkpoint.CheckpointError(
                     f"checkpoint in {where} was written with {key}={state[key]}, the config says {want}: "
-                    f"use the same setting or another checkpoint_dir")
+                    f"use the same setting or another checkpoint_dir"
+                )
         r = state.get("round")
         if not isinstance(r, int) or r < 0 or not isinstance(state.get("optim"), dict):
             raise checkpoint.CheckpointError(f"checkpoint state in {where} is malformed")
@@ -272,11 +349,20 @@ class Node:
                 self._checkpoint(r, accuracy)
                 self.metrics.round_seconds.observe(time.perf_counter() - t0)
                 self._observe(r, loss, accuracy, stats.samples_per_second, mixed_with)
-                self.on_event(dict(event="round", round=r, rounds=rounds, loss=round(loss, 5),
-                                   accuracy=round(accuracy, 5), mixed=len(mixed_with),
-                                   peers=self._peers_live, sent_bytes=self.server.servicer.stats["bytes_sent"],
-                                   received_bytes=self._received_bytes,
-                                   seconds=round(time.perf_counter() - t0, 3)))
+                self.on_event(
+                    dict(
+                        event="round",
+                        round=r,
+                        rounds=rounds,
+                        loss=round(loss, 5),
+                        accuracy=round(accuracy, 5),
+                        mixed=len(mixed_with),
+                        peers=self._peers_live,
+                        sent_bytes=self.server.servicer.stats["bytes_sent"],
+                        received_bytes=self._received_bytes,
+                        seconds=round(time.perf_counter() - t0, 3),
+                    )
+                )
             finished = r >= rounds
             if finished:
                 if self.cfg.comm.algorithm == "modest":
@@ -285,10 +371,17 @@ class Node:
                 accuracy = evaluate(self.model, self.x_test, self.y_test)
             else:
                 self._checkpoint(r, accuracy)
-            summary = dict(event="done" if finished else "stopped", round=r, accuracy=accuracy,
-                           model_digest=pack(self.model.state_dict()).hexdigest, merged_with=self.merged_with,
-                           peer_id=self.identity.peer_id, sent_bytes=self.server.servicer.stats["bytes_sent"],
-                           received_bytes=self._received_bytes, dataset_size=self.dataset_size)
+            summary = dict(
+                event="done" if finished else "stopped",
+                round=r,
+                accuracy=accuracy,
+                model_digest=pack(self.model.state_dict()).hexdigest,
+                merged_with=self.merged_with,
+                peer_id=self.identity.peer_id,
+                sent_bytes=self.server.servicer.stats["bytes_sent"],
+                received_bytes=self._received_bytes,
+                dataset_size=self.dataset_size,
+            )
             self.on_event(summary)
             return summary
         finally:
@@ -329,21 +422,33 @@ class Node:
                 return
             left = deadline - time.monotonic()
             if left <= 0:
-                log.warning("only %d of %d nodes live after %.0f s (comm.join_timeout); starting anyway",
-                            len(live), want, c.join_timeout)
+                log.warning(
+                    "only %d of %d nodes live after %.0f s (comm.join_timeout); starting anyway",
+                    len(live),
+                    want,
+                    c.join_timeout,
+                )
                 return
             if said != len(live):  # once per change, not every poll
                 said = len(live)
-                self.on_event(dict(event="waiting", live=len(live), want=want, seconds_left=round(left),
-                                   peers=[p.peer_id for p in live]))
+                self.on_event(
+                    dict(
+                        event="waiting",
+                        live=len(live),
+                        want=want,
+                        seconds_left=round(left),
+                        peers=[p.peer_id for p in live],
+                    )
+                )
             time.sleep(0.2)
 
     def _train(self, r: int, rounds: int):
         """Local training of round r; raises _NonFinite before anything of it is published."""
         o = self.cfg.optim
         set_lr(self.optimizer, round_lr(o.lr, o.schedule, r, rounds, o.final_lr_fraction))
-        stats = self.trainer.train_round(r, self.cfg.train.local_steps, self.cfg.train.local_seconds,
-                                         stop=self.stop_requested.is_set)
+        stats = self.trainer.train_round(
+            r, self.cfg.train.local_steps, self.cfg.train.local_seconds, stop=self.stop_requested.is_set
+        )
         if stats.steps and not math.isfinite(stats.loss):
             raise _NonFinite("loss")
         if not self._all_finite():
@@ -356,8 +461,10 @@ class Node:
     def _keep_good_state(self) -> None:
         """Remember the model and optimizer as they are now (finite: checked by the caller), the
         state a non-finite round rolls back to."""
-        self._good = ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                      copy.deepcopy(self.optimizer.state_dict()))
+        self._good = (
+            {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            copy.deepcopy(self.optimizer.state_dict()),
+        )
         self._rollbacks_in_a_row = 0
 
     def _roll_back(self, r: int, where: str) -> None:
@@ -370,11 +477,19 @@ class Node:
         self.model.load_state_dict(model_sd)
         self.optimizer.load_state_dict(copy.deepcopy(optim_sd))
         if self._rollbacks_in_a_row >= MAX_ROLLBACKS:
-            raise Diverged(f"the {where.replace('_', ' ')} became non-finite (NaN/Inf) in round {r} "
-                           f"{MAX_ROLLBACKS} times in a row, each time rolled back to the last good state; "
-                           f"the last good checkpoint is kept. Lower optim.lr or check the data")
-        log.warning("round %d: %s became non-finite (NaN/Inf); rolled back to the last good state and "
-                    "redoing the round (%d of %d)", r, where.replace("_", " "), self._rollbacks_in_a_row, MAX_ROLLBACKS)
+            raise Diverged(
+                f"the {where.replace('_', ' ')} became non-finite (NaN/Inf) in round {r} "
+                f"{MAX_ROLLBACKS} times in a row, each time rolled back to the last good state; "
+                f"the last good checkpoint is kept. Lower optim.lr or check the data"
+            )
+        log.warning(
+            "round %d: %s became non-finite (NaN/Inf); rolled back to the last good state and "
+            "redoing the round (%d of %d)",
+            r,
+            where.replace("_", " "),
+            self._rollbacks_in_a_row,
+            MAX_ROLLBACKS,
+        )
 
     def _modest_round(self, r: int, rounds: int):
         """One MoDeST round (see node/comm/modest.py): train if sampled as a trainer (starting
@@ -394,12 +509,16 @@ class Node:
             stats = self._train(r, rounds)
             if self.stop_requested.is_set():
                 return stats, mixed
-            self._publish(SnapshotKey("model", r, 0), self.model.state_dict(),
-                          samples_per_second=round(stats.samples_per_second, 3))
+            self._publish(
+                SnapshotKey("model", r, 0),
+                self.model.state_dict(),
+                samples_per_second=round(stats.samples_per_second, 3),
+            )
         if me in aggs:
             own = self.model.state_dict()
-            models = self._fetch_all([t for t in trainers if t != me and t in addr], addr, SnapshotKey("model", r, 0),
-                                     _model_like(own))
+            models = self._fetch_all(
+                [t for t in trainers if t != me and t in addr], addr, SnapshotKey("model", r, 0), _model_like(own)
+            )
             if me in trainers:
                 models[me] = own
             if models:
@@ -420,8 +539,13 @@ class Node:
         own = self.model.state_dict()
         for a in aggs:
             if a in addr:
-                sd = self._fetch_round(a, addr[a], SnapshotKey("model", r, modest.AGGREGATE_STEP), _model_like(own),
-                                       time.monotonic() + c.fetch_timeout)
+                sd = self._fetch_round(
+                    a,
+                    addr[a],
+                    SnapshotKey("model", r, modest.AGGREGATE_STEP),
+                    _model_like(own),
+                    time.monotonic() + c.fetch_timeout,
+                )
                 if sd is not None:
                     self.model.load_state_dict(sd)
                     return True
@@ -449,12 +573,14 @@ class Node:
         cfg, me = self.cfg, self.identity.peer_id
         live = self.discovery.live_peers()
         self._set_peers(len(live))
-        nbrs = neighbours([p.peer_id for p in live], me, cfg.comm.topology, r * 1000, cfg.train.seed,
-                          cfg.comm.random_degree)
+        nbrs = neighbours(
+            [p.peer_id for p in live], me, cfg.comm.topology, r * 1000, cfg.train.seed, cfg.comm.random_degree
+        )
         addr = {p.peer_id: p.grpc_address for p in live}
         n_proxy = len(self.proxy_x)
-        teachers = self._fetch_all(nbrs, addr, SnapshotKey("logits", r, 0),
-                                   lambda t: distill.check_logits(t, n_proxy, self.num_classes))
+        teachers = self._fetch_all(
+            nbrs, addr, SnapshotKey("logits", r, 0), lambda t: distill.check_logits(t, n_proxy, self.num_classes)
+        )
         if not teachers:
             return []
         d = cfg.distill
@@ -467,8 +593,17 @@ class Node:
             weights = {j: 1.0 for j in teachers}
         targets, covered = distill.fused_targets(n_proxy, self.num_classes, teachers, weights, d.temperature)
         gen = torch.Generator().manual_seed(cfg.train.seed * 31 + r * 7 + cfg.node_index)
-        loss = distill.distill_steps(self.model, self.distill_opt, self.proxy_x, targets, covered, d.steps,
-                                     cfg.optim.batch_size, d.temperature, gen)
+        loss = distill.distill_steps(
+            self.model,
+            self.distill_opt,
+            self.proxy_x,
+            targets,
+            covered,
+            d.steps,
+            cfg.optim.batch_size,
+            d.temperature,
+            gen,
+        )
         if loss is not None:
             self.metrics.distill_loss.set(loss)
         return sorted(teachers)
@@ -477,8 +612,9 @@ class Node:
         """Gossip step q of round r: publish, fetch the neighbours' (r, q), mix in place.
         Returns the neighbours that were mixed."""
         own = self.model.state_dict()
-        self._publish(SnapshotKey("model", r, q), self._published(own, r, q),
-                      samples_per_second=round(samples_per_second, 3))
+        self._publish(
+            SnapshotKey("model", r, q), self._published(own, r, q), samples_per_second=round(samples_per_second, 3)
+        )
         live = self.discovery.live_peers()
         self._set_peers(len(live))
         ids = [p.peer_id for p in live]
@@ -489,25 +625,41 @@ class Node:
         if not nbrs:
             return []
         addr = {p.peer_id: p.grpc_address for p in live}
-        self_w, w = metropolis_hastings(degree(ids, me, kind, g_round, seed, k),
-                                        {j: degree(ids, j, kind, g_round, seed, k) for j in nbrs})
+        self_w, w = metropolis_hastings(
+            degree(ids, me, kind, g_round, seed, k), {j: degree(ids, j, kind, g_round, seed, k) for j in nbrs}
+        )
         answered = self._fetch_all(nbrs, addr, SnapshotKey("model", r, q), _model_like(own))
         self_w, w = renormalise(self_w, w, set(answered))
         if not answered:
             return []
         ref = self._round_start if q == 0 and self._round_start is not None else own
-        mixed, signals, outcome = self.defence.step(r, ref, own, answered, self_w, w,
-                                                    self.cfg.comm.mix_variance_correction)
+        mixed, signals, outcome = self.defence.step(
+            r, ref, own, answered, self_w, w, self.cfg.comm.mix_variance_correction
+        )
         for reason in outcome.discarded.values():
             self.metrics.updates_discarded.labels(reason=reason).inc()
         tracker = self.defence.tracker
         was_flagged = {j for j, s in self._trust_view[0].items() if s.flagged}
         for j, s in sorted(signals.items()):
-            log.debug("round %d.%d peer %s: trust %.3f score %.3f norm_ratio %.2f cos %.2f history %.2f", r, q,
-                      j[-8:], s.trust, s.score, s.norm_ratio, s.cos_consensus, s.cos_history)
+            log.debug(
+                "round %d.%d peer %s: trust %.3f score %.3f norm_ratio %.2f cos %.2f history %.2f",
+                r,
+                q,
+                j[-8:],
+                s.trust,
+                s.score,
+                s.norm_ratio,
+                s.cos_consensus,
+                s.cos_history,
+            )
             if s.flagged and j not in was_flagged:
-                log.warning("peer %s flagged in round %d: trust %.2f, %s", j, r, s.trust,
-                            "suspected sybil" if s.sybil else f"norm ratio {s.norm_ratio:.1f}, cosine {s.cos_consensus:.2f}")
+                log.warning(
+                    "peer %s flagged in round %d: trust %.2f, %s",
+                    j,
+                    r,
+                    s.trust,
+                    "suspected sybil" if s.sybil else f"norm ratio {s.norm_ratio:.1f}, cosine {s.cos_consensus:.2f}",
+                )
         tracker.forget(set(ids))
         self._trust_view = (dict(tracker.signals), tracker.sybil_clusters())
         if self.attack is not None:
@@ -521,8 +673,9 @@ class Node:
         """Serve `tensors` as `key` and sign its digest (with every other held one's) into our
         record: peers refuse snapshots whose digest we have not signed."""
         packed = self.store.publish(key, tensors)
-        self.discovery.update(round=key.round, step=key.step, model_digest=packed.hexdigest,
-                              snapshots=self.store.index(), **record)
+        self.discovery.update(
+            round=key.round, step=key.step, model_digest=packed.hexdigest, snapshots=self.store.index(), **record
+        )
 
     def _published(self, own: dict, r: int, q: int) -> dict:
         """What this node publishes: its model, or, for an attacking node, the attack's forgery."""
@@ -530,8 +683,9 @@ class Node:
             return own
         base = flatten(self._round_start if q == 0 and self._round_start is not None else own)
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + r * 1009 + q * 31 + self.cfg.node_index)
-        vec = self.attack.craft(base, flatten(own), self.init_vector, self._honest_seen,
-                                n=len(self._honest_seen) + 2, f=1, gen=gen)
+        vec = self.attack.craft(
+            base, flatten(own), self.init_vector, self._honest_seen, n=len(self._honest_seen) + 2, f=1, gen=gen
+        )
         return unflatten(vec, own)
 
     def _fetch_all(self, peers: list[str], addr: dict[str, str], key: SnapshotKey, accept: Accept) -> dict[str, Any]:
@@ -577,8 +731,9 @@ class Node:
                     reason = "unsigned"
                     time.sleep(0.05)
                     continue
-                snap = client.fetch(key, expected_digest=digest, timeout=max(0.1, deadline - time.monotonic()),
-                                    server_peer_id=peer_id)
+                snap = client.fetch(
+                    key, expected_digest=digest, timeout=max(0.1, deadline - time.monotonic()), server_peer_id=peer_id
+                )
                 self.metrics.fetch_seconds.observe(time.perf_counter() - t0)
                 self.metrics.received.inc(snap.nbytes)
                 with self._lock:
@@ -607,8 +762,13 @@ class Node:
                 new = self.backoff.failed(peer_id, r)
                 self.metrics.peers_backed_off.set(len(self.backoff.backed_off(r + 1)))
             if new:
-                log.warning("neighbour %s at %s is unreachable (%s): skipped without waiting from now on, "
-                            "retried after 1, 2, 4, ... rounds (atoll_peers_backed_off)", peer_id[:16], address, reason)
+                log.warning(
+                    "neighbour %s at %s is unreachable (%s): skipped without waiting from now on, "
+                    "retried after 1, 2, 4, ... rounds (atoll_peers_backed_off)",
+                    peer_id[:16],
+                    address,
+                    reason,
+                )
         return None
 
     def _set_peers(self, n: int) -> None:
@@ -649,13 +809,22 @@ class Node:
                 continue  # that peer could not be asked: no verdict either way
         if any(v.reachable for v in verdicts):
             self.metrics.reachable.set(1)
-            log.info("reachable at %s (checked by %d of %d peers asked)", self.advertised,
-                     sum(v.reachable for v in verdicts), len(peers))
+            log.info(
+                "reachable at %s (checked by %d of %d peers asked)",
+                self.advertised,
+                sum(v.reachable for v in verdicts),
+                len(peers),
+            )
         elif verdicts:
             self.metrics.reachable.set(0)
-            log.warning("%d peer(s) could not reach this node at %s (%s): they will skip it and its training is "
-                        "lost to the swarm; set net.advertise_host to an address they can reach, or forward the "
-                        "port", len(verdicts), self.advertised, verdicts[0].detail or "no answer")
+            log.warning(
+                "%d peer(s) could not reach this node at %s (%s): they will skip it and its training is "
+                "lost to the swarm; set net.advertise_host to an address they can reach, or forward the "
+                "port",
+                len(verdicts),
+                self.advertised,
+                verdicts[0].detail or "no answer",
+            )
 
     def _check_own_address(self) -> None:
         """Warn when the address this node advertises does not answer even from here (a wrong
@@ -666,9 +835,12 @@ class Node:
             with SwarmClient(self.advertised, timeout=5.0, retries=0, tls=self.tls) as own:
                 own.health(timeout=3.0)
         except FetchError as e:
-            log.warning("this node's advertised address %s does not answer (%s): neighbours cannot fetch from "
-                        "it; set net.advertise_host to an address of this machine that they can reach",
-                        self.advertised, e.reason)
+            log.warning(
+                "this node's advertised address %s does not answer (%s): neighbours cannot fetch from "
+                "it; set net.advertise_host to an address of this machine that they can reach",
+                self.advertised,
+                e.reason,
+            )
 
     def _check_key_in_use(self, running: bool = False) -> None:
         """Refuse to run (KeyInUse) when another live process serves this node's peer id: two
@@ -677,7 +849,11 @@ class Node:
         that the one with the larger address stops. The other record may also be this node's
         own from before a restart: then its address no longer answers with this id."""
         other = self.discovery.foreign_self()
-        if other is None or other.grpc_address == self.advertised or (running and self.advertised < other.grpc_address):
+        if (
+            other is None
+            or other.grpc_address == self.advertised
+            or (running and self.advertised < other.grpc_address)
+        ):
             return
         try:
             with SwarmClient(other.grpc_address, timeout=5.0, retries=0, tls=self.tls) as theirs:
@@ -686,16 +862,20 @@ class Node:
         except (FetchError, RecordRefused):
             alive = False
         if alive:
-            raise KeyInUse(f"this node's key {self.cfg.net.identity_path} (peer id {self.identity.peer_id[:20]}...) is "
-                           f"already in use by a live node at {other.grpc_address}: stop that one, or give this "
-                           f"one its own key (--identity)")
-        log.info("a record of this peer id from an earlier run (%s) is still in the DHT; it will expire",
-                 other.grpc_address)
+            raise KeyInUse(
+                f"this node's key {self.cfg.net.identity_path} (peer id {self.identity.peer_id[:20]}...) is "
+                f"already in use by a live node at {other.grpc_address}: stop that one, or give this "
+                f"one its own key (--identity)"
+            )
+        log.info(
+            "a record of this peer id from an earlier run (%s) is still in the DHT; it will expire", other.grpc_address
+        )
 
     def _client(self, address: str) -> SwarmClient:
         if address not in self._clients:
-            self._clients[address] = SwarmClient(address, timeout=self.cfg.comm.fetch_timeout, retries=1,
-                                                  tls=self.tls, identity=self.identity)
+            self._clients[address] = SwarmClient(
+                address, timeout=self.cfg.comm.fetch_timeout, retries=1, tls=self.tls, identity=self.identity
+            )
         return self._clients[address]
 
     def _observe(self, r, loss, accuracy, sps, mixed_with) -> None:
@@ -712,11 +892,22 @@ class Node:
             return
         optim_t, optim_meta = optimizer_tensors(self.optimizer)
         now = time.time()
-        checkpoint.save(self.ckpt_dir, self.model.state_dict(), optim_t,
-                        dict(round=next_round, peer_id=self.identity.peer_id, node_index=self.cfg.node_index,
-                             node_count=self.cfg.node_count, optimizer=self.cfg.optim.name,
-                             model=f"{self.cfg.model.family}/{self.cfg.model.width}",
-                             accuracy=accuracy, time=now, optim=optim_meta))
+        checkpoint.save(
+            self.ckpt_dir,
+            self.model.state_dict(),
+            optim_t,
+            dict(
+                round=next_round,
+                peer_id=self.identity.peer_id,
+                node_index=self.cfg.node_index,
+                node_count=self.cfg.node_count,
+                optimizer=self.cfg.optim.name,
+                model=f"{self.cfg.model.family}/{self.cfg.model.width}",
+                accuracy=accuracy,
+                time=now,
+                optim=optim_meta,
+            ),
+        )
         self.metrics.checkpoint_time = now
 
     def _finish(self, rounds: int) -> None:
@@ -793,9 +984,10 @@ def _model_like(own: dict) -> Accept:
     """Accept a received state dict only if it has our model's names, shapes and dtypes."""
 
     def accept(theirs: dict) -> dict:
-        if set(theirs) != set(own) or any(theirs[k].shape != own[k].shape or theirs[k].dtype != own[k].dtype for k in own):
+        if set(theirs) != set(own) or any(
+            theirs[k].shape != own[k].shape or theirs[k].dtype != own[k].dtype for k in own
+        ):
             raise ReasonedError("incompatible", "snapshot does not fit this model")
         return theirs
 
     return accept
-

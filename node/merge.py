@@ -36,8 +36,9 @@ def float_names(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 class FinalMerge:
-    def __init__(self, dht, swarm: str, state: dict[str, torch.Tensor], group_size: int, timeout: float,
-                 how: str = "mean"):
+    def __init__(
+        self, dht, swarm: str, state: dict[str, torch.Tensor], group_size: int, timeout: float, how: str = "mean"
+    ):
         """`how`: "mean", or "variance_corrected": the per-tensor variances travel in the same
         all-reduce (one extra small tensor), so every member rescales the average to the
         members' mean variance exactly as node.aggregate.variance_corrected_mean does."""
@@ -50,14 +51,21 @@ class FinalMerge:
         # hivemind logs a failed step with a full traceback; run() says why in one line instead
         # (the averager process inherits this level when it is forked)
         logging.getLogger("hivemind.averaging.averager").setLevel(logging.CRITICAL)
-        self.averager = start_hivemind_process(lambda: DecentralizedAverager(
-            tensors, dht=dht, prefix=f"atoll_{swarm}_final_merge", start=False,
-            target_group_size=max(2, group_size), min_group_size=2,
-            # a request must time out well before matchmaking ends, or two peers asking each
-            # other at once can deadlock the round (hivemind's Matchmaking docstring)
-            min_matchmaking_time=MATCHMAKING_SECONDS, request_timeout=MATCHMAKING_SECONDS / 2,
-            allreduce_timeout=timeout,
-        ))
+        self.averager = start_hivemind_process(
+            lambda: DecentralizedAverager(
+                tensors,
+                dht=dht,
+                prefix=f"atoll_{swarm}_final_merge",
+                start=False,
+                target_group_size=max(2, group_size),
+                min_group_size=2,
+                # a request must time out well before matchmaking ends, or two peers asking each
+                # other at once can deadlock the round (hivemind's Matchmaking docstring)
+                min_matchmaking_time=MATCHMAKING_SECONDS,
+                request_timeout=MATCHMAKING_SECONDS / 2,
+                allreduce_timeout=timeout,
+            )
+        )
 
     def run(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]] | None:
         """All-reduce `state`'s floating tensors with whoever joins: (merged state, sorted peer
@@ -72,8 +80,10 @@ class FinalMerge:
         try:
             group = self.averager.step(timeout=self.timeout, allow_retries=True)
         except Exception as e:  # hivemind raises assorted errors when peers vanish mid-way
-            log.warning("final merge failed, keeping this node's model: %s",
-                        (str(e).splitlines() or [type(e).__name__])[0][:200])
+            log.warning(
+                "final merge failed, keeping this node's model: %s",
+                (str(e).splitlines() or [type(e).__name__])[0][:200],
+            )
             return None
         if not group:
             log.warning("final merge found no group within %.0f s; keeping this node's model", self.timeout)
@@ -98,7 +108,10 @@ def same_merge(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: flo
     """True if two members' merged models differ only by the all-reduce's float rounding
     (integer buffers such as step counters are not averaged and may differ)."""
     return set(a) == set(b) and all(
-        a[k].shape == b[k].shape and (not a[k].is_floating_point() or torch.allclose(
-            a[k].to(torch.float32).cpu(), b[k].to(torch.float32).cpu(), rtol=rtol, atol=atol))
+        a[k].shape == b[k].shape
+        and (
+            not a[k].is_floating_point()
+            or torch.allclose(a[k].to(torch.float32).cpu(), b[k].to(torch.float32).cpu(), rtol=rtol, atol=atol)
+        )
         for k in a
     )

@@ -24,8 +24,12 @@ def targets(records: list[PeerRecord], swarm: str) -> list[dict]:
         if not r.metrics_port:
             continue
         host = r.grpc_address.rsplit(":", 1)[0]  # "[::1]" stays bracketed, as a target needs
-        groups.append({"targets": [f"{host}:{r.metrics_port}"],
-                       "labels": {"node": r.peer_id, "swarm": swarm, "roles": ",".join(r.roles), "device": r.device}})
+        groups.append(
+            {
+                "targets": [f"{host}:{r.metrics_port}"],
+                "labels": {"node": r.peer_id, "swarm": swarm, "roles": ",".join(r.roles), "device": r.device},
+            }
+        )
     return groups
 
 

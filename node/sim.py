@@ -139,8 +139,12 @@ class Simulation:
         else:
             # many virtual nodes on a small data set: each still needs a few samples
             min_size = max(1, min(10, len(self.ds.y_train) // (2 * cfg.nodes)))
-            self.parts = [pool[p] for p in partition(labels[pool], total, cfg.partition, alpha=cfg.alpha,
-                                                      seed=cfg.seed, min_size=min_size)]
+            self.parts = [
+                pool[p]
+                for p in partition(
+                    labels[pool], total, cfg.partition, alpha=cfg.alpha, seed=cfg.seed, min_size=min_size
+                )
+            ]
         self.models, self.opts, self.trainers = [], [], []
         self.attack = Attack(cfg.attack, **cfg.attack_params) if cfg.attack else None
         for i in range(n_models):
@@ -157,8 +161,11 @@ class Simulation:
                 y = flip_labels(y, self.ds.num_classes)
             self.models.append(m)
             self.opts.append(o)
-            self.trainers.append(LocalTrainer(m, o, self.ds.x_train[idx], y, cfg.batch_size,
-                                              seed=cfg.seed * 7919 + i, sam_rho=cfg.sam_rho))
+            self.trainers.append(
+                LocalTrainer(
+                    m, o, self.ds.x_train[idx], y, cfg.batch_size, seed=cfg.seed * 7919 + i, sam_rho=cfg.sam_rho
+                )
+            )
         # distillation has its own momentum-free optimizer (see node.distill.kd.distill_steps)
         self.distill_opts = [torch.optim.SGD(m.parameters(), lr=cfg.lr) for m in self.models]
         self.sizes = [len(p) for p in self.parts]
@@ -170,9 +177,18 @@ class Simulation:
             from node.aggregate.vectors import flatten
             from node.security.defence import Defence
 
-            self.defences = {i: Defence(cfg.aggregator, self.models[i], self.trainers[i].x, self.trainers[i].y,
-                                        self.ds.num_classes, cfg.byzantine_fraction, seed=cfg.seed * 7919 + i)
-                             for i in self.honest}
+            self.defences = {
+                i: Defence(
+                    cfg.aggregator,
+                    self.models[i],
+                    self.trainers[i].x,
+                    self.trainers[i].y,
+                    self.ds.num_classes,
+                    cfg.byzantine_fraction,
+                    seed=cfg.seed * 7919 + i,
+                )
+                for i in self.honest
+            }
             self.init_vec = flatten(self.models[0].state_dict())
             self.signals: dict[int, dict] = {}
 
@@ -226,14 +242,18 @@ class Simulation:
             nb = sorted(g[me])
             self_w, w = metropolis_hastings(len(g[me]), {j: len(g[j]) for j in nb})
             self_w, w = renormalise(self_w, w, set(nb))
-            new[i] = mix(states[me], {j: states[j] for j in nb}, self_w, w, correct_variance=cfg.mix_variance_correction)
+            new[i] = mix(
+                states[me], {j: states[j] for j in nb}, self_w, w, correct_variance=cfg.mix_variance_correction
+            )
             self.bytes_sent += sum(sizes[j] for j in nb)
         for i, sd in new.items():
             self.models[i].load_state_dict(sd)
 
     def _global_average(self, members: list[int], round_: int, how: str = "mean", weights=None) -> dict:
         states = [self._state(i) for i in members]
-        return variance_corrected_mean(states, weights=weights) if how == "variance_corrected" else mean(states, weights)
+        return (
+            variance_corrected_mean(states, weights=weights) if how == "variance_corrected" else mean(states, weights)
+        )
 
     def run_round(self, r: int) -> None:
         cfg = self.cfg
@@ -281,13 +301,23 @@ class Simulation:
             self._distill(r, alive)
 
     def _distill(self, r: int, alive: list[int]) -> None:
-        from node.distill import distill_steps, fused_targets, knfu_weights, logits_payload, speaking_rows, uses_filter, uses_knfu
+        from node.distill import (
+            distill_steps,
+            fused_targets,
+            knfu_weights,
+            logits_payload,
+            speaking_rows,
+            uses_filter,
+            uses_knfu,
+        )
 
         cfg = self.cfg
         n_proxy = len(self.proxy_x)
         if not hasattr(self, "_rows"):  # each node's rows: its EdgeFD filter (computed once) or all
-            self._rows = {i: speaking_rows(uses_filter(cfg.method), self.trainers[i].x, self.proxy_x, cfg.seed)
-                          for i in range(cfg.nodes)}
+            self._rows = {
+                i: speaking_rows(uses_filter(cfg.method), self.trainers[i].x, self.proxy_x, cfg.seed)
+                for i in range(cfg.nodes)
+            }
         sent = {i: logits_payload(self.models[i], self.proxy_x, self._rows[i]) for i in alive}
         g = graph([self.ids[i] for i in alive], cfg.topology, r * 1000, cfg.seed)
         index = {self.ids[i]: i for i in alive}
@@ -306,8 +336,17 @@ class Simulation:
                 weights = {n: 1.0 for n in teachers}
             targets, covered = fused_targets(n_proxy, self.ds.num_classes, teachers, weights, cfg.temperature)
             gen = torch.Generator().manual_seed(cfg.seed * 31 + r * 7 + i)
-            distill_steps(self.models[i], self.distill_opts[i], self.proxy_x, targets, covered, cfg.distill_steps,
-                          cfg.batch_size, cfg.temperature, gen)
+            distill_steps(
+                self.models[i],
+                self.distill_opts[i],
+                self.proxy_x,
+                targets,
+                covered,
+                cfg.distill_steps,
+                cfg.batch_size,
+                cfg.temperature,
+                gen,
+            )
 
     def _robust_round(self, r: int, alive: list[int]) -> None:
         """One gossip step per round with byzantine publishers and each honest node's Defence."""
@@ -348,8 +387,9 @@ class Simulation:
             me = self.ids[i]
             nb = sorted(g[me])
             self_w, w = metropolis_hastings(len(g[me]), {j: len(g[j]) for j in nb})
-            sd, signals, _ = self.defences[i].step(r, refs[i], published[me], {j: published[j] for j in nb}, self_w, w,
-                                                   cfg.mix_variance_correction)
+            sd, signals, _ = self.defences[i].step(
+                r, refs[i], published[me], {j: published[j] for j in nb}, self_w, w, cfg.mix_variance_correction
+            )
             new[i] = sd
             self.signals[i] = signals
             self.bytes_sent += sum(self.wire_bytes(published[j], r, 0) for j in nb)
@@ -359,21 +399,27 @@ class Simulation:
             rng = seeded_rng("histories", cfg.seed, r)
             for i in honest:
                 me = self.ids[i]
-                for j in gossip_partners(me, sorted(p for p in g[me] if int(p[1:]) < cfg.nodes), cfg.history_gossip, rng):
+                for j in gossip_partners(
+                    me, sorted(p for p in g[me] if int(p[1:]) < cfg.nodes), cfg.history_gossip, rng
+                ):
                     other = self.defences[int(j[1:])].tracker
                     merge_heard(other.heard, other.histories, self.defences[i].tracker.histories, j)
 
     def detection(self) -> dict:
         """Precision and recall of the honest nodes' last flags (pairs observer -> neighbour)."""
         tp = fp = fn = 0
-        for i, signals in self.signals.items():
+        for signals in self.signals.values():
             for j, s in signals.items():
                 bad = int(j[1:]) >= self.cfg.nodes
                 tp += s.flagged and bad
                 fp += s.flagged and not bad
                 fn += (not s.flagged) and bad
-        return dict(precision=tp / (tp + fp) if tp + fp else None, recall=tp / (tp + fn) if tp + fn else None,
-                    flagged=tp + fp, malicious_pairs=tp + fn)
+        return dict(
+            precision=tp / (tp + fp) if tp + fp else None,
+            recall=tp / (tp + fn) if tp + fn else None,
+            flagged=tp + fp,
+            malicious_pairs=tp + fn,
+        )
 
     def _modest_round(self, r: int, alive: list[int]) -> None:
         cfg = self.cfg
@@ -402,7 +448,9 @@ class Simulation:
             self.models[i].load_state_dict(self._modest_model)
 
     def accuracies(self) -> list[float]:
-        models = self.models[:1] if self.cfg.method == "modest" else self.models[: len(self.models) - self.cfg.byzantine]
+        models = (
+            self.models[:1] if self.cfg.method == "modest" else self.models[: len(self.models) - self.cfg.byzantine]
+        )
         return [evaluate(m, self.ds.x_test, self.ds.y_test) for m in models]
 
     def run(self, progress=None) -> SimResult:
@@ -412,8 +460,11 @@ class Simulation:
             self.run_round(r)
             if (r + 1) % self.cfg.eval_every == 0 or r == self.cfg.rounds - 1:
                 accs = self.accuracies()
-                res.log.append(RoundLog(r + 1, float(np.mean(accs)), min(accs), max(accs), self.bytes_sent,
-                                        time.perf_counter() - t0))
+                res.log.append(
+                    RoundLog(
+                        r + 1, float(np.mean(accs)), min(accs), max(accs), self.bytes_sent, time.perf_counter() - t0
+                    )
+                )
                 if progress:
                     progress(res.log[-1])
         res.final_accuracies = self.accuracies()

@@ -60,8 +60,15 @@ def start_node(cfg: NodeConfig, workdir: Path) -> NodeRun:
     log_path = workdir / f"node{cfg.node_index}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # its own session and process group: see kill_tree
-    proc = subprocess.Popen(node_command(path), stdout=subprocess.PIPE, stderr=open(log_path, "wb"),
-                            stdin=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        node_command(path),
+        stdout=subprocess.PIPE,
+        stderr=open(log_path, "wb"),
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     run = NodeRun(cfg.node_index, proc, log_path=log_path, model=model_name(cfg))
     threading.Thread(target=_reader, args=(run,), daemon=True).start()
     return run
@@ -101,7 +108,9 @@ def centralized_baselines(swarm_cfg: SwarmConfig) -> dict[str, float]:
 def centralized_baseline(base: NodeConfig) -> float:
     """Same model, init, optimizer and schedule, trained on all training data with the same
     number of steps as one node (rounds x local steps)."""
-    ds = load_dataset(base.data.dataset, test_fraction=base.data.test_fraction, seed=base.data.seed, path=base.data.path)
+    ds = load_dataset(
+        base.data.dataset, test_fraction=base.data.test_fraction, seed=base.data.seed, path=base.data.path
+    )
     model = build_model(base.model.family, ds.input_shape, ds.num_classes, base.model.width, base.train.seed)
     o, rounds = base.optim, base.train.rounds
     opt = make_optimizer(model, o.name, o.lr, o.momentum, o.weight_decay)
@@ -112,8 +121,9 @@ def centralized_baseline(base: NodeConfig) -> float:
     return evaluate(model, ds.x_test, ds.y_test)
 
 
-def run_swarm(swarm_cfg: SwarmConfig, workdir: Path, on_update, stop: threading.Event | None = None,
-              stop_grace: float = 60.0) -> list[NodeRun]:
+def run_swarm(
+    swarm_cfg: SwarmConfig, workdir: Path, on_update, stop: threading.Event | None = None, stop_grace: float = 60.0
+) -> list[NodeRun]:
     """Start the swarm, feed events to on_update(runs), wait for every node to finish.
 
     Once `stop` is set (Ctrl-C), every node gets SIGTERM (it finishes its step, checkpoints and
@@ -142,8 +152,11 @@ def run_swarm(swarm_cfg: SwarmConfig, workdir: Path, on_update, stop: threading.
                     if r.proc.poll() is None:
                         r.proc.send_signal(signal.SIGTERM)
             if time.monotonic() > deadline:
-                raise TimeoutError("nodes did not stop in time" if stopping else
-                                   f"swarm did not finish within {swarm_cfg.timeout:.0f} s")
+                raise TimeoutError(
+                    "nodes did not stop in time"
+                    if stopping
+                    else f"swarm did not finish within {swarm_cfg.timeout:.0f} s"
+                )
             for r in runs:
                 _drain(r)
                 if r.final is None and r.proc.poll() is not None:
@@ -185,8 +198,9 @@ def _wait_ready(run: NodeRun, deadline: float, stop: threading.Event) -> None:
         if run.ready is not None or stop.is_set():
             return
         if run.proc.poll() is not None:
-            raise RuntimeError(f"node {run.index} exited with code {run.proc.returncode} before it was ready; "
-                               f"see {run.log_path}")
+            raise RuntimeError(
+                f"node {run.index} exited with code {run.proc.returncode} before it was ready; see {run.log_path}"
+            )
         if time.monotonic() > deadline:
             raise TimeoutError(f"node {run.index} was not ready in time; see {run.log_path}")
         time.sleep(0.1)
@@ -197,22 +211,30 @@ def check_workdir(workdir: Path) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"--workdir {workdir} exists and is not a directory")
     if workdir.is_dir() and any(workdir.glob("node*")):
-        raise ValueError(f"--workdir {workdir} already holds a swarm (its nodes would resume, not train): "
-                         f"choose an empty directory")
+        raise ValueError(
+            f"--workdir {workdir} already holds a swarm (its nodes would resume, not train): choose an empty directory"
+        )
 
 
 def results(runs: list[NodeRun], baselines: dict[str, float], swarm_cfg: SwarmConfig, seconds: float) -> dict:
     """The run as JSON: per node its final event (None fields for a node stopped before it
     reported one), the baselines, the wall time and the config."""
+
     def node(r: NodeRun) -> dict:
         final, last = r.final or {}, r.last or {}
-        return {"index": r.index, "peer_id": (r.ready or {}).get("peer_id"), "model": r.model,
-                "final_accuracy": final.get("accuracy", last.get("accuracy")),
-                "rounds": final.get("round", last.get("round")), "state": final.get("event", "killed"),
-                "sent_bytes": final.get("sent_bytes", last.get("sent_bytes")),
-                "received_bytes": final.get("received_bytes", last.get("received_bytes")),
-                "dataset_size": final.get("dataset_size"), "model_digest": final.get("model_digest"),
-                "merged_with": final.get("merged_with")}
+        return {
+            "index": r.index,
+            "peer_id": (r.ready or {}).get("peer_id"),
+            "model": r.model,
+            "final_accuracy": final.get("accuracy", last.get("accuracy")),
+            "rounds": final.get("round", last.get("round")),
+            "state": final.get("event", "killed"),
+            "sent_bytes": final.get("sent_bytes", last.get("sent_bytes")),
+            "received_bytes": final.get("received_bytes", last.get("received_bytes")),
+            "dataset_size": final.get("dataset_size"),
+            "model_digest": final.get("model_digest"),
+            "merged_with": final.get("merged_with"),
+        }
 
     return {
         "nodes": [node(r) for r in runs],
@@ -220,4 +242,3 @@ def results(runs: list[NodeRun], baselines: dict[str, float], swarm_cfg: SwarmCo
         "wall_seconds": round(seconds, 2),
         "config": swarm_cfg.model_dump(mode="json"),
     }
-

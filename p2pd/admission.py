@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 from p2pd.identity import Identity, verify
 from p2pd.rpc import swarm_pb2 as pb
@@ -31,8 +31,12 @@ DOMAIN = b"atoll/fetch/v1\x00"
 
 
 def fetch_message(server_peer_id: str, requester_peer_id: str, key: SnapshotKey, issued_at: float) -> bytes:
-    return DOMAIN + "|".join((server_peer_id, requester_peer_id, key.kind, str(key.round), str(key.step),
-                              repr(float(issued_at)))).encode()
+    return (
+        DOMAIN
+        + "|".join(
+            (server_peer_id, requester_peer_id, key.kind, str(key.round), str(key.step), repr(float(issued_at)))
+        ).encode()
+    )
 
 
 def reach_message(server_peer_id: str, requester_peer_id: str, issued_at: float) -> bytes:
@@ -76,19 +80,28 @@ class TokenBuckets:
 class Admission:
     """The server-side check of one FetchRequest: None to serve it, or the refusal reason."""
 
-    def __init__(self, server_peer_id: str, is_known: Callable[[str], bool], rate: float, burst: int,
-                 max_skew: float = 30.0, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        server_peer_id: str,
+        is_known: Callable[[str], bool],
+        rate: float,
+        burst: int,
+        max_skew: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ):
         self.server_peer_id, self.is_known, self.max_skew, self.clock = server_peer_id, is_known, max_skew, clock
         self.buckets = TokenBuckets(rate, burst)
 
     def check(self, request: pb.FetchRequest, key: SnapshotKey) -> str | None:
-        return self._check(request, lambda: fetch_message(self.server_peer_id, request.requester_peer_id, key,
-                                                          request.issued_at))
+        return self._check(
+            request, lambda: fetch_message(self.server_peer_id, request.requester_peer_id, key, request.issued_at)
+        )
 
     def check_reach(self, request: pb.ReachRequest) -> str | None:
         """The same checks for a dial-back request (see SwarmServicer.Reach)."""
-        return self._check(request, lambda: reach_message(self.server_peer_id, request.requester_peer_id,
-                                                          request.issued_at))
+        return self._check(
+            request, lambda: reach_message(self.server_peer_id, request.requester_peer_id, request.issued_at)
+        )
 
     def _check(self, request, message: Callable[[], bytes]) -> str | None:
         requester = request.requester_peer_id

@@ -19,9 +19,9 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import grpc
 import torch

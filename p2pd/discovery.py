@@ -26,7 +26,8 @@ import multiprocessing
 import threading
 import time
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import hivemind
 from hivemind.dht.protocol import DHTProtocol
@@ -100,9 +101,13 @@ def _validate_rows_one_by_one(self, key_bytes: bytes, dictionary) -> bool:
     if self.record_validator is None:
         return True
     with dictionary.freeze():
-        bad = [subkey for subkey, (value, expiration) in dictionary.items()
-               if not self.record_validator.validate(
-                   DHTRecord(key_bytes, self.serializer.dumps(subkey), value, expiration))]
+        bad = [
+            subkey
+            for subkey, (value, expiration) in dictionary.items()
+            if not self.record_validator.validate(
+                DHTRecord(key_bytes, self.serializer.dumps(subkey), value, expiration)
+            )
+        ]
     for subkey in bad:
         del dictionary[subkey]
     return True
@@ -173,8 +178,10 @@ class Discovery:
         for maddr in self._dht_kwargs["host_maddrs"]:
             listen = maddr_tcp_listen(maddr)
             if listen is not None and tcp_port_in_use(*listen):
-                raise DiscoveryError(f"the DHT listen address {maddr} is in use by another process: "
-                                     f"choose another port (net.dht_listen) or stop that process")
+                raise DiscoveryError(
+                    f"the DHT listen address {maddr} is in use by another process: "
+                    f"choose another port (net.dht_listen) or stop that process"
+                )
         try:
             self._dht = start_dht(
                 ready_timeout=2 * self._dht_kwargs["startup_timeout"],
@@ -188,8 +195,9 @@ class Discovery:
         except Exception as e:
             # the hint only where it applies: hivemind says this when no initial peer answered
             hint = " (are the initial peers reachable from here?)" if "bootstrap" in str(e) else ""
-            raise DiscoveryError(f"could not start the DHT: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                                 f"{hint}") from e
+            raise DiscoveryError(
+                f"could not start the DHT: {str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}"
+            ) from e
         return self
 
     @property
@@ -266,7 +274,9 @@ class Discovery:
         envelope = sign_record(record, self.identity)
         self._envelope = envelope
         self._issued.append(record.issued_at)
-        ok = self._call(self.dht.store(self.key, envelope, record.expires_at, subkey=record.peer_id, return_future=True))
+        ok = self._call(
+            self.dht.store(self.key, envelope, record.expires_at, subkey=record.peer_id, return_future=True)
+        )
         if not ok:
             log.warning("DHT store of this node's record was not acknowledged; will retry on heartbeat")
         self._record = record
@@ -344,8 +354,7 @@ class Discovery:
                     continue
                 future.cancel()
                 raise DiscoveryError(
-                    f"the DHT did not answer within {self.call_timeout:.0f} s" if alive
-                    else "the DHT process has died"
+                    f"the DHT did not answer within {self.call_timeout:.0f} s" if alive else "the DHT process has died"
                 ) from None
 
     def _count_refusal(self, subkey: str, e: RecordRefused) -> None:

@@ -80,9 +80,7 @@ class Identity:
 
     @property
     def public_key(self) -> bytes:
-        return self.private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        return self.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
     @property
     def peer_id(self) -> str:
@@ -108,11 +106,15 @@ class Identity:
         try:
             pb = crypto_pb2.PrivateKey.FromString(data)
         except Exception as e:  # protobuf raises DecodeError or RuntimeError for junk
-            raise IdentityError(f"key file{where} is not a key atoll can read (expected a libp2p Ed25519 private key, "
-                                f"as atoll writes it); give another path and atoll creates a new key there, "
-                                f"e.g. atoll identity show --key NEW.key") from e
+            raise IdentityError(
+                f"key file{where} is not a key atoll can read (expected a libp2p Ed25519 private key, "
+                f"as atoll writes it); give another path and atoll creates a new key there, "
+                f"e.g. atoll identity show --key NEW.key"
+            ) from e
         if pb.key_type != _ED25519:
-            raise IdentityError(f"key file{where} holds a {crypto_pb2.KeyType.Name(pb.key_type)} key; atoll needs Ed25519")
+            raise IdentityError(
+                f"key file{where} holds a {crypto_pb2.KeyType.Name(pb.key_type)} key; atoll needs Ed25519"
+            )
         if len(pb.data) != 64:
             raise IdentityError(f"key file{where}: Ed25519 key data must be 64 bytes, got {len(pb.data)}")
         key = Ed25519PrivateKey.from_private_bytes(pb.data[:32])
@@ -126,8 +128,10 @@ class Identity:
         """Load the key at `path`, or create it (mode 0600, parent dirs included) if missing."""
         path = Path(path).expanduser()
         if path.is_dir():
-            raise IdentityError(f"key file {path} is a directory: give the path of a file, e.g. {path / 'node.key'} "
-                                f"(created on first start)")
+            raise IdentityError(
+                f"key file {path} is a directory: give the path of a file, e.g. {path / 'node.key'} "
+                f"(created on first start)"
+            )
         if path.exists():
             if path.stat().st_mode & 0o077:
                 raise IdentityError(f"key file {path} is readable by other users; run: chmod 600 {path}")

@@ -20,7 +20,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import psutil
 
@@ -52,14 +53,21 @@ def start_hivemind_process(make: Callable[[], P], *, ready_timeout: float = 60.0
             proc.wait_until_ready(ready_timeout)
             return proc
         except concurrent.futures.TimeoutError:
-            log.warning("%s process %s not ready after %.0f s (attempt %d of %d); killing it",
-                        type(proc).__name__, proc.pid, ready_timeout, attempt, attempts)
+            log.warning(
+                "%s process %s not ready after %.0f s (attempt %d of %d); killing it",
+                type(proc).__name__,
+                proc.pid,
+                ready_timeout,
+                attempt,
+                attempts,
+            )
             kill_tree(proc.pid, timeout=5)
         except BaseException:
             kill_tree(proc.pid, timeout=5)
             raise
-    raise TimeoutError(f"the {type(proc).__name__} process did not become ready within {ready_timeout:.0f} s, "
-                       f"{attempts} times")
+    raise TimeoutError(
+        f"the {type(proc).__name__} process did not become ready within {ready_timeout:.0f} s, {attempts} times"
+    )
 
 
 def repair_orphaned_future_locks(wait: float = 2.0) -> bool:

@@ -75,7 +75,9 @@ class PeerRecord(BaseModel):
     model_digest: str = ""  # hex BLAKE3 of the snapshot published as (round, step), "" if none
     # every snapshot the node serves, "kind:round:step:hexdigest": a fetched snapshot must
     # match the digest its producer signed here, or it is refused as unsigned
-    snapshots: Annotated[tuple[Annotated[str, Field(pattern=_SNAPSHOT_ENTRY)], ...], Field(max_length=MAX_SNAPSHOTS)] = ()
+    snapshots: Annotated[
+        tuple[Annotated[str, Field(pattern=_SNAPSHOT_ENTRY)], ...], Field(max_length=MAX_SNAPSHOTS)
+    ] = ()
     proxy_digest: str = ""  # logit exchange: hex digest of the node's proxy set, "" if it exchanges models
     roles: Annotated[tuple[Role, ...], Field(max_length=5)] = ("trainer",)
     # diffusion experts (node/experts/): the cluster an expert models (-1: not an expert) and the
@@ -138,7 +140,7 @@ class PeerRecord(BaseModel):
         prefix = f"{kind}:{round}:{step}:"
         for entry in self.snapshots:
             if entry.startswith(prefix):
-                return bytes.fromhex(entry[len(prefix):])
+                return bytes.fromhex(entry[len(prefix) :])
         return None
 
     @model_validator(mode="after")
@@ -187,8 +189,11 @@ def open_record(data: bytes, *, now: float | None, expected_peer_id: str | None 
     except ValidationError as e:
         raise RecordRefused("schema", str(e).replace("\n", " ")[:300]) from None
     if record.record_version > RECORD_VERSION:
-        raise RecordRefused("newer_version", f"record version {record.record_version} > {RECORD_VERSION}: "
-                                             f"upgrade atoll to read {record.peer_id[:16]}...")
+        raise RecordRefused(
+            "newer_version",
+            f"record version {record.record_version} > {RECORD_VERSION}: "
+            f"upgrade atoll to read {record.peer_id[:16]}...",
+        )
     if expected_peer_id is not None and record.peer_id != expected_peer_id:
         raise RecordRefused("peer_id_mismatch", f"row {expected_peer_id[:16]}... holds {record.peer_id[:16]}...")
     if now is None:

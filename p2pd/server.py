@@ -13,10 +13,11 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import grpc
 import torch
@@ -104,10 +105,17 @@ class SwarmServicer:
     a stream whose reader stops reading for `stall_seconds` is cancelled, so one identity cannot
     hold every slot with streams it never reads. Refusals are counted in `refused` by reason."""
 
-    def __init__(self, store: SnapshotStore, signed_record: Callable[[], bytes], max_fetches: int,
-                 admission: Admission | None = None, per_identity: int = 2, stall_seconds: float = 10.0,
-                 address_of: Callable[[str], str | None] = lambda peer_id: None,
-                 dial: Callable[[str], str | None] | None = None):
+    def __init__(
+        self,
+        store: SnapshotStore,
+        signed_record: Callable[[], bytes],
+        max_fetches: int,
+        admission: Admission | None = None,
+        per_identity: int = 2,
+        stall_seconds: float = 10.0,
+        address_of: Callable[[str], str | None] = lambda peer_id: None,
+        dial: Callable[[str], str | None] | None = None,
+    ):
         self.store = store
         # Reach: the requester's advertised address (from its signed DHT record), and how to
         # check it; dial(address) returns the peer id that answered there, or None
@@ -133,8 +141,11 @@ class SwarmServicer:
             quiet = now - self._last_log < 60.0
             self._last_log = self._last_log if quiet else now
         if not quiet:
-            log.info("refused a request from %s: %s (further refusals are only counted for a minute)",
-                     context.peer(), reason)
+            log.info(
+                "refused a request from %s: %s (further refusals are only counted for a minute)",
+                context.peer(),
+                reason,
+            )
         context.abort(code, details)
 
     def _cancel_stalled(self) -> None:
@@ -158,8 +169,12 @@ class SwarmServicer:
             self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
         remaining = context.time_remaining()
         if remaining is None or remaining > MAX_FETCH_SECONDS + 5:  # 5 s for clock and transit slack
-            self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT,
-                         f"a fetch needs a deadline of at most {MAX_FETCH_SECONDS:.0f} s")
+            self._refuse(
+                context,
+                "bad_request",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a fetch needs a deadline of at most {MAX_FETCH_SECONDS:.0f} s",
+            )
         try:
             key = SnapshotKey.from_pb(request.key)
         except ValueError as e:
@@ -178,8 +193,12 @@ class SwarmServicer:
             if not over:
                 self._in_flight[requester] += 1
         if over:
-            self._refuse(context, "busy_identity", grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"at most {self.per_identity} concurrent fetches per requester")
+            self._refuse(
+                context,
+                "busy_identity",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at most {self.per_identity} concurrent fetches per requester",
+            )
         if not self._fetch_slots.acquire(blocking=False):
             self._release(requester, None)
             self._count("busy")
@@ -228,8 +247,11 @@ class SwarmServicer:
             self._dials.release()
         if answered == request.requester_peer_id:
             return pb.ReachReply(reachable=True, address=address)
-        return pb.ReachReply(reachable=False, address=address,
-                             detail="no answer there" if answered is None else "another node answers there")
+        return pb.ReachReply(
+            reachable=False,
+            address=address,
+            detail="no answer there" if answered is None else "another node answers there",
+        )
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         if request is UNDECODABLE:
@@ -255,8 +277,9 @@ class SwarmServer:
     ):
         if max_workers < 3:
             raise ValueError("max_workers must be >= 3 (two threads stay free for Health)")
-        self.servicer = SwarmServicer(store, signed_record, max_fetches=max_workers - 2, admission=admission,
-                                      address_of=address_of, dial=dial)
+        self.servicer = SwarmServicer(
+            store, signed_record, max_fetches=max_workers - 2, admission=admission, address_of=address_of, dial=dial
+        )
         self.host, self._want_port, self.tls = host, port, tls
         self.port: int | None = None
         self._server = grpc.server(
@@ -292,8 +315,10 @@ class SwarmServer:
         the port is taken (gRPC itself would share it or log a cryptic bind error)."""
         bind = host_port(self.host, self._want_port)
         if tcp_port_in_use(self.host, self._want_port):
-            raise OSError(f"cannot serve gRPC on {bind}: the port is in use by another process "
-                          f"(net.grpc_port; 0 picks a free port)")
+            raise OSError(
+                f"cannot serve gRPC on {bind}: the port is in use by another process "
+                f"(net.grpc_port; 0 picks a free port)"
+            )
         if self.tls is not None:
             if not (self.tls.cert_file and self.tls.key_file):
                 raise ValueError("TLS needs both cert_file and key_file")

@@ -20,8 +20,8 @@ signed record) and ``non_finite`` (NaN/Inf in a floating tensor).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping
 
 import blake3
 import numpy as np
@@ -256,8 +256,9 @@ class StreamDecoder:
             raise TensorStreamError("malformed", "second header")
         if self.expected_key is not None and h.key != self.expected_key:
             raise TensorStreamError(
-                "wrong_key", f"asked for round {self.expected_key.round} step {self.expected_key.gossip_step} "
-                f"kind {self.expected_key.kind}, got {h.key.round}/{h.key.gossip_step}/{h.key.kind}"
+                "wrong_key",
+                f"asked for round {self.expected_key.round} step {self.expected_key.gossip_step} "
+                f"kind {self.expected_key.kind}, got {h.key.round}/{h.key.gossip_step}/{h.key.kind}",
             )
         if h.total_bytes > self.limits.max_total_bytes:
             raise TensorStreamError("oversize", f"{h.total_bytes} bytes > limit {self.limits.max_total_bytes}")
@@ -313,8 +314,12 @@ class StreamDecoder:
     def _buffer(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> np.ndarray:
         t = self.into.get(name)
         if (
-            t is not None and t.dtype == dtype and tuple(t.shape) == shape and t.device.type == "cpu"
-            and t.is_contiguous() and nbytes > 0
+            t is not None
+            and t.dtype == dtype
+            and tuple(t.shape) == shape
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and nbytes > 0
             and t.untyped_storage().data_ptr() not in self._used_storage  # tied weights share one
         ):
             self._used_storage.add(t.untyped_storage().data_ptr())
@@ -341,8 +346,9 @@ class StreamDecoder:
             raise TensorStreamError("truncated", f"tensor {self._current[0]!r} incomplete at the trailer")
         if len(self._tensors) != self.header.tensor_count or self._declared != self.header.total_bytes:
             raise TensorStreamError(
-                "truncated", f"{len(self._tensors)}/{self.header.tensor_count} tensors, "
-                f"{self._declared}/{self.header.total_bytes} bytes"
+                "truncated",
+                f"{len(self._tensors)}/{self.header.tensor_count} tensors, "
+                f"{self._declared}/{self.header.total_bytes} bytes",
             )
         digest = self._hasher.digest()
         if tr.digest != digest:

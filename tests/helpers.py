@@ -53,7 +53,7 @@ class NodeProcess:
                 e = self.events.get(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
             except queue.Empty:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"node {self.pid} exited with {self.proc.returncode}")
+                    raise RuntimeError(f"node {self.pid} exited with {self.proc.returncode}") from None
                 continue
             self.seen.append(e)
             if e.get("event") == "peers":

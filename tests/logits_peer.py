@@ -55,10 +55,15 @@ def main():
         store.publish(SnapshotKey("logits", r, 0), {"mask": mask, "logits": logits})
     # "ahead" of everyone, so honest nodes neither wait for it nor for it at the end
     signed = () if args.mode == "unsigned" else store.index()
-    discovery.announce(grpc_address=server.address, round=args.rounds + 1, proxy_digest=digest, dataset_size=100,
-                       snapshots=signed)
-    print(json.dumps(dict(event="ready", peer_id=identity.peer_id, maddrs=discovery.visible_maddrs(),
-                          dht_pid=discovery.pid)), flush=True)
+    discovery.announce(
+        grpc_address=server.address, round=args.rounds + 1, proxy_digest=digest, dataset_size=100, snapshots=signed
+    )
+    print(
+        json.dumps(
+            dict(event="ready", peer_id=identity.peer_id, maddrs=discovery.visible_maddrs(), dht_pid=discovery.pid)
+        ),
+        flush=True,
+    )
     stop.wait(600)  # bounded: the test stops it long before
     server.stop(0.5)
     discovery.close()

@@ -20,8 +20,13 @@ from p2pd.tensors import SnapshotKey
 def build_model(seed: int) -> torch.nn.Module:
     """About 12.6 MB of fp32 parameters, deterministic in `seed`."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(784, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 768),
-                               torch.nn.ReLU(), torch.nn.Linear(768, 10))
+    return torch.nn.Sequential(
+        torch.nn.Linear(784, 2048),
+        torch.nn.ReLU(),
+        torch.nn.Linear(2048, 768),
+        torch.nn.ReLU(),
+        torch.nn.Linear(768, 10),
+    )
 
 
 def _sign_like_a_newer_release() -> None:
@@ -50,8 +55,11 @@ def main():
     ap.add_argument("--ttl", type=float, default=4.0)
     ap.add_argument("--poll", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--newer-release", action="store_true",
-                    help="sign records with fields a newer atoll release would add (mixed-version swarms)")
+    ap.add_argument(
+        "--newer-release",
+        action="store_true",
+        help="sign records with fields a newer atoll release would add (mixed-version swarms)",
+    )
     args = ap.parse_args()
     if args.newer_release:
         _sign_like_a_newer_release()
@@ -68,8 +76,19 @@ def main():
     model = build_model(args.seed)
     packed = store.publish(SnapshotKey("model", 1), model.state_dict())
     discovery.announce(grpc_address=server.address, round=1, model_digest=packed.hexdigest, dataset_size=100)
-    print(json.dumps(dict(event="ready", peer_id=identity.peer_id, grpc=server.address,
-                          maddrs=discovery.visible_maddrs(), digest=packed.hexdigest, dht_pid=discovery.pid)), flush=True)
+    print(
+        json.dumps(
+            dict(
+                event="ready",
+                peer_id=identity.peer_id,
+                grpc=server.address,
+                maddrs=discovery.visible_maddrs(),
+                digest=packed.hexdigest,
+                dht_pid=discovery.pid,
+            )
+        ),
+        flush=True,
+    )
     seen = None
     while not stop.wait(args.poll):
         peers = sorted(p.peer_id for p in discovery.live_peers())

@@ -96,15 +96,21 @@ def test_record_signs_snapshot_digests_and_refuses_bad_entries():
     ident = Identity.generate()
     store = SnapshotStore()
     packed = store.publish(KEY, {"w": torch.ones(3)})
-    rec = PeerRecord(peer_id=ident.peer_id, grpc_address="127.0.0.1:5000", issued_at=1.0, expires_at=31.0,
-                     snapshots=store.index())
+    rec = PeerRecord(
+        peer_id=ident.peer_id, grpc_address="127.0.0.1:5000", issued_at=1.0, expires_at=31.0, snapshots=store.index()
+    )
     assert rec.snapshot_digest("model", 3, 1) == packed.digest
     assert rec.snapshot_digest("model", 3, 0) is None and rec.snapshot_digest("logits", 3, 1) is None
-    for entries in (("model:3:1:" + "zz" * 32,), ("weights:3:1:" + "ab" * 32,), ("model:3:1:" + "ab" * 31,),
-                    tuple(f"model:{i}:0:" + "ab" * 32 for i in range(MAX_SNAPSHOTS + 1))):
+    for entries in (
+        ("model:3:1:" + "zz" * 32,),
+        ("weights:3:1:" + "ab" * 32,),
+        ("model:3:1:" + "ab" * 31,),
+        tuple(f"model:{i}:0:" + "ab" * 32 for i in range(MAX_SNAPSHOTS + 1)),
+    ):
         with pytest.raises(pydantic.ValidationError):
-            PeerRecord(peer_id=ident.peer_id, grpc_address="127.0.0.1:5000", issued_at=1.0, expires_at=31.0,
-                       snapshots=entries)
+            PeerRecord(
+                peer_id=ident.peer_id, grpc_address="127.0.0.1:5000", issued_at=1.0, expires_at=31.0, snapshots=entries
+            )
 
 
 @pytest.mark.integration
@@ -134,8 +140,11 @@ def test_one_identity_cannot_hold_every_fetch_slot_with_streams_it_never_reads(c
         for _ in range(8):  # each on its own connection, so gRPC's per-connection window cannot hide it
             ch = grpc.insecure_channel(server.address, options=[("grpc.max_receive_message_length", 8 * 2**20)])
             channels.append(ch)
-            fetch = ch.unary_stream("/atoll.v1.Swarm/Fetch", request_serializer=pb.FetchRequest.SerializeToString,
-                                    response_deserializer=None)
+            fetch = ch.unary_stream(
+                "/atoll.v1.Swarm/Fetch",
+                request_serializer=pb.FetchRequest.SerializeToString,
+                response_deserializer=None,
+            )
             call = fetch(signed_request(hog, me.peer_id, big, get_dht_time()), timeout=60)
             calls.append(call)
             try:
@@ -183,8 +192,12 @@ def test_reach_dials_the_requester_back_only_at_its_signed_address():
     server dials the address from the requester's record (the request names none), refuses
     unsigned requests, and reports who answered there."""
     me, asker, stranger = Identity.generate(), Identity.generate(), Identity.generate()
-    asker_server = SwarmServer(SnapshotStore(), signed_record=lambda: sign_record(
-        PeerRecord(peer_id=asker.peer_id, grpc_address="127.0.0.1:1", issued_at=1.0, expires_at=2.0), asker))
+    asker_server = SwarmServer(
+        SnapshotStore(),
+        signed_record=lambda: sign_record(
+            PeerRecord(peer_id=asker.peer_id, grpc_address="127.0.0.1:1", issued_at=1.0, expires_at=2.0), asker
+        ),
+    )
     asker_server.start()
     addresses = {asker.peer_id: asker_server.address, stranger.peer_id: "127.0.0.1:9"}  # nobody on port 9
 

@@ -15,8 +15,9 @@ from node.metrics import NodeMetrics
 from node.security.trust import TrustTracker
 
 PROM = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
-needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
-                                    reason="promtool (Debian package prometheus, installed by .ci/run) is missing")
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool (Debian package prometheus, installed by .ci/run) is missing"
+)
 
 
 def scrape_with_attacker() -> bytes:
@@ -54,16 +55,21 @@ def test_every_metric_in_the_alert_rules_is_exported():
     text = scrape_with_attacker().decode()
     names = set(re.findall(r"^([a-z_]+)[{ ]", text, re.M))  # sample names, as PromQL sees them
     rules = yaml.safe_load((PROM / "alerts.yml").read_text())
-    used = {name for g in rules["groups"] for rule in g["rules"] for name in re.findall(r"\batoll_[a-z_]+", rule["expr"])}
+    used = {
+        name for g in rules["groups"] for rule in g["rules"] for name in re.findall(r"\batoll_[a-z_]+", rule["expr"])
+    }
     assert used and used <= names, used - names
 
 
 @needs_promtool
 def test_promtool_checks_rules_and_runs_their_unit_tests():
-    r = subprocess.run(["promtool", "check", "rules", str(PROM / "alerts.yml")], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["promtool", "check", "rules", str(PROM / "alerts.yml")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    r = subprocess.run(["promtool", "test", "rules", "alerts_test.yml"], cwd=PROM, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        ["promtool", "test", "rules", "alerts_test.yml"], cwd=PROM, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
 
 

@@ -5,15 +5,15 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import ROOT
 
 pytestmark = pytest.mark.integration
 
 
 def atoll(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def test_bench_transport_json_and_outputs(tmp_path):
@@ -27,8 +27,14 @@ def test_bench_transport_json_and_outputs(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
-@pytest.mark.parametrize("args", [["bench", "transport", "--sizes", "ten"], ["bench", "transport", "--sizes", "0"],
-                                  ["bench", "transport", "--repeats", "0"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bench", "transport", "--sizes", "ten"],
+        ["bench", "transport", "--sizes", "0"],
+        ["bench", "transport", "--repeats", "0"],
+    ],
+)
 def test_bad_input_is_one_clear_line_not_a_traceback(args):
     r = atoll(*args, timeout=60)
     assert r.returncode == 2
@@ -47,8 +53,20 @@ def test_identity_show_creates_then_reuses_key(tmp_path):
 
 
 def test_bench_algorithms_and_scale_write_their_outputs(tmp_path):
-    r = atoll("bench", "algorithms", "--nodes", "4", "--rounds", "3", "--seeds", "0", "--methods", "fedavg,late_merge",
-              "--out", str(tmp_path / "alg"))
+    r = atoll(
+        "bench",
+        "algorithms",
+        "--nodes",
+        "4",
+        "--rounds",
+        "3",
+        "--seeds",
+        "0",
+        "--methods",
+        "fedavg,late_merge",
+        "--out",
+        str(tmp_path / "alg"),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "alg" / "results.json").read_text())
     assert {s["method"] for s in res["summary"]} == {"fedavg", "late_merge"}
@@ -63,9 +81,28 @@ def test_bench_algorithms_and_scale_write_their_outputs(tmp_path):
 
 
 def test_bench_distill_writes_per_architecture_results(tmp_path):
-    r = atoll("bench", "distill", "--nodes", "4", "--architectures", "mlp:16,cnn:8", "--rounds", "2",
-              "--local-steps", "3", "--distill-steps", "2", "--proxy-size", "60", "--seeds", "0",
-              "--methods", "isolated,edgefd,gossip_same_arch", "--out", str(tmp_path))
+    r = atoll(
+        "bench",
+        "distill",
+        "--nodes",
+        "4",
+        "--architectures",
+        "mlp:16,cnn:8",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "3",
+        "--distill-steps",
+        "2",
+        "--proxy-size",
+        "60",
+        "--seeds",
+        "0",
+        "--methods",
+        "isolated,edgefd,gossip_same_arch",
+        "--out",
+        str(tmp_path),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "results.json").read_text())
     summary = {s["method"]: s for s in res["summary"]}
@@ -79,23 +116,46 @@ def test_bench_distill_writes_per_architecture_results(tmp_path):
 
 
 def test_bench_byzantine_tiny_grid(tmp_path):
-    r = atoll("bench", "byzantine", "--honest", "4", "--sybils", "3", "--sybil-honest", "3", "--attacks",
-              "sign_flip,sybil", "--aggregators", "mean,median,sybilwall", "--rounds", "3", "--seeds", "0",
-              "--out", str(tmp_path))
+    r = atoll(
+        "bench",
+        "byzantine",
+        "--honest",
+        "4",
+        "--sybils",
+        "3",
+        "--sybil-honest",
+        "3",
+        "--attacks",
+        "sign_flip,sybil",
+        "--aggregators",
+        "mean,median,sybilwall",
+        "--rounds",
+        "3",
+        "--seeds",
+        "0",
+        "--out",
+        str(tmp_path),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {(row["attack"], row["aggregator"]) for row in rows if row["group"] == "grid"} >= {
-        ("none", "mean"), ("sign_flip", "median"), ("sybil", "sybilwall")}
+        ("none", "mean"),
+        ("sign_flip", "median"),
+        ("sybil", "sybilwall"),
+    }
     assert "precision / recall" in r.stdout and (tmp_path / "accuracy.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("sets,message", [
-    (["security.attack=teleport"], "security.attack"),
-    (["security.attack=sign_flip", "security.attack_params={scale: 2, volume: 11}"], "attack_params"),
-    (["security.attack_params={scale: 2}"], "without an attack"),
-    (["security.aggregator=krum", "comm.exchange=logits"], "need comm.exchange model"),
-    (["security.byzantine_fraction=0.7"], "byzantine_fraction"),
-])
+@pytest.mark.parametrize(
+    "sets,message",
+    [
+        (["security.attack=teleport"], "security.attack"),
+        (["security.attack=sign_flip", "security.attack_params={scale: 2, volume: 11}"], "attack_params"),
+        (["security.attack_params={scale: 2}"], "without an attack"),
+        (["security.aggregator=krum", "comm.exchange=logits"], "need comm.exchange model"),
+        (["security.byzantine_fraction=0.7"], "byzantine_fraction"),
+    ],
+)
 def test_bad_security_config_is_a_clear_error(sets, message):
     r = atoll("config", "show", *[a for s in sets for a in ("--set", s)], timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr

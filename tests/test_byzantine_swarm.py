@@ -5,7 +5,6 @@ import re
 
 import pytest
 import yaml
-
 from helpers import atoll_node
 from test_swarm import metrics_text
 
@@ -15,7 +14,10 @@ HONEST, ROUNDS = 4, 8
 
 def node_config(path, workdir, i, n, attack=None):
     cfg = {
-        "node_index": i, "node_count": n, "checkpoint_dir": str(workdir / f"n{i}" / "ckpt"), "metrics_port": 0,
+        "node_index": i,
+        "node_count": n,
+        "checkpoint_dir": str(workdir / f"n{i}" / "ckpt"),
+        "metrics_port": 0,
         "data": {"partition": "dirichlet", "alpha": 0.5},
         "model": {"family": "mlp", "width": 32},
         "train": {"rounds": ROUNDS, "local_steps": 25},

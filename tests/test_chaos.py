@@ -9,10 +9,10 @@ import time
 
 import pytest
 import torch
-
 from helpers import atoll_node
-from node import checkpoint
 from test_swarm import write_config
+
+from node import checkpoint
 
 # slow (about 2.5 min on 2 cores): run with `make test-all` or `pytest -m slow`
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -21,10 +21,18 @@ N, ROUNDS, KILLS, SEED = 6, 90, 4, 7
 
 def test_random_kills_and_restarts_lose_nothing(tmp_path):
     rng = random.Random(SEED)
-    cfgs = [write_config(tmp_path / f"n{i}.yaml", i, tmp_path, node_count=N,
-                         train={"rounds": ROUNDS, "local_steps": None, "local_seconds": 0.2},
-                         comm={"min_peers": N, "fetch_timeout": 4, "join_timeout": 90},
-                         net={"swarm": "chaos"}) for i in range(N)]
+    cfgs = [
+        write_config(
+            tmp_path / f"n{i}.yaml",
+            i,
+            tmp_path,
+            node_count=N,
+            train={"rounds": ROUNDS, "local_steps": None, "local_seconds": 0.2},
+            comm={"min_peers": N, "fetch_timeout": 4, "join_timeout": 90},
+            net={"swarm": "chaos"},
+        )
+        for i in range(N)
+    ]
     live = {}
     everyone = []
     recoveries = []

@@ -66,8 +66,10 @@ def test_kubernetes_manifests(tmp_path):
     (tmp_path / "node.yaml").write_text(cm["data"]["node.yaml"])
     cfg = load_config(tmp_path / "node.yaml", {"node_index": sts["spec"]["replicas"] - 1})
     assert cfg.node_count == sts["spec"]["replicas"] and cfg.train.local_seconds  # work as a time budget
-    assert re.fullmatch(r"/dns4/atoll-0\.atoll\.[a-z0-9-]+\.svc\.cluster\.local/tcp/7001/p2p/12D3KooW\w+",
-                        cm["data"]["ATOLL_INITIAL_PEERS"])
+    assert re.fullmatch(
+        r"/dns4/atoll-0\.atoll\.[a-z0-9-]+\.svc\.cluster\.local/tcp/7001/p2p/12D3KooW\w+",
+        cm["data"]["ATOLL_INITIAL_PEERS"],
+    )
 
 
 def test_systemd_unit():
@@ -89,6 +91,10 @@ def test_grafana_dashboard_queries_exported_metrics():
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) is missing")
 def test_prometheus_config_passes_promtool():
-    r = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr

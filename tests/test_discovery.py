@@ -5,9 +5,9 @@ import time
 
 import pytest
 import torch
+from helpers import NodeProcess, kill_tree
 from hivemind.utils import get_dht_time
 
-from helpers import NodeProcess, kill_tree
 from p2pd.client import SwarmClient
 from p2pd.discovery import Discovery, start_dht
 from p2pd.identity import Identity
@@ -29,8 +29,20 @@ def swarm(tmp_path_factory):
         nodes.append(first)
         boot = first.ready()["maddrs"]
         for i in (1, 2):
-            nodes.append(NodeProcess("--key", str(keys / f"n{i}.key"), "--swarm", SWARM, "--ttl", str(TTL),
-                                     "--seed", str(i), "--initial-peers", *boot))
+            nodes.append(
+                NodeProcess(
+                    "--key",
+                    str(keys / f"n{i}.key"),
+                    "--swarm",
+                    SWARM,
+                    "--ttl",
+                    str(TTL),
+                    "--seed",
+                    str(i),
+                    "--initial-peers",
+                    *boot,
+                )
+            )
         for n in nodes[1:]:
             n.ready()
         yield nodes
@@ -42,8 +54,9 @@ def swarm(tmp_path_factory):
 @pytest.fixture
 def observer(swarm, keydir):
     """A Discovery in the test process, joined to the swarm (it forks its own DHT)."""
-    d = Discovery(Identity.load_or_create(keydir / "observer.key"), swarm=SWARM, ttl=TTL,
-                  initial_peers=swarm[0].info["maddrs"]).start()
+    d = Discovery(
+        Identity.load_or_create(keydir / "observer.key"), swarm=SWARM, ttl=TTL, initial_peers=swarm[0].info["maddrs"]
+    ).start()
     yield d
     d.close()
     assert d.pid is None
@@ -169,8 +182,12 @@ def test_one_garbage_row_on_a_stock_bootstrap_hides_nobody(keydir):
         rec = PeerRecord(peer_id=member.peer_id, grpc_address="127.0.0.1:1", issued_at=now, expires_at=now + 60)
         stock.store(swarm_key("stock"), sign_record(rec, member), rec.expires_at, subkey=member.peer_id)
         stock.store(swarm_key("stock"), b"\x00garbage", now + 60, subkey="garbage")
-        observer = Discovery(Identity.load_or_create(keydir / "o.key"), swarm="stock", client_mode=True,
-                             initial_peers=[str(m) for m in stock.get_visible_maddrs()]).start()
+        observer = Discovery(
+            Identity.load_or_create(keydir / "o.key"),
+            swarm="stock",
+            client_mode=True,
+            initial_peers=[str(m) for m in stock.get_visible_maddrs()],
+        ).start()
         assert [p.peer_id for p in observer.live_peers()] == [member.peer_id]
         assert observer.refused["invalid_row"] >= 1, dict(observer.refused)
     finally:
@@ -183,8 +200,19 @@ def test_one_garbage_row_on_a_stock_bootstrap_hides_nobody(keydir):
 def test_a_node_of_a_newer_release_stays_in_the_swarm(swarm, observer, keydir):
     """Mixed versions: a node whose records carry fields this release does not know (as a newer
     atoll adds them) is read by every node, not refused as `schema`."""
-    newer = NodeProcess("--key", str(keydir / "newer.key"), "--swarm", SWARM, "--ttl", str(TTL), "--seed", "3",
-                        "--newer-release", "--initial-peers", *swarm[0].info["maddrs"])
+    newer = NodeProcess(
+        "--key",
+        str(keydir / "newer.key"),
+        "--swarm",
+        SWARM,
+        "--ttl",
+        str(TTL),
+        "--seed",
+        "3",
+        "--newer-release",
+        "--initial-peers",
+        *swarm[0].info["maddrs"],
+    )
     try:
         newer_id = newer.ready()["peer_id"]
         assert newer_id in {p.peer_id for p in observer.live_peers()}

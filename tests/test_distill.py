@@ -6,11 +6,22 @@ import pytest
 import torch
 
 from node.data import load_dataset
-from node.distill import (LogitsRefused, check_logits, distill_steps, distillation_loss, edgefd_filter, fused_targets,
-                          knfu_weights, logits_payload, proxy_split, soft_targets, speaking_rows)
-from p2pd.tensors import SnapshotKey, StreamDecoder, TensorStreamError, encode
+from node.distill import (
+    LogitsRefused,
+    check_logits,
+    distill_steps,
+    distillation_loss,
+    edgefd_filter,
+    fused_targets,
+    knfu_weights,
+    logits_payload,
+    proxy_split,
+    soft_targets,
+    speaking_rows,
+)
 from node.models import build_model
 from node.train import evaluate
+from p2pd.tensors import SnapshotKey, StreamDecoder, TensorStreamError, encode
 
 
 def test_proxy_split_is_shared_and_digested():
@@ -77,13 +88,13 @@ def test_distillation_transfers_knowledge_to_another_architecture():
 
 
 def test_soft_targets_validate_weights():
-    l = [torch.zeros(3, 4), torch.ones(3, 4)]
-    t = soft_targets(l, [1, 3])
+    logits = [torch.zeros(3, 4), torch.ones(3, 4)]
+    t = soft_targets(logits, [1, 3])
     assert torch.allclose(t.sum(1), torch.ones(3))
     with pytest.raises(ValueError):
-        soft_targets(l, [1])
+        soft_targets(logits, [1])
     with pytest.raises(ValueError):
-        soft_targets(l, [-1, 1])
+        soft_targets(logits, [-1, 1])
 
 
 def _wire_round_trip(tensors):
@@ -108,16 +119,19 @@ def test_logits_payload_survives_the_wire_and_passes_the_checks():
         assert torch.allclose(logits, model(px[rows]), atol=1e-2)
 
 
-@pytest.mark.parametrize("mutate, reason", [
-    (lambda p: p.update(logits=p["logits"][:, :9]), "logits_shape"),  # 9 classes, not 10
-    (lambda p: p.update(logits=p["logits"][:3]), "logits_shape"),  # fewer rows than the mask says
-    (lambda p: p.update(mask=torch.ones(49, dtype=torch.uint8)), "logits_shape"),  # another proxy size
-    (lambda p: p.update(mask=p["mask"] * 2), "logits_schema"),
-    (lambda p: p.update(mask=p["mask"].float()), "logits_schema"),
-    (lambda p: p.update(extra=torch.zeros(1)), "logits_schema"),
-    (lambda p: p.update(mask=torch.zeros(50, dtype=torch.uint8), logits=torch.zeros(0, 10)), "logits_shape"),
-    (lambda p: p["logits"].__setitem__((0, 0), float("inf")), "non_finite"),
-])
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda p: p.update(logits=p["logits"][:, :9]), "logits_shape"),  # 9 classes, not 10
+        (lambda p: p.update(logits=p["logits"][:3]), "logits_shape"),  # fewer rows than the mask says
+        (lambda p: p.update(mask=torch.ones(49, dtype=torch.uint8)), "logits_shape"),  # another proxy size
+        (lambda p: p.update(mask=p["mask"] * 2), "logits_schema"),
+        (lambda p: p.update(mask=p["mask"].float()), "logits_schema"),
+        (lambda p: p.update(extra=torch.zeros(1)), "logits_schema"),
+        (lambda p: p.update(mask=torch.zeros(50, dtype=torch.uint8), logits=torch.zeros(0, 10)), "logits_shape"),
+        (lambda p: p["logits"].__setitem__((0, 0), float("inf")), "non_finite"),
+    ],
+)
 def test_malformed_logits_are_refused_with_a_reason(mutate, reason):
     mask = torch.zeros(50, dtype=torch.uint8)
     mask[[2, 5, 7, 11]] = 1

@@ -6,8 +6,7 @@ import sys
 
 import pytest
 import yaml
-
-from helpers import atoll_node, NodeProcess, ROOT
+from helpers import ROOT, NodeProcess, atoll_node
 from test_swarm import metrics_text
 
 pytestmark = pytest.mark.integration
@@ -17,12 +16,21 @@ ARCHS = [("mlp", 32), ("mlp", 128), ("cnn", 16)]
 def node_config(path, workdir, i, n, swarm, rounds, method="edgefd", **comm):
     family, width = ARCHS[i % len(ARCHS)]
     cfg = {
-        "node_index": i, "node_count": n, "checkpoint_dir": str(workdir / f"n{i}" / "ckpt"), "metrics_port": 0,
+        "node_index": i,
+        "node_count": n,
+        "checkpoint_dir": str(workdir / f"n{i}" / "ckpt"),
+        "metrics_port": 0,
         "data": {"partition": "dirichlet", "alpha": 0.3},
         "model": {"family": family, "width": width},
         "train": {"rounds": rounds, "local_steps": 10},
-        "comm": {"exchange": "logits", "topology": "complete", "fetch_timeout": 10, "min_peers": n,
-                 "join_timeout": 60, **comm},
+        "comm": {
+            "exchange": "logits",
+            "topology": "complete",
+            "fetch_timeout": 10,
+            "min_peers": n,
+            "join_timeout": 60,
+            **comm,
+        },
         "distill": {"method": method, "proxy_size": 300, "steps": 20},
         "net": {"swarm": swarm, "identity_path": str(workdir / f"n{i}" / "node.key"), "record_ttl": 4},
     }
@@ -64,10 +72,21 @@ def test_malformed_logits_are_refused_and_counted(tmp_path):
     try:
         for k, mode in enumerate(("shape", "nan", "proxy", "unsigned")):
             extra = ["--initial-peers", *peers[0].info["maddrs"]] if peers else []
-            peers.append(NodeProcess("--key", str(tmp_path / f"evil{k}.key"), "--swarm", swarm, "--mode", mode,
-                                     "--rounds", str(rounds), *extra,
-                                     command=[sys.executable, str(ROOT / "tests" / "logits_peer.py")],
-                                     stderr_path=tmp_path / f"evil{k}.log"))
+            peers.append(
+                NodeProcess(
+                    "--key",
+                    str(tmp_path / f"evil{k}.key"),
+                    "--swarm",
+                    swarm,
+                    "--mode",
+                    mode,
+                    "--rounds",
+                    str(rounds),
+                    *extra,
+                    command=[sys.executable, str(ROOT / "tests" / "logits_peer.py")],
+                    stderr_path=tmp_path / f"evil{k}.log",
+                )
+            )
             peers[-1].ready(60)
         # fetch_timeout 3: the unsigned peer is waited for until the deadline in every round
         cfg = node_config(tmp_path / "honest.yaml", tmp_path, 0, 1, swarm, rounds, min_peers=5, fetch_timeout=3)

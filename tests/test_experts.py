@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from node.experts import ensemble, flow
+from node.experts import ensemble
 from node.experts.cluster import cluster, from_unit, to_unit
 from node.experts.evaluate import frechet
 from node.experts.service import RouterService, matrix_from_pb, matrix_to_pb, serve
@@ -33,10 +33,16 @@ def test_clustering_is_deterministic_and_ordered(digits):
     assert torch.allclose(from_unit(to_unit(digits.x_train[:3]), (1, 8, 8)), digits.x_train[:3])
 
 
-@pytest.mark.parametrize("shape,data,why", [
-    ([4], b"\0" * 16, "rank"), ([2, 3], b"\0" * 24, "columns"), ([0, 4], b"", "rows"),
-    ([2, 4], b"\0" * 31, "bytes"), ([5000, 4], b"\0" * 80000, "rows"),
-])
+@pytest.mark.parametrize(
+    "shape,data,why",
+    [
+        ([4], b"\0" * 16, "rank"),
+        ([2, 3], b"\0" * 24, "columns"),
+        ([0, 4], b"", "rows"),
+        ([2, 4], b"\0" * 31, "bytes"),
+        ([5000, 4], b"\0" * 80000, "rows"),
+    ],
+)
 def test_matrix_validation_refuses_malformed(shape, data, why):
     with pytest.raises(ValueError, match=why):
         matrix_from_pb(pb.Matrix(shape=shape, data=data), cols=4)
@@ -78,14 +84,30 @@ def test_ensemble_drops_a_failing_expert_and_renormalises():
     def broken(x, t):
         raise ensemble.ExpertUnavailable("gone")
 
-    res = ensemble.sample(_uniform_router(3), {0: _const(1.0), 1: broken, 2: _const(3.0)}, 3, n=5, dim=2, steps=4,
-                          top=3, x0=torch.zeros(5, 2))
+    res = ensemble.sample(
+        _uniform_router(3),
+        {0: _const(1.0), 1: broken, 2: _const(3.0)},
+        3,
+        n=5,
+        dim=2,
+        steps=4,
+        top=3,
+        x0=torch.zeros(5, 2),
+    )
     assert res.failed == {1: "gone"} and all(s == {0, 2} for s in res.served)
     assert torch.allclose(res.x, torch.full((5, 2), 2.0))  # mean of 1 and 3 over t in [0, 1]
     with pytest.raises(ensemble.ExpertUnavailable):
         ensemble.sample(_uniform_router(2), {0: broken}, 2, n=2, dim=2, steps=2, top=1, x0=torch.zeros(2, 2))
-    nan = ensemble.sample(_uniform_router(2), {0: _const(float("nan")), 1: _const(1.0)}, 2, n=2, dim=2, steps=2,
-                          top=2, x0=torch.zeros(2, 2))
+    nan = ensemble.sample(
+        _uniform_router(2),
+        {0: _const(float("nan")), 1: _const(1.0)},
+        2,
+        n=2,
+        dim=2,
+        steps=2,
+        top=2,
+        x0=torch.zeros(2, 2),
+    )
     assert 0 in nan.failed and torch.isfinite(nan.x).all()
 
 
@@ -98,8 +120,13 @@ def test_ensemble_reports_experts_per_step_so_a_short_strategy_is_visible():
 
     def drifting(x, t):  # prefers experts (0, 1) early and (2, 3) late
         early = (t < 0.5).to(torch.float32).unsqueeze(1)
-        return torch.cat([early.expand(-1, 2) * 2.0 + 0.1 * torch.tensor([1.0, 0.0]),
-                          (1 - early).expand(-1, 2) * 2.0 + 0.1 * torch.tensor([1.0, 0.0])], dim=1)
+        return torch.cat(
+            [
+                early.expand(-1, 2) * 2.0 + 0.1 * torch.tensor([1.0, 0.0]),
+                (1 - early).expand(-1, 2) * 2.0 + 0.1 * torch.tensor([1.0, 0.0]),
+            ],
+            dim=1,
+        )
 
     everyone = {j: _const(float(j)) for j in range(4)}
     res = ensemble.sample(drifting, everyone, 4, n=2, dim=2, steps=4, top=2, x0=torch.zeros(2, 2))
@@ -117,21 +144,30 @@ def test_router_service_batches_concurrent_requests_and_refuses_bad_ones():
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.RouterStub(ch)
             replies = []
-            first = threading.Thread(target=lambda: replies.append(stub.Sample(pb.SampleRequest(n=2, strategy="top1"),
-                                                                                timeout=30)))
+            first = threading.Thread(
+                target=lambda: replies.append(stub.Sample(pb.SampleRequest(n=2, strategy="top1"), timeout=30))
+            )
             first.start()
             time.sleep(0.3)  # the first run is going: the next three wait and are served by one run
-            rest = [threading.Thread(target=lambda s=s: replies.append(
-                stub.Sample(pb.SampleRequest(n=3, strategy="top1", seed=s), timeout=30))) for s in range(3)]
+            rest = [
+                threading.Thread(
+                    target=lambda s=s: replies.append(
+                        stub.Sample(pb.SampleRequest(n=3, strategy="top1", seed=s), timeout=30)
+                    )
+                )
+                for s in range(3)
+            ]
             for th in rest:
                 th.start()
             for th in [first, *rest]:
                 th.join(30)
             assert len(replies) == 4 and sorted(len(r.served) for r in replies) == [2, 3, 3, 3]
             assert svc.runs == 2
-            for req, what in ((pb.SampleRequest(n=9, strategy="top1"), "n must be"),
-                              (pb.SampleRequest(n=1, strategy="median"), "strategy"),
-                              (pb.SampleRequest(n=1, strategy="top1", steps=501), "steps")):
+            for req, what in (
+                (pb.SampleRequest(n=9, strategy="top1"), "n must be"),
+                (pb.SampleRequest(n=1, strategy="median"), "strategy"),
+                (pb.SampleRequest(n=1, strategy="top1", steps=501), "steps"),
+            ):
                 with pytest.raises(grpc.RpcError) as e:
                     stub.Sample(req, timeout=10)
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and what in e.value.details()
@@ -145,8 +181,11 @@ def test_denoiser_learns_and_resumes_from_checkpoint(tmp_path):
     from node.config import NodeConfig
     from node.experts.roles import ExpertNode
 
-    cfg = NodeConfig(role="expert", checkpoint_dir=tmp_path, experts=dict(clusters=2, cluster=1, steps=120, width=32,
-                                                                        checkpoint_every=40))
+    cfg = NodeConfig(
+        role="expert",
+        checkpoint_dir=tmp_path,
+        experts=dict(clusters=2, cluster=1, steps=120, width=32, checkpoint_every=40),
+    )
     events = []
     node = ExpertNode(cfg, events.append)
     node.stop_requested.set()  # stop at the first checkpoint
@@ -159,7 +198,9 @@ def test_denoiser_learns_and_resumes_from_checkpoint(tmp_path):
     assert ExpertNode(cfg).run(serve=False)["checkpoint"] == done["checkpoint"]  # finished: loaded, not retrained
     first_losses = [e["loss"] for e in events if e["event"] == "train"]
     assert first_losses[-1] < first_losses[0]
-    other = NodeConfig(role="expert", checkpoint_dir=tmp_path, experts=dict(clusters=2, cluster=1, steps=120, width=64))
+    other = NodeConfig(
+        role="expert", checkpoint_dir=tmp_path, experts=dict(clusters=2, cluster=1, steps=120, width=64)
+    )
     with pytest.raises(ValueError, match="another expert"):
         ExpertNode(other).run(serve=False)
 

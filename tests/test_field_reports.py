@@ -9,16 +9,18 @@ import sys
 
 import pytest
 import yaml
-
 from helpers import ROOT, NodeProcess, atoll_node
 
 pytestmark = pytest.mark.integration
 
 
 def _config(path, workdir, name: str, swarm: str, **extra) -> str:
-    cfg = {"checkpoint_dir": str(workdir / name / "ck"), "metrics_port": None,
-           "train": {"rounds": 100_000, "local_steps": 5},
-           "net": {"swarm": swarm, "identity_path": str(workdir / f"{name}.key"), "record_ttl": 6}}
+    cfg = {
+        "checkpoint_dir": str(workdir / name / "ck"),
+        "metrics_port": None,
+        "train": {"rounds": 100_000, "local_steps": 5},
+        "net": {"swarm": swarm, "identity_path": str(workdir / f"{name}.key"), "record_ttl": 6},
+    }
     cfg.update(extra)
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -37,15 +39,35 @@ def test_a_copied_key_is_refused_and_the_original_keeps_its_record(tmp_path):
         nodes.append(b)
         b_maddr = b.ready(90)["maddrs"][0]
         shutil.copy(tmp_path / "a.key", tmp_path / "copy.key")
-        copy = subprocess.run([sys.executable, "-m", "node.cli", "node", "start", "-c",
-                               _config(tmp_path / "c.yaml", tmp_path, "c", "dup"), "--identity",
-                               str(tmp_path / "copy.key"), "-p", b_maddr], capture_output=True, text=True,
-                              timeout=120, cwd=ROOT)
+        copy = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "node.cli",
+                "node",
+                "start",
+                "-c",
+                _config(tmp_path / "c.yaml", tmp_path, "c", "dup"),
+                "--identity",
+                str(tmp_path / "copy.key"),
+                "-p",
+                b_maddr,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
         assert copy.returncode == 2, copy.stderr[-2000:]
         assert "already in use by a live node at " + a.info["grpc"] in copy.stderr
         assert len([line for line in copy.stderr.splitlines() if line.startswith("error:")]) == 1
-        status = subprocess.run([sys.executable, "-m", "node.cli", "status", "-p", boot[0], "--swarm", "dup", "--json"],
-                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        status = subprocess.run(
+            [sys.executable, "-m", "node.cli", "status", "-p", boot[0], "--swarm", "dup", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
         records = {r["peer_id"]: r for r in yaml.safe_load(status.stdout)}
         assert records[a.info["peer_id"]]["grpc_address"] == a.info["grpc"] and len(records) == 2
         assert a.proc.poll() is None and b.proc.poll() is None
@@ -66,8 +88,13 @@ def test_a_diverging_node_rolls_back_never_checkpoints_nan_and_exits_non_zero(tm
     from node import checkpoint
 
     cfg = _config(tmp_path / "n.yaml", tmp_path, "n", "nan", train={"rounds": 3, "local_steps": 5})
-    good = subprocess.run([sys.executable, "-m", "node.cli", "node", "start", "-c", cfg], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
+    good = subprocess.run(
+        [sys.executable, "-m", "node.cli", "node", "start", "-c", cfg],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert good.returncode == 0, good.stderr[-2000:]
     ck = tmp_path / "n" / "ck"
     model, optim, state = checkpoint.load(ck, torch.device("cpu"))
@@ -75,8 +102,13 @@ def test_a_diverging_node_rolls_back_never_checkpoints_nan_and_exits_non_zero(tm
     checkpoint.save(ck, huge, optim, state)
     before = json.loads((ck / "state.json").read_text())
 
-    bad = subprocess.run([sys.executable, "-m", "node.cli", "node", "start", "-c", cfg, "--set", "train.rounds=6"],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    bad = subprocess.run(
+        [sys.executable, "-m", "node.cli", "node", "start", "-c", cfg, "--set", "train.rounds=6"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert bad.returncode == 2, bad.stdout[-1000:] + bad.stderr[-2000:]
     assert "non-finite (NaN/Inf)" in bad.stderr and "3 times in a row" in bad.stderr
     assert bad.stderr.count("rolled back to the last good state and redoing the round") == 2
@@ -90,11 +122,22 @@ def test_a_lone_node_skips_the_final_merge_at_once_and_quietly(tmp_path):
     merge_timeout (60 s), then printed hivemind's "could not find a group" with a traceback."""
     import time
 
-    cfg = _config(tmp_path / "n.yaml", tmp_path, "n", "lone", train={"rounds": 2, "local_steps": 5},
-                  comm={"final_merge": True, "merge_timeout": 60})
+    cfg = _config(
+        tmp_path / "n.yaml",
+        tmp_path,
+        "n",
+        "lone",
+        train={"rounds": 2, "local_steps": 5},
+        comm={"final_merge": True, "merge_timeout": 60},
+    )
     t0 = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "node.cli", "node", "start", "-c", cfg, "--json-events"],
-                         capture_output=True, text=True, timeout=50, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, "-m", "node.cli", "node", "start", "-c", cfg, "--json-events"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert time.monotonic() - t0 < 45
     done = [line for line in run.stdout.splitlines() if '"event": "done"' in line]
@@ -111,14 +154,21 @@ def test_ports_in_use_are_refused_with_the_setting_named(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        cases = {"net.dht_listen": f"net.dht_listen=['/ip4/127.0.0.1/tcp/{port}']",
-                 "metrics_port": f"metrics_port={port}", "net.grpc_port": f"net.grpc_port={port}"}
+        cases = {
+            "net.dht_listen": f"net.dht_listen=['/ip4/127.0.0.1/tcp/{port}']",
+            "metrics_port": f"metrics_port={port}",
+            "net.grpc_port": f"net.grpc_port={port}",
+        }
         runs = {}
         for i, (setting, value) in enumerate(cases.items()):  # at once: each pays the start-up
             cfg = _config(tmp_path / f"n{i}.yaml", tmp_path, f"n{i}", "ports")
-            runs[setting] = subprocess.Popen([sys.executable, "-m", "node.cli", "node", "start", "-c", cfg, "--set",
-                                              value], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                             cwd=ROOT)
+            runs[setting] = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "node", "start", "-c", cfg, "--set", value],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+            )
         for setting, run in runs.items():
             _, err = run.communicate(timeout=120)
             assert run.returncode == 2 and setting in err and str(port) in err, err[-1500:]
@@ -142,10 +192,23 @@ def test_a_two_node_swarm_on_ipv6_loopback(tmp_path):
     import urllib.request
 
     def cfg(name: str, host: str) -> str:
-        return _config(tmp_path / f"{name}.yaml", tmp_path, name, "six", node_count=2, node_index=int(name == "b"),
-                       metrics_port=0, train={"rounds": 4, "local_steps": 5},
-                       net={"swarm": "six", "identity_path": str(tmp_path / f"{name}.key"), "record_ttl": 6,
-                            "host": host, "dht_listen": ["/ip6/::1/tcp/0"]})
+        return _config(
+            tmp_path / f"{name}.yaml",
+            tmp_path,
+            name,
+            "six",
+            node_count=2,
+            node_index=int(name == "b"),
+            metrics_port=0,
+            train={"rounds": 4, "local_steps": 5},
+            net={
+                "swarm": "six",
+                "identity_path": str(tmp_path / f"{name}.key"),
+                "record_ttl": 6,
+                "host": host,
+                "dht_listen": ["/ip6/::1/tcp/0"],
+            },
+        )
 
     a = atoll_node(cfg("a", "::1"), log=tmp_path / "a.log")
     nodes = [a]
@@ -173,9 +236,18 @@ def test_an_unreachable_neighbour_is_backed_off_and_both_are_told(tmp_path):
     import re
 
     def cfg(name: str, **net) -> str:
-        return _config(tmp_path / f"{name}.yaml", tmp_path, name, "reach", node_count=2, node_index=int(name == "b"),
-                       log_level="INFO", train={"rounds": 12, "local_steps": 5}, comm={"fetch_timeout": 2},
-                       net={"swarm": "reach", "identity_path": str(tmp_path / f"{name}.key"), "record_ttl": 6, **net})
+        return _config(
+            tmp_path / f"{name}.yaml",
+            tmp_path,
+            name,
+            "reach",
+            node_count=2,
+            node_index=int(name == "b"),
+            log_level="INFO",
+            train={"rounds": 12, "local_steps": 5},
+            comm={"fetch_timeout": 2},
+            net={"swarm": "reach", "identity_path": str(tmp_path / f"{name}.key"), "record_ttl": 6, **net},
+        )
 
     a = atoll_node(cfg("a"), log=tmp_path / "a.log")
     nodes = [a]

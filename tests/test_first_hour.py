@@ -16,8 +16,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers import ROOT
+
 from node.config import load_config
 from p2pd.identity import Identity, IdentityError
 
@@ -36,6 +36,7 @@ def atoll(*args: str, timeout: float = 120, env: dict | None = None) -> subproce
 
 # -- configuration -------------------------------------------------------------------------
 
+
 def test_node_commands_take_the_readme_swarm_file():
     """`atoll node start -c examples/swarm4.yaml` used to answer `nodes: Extra inputs are not
     permitted`: a swarm file gives its node: section, node_count and the node's per_node."""
@@ -45,7 +46,9 @@ def test_node_commands_take_the_readme_swarm_file():
     cnn = load_config(ROOT / "examples/mixed3.yaml", {"node_index": 2})
     assert (cnn.model.family, cnn.model.width, cnn.node_count) == ("cnn", 32, 3)
     bad = atoll("config", "show", "-c", "examples/mixed3.yaml", "--set", "node_index=7")
-    assert bad.returncode == 2 and "swarm file" in bad.stderr and "0..2" in bad.stderr and "Traceback" not in bad.stderr
+    assert (
+        bad.returncode == 2 and "swarm file" in bad.stderr and "0..2" in bad.stderr and "Traceback" not in bad.stderr
+    )
 
 
 def test_setting_one_local_budget_replaces_the_other():
@@ -85,10 +88,19 @@ def test_bench_help_lists_the_method_names():
 
 # -- a 2-machine swarm as the example script and README form it ----------------------------
 
+
 class Terminal:
     def __init__(self, args: list[str], env: dict, log: Path):
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=open(log, "wb"),
-                                     stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=open(log, "wb"),
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
         self.out: list[str] = []
         threading.Thread(target=lambda: self.out.extend(self.proc.stdout), daemon=True).start()
 
@@ -121,8 +133,17 @@ def test_two_machines_example_forms_a_2_node_swarm_and_status_shows_it(tmp_path)
     def env(name: str, port: int) -> dict:
         home = tmp_path / name
         home.mkdir()
-        return {**ENV, "HOME": str(home), "ATOLL": ATOLL, "ADVERTISE": "127.0.0.1", "HOST": "127.0.0.1", "ROUNDS": "25",
-                "DHT_PORT": str(port), "GRPC_PORT": str(port + 1), "METRICS_PORT": str(port + 2)}
+        return {
+            **ENV,
+            "HOME": str(home),
+            "ATOLL": ATOLL,
+            "ADVERTISE": "127.0.0.1",
+            "HOST": "127.0.0.1",
+            "ROUNDS": "25",
+            "DHT_PORT": str(port),
+            "GRPC_PORT": str(port + 1),
+            "METRICS_PORT": str(port + 2),
+        }
 
     base = 20000 + os.getpid() % 20000
     first = Terminal(["bash", script, "first"], env("a", base), tmp_path / "a.log")
@@ -156,18 +177,38 @@ def test_two_machines_example_forms_a_2_node_swarm_and_status_shows_it(tmp_path)
 
 # -- atoll swarm up: Ctrl-C and 80 columns --------------------------------------------------
 
+
 @pytest.mark.integration
 def test_ctrl_c_on_swarm_up_stops_every_node_with_a_checkpoint_and_a_summary(tmp_path):
     """Before: the prompt came back at once with rc 130 and no word; the nodes kept training
     as orphans and died later of a broken pipe without a checkpoint."""
     wd = tmp_path / "wd"
-    up = subprocess.Popen([ATOLL, "swarm", "up", "--nodes", "3", "--rounds", "100000", "--workdir", str(wd),
-                           "--set", "train.local_steps=5"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+    up = subprocess.Popen(
+        [
+            ATOLL,
+            "swarm",
+            "up",
+            "--nodes",
+            "3",
+            "--rounds",
+            "100000",
+            "--workdir",
+            str(wd),
+            "--set",
+            "train.local_steps=5",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not all(
-                (wd / f"node{i}" / "checkpoints" / "state.json").exists() for i in range(3)):
+            (wd / f"node{i}" / "checkpoints" / "state.json").exists() for i in range(3)
+        ):
             time.sleep(0.5)
         nodes = [p for p in psutil.Process(up.pid).children() if "node" in " ".join(p.cmdline())]
         trees = [q for n in nodes for q in [n, *n.children(recursive=True)]]
@@ -178,8 +219,11 @@ def test_ctrl_c_on_swarm_up_stops_every_node_with_a_checkpoint_and_a_summary(tmp
         assert up.returncode == 130, err[-2000:]
         assert "interrupted after" in out and len(re.findall(r"node \d \(mlp:128\): stopped at round \d+", out)) == 3
         time.sleep(1.0)
-        left = [f"{p.pid}:{p.name()}" for p in trees if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                and p.name() != "torch_shm_manager"]  # torch's helper idles and exits by itself
+        left = [
+            f"{p.pid}:{p.name()}"
+            for p in trees
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and p.name() != "torch_shm_manager"
+        ]  # torch's helper idles and exits by itself
         assert not left, f"node processes left behind: {left}"
         for i in range(3):
             state = json.loads((wd / f"node{i}" / "checkpoints" / "state.json").read_text())
@@ -195,11 +239,14 @@ def test_ctrl_c_on_swarm_up_stops_every_node_with_a_checkpoint_and_a_summary(tmp
         up.wait(10)
 
 
-@pytest.mark.parametrize("sets, message", [
-    ({"train.rounds": True}, "train.rounds: expected int, got True"),
-    ({"comm.fetch_timeout": False}, "comm.fetch_timeout: expected float, got False"),
-    ({"data.path": "/tmp"}, "digits ships inside scikit-learn and takes no path"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        ({"train.rounds": True}, "train.rounds: expected int, got True"),
+        ({"comm.fetch_timeout": False}, "comm.fetch_timeout: expected float, got False"),
+        ({"data.path": "/tmp"}, "digits ships inside scikit-learn and takes no path"),
+    ],
+)
 def test_config_that_would_be_meaningless_is_refused(sets, message):
     """Field report: `train.rounds=true` was taken as 1 round and `data.path` was silently
     ignored for digits."""

@@ -43,9 +43,13 @@ def _evil_parts(round_: int):
         bad[1].chunk.dtype = "complex128"
         return bad
     if round_ == 6:  # one message over the receiver's max message size
-        big = pb.TensorChunk(name="w", dtype="uint8", shape=[MAX_MESSAGE_BYTES + 10], payload=b"\x00" * (MAX_MESSAGE_BYTES + 10))
-        return [pb.SnapshotPart(header=pb.StreamHeader(key=key, tensor_count=1, total_bytes=MAX_MESSAGE_BYTES + 10)),
-                pb.SnapshotPart(chunk=big)]
+        big = pb.TensorChunk(
+            name="w", dtype="uint8", shape=[MAX_MESSAGE_BYTES + 10], payload=b"\x00" * (MAX_MESSAGE_BYTES + 10)
+        )
+        return [
+            pb.SnapshotPart(header=pb.StreamHeader(key=key, tensor_count=1, total_bytes=MAX_MESSAGE_BYTES + 10)),
+            pb.SnapshotPart(chunk=big),
+        ]
     return good
 
 
@@ -58,10 +62,22 @@ def evil_server():
         for part in _evil_parts(r):
             yield part.SerializeToString()
 
-    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(4),
-                         options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        SERVICE_NAME, {"Fetch": grpc.unary_stream_rpc_method_handler(fetch, request_deserializer=pb.FetchRequest.FromString)})])
+    server = grpc.server(
+        __import__("concurrent.futures").futures.ThreadPoolExecutor(4),
+        options=[("grpc.max_send_message_length", 64 * 1024 * 1024)],
+    )
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                SERVICE_NAME,
+                {
+                    "Fetch": grpc.unary_stream_rpc_method_handler(
+                        fetch, request_deserializer=pb.FetchRequest.FromString
+                    )
+                },
+            )
+        ]
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield f"127.0.0.1:{port}"
@@ -81,7 +97,14 @@ def node():
 
 @pytest.mark.parametrize(
     "round_,reason",
-    [(1, "truncated"), (2, "digest_mismatch"), (3, "non_finite"), (4, "oversize"), (5, "unknown_dtype"), (6, "oversize")],
+    [
+        (1, "truncated"),
+        (2, "digest_mismatch"),
+        (3, "non_finite"),
+        (4, "oversize"),
+        (5, "unknown_dtype"),
+        (6, "oversize"),
+    ],
 )
 def test_bad_streams_refused_and_node_keeps_serving(evil_server, node, round_, reason):
     server, published = node
@@ -151,17 +174,24 @@ def _self_signed(tmp_path):
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "atoll-test")])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_file, key_file
 
 
@@ -219,8 +249,9 @@ def test_fetch_without_deadline_is_refused_and_stalled_readers_cannot_block_heal
     # no BDP probing: the receive window stays at its 64 KiB default, so a reader that stops
     # reading really stalls the server (with probing the window can grow to hold all 4 MiB)
     channel = grpc.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)])
-    raw = channel.unary_stream(f"/{SERVICE_NAME}/Fetch", request_serializer=pb.FetchRequest.SerializeToString,
-                               response_deserializer=None)
+    raw = channel.unary_stream(
+        f"/{SERVICE_NAME}/Fetch", request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=None
+    )
     req = pb.FetchRequest(key=SnapshotKey("model", 1).to_pb())
     try:
         with pytest.raises(grpc.RpcError) as e:

@@ -70,7 +70,10 @@ def test_peer_id_matches_py_libp2p(keydir):
     )
     out = subprocess.run(
         [sys.executable, "-c", code, seed.hex(), ident.sign(b"m").hex()],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     ref = json.loads(out.stdout.strip().splitlines()[-1])
     assert ref["id"] == ident.peer_id

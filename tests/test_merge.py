@@ -15,8 +15,14 @@ pytestmark = pytest.mark.integration
 @pytest.mark.parametrize("how", ["mean", "variance_corrected"])
 def test_allreduce_merge_matches_the_pure_function(how):
     g = torch.Generator().manual_seed(0)
-    states = [{"fc.weight": torch.randn(32, 16, generator=g), "fc.bias": torch.randn(32, generator=g),
-               "steps": torch.tensor(i)} for i in range(2)]
+    states = [
+        {
+            "fc.weight": torch.randn(32, 16, generator=g),
+            "fc.bias": torch.randn(32, generator=g),
+            "steps": torch.tensor(i),
+        }
+        for i in range(2)
+    ]
     dhts, merges, results = [], [], [None, None]
 
     def go(i):
@@ -24,8 +30,11 @@ def test_allreduce_merge_matches_the_pure_function(how):
 
     try:
         dhts.append(start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
-        dhts.append(start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                              initial_peers=[str(m) for m in dhts[0].get_visible_maddrs()]))
+        dhts.append(
+            start_dht(
+                host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[str(m) for m in dhts[0].get_visible_maddrs()]
+            )
+        )
         merges = [FinalMerge(d, "mtest", states[0], group_size=2, timeout=30, how=how) for d in dhts]
         threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
         for t in threads:

@@ -8,12 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
-
-from helpers import ROOT, NodeProcess
+from helpers import NodeProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # about 45 s: `make test-all`
 HOSTS = ("a", "b", "c")  # c is the slow one
@@ -70,8 +68,22 @@ def hosts():
             addrs[h] = (ns, f"{SUBNET}.{i}", inner)
         ns, _, dev = addrs["c"]
         # the slow host sends at 200 kbit/s: one ~105 KB model takes about 4 s, past the 2 s fetch deadline
-        sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "200kbit", "burst", "16kbit", "latency", "500ms",
-           ns=ns)
+        sh(
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            dev,
+            "root",
+            "tbf",
+            "rate",
+            "200kbit",
+            "burst",
+            "16kbit",
+            "latency",
+            "500ms",
+            ns=ns,
+        )
         yield addrs
     finally:
         for ns in reversed(made):  # deleting a namespace removes its veth end, and so the pair
@@ -80,16 +92,30 @@ def hosts():
 
 def start(tmp_path, addrs, h, i, initial=None):
     ns, ip, _ = addrs[h]
-    cfg = {"node_index": i, "node_count": len(HOSTS), "checkpoint_dir": str(tmp_path / h), "metrics_port": None,
-           "train": {"rounds": ROUNDS, "local_steps": 10},
-           "comm": {"topology": "complete", "fetch_timeout": FETCH_TIMEOUT, "min_peers": len(HOSTS),
-                    "join_timeout": 90},
-           "net": {"swarm": "hosts", "host": ip, "dht_listen": [f"/ip4/{ip}/tcp/0"], "record_ttl": 6,
-                   "identity_path": str(tmp_path / f"{h}.key"), "initial_peers": [initial] if initial else []}}
+    cfg = {
+        "node_index": i,
+        "node_count": len(HOSTS),
+        "checkpoint_dir": str(tmp_path / h),
+        "metrics_port": None,
+        "train": {"rounds": ROUNDS, "local_steps": 10},
+        "comm": {"topology": "complete", "fetch_timeout": FETCH_TIMEOUT, "min_peers": len(HOSTS), "join_timeout": 90},
+        "net": {
+            "swarm": "hosts",
+            "host": ip,
+            "dht_listen": [f"/ip4/{ip}/tcp/0"],
+            "record_ttl": 6,
+            "identity_path": str(tmp_path / f"{h}.key"),
+            "initial_peers": [initial] if initial else [],
+        },
+    }
     (tmp_path / f"{h}.yaml").write_text(yaml.safe_dump(cfg))
-    return NodeProcess("--config", str(tmp_path / f"{h}.yaml"), "--json-events",
-                       command=["ip", "netns", "exec", ns, sys.executable, "-m", "node.cli", "node", "start"],
-                       stderr_path=tmp_path / f"{h}.log")
+    return NodeProcess(
+        "--config",
+        str(tmp_path / f"{h}.yaml"),
+        "--json-events",
+        command=["ip", "netns", "exec", ns, sys.executable, "-m", "node.cli", "node", "start"],
+        stderr_path=tmp_path / f"{h}.log",
+    )
 
 
 def test_swarm_across_namespaces_with_a_throttled_host(hosts, tmp_path):

@@ -1,7 +1,5 @@
 """Units of node/: config, partitions, topology, mixing, checkpoints, local training."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -19,18 +17,23 @@ from node.train import LocalTrainer, evaluate, make_optimizer, optimizer_tensors
 def test_yaml_then_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  rounds: 7\ndata:\n  alpha: 0.1\n")
-    cfg = load_config(p, dict([parse_override("train.rounds=9"), parse_override("net.initial_peers=[/ip4/1.2.3.4/tcp/1]")]))
+    cfg = load_config(
+        p, dict([parse_override("train.rounds=9"), parse_override("net.initial_peers=[/ip4/1.2.3.4/tcp/1]")])
+    )
     assert cfg.train.rounds == 9 and cfg.data.alpha == 0.1 and cfg.net.initial_peers == ["/ip4/1.2.3.4/tcp/1"]
 
 
-@pytest.mark.parametrize("overrides,field", [
-    ({"train.rounds": 0}, "train.rounds"),
-    ({"optim.lr": "fast"}, "optim.lr"),
-    ({"data.partition": "random"}, "data.partition"),
-    ({"trian.rounds": 3}, "trian"),
-    ({"node_index": 4, "node_count": 4}, "node_index"),
-    ({"device": "tpu"}, "device"),
-])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"train.rounds": 0}, "train.rounds"),
+        ({"optim.lr": "fast"}, "optim.lr"),
+        ({"data.partition": "random"}, "data.partition"),
+        ({"trian.rounds": 3}, "trian"),
+        ({"node_index": 4, "node_count": 4}, "node_index"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
 def test_bad_values_name_the_field_in_one_line(overrides, field):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
@@ -65,7 +68,12 @@ def test_dirichlet_skew_follows_alpha():
     y = load_dataset().y_train.numpy()
 
     def mean_classes_per_node(alpha):  # classes holding >= 5% of a node's data
-        return np.mean([(np.bincount(y[p], minlength=10) / len(p) >= 0.05).sum() for p in partition(y, 8, "dirichlet", alpha=alpha)])
+        return np.mean(
+            [
+                (np.bincount(y[p], minlength=10) / len(p) >= 0.05).sum()
+                for p in partition(y, 8, "dirichlet", alpha=alpha)
+            ]
+        )
 
     assert mean_classes_per_node(0.1) < mean_classes_per_node(100.0)
 
@@ -133,7 +141,9 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
     assert state["round"] == 6 and all(torch.equal(m2[k], v) for k, v in model.state_dict().items())
     opt2 = make_optimizer(build_model("mlp", (1, 8, 8), 10, 16), "sgd", 0.1, 0.9, 0.0)
     restore_optimizer(opt2, o2, state["optim"])
-    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert torch.equal(
+        opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"]
+    )
     # corrupted file, non-object state: a clear CheckpointError, never a traceback from deep inside
     (tmp_path / "model-2.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
@@ -277,6 +287,7 @@ def test_swarm_config_per_node_overrides(tmp_path):
 
 def test_example_swarm_config_is_valid():
     from helpers import ROOT
+
     from node.config import load_swarm_config
 
     s = load_swarm_config(ROOT / "examples" / "swarm4.yaml")
@@ -321,8 +332,14 @@ def test_variance_corrected_mean_restores_variance_and_skips_norms():
     from node.aggregate import mean, variance_corrected_mean
 
     g = torch.Generator().manual_seed(0)
-    states = [{"fc.weight": torch.randn(64, 64, generator=g), "bn.weight": torch.randn(64, generator=g),
-               "bn.num_batches_tracked": torch.tensor(i)} for i in range(8)]
+    states = [
+        {
+            "fc.weight": torch.randn(64, 64, generator=g),
+            "bn.weight": torch.randn(64, generator=g),
+            "bn.num_batches_tracked": torch.tensor(i),
+        }
+        for i in range(8)
+    ]
     plain, corrected = mean(states), variance_corrected_mean(states)
     # independent inits: the plain mean has ~1/8 of the variance, the corrected one ~all of it
     assert plain["fc.weight"].var() < 0.2
@@ -339,8 +356,9 @@ def test_sam_steps_learn_and_differ_from_sgd():
     out = {}
     for rho in (0.0, 0.05):
         model = build_model("mlp", ds.input_shape, 10, 64, seed=0)
-        trainer = LocalTrainer(model, make_optimizer(model, "sgd", 0.05, 0.9, 0.0), ds.x_train, ds.y_train, 32,
-                               seed=0, sam_rho=rho)
+        trainer = LocalTrainer(
+            model, make_optimizer(model, "sgd", 0.05, 0.9, 0.0), ds.x_train, ds.y_train, 32, seed=0, sam_rho=rho
+        )
         trainer.train_round(0, steps=300)
         out[rho] = (evaluate(model, ds.x_test, ds.y_test), model.state_dict()["1.weight"].clone())
     assert out[0.05][0] > 0.9

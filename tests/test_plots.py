@@ -7,7 +7,6 @@ import json
 
 import matplotlib.figure
 import pytest
-
 from helpers import ROOT
 
 BENCH = ROOT / "docs" / "benchmarks"

@@ -79,6 +79,7 @@ def test_an_error_is_raised_at_once_not_retried():
 def test_an_orphaned_hivemind_lock_is_repaired_before_a_start():
     """A forked process dies holding hivemind's MPFuture lock: a later DHT would never report
     ready. The start repairs the lock and the real DHT starts."""
+
     def hold():
         MPFuture._update_lock.acquire()
         time.sleep(60)

@@ -13,12 +13,16 @@ import urllib.request
 
 import pytest
 import yaml
-
 from helpers import ROOT, atoll_node, kill_tree
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow,  # about 40 s: `make test-all`
-              pytest.mark.skipif(shutil.which("prometheus") is None,
-                                 reason="prometheus (Debian package prometheus, installed by .ci/run) is missing")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,  # about 40 s: `make test-all`
+    pytest.mark.skipif(
+        shutil.which("prometheus") is None,
+        reason="prometheus (Debian package prometheus, installed by .ci/run) is missing",
+    ),
+]
 N = 3
 
 
@@ -40,11 +44,17 @@ def test_prometheus_scrapes_the_swarm_through_file_sd(tmp_path):
     nodes, prom = [], None
     try:
         for i in range(N):
-            cfg = {"node_index": i, "node_count": N, "checkpoint_dir": str(tmp_path / f"n{i}"), "metrics_port": 0,
-                   "model": {"family": "mlp", "width": 32}, "train": {"rounds": 1000, "local_steps": 5},
-                   "comm": {"topology": "complete", "min_peers": N, "join_timeout": 60},
-                   "security": {"aggregator": "trimmed_mean"},
-                   "net": {"swarm": "prom", "identity_path": str(tmp_path / f"n{i}.key"), "record_ttl": 4}}
+            cfg = {
+                "node_index": i,
+                "node_count": N,
+                "checkpoint_dir": str(tmp_path / f"n{i}"),
+                "metrics_port": 0,
+                "model": {"family": "mlp", "width": 32},
+                "train": {"rounds": 1000, "local_steps": 5},
+                "comm": {"topology": "complete", "min_peers": N, "join_timeout": 60},
+                "security": {"aggregator": "trimmed_mean"},
+                "net": {"swarm": "prom", "identity_path": str(tmp_path / f"n{i}.key"), "record_ttl": 4},
+            }
             (tmp_path / f"n{i}.yaml").write_text(yaml.safe_dump(cfg))
             extra = ["--set", f"net.initial_peers={nodes[0].info['maddrs']}"] if nodes else []
             nodes.append(atoll_node(tmp_path / f"n{i}.yaml", *extra, log=tmp_path / f"n{i}.log"))
@@ -53,8 +63,24 @@ def test_prometheus_scrapes_the_swarm_through_file_sd(tmp_path):
             n.wait_event("round", 120, lambda e: e["round"] >= 1)
 
         sd = tmp_path / "targets.json"
-        r = subprocess.run([sys.executable, "-m", "node.cli", "prometheus-targets", "--peers", nodes[0].info["maddrs"][0],
-                            "--swarm", "prom", "--out", str(sd)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "node.cli",
+                "prometheus-targets",
+                "--peers",
+                nodes[0].info["maddrs"][0],
+                "--swarm",
+                "prom",
+                "--out",
+                str(sd),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         groups = json.loads(sd.read_text())
         assert sorted(g["labels"]["node"] for g in groups) == sorted(n.info["peer_id"] for n in nodes)
@@ -62,15 +88,28 @@ def test_prometheus_scrapes_the_swarm_through_file_sd(tmp_path):
 
         port = free_port()
         shutil.copy(ROOT / "deploy" / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": ["alerts.yml"],
-            "scrape_configs": [{"job_name": "atoll", "file_sd_configs": [{"files": [str(sd)], "refresh_interval": "5s"}]}],
-        }))
-        prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"),
-                                start_new_session=True)
+        (tmp_path / "prometheus.yml").write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": ["alerts.yml"],
+                    "scrape_configs": [
+                        {"job_name": "atoll", "file_sd_configs": [{"files": [str(sd)], "refresh_interval": "5s"}]}
+                    ],
+                }
+            )
+        )
+        prom = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "prometheus.log", "wb"),
+            start_new_session=True,
+        )
         peers = {n.info["peer_id"] for n in nodes}
         accuracy, trust = [], []
         deadline = time.monotonic() + 90
@@ -83,12 +122,17 @@ def test_prometheus_scrapes_the_swarm_through_file_sd(tmp_path):
                 continue
             if len(accuracy) == N and {t["metric"]["peer"] for t in trust} == peers:
                 break
-        assert {a["metric"]["node"] for a in accuracy} == peers, (accuracy, (tmp_path / "prometheus.log").read_text()[-2000:])
+        assert {a["metric"]["node"] for a in accuracy} == peers, (
+            accuracy,
+            (tmp_path / "prometheus.log").read_text()[-2000:],
+        )
         assert all(0.0 <= float(a["value"][1]) <= 1.0 for a in accuracy)
         # every node scores the other two: each neighbour (peer) is seen by N - 1 scraped nodes (node)
         assert {t["metric"]["peer"]: int(t["value"][1]) for t in trust} == {p: N - 1 for p in peers}
         pairs = query(port, "atoll_peer_trust_ratio")
-        assert {(t["metric"]["node"], t["metric"]["peer"]) for t in pairs} == {(a, b) for a in peers for b in peers if a != b}
+        assert {(t["metric"]["node"], t["metric"]["peer"]) for t in pairs} == {
+            (a, b) for a in peers for b in peers if a != b
+        }
         rules = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=10).read())
         assert sum(len(g["rules"]) for g in rules["data"]["groups"]) >= 9  # the alert rules loaded
     finally:

@@ -1,7 +1,5 @@
 """The committed stubs under p2pd/rpc must match a fresh generation from proto/."""
 
-from pathlib import Path
-
 import pytest
 
 from p2pd.rpc.generate import ROOT, generate

@@ -18,14 +18,16 @@ from pathlib import Path
 
 import pytest
 import typer
-
 from helpers import ROOT
+
 from node import cli
 
 README = (ROOT / "README.md").read_text()
 # placeholders the README uses, with values of the right form
-PLACEHOLDERS = {"MADDR": "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWGpZbTizLcpLuW1VJ4tMvTj8x1gBQdNeXUQw5jDX3L8sV",
-                "HOST:PORT": "127.0.0.1:5000"}
+PLACEHOLDERS = {
+    "MADDR": "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWGpZbTizLcpLuW1VJ4tMvTj8x1gBQdNeXUQw5jDX3L8sV",
+    "HOST:PORT": "127.0.0.1:5000",
+}
 
 
 def code_blocks(text: str) -> list[tuple[str, str]]:
@@ -131,10 +133,16 @@ class Terminal:
     Ctrl-C by SIGINT to its process group."""
 
     def __init__(self, args: list[str], cwd: Path, log: Path):
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                                     stderr=open(log, "wb"), stdin=subprocess.DEVNULL, text=True,
-                                     env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=open(log, "wb"),
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
 
@@ -185,9 +193,14 @@ def test_the_readme_expert_walkthrough_forms_a_4_expert_swarm_and_top2_uses_two_
         return running[-1]
 
     def ask() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "node.cli", *[maddr if a == "MADDR" else a for a in query]],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        return subprocess.run(
+            [sys.executable, "-m", "node.cli", *[maddr if a == "MADDR" else a for a in query]],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
 
     try:
         first = start(experts[0], "e0", None, "--steps", "150")
@@ -260,8 +273,13 @@ def _bad_requests_are_clear_errors(router: str, expert: str, expert_state: Path)
     code, detail = code_of(lambda: _sample(router, n=2, strategy="top9"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "strategy" in detail
     assert code_of(lambda: _sample(router, n=2, strategy="top1", steps=10_000))[0] == grpc.StatusCode.INVALID_ARGUMENT
-    bad = subprocess.run([sys.executable, "-m", "node.cli", "router", "query", "--router", router, "--n", "2",
-                          "--strategy", "best"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    bad = subprocess.run(
+        [sys.executable, "-m", "node.cli", "router", "query", "--router", router, "--n", "2", "--strategy", "best"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert bad.returncode == 2 and "strategy" in bad.stderr and "Traceback" not in bad.stderr
     digest = json.loads(expert_state.read_text())["meta"]["clustering"]
     with grpc.insecure_channel(expert) as ch:

@@ -60,11 +60,15 @@ def test_foolsgold_zero_weights_identical_histories_and_keeps_distinct_ones():
 
 def test_bristle_rejects_a_model_bad_on_the_classes_it_knows():
     # toy "model": the vector is its own per-class accuracy; the node knows classes 0 and 1
-    ctx = Context(per_class_accuracy=lambda v: v.clamp(0, 1), familiar=torch.tensor([True, True, False]),
-                  bristle_keep=1.0)
+    ctx = Context(
+        per_class_accuracy=lambda v: v.clamp(0, 1), familiar=torch.tensor([True, True, False]), bristle_keep=1.0
+    )
     own = torch.tensor([0.8, 0.8, 0.0])
-    others = {"good": torch.tensor([0.85, 0.8, 0.3]), "ok": torch.tensor([0.8, 0.75, 0.9]),
-              "flipped": torch.tensor([0.1, 0.0, 0.9])}
+    others = {
+        "good": torch.tensor([0.85, 0.8, 0.3]),
+        "ok": torch.tensor([0.8, 0.75, 0.9]),
+        "flipped": torch.tensor([0.1, 0.0, 0.9]),
+    }
     out = combine("bristle", own, others, 0.25, {j: 0.25 for j in others}, ctx)
     assert out.discarded == {"flipped": "rejected"}
 
@@ -74,7 +78,7 @@ def test_attack_formulas():
     assert torch.equal(Attack("sign_flip", scale=4).craft(base, trained, base), -4 * torch.ones(5))
     honest = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 2.0])]
     alie = Attack("alie", z=1.0).craft(torch.zeros(2), torch.zeros(2), torch.zeros(2), honest)
-    assert torch.allclose(alie, torch.tensor([2 - 2 ** 0.5, 2.0]))  # mean - z * std
+    assert torch.allclose(alie, torch.tensor([2 - 2**0.5, 2.0]))  # mean - z * std
     ipm = Attack("ipm", epsilon=2).craft(torch.zeros(2), torch.zeros(2), torch.zeros(2), honest)
     assert torch.allclose(ipm, torch.tensor([-4.0, -4.0]))
     init = torch.arange(3.0)
@@ -102,8 +106,16 @@ def test_trust_flags_a_sign_flipper_not_honest_neighbours():
 def test_simulated_attack_is_detected_and_defended():
     from node.sim import SimConfig, Simulation
 
-    common = dict(nodes=6, byzantine=2, attack="sign_flip", alpha=0.5, topology="complete", rounds=6, local_steps=15,
-                  track_trust=True)
+    common = dict(
+        nodes=6,
+        byzantine=2,
+        attack="sign_flip",
+        alpha=0.5,
+        topology="complete",
+        rounds=6,
+        local_steps=15,
+        track_trust=True,
+    )
     plain = Simulation(SimConfig(aggregator="mean", **common)).run()
     robust = Simulation(SimConfig(aggregator="trimmed_mean", **common)).run()
     assert len(robust.final_accuracies) == 6  # honest nodes only

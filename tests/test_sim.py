@@ -70,7 +70,9 @@ def test_per_node_speed_scales_local_steps():
     done = {}
     for i, t in enumerate(sim.trainers):
         orig = t.train_round
-        t.train_round = lambda r, steps=None, _o=orig, _i=i, **kw: done.setdefault(_i, steps) and _o(r, steps=steps, **kw)
+        t.train_round = lambda r, steps=None, _o=orig, _i=i, **kw: (
+            done.setdefault(_i, steps) and _o(r, steps=steps, **kw)
+        )
     sim.run_round(0)
     assert done == {0: 10, 1: 5, 2: 1, 3: 10, 4: 10, 5: 20}
 

@@ -16,7 +16,6 @@ import time
 import psutil
 import pytest
 import yaml
-
 from helpers import NodeProcess
 
 pytestmark = pytest.mark.integration
@@ -52,10 +51,12 @@ def _alive(procs: list[psutil.Process]) -> list[str]:
 
 def _signal(node: NodeProcess, how: str) -> float:
     t = time.time()
-    {"int-group": lambda: os.killpg(node.pid, signal.SIGINT),
-     "term-group": lambda: os.killpg(node.pid, signal.SIGTERM),
-     "term-main": lambda: os.kill(node.pid, signal.SIGTERM),
-     "kill-main": lambda: os.kill(node.pid, signal.SIGKILL)}[how]()
+    {
+        "int-group": lambda: os.killpg(node.pid, signal.SIGINT),
+        "term-group": lambda: os.killpg(node.pid, signal.SIGTERM),
+        "term-main": lambda: os.kill(node.pid, signal.SIGTERM),
+        "kill-main": lambda: os.kill(node.pid, signal.SIGKILL),
+    }[how]()
     return t
 
 
@@ -90,12 +91,21 @@ def test_training_nodes_stop_whole_and_checkpoint_however_they_are_signalled(tmp
     nodes = {}
     try:
         for how in ways:
-            cfg = _write(tmp_path / f"{how}.yaml", {
-                "checkpoint_dir": str(tmp_path / how / "ck"), "metrics_port": None,
-                "train": {"rounds": 100_000, "local_steps": 5},
-                "net": {"swarm": f"stop-{how}", "identity_path": str(tmp_path / f"{how}.key"), "record_ttl": 4}})
-            nodes[how] = NodeProcess("--config", str(cfg), command=_cli("node", "start", "--json-events"),
-                                     stderr_path=tmp_path / f"{how}.log")
+            cfg = _write(
+                tmp_path / f"{how}.yaml",
+                {
+                    "checkpoint_dir": str(tmp_path / how / "ck"),
+                    "metrics_port": None,
+                    "train": {"rounds": 100_000, "local_steps": 5},
+                    "net": {"swarm": f"stop-{how}", "identity_path": str(tmp_path / f"{how}.key"), "record_ttl": 4},
+                },
+            )
+            nodes[how] = NodeProcess(
+                "--config",
+                str(cfg),
+                command=_cli("node", "start", "--json-events"),
+                stderr_path=tmp_path / f"{how}.log",
+            )
         for node in nodes.values():
             node.ready(120)
             node.wait_event("round", 60, lambda e: e["round"] >= 2)
@@ -117,16 +127,28 @@ def test_training_nodes_stop_whole_and_checkpoint_however_they_are_signalled(tmp
 
 
 def _role_config(tmp_path, role: str, **experts) -> str:
-    return str(_write(tmp_path / f"{role}.yaml", {
-        "role": role, "checkpoint_dir": str(tmp_path / "ck"), "metrics_port": None,
-        "experts": {"clusters": 2, "cluster": 0, "width": 32, "sample_steps": 5, **experts},
-        "net": {"swarm": "stop", "identity_path": str(tmp_path / f"{role}.key"), "record_ttl": 4}}))
+    return str(
+        _write(
+            tmp_path / f"{role}.yaml",
+            {
+                "role": role,
+                "checkpoint_dir": str(tmp_path / "ck"),
+                "metrics_port": None,
+                "experts": {"clusters": 2, "cluster": 0, "width": 32, "sample_steps": 5, **experts},
+                "net": {"swarm": "stop", "identity_path": str(tmp_path / f"{role}.key"), "record_ttl": 4},
+            },
+        )
+    )
 
 
 def test_an_expert_stopped_by_ctrl_c_while_training_checkpoints_and_leaves_nothing(tmp_path):
     cfg = _role_config(tmp_path, "expert", steps=1_000_000, checkpoint_every=20)
-    node = NodeProcess("--config", cfg, command=_cli("expert", "train", "--cluster", "0", "--serve", "--json-events"),
-                       stderr_path=tmp_path / "e.log")
+    node = NodeProcess(
+        "--config",
+        cfg,
+        command=_cli("expert", "train", "--cluster", "0", "--serve", "--json-events"),
+        stderr_path=tmp_path / "e.log",
+    )
     try:
         node.wait_event("expert", 90)  # joined the swarm (DHT up), now training
         time.sleep(1.0)
@@ -142,7 +164,9 @@ def test_an_expert_stopped_by_ctrl_c_while_training_checkpoints_and_leaves_nothi
 
 def test_a_serving_router_stopped_by_ctrl_c_leaves_nothing(tmp_path):
     cfg = _role_config(tmp_path, "router", router_steps=30, checkpoint_every=10)
-    node = NodeProcess("--config", cfg, command=_cli("router", "serve", "--json-events"), stderr_path=tmp_path / "r.log")
+    node = NodeProcess(
+        "--config", cfg, command=_cli("router", "serve", "--json-events"), stderr_path=tmp_path / "r.log"
+    )
     try:
         node.ready(120)
         _stop_and_watch(node, "int-group")

@@ -2,7 +2,6 @@
 that the others survive, its resume from checkpoint, status, metrics and a clean SIGTERM."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -11,7 +10,6 @@ import urllib.request
 import psutil
 import pytest
 import yaml
-
 from helpers import ROOT, atoll_node
 
 pytestmark = pytest.mark.integration
@@ -20,7 +18,10 @@ N, ROUNDS, SWARM = 4, 60, "itswarm"
 
 def write_config(path, i, workdir, **extra):
     cfg = {
-        "node_index": i, "node_count": N, "checkpoint_dir": str(workdir / f"n{i}" / "ckpt"), "metrics_port": 0,
+        "node_index": i,
+        "node_count": N,
+        "checkpoint_dir": str(workdir / f"n{i}" / "ckpt"),
+        "metrics_port": 0,
         "log_level": "INFO",
         # a time budget per round keeps the run long enough to kill and restart a node mid-run
         "train": {"rounds": ROUNDS, "local_steps": None, "local_seconds": 0.25},
@@ -50,8 +51,13 @@ def test_swarm_trains_survives_a_kill_and_the_node_resumes(tmp_path):
             n.ready(timeout=90)
 
         # status: the swarm as the DHT sees it
-        st = subprocess.run([sys.executable, "-m", "node.cli", "status", "--peers", boot[0], "--swarm", SWARM, "--json"],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+        st = subprocess.run(
+            [sys.executable, "-m", "node.cli", "status", "--peers", boot[0], "--swarm", SWARM, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
         assert st.returncode == 0, st.stderr[-2000:]
         records = {r["peer_id"]: r for r in json.loads(st.stdout)}
         assert set(records) == {n.info["peer_id"] for n in nodes}
@@ -71,9 +77,17 @@ def test_swarm_trains_survives_a_kill_and_the_node_resumes(tmp_path):
             texts = [metrics_text(n.info["metrics_port"]) for n in nodes[:3]]
         assert any('atoll_fetch_failures_total{reason="' in t for t in texts)
         text = texts[0]
-        for name in ("atoll_round", "atoll_train_loss", "atoll_test_accuracy_ratio", "atoll_sent_bytes_total",
-                     "atoll_received_bytes_total", "atoll_fetch_duration_seconds_bucket", "atoll_peers_live",
-                     "atoll_checkpoint_age_seconds", "atoll_samples_per_second"):
+        for name in (
+            "atoll_round",
+            "atoll_train_loss",
+            "atoll_test_accuracy_ratio",
+            "atoll_sent_bytes_total",
+            "atoll_received_bytes_total",
+            "atoll_fetch_duration_seconds_bucket",
+            "atoll_peers_live",
+            "atoll_checkpoint_age_seconds",
+            "atoll_samples_per_second",
+        ):
             assert name in text, name
 
         # restart it from its checkpoint: it resumes where it was, not at round 0, and rejoins
@@ -100,9 +114,14 @@ def test_swarm_trains_survives_a_kill_and_the_node_resumes(tmp_path):
 
 
 def test_sigterm_checkpoints_and_leaves(tmp_path):
-    cfg = write_config(tmp_path / "solo.yaml", 0, tmp_path, node_count=1,
-                       comm={"min_peers": 1, "fetch_timeout": 2, "join_timeout": 5},
-                       train={"rounds": 100000, "local_steps": 5, "local_seconds": None})
+    cfg = write_config(
+        tmp_path / "solo.yaml",
+        0,
+        tmp_path,
+        node_count=1,
+        comm={"min_peers": 1, "fetch_timeout": 2, "join_timeout": 5},
+        train={"rounds": 100000, "local_steps": 5, "local_seconds": None},
+    )
     node = atoll_node(cfg, log=tmp_path / "solo.log")
     try:
         node.ready(timeout=90)
@@ -118,17 +137,25 @@ def test_sigterm_checkpoints_and_leaves(tmp_path):
         node.stop()
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--set", "train.rounds=-1"], "train.rounds"),
-    (["--set", "data.alpha=zero"], "data.alpha"),
-    (["--config", "/nonexistent.yaml"], "cannot read"),
-    (["--set", "comm.exchange=logits", "--set", "comm.final_merge=true"], "comm.final_merge"),
-    (["--set", "distill.method=fedmd"], "distill.method"),
-    (["--set", "comm.exchange=logits", "--set", "distill.proxy_size=5000"], "distill.proxy_size"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--set", "train.rounds=-1"], "train.rounds"),
+        (["--set", "data.alpha=zero"], "data.alpha"),
+        (["--config", "/nonexistent.yaml"], "cannot read"),
+        (["--set", "comm.exchange=logits", "--set", "comm.final_merge=true"], "comm.final_merge"),
+        (["--set", "distill.method=fedmd"], "distill.method"),
+        (["--set", "comm.exchange=logits", "--set", "distill.proxy_size=5000"], "distill.proxy_size"),
+    ],
+)
 def test_bad_config_is_one_clear_line(args, needle):
-    r = subprocess.run([sys.executable, "-m", "node.cli", "node", "start", *args], capture_output=True, text=True,
-                       timeout=60, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", "node", "start", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
@@ -137,9 +164,31 @@ def test_bad_config_is_one_clear_line(args, needle):
 def test_swarm_up_end_to_end(tmp_path):
     """`atoll swarm up` itself: a 2-node swarm, the summary and results.json."""
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "node.cli", "swarm", "up", "--nodes", "2", "--rounds", "4",
-                        "--set", "train.local_steps=5", "--set", "net.record_ttl=4", "--out", str(out),
-                        "--workdir", str(tmp_path / "wd")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "swarm",
+            "up",
+            "--nodes",
+            "2",
+            "--rounds",
+            "4",
+            "--set",
+            "train.local_steps=5",
+            "--set",
+            "net.record_ttl=4",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "wd"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert len(res["nodes"]) == 2 and all(n["rounds"] == 4 and n["final_accuracy"] > 0.3 for n in res["nodes"])
@@ -157,10 +206,37 @@ def test_swarm_up_end_to_end(tmp_path):
 def test_late_schedule_and_allreduce_merge_end_in_one_model(tmp_path):
     """4 daemons, late-concentrated gossip, then hivemind's all-reduce: one merged model."""
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "node.cli", "swarm", "up", "--nodes", "4", "--rounds", "10",
-                        "--set", "train.local_steps=5", "--set", "comm.schedule=late", "--set", "comm.gossip_budget=4",
-                        "--set", "comm.final_merge=true", "--set", "net.record_ttl=4", "--out", str(out),
-                        "--workdir", str(tmp_path / "wd")], capture_output=True, text=True, timeout=400, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "swarm",
+            "up",
+            "--nodes",
+            "4",
+            "--rounds",
+            "10",
+            "--set",
+            "train.local_steps=5",
+            "--set",
+            "comm.schedule=late",
+            "--set",
+            "comm.gossip_budget=4",
+            "--set",
+            "comm.final_merge=true",
+            "--set",
+            "net.record_ttl=4",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "wd"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     nodes = json.loads((out / "results.json").read_text())["nodes"]
     assert all(n["merged_with"] == 4 for n in nodes), nodes
@@ -172,10 +248,35 @@ def test_modest_swarm_learns_from_sampled_trainers(tmp_path):
     """4 daemons, MoDeST with 2 trainers and 2 aggregators per round: every node finishes with
     the swarm's final aggregate."""
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "node.cli", "swarm", "up", "--nodes", "4", "--rounds", "15",
-                        "--set", "comm.algorithm=modest", "--set", "comm.modest_trainers=2",
-                        "--set", "comm.modest_aggregators=2", "--set", "net.record_ttl=4", "--out", str(out),
-                        "--workdir", str(tmp_path / "wd")], capture_output=True, text=True, timeout=400, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "swarm",
+            "up",
+            "--nodes",
+            "4",
+            "--rounds",
+            "15",
+            "--set",
+            "comm.algorithm=modest",
+            "--set",
+            "comm.modest_trainers=2",
+            "--set",
+            "comm.modest_aggregators=2",
+            "--set",
+            "net.record_ttl=4",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "wd"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     nodes = json.loads((out / "results.json").read_text())["nodes"]
     # 30 trainer-rounds of 10 steps from a 10% start: well above chance (samples depend on timing)

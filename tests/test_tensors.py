@@ -3,7 +3,16 @@ import torch
 
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.tensors import (
-    DTYPES, EncodedSnapshot, Limits, SnapshotKey, StreamDecoder, TensorStreamError, decode, encode, iter_parts, pack,
+    DTYPES,
+    EncodedSnapshot,
+    Limits,
+    SnapshotKey,
+    StreamDecoder,
+    TensorStreamError,
+    decode,
+    encode,
+    iter_parts,
+    pack,
 )
 
 KEY = SnapshotKey("model", 3, 1).to_pb()
@@ -54,8 +63,10 @@ def test_roundtrip_bit_identical_any_chunking(chunk, via):
     assert set(out) == set(sd)
     for k in sd:
         assert out[k].dtype == sd[k].dtype and out[k].shape == sd[k].shape
-        assert torch.equal(out[k].view(-1).view(torch.uint8) if out[k].numel() else out[k],
-                           sd[k].reshape(-1).view(torch.uint8) if sd[k].numel() else sd[k])
+        assert torch.equal(
+            out[k].view(-1).view(torch.uint8) if out[k].numel() else out[k],
+            sd[k].reshape(-1).view(torch.uint8) if sd[k].numel() else sd[k],
+        )
 
 
 def test_every_whitelisted_dtype_roundtrips():
@@ -192,8 +203,11 @@ def test_chunk_fast_path_agrees_with_protobuf_and_falls_back():
     meta, payload = _split_chunk(pb.SnapshotPart(chunk=c).SerializeToString())
     assert bytes(payload) == c.payload and meta.name == "w" and list(meta.shape) == [2, 3]
     # payload written before the other fields, and an unknown field: still parsed the same
-    inner = pb.TensorChunk(payload=c.payload).SerializeToString() + pb.TensorChunk(
-        name="w", dtype="float32", shape=[2, 3]).SerializeToString() + b"\x30\x07"  # field 6 varint
+    inner = (
+        pb.TensorChunk(payload=c.payload).SerializeToString()
+        + pb.TensorChunk(name="w", dtype="float32", shape=[2, 3]).SerializeToString()
+        + b"\x30\x07"
+    )  # field 6 varint
     raw = b"\x12" + bytes([len(inner)]) + inner
     meta, payload = _split_chunk(raw)
     assert bytes(payload) == c.payload and meta.dtype == "float32"

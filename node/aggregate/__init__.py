@@ -12,14 +12,16 @@
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 _NORM = re.compile(r"(^|[._])(norm|bn|ln|batchnorm|layernorm)\d*([._]|$)|running_(mean|var)|num_batches_tracked", re.I)
 
 
-def mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+def mean(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None
+) -> dict[str, torch.Tensor]:
     if not states:
         raise ValueError("nothing to average")
     w = torch.tensor(weights if weights is not None else [1.0] * len(states), dtype=torch.float64)
@@ -42,8 +44,9 @@ def is_norm_param(name: str) -> bool:
     return bool(_NORM.search(name))
 
 
-def variance_corrected_mean(states: Sequence[Mapping[str, torch.Tensor]], eps: float = 1e-4,
-                            weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+def variance_corrected_mean(
+    states: Sequence[Mapping[str, torch.Tensor]], eps: float = 1e-4, weights: Sequence[float] | None = None
+) -> dict[str, torch.Tensor]:
     avg = mean(states, weights)
     for k, x in avg.items():
         if not x.is_floating_point() or x.numel() < 2 or is_norm_param(k):

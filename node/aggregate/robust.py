@@ -21,8 +21,8 @@ floor(byzantine_fraction * n) for n inputs (self included).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import torch
 
@@ -61,8 +61,14 @@ def weighted_mean(own, others, self_w, weights) -> torch.Tensor:
     return acc / (self_w + sum(weights.values()))
 
 
-def combine(name: str, own: torch.Tensor, others: Mapping[str, torch.Tensor], self_w: float,
-            weights: Mapping[str, float], ctx: Context) -> Outcome:
+def combine(
+    name: str,
+    own: torch.Tensor,
+    others: Mapping[str, torch.Tensor],
+    self_w: float,
+    weights: Mapping[str, float],
+    ctx: Context,
+) -> Outcome:
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {name!r}; available: {', '.join(AGGREGATORS)}")
     if not others:
@@ -77,12 +83,13 @@ def combine(name: str, own: torch.Tensor, others: Mapping[str, torch.Tensor], se
         return Outcome(median(stack))
     if name == "trimmed_mean":
         t = min(f, (n - 1) // 2)
-        kept = stack.sort(dim=0).values[t:n - t]
+        kept = stack.sort(dim=0).values[t : n - t]
         return Outcome(kept.mean(dim=0))
     if name == "krum":
         chosen = multi_krum(stack, f)
-        return Outcome(stack[chosen].mean(dim=0),
-                       {j: "not_selected" for i, j in enumerate(names, start=1) if i not in chosen})
+        return Outcome(
+            stack[chosen].mean(dim=0), {j: "not_selected" for i, j in enumerate(names, start=1) if i not in chosen}
+        )
     if name == "clipped":
         return clipped_gossip(own, others, self_w, weights)
     if name == "sybilwall":

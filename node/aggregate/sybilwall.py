@@ -13,7 +13,7 @@ w = clip(ln(w / (1 - w)) + 0.5, 0, 1). The neighbour's gossip weight is multipli
 from __future__ import annotations
 
 import random
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -30,8 +30,9 @@ def foolsgold_weights(histories: Mapping[str, torch.Tensor]) -> dict[str, float]
     cs = h @ h.T
     cs.fill_diagonal_(-1.0)
     v = cs.max(dim=1).values
-    pardon = torch.where(v.unsqueeze(0) > v.unsqueeze(1), v.unsqueeze(1) / v.unsqueeze(0).clamp_min(1e-12),
-                         torch.ones_like(cs))
+    pardon = torch.where(
+        v.unsqueeze(0) > v.unsqueeze(1), v.unsqueeze(1) / v.unsqueeze(0).clamp_min(1e-12), torch.ones_like(cs)
+    )
     cs = cs * pardon
     w = (1 - cs.max(dim=1).values).clamp(0, 1)
     w = w / w.max().clamp_min(1e-12)
@@ -48,8 +49,9 @@ def sybilwall(own, others, self_w, weights, histories: Mapping[str, torch.Tensor
     return Outcome(weighted_mean(own, others, self_w, scaled), discarded)
 
 
-def merge_heard(heard: dict[str, torch.Tensor], direct: Mapping[str, torch.Tensor],
-                theirs: Mapping[str, torch.Tensor], me: str) -> None:
+def merge_heard(
+    heard: dict[str, torch.Tensor], direct: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.Tensor], me: str
+) -> None:
     """Adopt a neighbour's histories of peers we have not observed ourselves (not about us)."""
     for j, h in theirs.items():
         if j != me and j not in direct:

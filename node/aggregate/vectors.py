@@ -3,7 +3,7 @@ aggregators and trust signals are plain vector maths. Non-float buffers are kept
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -26,7 +26,7 @@ def unflatten(vec: torch.Tensor, template: Mapping[str, torch.Tensor]) -> dict[s
         if k not in keys:
             continue
         n = v.numel()
-        out[k] = vec[i:i + n].reshape(v.shape).to(device=v.device, dtype=v.dtype)
+        out[k] = vec[i : i + n].reshape(v.shape).to(device=v.device, dtype=v.dtype)
         i += n
     if i != vec.numel():
         raise ValueError(f"vector has {vec.numel()} values, the template {i}")

@@ -30,15 +30,19 @@ def methods(rounds: int, q: int = 4) -> dict[str, dict]:
         "modest_50": dict(method="modest", unresponsive=0.5, sample_size=8, aggregators=2),
         "modest_80": dict(method="modest", unresponsive=0.8, sample_size=8, aggregators=2),
         "indep_mean": dict(method="gossip", gossip_budget=0, final_merge=True, merge="mean", shared_init=False),
-        "indep_varcorr": dict(method="gossip", gossip_budget=0, final_merge=True, merge="variance_corrected",
-                              shared_init=False),
+        "indep_varcorr": dict(
+            method="gossip", gossip_budget=0, final_merge=True, merge="variance_corrected", shared_init=False
+        ),
         "indep_dpsgd": dict(method="gossip", schedule="constant", gossip_budget=rounds, shared_init=False),
-        "indep_dpsgd_varcorr": dict(method="gossip", schedule="constant", gossip_budget=rounds, shared_init=False,
-                                    mix_variance_correction=True),
+        "indep_dpsgd_varcorr": dict(
+            method="gossip", schedule="constant", gossip_budget=rounds, shared_init=False, mix_variance_correction=True
+        ),
     }
 
 
-def run(base: SimConfig, names: list[str], seeds: list[int], progress=None, table: dict[str, dict] | None = None) -> list[dict]:
+def run(
+    base: SimConfig, names: list[str], seeds: list[int], progress=None, table: dict[str, dict] | None = None
+) -> list[dict]:
     """Every named method (SimConfig overrides from `table`, default `methods`) over every seed."""
     table = table if table is not None else methods(base.rounds)
     unknown = [n for n in names if n not in table]
@@ -49,11 +53,21 @@ def run(base: SimConfig, names: list[str], seeds: list[int], progress=None, tabl
         for seed in seeds:
             cfg = replace(base, seed=seed, **table[name])
             res = Simulation(cfg).run()
-            rows.append(dict(method=name, seed=seed, alpha=base.alpha, nodes=base.nodes,
-                             final_accuracy_mean=statistics.fmean(res.final_accuracies),
-                             final_accuracy_min=min(res.final_accuracies), final_accuracies=res.final_accuracies,
-                             bytes_sent=res.bytes_sent,
-                             seconds=res.seconds, log=[asdict(x) for x in res.log], config=asdict(cfg)))
+            rows.append(
+                dict(
+                    method=name,
+                    seed=seed,
+                    alpha=base.alpha,
+                    nodes=base.nodes,
+                    final_accuracy_mean=statistics.fmean(res.final_accuracies),
+                    final_accuracy_min=min(res.final_accuracies),
+                    final_accuracies=res.final_accuracies,
+                    bytes_sent=res.bytes_sent,
+                    seconds=res.seconds,
+                    log=[asdict(x) for x in res.log],
+                    config=asdict(cfg),
+                )
+            )
             if progress:
                 progress(rows[-1])
     return rows
@@ -64,28 +78,41 @@ def summarize(rows: list[dict]) -> list[dict]:
     for name in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == name]
         accs = [r["final_accuracy_mean"] for r in rs]
-        out.append(dict(method=name, seeds=len(rs), accuracy=statistics.fmean(accs),
-                        accuracy_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                        worst_node=min(r["final_accuracy_min"] for r in rs),
-                        megabytes=statistics.fmean(r["bytes_sent"] for r in rs) / 1e6,
-                        seconds=statistics.fmean(r["seconds"] for r in rs)))
+        out.append(
+            dict(
+                method=name,
+                seeds=len(rs),
+                accuracy=statistics.fmean(accs),
+                accuracy_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                worst_node=min(r["final_accuracy_min"] for r in rs),
+                megabytes=statistics.fmean(r["bytes_sent"] for r in rs) / 1e6,
+                seconds=statistics.fmean(r["seconds"] for r in rs),
+            )
+        )
     return out
 
 
 def table(summary: list[dict]) -> str:
-    lines = ["| method | seeds | accuracy (mean ± std) | worst node | MB sent | seconds |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | seeds | accuracy (mean ± std) | worst node | MB sent | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for s in summary:
-        lines.append(f"| {s['method']} | {s['seeds']} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f} | "
-                     f"{100 * s['worst_node']:.1f} | {s['megabytes']:.1f} | {s['seconds']:.1f} |")
+        lines.append(
+            f"| {s['method']} | {s['seeds']} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f} | "
+            f"{100 * s['worst_node']:.1f} | {s['megabytes']:.1f} | {s['seconds']:.1f} |"
+        )
     return "\n".join(lines)
 
 
-def write_outputs(rows: list[dict], out: Path, meta: dict, summary: list[dict] | None = None,
-                  table_md: str | None = None) -> list[Path]:
+def write_outputs(
+    rows: list[dict], out: Path, meta: dict, summary: list[dict] | None = None, table_md: str | None = None
+) -> list[Path]:
     """results.json, table.md and accuracy.png (against rounds and against bytes)."""
     summary = summary if summary is not None else summarize(rows)
-    written = write_results(out, {"meta": meta, "summary": summary, "runs": rows},
-                            table_md if table_md is not None else table(summary))
+    written = write_results(
+        out, {"meta": meta, "summary": summary, "runs": rows}, table_md if table_md is not None else table(summary)
+    )
     from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()
@@ -93,8 +120,11 @@ def write_outputs(rows: list[dict], out: Path, meta: dict, summary: list[dict] |
     names = list(dict.fromkeys(r["method"] for r in rows))
     colors = plt.cm.tab20.colors
     for n_i, name in enumerate(names):
-        style = dict(color=colors[(2 * n_i) % 20 if n_i < 10 else (2 * n_i + 1) % 20],
-                     linestyle=("-", "--", ":")[n_i % 3], label=name)
+        style = dict(
+            color=colors[(2 * n_i) % 20 if n_i < 10 else (2 * n_i + 1) % 20],
+            linestyle=("-", "--", ":")[n_i % 3],
+            label=name,
+        )
         logs = [r["log"] for r in rows if r["method"] == name]
         n = min(len(lg) for lg in logs)
         acc = [statistics.fmean(lg[i]["accuracy_mean"] for lg in logs) for i in range(n)]

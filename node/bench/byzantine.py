@@ -42,17 +42,35 @@ def cases(honest: int, byzantine: int, sybils: int, sybil_honest: int, attacks, 
         yield "sybil", "sybil", agg, dict(nodes=sybil_honest, byzantine=sybils, attack="sybil")
 
 
-def run(base: SimConfig, seeds: list[int], honest: int, byzantine: int, sybils: int, sybil_honest: int,
-        attacks=ATTACKS, aggregators=AGGREGATORS, progress=None) -> list[dict]:
+def run(
+    base: SimConfig,
+    seeds: list[int],
+    honest: int,
+    byzantine: int,
+    sybils: int,
+    sybil_honest: int,
+    attacks=ATTACKS,
+    aggregators=AGGREGATORS,
+    progress=None,
+) -> list[dict]:
     rows = []
     for group, atk, agg, over in cases(honest, byzantine, sybils, sybil_honest, attacks, aggregators):
         for seed in seeds:
             cfg = dataclasses.replace(base, aggregator=agg, seed=seed, track_trust=True, **over)
             res = Simulation(cfg).run()
-            row = dict(group=group, attack=atk, aggregator=agg, seed=seed, honest=cfg.nodes, byzantine=cfg.byzantine,
-                       accuracy=statistics.fmean(res.final_accuracies), accuracy_min=min(res.final_accuracies),
-                       detection=res.detection, seconds=res.seconds,
-                       curve=[(log.round, log.accuracy_mean) for log in res.log])
+            row = dict(
+                group=group,
+                attack=atk,
+                aggregator=agg,
+                seed=seed,
+                honest=cfg.nodes,
+                byzantine=cfg.byzantine,
+                accuracy=statistics.fmean(res.final_accuracies),
+                accuracy_min=min(res.final_accuracies),
+                detection=res.detection,
+                seconds=res.seconds,
+                curve=[(log.round, log.accuracy_mean) for log in res.log],
+            )
             rows.append(row)
             if progress:
                 progress(row)
@@ -65,18 +83,22 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         out.setdefault(r["group"], {}).setdefault(r["attack"], {}).setdefault(r["aggregator"], []).append(r)
     for group in out.values():
-        for attack, by_agg in group.items():
+        for by_agg in group.values():
             for agg, rs in by_agg.items():
                 tp = fp = fn = 0
                 for r in rs:
                     d = r["detection"] or {}
-                    p, rc, flagged, bad = d.get("precision"), d.get("recall"), d.get("flagged", 0), d.get("malicious_pairs", 0)
+                    p, flagged, bad = d.get("precision"), d.get("flagged", 0), d.get("malicious_pairs", 0)
                     t = round((p or 0) * flagged)
                     tp, fp, fn = tp + t, fp + flagged - t, fn + bad - t
-                by_agg[agg] = dict(accuracy=statistics.fmean(r["accuracy"] for r in rs),
-                                   accuracy_min=min(r["accuracy_min"] for r in rs), seeds=len(rs),
-                                   precision=tp / (tp + fp) if tp + fp else None,
-                                   recall=tp / (tp + fn) if tp + fn else None, false_flags=fp)
+                by_agg[agg] = dict(
+                    accuracy=statistics.fmean(r["accuracy"] for r in rs),
+                    accuracy_min=min(r["accuracy_min"] for r in rs),
+                    seeds=len(rs),
+                    precision=tp / (tp + fp) if tp + fp else None,
+                    recall=tp / (tp + fn) if tp + fn else None,
+                    false_flags=fp,
+                )
     return out
 
 
@@ -92,8 +114,10 @@ def tables(summary: dict, aggregators=AGGREGATORS) -> str:
         g = summary[group]
         ref = g["none"]["mean"]["accuracy"] if "mean" in g.get("none", {}) else None
         aggs = [a for a in aggregators if a in g.get("none", {})]
-        parts.append(f"### {title}: honest accuracy (%); * = within 5 points of plain gossip without attack"
-                     + (f" ({100 * ref:.1f}%)" if ref is not None else ""))
+        parts.append(
+            f"### {title}: honest accuracy (%); * = within 5 points of plain gossip without attack"
+            + (f" ({100 * ref:.1f}%)" if ref is not None else "")
+        )
         parts.append("| attack | " + " | ".join(aggs) + " | best |")
         parts.append("|---|" + "---:|" * (len(aggs) + 1))
         for attack, by_agg in g.items():
@@ -105,16 +129,20 @@ def tables(summary: dict, aggregators=AGGREGATORS) -> str:
             best = max(by_agg, key=lambda a: by_agg[a]["accuracy"])
             parts.append(f"| {attack} | " + " | ".join(cells) + f" | {best} |")
         parts.append("")
-        parts.append(f"### {title}: detection by the trust score, precision / recall (%) of flagged vs malicious"
-                     " neighbours in the last round (no-attack row: false flags, of all honest pairs)")
+        parts.append(
+            f"### {title}: detection by the trust score, precision / recall (%) of flagged vs malicious"
+            " neighbours in the last round (no-attack row: false flags, of all honest pairs)"
+        )
         parts.append("| attack | " + " | ".join(aggs) + " |")
         parts.append("|---|" + "---:|" * len(aggs))
         for attack, by_agg in g.items():
             if attack == "none":
                 cells = [f"{by_agg[a]['false_flags']} false" if a in by_agg else "" for a in aggs]
             else:
-                cells = [f"{_pct(by_agg[a]['precision'])} / {_pct(by_agg[a]['recall'])}" if a in by_agg else ""
-                         for a in aggs]
+                cells = [
+                    f"{_pct(by_agg[a]['precision'])} / {_pct(by_agg[a]['recall'])}" if a in by_agg else ""
+                    for a in aggs
+                ]
             parts.append(f"| {attack} | " + " | ".join(cells) + " |")
         parts.append("")
     return "\n".join(parts)
@@ -123,8 +151,13 @@ def tables(summary: dict, aggregators=AGGREGATORS) -> str:
 def plot(summary: dict, path: Path, aggregators=AGGREGATORS) -> None:
     plt = pyplot()
     groups = [g for g in ("grid", "sybil") if g in summary]
-    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.5), squeeze=False,
-                             gridspec_kw={"width_ratios": [len(summary[g]) for g in groups]})
+    fig, axes = plt.subplots(
+        1,
+        len(groups),
+        figsize=(7 * len(groups), 4.5),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [len(summary[g]) for g in groups]},
+    )
     for ax, group in zip(axes[0], groups):
         g = summary[group]
         attacks = list(g)
@@ -147,7 +180,10 @@ def plot(summary: dict, path: Path, aggregators=AGGREGATORS) -> None:
 def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
     summary = summarize(rows)
     md = tables(summary)
-    paths = write_results(out, dict(meta=meta, summary=summary, rows=rows),
-                          f"# {meta.get('title', 'byzantine')}\n\n    {meta.get('command', '')}\n\n{md}")
+    paths = write_results(
+        out,
+        dict(meta=meta, summary=summary, rows=rows),
+        f"# {meta.get('title', 'byzantine')}\n\n    {meta.get('command', '')}\n\n{md}",
+    )
     plot(summary, out / "accuracy.png")
     return [*paths, out / "accuracy.png"]

@@ -44,22 +44,37 @@ def summarize(rows: list[dict]) -> list[dict]:
             per_arch[a] = statistics.fmean(accs)
         rounds = rs[0]["config"]["rounds"]
         means = [r["final_accuracy_mean"] for r in rs]
-        out.append(dict(method=name, seeds=len(rs), per_architecture=per_arch, accuracy=statistics.fmean(means),
-                        accuracy_std=statistics.stdev(means) if len(means) > 1 else 0.0,
-                        kilobytes_per_round=statistics.fmean(r["bytes_sent"] for r in rs) / 1e3 / rounds,
-                        seconds=statistics.fmean(r["seconds"] for r in rs)))
+        out.append(
+            dict(
+                method=name,
+                seeds=len(rs),
+                per_architecture=per_arch,
+                accuracy=statistics.fmean(means),
+                accuracy_std=statistics.stdev(means) if len(means) > 1 else 0.0,
+                kilobytes_per_round=statistics.fmean(r["bytes_sent"] for r in rs) / 1e3 / rounds,
+                seconds=statistics.fmean(r["seconds"] for r in rs),
+            )
+        )
     return out
 
 
 def table(summary: list[dict], architectures: list[str]) -> str:
     gossip = next((s["kilobytes_per_round"] for s in summary if s["method"] == "gossip_same_arch"), None)
-    head = "| method | " + " | ".join(architectures) + " | all nodes (± std over seeds) | KB per round | vs model gossip bytes |"
+    head = (
+        "| method | "
+        + " | ".join(architectures)
+        + " | all nodes (± std over seeds) | KB per round | vs model gossip bytes |"
+    )
     lines = [head, "|---|" + "---:|" * (len(architectures) + 3)]
     for s in summary:
         accs = [f"{100 * s['per_architecture'][a]:.1f}" if a in s["per_architecture"] else "" for a in architectures]
         kb = s["kilobytes_per_round"]
         ratio = f"{gossip / kb:.0f}x fewer" if gossip and kb and s["method"] != "gossip_same_arch" else ""
-        lines.append(f"| {s['method']} | " + " | ".join(accs) + f" | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f} | {kb:.1f} | {ratio} |")
+        lines.append(
+            f"| {s['method']} | "
+            + " | ".join(accs)
+            + f" | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f} | {kb:.1f} | {ratio} |"
+        )
     return "\n".join(lines)
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -28,8 +28,19 @@ from p2pd.rpc import router_pb2_grpc as pb_grpc
 METHODS = ("monolith", "top1", "top2", "full")
 
 
-def _run_seed(ds, k: int, steps: int, router_steps: int, width: int, n: int, sample_steps: int, seed: int,
-              judge, out: Path | None, note: Callable[[str], None]) -> tuple[list[dict], dict]:
+def _run_seed(
+    ds,
+    k: int,
+    steps: int,
+    router_steps: int,
+    width: int,
+    n: int,
+    sample_steps: int,
+    seed: int,
+    judge,
+    out: Path | None,
+    note: Callable[[str], None],
+) -> tuple[list[dict], dict]:
     cl = cluster(ds.x_train, k, seed)
     x = to_unit(ds.x_train)
     dim, shape = x.shape[1], tuple(ds.x_train.shape[1:])
@@ -47,8 +58,13 @@ def _run_seed(ds, k: int, steps: int, router_steps: int, width: int, n: int, sam
     note(f"seed {seed}: monolith trained")
     rt = router_net(dim, k, width, seed=seed)
     train_router(rt, x, cl.labels, router_steps, seed=seed)
-    info = dict(seed=seed, cluster_sizes=torch.bincount(cl.labels, minlength=k).tolist(), expert_train_s=expert_s,
-                mono_train_s=mono_s, router_acc={str(t): router_accuracy(rt, x, cl.labels, t) for t in (0.1, 0.5, 0.9)})
+    info = dict(
+        seed=seed,
+        cluster_sizes=torch.bincount(cl.labels, minlength=k).tolist(),
+        expert_train_s=expert_s,
+        mono_train_s=mono_s,
+        router_acc={str(t): router_accuracy(rt, x, cl.labels, t) for t in (0.1, 0.5, 0.9)},
+    )
     rows = []
     for method in METHODS:
         gen = torch.Generator().manual_seed(10_000 + seed)
@@ -60,8 +76,15 @@ def _run_seed(ds, k: int, steps: int, router_steps: int, width: int, n: int, sam
             v, calls = res.x, res.expert_calls
         seconds = time.perf_counter() - t0
         images = from_unit(v, shape)
-        rows.append(dict(method=method, seed=seed, **evaluate.score(judge, images, ds.x_test, ds.num_classes),
-                         expert_calls=calls, sample_seconds=seconds))
+        rows.append(
+            dict(
+                method=method,
+                seed=seed,
+                **evaluate.score(judge, images, ds.x_test, ds.num_classes),
+                expert_calls=calls,
+                sample_seconds=seconds,
+            )
+        )
         if out is not None and seed == 0:
             save_grid(images[:64], out / f"grid_{method}.png", cols=8, title=f"{method} (seed 0)")
     info["throughput"] = throughput(rt, experts, k, dim, sample_steps)
@@ -74,17 +97,22 @@ def throughput(rt, experts: dict, k: int, dim: int, sample_steps: int, n: int = 
     servers, remotes = [], {}
     try:
         for j, model in experts.items():
-            srv, port = service.serve(service.ExpertService(model, j, "bench", dim, torch.device("cpu")),
-                                      pb_grpc.add_ExpertServicer_to_server)
+            srv, port = service.serve(
+                service.ExpertService(model, j, "bench", dim, torch.device("cpu")),
+                pb_grpc.add_ExpertServicer_to_server,
+            )
             servers.append(srv)
             remotes[j] = service.RemoteExpert(f"127.0.0.1:{port}", j, "bench", dim)
         result = {}
         for strategy in ("top1", "full"):
             top = ensemble.parse_strategy(strategy, k)
             for where, ex in (("local", experts), ("remote", remotes)):
-                best = min(_timed(lambda: ensemble.sample(rt, ex, k, n, dim, sample_steps, top,
-                                                          torch.Generator().manual_seed(r)))
-                           for r in range(repeats))
+                best = min(
+                    _timed(
+                        lambda: ensemble.sample(rt, ex, k, n, dim, sample_steps, top, torch.Generator().manual_seed(r))
+                    )
+                    for r in range(repeats)
+                )
                 result[f"{strategy}_{where}"] = n / best
             result[f"{strategy}_ratio"] = result[f"{strategy}_remote"] / result[f"{strategy}_local"]
         return result
@@ -101,8 +129,18 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run(dataset: str, k: int, steps: int, router_steps: int, width: int, n: int, sample_steps: int, seeds: list[int],
-        out: Path | None, note: Callable[[str], None] = lambda s: None) -> tuple[list[dict], list[dict], float]:
+def run(
+    dataset: str,
+    k: int,
+    steps: int,
+    router_steps: int,
+    width: int,
+    n: int,
+    sample_steps: int,
+    seeds: list[int],
+    out: Path | None,
+    note: Callable[[str], None] = lambda s: None,
+) -> tuple[list[dict], list[dict], float]:
     ds = load_dataset(dataset)
     judge = evaluate.train_judge(ds)
     note(f"judge classifier: {100 * judge.accuracy:.1f}% test accuracy")
@@ -113,8 +151,15 @@ def run(dataset: str, k: int, steps: int, router_steps: int, width: int, n: int,
         infos.append(info)
     # what real data scores (the floor of the Fréchet distance at this sample size)
     real = ds.x_train[torch.randperm(len(ds.x_train), generator=torch.Generator().manual_seed(0))[:n]]
-    rows.append(dict(method="real (train images)", seed=-1, **evaluate.score(judge, real, ds.x_test, ds.num_classes),
-                     expert_calls=0, sample_seconds=0.0))
+    rows.append(
+        dict(
+            method="real (train images)",
+            seed=-1,
+            **evaluate.score(judge, real, ds.x_test, ds.num_classes),
+            expert_calls=0,
+            sample_seconds=0.0,
+        )
+    )
     return rows, infos, judge.accuracy
 
 
@@ -125,28 +170,46 @@ def summarize(rows: list[dict]) -> list[dict]:
         if not rs:
             continue
         fd = [r["frechet"] for r in rs]
-        out.append(dict(method=method, frechet=statistics.fmean(fd), frechet_sd=statistics.pstdev(fd),
-                        confidence=statistics.fmean(r["confidence"] for r in rs),
-                        coverage=statistics.fmean(r["coverage"] for r in rs),
-                        per_seed=fd, expert_calls=statistics.fmean(r["expert_calls"] for r in rs)))
+        out.append(
+            dict(
+                method=method,
+                frechet=statistics.fmean(fd),
+                frechet_sd=statistics.pstdev(fd),
+                confidence=statistics.fmean(r["confidence"] for r in rs),
+                coverage=statistics.fmean(r["coverage"] for r in rs),
+                per_seed=fd,
+                expert_calls=statistics.fmean(r["expert_calls"] for r in rs),
+            )
+        )
     return out
 
 
 def tables(summary: list[dict], infos: list[dict]) -> str:
-    lines = ["| method | Fréchet distance (± sd over seeds) | per seed | judge confidence | class coverage | expert calls per run |",
-             "|---|---:|---|---:|---:|---:|"]
+    lines = [
+        "| method | Fréchet distance (± sd over seeds) | per seed | judge confidence | class coverage "
+        "| expert calls per run |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
     for s in summary:
-        lines.append(f"| {s['method']} | {s['frechet']:.1f} ± {s['frechet_sd']:.1f} | "
-                     f"{', '.join(f'{v:.1f}' for v in s['per_seed'])} | {100 * s['confidence']:.1f}% | "
-                     f"{100 * s['coverage']:.0f}% | {s['expert_calls']:.0f} |")
-    lines += ["", "| routing | in process (samples/s) | gRPC on 127.0.0.1 (samples/s) | remote / local |",
-              "|---|---:|---:|---:|"]
+        lines.append(
+            f"| {s['method']} | {s['frechet']:.1f} ± {s['frechet_sd']:.1f} | "
+            f"{', '.join(f'{v:.1f}' for v in s['per_seed'])} | {100 * s['confidence']:.1f}% | "
+            f"{100 * s['coverage']:.0f}% | {s['expert_calls']:.0f} |"
+        )
+    lines += [
+        "",
+        "| routing | in process (samples/s) | gRPC on 127.0.0.1 (samples/s) | remote / local |",
+        "|---|---:|---:|---:|",
+    ]
     for strategy in ("top1", "full"):
         loc = statistics.fmean(i["throughput"][f"{strategy}_local"] for i in infos)
         rem = statistics.fmean(i["throughput"][f"{strategy}_remote"] for i in infos)
         lines.append(f"| {strategy} | {loc:.0f} | {rem:.0f} | {rem / loc:.2f} |")
     ra = {t: statistics.fmean(i["router_acc"][t] for i in infos) for t in ("0.1", "0.5", "0.9")}
-    lines += ["", "Router accuracy (right cluster of x_t): " + ", ".join(f"t={t}: {100 * a:.0f}%" for t, a in ra.items())]
+    lines += [
+        "",
+        "Router accuracy (right cluster of x_t): " + ", ".join(f"t={t}: {100 * a:.0f}%" for t, a in ra.items()),
+    ]
     return "\n".join(lines)
 
 
@@ -165,7 +228,10 @@ def plot(summary: list[dict], path: Path) -> None:
 def write_outputs(rows: list[dict], infos: list[dict], judge_accuracy: float, out: Path, meta: dict) -> list[Path]:
     summary = summarize(rows)
     md = tables(summary, infos)
-    paths = write_results(out, dict(meta=meta, judge_accuracy=judge_accuracy, summary=summary, rows=rows, seeds=infos),
-                          f"# {meta.get('title', 'experts')}\n\n    {meta.get('command', '')}\n\n{md}")
+    paths = write_results(
+        out,
+        dict(meta=meta, judge_accuracy=judge_accuracy, summary=summary, rows=rows, seeds=infos),
+        f"# {meta.get('title', 'experts')}\n\n    {meta.get('command', '')}\n\n{md}",
+    )
     plot(summary, out / "frechet.png")
     return [*paths, out / "frechet.png", *sorted(out.glob("grid_*.png"))]

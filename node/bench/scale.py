@@ -20,13 +20,22 @@ def _one(nodes: int, rounds: int, local_steps: int, conn) -> None:
     from node.sim import SimConfig, Simulation
 
     t0 = time.perf_counter()
-    sim = Simulation(SimConfig(nodes=nodes, rounds=rounds, local_steps=local_steps, partition="iid",
-                               eval_every=rounds))
+    sim = Simulation(
+        SimConfig(nodes=nodes, rounds=rounds, local_steps=local_steps, partition="iid", eval_every=rounds)
+    )
     setup = time.perf_counter() - t0
     res = sim.run()
-    conn.send(dict(nodes=nodes, rounds=rounds, setup_seconds=setup, seconds_per_round=res.seconds / rounds,
-                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   accuracy_mean=sum(res.final_accuracies) / len(res.final_accuracies), bytes_sent=res.bytes_sent))
+    conn.send(
+        dict(
+            nodes=nodes,
+            rounds=rounds,
+            setup_seconds=setup,
+            seconds_per_round=res.seconds / rounds,
+            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            accuracy_mean=sum(res.final_accuracies) / len(res.final_accuracies),
+            bytes_sent=res.bytes_sent,
+        )
+    )
 
 
 def run(sizes: list[int], rounds: int, local_steps: int, progress=None) -> list[dict]:
@@ -54,11 +63,15 @@ def run(sizes: list[int], rounds: int, local_steps: int, progress=None) -> list[
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| nodes | rounds | seconds per round | peak memory (MB) | mean accuracy | MB sent |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| nodes | rounds | seconds per round | peak memory (MB) | mean accuracy | MB sent |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['nodes']} | {r['rounds']} | {r['seconds_per_round']:.2f} | {r['peak_rss_mb']:.0f} | "
-                     f"{100 * r['accuracy_mean']:.1f} | {r['bytes_sent'] / 1e6:.1f} |")
+        lines.append(
+            f"| {r['nodes']} | {r['rounds']} | {r['seconds_per_round']:.2f} | {r['peak_rss_mb']:.0f} | "
+            f"{100 * r['accuracy_mean']:.1f} | {r['bytes_sent'] / 1e6:.1f} |"
+        )
     return "\n".join(lines)
 
 

@@ -31,9 +31,13 @@ import torch
 
 PATHS = ("copy", "grpc_raw", "atoll", "atoll_reuse", "hivemind")
 # what each path is, for a reader of the plot (see the module docstring)
-LEGEND = {"copy": "in-process copy (memory ceiling)", "grpc_raw": "bare gRPC byte stream, no checks",
-          "atoll": "atoll fetch (decode, digest, NaN check)", "atoll_reuse": "atoll fetch into reused tensors",
-          "hivemind": "hivemind libp2p tensor stream"}
+LEGEND = {
+    "copy": "in-process copy (memory ceiling)",
+    "grpc_raw": "bare gRPC byte stream, no checks",
+    "atoll": "atoll fetch (decode, digest, NaN check)",
+    "atoll_reuse": "atoll fetch into reused tensors",
+    "hivemind": "hivemind libp2p tensor stream",
+}
 RAW_CHUNK = 4 * 1024 * 1024
 HIVEMIND_CHUNK = 2 * 1024 * 1024
 _RAW_METHOD = "/atoll.bench.Raw/Stream"
@@ -96,7 +100,11 @@ def _serve(sizes: list[int], conn) -> None:
         options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )
     raw.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("atoll.bench.Raw", {"Stream": grpc.unary_stream_rpc_method_handler(raw_stream)})]
+        [
+            grpc.method_handlers_generic_handler(
+                "atoll.bench.Raw", {"Stream": grpc.unary_stream_rpc_method_handler(raw_stream)}
+            )
+        ]
     )
     raw_port = raw.add_insecure_port("127.0.0.1:0")
     raw.start()
@@ -115,7 +123,15 @@ def _serve(sizes: list[int], conn) -> None:
         return p2p, [str(m) for m in await p2p.get_visible_maddrs()]
 
     p2p, maddrs = asyncio.run_coroutine_threadsafe(start_p2p(), loop).result(60)
-    conn.send(dict(atoll=atoll.address, raw=f"127.0.0.1:{raw_port}", maddrs=maddrs, peer_id=p2p.peer_id.to_base58(), digests=digests))
+    conn.send(
+        dict(
+            atoll=atoll.address,
+            raw=f"127.0.0.1:{raw_port}",
+            maddrs=maddrs,
+            peer_id=p2p.peer_id.to_base58(),
+            digests=digests,
+        )
+    )
     conn.recv()  # any message (or EOF) means stop
     atoll.stop(0)
     raw.stop(0)
@@ -166,7 +182,9 @@ def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, prog
         raw_channel = grpc.insecure_channel(info["raw"], [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         raw_call = raw_channel.unary_stream(_RAW_METHOD)
         if "hivemind" in paths:
-            p2p = loop.run_until_complete(P2P.create(initial_peers=info["maddrs"], host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+            p2p = loop.run_until_complete(
+                P2P.create(initial_peers=info["maddrs"], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+            )
             server_id = PeerID.from_base58(info["peer_id"])
 
         for mb in sizes:

@@ -8,7 +8,7 @@ renormalised to sum to one (nobody waits for a dead peer).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -25,9 +25,14 @@ def renormalise(self_w: float, weights: Mapping[str, float], answered: set[str])
     return self_w / total, {j: w / total for j, w in kept.items()}
 
 
-def mix(own: Mapping[str, torch.Tensor], others: Mapping[str, Mapping[str, torch.Tensor]],
-        self_w: float, weights: Mapping[str, float], correct_variance: bool = False,
-        eps: float = 1e-4) -> dict[str, torch.Tensor]:
+def mix(
+    own: Mapping[str, torch.Tensor],
+    others: Mapping[str, Mapping[str, torch.Tensor]],
+    self_w: float,
+    weights: Mapping[str, float],
+    correct_variance: bool = False,
+    eps: float = 1e-4,
+) -> dict[str, torch.Tensor]:
     """sum_j W_ij x_j over self and `others` (every state dict must have own's keys and shapes).
 
     Integer buffers (e.g. BatchNorm's num_batches_tracked) are kept from `own`. With

@@ -9,14 +9,16 @@ skipped, which is why the scheme tolerates most peers being unresponsive.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from node.comm import seeded_rng
 
 AGGREGATE_STEP = 1  # snapshot (model, r, 1) is round r's aggregate; (model, r, 0) a trainer's model
 
 
-def sample(peers: Sequence[str], round_: int, seed: int, trainers: int, aggregators: int) -> tuple[list[str], list[str]]:
+def sample(
+    peers: Sequence[str], round_: int, seed: int, trainers: int, aggregators: int
+) -> tuple[list[str], list[str]]:
     """(trainers, aggregators) of a round; both sorted, possibly overlapping."""
     ids = sorted(set(peers))
     if round_ < 0 or not ids:

@@ -13,8 +13,8 @@ Available kinds:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 from node.comm import seeded_rng
 
@@ -66,12 +66,16 @@ def _graph(ids: tuple[str, ...], kind: str, round_: int, seed: int, k: int) -> d
     return {p: frozenset(v) for p, v in adj.items()}
 
 
-def graph(peers: Sequence[str], kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4) -> dict[str, frozenset[str]]:
+def graph(
+    peers: Sequence[str], kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4
+) -> dict[str, frozenset[str]]:
     """Adjacency of the round's graph over `peers` (order and duplicates do not matter)."""
     return _graph(tuple(sorted(set(peers))), kind, round_ if kind == "random" else 0, seed, k)
 
 
-def neighbours(peers: Sequence[str], me: str, kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4) -> list[str]:
+def neighbours(
+    peers: Sequence[str], me: str, kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4
+) -> list[str]:
     """Neighbours of `me` (excluding itself) in the round's graph over `peers` + me."""
     return sorted(graph(list(peers) + [me], kind, round_, seed, k)[me])
 

@@ -8,10 +8,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import gzip
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +50,9 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 
 
-def load_dataset(name: str = "digits", *, test_fraction: float = 0.25, seed: int = 0,
-                 path: str | os.PathLike | None = None) -> Dataset:
+def load_dataset(
+    name: str = "digits", *, test_fraction: float = 0.25, seed: int = 0, path: str | os.PathLike | None = None
+) -> Dataset:
     if name == "digits":
         return _digits(test_fraction, seed)
     if name == "fashion-mnist":
@@ -67,11 +67,16 @@ def _digits(test_fraction: float, seed: int) -> Dataset:
     x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = d.target.astype(np.int64)
     xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
-    return Dataset("digits", torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte), torch.from_numpy(yte), 10)
+    return Dataset(
+        "digits", torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte), torch.from_numpy(yte), 10
+    )
 
 
 def _fashion_mnist(root: Path) -> Dataset:
-    files = {k: root / f"{k}-ubyte.gz" for k in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")}
+    files = {
+        k: root / f"{k}-ubyte.gz"
+        for k in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")
+    }
     missing = [p.name for p in files.values() if not p.is_file()]
     if missing:
         raise DatasetMissing(
@@ -82,10 +87,18 @@ def _fashion_mnist(root: Path) -> Dataset:
     xte, yte = read_idx(files["t10k-images-idx3"], 3), read_idx(files["t10k-labels-idx1"], 1)
     for x, y, split in ((xtr, ytr, "train"), (xte, yte, "test")):
         if len(x) != len(y) or x.shape[1:] != (28, 28) or y.max(initial=0) > 9:
-            raise ValueError(f"Fashion-MNIST {split} files in {root} are inconsistent: {x.shape} images, {y.shape} labels")
+            raise ValueError(
+                f"Fashion-MNIST {split} files in {root} are inconsistent: {x.shape} images, {y.shape} labels"
+            )
     prep = lambda x: torch.from_numpy(x.astype(np.float32)[:, None] / 255.0)  # noqa: E731
-    return Dataset("fashion-mnist", prep(xtr), torch.from_numpy(ytr.astype(np.int64)),
-                   prep(xte), torch.from_numpy(yte.astype(np.int64)), 10)
+    return Dataset(
+        "fashion-mnist",
+        prep(xtr),
+        torch.from_numpy(ytr.astype(np.int64)),
+        prep(xte),
+        torch.from_numpy(yte.astype(np.int64)),
+        10,
+    )
 
 
 _IDX_MAX_BYTES = 1 << 30

@@ -31,6 +31,19 @@ def uses_knfu(method: str) -> bool:
     return method in ("knfu", "edgefd+knfu")
 
 
-__all__ = ["METHODS", "LogitsRefused", "check_logits", "distill_steps", "distillation_loss", "edgefd_filter",
-           "fused_targets", "knfu_weights", "logits_payload", "proxy_split", "soft_targets", "speaking_rows", "uses_filter",
-           "uses_knfu"]
+__all__ = [
+    "METHODS",
+    "LogitsRefused",
+    "check_logits",
+    "distill_steps",
+    "distillation_loss",
+    "edgefd_filter",
+    "fused_targets",
+    "knfu_weights",
+    "logits_payload",
+    "proxy_split",
+    "soft_targets",
+    "speaking_rows",
+    "uses_filter",
+    "uses_knfu",
+]

@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 
-def edgefd_filter(local_x: torch.Tensor, proxy_x: torch.Tensor, clusters: int = 8, quantile: float = 0.95,
-                  seed: int = 0) -> np.ndarray:
+def edgefd_filter(
+    local_x: torch.Tensor, proxy_x: torch.Tensor, clusters: int = 8, quantile: float = 0.95, seed: int = 0
+) -> np.ndarray:
     """Sorted indices of the proxy samples that look like this node's data.
 
     KMeans on the node's own inputs; a proxy sample is kept when its distance to the nearest

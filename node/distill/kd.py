@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +16,16 @@ def soft_targets(logits: Sequence[torch.Tensor], weights: Sequence[float], tempe
     if (w < 0).any() or w.sum() <= 0:
         raise ValueError("weights must be non-negative with a positive sum")
     w = w / w.sum()
-    return sum(wi * F.softmax(l.float() / temperature, dim=1) for wi, l in zip(w, logits))
+    return sum(wi * F.softmax(z.float() / temperature, dim=1) for wi, z in zip(w, logits))
 
 
-def fused_targets(n_proxy: int, num_classes: int, teachers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                  weights: Mapping[str, float], temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_targets(
+    n_proxy: int,
+    num_classes: int,
+    teachers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    weights: Mapping[str, float],
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per proxy sample, the weighted average of the softened distributions of the teachers
     that sent logits for it. `teachers` maps a name to (row indices, logits for those rows):
     an EdgeFD teacher speaks only for the rows its filter keeps. Returns (targets for every
@@ -44,9 +49,17 @@ def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor, tempe
     return F.kl_div(log_p, targets, reduction="batchmean") * temperature**2
 
 
-def distill_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, proxy_x: torch.Tensor, targets: torch.Tensor,
-                  covered: torch.Tensor, steps: int, batch_size: int, temperature: float,
-                  generator: torch.Generator) -> float | None:
+def distill_steps(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    proxy_x: torch.Tensor,
+    targets: torch.Tensor,
+    covered: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    temperature: float,
+    generator: torch.Generator,
+) -> float | None:
     """`steps` minibatch steps of distillation on the covered proxy rows; mean loss, or None
     if no row is covered.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,8 @@ def knfu_weights(own: torch.Tensor, neighbours: Mapping[str, torch.Tensor], beta
         return {}
     mine = F.softmax(own.float(), dim=1).mean(0)
     names = sorted(neighbours)
-    sims = torch.stack([F.cosine_similarity(mine, F.softmax(neighbours[n].float(), dim=1).mean(0), dim=0)
-                        for n in names])
+    sims = torch.stack(
+        [F.cosine_similarity(mine, F.softmax(neighbours[n].float(), dim=1).mean(0), dim=0) for n in names]
+    )
     w = torch.softmax(beta * sims, dim=0)
     return {n: float(x) for n, x in zip(names, w)}

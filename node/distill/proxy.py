@@ -43,7 +43,9 @@ def logits_payload(model: torch.nn.Module, proxy_x: torch.Tensor, rows: np.ndarr
     return {"mask": mask, "logits": out.to(device="cpu", dtype=torch.float16)}
 
 
-def check_logits(tensors: dict[str, torch.Tensor], n_proxy: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def check_logits(
+    tensors: dict[str, torch.Tensor], n_proxy: int, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(row indices, float32 logits) of a received payload, or LogitsRefused saying why.
     (The transport has already refused NaN/Inf, oversize and undigested streams.)"""
     if set(tensors) != {"mask", "logits"}:

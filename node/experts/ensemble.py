@@ -11,8 +11,8 @@ served each sample.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import torch
 
@@ -56,9 +56,17 @@ class SampleResult:
 
 
 @torch.no_grad()
-def sample(router: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], experts: Mapping[int, Velocity], k: int,
-           n: int, dim: int, steps: int, top: int, gen: torch.Generator | None = None,
-           x0: torch.Tensor | None = None) -> SampleResult:
+def sample(
+    router: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    experts: Mapping[int, Velocity],
+    k: int,
+    n: int,
+    dim: int,
+    steps: int,
+    top: int,
+    gen: torch.Generator | None = None,
+    x0: torch.Tensor | None = None,
+) -> SampleResult:
     """Euler sampling of n images from the ensemble, from noise x0 (or drawn from `gen`).
     `experts` maps cluster id -> velocity callable (missing ids count as dead); `router`
     returns logits (B, k)."""

@@ -67,6 +67,8 @@ def score(judge: Judge, samples: torch.Tensor, real: torch.Tensor, num_classes: 
     """samples and real: images (N, C, H, W) in [0, 1]."""
     p = judge.probs(samples)
     share = torch.bincount(p.argmax(dim=1), minlength=num_classes).float() / len(samples)
-    return dict(frechet=frechet(judge.features(samples), judge.features(real)),
-                confidence=float(p.max(dim=1).values.mean()),
-                coverage=float((share >= 0.02).float().mean()))
+    return dict(
+        frechet=frechet(judge.features(samples), judge.features(real)),
+        confidence=float(p.max(dim=1).values.mean()),
+        coverage=float((share >= 0.02).float().mean()),
+    )

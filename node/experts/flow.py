@@ -8,7 +8,7 @@ the velocity x_1 - x_0 and sampling integrates dx/dt = v(x_t, t) from t = 0 (noi
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -54,10 +54,19 @@ def noisy(x1: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.T
     return xt, t, x1 - x0
 
 
-def fit(model: nn.Module, batch_loss: Callable[[torch.Generator], torch.Tensor], steps: int, *, lr: float = 2e-3,
-        seed: int = 0, start: int = 0, opt_state: dict | None = None, every: int = 0,
-        on_checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None,
-        progress: Callable[[int, float], None] | None = None) -> float:
+def fit(
+    model: nn.Module,
+    batch_loss: Callable[[torch.Generator], torch.Tensor],
+    steps: int,
+    *,
+    lr: float = 2e-3,
+    seed: int = 0,
+    start: int = 0,
+    opt_state: dict | None = None,
+    every: int = 0,
+    on_checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> float:
     """Adam on `batch_loss(gen)` from step `start` to `steps`, the learning rate decaying
     linearly to 5%; `on_checkpoint(step, opt)` every `every` steps and at the end (a restart
     passes the saved step and optimizer state back). Returns the last 50 steps' mean loss."""

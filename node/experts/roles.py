@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -22,7 +22,7 @@ from node import checkpoint
 from node.config import NodeConfig
 from node.data import load_dataset
 from node.experts import flow, service
-from node.experts.cluster import Clustering, cluster, to_unit
+from node.experts.cluster import cluster, to_unit
 from node.experts.router import router_net, train_router
 from p2pd import __version__
 from p2pd.addresses import host_port
@@ -41,8 +41,16 @@ def prepare(cfg: NodeConfig):
     return ds, cl, to_unit(ds.x_train)
 
 
-def _train_checkpointed(model: torch.nn.Module, directory: Path, kind: str, meta: dict, steps: int,
-                        train: Callable[..., float], on_event: Event, stop: threading.Event) -> str:
+def _train_checkpointed(
+    model: torch.nn.Module,
+    directory: Path,
+    kind: str,
+    meta: dict,
+    steps: int,
+    train: Callable[..., float],
+    on_event: Event,
+    stop: threading.Event,
+) -> str:
     """Train `model` to `steps` with checkpoints in `directory` (resuming from one made with the
     same `meta`); returns the final checkpoint's model sha256."""
     saved = checkpoint.load(directory, torch.device("cpu"))
@@ -50,8 +58,9 @@ def _train_checkpointed(model: torch.nn.Module, directory: Path, kind: str, meta
     if saved is not None:
         model_sd, optim_sd, state = saved
         if state.get("meta") != meta:
-            raise ValueError(f"{directory} holds a checkpoint of another {kind} ({state.get('meta')}); "
-                             "use another checkpoint_dir")
+            raise ValueError(
+                f"{directory} holds a checkpoint of another {kind} ({state.get('meta')}); use another checkpoint_dir"
+            )
         model.load_state_dict(model_sd)
         start = int(state["step"])
         opt_state = _unflatten_optim(optim_sd, state["optim"]) if start < steps else None
@@ -69,14 +78,24 @@ def _train_checkpointed(model: torch.nn.Module, directory: Path, kind: str, meta
 
     def progress(step, loss):
         if step % report == 0 or step == steps:
-            on_event(dict(event="train", role=kind, step=step, steps=steps, loss=round(loss, 4),
-                          seconds=round(time.monotonic() - t0, 1)))
+            on_event(
+                dict(
+                    event="train",
+                    role=kind,
+                    step=step,
+                    steps=steps,
+                    loss=round(loss, 4),
+                    seconds=round(time.monotonic() - t0, 1),
+                )
+            )
 
     try:
         loss = train(start=start, opt_state=opt_state, on_checkpoint=on_checkpoint, progress=progress)
     except _Stopped as s:
         raise _Stopped(s.step) from None
-    on_event(dict(event="trained", role=kind, steps=steps, loss=round(loss, 4), seconds=round(time.monotonic() - t0, 1)))
+    on_event(
+        dict(event="trained", role=kind, steps=steps, loss=round(loss, 4), seconds=round(time.monotonic() - t0, 1))
+    )
     return checkpoint.load(directory, torch.device("cpu"))[2]["sha256"]["model"]
 
 
@@ -99,7 +118,9 @@ def _flatten_optim(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _unflatten_optim(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
-    state = {int(pid): {name: tensors[key] for name, key in entries.items()} for pid, entries in layout["state"].items()}
+    state = {
+        int(pid): {name: tensors[key] for name, key in entries.items()} for pid, entries in layout["state"].items()
+    }
     return {"state": state, "param_groups": layout["param_groups"]}
 
 
@@ -119,17 +140,26 @@ class _Role:
     def _join(self, **record) -> None:
         cfg = self.cfg
         ident = Identity.load_or_create(cfg.net.identity_path.expanduser())
-        self.discovery = Discovery(ident, swarm=cfg.net.swarm, initial_peers=cfg.net.initial_peers,
-                                   host_maddrs=cfg.net.dht_listen, announce_maddrs=cfg.net.announce_maddrs or None,
-                                   ttl=cfg.net.record_ttl).start()
+        self.discovery = Discovery(
+            ident,
+            swarm=cfg.net.swarm,
+            initial_peers=cfg.net.initial_peers,
+            host_maddrs=cfg.net.dht_listen,
+            announce_maddrs=cfg.net.announce_maddrs or None,
+            ttl=cfg.net.record_ttl,
+        ).start()
         self.identity = ident
         self._record = record
 
     def _announce(self, port: int) -> None:
         cfg = self.cfg
-        self.discovery.announce(grpc_address=host_port(cfg.net.advertise_host or cfg.net.host, port),
-                                cluster_digest=self.clustering.digest, software_version=__version__,
-                                dataset_size=len(self.x), **self._record)
+        self.discovery.announce(
+            grpc_address=host_port(cfg.net.advertise_host or cfg.net.host, port),
+            cluster_digest=self.clustering.digest,
+            software_version=__version__,
+            dataset_size=len(self.x),
+            **self._record,
+        )
 
     def _serve_until_stopped(self) -> None:
         while not self.stop_requested.wait(0.5):
@@ -153,14 +183,30 @@ class ExpertNode(_Role):
 
     def train(self) -> str:
         e = self.cfg.experts
-        meta = dict(role="expert", cluster=self.k, clusters=e.clusters, clustering=self.clustering.digest,
-                    width=e.width, depth=e.depth, steps=e.steps, dataset=self.cfg.data.dataset)
+        meta = dict(
+            role="expert",
+            cluster=self.k,
+            clusters=e.clusters,
+            clustering=self.clustering.digest,
+            width=e.width,
+            depth=e.depth,
+            steps=e.steps,
+            dataset=self.cfg.data.dataset,
+        )
         self.on_event(dict(event="expert", cluster=self.k, images=len(self.data), clusters=e.clusters))
-        train = lambda **kw: flow.train_denoiser(self.model, self.data, e.steps, batch_size=e.batch_size,  # noqa: E731
-                                                 lr=e.lr, seed=self.cfg.data.seed * 1000 + self.k,
-                                                 every=e.checkpoint_every, **kw)
-        return _train_checkpointed(self.model, self.directory, "expert", meta, e.steps, train, self.on_event,
-                                   self.stop_requested)
+        train = lambda **kw: flow.train_denoiser(  # noqa: E731
+            self.model,
+            self.data,
+            e.steps,
+            batch_size=e.batch_size,  # noqa: E731
+            lr=e.lr,
+            seed=self.cfg.data.seed * 1000 + self.k,
+            every=e.checkpoint_every,
+            **kw,
+        )
+        return _train_checkpointed(
+            self.model, self.directory, "expert", meta, e.steps, train, self.on_event, self.stop_requested
+        )
 
     def run(self, serve: bool = True) -> dict:
         """Train (or resume, or load), then serve Predict until stopped if `serve`."""
@@ -174,13 +220,23 @@ class ExpertNode(_Role):
             if not serve:
                 return dict(event="done", cluster=self.k, checkpoint=digest)
             svc = service.ExpertService(self.model, self.k, self.clustering.digest, self.dim, torch.device("cpu"))
-            self.server, port = service.serve(svc, pb_grpc.add_ExpertServicer_to_server, self.cfg.net.host,
-                                              self.cfg.net.grpc_port)
+            self.server, port = service.serve(
+                svc, pb_grpc.add_ExpertServicer_to_server, self.cfg.net.host, self.cfg.net.grpc_port
+            )
             self._record["model_digest"] = digest
             self._announce(port)
-            self.on_event(dict(event="ready", role="expert", cluster=self.k, peer_id=self.identity.peer_id,
-                               grpc=host_port(self.cfg.net.host, port), maddrs=self.discovery.visible_maddrs(),
-                               dht_pid=self.discovery.pid, checkpoint=digest))
+            self.on_event(
+                dict(
+                    event="ready",
+                    role="expert",
+                    cluster=self.k,
+                    peer_id=self.identity.peer_id,
+                    grpc=host_port(self.cfg.net.host, port),
+                    maddrs=self.discovery.visible_maddrs(),
+                    dht_pid=self.discovery.pid,
+                    checkpoint=digest,
+                )
+            )
             self._serve_until_stopped()
             return dict(event="stopped", calls=svc.calls)
         finally:
@@ -197,25 +253,47 @@ class RouterNode(_Role):
 
     def train(self) -> str:
         e = self.cfg.experts
-        meta = dict(role="router", clusters=e.clusters, clustering=self.clustering.digest, width=e.width,
-                    depth=e.depth, steps=e.router_steps, dataset=self.cfg.data.dataset)
+        meta = dict(
+            role="router",
+            clusters=e.clusters,
+            clustering=self.clustering.digest,
+            width=e.width,
+            depth=e.depth,
+            steps=e.router_steps,
+            dataset=self.cfg.data.dataset,
+        )
         labels = self.clustering.labels
-        train = lambda **kw: train_router(self.router, self.x, labels, e.router_steps, batch_size=e.batch_size,  # noqa: E731
-                                          lr=e.lr, seed=self.cfg.data.seed, every=e.checkpoint_every, **kw)
-        return _train_checkpointed(self.router, self.directory, "router", meta, e.router_steps, train, self.on_event,
-                                   self.stop_requested)
+        train = lambda **kw: train_router(  # noqa: E731
+            self.router,
+            self.x,
+            labels,
+            e.router_steps,
+            batch_size=e.batch_size,  # noqa: E731
+            lr=e.lr,
+            seed=self.cfg.data.seed,
+            every=e.checkpoint_every,
+            **kw,
+        )
+        return _train_checkpointed(
+            self.router, self.directory, "router", meta, e.router_steps, train, self.on_event, self.stop_requested
+        )
 
     def live_experts(self) -> dict[int, service.RemoteExpert]:
         """One live expert per cluster of our clustering (the lowest peer id when several)."""
         chosen: dict[int, service.RemoteExpert] = {}
         for rec in self.discovery.live_peers(include_self=False):
-            if ("expert" not in rec.roles or rec.cluster_digest != self.clustering.digest
-                    or not 0 <= rec.cluster < self.cfg.experts.clusters or rec.cluster in chosen):
+            if (
+                "expert" not in rec.roles
+                or rec.cluster_digest != self.clustering.digest
+                or not 0 <= rec.cluster < self.cfg.experts.clusters
+                or rec.cluster in chosen
+            ):
                 continue
             key = f"{rec.grpc_address}/{rec.cluster}"
             if key not in self._remotes:
-                self._remotes[key] = service.RemoteExpert(rec.grpc_address, rec.cluster, self.clustering.digest,
-                                                          self.dim, self.cfg.experts.predict_timeout)
+                self._remotes[key] = service.RemoteExpert(
+                    rec.grpc_address, rec.cluster, self.clustering.digest, self.dim, self.cfg.experts.predict_timeout
+                )
             chosen[rec.cluster] = self._remotes[key]
         return chosen
 
@@ -227,14 +305,29 @@ class RouterNode(_Role):
             except _Stopped as s:
                 return dict(event="stopped", step=s.step)
             e = self.cfg.experts
-            self.service = service.RouterService(self.router, self.live_experts, e.clusters, self.dim, self.image_shape,
-                                                 max_n=e.max_n, default_steps=e.sample_steps)
-            self.server, port = service.serve(self.service, pb_grpc.add_RouterServicer_to_server, self.cfg.net.host,
-                                              self.cfg.net.grpc_port)
+            self.service = service.RouterService(
+                self.router,
+                self.live_experts,
+                e.clusters,
+                self.dim,
+                self.image_shape,
+                max_n=e.max_n,
+                default_steps=e.sample_steps,
+            )
+            self.server, port = service.serve(
+                self.service, pb_grpc.add_RouterServicer_to_server, self.cfg.net.host, self.cfg.net.grpc_port
+            )
             self._announce(port)
-            self.on_event(dict(event="ready", role="router", peer_id=self.identity.peer_id,
-                               grpc=host_port(self.cfg.net.host, port), maddrs=self.discovery.visible_maddrs(),
-                               dht_pid=self.discovery.pid))
+            self.on_event(
+                dict(
+                    event="ready",
+                    role="router",
+                    peer_id=self.identity.peer_id,
+                    grpc=host_port(self.cfg.net.host, port),
+                    maddrs=self.discovery.visible_maddrs(),
+                    dht_pid=self.discovery.pid,
+                )
+            )
             self._serve_until_stopped()
             return dict(event="stopped", runs=self.service.runs)
         finally:

@@ -18,8 +18,9 @@ def router_net(dim: int, k: int, width: int = 256, depth: int = 3, seed: int = 0
         return TimeMLP(dim, k, width, depth)
 
 
-def train_router(model: TimeMLP, x: torch.Tensor, labels: torch.Tensor, steps: int, *, batch_size: int = 128,
-                 **kw) -> float:
+def train_router(
+    model: TimeMLP, x: torch.Tensor, labels: torch.Tensor, steps: int, *, batch_size: int = 128, **kw
+) -> float:
     """Cross-entropy on (x_t, t) -> cluster of x_1; see flow.fit for the other arguments."""
 
     def batch_loss(gen):

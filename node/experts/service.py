@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable
 
 import grpc
 import numpy as np
@@ -56,14 +56,22 @@ def matrix_from_pb(m: pb.Matrix, cols: int, max_rows: int = MAX_ROWS) -> torch.T
 # -- expert -----------------------------------------------------------------------------------
 class ExpertService(pb_grpc.ExpertServicer):
     def __init__(self, model: torch.nn.Module, cluster: int, cluster_digest: str, dim: int, device: torch.device):
-        self.model, self.cluster, self.cluster_digest, self.dim, self.device = model, cluster, cluster_digest, dim, device
+        self.model, self.cluster, self.cluster_digest, self.dim, self.device = (
+            model,
+            cluster,
+            cluster_digest,
+            dim,
+            device,
+        )
         self.calls = 0
         self._lock = threading.Lock()  # one forward at a time: CPU threads are the bottleneck anyway
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictReply:
         if request.cluster_digest != self.cluster_digest:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "this expert belongs to another clustering (cluster_digest differs)")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this expert belongs to another clustering (cluster_digest differs)",
+            )
         try:
             x = matrix_from_pb(request.x, self.dim)
         except ValueError as e:
@@ -81,10 +89,21 @@ class RemoteExpert:
     """A live expert's Predict as a velocity callable; any failure raises ExpertUnavailable."""
 
     def __init__(self, address: str, cluster: int, cluster_digest: str, dim: int, timeout: float = 10.0):
-        self.address, self.cluster, self.cluster_digest, self.dim, self.timeout = address, cluster, cluster_digest, dim, timeout
-        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                                                ("grpc.enable_retries", 0)])
+        self.address, self.cluster, self.cluster_digest, self.dim, self.timeout = (
+            address,
+            cluster,
+            cluster_digest,
+            dim,
+            timeout,
+        )
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.enable_retries", 0),
+            ],
+        )
         self._stub = pb_grpc.ExpertStub(self._channel)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -120,9 +139,18 @@ class RouterService(pb_grpc.RouterServicer):
     """Sample requests -> ensemble runs, batched: requests with the same (strategy, steps) that
     arrive while a run is going are served together by the next run."""
 
-    def __init__(self, router: torch.nn.Module, experts: Callable[[], dict[int, Velocity]], k: int, dim: int,
-                 image_shape: tuple[int, ...], max_n: int = 256, default_steps: int = 50, max_steps: int = 500,
-                 max_batch: int = 1024):
+    def __init__(
+        self,
+        router: torch.nn.Module,
+        experts: Callable[[], dict[int, Velocity]],
+        k: int,
+        dim: int,
+        image_shape: tuple[int, ...],
+        max_n: int = 256,
+        default_steps: int = 50,
+        max_steps: int = 500,
+        max_batch: int = 1024,
+    ):
         self.router, self.experts, self.k, self.dim, self.image_shape = router, experts, k, dim, image_shape
         self.max_n, self.default_steps, self.max_steps, self.max_batch = max_n, default_steps, max_steps, max_batch
         self.runs = 0  # ensemble runs (fewer than requests when batching works)
@@ -153,11 +181,16 @@ class RouterService(pb_grpc.RouterServicer):
         if job.error is not None:
             context.abort(grpc.StatusCode.UNAVAILABLE, job.error)
         res = job.result
-        images = ((res.x.clamp(-1, 1) + 1) / 2)
-        return pb.SampleReply(images=matrix_to_pb(images), image_shape=list(self.image_shape),
-                              served=[pb.ServedBy(clusters=sorted(s), fewest=f) for s, f in zip(res.served, res.fewest)],
-                              failed=[f"{j}: {why}" for j, why in sorted(res.failed.items())],
-                              clusters=self.k, live=list(job.live), per_image=top)
+        images = (res.x.clamp(-1, 1) + 1) / 2
+        return pb.SampleReply(
+            images=matrix_to_pb(images),
+            image_shape=list(self.image_shape),
+            served=[pb.ServedBy(clusters=sorted(s), fewest=f) for s, f in zip(res.served, res.fewest)],
+            failed=[f"{j}: {why}" for j, why in sorted(res.failed.items())],
+            clusters=self.k,
+            live=list(job.live),
+            per_image=top,
+        )
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -190,8 +223,9 @@ class RouterService(pb_grpc.RouterServicer):
         for job in batch:
             job.live = tuple(sorted(experts))
         try:
-            res = ensemble.sample(self.router, experts, self.k, len(x0), self.dim, first.steps, first.top,
-                                  gen=None, x0=x0)
+            res = ensemble.sample(
+                self.router, experts, self.k, len(x0), self.dim, first.steps, first.top, gen=None, x0=x0
+            )
             self.runs += 1
         except ensemble.ExpertUnavailable as e:
             for job in batch:
@@ -200,21 +234,35 @@ class RouterService(pb_grpc.RouterServicer):
             return
         at = 0
         for job in batch:
-            job.result = ensemble.SampleResult(res.x[at:at + job.n], res.served[at:at + job.n], dict(res.failed),
-                                               res.expert_calls, res.fewest[at:at + job.n])
+            job.result = ensemble.SampleResult(
+                res.x[at : at + job.n],
+                res.served[at : at + job.n],
+                dict(res.failed),
+                res.expert_calls,
+                res.fewest[at : at + job.n],
+            )
             at += job.n
             job.done.set()
 
 
-def serve(servicer, add: Callable, host: str = "127.0.0.1", port: int = 0, workers: int = 8) -> tuple[grpc.Server, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="atoll-rpc"),
-                         maximum_concurrent_rpcs=workers * 4,
-                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)])
+def serve(
+    servicer, add: Callable, host: str = "127.0.0.1", port: int = 0, workers: int = 8
+) -> tuple[grpc.Server, int]:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="atoll-rpc"),
+        maximum_concurrent_rpcs=workers * 4,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
     add(servicer, server)
     if tcp_port_in_use(host, port):
-        raise OSError(f"cannot serve gRPC on {host_port(host, port)}: the port is in use by another process "
-                      f"(net.grpc_port; 0 picks a free port)")
+        raise OSError(
+            f"cannot serve gRPC on {host_port(host, port)}: the port is in use by another process "
+            f"(net.grpc_port; 0 picks a free port)"
+        )
     bound = server.add_insecure_port(host_port(host, port))
     if not bound:
         raise OSError(f"could not bind {host_port(host, port)} (net.host, net.grpc_port)")

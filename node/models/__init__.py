@@ -11,17 +11,28 @@ class MLP(nn.Sequential):
         d = 1
         for s in input_shape:
             d *= s
-        super().__init__(nn.Flatten(), nn.Linear(d, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, num_classes))
+        super().__init__(
+            nn.Flatten(),
+            nn.Linear(d, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, num_classes),
+        )
 
 
 class SmallCNN(nn.Sequential):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 32):
         c, h, w = input_shape
         super().__init__(
-            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(width * (h // 2) * (w // 2), 2 * width), nn.ReLU(),
+            nn.Conv2d(c, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(width * (h // 2) * (w // 2), 2 * width),
+            nn.ReLU(),
             nn.Linear(2 * width, num_classes),
         )
 

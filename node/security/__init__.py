@@ -7,8 +7,8 @@ trust signals a node exports as metrics.
 Robust aggregators live in ``node.aggregate``.
 """
 
+from node.aggregate.vectors import flatten, unflatten
 from node.security.attacks import ATTACKS, Attack, flip_labels
 from node.security.trust import TrustTracker
-from node.aggregate.vectors import flatten, unflatten
 
 __all__ = ["ATTACKS", "Attack", "flip_labels", "TrustTracker", "flatten", "unflatten"]

@@ -28,9 +28,9 @@ Attacks (``Attack.name``):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Sequence
 
 import torch
 
@@ -83,9 +83,16 @@ class Attack:
     def needs_honest(self) -> bool:
         return self.name in ("alie", "ipm")
 
-    def craft(self, base: torch.Tensor, trained: torch.Tensor, init: torch.Tensor,
-              honest: Sequence[torch.Tensor] = (), n: int = 0, f: int = 0,
-              gen: torch.Generator | None = None) -> torch.Tensor:
+    def craft(
+        self,
+        base: torch.Tensor,
+        trained: torch.Tensor,
+        init: torch.Tensor,
+        honest: Sequence[torch.Tensor] = (),
+        n: int = 0,
+        f: int = 0,
+        gen: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """The vector this attacker publishes (see the module docstring)."""
         name = self.name
         if name == "label_flip":

@@ -7,14 +7,14 @@ trust scores a daemon exports are the ones the benchmark measures precision and 
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from node.aggregate.robust import Context, Outcome, combine
+from node.aggregate.vectors import flatten, float_keys, unflatten
 from node.comm.mixing import mix
-from node.aggregate.vectors import float_keys, flatten, unflatten
 from node.security.trust import Signals, TrustTracker
 from node.train import per_class_accuracy
 
@@ -22,8 +22,17 @@ BRISTLE_SAMPLES = 256  # own samples the per-class check runs on
 
 
 class Defence:
-    def __init__(self, aggregator: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                 byzantine_fraction: float = 0.25, seed: int = 0, tracker: TrustTracker | None = None):
+    def __init__(
+        self,
+        aggregator: str,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        num_classes: int,
+        byzantine_fraction: float = 0.25,
+        seed: int = 0,
+        tracker: TrustTracker | None = None,
+    ):
         self.aggregator = aggregator
         self.tracker = tracker or TrustTracker()
         self.byzantine_fraction = byzantine_fraction
@@ -46,9 +55,16 @@ class Defence:
 
             self._per_class = per_class
 
-    def step(self, round_: int, ref: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor],
-             others: Mapping[str, Mapping[str, torch.Tensor]], self_w: float, weights: Mapping[str, float],
-             correct_variance: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Signals], Outcome]:
+    def step(
+        self,
+        round_: int,
+        ref: Mapping[str, torch.Tensor],
+        own: Mapping[str, torch.Tensor],
+        others: Mapping[str, Mapping[str, torch.Tensor]],
+        self_w: float,
+        weights: Mapping[str, float],
+        correct_variance: bool = False,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Signals], Outcome]:
         """(new own state, per-neighbour signals, the aggregation outcome). `ref` is the node's
         model before this exchange's local training: updates are measured from it."""
         own_v = flatten(own, self.keys)
@@ -56,8 +72,12 @@ class Defence:
         signals = self.tracker.observe(flatten(ref, self.keys), own_v, vecs)
         if self.aggregator == "mean":  # plain gossip, with optional variance correction
             return mix(own, others, self_w, weights, correct_variance), signals, Outcome(own_v)
-        ctx = Context(byzantine_fraction=self.byzantine_fraction, histories=self.tracker.known_histories(),
-                      per_class_accuracy=self._per_class, familiar=self.familiar,
-                      seed=self.seed * 1_000_003 + round_)
+        ctx = Context(
+            byzantine_fraction=self.byzantine_fraction,
+            histories=self.tracker.known_histories(),
+            per_class_accuracy=self._per_class,
+            familiar=self.familiar,
+            seed=self.seed * 1_000_003 + round_,
+        )
         out = combine(self.aggregator, own_v, vecs, self_w, weights, ctx)
         return unflatten(out.vector, own), signals, out

@@ -18,9 +18,10 @@ the median (measured: cosine about 0), while a reversed or inner-product attack 
 it. The size term is steep (4th power) because on non-IID data the cosine is a weak signal in
 daemons (honest updates of nodes with different class mixes are themselves near-orthogonal or
 opposed), while honest size ratios stay under 2 (measured): an update 4x the median scores
-0.15, one 2.5x or less is not penalised. Trust is an exponential average, t_j <- (1 - alpha) t_j + alpha s_j, starting at 1 (a
-newcomer is not suspect); a neighbour is *flagged* when t_j < flag_below, or when its history
-is as similar to another's as ``sybil_similarity`` (a suspected sybil).
+0.15, one 2.5x or less is not penalised. Trust is an exponential average,
+t_j <- (1 - alpha) t_j + alpha s_j, starting at 1 (a newcomer is not suspect); a neighbour is
+*flagged* when t_j < flag_below, or when its history is as similar to another's as
+``sybil_similarity`` (a suspected sybil).
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ class TrustTracker:
         for i, j in enumerate(names, start=1):
             ratio = float(norms[i] / med_norm)
             c = float(cos[i]) if torch.isfinite(cos[i]) else -1.0
-            score = min(max(0.5 + c / (2 * self.cos_full), 0.0), 1.0) * min(1.0, (self.norm_tolerance / max(ratio, 1e-12)) ** self.norm_power)
+            score = min(max(0.5 + c / (2 * self.cos_full), 0.0), 1.0) * min(
+                1.0, (self.norm_tolerance / max(ratio, 1e-12)) ** self.norm_power
+            )
             t = (1 - self.alpha) * self.trust.get(j, 1.0) + self.alpha * score
             self.trust[j] = t
             ch = sim.get(j, 0.0)

@@ -53,8 +53,16 @@ class LocalTrainer:
     `sam_rho` > 0 makes every step a SAM step (as in DFedSAM): the gradient is taken at the
     worst-case point w + rho * g / ||g|| of the neighbourhood and applied at w."""
 
-    def __init__(self, model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
-                 sam_rho: float = 0.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        sam_rho: float = 0.0,
+    ):
         if sam_rho < 0:
             raise ValueError("sam_rho must be >= 0")
         self.sam_rho = sam_rho
@@ -64,8 +72,9 @@ class LocalTrainer:
         self.seed = seed
         self.loss_fn = nn.CrossEntropyLoss()
 
-    def train_round(self, round_: int, steps: int | None = None, seconds: float | None = None,
-                    stop=lambda: False) -> RoundStats:
+    def train_round(
+        self, round_: int, steps: int | None = None, seconds: float | None = None, stop=lambda: False
+    ) -> RoundStats:
         """Run `steps` steps, or as many as fit in `seconds` (at least one). `stop()` is checked
         between steps so a shutdown finishes the current step, not the round."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_)
@@ -90,7 +99,6 @@ class LocalTrainer:
             done += 1
             samples += len(idx)
         return RoundStats(total_loss / max(done, 1), done, samples, time.perf_counter() - t0)
-
 
     def _sam_gradient(self, idx: torch.Tensor) -> None:
         params = [p for p in self.model.parameters() if p.grad is not None]
