@@ -573,9 +573,7 @@ class Node:
         cfg, me = self.cfg, self.identity.peer_id
         live = self.discovery.live_peers()
         self._set_peers(len(live))
-        nbrs = neighbours(
-            [p.peer_id for p in live], me, cfg.comm.topology, r * 1000, cfg.train.seed, cfg.comm.random_degree
-        )
+        nbrs = neighbours([p.peer_id for p in live], me, cfg.comm.topology, r, cfg.train.seed, cfg.comm.random_degree)
         addr = {p.peer_id: p.grpc_address for p in live}
         n_proxy = len(self.proxy_x)
         teachers = self._fetch_all(
@@ -620,13 +618,12 @@ class Node:
         ids = [p.peer_id for p in live]
         me = self.identity.peer_id
         kind, seed, k = self.cfg.comm.topology, self.cfg.train.seed, self.cfg.comm.random_degree
-        g_round = r * 1000 + q  # random graphs are re-drawn every gossip step
-        nbrs = neighbours(ids, me, kind, g_round, seed, k)
+        nbrs = neighbours(ids, me, kind, r, seed, k, step=q)  # random graphs are re-drawn every gossip step
         if not nbrs:
             return []
         addr = {p.peer_id: p.grpc_address for p in live}
         self_w, w = metropolis_hastings(
-            degree(ids, me, kind, g_round, seed, k), {j: degree(ids, j, kind, g_round, seed, k) for j in nbrs}
+            degree(ids, me, kind, r, seed, k, step=q), {j: degree(ids, j, kind, r, seed, k, step=q) for j in nbrs}
         )
         answered = self._fetch_all(nbrs, addr, SnapshotKey("model", r, q), _model_like(own))
         self_w, w = renormalise(self_w, w, set(answered))

@@ -233,7 +233,7 @@ class Simulation:
     def _gossip_group(self, round_: int, step: int, alive: list[int]) -> None:
         cfg = self.cfg
         ids = [self.ids[i] for i in alive]
-        g = graph(ids, cfg.topology, round_ * 1000 + step, cfg.seed)
+        g = graph(ids, cfg.topology, round_, cfg.seed, step=step)
         states = {self.ids[i]: self._state(i) for i in alive}
         sizes = {p: self.wire_bytes(states[p], round_, step) for p in ids}
         new = {}
@@ -319,7 +319,7 @@ class Simulation:
                 for i in range(cfg.nodes)
             }
         sent = {i: logits_payload(self.models[i], self.proxy_x, self._rows[i]) for i in alive}
-        g = graph([self.ids[i] for i in alive], cfg.topology, r * 1000, cfg.seed)
+        g = graph([self.ids[i] for i in alive], cfg.topology, r, cfg.seed)
         index = {self.ids[i]: i for i in alive}
         for i in alive:
             nb = [index[p] for p in sorted(g[self.ids[i]])]
@@ -381,7 +381,7 @@ class Simulation:
             vec = atk.craft(base, trained, self.init_vec, honest_vecs, n=len(alive), f=len(byz), gen=gen)
             published[self.ids[b]] = unflatten(vec, template)
         ids = [self.ids[i] for i in alive]
-        g = graph(ids, cfg.topology, r * 1000, cfg.seed)
+        g = graph(ids, cfg.topology, r, cfg.seed)
         new = {}
         for i in honest:
             me = self.ids[i]

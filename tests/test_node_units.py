@@ -398,3 +398,17 @@ def test_variance_corrected_mixing_matches_the_merge_for_equal_weights():
     assert torch.allclose(mixed["bn.weight"], (a["bn.weight"] + b["bn.weight"]) / 2)  # norms left alone
     plain = mix(a, {"b": b}, 0.5, {"b": 0.5})
     assert mixed["w"].var() > plain["w"].var() * 1.5  # independent inputs: the plain mean shrinks variance
+
+
+def test_random_graphs_of_different_rounds_and_steps_never_share_a_stream():
+    """The graph clock was r * 1000 + q: round 1 step 0 and round 0 step 1000 drew the same
+    random graph. Round and step are now separate components of the seed."""
+    from node.comm import seeded_rng
+    from node.comm.topology import graph
+
+    assert seeded_rng("g", 0, 1).random() != seeded_rng("g", 0, 0, 1000).random()
+    assert seeded_rng("g", 0, 3, 0).random() == seeded_rng("g", 0, 3).random()  # step 0 is the round's stream
+    ids = [f"p{i}" for i in range(24)]
+    assert graph(ids, "random", 1, 7) != graph(ids, "random", 0, 7, step=1000)
+    assert graph(ids, "random", 2, 7, step=1) == graph(ids, "random", 2, 7, step=1)
+    assert graph(ids, "ring", 2, 7, step=1) == graph(ids, "ring", 0, 0)  # only random graphs move

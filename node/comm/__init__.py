@@ -6,8 +6,10 @@ import hashlib
 import random
 
 
-def seeded_rng(salt: str, seed: int, round_: int) -> random.Random:
-    """The random stream of one (purpose, seed, round): identical on every node, so sampled
-    graphs and node sets need no coordination."""
-    digest = hashlib.sha256(f"{salt}:{seed}:{round_}".encode()).digest()
+def seeded_rng(salt: str, seed: int, round_: int, step: int = 0) -> random.Random:
+    """The random stream of one (purpose, seed, round, gossip step): identical on every node, so
+    sampled graphs and node sets need no coordination. Round and step stay separate: no number
+    of gossip steps in a round can make two (round, step) pairs share a stream."""
+    key = f"{salt}:{seed}:{round_}" if step == 0 else f"{salt}:{seed}:{round_}:{step}"
+    digest = hashlib.sha256(key.encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))

@@ -22,7 +22,7 @@ KINDS = ("ring", "torus", "exponential", "random", "complete")
 
 
 @lru_cache(maxsize=256)
-def _graph(ids: tuple[str, ...], kind: str, round_: int, seed: int, k: int) -> dict[str, frozenset[str]]:
+def _graph(ids: tuple[str, ...], kind: str, round_: int, step: int, seed: int, k: int) -> dict[str, frozenset[str]]:
     n = len(ids)
     edges: set[tuple[int, int]] = set()
 
@@ -51,7 +51,7 @@ def _graph(ids: tuple[str, ...], kind: str, round_: int, seed: int, k: int) -> d
                 add(a, (a + hop) % n)
             hop *= 2
     elif kind == "random":
-        rng = seeded_rng("random-graph", seed, round_)
+        rng = seeded_rng("random-graph", seed, round_, step)
         for _ in range(max(1, k // 2)):
             perm = list(range(n))
             rng.shuffle(perm)
@@ -67,18 +67,22 @@ def _graph(ids: tuple[str, ...], kind: str, round_: int, seed: int, k: int) -> d
 
 
 def graph(
-    peers: Sequence[str], kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4
+    peers: Sequence[str], kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4, *, step: int = 0
 ) -> dict[str, frozenset[str]]:
-    """Adjacency of the round's graph over `peers` (order and duplicates do not matter)."""
-    return _graph(tuple(sorted(set(peers))), kind, round_ if kind == "random" else 0, seed, k)
+    """Adjacency of the graph of gossip step `step` of round `round_` over `peers` (order and
+    duplicates do not matter); only `random` graphs change with the round and step."""
+    random_ = kind == "random"
+    return _graph(tuple(sorted(set(peers))), kind, round_ if random_ else 0, step if random_ else 0, seed, k)
 
 
 def neighbours(
-    peers: Sequence[str], me: str, kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4
+    peers: Sequence[str], me: str, kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4, *, step: int = 0
 ) -> list[str]:
-    """Neighbours of `me` (excluding itself) in the round's graph over `peers` + me."""
-    return sorted(graph(list(peers) + [me], kind, round_, seed, k)[me])
+    """Neighbours of `me` (excluding itself) in the step's graph over `peers` + me."""
+    return sorted(graph(list(peers) + [me], kind, round_, seed, k, step=step)[me])
 
 
-def degree(peers: Sequence[str], node: str, kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4) -> int:
-    return len(graph(list(peers) + [node], kind, round_, seed, k)[node])
+def degree(
+    peers: Sequence[str], node: str, kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4, *, step: int = 0
+) -> int:
+    return len(graph(list(peers) + [node], kind, round_, seed, k, step=step)[node])
