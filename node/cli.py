@@ -677,8 +677,7 @@ def bench_distill(
         family, _, width = a.partition(":")
         if family not in FAMILIES or not width.isdigit() or not 4 <= int(width) <= 8192:
             _fail(f"--architectures: {a!r} is not family:width with family in {', '.join(FAMILIES)} and width 4..8192")
-    if topology not in ("ring", "torus", "exponential", "random", "complete"):
-        _fail(f"--topology: unknown {topology!r}")
+    _topology_or_fail(topology)
     seed_list = _int_list(seeds, "--seeds", 0, 2**31)
     table = distill.methods(rounds, archs)
     names = list(table) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
@@ -710,6 +709,13 @@ def bench_distill(
         }
         for path in distill.write_outputs(rows, out, meta, archs):
             typer.echo(f"wrote {path}", err=True)
+
+
+def _topology_or_fail(name: str) -> None:
+    from node.comm.topology import KINDS
+
+    if name not in KINDS:
+        _fail(f"--topology: unknown {name!r}; available: {', '.join(KINDS)}")
 
 
 def _names(text: str, option: str, available) -> list[str]:
@@ -748,8 +754,7 @@ def bench_byzantine(
 
     atk = _names(attacks, "--attacks", ATTACKS)
     agg = _names(aggregators, "--aggregators", AGGREGATORS)
-    if topology not in ("ring", "torus", "exponential", "random", "complete"):
-        _fail(f"--topology: unknown {topology!r}")
+    _topology_or_fail(topology)
     seed_list = _int_list(seeds, "--seeds", 0, 2**31)
     n_byz = byzantine.byzantine_count(honest, fraction)
     base = SimConfig(dataset=dataset, alpha=alpha, rounds=rounds, local_steps=local_steps, topology=topology)

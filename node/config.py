@@ -77,7 +77,7 @@ class CommConfig(_Strict):
     exchange: Literal["model", "logits"] = Field(
         "model", description="model: gossip parameters (one architecture); logits: distill on a proxy set (any mix)"
     )
-    topology: Literal["ring", "torus", "exponential", "random", "complete"] = "ring"
+    topology: Literal["ring", "torus", "exponential", "random", "complete"] = "ring"  # node.comm.topology.KINDS
     random_degree: int = Field(4, ge=2, le=64, description="topology random: degree bound k")
     algorithm: Literal["gossip", "modest"] = Field("gossip", description="gossip averaging, or MoDeST sampling")
     modest_trainers: int = Field(4, ge=1, description="modest: nodes sampled to train each round")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from node import distill
 from node.aggregate import mean, variance_corrected_mean
 from node.comm import modest, seeded_rng
 from node.comm.mixing import metropolis_hastings, mix, renormalise
@@ -39,7 +40,7 @@ from node.train import LocalTrainer, evaluate, make_optimizer, round_lr, set_lr
 from p2pd.tensors import SnapshotKey, encode
 
 METHODS = ("gossip", "fedavg", "centralized", "modest", "isolated", "edgefd", "knfu", "edgefd+knfu")
-DISTILL = ("edgefd", "knfu", "edgefd+knfu")
+DISTILL = distill.METHODS
 
 
 @dataclass

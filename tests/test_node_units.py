@@ -412,3 +412,13 @@ def test_random_graphs_of_different_rounds_and_steps_never_share_a_stream():
     assert graph(ids, "random", 1, 7) != graph(ids, "random", 0, 7, step=1000)
     assert graph(ids, "random", 2, 7, step=1) == graph(ids, "random", 2, 7, step=1)
     assert graph(ids, "ring", 2, 7, step=1) == graph(ids, "ring", 0, 0)  # only random graphs move
+
+
+def test_the_config_accepts_exactly_the_registered_topologies():
+    """One list of topology names (node.comm.topology.KINDS); the config's choices are that list."""
+    import typing
+
+    from node.comm.topology import KINDS
+    from node.config import CommConfig
+
+    assert typing.get_args(CommConfig.model_fields["topology"].annotation) == KINDS

@@ -36,7 +36,3 @@ def allotment(schedule: str, rounds: int, budget: int, shape: float = 3.0) -> li
         prev = now
     steps[-1] += budget - prev  # float drift
     return steps
-
-
-def gossip_steps(schedule: str, round_: int, rounds: int, budget: int, shape: float = 3.0) -> int:
-    return allotment(schedule, rounds, budget, shape)[round_]

@@ -79,10 +79,6 @@ class Attack:
         """Whether the attacker mixes in its neighbours' models (sybils and free riders do not)."""
         return self.name not in ("sybil", "free_ride")
 
-    @property
-    def needs_honest(self) -> bool:
-        return self.name in ("alie", "ipm")
-
     def craft(
         self,
         base: torch.Tensor,
