@@ -16,13 +16,12 @@ import logging
 import torch
 from hivemind.averaging import DecentralizedAverager
 
-from node.aggregate import is_norm_param
+from node.averaging import is_norm_param, rescale_variance
 from p2pd.procs import start_hivemind_process, stop_hivemind_process
 
 log = logging.getLogger("atoll.merge")
 
 
-VAR_EPS = 1e-4  # as in node.aggregate.variance_corrected_mean
 MATCHMAKING_SECONDS = 3.0  # how long peers gather into a group before the all-reduce
 
 
@@ -94,8 +93,7 @@ class FinalMerge:
             for i, (name, t) in enumerate(zip(self.names, shared)):
                 x = t.detach().clone()
                 if self.how == "variance_corrected" and x.numel() > 1 and not is_norm_param(name):
-                    mu = x.mean()
-                    x = mu + (x - mu) * torch.sqrt(mean_vars[i] / (x.var() + VAR_EPS))
+                    x = rescale_variance(x, mean_vars[i])
                 merged[name] = x.to(device=state[name].device, dtype=state[name].dtype)
         log.info("final merge with %d peers", len(group))
         return merged, sorted(peer.to_base58() for peer in group)

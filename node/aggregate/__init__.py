@@ -11,49 +11,37 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
 
-_NORM = re.compile(r"(^|[._])(norm|bn|ln|batchnorm|layernorm)\d*([._]|$)|running_(mean|var)|num_batches_tracked", re.I)
+from node.averaging import VAR_EPS, is_norm_param, rescale_variance, weighted_sum
+
+__all__ = ["VAR_EPS", "is_norm_param", "mean", "rescale_variance", "variance_corrected_mean", "weighted_sum"]
 
 
 def mean(
     states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None
 ) -> dict[str, torch.Tensor]:
+    """The (weighted) average of state dicts, each tensor in its own dtype. Raises ValueError
+    for no states or weights that are negative, of the wrong count or sum to zero."""
     if not states:
         raise ValueError("nothing to average")
     w = torch.tensor(weights if weights is not None else [1.0] * len(states), dtype=torch.float64)
     if len(w) != len(states) or (w < 0).any() or w.sum() <= 0:
         raise ValueError("weights must be non-negative, one per state, with a positive sum")
-    w = (w / w.sum()).tolist()
-    out = {}
-    for k, v in states[0].items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-            continue
-        acc = torch.zeros_like(v, dtype=torch.float32)
-        for wi, s in zip(w, states):
-            acc += s[k].to(device=v.device, dtype=torch.float32) * wi
-        out[k] = acc.to(v.dtype)
-    return out
-
-
-def is_norm_param(name: str) -> bool:
-    return bool(_NORM.search(name))
+    avg = weighted_sum(states, (w / w.sum()).tolist())
+    return {k: v.to(states[0][k].dtype) for k, v in avg.items()}
 
 
 def variance_corrected_mean(
-    states: Sequence[Mapping[str, torch.Tensor]], eps: float = 1e-4, weights: Sequence[float] | None = None
+    states: Sequence[Mapping[str, torch.Tensor]], eps: float = VAR_EPS, weights: Sequence[float] | None = None
 ) -> dict[str, torch.Tensor]:
+    """`mean`, with each non-normalisation tensor rescaled to the inputs' mean variance."""
     avg = mean(states, weights)
     for k, x in avg.items():
         if not x.is_floating_point() or x.numel() < 2 or is_norm_param(k):
             continue
         target = torch.stack([s[k].to(device=x.device, dtype=torch.float32).var() for s in states]).mean()
-        xf = x.to(torch.float32)
-        mu = xf.mean()
-        scale = torch.sqrt(target / (xf.var() + eps))  # node.merge applies the same formula after an all-reduce
-        avg[k] = (mu + (xf - mu) * scale).to(x.dtype)
+        avg[k] = rescale_variance(x.to(torch.float32), target, eps).to(x.dtype)
     return avg

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from node.aggregate.vectors import median
+from node.averaging import weighted_sum
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "clipped", "sybilwall", "bristle")
 
@@ -55,10 +56,10 @@ def assumed_byzantine(n: int, fraction: float) -> int:
 
 
 def weighted_mean(own, others, self_w, weights) -> torch.Tensor:
-    acc = own * self_w
-    for j, w in weights.items():
-        acc = acc + others[j] * w
-    return acc / (self_w + sum(weights.values()))
+    """(self_w * own + sum_j w_j others[j]) / (self_w + sum_j w_j) over flat float32 vectors."""
+    names = list(weights)
+    acc = weighted_sum([{"v": own}, *({"v": others[j]} for j in names)], [self_w, *(weights[j] for j in names)])
+    return acc["v"] / (self_w + sum(weights.values()))
 
 
 def combine(

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 
 import torch
 
+from node.averaging import VAR_EPS, is_norm_param, rescale_variance, weighted_sum
+
 
 def metropolis_hastings(my_degree: int, neighbour_degrees: Mapping[str, int]) -> tuple[float, dict[str, float]]:
     """(self weight, {neighbour: weight}) for one node."""
@@ -31,7 +33,7 @@ def mix(
     self_w: float,
     weights: Mapping[str, float],
     correct_variance: bool = False,
-    eps: float = 1e-4,
+    eps: float = VAR_EPS,
 ) -> dict[str, torch.Tensor]:
     """sum_j W_ij x_j over self and `others` (every state dict must have own's keys and shapes).
 
@@ -39,21 +41,16 @@ def mix(
     `correct_variance`, each non-normalisation tensor of the result is rescaled around its mean
     to the weighted mean of the inputs' variances (as node.aggregate.variance_corrected_mean
     does for a merge), so any schedule can use variance-corrected averaging."""
-    from node.aggregate import is_norm_param
-
-    out = {}
-    for k, v in own.items():
+    names = list(weights)
+    out = weighted_sum([own, *(others[j] for j in names)], [self_w, *(weights[j] for j in names)])
+    for k, acc in out.items():
+        v = own[k]
         if not v.is_floating_point():
-            out[k] = v.clone()
             continue
-        acc = v.to(torch.float32) * self_w
-        for j, w in weights.items():
-            acc += others[j][k].to(device=v.device, dtype=torch.float32) * w
         if correct_variance and acc.numel() > 1 and not is_norm_param(k):
             target = v.to(torch.float32).var() * self_w
-            for j, w in weights.items():
-                target = target + others[j][k].to(device=v.device, dtype=torch.float32).var() * w
-            mu = acc.mean()
-            acc = mu + (acc - mu) * torch.sqrt(target / (acc.var() + eps))
+            for j in names:
+                target = target + others[j][k].to(device=v.device, dtype=torch.float32).var() * weights[j]
+            acc = rescale_variance(acc, target, eps)
         out[k] = acc.to(v.dtype)
     return out
