@@ -22,7 +22,7 @@ import random
 
 import torch
 
-from node.aggregate.robust import Context, Outcome, weighted_mean
+from node.aggregate.base import Context, Outcome, weighted_mean
 from node.aggregate.vectors import median
 
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from node.aggregate.robust import Outcome, weighted_mean
+from node.aggregate.base import Outcome, weighted_mean
 
 DOWN_WEIGHTED = 0.05  # below this weight a neighbour counts as discarded in the metrics
 

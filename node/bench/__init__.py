@@ -12,13 +12,3 @@ def write_results(out: Path, payload: dict, table_md: str) -> list[Path]:
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     (out / "table.md").write_text(table_md + "\n")
     return [out / "results.json", out / "table.md"]
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only backend (no display on servers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

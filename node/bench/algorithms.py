@@ -12,7 +12,8 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from node.bench import pyplot, write_results
+from node.bench import write_results
+from node.plotting import pyplot
 from node.sim import SimConfig, Simulation
 
 

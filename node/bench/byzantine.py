@@ -21,7 +21,8 @@ import statistics
 from pathlib import Path
 
 from node.aggregate.robust import AGGREGATORS
-from node.bench import pyplot, write_results
+from node.bench import write_results
+from node.plotting import pyplot
 from node.security.attacks import ATTACKS
 from node.sim import SimConfig, Simulation
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from node.bench import pyplot, write_results
+from node.bench import write_results
 from node.data import load_dataset
 from node.experts import ensemble, evaluate, flow, service
 from node.experts.cluster import cluster, from_unit, to_unit
 from node.experts.grid import save_grid
 from node.experts.router import router_accuracy, router_net, train_router
+from node.plotting import pyplot
 from p2pd.rpc import router_pb2_grpc as pb_grpc
 
 METHODS = ("monolith", "top1", "top2", "full")

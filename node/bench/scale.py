@@ -13,7 +13,8 @@ import resource
 import time
 from pathlib import Path
 
-from node.bench import pyplot, write_results
+from node.bench import write_results
+from node.plotting import pyplot
 
 
 def _one(nodes: int, rounds: int, local_steps: int, conn) -> None:

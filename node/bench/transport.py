@@ -263,7 +263,8 @@ def table(rows: list[Row]) -> str:
 def write_outputs(rows: list[Row], out: Path, meta: dict) -> list[Path]:
     import matplotlib.ticker
 
-    from node.bench import pyplot, write_results
+    from node.bench import write_results
+    from node.plotting import pyplot
 
     written = write_results(out, {"meta": meta, "rows": [asdict(r) for r in rows]}, table(rows))
     plt = pyplot()

@@ -10,7 +10,7 @@ import torch
 
 def save_grid(images: torch.Tensor, path: Path, cols: int | None = None, title: str | None = None) -> Path:
     """images (N, C, H, W) in [0, 1]; writes a grid, grayscale for one channel."""
-    from node.bench import pyplot
+    from node.plotting import pyplot
 
     plt = pyplot()
     n = len(images)
