@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from node import aggregate, checkpoint, distill
+from node import aggregate, checkpoint, distill, membership
 from node.aggregate.vectors import flatten, unflatten
 from node.comm import modest
 from node.comm.backoff import Backoff
@@ -202,14 +202,7 @@ class Node:
             self._restore(*restored)
 
         # The DHT forks a child process: start it before any gRPC object exists here.
-        self.discovery = Discovery(
-            self.identity,
-            swarm=cfg.net.swarm,
-            initial_peers=cfg.net.initial_peers,
-            host_maddrs=cfg.net.dht_listen,
-            announce_maddrs=cfg.net.announce_maddrs or None,
-            ttl=cfg.net.record_ttl,
-        ).start()
+        self.discovery = membership.join(cfg.net, self.identity)
         self.merger = None
         if cfg.comm.final_merge:  # forks the averager process: before any gRPC object exists
             from node.merge import FinalMerge

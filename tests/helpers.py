@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -89,3 +90,49 @@ ATOLL_NODE = [sys.executable, "-m", "node.cli", "node", "start", "--json-events"
 def atoll_node(config: Path, *extra: str, log: Path | None = None) -> NodeProcess:
     """A real `atoll node start` daemon."""
     return NodeProcess("--config", str(config), *extra, command=ATOLL_NODE, stderr_path=log)
+
+
+class Terminal:
+    """A command as a user runs it in a terminal of its own: its own session, human output
+    collected line by line, Ctrl-C as SIGINT to its process group."""
+
+    def __init__(self, argv: list[str], log: Path, cwd: Path = ROOT, env: dict | None = None):
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env or dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
+            stdout=subprocess.PIPE,
+            stderr=open(log, "wb"),
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """The first output line matching `pattern` (re.search), waiting up to `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := re.search(pattern, line):
+                    return m
+            if self.proc.poll() is not None:
+                time.sleep(0.3)  # the reader thread may still hold the last lines
+                if not any(re.search(pattern, x) for x in self.lines):
+                    raise RuntimeError(f"exited with {self.proc.returncode}: {''.join(self.lines)[-1500:]}")
+            time.sleep(0.2)
+        raise TimeoutError(f"no line matching {pattern!r} within {timeout} s: {''.join(self.lines)[-1500:]}")
+
+    def ctrl_c(self, timeout: float = 15.0) -> int | None:
+        """SIGINT to its group, as a terminal's Ctrl-C; its exit code (anything left is killed)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        kill_tree(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)

@@ -10,13 +10,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT
+from helpers import ROOT, Terminal
 
 from node.config import load_config
 from p2pd.identity import Identity, IdentityError
@@ -89,41 +88,6 @@ def test_bench_help_lists_the_method_names():
 # -- a 2-machine swarm as the example script and README form it ----------------------------
 
 
-class Terminal:
-    def __init__(self, args: list[str], env: dict, log: Path):
-        self.proc = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=open(log, "wb"),
-            stdin=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-        )
-        self.out: list[str] = []
-        threading.Thread(target=lambda: self.out.extend(self.proc.stdout), daemon=True).start()
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.out):
-                if m := re.search(pattern, line):
-                    return m
-            if self.proc.poll() is not None:
-                time.sleep(0.3)
-                if not any(re.search(pattern, x) for x in self.out):
-                    raise RuntimeError(f"exited {self.proc.returncode}: {''.join(self.out)[-1500:]}")
-            time.sleep(0.2)
-        raise TimeoutError(f"no {pattern!r} in {timeout} s: {''.join(self.out)[-1500:]}")
-
-    def close(self) -> None:
-        from p2pd.procs import kill_tree
-
-        kill_tree(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-
 @pytest.mark.integration
 def test_two_machines_example_forms_a_2_node_swarm_and_status_shows_it(tmp_path):
     """Before: `first` trained its 50 rounds alone in 2 s and exited before anyone could copy
@@ -146,14 +110,14 @@ def test_two_machines_example_forms_a_2_node_swarm_and_status_shows_it(tmp_path)
         }
 
     base = 20000 + os.getpid() % 20000
-    first = Terminal(["bash", script, "first"], env("a", base), tmp_path / "a.log")
+    first = Terminal(["bash", script, "first"], tmp_path / "a.log", env=env("a", base))
     second = None
     try:
         first.wait_for(r"waiting for 1 more node \(1 of 2 live", 90)
         maddr = first.wait_for(r"^\s+(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\S+)$", 10).group(1)
         wrong = atoll("status", "--peers", maddr)  # the default swarm name is not the example's
         assert "0 live node(s)" in wrong.stdout and "--swarm NAME" in wrong.stdout, wrong.stdout + wrong.stderr
-        second = Terminal(["bash", script, "second", maddr], env("b", base + 10), tmp_path / "b.log")
+        second = Terminal(["bash", script, "second", maddr], tmp_path / "b.log", env=env("b", base + 10))
         second.wait_for(r" ready$", 90)
 
         status = atoll("status", "--peers", maddr, "--swarm", "mylab")
@@ -165,7 +129,7 @@ def test_two_machines_example_forms_a_2_node_swarm_and_status_shows_it(tmp_path)
         for t in (first, second):
             assert t.proc.wait(180) == 0, (tmp_path / "a.log").read_text()[-2000:]
         for t in (first, second):
-            text = "".join(t.out)
+            text = "".join(t.lines)
             rounds = re.findall(r"^round +\d+/25 .*mixed (\d)/(\d)", text, flags=re.M)
             assert len(rounds) == 25 and all(m == ("1", "1") for m in rounds[1:]), text[-2000:]
             assert not too_wide(text), too_wide(text)

@@ -12,13 +12,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import typer
-from helpers import ROOT
+from helpers import ROOT, Terminal
 
 from node import cli
 
@@ -128,46 +127,6 @@ def test_every_option_in_the_cli_synopsis_exists(line):
     assert named <= known, f"`{line}`: {sorted(named - known)} are not options of atoll {' '.join(path)}"
 
 
-class Terminal:
-    """A command as a user runs it in a terminal of its own: human output, its own session,
-    Ctrl-C by SIGINT to its process group."""
-
-    def __init__(self, args: list[str], cwd: Path, log: Path):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", *args],
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=open(log, "wb"),
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if m := re.search(pattern, line):
-                    return m
-            if self.proc.poll() is not None and not any(re.search(pattern, x) for x in self.lines):
-                raise RuntimeError(f"exited with {self.proc.returncode}: {''.join(self.lines)[-1500:]}")
-            time.sleep(0.2)
-        raise TimeoutError(f"no line matching {pattern!r} within {timeout} s: {''.join(self.lines)[-1500:]}")
-
-    def ctrl_c(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-        try:
-            return self.proc.wait(15)
-        finally:
-            from p2pd.procs import kill_tree
-
-            kill_tree(self.proc.pid, signal.SIGKILL)
-
-
 def _expert_walkthrough() -> list[list[str]]:
     section = README.split("## Diffusion experts and the ensemble router", 1)[1]
     return [shlex.split(line) for line in code_blocks(section)[0][1].splitlines() if line.startswith("atoll ")]
@@ -189,7 +148,8 @@ def test_the_readme_expert_walkthrough_forms_a_4_expert_swarm_and_top2_uses_two_
 
     def start(args: list[str], name: str, maddr: str | None, *budget: str) -> Terminal:
         args = [maddr if a == "MADDR" else a for a in args]
-        running.append(Terminal([*args, *budget, *BUDGET], tmp_path, tmp_path / f"{name}.log"))
+        argv = [sys.executable, "-m", "node.cli", *args, *budget, *BUDGET]
+        running.append(Terminal(argv, tmp_path / f"{name}.log", cwd=tmp_path))
         return running[-1]
 
     def ask() -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from node import checkpoint
+from node import checkpoint, membership
 from node.config import NodeConfig
 from node.data import load_dataset
 from node.experts import flow, service
@@ -140,14 +140,7 @@ class _Role:
     def _join(self, **record) -> None:
         cfg = self.cfg
         ident = Identity.load_or_create(cfg.net.identity_path.expanduser())
-        self.discovery = Discovery(
-            ident,
-            swarm=cfg.net.swarm,
-            initial_peers=cfg.net.initial_peers,
-            host_maddrs=cfg.net.dht_listen,
-            announce_maddrs=cfg.net.announce_maddrs or None,
-            ttl=cfg.net.record_ttl,
-        ).start()
+        self.discovery = membership.join(cfg.net, ident)
         self.identity = ident
         self._record = record
 
