@@ -103,7 +103,7 @@ def test_two_machines_example_forms_a_2_node_swarm_and_status_shows_it(tmp_path)
             "ATOLL": ATOLL,
             "ADVERTISE": "127.0.0.1",
             "HOST": "127.0.0.1",
-            "ROUNDS": "25",
+            "ROUNDS": "100000",  # stopped by Ctrl-C below: the nodes must be live while status reads
             "DHT_PORT": str(port),
             "GRPC_PORT": str(port + 1),
             "METRICS_PORT": str(port + 2),
@@ -127,11 +127,12 @@ def test_two_machines_example_forms_a_2_node_swarm_and_status_shows_it(tmp_path)
         assert not too_wide(status.stdout), status.stdout
 
         for t in (first, second):
-            assert t.proc.wait(180) == 0, (tmp_path / "a.log").read_text()[-2000:]
+            t.wait_for(r"^round +10/", 120)
+        assert [t.ctrl_c() for t in (first, second)] == [0, 0]
         for t in (first, second):
             text = "".join(t.lines)
-            rounds = re.findall(r"^round +\d+/25 .*mixed (\d)/(\d)", text, flags=re.M)
-            assert len(rounds) == 25 and all(m == ("1", "1") for m in rounds[1:]), text[-2000:]
+            rounds = re.findall(r"^round +\d+/100000 .*mixed (\d)/(\d)", text, flags=re.M)
+            assert len(rounds) >= 10 and all(m == ("1", "1") for m in rounds[1:10]), text[-2000:]
             assert not too_wide(text), too_wide(text)
     finally:
         for t in (first, second):
