@@ -208,6 +208,13 @@ class NodeConfig(_Strict):
     node_index: int = Field(0, ge=0, description="this node's data partition")
     node_count: int = Field(1, ge=1, description="number of partitions the data set is cut into")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch intra-op threads (default: the cores this process may use; "
+        "`swarm up` shares them among the nodes it starts)",
+    )
     checkpoint_dir: Path = Path("~/.atoll/checkpoints")
     metrics_port: int | None = Field(0, ge=0, le=65535, description="0 = any free port, null = off")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

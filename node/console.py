@@ -68,7 +68,7 @@ def ready_lines(e: dict[str, Any], what: str, join_command: str) -> list[str]:
             [
                 f"  gRPC {e['grpc']}",
                 f"metrics :{e['metrics_port']}" if e.get("metrics_port") else "",
-                e.get("device", ""),
+                e.get("device", "") + (f" ({e['threads']} threads)" if e.get("threads") else ""),
                 f"{e['dataset_size']} samples" if "dataset_size" in e else "",
                 f"from round {e['start_round']}" if "start_round" in e else "",
             ],

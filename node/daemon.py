@@ -48,6 +48,7 @@ from node.models import build_model
 from node.security import Attack, flip_labels
 from node.security.defence import Defence
 from node.security.trust import TrustTracker
+from node.threads import set_threads
 from node.train import (
     LocalTrainer,
     RoundStats,
@@ -127,6 +128,7 @@ class Node:
     def _setup(self) -> None:
         cfg = self.cfg
         self.device = pick_device(cfg.device)
+        self.threads = set_threads(cfg.threads)
         self.identity = Identity.load_or_create(cfg.net.identity_path)
         self.ckpt_dir = Path(cfg.checkpoint_dir).expanduser()
         ds = load_dataset(
@@ -272,6 +274,7 @@ class Node:
                 start_round=self.start_round,
                 dataset_size=self.dataset_size,
                 device=str(self.device),
+                threads=self.threads,
                 dht_pid=self.discovery.pid,
             )
         )

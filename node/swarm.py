@@ -24,6 +24,7 @@ import yaml
 from node.config import NodeConfig, SwarmConfig
 from node.data import load_dataset
 from node.models import build_model
+from node.threads import usable_cores
 from node.train import LocalTrainer, evaluate, make_optimizer, round_lr, set_lr
 from p2pd.procs import kill_tree
 
@@ -85,6 +86,8 @@ def node_configs(swarm_cfg: SwarmConfig, workdir: Path) -> list[NodeConfig]:
         c.net.host = "127.0.0.1"
         c.net.advertise_host = None
         c.net.grpc_port = 0
+        if c.threads is None:  # the host's cores, shared: N nodes must not each use all of them
+            c.threads = max(1, usable_cores() // swarm_cfg.nodes)
         c.metrics_port = 0
         c.net.dht_listen = ["/ip4/127.0.0.1/tcp/0"]
         c.net.announce_maddrs = []

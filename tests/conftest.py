@@ -8,6 +8,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+# The suite runs several torch processes at once on 2 cores: one intra-op thread each (nodes
+# honour OMP_NUM_THREADS; this process and every node it starts inherit it)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

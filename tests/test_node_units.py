@@ -422,3 +422,22 @@ def test_the_config_accepts_exactly_the_registered_topologies():
     from node.config import CommConfig
 
     assert typing.get_args(CommConfig.model_fields["topology"].annotation) == KINDS
+
+
+def test_swarm_up_shares_the_cores_among_its_nodes(tmp_path, monkeypatch):
+    """Each of N local nodes gets cores // N torch threads (at least 1) unless threads is set."""
+    import torch
+
+    from node import swarm, threads
+    from node.config import load_swarm_config
+
+    monkeypatch.setattr(swarm, "usable_cores", lambda: 8)
+    cfgs = swarm.node_configs(load_swarm_config(None, {}, 3), tmp_path)
+    assert [c.threads for c in cfgs] == [2, 2, 2]
+    pinned = swarm.node_configs(load_swarm_config(None, {"threads": 5}, 3), tmp_path)
+    assert [c.threads for c in pinned] == [5, 5, 5]
+    before = torch.get_num_threads()
+    try:
+        assert threads.set_threads(3) == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -24,6 +24,7 @@ from node.data import load_dataset
 from node.experts import flow, service
 from node.experts.cluster import cluster, to_unit
 from node.experts.router import router_net, train_router
+from node.threads import set_threads
 from p2pd import __version__
 from p2pd.addresses import host_port
 from p2pd.discovery import Discovery
@@ -128,6 +129,7 @@ class _Role:
     def __init__(self, cfg: NodeConfig, on_event: Event = lambda e: None):
         self.cfg, self.on_event = cfg, on_event
         self.stop_requested = threading.Event()
+        set_threads(cfg.threads)
         self.ds, self.clustering, self.x = prepare(cfg)
         self.dim = self.x.shape[1]
         self.image_shape = tuple(self.ds.x_train.shape[1:])
