@@ -26,6 +26,21 @@ def _config(path, workdir, name: str, swarm: str, **extra) -> str:
     return str(path)
 
 
+def _pair_config(tmp_path, name: str, swarm: str, rounds: int, net: dict | None = None, **extra) -> str:
+    """Config of node "a" (index 0) or "b" (index 1) of a 2-node swarm; `net` adds to its net section."""
+    return _config(
+        tmp_path / f"{name}.yaml",
+        tmp_path,
+        name,
+        swarm,
+        node_count=2,
+        node_index=int(name == "b"),
+        train={"rounds": rounds, "local_steps": 5},
+        net={"swarm": swarm, "identity_path": str(tmp_path / f"{name}.key"), "record_ttl": 6, **(net or {})},
+        **extra,
+    )
+
+
 def test_a_copied_key_is_refused_and_the_original_keeps_its_record(tmp_path):
     """Node A, node B joining A, then a copy of A's key joining B: the copy must refuse with one
     line, and A's record must still point at A (before: the copy ran silently and took over
@@ -192,23 +207,7 @@ def test_a_two_node_swarm_on_ipv6_loopback(tmp_path):
     import urllib.request
 
     def cfg(name: str, host: str) -> str:
-        return _config(
-            tmp_path / f"{name}.yaml",
-            tmp_path,
-            name,
-            "six",
-            node_count=2,
-            node_index=int(name == "b"),
-            metrics_port=0,
-            train={"rounds": 4, "local_steps": 5},
-            net={
-                "swarm": "six",
-                "identity_path": str(tmp_path / f"{name}.key"),
-                "record_ttl": 6,
-                "host": host,
-                "dht_listen": ["/ip6/::1/tcp/0"],
-            },
-        )
+        return _pair_config(tmp_path, name, "six", 4, {"host": host, "dht_listen": ["/ip6/::1/tcp/0"]}, metrics_port=0)
 
     a = atoll_node(cfg("a", "::1"), log=tmp_path / "a.log")
     nodes = [a]
@@ -236,18 +235,7 @@ def test_an_unreachable_neighbour_is_backed_off_and_both_are_told(tmp_path):
     import re
 
     def cfg(name: str, **net) -> str:
-        return _config(
-            tmp_path / f"{name}.yaml",
-            tmp_path,
-            name,
-            "reach",
-            node_count=2,
-            node_index=int(name == "b"),
-            log_level="INFO",
-            train={"rounds": 12, "local_steps": 5},
-            comm={"fetch_timeout": 2},
-            net={"swarm": "reach", "identity_path": str(tmp_path / f"{name}.key"), "record_ttl": 6, **net},
-        )
+        return _pair_config(tmp_path, name, "reach", 12, net, log_level="INFO", comm={"fetch_timeout": 2})
 
     a = atoll_node(cfg("a"), log=tmp_path / "a.log")
     nodes = [a]

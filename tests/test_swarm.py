@@ -161,36 +161,26 @@ def test_bad_config_is_one_clear_line(args, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
 
 
-def test_swarm_up_end_to_end(tmp_path):
-    """`atoll swarm up` itself: a 2-node swarm, the summary and results.json."""
+def swarm_up(tmp_path, nodes: int, rounds: int, *sets: str, timeout: float = 400):
+    """`atoll swarm up` as a user runs it: (the finished process, its results.json)."""
     out = tmp_path / "out"
+    args = ["--nodes", str(nodes), "--rounds", str(rounds), "--set", "net.record_ttl=4"]
+    for s in sets:
+        args += ["--set", s]
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "node.cli",
-            "swarm",
-            "up",
-            "--nodes",
-            "2",
-            "--rounds",
-            "4",
-            "--set",
-            "train.local_steps=5",
-            "--set",
-            "net.record_ttl=4",
-            "--out",
-            str(out),
-            "--workdir",
-            str(tmp_path / "wd"),
-        ],
+        [sys.executable, "-m", "node.cli", "swarm", "up", *args, "--out", str(out), "--workdir", str(tmp_path / "wd")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    return r, json.loads((out / "results.json").read_text())
+
+
+def test_swarm_up_end_to_end(tmp_path):
+    """`atoll swarm up` itself: a 2-node swarm, the summary and results.json."""
+    r, res = swarm_up(tmp_path, 2, 4, "train.local_steps=5", timeout=300)
     assert len(res["nodes"]) == 2 and all(n["rounds"] == 4 and n["final_accuracy"] > 0.3 for n in res["nodes"])
     assert all(n["sent_bytes"] > 0 and n["received_bytes"] > 0 for n in res["nodes"])
     assert all(0 < v <= 1 for v in res["centralized_baseline_accuracy"].values())
@@ -205,40 +195,10 @@ def test_swarm_up_end_to_end(tmp_path):
 
 def test_late_schedule_and_allreduce_merge_end_in_one_model(tmp_path):
     """4 daemons, late-concentrated gossip, then hivemind's all-reduce: one merged model."""
-    out = tmp_path / "out"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "node.cli",
-            "swarm",
-            "up",
-            "--nodes",
-            "4",
-            "--rounds",
-            "10",
-            "--set",
-            "train.local_steps=5",
-            "--set",
-            "comm.schedule=late",
-            "--set",
-            "comm.gossip_budget=4",
-            "--set",
-            "comm.final_merge=true",
-            "--set",
-            "net.record_ttl=4",
-            "--out",
-            str(out),
-            "--workdir",
-            str(tmp_path / "wd"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=ROOT,
+    _, res = swarm_up(
+        tmp_path, 4, 10, "train.local_steps=5", "comm.schedule=late", "comm.gossip_budget=4", "comm.final_merge=true"
     )
-    assert r.returncode == 0, r.stderr[-3000:]
-    nodes = json.loads((out / "results.json").read_text())["nodes"]
+    nodes = res["nodes"]
     assert all(n["merged_with"] == 4 for n in nodes), nodes
     assert len({n["model_digest"] for n in nodes}) == 1
     assert len({n["final_accuracy"] for n in nodes}) == 1
@@ -247,38 +207,8 @@ def test_late_schedule_and_allreduce_merge_end_in_one_model(tmp_path):
 def test_modest_swarm_learns_from_sampled_trainers(tmp_path):
     """4 daemons, MoDeST with 2 trainers and 2 aggregators per round: every node finishes with
     the swarm's final aggregate."""
-    out = tmp_path / "out"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "node.cli",
-            "swarm",
-            "up",
-            "--nodes",
-            "4",
-            "--rounds",
-            "15",
-            "--set",
-            "comm.algorithm=modest",
-            "--set",
-            "comm.modest_trainers=2",
-            "--set",
-            "comm.modest_aggregators=2",
-            "--set",
-            "net.record_ttl=4",
-            "--out",
-            str(out),
-            "--workdir",
-            str(tmp_path / "wd"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    nodes = json.loads((out / "results.json").read_text())["nodes"]
+    _, res = swarm_up(tmp_path, 4, 15, "comm.algorithm=modest", "comm.modest_trainers=2", "comm.modest_aggregators=2")
+    nodes = res["nodes"]
     # 30 trainer-rounds of 10 steps from a 10% start: well above chance (samples depend on timing)
     assert all(n["rounds"] == 15 and n["final_accuracy"] > 0.6 for n in nodes), nodes
     assert len({n["model_digest"] for n in nodes}) == 1
