@@ -44,6 +44,10 @@ from p2pd.records import PeerRecord, RecordRefused, open_record, sign_record, sw
 log = logging.getLogger(__name__)
 
 
+BOOTSTRAP_ATTEMPTS = 3  # DHT starts tried when no initial peer answers
+BOOTSTRAP_RETRY_SECONDS = 2.0
+
+
 class DiscoveryError(RuntimeError):
     """The DHT could not be started or joined; the message says what to check."""
 
@@ -182,22 +186,35 @@ class Discovery:
                     f"the DHT listen address {maddr} is in use by another process: "
                     f"choose another port (net.dht_listen) or stop that process"
                 )
-        try:
-            self._dht = start_dht(
-                ready_timeout=2 * self._dht_kwargs["startup_timeout"],
-                identity_path=str(self.identity.path),
-                check_if_identity_free=False,  # hivemind's probe parses RSA keys only
-                record_validators=[self._validator],
-                **self._dht_kwargs,
-            )
-        except DiscoveryError:
-            raise
-        except Exception as e:
-            # the hint only where it applies: hivemind says this when no initial peer answered
-            hint = " (are the initial peers reachable from here?)" if "bootstrap" in str(e) else ""
-            raise DiscoveryError(
-                f"could not start the DHT: {str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}"
-            ) from e
+        for attempt in range(1, BOOTSTRAP_ATTEMPTS + 1):
+            try:
+                self._dht = start_dht(
+                    ready_timeout=2 * self._dht_kwargs["startup_timeout"],
+                    identity_path=str(self.identity.path),
+                    check_if_identity_free=False,  # hivemind's probe parses RSA keys only
+                    record_validators=[self._validator],
+                    **self._dht_kwargs,
+                )
+                break
+            except DiscoveryError:
+                raise
+            except Exception as e:
+                # hivemind says "bootstrap" when no initial peer answered: often passing (a peer
+                # restarting, or one that still holds a connection of this id from before a crash)
+                bootstrap = "bootstrap" in str(e)
+                if bootstrap and attempt < BOOTSTRAP_ATTEMPTS:
+                    log.warning(
+                        "could not reach the initial peers (attempt %d of %d); retrying in %.0f s",
+                        attempt,
+                        BOOTSTRAP_ATTEMPTS,
+                        BOOTSTRAP_RETRY_SECONDS,
+                    )
+                    time.sleep(BOOTSTRAP_RETRY_SECONDS)
+                    continue
+                hint = " (are the initial peers reachable from here?)" if bootstrap else ""
+                raise DiscoveryError(
+                    f"could not start the DHT: {str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}"
+                ) from e
         return self
 
     @property
