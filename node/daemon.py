@@ -848,13 +848,7 @@ class Node:
             or (running and self.advertised < other.grpc_address)
         ):
             return
-        try:
-            with SwarmClient(other.grpc_address, timeout=5.0, retries=0, tls=self.tls) as theirs:
-                envelope, _ = theirs.health(timeout=3.0)
-            alive = open_record(envelope, now=None).peer_id == self.identity.peer_id
-        except (FetchError, RecordRefused):
-            alive = False
-        if alive:
+        if self._peer_at(other.grpc_address) == self.identity.peer_id:
             raise KeyInUse(
                 f"this node's key {self.cfg.net.identity_path} (peer id {self.identity.peer_id[:20]}...) is "
                 f"already in use by a live node at {other.grpc_address}: stop that one, or give this "

@@ -148,6 +148,12 @@ class SwarmServicer:
             )
         context.abort(code, details)
 
+    def _refuse_admission(self, context: grpc.ServicerContext, refusal: str) -> None:
+        """Abort a request admission refused: over its rate is RESOURCE_EXHAUSTED (back off and
+        retry), anything else PERMISSION_DENIED."""
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if refusal == "rate" else grpc.StatusCode.PERMISSION_DENIED
+        self._refuse(context, refusal, code, f"refused: {refusal}")
+
     def _cancel_stalled(self) -> None:
         while True:
             time.sleep(min(1.0, self.stall_seconds / 2))
@@ -181,8 +187,7 @@ class SwarmServicer:
             self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, str(e))
         refusal = self.admission.check(request, key) if self.admission is not None else None
         if refusal is not None:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if refusal == "rate" else grpc.StatusCode.PERMISSION_DENIED
-            self._refuse(context, refusal, code, f"refused: {refusal}")
+            self._refuse_admission(context, refusal)
         packed = self.store.get(key)
         if packed is None:
             self._count("not_found")
@@ -234,8 +239,7 @@ class SwarmServicer:
             self._refuse(context, "unsupported", grpc.StatusCode.UNIMPLEMENTED, "this node does not dial back")
         refusal = self.admission.check_reach(request)
         if refusal is not None:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if refusal == "rate" else grpc.StatusCode.PERMISSION_DENIED
-            self._refuse(context, refusal, code, f"refused: {refusal}")
+            self._refuse_admission(context, refusal)
         address = self.address_of(request.requester_peer_id)
         if address is None:
             return pb.ReachReply(reachable=False, detail="no live record of the requester")
