@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +102,40 @@ def load(directory: Path, device: torch.device) -> tuple[dict, dict, dict] | Non
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint in {directory} is unreadable: {e}") from e
     return model, optim, state
+
+
+def resume(directory: Path, worker, peer_id: str) -> tuple[int, float] | None:
+    """Load the checkpoint in `directory` into `worker` (node.worker.Worker): (the round to
+    resume at, when it was written) or None without one. Raises CheckpointError saying what
+    does not fit (another node's, another model or optimizer, malformed)."""
+    restored = load(directory, worker.device)
+    if restored is None:
+        return None
+    model_sd, optim_t, state = restored
+    if state.get("peer_id") not in (None, peer_id):
+        raise CheckpointError(f"checkpoint in {directory} belongs to another node ({state.get('peer_id')})")
+    for key, want in worker.checkpoint_identity().items():
+        if key in state and state[key] != want:
+            raise CheckpointError(
+                f"checkpoint in {directory} was written with {key}={state[key]}, the config says {want}: "
+                f"use the same setting or another checkpoint_dir"
+            )
+    r = state.get("round")
+    if not isinstance(r, int) or r < 0 or not isinstance(state.get("optim"), dict):
+        raise CheckpointError(f"checkpoint state in {directory} is malformed")
+    try:
+        worker.restore(model_sd, optim_t, state["optim"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint in {directory} does not fit this model/optimizer: {e}") from None
+    return r, float(state.get("time", 0.0))
+
+
+def write(directory: Path, worker, peer_id: str, next_round: int, accuracy: float | None) -> float:
+    """Checkpoint `worker`'s model and optimizer as of `next_round`; returns the time written."""
+    from node.train import optimizer_tensors
+
+    optim_t, optim_meta = optimizer_tensors(worker.optimizer)
+    now = time.time()
+    state = dict(round=next_round, peer_id=peer_id, accuracy=accuracy, time=now, optim=optim_meta)
+    save(directory, worker.state(), optim_t, {**state, **worker.checkpoint_identity()})
+    return now

@@ -625,17 +625,16 @@ def bench_algorithms(
     from rich.progress import Progress
 
     from node.bench import algorithms as alg
-    from node.sim import SimConfig
 
     seed_list = _int_list(seeds, "--seeds", 0, 2**31)
     names = list(alg.methods(rounds)) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [n for n in names if n not in alg.methods(rounds)]
     if unknown:
         _fail(f"unknown methods {unknown}; available: {', '.join(alg.methods(rounds))}")
-    base = SimConfig(nodes=nodes, dataset=dataset, alpha=alpha, rounds=rounds, local_steps=local_steps)
+    base = _bench_node(dataset, alpha, rounds, local_steps)
     with Progress(transient=True) as bar:
         task = bar.add_task("simulating", total=len(names) * len(seed_list))
-        rows = alg.run(base, names, seed_list, progress=lambda row: bar.advance(task))
+        rows = _simulated(lambda: alg.run(nodes, base, names, seed_list, progress=lambda row: bar.advance(task)))
     typer.echo(alg.table(alg.summarize(rows)))
     if out is not None:
         meta = {"command": " ".join(["atoll", *sys.argv[1:]]), "title": f"{nodes} nodes, {dataset}, alpha {alpha}"}
@@ -670,7 +669,6 @@ def bench_distill(
 
     from node.bench import distill
     from node.models import FAMILIES
-    from node.sim import SimConfig
 
     archs = [a.strip() for a in architectures.split(",") if a.strip()]
     for a in archs:
@@ -684,23 +682,19 @@ def bench_distill(
     unknown = [n for n in names if n not in table]
     if unknown:
         _fail(f"unknown methods {unknown}; available: {', '.join(table)}")
-    base = SimConfig(
-        nodes=nodes,
-        dataset=dataset,
-        alpha=alpha,
-        rounds=rounds,
-        local_steps=local_steps,
-        distill_steps=distill_steps,
-        proxy_size=proxy_size,
-        topology=topology,
-        architectures=archs,
+    base = _bench_node(
+        dataset,
+        alpha,
+        rounds,
+        local_steps,
+        comm={"topology": topology},
+        distill={"steps": distill_steps, "proxy_size": proxy_size},
     )
     with Progress(transient=True) as bar:
         task = bar.add_task("simulating", total=len(names) * len(seed_list))
-        try:
-            rows = distill.run(base, names, seed_list, progress=lambda row: bar.advance(task))
-        except ValueError as e:  # e.g. a proxy set larger than the training split
-            _fail(str(e))
+        rows = _simulated(
+            lambda: distill.run(nodes, base, archs, names, seed_list, progress=lambda row: bar.advance(task))
+        )
     typer.echo(distill.table(distill.summarize(rows), archs))
     if out is not None:
         meta = {
@@ -709,6 +703,23 @@ def bench_distill(
         }
         for path in distill.write_outputs(rows, out, meta, archs):
             typer.echo(f"wrote {path}", err=True)
+
+
+def _bench_node(dataset: str, alpha: float, rounds: int, local_steps: int, **sections) -> dict:
+    """Nested NodeConfig overrides shared by every method of a simulated benchmark."""
+    tree = {"data": {"dataset": dataset, "alpha": alpha}, "train": {"rounds": rounds, "local_steps": local_steps}}
+    return {**tree, **sections}
+
+
+def _simulated(run):
+    """run(), with a config or data problem as one line (e.g. a proxy set larger than the data)."""
+    from node.config import ConfigError
+    from node.data import DatasetMissing
+
+    try:
+        return run()
+    except (ConfigError, DatasetMissing, ValueError) as e:
+        _fail(str(e).splitlines()[0])
 
 
 def _topology_or_fail(name: str) -> None:
@@ -750,14 +761,13 @@ def bench_byzantine(
     from node.aggregate.robust import AGGREGATORS
     from node.bench import byzantine
     from node.security.attacks import ATTACKS
-    from node.sim import SimConfig
 
     atk = _names(attacks, "--attacks", ATTACKS)
     agg = _names(aggregators, "--aggregators", AGGREGATORS)
     _topology_or_fail(topology)
     seed_list = _int_list(seeds, "--seeds", 0, 2**31)
     n_byz = byzantine.byzantine_count(honest, fraction)
-    base = SimConfig(dataset=dataset, alpha=alpha, rounds=rounds, local_steps=local_steps, topology=topology)
+    base = _bench_node(dataset, alpha, rounds, local_steps, comm={"topology": topology})
     runs = len(list(byzantine.cases(honest, n_byz, sybils, sybil_honest, atk, agg))) * len(seed_list)
     typer.echo(
         f"bench byzantine: {honest} honest + {n_byz} byzantine; sybil run {sybils} vs {sybil_honest}; "
@@ -766,8 +776,10 @@ def bench_byzantine(
     )
     with Progress(transient=True) as bar:
         task = bar.add_task("simulating", total=runs)
-        rows = byzantine.run(
-            base, seed_list, honest, n_byz, sybils, sybil_honest, atk, agg, progress=lambda row: bar.advance(task)
+        rows = _simulated(
+            lambda: byzantine.run(
+                base, seed_list, honest, n_byz, sybils, sybil_honest, atk, agg, progress=lambda row: bar.advance(task)
+            )
         )
     typer.echo(byzantine.tables(byzantine.summarize(rows), agg))
     if out is not None:

@@ -47,6 +47,9 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     family: Literal["mlp", "cnn"] = "mlp"
     width: int = Field(128, ge=4, le=8192)
+    seed: int | None = Field(
+        None, description="initialisation seed (default: train.seed, one shared init for the swarm)"
+    )
 
 
 class OptimConfig(_Strict):
@@ -148,7 +151,9 @@ class SecurityConfig(_Strict):
     attack: Literal["label_flip", "sign_flip", "gaussian", "alie", "ipm", "free_ride", "sybil"] | None = Field(
         None, description="make this node malicious (tests and benchmarks only)"
     )
-    attack_params: dict[str, float | str] = Field({}, description="scale, sigma, epsilon, z, free_ride_mode, jitter")
+    attack_params: dict[str, float | str] = Field(
+        {}, description="scale, sigma, epsilon, z, free_ride_mode, jitter, data_of"
+    )
 
     @model_validator(mode="after")
     def _attack_params(self) -> SecurityConfig:
@@ -366,11 +371,14 @@ def dump_config(cfg: NodeConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+MAX_LOCAL_NODES = 64  # `atoll swarm up` processes on one machine; the simulator takes more
+
+
 class SwarmConfig(_Strict):
     """A local swarm for `atoll swarm up`: how many nodes, the config they share, and optional
     per-node overrides (by node index, dotted keys), e.g. a different model width on node 3."""
 
-    nodes: int = Field(4, ge=1, le=64)
+    nodes: int = Field(4, ge=1, le=4096, description="nodes (at most MAX_LOCAL_NODES processes for `swarm up`)")
     timeout: float = Field(900.0, gt=0, description="give up on the swarm after this many seconds")
     node: NodeConfig = NodeConfig()
     per_node: dict[int, dict[str, Any]] = {}
@@ -403,6 +411,8 @@ def load_swarm_config(
         cfg = SwarmConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
+    if cfg.nodes > MAX_LOCAL_NODES:
+        raise ConfigError(f"invalid config: nodes: at most {MAX_LOCAL_NODES} node processes on one machine")
     bad = [i for i in cfg.per_node if not 0 <= i < cfg.nodes]
     if bad:
         raise ConfigError(f"invalid config: per_node names nodes {bad} outside 0..{cfg.nodes - 1}")

@@ -104,20 +104,14 @@ def test_trust_flags_a_sign_flipper_not_honest_neighbours():
 
 
 def test_simulated_attack_is_detected_and_defended():
-    from node.sim import SimConfig, Simulation
+    """6 honest nodes and 2 sign-flipping ones on a complete graph: plain averaging collapses,
+    the trimmed mean holds, and the trust score flags exactly the attackers."""
+    from node.bench.algorithms import run_method
 
-    common = dict(
-        nodes=6,
-        byzantine=2,
-        attack="sign_flip",
-        alpha=0.5,
-        topology="complete",
-        rounds=6,
-        local_steps=15,
-        track_trust=True,
-    )
-    plain = Simulation(SimConfig(aggregator="mean", **common)).run()
-    robust = Simulation(SimConfig(aggregator="trimmed_mean", **common)).run()
+    base = {"data": {"alpha": 0.5}, "comm": {"topology": "complete"}, "train": {"rounds": 6, "local_steps": 15}}
+    spec = {"attackers": 2, "attack": "sign_flip"}
+    plain = run_method({**spec, "node": {"security": {"aggregator": "mean"}}}, 8, base, seed=0)
+    robust = run_method({**spec, "node": {"security": {"aggregator": "trimmed_mean"}}}, 8, base, seed=0)
     assert len(robust.final_accuracies) == 6  # honest nodes only
     assert robust.detection["precision"] == 1.0 and robust.detection["recall"] == 1.0
     assert min(robust.final_accuracies) > max(plain.final_accuracies) + 0.2

@@ -1,72 +1,114 @@
 """`atoll bench algorithms`: every schedule and algorithm against the baselines, in the simulator.
 
-Each method is a `SimConfig` variant run over several seeds with equal local compute (the
-same local steps per node per round); the table gives mean and spread (std) of the final
-test accuracy over nodes and seeds, and the bytes sent. Plots: accuracy against bytes sent
-and against rounds.
+Each method is a set of NodeConfig overrides run through the simulator (node/sim.py: the
+daemons' own round engine) over several seeds with equal local compute (the same local steps
+per node per round); `centralized` and `fedavg` are the references of node/bench/baselines.py.
+The table gives mean and spread (std) of the final test accuracy over nodes and seeds, and
+the bytes sent. Plots: accuracy against bytes sent and against rounds.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
-from node.bench import write_results
+from node.bench import baselines, merged, simulate, write_results
+from node.exchange.memory import Faults
 from node.plotting import pyplot
-from node.sim import SimConfig, Simulation
 
 
 def methods(rounds: int, q: int = 4) -> dict[str, dict]:
-    """name -> SimConfig overrides. Budgets are in gossip steps over the whole run."""
+    """name -> {"node": nested NodeConfig overrides} (or {"baseline": name}); "independent":
+    every node its own initialisation seed; "unresponsive": the share of nodes whose snapshots
+    are lost each round. Budgets are in gossip steps over the whole run."""
     third = max(1, rounds // 3)
+
+    def gossip(**comm) -> dict:
+        return {"node": {"comm": comm}}
+
+    modest = {"algorithm": "modest", "modest_trainers": 8, "modest_aggregators": 2}
     return {
-        "centralized": dict(method="centralized"),
-        "fedavg": dict(method="fedavg"),
-        "dpsgd": dict(method="gossip", schedule="constant", gossip_budget=rounds),
-        f"mgs_q{q}": dict(method="gossip", schedule="constant", gossip_budget=q * rounds),
-        f"dfedsam_mgs_q{q}": dict(method="gossip", schedule="constant", gossip_budget=q * rounds, sam_rho=0.01),
-        "late_merge": dict(method="gossip", schedule="late", gossip_budget=third, final_merge=True),
-        "constant_merge": dict(method="gossip", schedule="constant", gossip_budget=third, final_merge=True),
-        "modest_50": dict(method="modest", unresponsive=0.5, sample_size=8, aggregators=2),
-        "modest_80": dict(method="modest", unresponsive=0.8, sample_size=8, aggregators=2),
-        "indep_mean": dict(method="gossip", gossip_budget=0, final_merge=True, merge="mean", shared_init=False),
-        "indep_varcorr": dict(
-            method="gossip", gossip_budget=0, final_merge=True, merge="variance_corrected", shared_init=False
-        ),
-        "indep_dpsgd": dict(method="gossip", schedule="constant", gossip_budget=rounds, shared_init=False),
-        "indep_dpsgd_varcorr": dict(
-            method="gossip", schedule="constant", gossip_budget=rounds, shared_init=False, mix_variance_correction=True
-        ),
+        "centralized": {"baseline": "centralized"},
+        "fedavg": {"baseline": "fedavg"},
+        "dpsgd": gossip(gossip_budget=rounds),
+        f"mgs_q{q}": gossip(gossip_budget=q * rounds),
+        f"dfedsam_mgs_q{q}": {"node": {"comm": {"gossip_budget": q * rounds}, "optim": {"sam_rho": 0.01}}},
+        "late_merge": gossip(schedule="late", gossip_budget=third, final_merge=True),
+        "constant_merge": gossip(schedule="constant", gossip_budget=third, final_merge=True),
+        "modest_50": {"node": {"comm": modest}, "unresponsive": 0.5},
+        "modest_80": {"node": {"comm": modest}, "unresponsive": 0.8},
+        "indep_mean": {**gossip(gossip_budget=0, final_merge=True, merge="mean"), "independent": True},
+        "indep_varcorr": {
+            **gossip(gossip_budget=0, final_merge=True, merge="variance_corrected"),
+            "independent": True,
+        },
+        "indep_dpsgd": {**gossip(gossip_budget=rounds), "independent": True},
+        "indep_dpsgd_varcorr": {**gossip(gossip_budget=rounds, mix_variance_correction=True), "independent": True},
     }
 
 
+def run_method(spec: dict, nodes: int, base: dict, seed: int):
+    """One method of `methods` (a spec) on `nodes` nodes: node.sim.SimResult."""
+    node = merged(base, spec.get("node", {}))
+    if "baseline" in spec:
+        return baselines.run(spec["baseline"], nodes, node, seed)
+    faults = Faults().unresponsive(spec["unresponsive"], seed) if spec.get("unresponsive") else None
+    return simulate(nodes, node, seed, per_node(spec, nodes, seed), faults)
+
+
+def per_node(spec: dict, nodes: int, seed: int) -> dict[int, dict]:
+    """The per-node overrides a spec asks for: "independent" (own init seeds), "architectures"
+    (node i runs architectures[i % len], "family:width"; with "swarm_per_architecture" each
+    architecture is a swarm of its own, as daemons that can only average their own kind) and
+    "attackers" (the last ones run "attack"; sybils train on the first attacker's partition)."""
+    out: dict[int, dict] = {i: {} for i in range(nodes)}
+    archs = spec.get("architectures")
+    for i, o in out.items():
+        if spec.get("independent"):
+            o["model.seed"] = seed * 100_003 + i + 1
+        if archs:
+            a = archs[i % len(archs)]
+            family, width = a.split(":")
+            o.update({"model.family": family, "model.width": int(width)})
+            if spec.get("swarm_per_architecture"):
+                o["net.swarm"] = f"atoll-{family}-{width}"
+        first = nodes - spec.get("attackers", 0)
+        if i >= first:
+            o["security.attack"] = spec["attack"]
+            if spec["attack"] == "sybil":
+                o["security.attack_params"] = {"data_of": first}
+    return {i: o for i, o in out.items() if o}
+
+
 def run(
-    base: SimConfig, names: list[str], seeds: list[int], progress=None, table: dict[str, dict] | None = None
+    nodes: int, base: dict, names: list[str], seeds: list[int], progress=None, table: dict[str, dict] | None = None
 ) -> list[dict]:
-    """Every named method (SimConfig overrides from `table`, default `methods`) over every seed."""
-    table = table if table is not None else methods(base.rounds)
+    """Every named method (specs from `table`, default `methods`) over every seed; `base`:
+    nested NodeConfig overrides every method starts from (data set, partition, rounds...)."""
+    rounds = base.get("train", {}).get("rounds", 20)
+    table = table if table is not None else methods(rounds)
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; available: {', '.join(table)}")
     rows = []
     for name in names:
         for seed in seeds:
-            cfg = replace(base, seed=seed, **table[name])
-            res = Simulation(cfg).run()
+            res = run_method(table[name], nodes, base, seed)
             rows.append(
                 dict(
                     method=name,
                     seed=seed,
-                    alpha=base.alpha,
-                    nodes=base.nodes,
+                    alpha=base.get("data", {}).get("alpha"),
+                    nodes=nodes,
+                    rounds=rounds,
                     final_accuracy_mean=statistics.fmean(res.final_accuracies),
                     final_accuracy_min=min(res.final_accuracies),
                     final_accuracies=res.final_accuracies,
                     bytes_sent=res.bytes_sent,
                     seconds=res.seconds,
                     log=[asdict(x) for x in res.log],
-                    config=asdict(cfg),
+                    spec=table[name],
                 )
             )
             if progress:

@@ -15,16 +15,15 @@ update look odd), so it is reported per cell.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 from pathlib import Path
 
 from node.aggregate.robust import AGGREGATORS
 from node.bench import write_results
+from node.bench.algorithms import run_method
 from node.plotting import pyplot
 from node.security.attacks import ATTACKS
-from node.sim import SimConfig, Simulation
 
 
 def byzantine_count(honest: int, fraction: float) -> int:
@@ -33,18 +32,21 @@ def byzantine_count(honest: int, fraction: float) -> int:
 
 
 def cases(honest: int, byzantine: int, sybils: int, sybil_honest: int, attacks, aggregators):
-    """(group, attack, aggregator, SimConfig overrides) for every run."""
+    """(group, attack, aggregator, honest nodes, spec) for every run (specs: see
+    node.bench.algorithms.methods; attackers are the last nodes of the swarm)."""
     for agg in aggregators:
-        yield "grid", "none", agg, dict(nodes=honest)
+        node = {"security": {"aggregator": agg}}
+        yield "grid", "none", agg, honest, {"node": node}
         for atk in attacks:
-            yield "grid", atk, agg, dict(nodes=honest, byzantine=byzantine, attack=atk)
+            yield "grid", atk, agg, honest, {"node": node, "attackers": byzantine, "attack": atk}
     for agg in aggregators:
-        yield "sybil", "none", agg, dict(nodes=sybil_honest)
-        yield "sybil", "sybil", agg, dict(nodes=sybil_honest, byzantine=sybils, attack="sybil")
+        node = {"security": {"aggregator": agg}}
+        yield "sybil", "none", agg, sybil_honest, {"node": node}
+        yield "sybil", "sybil", agg, sybil_honest, {"node": node, "attackers": sybils, "attack": "sybil"}
 
 
 def run(
-    base: SimConfig,
+    base: dict,
     seeds: list[int],
     honest: int,
     byzantine: int,
@@ -55,17 +57,17 @@ def run(
     progress=None,
 ) -> list[dict]:
     rows = []
-    for group, atk, agg, over in cases(honest, byzantine, sybils, sybil_honest, attacks, aggregators):
+    """Every case over every seed; `base`: nested NodeConfig overrides (data, rounds, topology)."""
+    for group, atk, agg, good, spec in cases(honest, byzantine, sybils, sybil_honest, attacks, aggregators):
         for seed in seeds:
-            cfg = dataclasses.replace(base, aggregator=agg, seed=seed, track_trust=True, **over)
-            res = Simulation(cfg).run()
+            res = run_method(spec, good + spec.get("attackers", 0), base, seed)
             row = dict(
                 group=group,
                 attack=atk,
                 aggregator=agg,
                 seed=seed,
-                honest=cfg.nodes,
-                byzantine=cfg.byzantine,
+                honest=good,
+                byzantine=spec.get("attackers", 0),
                 accuracy=statistics.fmean(res.final_accuracies),
                 accuracy_min=min(res.final_accuracies),
                 detection=res.detection,

@@ -15,34 +15,54 @@ import statistics
 from pathlib import Path
 
 from node.bench import algorithms
-from node.sim import SimConfig
 
 ARCHITECTURES = ("mlp:64", "mlp:256", "cnn:32")
 
 
 def methods(rounds: int, architectures: list[str]) -> dict[str, dict]:
+    """name -> spec (see node.bench.algorithms.methods)."""
+
+    def fd(method: str) -> dict:
+        node = {"comm": {"exchange": "logits"}, "distill": {"method": method}}
+        return {"node": node, "architectures": list(architectures)}
+
     table = {
-        "isolated": dict(method="isolated"),
-        "edgefd": dict(method="edgefd"),
-        "knfu": dict(method="knfu"),
-        "edgefd+knfu": dict(method="edgefd+knfu"),
-        "gossip_same_arch": dict(method="gossip", schedule="constant", gossip_budget=rounds),
+        "isolated": {"node": {"comm": {"gossip_budget": 0}}, "architectures": list(architectures)},
+        "edgefd": fd("edgefd"),
+        "knfu": fd("knfu"),
+        "edgefd+knfu": fd("edgefd+knfu"),
+        "gossip_same_arch": {
+            "node": {"comm": {"gossip_budget": rounds}},
+            "architectures": list(architectures),
+            "swarm_per_architecture": True,
+        },
     }
     for a in architectures:  # the data the nodes hold, pooled: a reference, not a method
-        table[f"centralized_{a}"] = dict(method="centralized", architectures=[a])
+        family, width = a.split(":")
+        table[f"centralized_{a}"] = {
+            "baseline": "centralized",
+            "node": {"model": {"family": family, "width": int(width)}},
+        }
     return table
+
+
+def _architectures(spec: dict) -> list[str]:
+    if spec.get("architectures"):
+        return spec["architectures"]
+    m = spec["node"]["model"]
+    return [f"{m['family']}:{m['width']}"]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for name in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == name]
-        archs = rs[0]["config"]["architectures"]
+        archs = _architectures(rs[0]["spec"])
         per_arch = {}
         for a in dict.fromkeys(archs):
             accs = [acc for r in rs for i, acc in enumerate(r["final_accuracies"]) if archs[i % len(archs)] == a]
             per_arch[a] = statistics.fmean(accs)
-        rounds = rs[0]["config"]["rounds"]
+        rounds = rs[0]["rounds"]
         means = [r["final_accuracy_mean"] for r in rs]
         out.append(
             dict(
@@ -78,8 +98,12 @@ def table(summary: list[dict], architectures: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run(base: SimConfig, names: list[str], seeds: list[int], progress=None) -> list[dict]:
-    return algorithms.run(base, names, seeds, progress, table=methods(base.rounds, base.architectures))
+def run(
+    nodes: int, base: dict, architectures: list[str], names: list[str], seeds: list[int], progress=None
+) -> list[dict]:
+    """Every named method over every seed; `base`: nested NodeConfig overrides."""
+    table = methods(base["train"]["rounds"], architectures)
+    return algorithms.run(nodes, base, names, seeds, progress, table=table)
 
 
 def write_outputs(rows: list[dict], out: Path, meta: dict, architectures: list[str]) -> list[Path]:

@@ -18,12 +18,13 @@ from node.plotting import pyplot
 
 
 def _one(nodes: int, rounds: int, local_steps: int, conn) -> None:
-    from node.sim import SimConfig, Simulation
+    from node.bench import BENCH_NODE, merged
+    from node.config import NodeConfig, SwarmConfig
+    from node.sim import Simulation
 
     t0 = time.perf_counter()
-    sim = Simulation(
-        SimConfig(nodes=nodes, rounds=rounds, local_steps=local_steps, partition="iid", eval_every=rounds)
-    )
+    tree = merged(BENCH_NODE, {"train": {"rounds": rounds, "local_steps": local_steps}, "data": {"partition": "iid"}})
+    sim = Simulation(SwarmConfig(nodes=nodes, node=NodeConfig.model_validate(tree)), eval_every=rounds)
     setup = time.perf_counter() - t0
     res = sim.run()
     conn.send(

@@ -20,8 +20,6 @@ from node.distill.kd import distill_steps, distillation_loss, fused_targets, sof
 from node.distill.knfu import knfu_weights
 from node.distill.proxy import LogitsRefused, check_logits, logits_payload, proxy_split
 
-METHODS = ("edgefd", "knfu", "edgefd+knfu")
-
 
 def uses_filter(method: str) -> bool:
     return method in ("edgefd", "edgefd+knfu")
@@ -32,7 +30,6 @@ def uses_knfu(method: str) -> bool:
 
 
 __all__ = [
-    "METHODS",
     "LogitsRefused",
     "check_logits",
     "distill_steps",

@@ -22,7 +22,8 @@ Attacks (``Attack.name``):
   or a fresh random one (``random``);
 - ``sybil``: k identities of one attacker publish one coordinated model: trained on flipped
   labels from the shared init, never mixing, identical in every member (same data, same seed),
-  plus a tiny per-identity jitter so the copies are not byte-identical.
+  plus a tiny per-identity jitter so the copies are not byte-identical. The identities of one
+  attacker name the same partition with ``data_of`` (a node index): same data, same seed.
 """
 
 from __future__ import annotations
@@ -58,12 +59,15 @@ class Attack:
     z: float | None = None  # alie; None: alie_z(n, f)
     free_ride_mode: str = "stale"
     jitter: float = 1e-3  # sybil: relative std of the per-identity noise
+    data_of: float | None = None  # train on this node index's partition and seed (sybil groups)
 
     def __post_init__(self):
         if self.name not in ATTACKS:
             raise ValueError(f"unknown attack {self.name!r}; available: {', '.join(ATTACKS)}")
         if self.free_ride_mode not in ("stale", "random"):
             raise ValueError("free_ride_mode must be stale or random")
+        if self.data_of is not None and (self.data_of < 0 or self.data_of != int(self.data_of)):
+            raise ValueError("data_of must be a node index")
 
     @property
     def flips_labels(self) -> bool:

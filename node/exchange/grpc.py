@@ -1,0 +1,289 @@
+"""A daemon's exchange: snapshots served by this node's gRPC server (p2pd/server.py), their
+digests signed into its DHT record (p2pd/discovery.py), neighbours fetched over gRPC, and the
+final merge by hivemind's all-reduce (node/merge.py).
+
+A fetch asks the neighbour's Health for its signed record until the record shows the wanted
+snapshot (or shows the neighbour moved past it), then fetches it checked against the digest
+the neighbour signed. Neighbours that did not answer at all are backed off for a few rounds
+(node/comm/backoff.py) and skipped without waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from node.comm.backoff import Backoff
+from node.exchange import Accept, Member, model_like
+from node.metrics import NodeMetrics
+from p2pd.admission import Admission
+from p2pd.client import FetchError, SwarmClient
+from p2pd.discovery import DiscoveryError
+from p2pd.errors import ReasonedError
+from p2pd.records import RecordRefused, open_record
+from p2pd.server import SnapshotStore, SwarmServer, TLSConfig
+from p2pd.tensors import SnapshotKey
+
+log = logging.getLogger("atoll.exchange")
+
+_RETRY = ("timeout", "unavailable", "busy", "not_found", "rate_limited", "denied")
+
+
+class GrpcExchange:
+    """Joins the swarm and serves: the node's DHT membership (`discovery`), the final merge's
+    averager when `comm.final_merge` is set (`merger`, shaped like `model_state`), and its gRPC
+    server (`server`, with TLS and admission). Forks the DHT and averager processes first,
+    before any gRPC object exists in this process (see HIVEMIND.md). `stop` is set when the
+    node is asked to stop. Raises DiscoveryError or OSError (ports in use) with one line."""
+
+    def __init__(self, cfg, identity, model_state: dict, metrics: NodeMetrics, stop: threading.Event):
+        from node import membership, netcheck
+
+        net, self.comm, self.record_ttl = cfg.net, cfg.comm, cfg.net.record_ttl
+        self.metrics, self.stop, self.identity, self.me = metrics, stop, identity, identity.peer_id
+        self.discovery = membership.join(net, identity)
+        self.merger = self.server = None
+        if cfg.comm.final_merge:
+            from node.merge import FinalMerge
+
+            c = cfg.comm
+            self.merger = FinalMerge(
+                self.discovery.dht, net.swarm, model_state, cfg.node_count, c.merge_timeout, c.merge
+            )
+        self.tls = TLSConfig(net.tls_cert, net.tls_key, net.tls_ca) if net.tls_cert or net.tls_key else None
+        sec = cfg.security
+        admission = Admission(identity.peer_id, self.discovery.is_known, sec.fetch_rate, sec.fetch_burst)
+        self.store = SnapshotStore(keep=cfg.comm.keep_snapshots)
+        self.server = SwarmServer(
+            self.store,
+            self.discovery.signed_record,
+            host=net.host,
+            port=net.grpc_port,
+            tls=self.tls,
+            admission=admission,
+            address_of=self.discovery.address_of,
+            dial=lambda address: netcheck.peer_at(address, self.tls),
+        )
+        self.server.start()
+        self._clients: dict[str, SwarmClient] = {}
+        self._addresses: dict[str, str] = {}
+        self.backoff = Backoff()
+        self.received_bytes = 0
+        self.live = 0  # live members at the last look
+        self._lock = threading.Lock()
+
+    @property
+    def sent_bytes(self) -> int:
+        return self.server.servicer.stats["bytes_sent"]
+
+    # -- the Exchange protocol ----------------------------------------------------------------
+    def members(self, round_: int) -> list[Member]:
+        live = self.discovery.live_peers()
+        self.live = len(live)
+        self.metrics.peers_live.set(len(live))
+        self._addresses = {p.peer_id: p.grpc_address for p in live}
+        return [Member(p.peer_id, max(1, p.dataset_size)) for p in sorted(live, key=lambda p: p.peer_id)]
+
+    def publish(self, key: SnapshotKey, tensors: dict, **record: Any) -> None:
+        """Serve `tensors` as `key` and sign its digest (with every other held one's) into the
+        record: peers refuse snapshots whose digest this node has not signed."""
+        packed = self.store.publish(key, tensors)
+        self.discovery.update(
+            round=key.round, step=key.step, model_digest=packed.hexdigest, snapshots=self.store.index(), **record
+        )
+
+    def note(self, round_: int, step: int = 0, **record: Any) -> None:
+        self.discovery.update(round=round_, step=step, **record)
+
+    def fetch_many(self, peers: Sequence[str], key: SnapshotKey, accept: Accept) -> dict[str, Any]:
+        with self._lock:
+            skipped = [j for j in peers if self.backoff.skip(j, key.round)]
+        for _ in skipped:
+            self.metrics.fetch_failures.labels(reason="backed_off").inc()
+        peers = [j for j in peers if j not in skipped and j in self._addresses]
+        if not peers:
+            return {}
+        deadline = time.monotonic() + self.comm.fetch_timeout
+        with ThreadPoolExecutor(max_workers=min(32, len(peers)), thread_name_prefix="atoll-fetch") as pool:
+            got = list(pool.map(lambda j: self._fetch(j, key, accept, deadline), peers))
+        return {j: v for j, v in zip(peers, got) if v is not None}
+
+    def all_reduce(self, round_: int, state: dict, how: str):
+        """hivemind's all-reduce once every live peer finished round `round_` (bounded by
+        comm.merge_timeout). Members agree up to float rounding; every member adopts the copy of
+        the group's first peer id, so they end bit-identical."""
+        self._wait_all_at(round_, self.comm.merge_timeout)
+        if not self.discovery.live_peers(include_self=False):
+            log.info("final merge skipped: no other live node")
+            result = ({k: v.clone() for k, v in state.items()}, [self.me])
+        else:
+            result = self.merger.run(state)
+        self.metrics.merge_peers.set(len(result[1]) if result is not None else 0)
+        if result is None or result[1][0] == self.me:
+            return result
+        merged, group = result
+        return self._adopt_canonical(group[0], round_ + 1, merged), group
+
+    def linger(self, round_: int) -> None:
+        self._wait_all_at(round_, self.comm.fetch_timeout + 2 * self.record_ttl)
+
+    def stopping(self) -> bool:
+        return self.stop.is_set()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _fetch(self, peer_id: str, key: SnapshotKey, accept: Accept, deadline: float) -> Any:
+        """accept(the neighbour's snapshot `key`), or None (reason counted) if not had by the
+        deadline or refused."""
+        at = (key.round, key.step)
+        address = self._addresses[peer_id]
+        client = self._client(address)
+        reason, answered = "timeout", False
+        while time.monotonic() < deadline and not self.stop.is_set():
+            try:
+                envelope, keys = client.health(timeout=min(5.0, deadline - time.monotonic()))
+                answered = True
+                rec = open_record(envelope, now=time.time(), expected_peer_id=peer_id)
+                if key.kind == "logits" and rec.proxy_digest != self.discovery.record.proxy_digest:
+                    reason = "proxy_mismatch"  # logits about another proxy set: meaningless to us
+                    break
+                if key not in keys:
+                    reason = "behind" if (rec.round, rec.step) < at else "evicted"
+                    if (rec.round, rec.step) > at:
+                        break  # it moved on and dropped the snapshot: nothing to wait for
+                    time.sleep(0.05)
+                    continue
+                digest = rec.snapshot_digest(key.kind, key.round, key.step)
+                if digest is None:  # served but not yet signed (the record is re-signed just after)
+                    reason = "unsigned"
+                    time.sleep(0.05)
+                    continue
+                t0 = time.perf_counter()
+                remaining = max(0.1, deadline - time.monotonic())
+                snap = client.fetch(key, expected_digest=digest, timeout=remaining, server_peer_id=peer_id)
+                self.metrics.fetch_seconds.observe(time.perf_counter() - t0)
+                self.metrics.received.inc(snap.nbytes)
+                with self._lock:
+                    self.received_bytes += snap.nbytes
+                    if self.backoff.succeeded(peer_id):
+                        log.info("neighbour %s at %s answers again", peer_id[:16], address)
+                    self.metrics.peers_backed_off.set(len(self.backoff.backed_off(key.round)))
+                return accept(snap.tensors)
+            except RecordRefused as e:
+                reason = f"record_{e.reason}"
+                break
+            except FetchError as e:
+                reason = e.reason
+                if e.reason in _RETRY:  # denied: a peer that joined a moment ago may not know us yet
+                    time.sleep(0.1)
+                    continue
+                break  # bad data: skip this neighbour for this round
+            except ReasonedError as e:  # refused by `accept`
+                reason = e.reason
+                break
+        self.metrics.fetch_failures.labels(reason=reason).inc()
+        log.info("round %d: skipped neighbour %s (%s)", key.round, peer_id[:16], reason)
+        if not answered and reason in ("timeout", "unavailable") and not self.stop.is_set():
+            self._back_off(peer_id, address, key.round, reason)
+        return None
+
+    def _back_off(self, peer_id: str, address: str, round_: int, reason: str) -> None:
+        with self._lock:
+            new = self.backoff.failed(peer_id, round_)
+            self.metrics.peers_backed_off.set(len(self.backoff.backed_off(round_ + 1)))
+        if new:
+            log.warning(
+                "neighbour %s at %s is unreachable (%s): skipped without waiting from now on, "
+                "retried after 1, 2, 4, ... rounds (atoll_peers_backed_off)",
+                peer_id[:16],
+                address,
+                reason,
+            )
+
+    def _adopt_canonical(self, canonical: str, round_: int, mine: dict) -> dict:
+        """The canonical member's merged model if it is the same merge as ours up to float
+        rounding, else ours (and count why)."""
+        from node.merge import same_merge
+
+        self.members(round_)
+        if canonical not in self._addresses:
+            self.metrics.fetch_failures.labels(reason="merge_canonical_gone").inc()
+            return mine
+        deadline = time.monotonic() + self.comm.fetch_timeout
+        theirs = self._fetch(canonical, SnapshotKey("model", round_, 0), model_like(mine), deadline)
+        if theirs is None:
+            return mine
+        if not same_merge(mine, theirs):
+            self.metrics.fetch_failures.labels(reason="merge_mismatch").inc()
+            log.warning("canonical merged model of %s differs from ours beyond rounding; keeping ours", canonical[:16])
+            return mine
+        return {k: theirs[k].to(device=v.device, dtype=v.dtype) for k, v in mine.items()}
+
+    def _wait_all_at(self, round_: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop.is_set():
+            try:
+                if all(p.round >= round_ for p in self.discovery.live_peers()):
+                    return
+            except DiscoveryError:
+                if self.stop.is_set():
+                    return
+                raise
+            time.sleep(0.2)
+
+    def wait_for_members(self, want: int, timeout: float, say) -> None:
+        """Before the first round: wait (up to `timeout` s) until `want` nodes are live; calls
+        `say(event)` with a "waiting" event once per change of the count."""
+        deadline, said = time.monotonic() + timeout, None
+        while not self.stop.is_set():
+            try:
+                live = self.discovery.live_peers()
+            except DiscoveryError:
+                if self.stop.is_set():
+                    return
+                raise
+            self.live = len(live)
+            self.metrics.peers_live.set(len(live))
+            if len(live) >= want:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning(
+                    "only %d of %d nodes live after %.0f s (comm.join_timeout); starting anyway",
+                    len(live),
+                    want,
+                    timeout,
+                )
+                return
+            if said != len(live):
+                said = len(live)
+                say(
+                    dict(
+                        event="waiting",
+                        live=len(live),
+                        want=want,
+                        seconds_left=round(left),
+                        peers=[p.peer_id for p in live],
+                    )
+                )
+            time.sleep(0.2)
+
+    def _client(self, address: str) -> SwarmClient:
+        if address not in self._clients:
+            self._clients[address] = SwarmClient(
+                address, timeout=self.comm.fetch_timeout, retries=1, tls=self.tls, identity=self.identity
+            )
+        return self._clients[address]
+
+    def close(self) -> None:
+        """Stop serving and leave the swarm (what was started, in reverse order)."""
+        for c in self._clients.values():
+            c.close()
+        if self.server is not None:
+            self.server.stop(0.5)
+        if self.merger is not None:
+            self.merger.close()
+        self.discovery.close()

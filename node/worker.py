@@ -1,0 +1,213 @@
+"""One node's local state, built from its `NodeConfig` alone: its data partition, the model
+(one shared init from `train.seed`), the optimizer, the local trainer and the defence.
+
+A daemon builds one `Worker`; the simulator builds one per virtual node from the same kind of
+config, so the two cannot disagree on the split, the optimizer or the step size schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from node import distill
+from node.aggregate.vectors import flatten
+from node.config import ConfigError, NodeConfig
+from node.data import Dataset, load_dataset, partition
+from node.models import build_model
+from node.security import Attack, flip_labels
+from node.security.defence import Defence
+from node.security.trust import TrustTracker
+from node.train import LocalTrainer, RoundStats, evaluate, make_optimizer, restore_optimizer, round_lr, set_lr
+
+MAX_ROLLBACKS = 3  # consecutive non-finite rounds before a node gives up with an error
+
+
+class NonFinite(Exception):
+    """This round made the loss or the model non-finite; `where` is the metric reason."""
+
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
+
+
+class Diverged(RuntimeError):
+    """The model kept becoming non-finite (NaN/Inf) after rolling back: MAX_ROLLBACKS in a row."""
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: cuda, then mps, then cpu. Chosen once; every tensor is moved explicitly.
+    Raises RuntimeError for cuda on a machine without it."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name} requested but CUDA is not available on this machine")
+    return dev
+
+
+def device_label(dev: torch.device) -> str:
+    """The device as a peer record names it: cpu, mps, cuda or cuda:N."""
+    return dev.type if dev.index is None or dev.type != "cuda" else f"cuda:{dev.index}"
+
+
+@lru_cache(maxsize=4)
+def _dataset(name: str, test_fraction: float, seed: int, path: Path | None) -> Dataset:
+    """Loaded once per process: the virtual nodes of a simulation share one copy."""
+    return load_dataset(name, test_fraction=test_fraction, seed=seed, path=path)
+
+
+class Worker:
+    """The model, data and optimizer of node `cfg.node_index` of `cfg.node_count`.
+
+    Attributes: `model` (on `device`), `optimizer`, `trainer`, `x`/`y` (this node's training
+    partition, labels flipped for a label-flipping attack rehearsal), `x_test`/`y_test`,
+    `defence` (trust tracker and aggregator), `init_vector` (the shared init, flat float32),
+    and for `comm.exchange: logits` the proxy set `proxy_x`, its `proxy_digest`, the rows this
+    node speaks for (`proxy_rows`) and a momentum-free `distill_opt`.
+    Raises ConfigError for a proxy set that does not fit the data, DatasetMissing for data
+    that is not installed."""
+
+    def __init__(self, cfg: NodeConfig, device: torch.device = torch.device("cpu")):
+        self.cfg, self.device = cfg, device
+        d = cfg.data
+        ds = _dataset(d.dataset, d.test_fraction, d.seed, d.path)
+        self.num_classes = ds.num_classes
+        pool = np.arange(len(ds.y_train))
+        self.proxy_digest = ""
+        if cfg.comm.exchange == "logits":  # the proxy set is nobody's labelled data: it leaves the pool first
+            try:
+                proxy_idx, self.proxy_digest = distill.proxy_split(
+                    len(pool), cfg.distill.proxy_size, d.seed, d.dataset
+                )
+            except ValueError as e:
+                raise ConfigError(f"invalid config: distill.proxy_size: {e}") from None
+            pool = np.setdiff1d(pool, proxy_idx)
+            self.proxy_x = ds.x_train[torch.from_numpy(proxy_idx)].to(device)
+        # many nodes on a small data set: each still needs a few samples
+        min_size = max(1, min(10, len(pool) // (2 * cfg.node_count)))
+        parts = partition(
+            ds.y_train.numpy()[pool],
+            cfg.node_count,
+            d.partition,
+            alpha=d.alpha,
+            shards_per_node=d.shards_per_node,
+            seed=d.seed,
+            min_size=min_size,
+        )
+        sec = cfg.security
+        self.attack = Attack(sec.attack, **sec.attack_params) if sec.attack else None
+        index = cfg.node_index  # a sybil group trains on one member's partition, with its seed
+        if self.attack is not None and self.attack.data_of is not None:
+            index = int(self.attack.data_of)
+            if index >= cfg.node_count:
+                raise ConfigError(f"invalid config: security.attack_params.data_of must be < {cfg.node_count}")
+        mine = torch.from_numpy(pool[parts[index]])
+        self.x, self.y = ds.x_train[mine].to(device), ds.y_train[mine].to(device)
+        if self.attack is not None and self.attack.flips_labels:
+            self.y = flip_labels(self.y, ds.num_classes)
+        self.x_test, self.y_test = ds.x_test.to(device), ds.y_test.to(device)
+        m, o = cfg.model, cfg.optim
+        self.model = build_model(
+            m.family, ds.input_shape, ds.num_classes, m.width, cfg.train.seed if m.seed is None else m.seed
+        ).to(device)
+        self.optimizer = make_optimizer(self.model, o.name, o.lr, o.momentum, o.weight_decay)
+        seed = cfg.train.seed * 7919 + index
+        self.trainer = LocalTrainer(self.model, self.optimizer, self.x, self.y, o.batch_size, seed, o.sam_rho)
+        self.init_vector = flatten(self.model.state_dict())
+        tracker = TrustTracker(flag_below=sec.flag_below, sybil_similarity=sec.sybil_similarity)
+        self.defence = Defence(
+            sec.aggregator, self.model, self.x, self.y, ds.num_classes, sec.byzantine_fraction, seed, tracker
+        )
+        if cfg.comm.exchange == "logits":
+            # its own momentum-free optimizer: see node.distill.kd.distill_steps
+            self.distill_opt = torch.optim.SGD(self.model.parameters(), lr=cfg.distill.lr or o.lr)
+            filtered = distill.uses_filter(cfg.distill.method)
+            self.proxy_rows = distill.speaking_rows(filtered, self.x, self.proxy_x, d.seed)
+        self._good: tuple | None = None
+        self.rollbacks_in_a_row = 0
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.x)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The model's state dict (live tensors: clone before keeping it across training)."""
+        return self.model.state_dict()
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    def train(self, r: int, stop=lambda: False) -> RoundStats:
+        """Local training of round r with the round's step size (`optim.schedule`); raises
+        NonFinite before anything of it can be published."""
+        cfg = self.cfg
+        o, t = cfg.optim, cfg.train
+        set_lr(self.optimizer, round_lr(o.lr, o.schedule, r, t.rounds, o.final_lr_fraction))
+        stats = self.trainer.train_round(r, t.local_steps, t.local_seconds, stop=stop)
+        if stats.steps and not math.isfinite(stats.loss):
+            raise NonFinite("loss")
+        if not self.all_finite():
+            raise NonFinite("model_after_training")
+        return stats
+
+    def all_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.state().values() if t.is_floating_point())
+
+    def evaluate(self) -> float:
+        """Top-1 accuracy on the shared test split, in [0, 1]."""
+        return evaluate(self.model, self.x_test, self.y_test)
+
+    # -- rollback of non-finite rounds ------------------------------------------------------
+    def keep_good_state(self) -> None:
+        """Remember the model and optimizer as they are now (finite: checked by the caller),
+        the state a non-finite round rolls back to."""
+        self._good = (
+            {k: v.detach().clone() for k, v in self.state().items()},
+            copy.deepcopy(self.optimizer.state_dict()),
+        )
+        self.rollbacks_in_a_row = 0
+
+    def roll_back(self, r: int, where: str) -> None:
+        """Undo a round that went non-finite. Raises Diverged after MAX_ROLLBACKS in a row:
+        lowering the step size silently would hide a broken run."""
+        self.rollbacks_in_a_row += 1
+        model_sd, optim_sd = self._good
+        self.model.load_state_dict(model_sd)
+        self.optimizer.load_state_dict(copy.deepcopy(optim_sd))
+        if self.rollbacks_in_a_row >= MAX_ROLLBACKS:
+            raise Diverged(
+                f"the {where.replace('_', ' ')} became non-finite (NaN/Inf) in round {r} "
+                f"{MAX_ROLLBACKS} times in a row, each time rolled back to the last good state; "
+                f"the last good checkpoint is kept. Lower optim.lr or check the data"
+            )
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint_identity(self) -> dict:
+        """What a checkpoint must match to be resumed by this worker."""
+        c = self.cfg
+        return dict(
+            optimizer=c.optim.name,
+            node_index=c.node_index,
+            node_count=c.node_count,
+            model=f"{c.model.family}/{c.model.width}",
+        )
+
+    def restore(self, model_sd: dict, optim_t: dict, optim_meta: dict) -> None:
+        """Load a checkpoint's model and optimizer; the config's hyperparameters win over the
+        saved ones. Raises RuntimeError, KeyError, ValueError or TypeError if they do not fit."""
+        self.model.load_state_dict(model_sd)
+        restore_optimizer(self.optimizer, optim_t, optim_meta)
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = self.cfg.optim.weight_decay
+            if "momentum" in group:
+                group["momentum"] = self.cfg.optim.momentum
