@@ -1,0 +1,1 @@
+"""atoll's node: the daemon, its round engine, the simulator and the command line."""

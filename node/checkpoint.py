@@ -24,6 +24,9 @@ _FILE = re.compile(r"^(model|optim)-[0-9]+\.safetensors$")
 
 
 class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, corrupt (sha256 mismatch), malformed, or written for another node,
+    model or optimizer."""
+
     pass
 
 
@@ -52,6 +55,8 @@ def _digest(path: Path) -> str:
 def save(
     directory: Path, model: dict[str, torch.Tensor], optim: dict[str, torch.Tensor], state: dict[str, Any]
 ) -> None:
+    """Write `model` and `optim` (copied to CPU) as safetensors under fresh names, atomically replace state.json
+    (`state` plus serial, file names and sha256), then delete the previous save's files."""
     directory.mkdir(parents=True, exist_ok=True)
     previous = _read_state(directory) if (directory / STATE).exists() else None
     serial = int(previous.get("serial", 0)) + 1 if isinstance(previous, dict) else 1

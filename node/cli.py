@@ -63,6 +63,7 @@ class GracefulStop:
             signal.signal(sig, self)
 
     def __call__(self, signum: int, frame) -> None:
+        """Signal handler: the first signal asks the target to stop after the current step, a second exits at once."""
         import os
         import signal
 
@@ -876,6 +877,7 @@ def _thread_excepthook(args) -> None:
 
 
 def main() -> None:
+    """Entry point of the `atoll` command."""
     import threading
 
     global _default_thread_excepthook

@@ -13,6 +13,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from node import registry
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -29,6 +31,8 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
+    """Which data set a node trains on and how it is partitioned among the nodes."""
+
     dataset: Literal["digits", "fashion-mnist"] = "digits"
     path: Path | None = Field(None, description="where the data set's files are, if not the default")
     partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
@@ -45,6 +49,8 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    """The model every node builds (one architecture per swarm unless comm.exchange is logits)."""
+
     family: Literal["mlp", "cnn"] = "mlp"
     width: int = Field(128, ge=4, le=8192)
     seed: int | None = Field(
@@ -53,6 +59,8 @@ class ModelConfig(_Strict):
 
 
 class OptimConfig(_Strict):
+    """The local optimizer and its step size schedule over the rounds."""
+
     name: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -64,6 +72,8 @@ class OptimConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """Rounds and the local work per round (steps or seconds)."""
+
     rounds: int = Field(50, ge=1, le=1_000_000)
     local_steps: int | None = Field(10, ge=1, description="local SGD steps per round")
     local_seconds: float | None = Field(None, gt=0, description="or: a time budget per round")
@@ -77,12 +87,14 @@ class TrainConfig(_Strict):
 
 
 class CommConfig(_Strict):
-    exchange: Literal["model", "logits"] = Field(
+    """How nodes exchange: what, over which graph, under which schedule, with which timeouts."""
+
+    exchange: Literal[registry.EXCHANGES] = Field(
         "model", description="model: gossip parameters (one architecture); logits: distill on a proxy set (any mix)"
     )
-    topology: Literal["ring", "torus", "exponential", "random", "complete"] = "ring"  # node.comm.topology.KINDS
+    topology: Literal[registry.TOPOLOGIES] = "ring"
     random_degree: int = Field(4, ge=2, le=64, description="topology random: degree bound k")
-    algorithm: Literal["gossip", "modest"] = Field("gossip", description="gossip averaging, or MoDeST sampling")
+    algorithm: Literal[registry.ALGORITHMS] = Field("gossip", description="gossip averaging, or MoDeST sampling")
     modest_trainers: int = Field(4, ge=1, description="modest: nodes sampled to train each round")
     modest_aggregators: int = Field(2, ge=1, description="modest: nodes sampled to aggregate each round")
     schedule: Literal["constant", "late"] = Field(
@@ -121,7 +133,7 @@ class CommConfig(_Strict):
 class DistillConfig(_Strict):
     """Federated distillation, used when comm.exchange is logits (see node/distill/)."""
 
-    method: Literal["edgefd", "knfu", "edgefd+knfu"] = Field(
+    method: Literal[registry.DISTILL_METHODS] = Field(
         "edgefd", description="edgefd: speak only for in-distribution proxy rows; knfu: weight similar neighbours more"
     )
     proxy_size: int = Field(
@@ -137,7 +149,7 @@ class SecurityConfig(_Strict):
     """Byzantine and sybil defence (node/aggregate/robust.py, node/security/), and attacks for
     tests and benchmarks. Model exchange with gossip only."""
 
-    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "clipped", "sybilwall", "bristle"] = Field(
+    aggregator: Literal[registry.AGGREGATORS] = Field(
         "mean", description="how neighbour models are combined; mean is plain gossip averaging"
     )
     byzantine_fraction: float = Field(
@@ -148,7 +160,7 @@ class SecurityConfig(_Strict):
     metrics_top_n: int = Field(16, ge=1, le=256, description="per-peer trust series exported for the N least trusted")
     fetch_rate: float = Field(20.0, gt=0, description="gRPC calls per second served to one identity (token bucket)")
     fetch_burst: int = Field(60, ge=1, description="token bucket size per identity")
-    attack: Literal["label_flip", "sign_flip", "gaussian", "alie", "ipm", "free_ride", "sybil"] | None = Field(
+    attack: Literal[registry.ATTACKS] | None = Field(
         None, description="make this node malicious (tests and benchmarks only)"
     )
     attack_params: dict[str, float | str] = Field(
@@ -157,14 +169,12 @@ class SecurityConfig(_Strict):
 
     @model_validator(mode="after")
     def _attack_params(self) -> SecurityConfig:
-        if self.attack is not None:
-            from node.security.attacks import Attack
-
-            try:
-                Attack(self.attack, **self.attack_params)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"attack_params: {e}") from None
-        elif self.attack_params:
+        unknown = sorted(set(self.attack_params) - set(registry.ATTACK_PARAMS))
+        if unknown:  # the values are checked where the attack is built (node/worker.py)
+            raise ValueError(
+                f"attack_params: unknown {', '.join(unknown)}; known: {', '.join(registry.ATTACK_PARAMS)}"
+            )
+        if self.attack is None and self.attack_params:
             raise ValueError("attack_params set without an attack")
         return self
 
@@ -187,6 +197,8 @@ class ExpertsConfig(_Strict):
 
 
 class NetConfig(_Strict):
+    """Swarm membership and networking: identity, addresses, DHT peers, record TTL, TLS."""
+
     swarm: str = "atoll"
     identity_path: Path = Path("~/.atoll/node.key")
     host: str = Field("127.0.0.1", description="address the gRPC server and metrics bind to")
@@ -210,6 +222,8 @@ class NetConfig(_Strict):
 
 
 class NodeConfig(_Strict):
+    """Everything one node runs with; the YAML file of `atoll node start` (see README)."""
+
     node_index: int = Field(0, ge=0, description="this node's data partition")
     node_count: int = Field(1, ge=1, description="number of partitions the data set is cut into")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
@@ -368,6 +382,7 @@ def _node_tree_of_swarm_file(tree: dict, overrides: dict[str, Any], path) -> dic
 
 
 def dump_config(cfg: NodeConfig) -> str:
+    """The config as YAML, in field order."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 

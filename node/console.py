@@ -82,6 +82,8 @@ def ready_lines(e: dict[str, Any], what: str, join_command: str) -> list[str]:
 
 
 def waiting_line(e: dict[str, Any]) -> str:
+    """The console line while a node waits for peers: how many more of `want` it needs (`live` are live) and the
+    seconds left of comm.join_timeout."""
     missing = e["want"] - e["live"]
     return (
         f"waiting for {missing} more node{'s' if missing != 1 else ''} ({e['live']} of {e['want']} live; "

@@ -46,9 +46,13 @@ class Node:
         self.merged_with: int | None = None  # final merge: group size, 0 = missed, None = not run
 
     def request_stop(self) -> None:
+        """Ask the node to stop after the current training step (a checkpoint follows)."""
         self.stop_requested.set()
 
     def run(self) -> dict:
+        """Join, wait for the swarm, train to the end (or a stop), finish; returns the done or
+        stopped event. Raises DiscoveryError, IdentityError, CheckpointError, KeyInUse, Diverged,
+        OSError (ports in use)."""
         try:
             self._setup()
             c = self.cfg.comm

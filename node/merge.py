@@ -35,6 +35,9 @@ def float_names(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 class FinalMerge:
+    """The final all-reduce of a node's floating tensors with the swarm: a hivemind DecentralizedAverager (groups of 2
+    to `group_size`) in a forked process, so create it before any gRPC object exists."""
+
     def __init__(
         self, dht, swarm: str, state: dict[str, torch.Tensor], group_size: int, timeout: float, how: str = "mean"
     ):
@@ -99,6 +102,7 @@ class FinalMerge:
         return merged, sorted(peer.to_base58() for peer in group)
 
     def close(self) -> None:
+        """Stop the averager process."""
         stop_hivemind_process(self.averager)
 
 

@@ -20,6 +20,9 @@ from p2pd.addresses import bare_host, host_port
 
 
 class NodeMetrics:
+    """The Prometheus metrics of one node in their own registry (rounds, training, fetches, refusals, trust,
+    checkpoints, the process), exported over HTTP by `serve`."""
+
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.round = Gauge("atoll_round", "Last completed training round", registry=r)
@@ -114,6 +117,7 @@ class NodeMetrics:
         return self._server.server_port
 
     def close(self) -> None:
+        """Stop the /metrics endpoint if it is running."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -19,6 +19,8 @@ from p2pd.records import PeerRecord
 
 
 def targets(records: list[PeerRecord], swarm: str) -> list[dict]:
+    """file_sd target groups, sorted by peer id, one per record with a metrics port: `host:metrics_port` (the host of
+    its gRPC address) labelled with node (peer id), swarm, roles and device."""
     groups = []
     for r in sorted(records, key=lambda r: r.peer_id):
         if not r.metrics_port:
@@ -34,6 +36,7 @@ def targets(records: list[PeerRecord], swarm: str) -> list[dict]:
 
 
 def write_atomic(path: Path, groups: list[dict]) -> None:
+    """Write `groups` as JSON to `path` (creating parent directories) through a temporary file and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(groups, indent=1) + "\n")

@@ -43,6 +43,8 @@ class RoundLog:
 
 @dataclass
 class SimResult:
+    """What a simulation measured (see the field comments)."""
+
     log: list[RoundLog] = field(default_factory=list)
     final_accuracies: list[float] = field(default_factory=list)  # honest nodes that finished, by index
     bytes_sent: int = 0

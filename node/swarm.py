@@ -31,6 +31,9 @@ from p2pd.procs import kill_tree
 
 @dataclass
 class NodeRun:
+    """One node process of the swarm: its index, the process, a queue of the JSON events it printed, its ready, last
+    and final events, log file and model name."""
+
     index: int
     proc: subprocess.Popen
     events: queue.Queue = field(default_factory=queue.Queue)
@@ -52,10 +55,13 @@ def _reader(run: NodeRun) -> None:
 
 
 def node_command(config_path: Path) -> list[str]:
+    """The command line that starts one node daemon from `config_path`, printing JSON events on stdout."""
     return [sys.executable, "-m", "node.cli", "node", "start", "--config", str(config_path), "--json-events"]
 
 
 def start_node(cfg: NodeConfig, workdir: Path) -> NodeRun:
+    """Write `cfg` to workdir/node<i>.yaml and start that node in its own session (stderr to node<i>.log), with a
+    thread queueing its JSON events; returns its NodeRun."""
     path = workdir / f"node{cfg.node_index}.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     log_path = workdir / f"node{cfg.node_index}.log"
@@ -96,6 +102,7 @@ def node_configs(swarm_cfg: SwarmConfig, workdir: Path) -> list[NodeConfig]:
 
 
 def model_name(cfg: NodeConfig) -> str:
+    """`family:width` of the node's model, e.g. `cnn:32`."""
     return f"{cfg.model.family}:{cfg.model.width}"
 
 

@@ -105,7 +105,10 @@ class Worker:
             min_size=min_size,
         )
         sec = cfg.security
-        self.attack = Attack(sec.attack, **sec.attack_params) if sec.attack else None
+        try:
+            self.attack = Attack(sec.attack, **sec.attack_params) if sec.attack else None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"invalid config: security.attack_params: {e}") from None
         index = cfg.node_index  # a sybil group trains on one member's partition, with its seed
         if self.attack is not None and self.attack.data_of is not None:
             index = int(self.attack.data_of)
@@ -138,6 +141,7 @@ class Worker:
 
     @property
     def dataset_size(self) -> int:
+        """Training samples in this node's partition."""
         return len(self.x)
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -145,6 +149,7 @@ class Worker:
         return self.model.state_dict()
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a state dict into the model (copied into its parameters)."""
         self.model.load_state_dict(state)
 
     def train(self, r: int, stop=lambda: False) -> RoundStats:
@@ -161,6 +166,7 @@ class Worker:
         return stats
 
     def all_finite(self) -> bool:
+        """Whether every floating tensor of the model is finite."""
         return all(bool(torch.isfinite(t).all()) for t in self.state().values() if t.is_floating_point())
 
     def evaluate(self) -> float:

@@ -17,6 +17,7 @@ def bare_host(host: str) -> str:
 
 
 def is_ipv6(host: str) -> bool:
+    """Whether `host` (bare or in brackets) is an IPv6 address literal; names and IPv4 are not."""
     try:
         return isinstance(ipaddress.ip_address(bare_host(host)), ipaddress.IPv6Address)
     except ValueError:

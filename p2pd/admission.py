@@ -31,6 +31,8 @@ DOMAIN = b"atoll/fetch/v1\x00"
 
 
 def fetch_message(server_peer_id: str, requester_peer_id: str, key: SnapshotKey, issued_at: float) -> bytes:
+    """The bytes a fetch request signs: DOMAIN, then the server and requester peer ids, the key's kind, round and step,
+    and `issued_at` (Unix seconds), joined by `|`."""
     return (
         DOMAIN
         + "|".join(
@@ -40,15 +42,21 @@ def fetch_message(server_peer_id: str, requester_peer_id: str, key: SnapshotKey,
 
 
 def reach_message(server_peer_id: str, requester_peer_id: str, issued_at: float) -> bytes:
+    """The bytes a dial-back (Reach) request signs: DOMAIN, then the server and requester peer ids, `reach` and
+    `issued_at` (Unix seconds), joined by `|`."""
     return DOMAIN + "|".join((server_peer_id, requester_peer_id, "reach", repr(float(issued_at)))).encode()
 
 
 def signed_reach(identity: Identity, server_peer_id: str, now: float) -> pb.ReachRequest:
+    """A ReachRequest from `identity` to `server_peer_id`, issued at `now` (Unix seconds) and Ed25519-signed over
+    `reach_message`."""
     sig = identity.sign(reach_message(server_peer_id, identity.peer_id, now))
     return pb.ReachRequest(requester_peer_id=identity.peer_id, issued_at=now, signature=sig)
 
 
 def signed_request(identity: Identity, server_peer_id: str, key: SnapshotKey, now: float) -> pb.FetchRequest:
+    """A FetchRequest for `key` from `identity` to `server_peer_id`, issued at `now` (Unix seconds) and Ed25519-signed
+    over `fetch_message`."""
     sig = identity.sign(fetch_message(server_peer_id, identity.peer_id, key, now))
     return pb.FetchRequest(key=key.to_pb(), requester_peer_id=identity.peer_id, issued_at=now, signature=sig)
 
@@ -66,6 +74,8 @@ class TokenBuckets:
         self._lock = threading.Lock()
 
     def take(self, key: str) -> bool:
+        """Spend one token from `key`'s bucket (refilled at `rate` per second, capped at `burst`); False, spending
+        nothing, when it holds less than one."""
         now = self.clock()
         with self._lock:
             tokens, at = self._buckets.pop(key, (float(self.burst), now))
@@ -93,6 +103,7 @@ class Admission:
         self.buckets = TokenBuckets(rate, burst)
 
     def check(self, request: pb.FetchRequest, key: SnapshotKey) -> str | None:
+        """None to serve the fetch of `key`, else the refusal reason: `unsigned`, `stale`, `unknown` or `rate`."""
         return self._check(
             request, lambda: fetch_message(self.server_peer_id, request.requester_peer_id, key, request.issued_at)
         )

@@ -40,19 +40,30 @@ class FetchError(ReasonedError):
 
 
 class FetchTimeout(FetchError):
+    """The peer did not deliver within the deadline (reason `timeout`)."""
+
     pass
 
 
 class FetchRefused(FetchError):
+    """The peer said no, or could not be reached within the allowed retries (reason `not_found`, `unavailable`, `busy`,
+    `rate_limited`, `denied` or `refused`)."""
+
     pass
 
 
 class BadSnapshot(FetchError):
+    """The peer sent data that must not be used (reason from TensorStreamError, or `oversize` for a message over the
+    gRPC limit)."""
+
     pass
 
 
 @dataclass(frozen=True)
 class Snapshot:
+    """A fetched and validated snapshot: its key, CPU tensors by name, BLAKE3 digest (32 bytes), payload bytes received
+    and seconds taken."""
+
     key: SnapshotKey
     tensors: dict[str, torch.Tensor]
     digest: bytes
@@ -151,6 +162,7 @@ class SwarmClient:
         )
 
     def close(self) -> None:
+        """Close the channel, ending any calls still in flight on it."""
         self._channel.close()
 
     def __enter__(self) -> SwarmClient:

@@ -71,6 +71,8 @@ class PeerRecordValidator(RecordValidatorBase):
         self.dropped = multiprocessing.Value("Q", 0)
 
     def validate(self, record: DHTRecord) -> bool:
+        """True for rows under other keys; for a swarm row, whether its signed record opens with the subkey as signer
+        and its DHT expiry is at most the signed one (refusals counted in `dropped`)."""
         if record.key != self._key_id:
             return True
         ok = self._valid_row(record)
@@ -179,6 +181,8 @@ class Discovery:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Discovery:
+        """Start the DHT process, retrying up to BOOTSTRAP_ATTEMPTS times when no initial peer answers, and return
+        self; raises DiscoveryError when a listen address is in use or the DHT cannot start."""
         for maddr in self._dht_kwargs["host_maddrs"]:
             listen = maddr_tcp_listen(maddr)
             if listen is not None and tcp_port_in_use(*listen):
@@ -228,6 +232,7 @@ class Discovery:
 
     @property
     def dht(self) -> hivemind.DHT:
+        """The running hivemind DHT; raises RuntimeError before start()."""
         if self._dht is None:
             raise RuntimeError("Discovery.start() has not been called")
         return self._dht
@@ -238,6 +243,7 @@ class Discovery:
         return self._dht.pid if self._dht is not None else None
 
     def visible_maddrs(self) -> list[str]:
+        """The multiaddrs at which the DHT says other peers can reach this node, as strings."""
         return [str(m) for m in self.dht.get_visible_maddrs()]
 
     def close(self) -> None:
@@ -278,6 +284,7 @@ class Discovery:
 
     @property
     def record(self) -> PeerRecord | None:
+        """The record this node last published, None before announce()."""
         return self._record
 
     def signed_record(self) -> bytes:

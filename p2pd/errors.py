@@ -8,6 +8,9 @@ from __future__ import annotations
 
 
 class ReasonedError(Exception):
+    """An error with a low-cardinality `reason` label and a free-text `detail`; str() is `reason: detail`, or just
+    `reason` without a detail."""
+
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason

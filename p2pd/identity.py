@@ -80,17 +80,21 @@ class Identity:
 
     @property
     def public_key(self) -> bytes:
+        """The raw 32-byte Ed25519 public key."""
         return self.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
     @property
     def peer_id(self) -> str:
+        """The libp2p peer id of this key (base58, `12D3KooW...`)."""
         return peer_id_from_public_key(self.public_key)
 
     def sign(self, message: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of `message`."""
         return self.private_key.sign(message)
 
     @classmethod
     def generate(cls) -> Identity:
+        """A fresh random key pair, not persisted (`path` is None)."""
         return cls(Ed25519PrivateKey.generate())
 
     def to_libp2p_bytes(self) -> bytes:
@@ -102,6 +106,8 @@ class Identity:
 
     @classmethod
     def from_libp2p_bytes(cls, data: bytes, path: Path | None = None) -> Identity:
+        """Parse a libp2p Ed25519 PrivateKey protobuf (`path` is kept and named in errors); raises IdentityError for
+        another key type, bad length or a public key that does not match."""
         where = f" in {path}" if path else ""
         try:
             pb = crypto_pb2.PrivateKey.FromString(data)

@@ -49,6 +49,9 @@ class SnapshotStore:
         self._lock = threading.Lock()
 
     def publish(self, key: SnapshotKey, state_dict: Mapping[str, torch.Tensor]) -> EncodedSnapshot:
+        """Encode `state_dict` under `key` (CPU copy, BLAKE3 digest, wire parts of `chunk_bytes`) and drop the oldest
+        of that kind beyond `keep`; returns the encoded snapshot. Raises TypeError or ValueError for a value, name
+        or dtype the wire refuses."""
         packed = encode(state_dict, key.to_pb(), self.chunk_bytes)
         with self._lock:
             self._items[key] = packed
@@ -58,10 +61,12 @@ class SnapshotStore:
         return packed
 
     def get(self, key: SnapshotKey) -> EncodedSnapshot | None:
+        """The encoded snapshot under `key`, or None if it was never published or has been dropped."""
         with self._lock:
             return self._items.get(key)
 
     def keys(self) -> list[SnapshotKey]:
+        """Every held snapshot key, sorted."""
         with self._lock:
             return sorted(self._items)
 
@@ -171,6 +176,8 @@ class SwarmServicer:
             self.stats[name] += n
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext):
+        """Stream the ready wire parts of the requested snapshot once the deadline, admission and slot checks pass;
+        refusals abort with INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND or RESOURCE_EXHAUSTED."""
         if request is UNDECODABLE:
             self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
         remaining = context.time_remaining()
@@ -258,6 +265,7 @@ class SwarmServicer:
         )
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        """This node's signed record envelope and the keys of every snapshot it holds."""
         if request is UNDECODABLE:
             self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
         return pb.HealthReply(signed_record=self.signed_record(), available=[k.to_pb() for k in self.store.keys()])
@@ -339,7 +347,9 @@ class SwarmServer:
 
     @property
     def address(self) -> str:
+        """`host:port` of the bound server (an IPv6 host in brackets); meaningful after start()."""
         return host_port(self.host, self.port)
 
     def stop(self, grace: float = 1.0) -> None:
+        """Stop serving, giving calls in flight `grace` seconds, and wait at most `grace + 5` s for the shutdown."""
         self._server.stop(grace).wait(grace + 5)

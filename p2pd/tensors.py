@@ -66,6 +66,9 @@ class Limits:
 
 @dataclass(frozen=True)
 class PackedTensor:
+    """One tensor of a PackedSnapshot: name, wire dtype name, shape and its raw element bytes (a read-only view of a
+    private CPU copy)."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -74,6 +77,7 @@ class PackedTensor:
 
     @property
     def nbytes(self) -> int:
+        """Payload size in bytes."""
         return self.data.nbytes
 
 
@@ -86,10 +90,12 @@ class PackedSnapshot:
 
     @property
     def total_bytes(self) -> int:
+        """Sum of the tensors' payload bytes (no names or framing)."""
         return sum(t.nbytes for t in self.tensors)
 
     @property
     def hexdigest(self) -> str:
+        """The BLAKE3 snapshot digest as 64 hex characters."""
         return self.digest.hex()
 
 
@@ -160,10 +166,12 @@ class EncodedSnapshot:
 
     @property
     def wire_bytes(self) -> int:
+        """Bytes of all serialized parts, protobuf framing included."""
         return sum(len(p) for p in self.parts)
 
     @property
     def hexdigest(self) -> str:
+        """The BLAKE3 snapshot digest as 64 hex characters."""
         return self.digest.hex()
 
 
@@ -209,6 +217,8 @@ class StreamDecoder:
         self._done = False
 
     def feed(self, part: pb.SnapshotPart) -> None:
+        """Check and consume one parsed SnapshotPart; raises TensorStreamError (reasons in the module docstring) on the
+        first problem."""
         which = part.WhichOneof("part")
         if which == "chunk":
             self._check_state("chunk")
@@ -469,10 +479,12 @@ class SnapshotKey:
             raise ValueError(f"round/step out of range: {self.round}/{self.step}")
 
     def to_pb(self) -> pb.SnapshotKey:
+        """The protobuf SnapshotKey (kind enum, round, gossip_step)."""
         return pb.SnapshotKey(kind=KINDS[self.kind], round=self.round, gossip_step=self.step)
 
     @classmethod
     def from_pb(cls, k: pb.SnapshotKey) -> SnapshotKey:
+        """The inverse of to_pb; raises ValueError for an unknown kind or a round or step out of range."""
         if k.kind not in _KIND_NAMES:
             raise ValueError(f"unknown snapshot kind {k.kind}")
         return cls(_KIND_NAMES[k.kind], k.round, k.gossip_step)

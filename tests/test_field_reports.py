@@ -249,7 +249,7 @@ def test_an_unreachable_neighbour_is_backed_off_and_both_are_told(tmp_path):
         a_log, b_log = (tmp_path / "a.log").read_text(), (tmp_path / "b.log").read_text()
         tries = re.findall(r"skipped neighbour \S+ \((unavailable|timeout)\)", a_log)
         assert 1 <= len(tries) <= 5, a_log[-3000:]  # tried in rounds 0, 2, 5, 10 (not all 12)
-        assert len(re.findall(r"WARN\w* atoll.node: neighbour \S+ at 127\.0\.0\.2:\d+ is unreachable", a_log)) == 1
+        assert len(re.findall(r"WARN\w* atoll.exchange: neighbour \S+ at 127\.0\.0\.2:\d+ is unreachable", a_log)) == 1
         assert re.search(r"advertised address 127\.0\.0\.2:\d+ does not answer", b_log), b_log[-3000:]
         # and the peer asked to dial B back (Reach) confirms it; A could ask nobody (B is unreachable)
         assert re.search(r"1 peer\(s\) could not reach this node at 127\.0\.0\.2:\d+ \(no answer there\)", b_log)

@@ -130,3 +130,26 @@ def test_the_median_matches_numpy_for_odd_and_even_counts():
         x = torch.randn(n, 5, generator=g, dtype=torch.float64)
         assert np.allclose(median(x).numpy(), np.median(x.numpy(), axis=0)), n
     assert float(median(torch.tensor([1.0, 2.0, 10.0, 11.0]))) == 6.0
+
+
+def test_the_registry_names_what_the_modules_implement():
+    """A name added to node/registry.py without an implementation (or the reverse) fails here."""
+    import dataclasses
+
+    import torch
+
+    from node.aggregate.robust import Context, combine
+    from node.comm.topology import graph
+    from node.registry import AGGREGATORS, ATTACK_PARAMS, ATTACKS, TOPOLOGIES
+    from node.security.attacks import Attack
+
+    assert tuple(f.name for f in dataclasses.fields(Attack) if f.name != "name") == ATTACK_PARAMS
+    vec = torch.zeros(8)
+    for name in ATTACKS:
+        assert Attack(name).craft(vec, vec + 1, vec, [vec + 1], n=3, f=1, gen=torch.Generator()).shape == vec.shape
+    for name in TOPOLOGIES:
+        assert set(graph(["a", "b", "c", "d"], name)) == {"a", "b", "c", "d"}
+    ctx = Context(per_class_accuracy=lambda v: torch.ones(10), familiar=torch.ones(10, dtype=torch.bool))
+    for name in AGGREGATORS:
+        others = {f"p{i}": vec + i for i in range(4)}
+        assert combine(name, vec, others, 0.2, {p: 0.2 for p in others}, ctx).vector.shape == vec.shape

@@ -15,6 +15,9 @@ from node.averaging import weighted_sum
 
 @dataclass
 class Outcome:
+    """An aggregator's result: the node's new flat float32 vector and, per neighbour set aside, the reason (a metric
+    label)."""
+
     vector: torch.Tensor
     discarded: dict[str, str] = field(default_factory=dict)  # neighbour -> reason
 
@@ -33,6 +36,7 @@ class Context:
 
 
 def assumed_byzantine(n: int, fraction: float) -> int:
+    """f = floor(fraction * n): how many of `n` inputs (self included) are assumed byzantine."""
     return int(math.floor(fraction * n))
 
 

@@ -27,6 +27,9 @@ from node.aggregate.vectors import median
 
 
 def bristle(own, others, self_w, weights, ctx: Context) -> Outcome:
+    """Bristle (Chen et al. 2021), as in the module docstring: keep the nearest neighbours plus one random explorer,
+    reject those more than `ctx.bristle_tolerance` below the reference familiar-class accuracy and weight the rest.
+    Raises ValueError when `ctx` lacks `per_class_accuracy` or `familiar`."""
     if ctx.per_class_accuracy is None or ctx.familiar is None:
         raise ValueError("bristle needs the node's per-class accuracy function and familiar classes")
     names = sorted(others)

@@ -28,10 +28,9 @@ from node.aggregate.base import Context, Outcome, assumed_byzantine, weighted_me
 from node.aggregate.bristle import bristle
 from node.aggregate.sybilwall import sybilwall
 from node.aggregate.vectors import median
+from node.registry import AGGREGATORS
 
 __all__ = ["AGGREGATORS", "Context", "Outcome", "assumed_byzantine", "combine", "weighted_mean"]
-
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "clipped", "sybilwall", "bristle")
 
 
 def combine(
@@ -42,6 +41,9 @@ def combine(
     weights: Mapping[str, float],
     ctx: Context,
 ) -> Outcome:
+    """Aggregate `own` with `others` (flat float32 vectors of one shape, by peer id) with aggregator `name` and the
+    gossip weights `self_w` and `weights`; a copy of `own` when there are no others. Raises ValueError for an
+    unknown name."""
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {name!r}; available: {', '.join(AGGREGATORS)}")
     if not others:
@@ -81,6 +83,8 @@ def multi_krum(stack: torch.Tensor, f: int) -> list[int]:
 
 
 def clipped_gossip(own, others, self_w, weights) -> Outcome:
+    """ClippedGossip (He et al. 2022): own + sum_j (w_j / total) clip(x_j - own, tau), tau the median L2 distance to
+    the neighbours and total = self_w + sum_j w_j; clipped neighbours are reported as `clipped`."""
     names = sorted(others)
     diffs = {j: others[j] - own for j in names}
     dist = {j: float(d.norm()) for j, d in diffs.items()}

@@ -23,6 +23,8 @@ DOWN_WEIGHTED = 0.05  # below this weight a neighbour counts as discarded in the
 
 
 def foolsgold_weights(histories: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """FoolsGold weights in [0, 1] by peer from its update history (Fung et al. 2020; formula in the module docstring);
+    all 1.0 for fewer than two histories."""
     names = sorted(histories)
     if len(names) < 2:
         return {j: 1.0 for j in names}
@@ -43,6 +45,8 @@ def foolsgold_weights(histories: Mapping[str, torch.Tensor]) -> dict[str, float]
 
 
 def sybilwall(own, others, self_w, weights, histories: Mapping[str, torch.Tensor]) -> Outcome:
+    """SybilWall (Werthenbach and Pouwelse 2023): the weighted mean with each neighbour's gossip weight scaled by its
+    FoolsGold weight (1.0 without a history); those below DOWN_WEIGHTED are reported as `down_weighted`."""
     fg = foolsgold_weights(histories)
     scaled = {j: weights[j] * fg.get(j, 1.0) for j in others}
     discarded = {j: "down_weighted" for j in others if fg.get(j, 1.0) < DOWN_WEIGHTED}

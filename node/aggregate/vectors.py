@@ -9,10 +9,13 @@ import torch
 
 
 def float_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of `state`, sorted."""
     return sorted(k for k, v in state.items() if v.is_floating_point())
 
 
 def flatten(state: Mapping[str, torch.Tensor], keys: list[str] | None = None) -> torch.Tensor:
+    """The tensors `keys` of `state` (default: float_keys) concatenated in that order into one flat float32 CPU
+    vector."""
     keys = float_keys(state) if keys is None else keys
     return torch.cat([state[k].detach().reshape(-1).to(device="cpu", dtype=torch.float32) for k in keys])
 

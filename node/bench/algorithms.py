@@ -117,6 +117,7 @@ def run(
 
 
 def summarize(rows: list[dict]) -> list[dict]:
+    """Per method: mean and std over seeds of the final accuracy, the worst node, MB sent and seconds."""
     out = []
     for name in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == name]
@@ -136,6 +137,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
+    """The summary as a markdown table."""
     lines = [
         "| method | seeds | accuracy (mean ± std) | worst node | MB sent | seconds |",
         "|---|---:|---:|---:|---:|---:|",
@@ -189,3 +191,12 @@ def write_outputs(
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
     return [*written, out / "accuracy.png"]
+
+
+def over_seeds(spec: dict, nodes: int, base: dict, seeds=(0, 1, 2)) -> tuple[float, float, float, list]:
+    """(mean final accuracy, its std over seeds, mean MB sent, the last seed's log) of one
+    spec: what the sweeps in docs/benchmarks/algorithms/ print."""
+    runs = [run_method(spec, nodes, base, s) for s in seeds]
+    accs = [statistics.fmean(r.final_accuracies) for r in runs]
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return statistics.fmean(accs), std, statistics.fmean(r.bytes_sent for r in runs) / 1e6, runs[-1].log

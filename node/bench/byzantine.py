@@ -56,6 +56,7 @@ def run(
     aggregators=AGGREGATORS,
     progress=None,
 ) -> list[dict]:
+    """Every case over every seed: one row per simulation with accuracy, detection and the accuracy curve."""
     rows = []
     """Every case over every seed; `base`: nested NodeConfig overrides (data, rounds, topology)."""
     for group, atk, agg, good, spec in cases(honest, byzantine, sybils, sybil_honest, attacks, aggregators):
@@ -110,6 +111,7 @@ def _pct(x) -> str:
 
 
 def tables(summary: dict, aggregators=AGGREGATORS) -> str:
+    """Markdown tables of honest accuracy and of detection precision / recall, per group."""
     parts = []
     for group, title in (("grid", "Every attack against every aggregator"), ("sybil", "Sybil run")):
         if group not in summary:
@@ -152,6 +154,7 @@ def tables(summary: dict, aggregators=AGGREGATORS) -> str:
 
 
 def plot(summary: dict, path: Path, aggregators=AGGREGATORS) -> None:
+    """Heatmaps of honest accuracy (attack x aggregator) per group, written to `path` (PNG)."""
     plt = pyplot()
     groups = [g for g in ("grid", "sybil") if g in summary]
     fig, axes = plt.subplots(
@@ -181,6 +184,7 @@ def plot(summary: dict, path: Path, aggregators=AGGREGATORS) -> None:
 
 
 def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
+    """results.json, table.md and accuracy.png in `out`; returns their paths."""
     summary = summarize(rows)
     md = tables(summary)
     paths = write_results(

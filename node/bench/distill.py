@@ -54,6 +54,7 @@ def _architectures(spec: dict) -> list[str]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
+    """Per method: accuracy per architecture and over all nodes (std over seeds), KB per round, seconds."""
     out = []
     for name in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == name]
@@ -79,6 +80,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict], architectures: list[str]) -> str:
+    """The summary as a markdown table, one accuracy column per architecture."""
     gossip = next((s["kilobytes_per_round"] for s in summary if s["method"] == "gossip_same_arch"), None)
     head = (
         "| method | "
@@ -107,5 +109,6 @@ def run(
 
 
 def write_outputs(rows: list[dict], out: Path, meta: dict, architectures: list[str]) -> list[Path]:
+    """results.json, table.md and accuracy.png in `out`; returns their paths."""
     summary = summarize(rows)
     return algorithms.write_outputs(rows, out, meta, summary, table(summary, architectures))

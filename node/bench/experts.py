@@ -142,6 +142,7 @@ def run(
     out: Path | None,
     note: Callable[[str], None] = lambda s: None,
 ) -> tuple[list[dict], list[dict], float]:
+    """Every method over every seed: one row per (method, seed) with the judge's scores."""
     ds = load_dataset(dataset)
     judge = evaluate.train_judge(ds)
     note(f"judge classifier: {100 * judge.accuracy:.1f}% test accuracy")
@@ -165,6 +166,7 @@ def run(
 
 
 def summarize(rows: list[dict]) -> list[dict]:
+    """Per method: scores averaged over seeds."""
     out = []
     for method in [*METHODS, "real (train images)"]:
         rs = [r for r in rows if r["method"] == method]
@@ -186,6 +188,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def tables(summary: list[dict], infos: list[dict]) -> str:
+    """Markdown tables of sample quality per method and of the experts trained."""
     lines = [
         "| method | Fréchet distance (± sd over seeds) | per seed | judge confidence | class coverage "
         "| expert calls per run |",
@@ -215,6 +218,7 @@ def tables(summary: list[dict], infos: list[dict]) -> str:
 
 
 def plot(summary: list[dict], path: Path) -> None:
+    """Frechet distance per method as a bar chart, written to `path` (PNG)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     names = [s["method"] for s in summary]
@@ -227,6 +231,7 @@ def plot(summary: list[dict], path: Path) -> None:
 
 
 def write_outputs(rows: list[dict], infos: list[dict], judge_accuracy: float, out: Path, meta: dict) -> list[Path]:
+    """results.json, table.md and the plots in `out`; returns their paths."""
     summary = summarize(rows)
     md = tables(summary, infos)
     paths = write_results(

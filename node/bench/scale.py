@@ -41,6 +41,7 @@ def _one(nodes: int, rounds: int, local_steps: int, conn) -> None:
 
 
 def run(sizes: list[int], rounds: int, local_steps: int, progress=None) -> list[dict]:
+    """One simulation per size, each in its own spawned process (so peak memory is its own); one row per size."""
     ctx = mp.get_context("spawn")
     rows = []
     for n in sizes:
@@ -65,6 +66,7 @@ def run(sizes: list[int], rounds: int, local_steps: int, progress=None) -> list[
 
 
 def table(rows: list[dict]) -> str:
+    """The rows as a markdown table."""
     lines = [
         "| nodes | rounds | seconds per round | peak memory (MB) | mean accuracy | MB sent |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -78,6 +80,7 @@ def table(rows: list[dict]) -> str:
 
 
 def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
+    """results.json, table.md and scale.png in `out`; returns their paths."""
     written = write_results(out, {"meta": meta, "rows": rows}, table(rows))
     plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))

@@ -141,6 +141,8 @@ def _serve(sizes: list[int], conn) -> None:
 # -- client side -------------------------------------------------------------------------------
 @dataclass
 class Row:
+    """One measured transfer: path, size in MiB, repeat, seconds and throughput."""
+
     size_mb: int
     path: str
     seconds: float
@@ -158,6 +160,7 @@ def _time_best(fn, repeats: int) -> float:
 
 
 def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, progress=None) -> list[Row]:
+    """Every path at every size, `repeats` times each; one Row per transfer."""
     import grpc
     from hivemind.compression import deserialize_tensor_stream
     from hivemind.p2p import P2P, PeerID
@@ -250,6 +253,7 @@ def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, prog
 
 
 def table(rows: list[Row]) -> str:
+    """Medians over repeats per path and size as a markdown table."""
     lines = [
         "| size (MiB) | path | best seconds | GB/s | ratio to bare gRPC |",
         "|---:|---|---:|---:|---:|",
@@ -261,6 +265,7 @@ def table(rows: list[Row]) -> str:
 
 
 def write_outputs(rows: list[Row], out: Path, meta: dict) -> list[Path]:
+    """results.json, table.md and transport.png in `out`; returns their paths."""
     import matplotlib.ticker
 
     from node.bench import write_results

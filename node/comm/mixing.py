@@ -22,6 +22,8 @@ def metropolis_hastings(my_degree: int, neighbour_degrees: Mapping[str, int]) ->
 
 
 def renormalise(self_w: float, weights: Mapping[str, float], answered: set[str]) -> tuple[float, dict[str, float]]:
+    """(self weight, {neighbour: weight}) restricted to the neighbours in `answered`, rescaled to sum to one with
+    self."""
     kept = {j: w for j, w in weights.items() if j in answered}
     total = self_w + sum(kept.values())
     return self_w / total, {j: w / total for j, w in kept.items()}

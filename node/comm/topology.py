@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from node.comm import seeded_rng
+from node.registry import TOPOLOGIES
 
-KINDS = ("ring", "torus", "exponential", "random", "complete")
+KINDS = TOPOLOGIES  # dispatched in _graph below
 
 
 @lru_cache(maxsize=256)
@@ -85,4 +86,5 @@ def neighbours(
 def degree(
     peers: Sequence[str], node: str, kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4, *, step: int = 0
 ) -> int:
+    """Degree of `node` in the step's graph over `peers` + node."""
     return len(graph(list(peers) + [node], kind, round_, seed, k, step=step)[node])

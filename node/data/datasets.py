@@ -26,6 +26,9 @@ class DatasetMissing(RuntimeError):
 
 @dataclass(frozen=True)
 class Dataset:
+    """A data set in memory: float32 images (N, C, H, W) in [0, 1] and int64 labels (N,) for the train and test splits,
+    and the class count."""
+
     name: str
     x_train: torch.Tensor  # float32, (N, C, H, W)
     y_train: torch.Tensor  # int64, (N,)
@@ -35,6 +38,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one image."""
         return tuple(self.x_train.shape[1:])
 
 
@@ -53,6 +57,9 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
 def load_dataset(
     name: str = "digits", *, test_fraction: float = 0.25, seed: int = 0, path: str | os.PathLike | None = None
 ) -> Dataset:
+    """The data set `name`: `digits` split stratified by `test_fraction` and `seed`, or `fashion-mnist` from `path`
+    with its own test split. Raises ValueError for an unknown name or inconsistent files, DatasetMissing when its
+    files are absent."""
     if name == "digits":
         return _digits(test_fraction, seed)
     if name == "fashion-mnist":

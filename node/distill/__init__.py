@@ -22,10 +22,12 @@ from node.distill.proxy import LogitsRefused, check_logits, logits_payload, prox
 
 
 def uses_filter(method: str) -> bool:
+    """Whether distillation method `method` applies the EdgeFD row filter (`edgefd`, `edgefd+knfu`)."""
     return method in ("edgefd", "edgefd+knfu")
 
 
 def uses_knfu(method: str) -> bool:
+    """Whether distillation method `method` weights teachers by KnFu similarity (`knfu`, `edgefd+knfu`)."""
     return method in ("knfu", "edgefd+knfu")
 
 

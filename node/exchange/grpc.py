@@ -78,10 +78,12 @@ class GrpcExchange:
 
     @property
     def sent_bytes(self) -> int:
+        """Wire bytes this node's server has sent (snapshots fetched from it)."""
         return self.server.servicer.stats["bytes_sent"]
 
     # -- the Exchange protocol ----------------------------------------------------------------
     def members(self, round_: int) -> list[Member]:
+        """Live peers from the DHT (node.exchange.Exchange.members); remembers their gRPC addresses."""
         live = self.discovery.live_peers()
         self.live = len(live)
         self.metrics.peers_live.set(len(live))
@@ -97,9 +99,12 @@ class GrpcExchange:
         )
 
     def note(self, round_: int, step: int = 0, **record: Any) -> None:
+        """Update the signed record without a new snapshot (node.exchange.Exchange.note)."""
         self.discovery.update(round=round_, step=step, **record)
 
     def fetch_many(self, peers: Sequence[str], key: SnapshotKey, accept: Accept) -> dict[str, Any]:
+        """Fetch `key` from `peers` in parallel under one deadline, comm.fetch_timeout
+        (node.exchange.Exchange.fetch_many)."""
         with self._lock:
             skipped = [j for j in peers if self.backoff.skip(j, key.round)]
         for _ in skipped:
@@ -129,9 +134,11 @@ class GrpcExchange:
         return self._adopt_canonical(group[0], round_ + 1, merged), group
 
     def linger(self, round_: int) -> None:
+        """Serve until every live peer reached `round_`, at most fetch_timeout + 2 record TTLs."""
         self._wait_all_at(round_, self.comm.fetch_timeout + 2 * self.record_ttl)
 
     def stopping(self) -> bool:
+        """Whether the node was asked to stop."""
         return self.stop.is_set()
 
     # -- internals ----------------------------------------------------------------------------

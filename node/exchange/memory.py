@@ -48,28 +48,34 @@ class Faults:
         self.unresponsive_fraction, self.unresponsive_seed = 0.0, 0
 
     def fail_at(self, peer: str, round_: int) -> Faults:
+        """Crash `peer` at the start of its round `round_` (and every later one)."""
         self.fail[peer] = min(round_, self.fail.get(peer, round_))
         return self
 
     def drop(self, peer: str, round_: int) -> Faults:
+        """Lose `peer`'s snapshots of `round_`."""
         self.dropped.add((peer, round_))
         return self
 
     def delay(self, peer: str, round_: int, seconds: float) -> Faults:
+        """Deliver `peer`'s snapshots of `round_` `seconds` late (lost past comm.fetch_timeout)."""
         self.delays[(peer, round_)] = seconds
         return self
 
     def corrupt(self, peer: str, round_: int) -> Faults:
+        """Flip one byte of `peer`'s snapshots of `round_` on the wire."""
         self.corrupted.add((peer, round_))
         return self
 
     def unresponsive(self, fraction: float, seed: int = 0) -> Faults:
+        """Each round, lose the snapshots of a seeded sample of `fraction` of the nodes."""
         if not 0 <= fraction < 1:
             raise ValueError("unresponsive fraction must be in [0, 1)")
         self.unresponsive_fraction, self.unresponsive_seed = fraction, seed
         return self
 
     def failed(self, peer: str, round_: int) -> bool:
+        """Whether `peer` has crashed by `round_`."""
         return round_ >= self.fail.get(peer, 1 << 62)
 
     def lost(self, peer: str, round_: int, ids: Sequence[str], timeout: float) -> bool:
@@ -114,14 +120,17 @@ class Board:
 
     @property
     def bytes_sent(self) -> int:
+        """Wire bytes of every delivered fetch and every all-reduce so far."""
         return sum(self.sent.values())
 
     def members(self, round_: int, swarm: str = "") -> list[Member]:
+        """The members of `swarm` that have not failed by `round_`, sorted by peer id."""
         return [
             Member(p, self.sizes[p]) for p in self.ids if self.swarm[p] == swarm and not self.faults.failed(p, round_)
         ]
 
     def finished(self, peer: str) -> None:
+        """Mark `peer`'s thread as ended: nobody waits for it any more."""
         with self.cond:
             self.done.add(peer)
             self.cond.notify_all()
@@ -150,10 +159,12 @@ class MemoryExchange:
         self.board, self.me = board, me
 
     def members(self, round_: int) -> list[Member]:
+        """node.exchange.Exchange.members; raises Crashed if this node fails at `round_`."""
         self._alive(round_)
         return self.board.members(round_, self.board.swarm[self.me])
 
     def publish(self, key: SnapshotKey, tensors: dict[str, torch.Tensor], **record: Any) -> None:
+        """node.exchange.Exchange.publish (a copy is kept); raises Crashed if this node fails at the round."""
         self._alive(key.round)
         copy = {k: v.detach().clone() for k, v in tensors.items()}
         with self.board.cond:
@@ -163,12 +174,14 @@ class MemoryExchange:
             self.board.cond.notify_all()
 
     def note(self, round_: int, step: int = 0, **record: Any) -> None:
+        """node.exchange.Exchange.note; raises Crashed if this node fails at `round_`."""
         self._alive(round_)
         with self.board.cond:
             self.board.progress[self.me] = (round_, step)
             self.board.cond.notify_all()
 
     def fetch_many(self, peers: Sequence[str], key: SnapshotKey, accept: Accept) -> dict[str, Any]:
+        """node.exchange.Exchange.fetch_many, in order; refusals are counted in Board.refused by reason."""
         out = {}
         for peer in peers:
             state, reason = self._wait_for(peer, key)
@@ -213,6 +226,7 @@ class MemoryExchange:
         """Nothing to do: the board keeps what finished nodes published."""
 
     def stopping(self) -> bool:
+        """Whether the simulation is being stopped (a virtual node failed with an error)."""
         return self.board.stop.is_set()
 
     # -- internals --------------------------------------------------------------------------

@@ -17,15 +17,21 @@ import torch
 
 @dataclass(frozen=True)
 class Clustering:
+    """A KMeans clustering of a data set: (K, D) float32 centroids in the flattened [-1, 1] pixel space, numbered by
+    cluster size (largest first), and the (N,) int64 cluster of each training image."""
+
     centroids: torch.Tensor  # (K, D) float32, in the flattened [-1, 1] pixel space
     labels: torch.Tensor  # (N,) int64 cluster of each training image
 
     @property
     def k(self) -> int:
+        """Number of clusters K."""
         return len(self.centroids)
 
     @property
     def digest(self) -> str:
+        """SHA-256 hex digest of the centroids as little-endian float32 bytes: the clustering's identity in expert
+        records."""
         return hashlib.sha256(self.centroids.numpy().astype("<f4").tobytes()).hexdigest()
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +45,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def from_unit(v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of to_unit: (N, D) vectors, clamped to [-1, 1], as (N, *shape) images in [0, 1]."""
     return ((v.clamp(-1, 1) + 1) / 2).reshape(len(v), *shape)
 
 

@@ -48,6 +48,9 @@ def expert_weights(probs: torch.Tensor, top: int, alive: torch.Tensor) -> torch.
 
 @dataclass
 class SampleResult:
+    """What `sample` returns: the (n, D) samples, the experts that served each, the experts dropped with the reason,
+    the number of expert calls and, per sample, the fewest experts mixed at one step."""
+
     x: torch.Tensor  # (n, D)
     served: list[set[int]]  # experts that contributed to each sample, over all steps
     failed: dict[int, str] = field(default_factory=dict)  # expert -> why it was dropped

@@ -21,11 +21,15 @@ from node.train import evaluate
 
 @dataclass
 class Judge:
+    """The classifier that scores generated images: a CNN (nn.Sequential ending in a Linear) and its accuracy on the
+    held-out split (a fraction)."""
+
     model: nn.Sequential
     accuracy: float  # on the held-out split
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, F) of `images` (N, C, H, W): every layer but the last Linear, in eval mode."""
         self.model.eval()
         out = images
         for layer in list(self.model)[:-1]:  # everything but the last Linear
@@ -34,11 +38,14 @@ class Judge:
 
     @torch.no_grad()
     def probs(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, num_classes) of `images` (N, C, H, W), in eval mode."""
         self.model.eval()
         return torch.softmax(self.model(images), dim=1)
 
 
 def train_judge(ds, steps: int = 1500, seed: int = 0) -> Judge:
+    """Train a `cnn` classifier (width 32) on `ds`'s training split with Adam (lr 1e-3, batches of 128) for `steps`
+    steps from `seed`; returns it with its test accuracy."""
     model = build_model("cnn", tuple(ds.x_train.shape[1:]), ds.num_classes, 32, seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

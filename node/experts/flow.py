@@ -37,10 +37,12 @@ class TimeMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Output (B, out) for inputs x (B, dim) at times t (B,) in [0, 1]."""
         return self.net(torch.cat([x, time_embedding(t, self.t_dim)], dim=1))
 
 
 def denoiser(dim: int, width: int = 256, depth: int = 3, seed: int = 0) -> TimeMLP:
+    """A velocity net TimeMLP (dim -> dim) initialised from `seed`, leaving the global RNG state untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TimeMLP(dim, dim, width, depth)

@@ -168,6 +168,9 @@ class _Role:
 
 
 class ExpertNode(_Role):
+    """The expert of cluster `experts.cluster`: trains a flow-matching denoiser on that cluster's images alone, then
+    serves Predict (see the module docstring)."""
+
     def __init__(self, cfg: NodeConfig, on_event: Event = lambda e: None):
         super().__init__(cfg, on_event)
         e = cfg.experts
@@ -177,6 +180,9 @@ class ExpertNode(_Role):
         self.directory = cfg.checkpoint_dir.expanduser() / f"expert-{self.k}"
 
     def train(self) -> str:
+        """Train (or resume, or just load) the expert to `experts.steps` steps, checkpointed under
+        checkpoint_dir/expert-<k>; returns the checkpoint's model sha256. Raises ValueError when that directory
+        holds a checkpoint made with other settings."""
         e = self.cfg.experts
         meta = dict(
             role="expert",
@@ -239,6 +245,9 @@ class ExpertNode(_Role):
 
 
 class RouterNode(_Role):
+    """The router: trains p(cluster | x_t, t) on the whole data set, then answers Sample with the experts live in the
+    DHT at each request."""
+
     def __init__(self, cfg: NodeConfig, on_event: Event = lambda e: None):
         super().__init__(cfg, on_event)
         e = cfg.experts
@@ -247,6 +256,9 @@ class RouterNode(_Role):
         self._remotes: dict[str, service.RemoteExpert] = {}
 
     def train(self) -> str:
+        """Train (or resume, or just load) the router to `experts.router_steps` steps, checkpointed under
+        checkpoint_dir/router; returns the checkpoint's model sha256. Raises ValueError when that directory holds a
+        checkpoint made with other settings."""
         e = self.cfg.experts
         meta = dict(
             role="router",
@@ -293,6 +305,8 @@ class RouterNode(_Role):
         return chosen
 
     def run(self) -> dict:
+        """Join the swarm with role `router`, train, then serve Sample until stopped; returns the final `stopped` event
+        (runs served, or the training step reached)."""
         try:
             self._join(roles=("router",))
             try:

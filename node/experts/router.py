@@ -13,6 +13,7 @@ from node.experts.flow import TimeMLP, fit, noisy
 
 
 def router_net(dim: int, k: int, width: int = 256, depth: int = 3, seed: int = 0) -> TimeMLP:
+    """A router TimeMLP (dim -> k cluster logits) initialised from `seed`, leaving the global RNG state untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TimeMLP(dim, k, width, depth)

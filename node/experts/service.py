@@ -32,6 +32,7 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 def matrix_to_pb(t: torch.Tensor) -> pb.Matrix:
+    """A (rows, cols) tensor as a Matrix: its shape and raw little-endian float32 bytes (copied to CPU)."""
     a = t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
     return pb.Matrix(shape=list(a.shape), data=a.tobytes())
 
@@ -55,6 +56,9 @@ def matrix_from_pb(m: pb.Matrix, cols: int, max_rows: int = MAX_ROWS) -> torch.T
 
 # -- expert -----------------------------------------------------------------------------------
 class ExpertService(pb_grpc.ExpertServicer):
+    """The Expert gRPC service of one cluster's denoiser: Predict answers its velocity for a batch of (x_t, t); `calls`
+    counts the forwards."""
+
     def __init__(self, model: torch.nn.Module, cluster: int, cluster_digest: str, dim: int, device: torch.device):
         self.model, self.cluster, self.cluster_digest, self.dim, self.device = (
             model,
@@ -67,6 +71,8 @@ class ExpertService(pb_grpc.ExpertServicer):
         self._lock = threading.Lock()  # one forward at a time: CPU threads are the bottleneck anyway
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictReply:
+        """The velocity (rows, dim) float32 at the request's x (rows, dim) and t (rows,) in [0, 1]; aborts with
+        FAILED_PRECONDITION for another clustering's digest and INVALID_ARGUMENT for a bad x or t."""
         if request.cluster_digest != self.cluster_digest:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -107,6 +113,8 @@ class RemoteExpert:
         self._stub = pb_grpc.ExpertStub(self._channel)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The remote expert's velocity (B, dim) float32 at x_t (B, dim) and t (B,); raises ExpertUnavailable on an RPC
+        error, a malformed reply or an answer from another cluster."""
         req = pb.PredictRequest(x=matrix_to_pb(x), t=t.tolist(), cluster_digest=self.cluster_digest)
         try:
             reply = self._stub.Predict(req, timeout=self.timeout)
@@ -119,6 +127,7 @@ class RemoteExpert:
             raise ensemble.ExpertUnavailable(f"{self.address}: bad reply: {e}") from None
 
     def close(self) -> None:
+        """Close the gRPC channel."""
         self._channel.close()
 
 
@@ -160,10 +169,14 @@ class RouterService(pb_grpc.RouterServicer):
         self._worker.start()
 
     def close(self) -> None:
+        """Stop the batching worker, waiting up to 10 s for a run in progress."""
         self._stop.set()
         self._worker.join(timeout=10)
 
     def Sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> pb.SampleReply:
+        """Generate `n` images in [0, 1] with the ensemble (strategy top1 .. topK or full, `steps` Euler steps, noise
+        from `seed`), batched with concurrent requests of the same strategy and steps. Aborts with INVALID_ARGUMENT
+        for bad parameters, UNAVAILABLE when no expert could serve."""
         if not 1 <= request.n <= self.max_n:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"n must be in [1, {self.max_n}], got {request.n}")
         try:
@@ -248,6 +261,8 @@ class RouterService(pb_grpc.RouterServicer):
 def serve(
     servicer, add: Callable, host: str = "127.0.0.1", port: int = 0, workers: int = 8
 ) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for `servicer` (registered with `add`) on `host:port` with `workers` threads; returns
+    (server, bound port). Raises OSError when the port is in use or cannot be bound."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="atoll-rpc"),
         maximum_concurrent_rpcs=workers * 4,

@@ -7,6 +7,8 @@ from torch import nn
 
 
 class MLP(nn.Sequential):
+    """Flatten, two hidden Linear+ReLU layers of `width` units, then a Linear to `num_classes` logits."""
+
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 128):
         d = 1
         for s in input_shape:
@@ -22,6 +24,9 @@ class MLP(nn.Sequential):
 
 
 class SmallCNN(nn.Sequential):
+    """For (C, H, W) inputs: two 3x3 convolutions of `width` channels with ReLU, a 2x2 max-pool, a Linear+ReLU of 2 *
+    width units, then a Linear to `num_classes` logits."""
+
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 32):
         c, h, w = input_shape
         super().__init__(

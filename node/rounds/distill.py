@@ -20,10 +20,13 @@ from p2pd.tensors import SnapshotKey
 
 
 class DistillRounds:
+    """Logit-exchange rounds of one node (see the module docstring)."""
+
     def __init__(self, cfg, worker, exchange):
         self.cfg, self.worker, self.exchange = cfg, worker, exchange
 
     def run(self, r: int) -> RoundResult:
+        """Round r: train, publish logits, distill from the neighbours'. Raises NonFinite."""
         w, ex, cfg = self.worker, self.exchange, self.cfg
         result = RoundResult(w.train(r, stop=ex.stopping))
         if ex.stopping():

@@ -38,6 +38,7 @@ class GossipRounds:
         self._flagged: set[str] = set()
 
     def run(self, r: int) -> RoundResult:
+        """Round r: local training, then the round's gossip steps. Raises NonFinite."""
         w = self.worker
         start = {k: v.clone() for k, v in w.state().items()}  # updates are measured from here
         result = RoundResult(w.train(r, stop=self.exchange.stopping))

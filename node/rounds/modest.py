@@ -21,6 +21,8 @@ from p2pd.tensors import SnapshotKey
 
 
 class ModestRounds:
+    """MoDeST rounds of one node (see the module docstring)."""
+
     def __init__(self, cfg, worker, exchange):
         self.cfg, self.worker, self.exchange = cfg, worker, exchange
 
@@ -34,6 +36,7 @@ class ModestRounds:
         return trainers, aggs, {m.peer_id: max(1, m.dataset_size) for m in members}
 
     def run(self, r: int) -> RoundResult:
+        """Round r as a trainer, an aggregator, both or neither. Raises NonFinite."""
         me, w, ex = self.exchange.me, self.worker, self.exchange
         trainers, aggs, size = self.sample(r)
         result = RoundResult(RoundStats(0.0, 0, 0, 0.0), members=len(size))

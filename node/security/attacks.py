@@ -35,10 +35,11 @@ from statistics import NormalDist
 
 import torch
 
-ATTACKS = ("label_flip", "sign_flip", "gaussian", "alie", "ipm", "free_ride", "sybil")
+from node.registry import ATTACKS
 
 
 def flip_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labels y -> C - 1 - y for C = `num_classes` (same shape and dtype)."""
     return (num_classes - 1) - y
 
 
@@ -52,6 +53,9 @@ def alie_z(n: int, f: int) -> float:
 
 @dataclass(frozen=True)
 class Attack:
+    """One byzantine behaviour (`name`, one of ATTACKS) and its knobs; `craft` gives the vector it publishes. Raises
+    ValueError for an unknown name or free_ride_mode, or a `data_of` that is not a node index."""
+
     name: str
     scale: float = 4.0  # sign_flip
     sigma: float = 1.0  # gaussian
@@ -71,6 +75,7 @@ class Attack:
 
     @property
     def flips_labels(self) -> bool:
+        """Whether the attacker trains on flipped labels (`label_flip`, `sybil`)."""
         return self.name in ("label_flip", "sybil")
 
     @property

@@ -22,6 +22,9 @@ BRISTLE_SAMPLES = 256  # own samples the per-class check runs on
 
 
 class Defence:
+    """One node's defence: a TrustTracker over the models it receives and the aggregator `aggregator`; for `bristle`
+    also the per-class accuracy check on up to BRISTLE_SAMPLES of its own samples and the classes it holds."""
+
     def __init__(
         self,
         aggregator: str,

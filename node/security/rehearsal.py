@@ -31,6 +31,7 @@ class Forger:
 
     @property
     def mixes(self) -> bool:
+        """Whether this attacker mixes its neighbours' models into its own."""
         return self.attack.mixes
 
     def forge(self, ref: dict, own: dict, r: int, q: int) -> dict:

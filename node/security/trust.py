@@ -35,6 +35,9 @@ from node.aggregate.vectors import median
 
 @dataclass
 class Signals:
+    """One neighbour's signals in one exchange (see the module docstring): norm ratio, consensus and history cosines,
+    round score and trust in [0, 1], and whether it is a suspected sybil or flagged."""
+
     norm_ratio: float
     cos_consensus: float
     cos_history: float
@@ -46,6 +49,9 @@ class Signals:
 
 @dataclass
 class TrustTracker:
+    """Per-neighbour trust: the exponential average of round scores, update histories (observed and heard) and the last
+    signals, with the thresholds of the module docstring."""
+
     alpha: float = 0.5
     flag_below: float = 0.35
     cos_full: float = 0.2
@@ -133,6 +139,7 @@ class TrustTracker:
         return groups
 
     def flagged(self) -> set[str]:
+        """Peers whose last signals flagged them (trust below flag_below, or a suspected sybil)."""
         return {j for j, s in self.signals.items() if s.flagged}
 
     def forget(self, keep: set[str]) -> None:
@@ -143,5 +150,6 @@ class TrustTracker:
 
 
 def pairwise_cosine(x: torch.Tensor) -> torch.Tensor:
+    """(n, n) cosine similarities between the rows of `x` (n, D)."""
     n = torch.nn.functional.normalize(x, dim=1)
     return n @ n.T

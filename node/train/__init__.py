@@ -12,6 +12,8 @@ from torch import nn
 
 @dataclass
 class RoundStats:
+    """One round of local training: mean loss over its steps, steps taken, samples seen and wall seconds."""
+
     loss: float
     steps: int
     samples: int
@@ -19,6 +21,7 @@ class RoundStats:
 
     @property
     def samples_per_second(self) -> float:
+        """Throughput of the round in samples per second (0.0 when no time elapsed)."""
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -34,11 +37,14 @@ def round_lr(base_lr: float, schedule: str, round_: int, rounds: int, final_frac
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group of `optimizer` to `lr`."""
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float):
+    """An `sgd` (momentum, weight decay) or `adam` (weight decay) optimizer over `model`'s parameters; raises
+    ValueError for another name."""
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
@@ -116,6 +122,8 @@ class LocalTrainer:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of `model` on (x, y) as a fraction (0.0 without samples), in eval mode and batches of
+    `batch_size`."""
     model.eval()
     correct = 0
     for i in range(0, len(x), batch_size):
@@ -147,6 +155,8 @@ def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Load into `optimizer` a state split by optimizer_tensors: its `tensors` and `meta` (param groups and
+    scalars)."""
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         idx, name = key.split(".", 1)

@@ -35,6 +35,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 def main() -> int:
+    """Regenerate the committed stubs in place and print each file written; returns the exit status 0."""
     for path in generate(ROOT):
         print(f"wrote {path.relative_to(ROOT)}")
     return 0

@@ -1,0 +1,19 @@
+"""The names of atoll's interchangeable algorithms, in one place. The config validates names
+against these tuples; each implementing module dispatches on them and checks at import that
+it implements exactly these (so a name cannot be added in one place only). No imports: the
+config (which everything uses) depends on this file, not on the algorithms.
+
+- TOPOLOGIES: node/comm/topology.py (gossip graphs);
+- AGGREGATORS: node/aggregate/robust.py (how neighbour models are combined);
+- ATTACKS and ATTACK_PARAMS: node/security/attacks.py (attack rehearsals);
+- EXCHANGES, ALGORITHMS: node/rounds/ (the round protocols);
+- DISTILL_METHODS: node/distill/ (logit exchange).
+"""
+
+TOPOLOGIES = ("ring", "torus", "exponential", "random", "complete")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "clipped", "sybilwall", "bristle")
+ATTACKS = ("label_flip", "sign_flip", "gaussian", "alie", "ipm", "free_ride", "sybil")
+ATTACK_PARAMS = ("scale", "sigma", "epsilon", "z", "free_ride_mode", "jitter", "data_of")
+EXCHANGES = ("model", "logits")
+ALGORITHMS = ("gossip", "modest")
+DISTILL_METHODS = ("edgefd", "knfu", "edgefd+knfu")
