@@ -72,12 +72,24 @@ SHELL_COMMANDS = [c for lang, body in code_blocks(README) if lang in ("bash", "s
 
 
 def test_the_readme_has_shell_commands_to_check():
-    """Every block is a checked shell block, except the CLI synopsis (checked below), so a
-    command cannot escape the checks by sitting in an untagged block."""
+    """Every block is a checked shell block or a Python block (run below), except the CLI
+    synopsis (checked below), so a command cannot escape the checks by sitting in an untagged
+    block."""
     blocks = code_blocks(README)
     synopsis = code_blocks(README.split("## CLI", 1)[1])[0]
-    assert all(lang in ("bash", "sh") or (lang, body) == synopsis for lang, body in blocks), blocks
+    assert all(lang in ("bash", "sh", "python") or (lang, body) == synopsis for lang, body in blocks), blocks
     assert len(SHELL_COMMANDS) >= 8, SHELL_COMMANDS
+
+
+PYTHON_BLOCKS = [body for lang, body in code_blocks(README) if lang == "python"]
+
+
+@pytest.mark.parametrize("body", PYTHON_BLOCKS)
+def test_every_readme_python_block_runs(body, monkeypatch, capsys):
+    """The README's Python examples run as written, from the repository root."""
+    monkeypatch.chdir(ROOT)
+    exec(compile(body, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()
 
 
 @pytest.mark.parametrize("args", SHELL_COMMANDS, ids=[" ".join(a[:3]) for a in SHELL_COMMANDS])
