@@ -402,16 +402,24 @@ def router_query(
     out: Path | None = typer.Option(None, help="Write the images as a PNG grid here."),
     timeout: float = typer.Option(300.0, min=1.0, help="Seconds to wait for the answer."),
     as_json: bool = typer.Option(False, "--json", help="Print which experts served each image as JSON."),
+    tls_ca: Path | None = typer.Option(
+        None, "--tls-ca", help="For a router serving TLS (net.tls_cert): the CA certificate that signed its cert."
+    ),
 ) -> None:
     """Ask a router for images; prints which experts served each one."""
     import grpc
 
     from node.experts.service import matrix_from_pb
+    from p2pd.client import open_channel
     from p2pd.rpc import router_pb2 as rpb
     from p2pd.rpc import router_pb2_grpc as rpb_grpc
+    from p2pd.server import TLSConfig
 
     address = router or _find_router(peers, swarm_name)
-    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 * 2**20)]) as ch:
+    tls = TLSConfig(ca_file=tls_ca) if tls_ca else None
+    if tls_ca is not None and not tls_ca.is_file():
+        _fail(f"--tls-ca {tls_ca}: no such file")
+    with open_channel(address, [("grpc.max_receive_message_length", 64 * 2**20)], tls) as ch:
         try:
             reply = rpb_grpc.RouterStub(ch).Sample(
                 rpb.SampleRequest(n=n, strategy=strategy, seed=seed, steps=steps), timeout=timeout

@@ -23,8 +23,6 @@ from node.rounds import RoundResult
 from node.security import rehearsal
 from node.threads import set_threads
 from node.worker import Diverged, Worker, device_label, pick_device
-from p2pd import __version__
-from p2pd.addresses import host_port
 from p2pd.discovery import DiscoveryError
 from p2pd.identity import Identity
 from p2pd.tensors import pack
@@ -112,18 +110,16 @@ class Node:
         )
         self.metrics.watch_trust(lambda: (dict(tracker.signals), tracker.sybil_clusters()), cfg.security.metrics_top_n)
         self.metrics_port = self.metrics.serve(net.host, cfg.metrics_port) if cfg.metrics_port is not None else None
-        self.advertised = host_port(net.advertise_host or net.host, self.server.port)
+        self.advertised = self.exchange.runtime.advertised
         netcheck.check_own_address(self.advertised, self.tls)
         self.discovery.live_peers()  # before announcing: is this key already live elsewhere?
         netcheck.check_key_in_use(self.discovery, self.advertised, self.tls, net.identity_path)
-        self.discovery.announce(
-            grpc_address=self.advertised,
+        self.exchange.runtime.announce(
             device=device_label(self.worker.device),
             dataset_size=self.worker.dataset_size,
             round=self.start_round,
             proxy_digest=self.worker.proxy_digest,
             roles=("trainer",),
-            software_version=__version__,
             metrics_port=self.metrics_port or 0,
         )
         threading.Thread(

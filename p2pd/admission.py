@@ -47,6 +47,20 @@ def reach_message(server_peer_id: str, requester_peer_id: str, issued_at: float)
     return DOMAIN + "|".join((server_peer_id, requester_peer_id, "reach", repr(float(issued_at)))).encode()
 
 
+def predict_message(server_peer_id: str, requester_peer_id: str, cluster_digest: str, issued_at: float) -> bytes:
+    """The bytes an expert's Predict request signs: DOMAIN, then the expert and requester peer ids, `predict`, the
+    clustering digest and `issued_at` (Unix seconds), joined by `|`."""
+    parts = (server_peer_id, requester_peer_id, "predict", cluster_digest, repr(float(issued_at)))
+    return DOMAIN + "|".join(parts).encode()
+
+
+def sign_predict(identity: Identity, server_peer_id: str, request, now: float) -> None:
+    """Fill `request` (a router_pb2.PredictRequest) with `identity`'s signature for the expert
+    `server_peer_id`, issued at `now` (Unix seconds)."""
+    request.requester_peer_id, request.issued_at = identity.peer_id, now
+    request.signature = identity.sign(predict_message(server_peer_id, identity.peer_id, request.cluster_digest, now))
+
+
 def signed_reach(identity: Identity, server_peer_id: str, now: float) -> pb.ReachRequest:
     """A ReachRequest from `identity` to `server_peer_id`, issued at `now` (Unix seconds) and Ed25519-signed over
     `reach_message`."""
@@ -112,6 +126,15 @@ class Admission:
         """The same checks for a dial-back request (see SwarmServicer.Reach)."""
         return self._check(
             request, lambda: reach_message(self.server_peer_id, request.requester_peer_id, request.issued_at)
+        )
+
+    def check_predict(self, request) -> str | None:
+        """The same checks for an expert's Predict request (a router_pb2.PredictRequest)."""
+        return self._check(
+            request,
+            lambda: predict_message(
+                self.server_peer_id, request.requester_peer_id, request.cluster_digest, request.issued_at
+            ),
         )
 
     def _check(self, request, message: Callable[[], bytes]) -> str | None:

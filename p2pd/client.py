@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -121,6 +122,20 @@ def _read_ahead(call, depth: int = 8):
         thread.join(timeout=5)
 
 
+def open_channel(
+    address: str, options: list[tuple[str, Any]], tls: TLSConfig | None = None, tls_server_name: str | None = None
+) -> grpc.Channel:
+    """A gRPC channel to `address` (host:port): TLS-secured when `tls` is given (trusting
+    `tls.ca_file`, else the system's roots; `tls_server_name` overrides the name checked in
+    the server's certificate), else plaintext. Every atoll client opens its channels here."""
+    if tls is None:
+        return grpc.insecure_channel(address, options)
+    if tls_server_name:
+        options = [*options, ("grpc.ssl_target_name_override", tls_server_name)]
+    ca = Path(tls.ca_file).read_bytes() if tls.ca_file else None
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options)
+
+
 class SwarmClient:
     """A channel to one peer's SwarmServer. Cheap to keep open; thread-safe."""
 
@@ -148,13 +163,7 @@ class SwarmClient:
             ("grpc.http2.lookahead_bytes", 67108864),
             ("grpc.http2.max_frame_size", 16777215),
         ]
-        if tls is not None:
-            if tls_server_name:
-                options.append(("grpc.ssl_target_name_override", tls_server_name))
-            ca = Path(tls.ca_file).read_bytes() if tls.ca_file else None
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options)
-        else:
-            self._channel = grpc.insecure_channel(address, options)
+        self._channel = open_channel(address, options, tls, tls_server_name)
         self._stub = pb_grpc.SwarmStub(self._channel)
         # Fetch parts arrive as raw bytes: StreamDecoder.feed_bytes uses payloads in place
         self._fetch_raw = self._channel.unary_stream(

@@ -286,6 +286,7 @@ class SwarmServer:
         admission: Admission | None = None,
         address_of: Callable[[str], str | None] = lambda peer_id: None,
         dial: Callable[[str], str | None] | None = None,
+        max_request_bytes: int = 64 * 1024,
     ):
         if max_workers < 3:
             raise ValueError("max_workers must be >= 3 (two threads stay free for Health)")
@@ -300,7 +301,8 @@ class SwarmServer:
             maximum_concurrent_rpcs=max_workers * 2,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", 64 * 1024),  # requests are tiny
+                # Swarm requests are tiny; roles serving Predict/Sample accept larger ones
+                ("grpc.max_receive_message_length", max_request_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -321,6 +323,12 @@ class SwarmServer:
             ),
         }
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])
+
+    def add_service(self, register: Callable, servicer) -> None:
+        """Serve another gRPC service on the same server, port, TLS and threads (an expert's
+        Predict, a router's Sample): `register` is the generated add_*Servicer_to_server.
+        Call before `start`."""
+        register(servicer, self._server)
 
     def start(self) -> int:
         """Bind and serve; returns the port. Raises OSError naming the address and setting when

@@ -8,13 +8,27 @@ import time
 import grpc
 import pytest
 import torch
+from helpers import self_signed_cert
 
 from node.experts import ensemble
 from node.experts.cluster import cluster, from_unit, to_unit
 from node.experts.evaluate import frechet
-from node.experts.service import RouterService, matrix_from_pb, matrix_to_pb, serve
+from node.experts.service import (
+    MAX_MESSAGE_BYTES,
+    ExpertService,
+    RemoteExpert,
+    RouterService,
+    client_host,
+    matrix_from_pb,
+    matrix_to_pb,
+)
+from p2pd.admission import Admission, TokenBuckets
+from p2pd.client import SwarmClient
+from p2pd.identity import Identity
+from p2pd.records import open_record
 from p2pd.rpc import router_pb2 as pb
 from p2pd.rpc import router_pb2_grpc as pb_grpc
+from p2pd.server import SnapshotStore, SwarmServer, TLSConfig
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +147,100 @@ def test_ensemble_reports_experts_per_step_so_a_short_strategy_is_visible():
     assert res.fewest == [2, 2] and all(s == {0, 1, 2, 3} for s in res.served)
 
 
+def _serve(servicer, register, **server_kwargs) -> tuple[SwarmServer, int]:
+    """`servicer` on a SwarmServer on 127.0.0.1 (the runtime every role serves on)."""
+    server = SwarmServer(SnapshotStore(), max_request_bytes=MAX_MESSAGE_BYTES, **server_kwargs)
+    server.add_service(register, servicer)
+    return server, server.start()
+
+
+def test_an_expert_answers_only_signed_requests_of_live_members(tmp_path):
+    """Predict goes through the same admission as a fetch: signed by a live member of the
+    swarm, within its rate; the same server answers Health with the expert's record."""
+    expert, router, stranger = (Identity.generate() for _ in range(3))
+    admission = Admission(expert.peer_id, lambda p: p == router.peer_id, rate=20, burst=60)
+    svc = ExpertService(_linear(4), 0, "digest", 4, torch.device("cpu"), admission)
+    record = lambda: _signed_record(expert)  # noqa: E731
+    server, port = _serve(svc, pb_grpc.add_ExpertServicer_to_server, signed_record=record)
+    address = f"127.0.0.1:{port}"
+    x, t = torch.zeros(3, 4), torch.full((3,), 0.5)
+    try:
+        signed = RemoteExpert(address, 0, "digest", 4, peer_id=expert.peer_id, identity=router)
+        assert signed(x, t).shape == (3, 4)
+        for who in (None, stranger):
+            with pytest.raises(ensemble.ExpertUnavailable, match="PERMISSION_DENIED"):
+                RemoteExpert(address, 0, "digest", 4, peer_id=expert.peer_id, identity=who)(x, t)
+        with pytest.raises(ensemble.ExpertUnavailable, match="PERMISSION_DENIED"):  # signed for another expert
+            RemoteExpert(address, 0, "digest", 4, peer_id=stranger.peer_id, identity=router)(x, t)
+        assert svc.refused == {"unsigned": 2, "unknown": 1} and svc.calls == 1
+        with SwarmClient(address) as c:
+            envelope, _ = c.health()
+        assert open_record(envelope, now=None).peer_id == expert.peer_id
+    finally:
+        server.stop(0)
+
+
+def test_an_expert_over_tls(tmp_path):
+    cert, key = self_signed_cert(tmp_path)
+    svc = ExpertService(_linear(4), 1, "digest", 4, torch.device("cpu"))
+    server, port = _serve(svc, pb_grpc.add_ExpertServicer_to_server, tls=TLSConfig(cert_file=cert, key_file=key))
+    x, t = torch.zeros(2, 4), torch.full((2,), 0.5)
+    try:
+        assert RemoteExpert(f"127.0.0.1:{port}", 1, "digest", 4, tls=TLSConfig(ca_file=cert))(x, t).shape == (2, 4)
+        with pytest.raises(ensemble.ExpertUnavailable):  # plaintext to a TLS server
+            RemoteExpert(f"127.0.0.1:{port}", 1, "digest", 4, timeout=3)(x, t)
+    finally:
+        server.stop(0)
+
+
+def test_a_router_limits_sample_requests_per_client_address():
+    svc = RouterService(
+        _uniform_router(2),
+        lambda: {0: _const(0.0), 1: _const(0.0)},
+        2,
+        4,
+        (1, 2, 2),
+        default_steps=2,
+        per_client=TokenBuckets(rate=0.01, burst=2),
+    )
+    server, port = _serve(svc, pb_grpc.add_RouterServicer_to_server)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.RouterStub(ch)
+            for _ in range(2):
+                assert len(stub.Sample(pb.SampleRequest(n=1, strategy="top1"), timeout=30).served) == 1
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Sample(pb.SampleRequest(n=1, strategy="top1"), timeout=30)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and svc.refused == {"rate": 1}
+    finally:
+        svc.close()
+        server.stop(0)
+    assert client_host("ipv4:127.0.0.1:5000") == "127.0.0.1" and client_host("ipv6:[::1]:5000") == "::1"
+
+
+def _linear(dim: int) -> torch.nn.Module:
+    class Velocity(torch.nn.Module):
+        def forward(self, x, t):
+            return x + t.unsqueeze(1)
+
+    return Velocity()
+
+
+def _signed_record(identity: Identity) -> bytes:
+    from p2pd.records import PeerRecord, sign_record
+
+    now = time.time()
+    rec = PeerRecord(peer_id=identity.peer_id, grpc_address="127.0.0.1:1", issued_at=now, expires_at=now + 60)
+    return sign_record(rec, identity)
+
+
 def test_router_service_batches_concurrent_requests_and_refuses_bad_ones():
     def slow(x, t):
         time.sleep(0.05)
         return torch.zeros_like(x)
 
     svc = RouterService(_uniform_router(2), lambda: {0: slow, 1: slow}, 2, 4, (1, 2, 2), max_n=8, default_steps=10)
-    server, port = serve(svc, pb_grpc.add_RouterServicer_to_server)
+    server, port = _serve(svc, pb_grpc.add_RouterServicer_to_server)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.RouterStub(ch)

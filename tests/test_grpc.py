@@ -1,13 +1,12 @@
 """Real gRPC servers on 127.0.0.1: good snapshots arrive intact, bad ones are refused with
 the right reason, and the receiving node keeps serving."""
 
-import datetime
-import ipaddress
 import time
 
 import grpc
 import pytest
 import torch
+from helpers import self_signed_cert
 
 from p2pd.client import BadSnapshot, FetchRefused, FetchTimeout, SwarmClient
 from p2pd.rpc import swarm_pb2 as pb
@@ -164,39 +163,8 @@ def test_unreachable_peer_is_refused_after_bounded_retries():
         assert time.monotonic() - t0 < 8
 
 
-def _self_signed(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "atoll-test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_file, key_file
-
-
 def test_tls(tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     store = SnapshotStore()
     published = store.publish(SnapshotKey("model", 1), model_state())
     server = SwarmServer(store, tls=TLSConfig(cert_file=cert, key_file=key))

@@ -146,7 +146,8 @@ def _expert_walkthrough() -> list[list[str]]:
 
 # Smaller nets and fewer steps than the defaults, so the walkthrough runs in seconds; these are
 # appended, every flag the README shows is used as written.
-BUDGET = ["--set", "experts.width=64", "--set", "experts.sample_steps=10"]
+# The router's per-client Sample rate is raised: the test polls it twice a second.
+BUDGET = ["--set", "experts.width=64", "--set", "experts.sample_steps=10", "--set", "experts.sample_rate=50"]
 
 
 @pytest.mark.integration
@@ -201,7 +202,7 @@ def test_the_readme_expert_walkthrough_forms_a_4_expert_swarm_and_top2_uses_two_
         assert (tmp_path / "grid.png").stat().st_size > 0
 
         expert1_addr = running[2].wait_for(r"expert of cluster 1 serving on (\S+)", 1).group(1)
-        _bad_requests_are_clear_errors(router_addr, expert1_addr, tmp_path / "ck" / "expert-1" / "state.json")
+        _bad_requests_are_clear_errors(router_addr, expert1_addr, tmp_path)
 
         # an expert dies (SIGKILL, its DHT record lives on until its TTL): the router drops it
         # and serves every image with the others
@@ -225,16 +226,26 @@ def _sample(address: str, **kw):
         return pb_grpc.RouterStub(ch).Sample(pb.SampleRequest(**kw), timeout=60)
 
 
-def _bad_requests_are_clear_errors(router: str, expert: str, expert_state: Path) -> None:
-    """Requests a router or an expert must refuse with a clear gRPC error, serving on after."""
+def _bad_requests_are_clear_errors(router: str, expert: str, workdir: Path) -> None:
+    """Requests a router or an expert must refuse with a clear gRPC error, serving on after.
+    Predict requests are signed with the router's key, as the router signs them (a live
+    member of the swarm); an unsigned one is refused before anything else is looked at."""
     import json
 
     import grpc
     import torch
 
     from node.experts.service import matrix_to_pb
+    from p2pd.admission import sign_predict
+    from p2pd.identity import Identity
     from p2pd.rpc import router_pb2 as pb
     from p2pd.rpc import router_pb2_grpc as pb_grpc
+
+    member, expert_id = Identity.load_or_create(workdir / "r.key"), Identity.load_or_create(workdir / "e1.key").peer_id
+
+    def signed(req: pb.PredictRequest) -> pb.PredictRequest:
+        sign_predict(member, expert_id, req, time.time())
+        return req
 
     def code_of(call):
         with pytest.raises(grpc.RpcError) as e:
@@ -253,14 +264,17 @@ def _bad_requests_are_clear_errors(router: str, expert: str, expert_state: Path)
         cwd=ROOT,
     )
     assert bad.returncode == 2 and "strategy" in bad.stderr and "Traceback" not in bad.stderr
-    digest = json.loads(expert_state.read_text())["meta"]["clustering"]
+    digest = json.loads((workdir / "ck" / "expert-1" / "state.json").read_text())["meta"]["clustering"]
     with grpc.insecure_channel(expert) as ch:
         stub = pb_grpc.ExpertStub(ch)
+        unsigned = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 64)), t=[0.5, 0.5], cluster_digest=digest)
+        code, detail = code_of(lambda: stub.Predict(unsigned, timeout=10))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "unsigned" in detail
         foreign = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 64)), t=[0.5, 0.5], cluster_digest="x")
-        assert code_of(lambda: stub.Predict(foreign, timeout=10))[0] == grpc.StatusCode.FAILED_PRECONDITION
+        assert code_of(lambda: stub.Predict(signed(foreign), timeout=10))[0] == grpc.StatusCode.FAILED_PRECONDITION
         wrong = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 10)), t=[0.5, 0.5], cluster_digest=digest)
-        code, detail = code_of(lambda: stub.Predict(wrong, timeout=10))
+        code, detail = code_of(lambda: stub.Predict(signed(wrong), timeout=10))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "columns" in detail
         good = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 64)), t=[0.5, 0.5], cluster_digest=digest)
-        assert stub.Predict(good, timeout=10).cluster == 1
+        assert stub.Predict(signed(good), timeout=10).cluster == 1
     assert _sample(router, n=2, strategy="top1", seed=3).image_shape == [1, 8, 8]  # still serving

@@ -25,6 +25,7 @@ from node.experts.grid import save_grid
 from node.experts.router import router_accuracy, router_net, train_router
 from node.plotting import pyplot
 from p2pd.rpc import router_pb2_grpc as pb_grpc
+from p2pd.server import SnapshotStore, SwarmServer
 
 METHODS = ("monolith", "top1", "top2", "full")
 
@@ -98,10 +99,12 @@ def throughput(rt, experts: dict, k: int, dim: int, sample_steps: int, n: int = 
     servers, remotes = [], {}
     try:
         for j, model in experts.items():
-            srv, port = service.serve(
-                service.ExpertService(model, j, "bench", dim, torch.device("cpu")),
+            srv = SwarmServer(SnapshotStore(), max_request_bytes=service.MAX_MESSAGE_BYTES)
+            srv.add_service(
                 pb_grpc.add_ExpertServicer_to_server,
+                service.ExpertService(model, j, "bench", dim, torch.device("cpu")),
             )
+            port = srv.start()
             servers.append(srv)
             remotes[j] = service.RemoteExpert(f"127.0.0.1:{port}", j, "bench", dim)
         result = {}

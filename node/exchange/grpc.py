@@ -20,12 +20,11 @@ from typing import Any
 from node.comm.backoff import Backoff
 from node.exchange import Accept, Member, model_like
 from node.metrics import NodeMetrics
-from p2pd.admission import Admission
 from p2pd.client import FetchError, SwarmClient
 from p2pd.discovery import DiscoveryError
 from p2pd.errors import ReasonedError
 from p2pd.records import RecordRefused, open_record
-from p2pd.server import SnapshotStore, SwarmServer, TLSConfig
+from p2pd.server import SnapshotStore
 from p2pd.tensors import SnapshotKey
 
 log = logging.getLogger("atoll.exchange")
@@ -41,34 +40,23 @@ class GrpcExchange:
     node is asked to stop. Raises DiscoveryError or OSError (ports in use) with one line."""
 
     def __init__(self, cfg, identity, model_state: dict, metrics: NodeMetrics, stop: threading.Event):
-        from node import membership, netcheck
+        from node.runtime import Runtime
 
-        net, self.comm, self.record_ttl = cfg.net, cfg.comm, cfg.net.record_ttl
+        self.comm, self.record_ttl = cfg.comm, cfg.net.record_ttl
         self.metrics, self.stop, self.identity, self.me = metrics, stop, identity, identity.peer_id
-        self.discovery = membership.join(net, identity)
-        self.merger = self.server = None
+        self.runtime = Runtime(cfg, identity)
+        self.discovery, self.tls = self.runtime.discovery, self.runtime.tls
+        self.merger = None
         if cfg.comm.final_merge:
             from node.merge import FinalMerge
 
             c = cfg.comm
             self.merger = FinalMerge(
-                self.discovery.dht, net.swarm, model_state, cfg.node_count, c.merge_timeout, c.merge
+                self.discovery.dht, cfg.net.swarm, model_state, cfg.node_count, c.merge_timeout, c.merge
             )
-        self.tls = TLSConfig(net.tls_cert, net.tls_key, net.tls_ca) if net.tls_cert or net.tls_key else None
-        sec = cfg.security
-        admission = Admission(identity.peer_id, self.discovery.is_known, sec.fetch_rate, sec.fetch_burst)
         self.store = SnapshotStore(keep=cfg.comm.keep_snapshots)
-        self.server = SwarmServer(
-            self.store,
-            self.discovery.signed_record,
-            host=net.host,
-            port=net.grpc_port,
-            tls=self.tls,
-            admission=admission,
-            address_of=self.discovery.address_of,
-            dial=lambda address: netcheck.peer_at(address, self.tls),
-        )
-        self.server.start()
+        self.runtime.serve(self.store)
+        self.server = self.runtime.server
         self._clients: dict[str, SwarmClient] = {}
         self._addresses: dict[str, str] = {}
         self.backoff = Backoff()
@@ -289,8 +277,8 @@ class GrpcExchange:
         """Stop serving and leave the swarm (what was started, in reverse order)."""
         for c in self._clients.values():
             c.close()
-        if self.server is not None:
-            self.server.stop(0.5)
+        if self.runtime.server is not None:
+            self.runtime.server.stop(0.5)
         if self.merger is not None:
             self.merger.close()
         self.discovery.close()

@@ -18,16 +18,15 @@ from pathlib import Path
 
 import torch
 
-from node import checkpoint, membership
+from node import checkpoint
 from node.config import NodeConfig
 from node.data import load_dataset
 from node.experts import flow, service
 from node.experts.cluster import cluster, to_unit
 from node.experts.router import router_net, train_router
+from node.runtime import Runtime
 from node.threads import set_threads
-from p2pd import __version__
-from p2pd.addresses import host_port
-from p2pd.discovery import Discovery
+from p2pd.admission import TokenBuckets
 from p2pd.identity import Identity
 from p2pd.rpc import router_pb2_grpc as pb_grpc
 
@@ -133,38 +132,32 @@ class _Role:
         self.ds, self.clustering, self.x = prepare(cfg)
         self.dim = self.x.shape[1]
         self.image_shape = tuple(self.ds.x_train.shape[1:])
-        self.discovery: Discovery | None = None
-        self.server = None
+        self.runtime: Runtime | None = None
 
     def request_stop(self) -> None:
         self.stop_requested.set()
 
     def _join(self, **record) -> None:
-        cfg = self.cfg
-        ident = Identity.load_or_create(cfg.net.identity_path.expanduser())
-        self.discovery = membership.join(cfg.net, ident)
-        self.identity = ident
+        """Join the swarm (node/runtime.py: the DHT forks, so before any gRPC object exists)."""
+        self.identity = Identity.load_or_create(self.cfg.net.identity_path.expanduser())
+        self.runtime = Runtime(self.cfg, self.identity)
+        self.discovery = self.runtime.discovery
         self._record = record
 
-    def _announce(self, port: int) -> None:
-        cfg = self.cfg
-        self.discovery.announce(
-            grpc_address=host_port(cfg.net.advertise_host or cfg.net.host, port),
-            cluster_digest=self.clustering.digest,
-            software_version=__version__,
-            dataset_size=len(self.x),
-            **self._record,
-        )
+    def _serve(self, register, servicer) -> None:
+        """Serve `servicer` beside Health and Reach (same TLS and admission as a trainer), then
+        announce the record."""
+        self.runtime.serve(services=[(register, servicer)], max_request_bytes=service.MAX_MESSAGE_BYTES)
+        self.runtime.announce(cluster_digest=self.clustering.digest, dataset_size=len(self.x), **self._record)
 
     def _serve_until_stopped(self) -> None:
         while not self.stop_requested.wait(0.5):
             pass
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.stop(1.0).wait(5)
-        if self.discovery is not None:
-            self.discovery.close()
+        """Stop serving and leave the swarm."""
+        if self.runtime is not None:
+            self.runtime.close()
 
 
 class ExpertNode(_Role):
@@ -220,19 +213,18 @@ class ExpertNode(_Role):
                 return dict(event="stopped", step=s.step)
             if not serve:
                 return dict(event="done", cluster=self.k, checkpoint=digest)
-            svc = service.ExpertService(self.model, self.k, self.clustering.digest, self.dim, torch.device("cpu"))
-            self.server, port = service.serve(
-                svc, pb_grpc.add_ExpertServicer_to_server, self.cfg.net.host, self.cfg.net.grpc_port
+            svc = service.ExpertService(
+                self.model, self.k, self.clustering.digest, self.dim, torch.device("cpu"), self.runtime.admission
             )
             self._record["model_digest"] = digest
-            self._announce(port)
+            self._serve(pb_grpc.add_ExpertServicer_to_server, svc)
             self.on_event(
                 dict(
                     event="ready",
                     role="expert",
                     cluster=self.k,
                     peer_id=self.identity.peer_id,
-                    grpc=host_port(self.cfg.net.host, port),
+                    grpc=self.runtime.server.address,
                     maddrs=self.discovery.visible_maddrs(),
                     dht_pid=self.discovery.pid,
                     checkpoint=digest,
@@ -296,10 +288,17 @@ class RouterNode(_Role):
                 or rec.cluster in chosen
             ):
                 continue
-            key = f"{rec.grpc_address}/{rec.cluster}"
+            key = f"{rec.peer_id}@{rec.grpc_address}/{rec.cluster}"
             if key not in self._remotes:
                 self._remotes[key] = service.RemoteExpert(
-                    rec.grpc_address, rec.cluster, self.clustering.digest, self.dim, self.cfg.experts.predict_timeout
+                    rec.grpc_address,
+                    rec.cluster,
+                    self.clustering.digest,
+                    self.dim,
+                    self.cfg.experts.predict_timeout,
+                    peer_id=rec.peer_id,
+                    identity=self.identity,
+                    tls=self.runtime.tls,
                 )
             chosen[rec.cluster] = self._remotes[key]
         return chosen
@@ -322,17 +321,15 @@ class RouterNode(_Role):
                 self.image_shape,
                 max_n=e.max_n,
                 default_steps=e.sample_steps,
+                per_client=TokenBuckets(e.sample_rate, e.sample_burst),
             )
-            self.server, port = service.serve(
-                self.service, pb_grpc.add_RouterServicer_to_server, self.cfg.net.host, self.cfg.net.grpc_port
-            )
-            self._announce(port)
+            self._serve(pb_grpc.add_RouterServicer_to_server, self.service)
             self.on_event(
                 dict(
                     event="ready",
                     role="router",
                     peer_id=self.identity.peer_id,
-                    grpc=host_port(self.cfg.net.host, port),
+                    grpc=self.runtime.server.address,
                     maddrs=self.discovery.visible_maddrs(),
                     dht_pid=self.discovery.pid,
                 )

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
@@ -22,13 +23,24 @@ import torch
 
 from node.experts import ensemble
 from node.experts.flow import Velocity
-from p2pd.addresses import host_port, tcp_port_in_use
+from p2pd.admission import Admission, TokenBuckets, sign_predict
+from p2pd.client import open_channel
+from p2pd.identity import Identity
 from p2pd.rpc import router_pb2 as pb
 from p2pd.rpc import router_pb2_grpc as pb_grpc
+from p2pd.server import TLSConfig
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 4096  # per Predict call
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def client_host(peer: str) -> str:
+    """The host of a gRPC peer string ("ipv4:127.0.0.1:5000" -> "127.0.0.1", "ipv6:[::1]:5000"
+    -> "::1"): what a per-client rate limit is keyed by."""
+    address = peer.split(":", 1)[1] if peer.startswith(("ipv4:", "ipv6:")) else peer
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    return host.strip("[]")
 
 
 def matrix_to_pb(t: torch.Tensor) -> pb.Matrix:
@@ -59,7 +71,17 @@ class ExpertService(pb_grpc.ExpertServicer):
     """The Expert gRPC service of one cluster's denoiser: Predict answers its velocity for a batch of (x_t, t); `calls`
     counts the forwards."""
 
-    def __init__(self, model: torch.nn.Module, cluster: int, cluster_digest: str, dim: int, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cluster: int,
+        cluster_digest: str,
+        dim: int,
+        device: torch.device,
+        admission: Admission | None = None,
+    ):
+        """`admission`: the node's p2pd Admission (signed by a live member, within its rate);
+        None serves anyone (benchmarks and tests)."""
         self.model, self.cluster, self.cluster_digest, self.dim, self.device = (
             model,
             cluster,
@@ -67,12 +89,20 @@ class ExpertService(pb_grpc.ExpertServicer):
             dim,
             device,
         )
+        self.admission = admission
         self.calls = 0
+        self.refused: Counter[str] = Counter()  # Predict requests refused by admission, by reason
         self._lock = threading.Lock()  # one forward at a time: CPU threads are the bottleneck anyway
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictReply:
         """The velocity (rows, dim) float32 at the request's x (rows, dim) and t (rows,) in [0, 1]; aborts with
-        FAILED_PRECONDITION for another clustering's digest and INVALID_ARGUMENT for a bad x or t."""
+        FAILED_PRECONDITION for another clustering's digest, INVALID_ARGUMENT for a bad x or t, PERMISSION_DENIED or
+        RESOURCE_EXHAUSTED (over its rate) when admission refuses the caller."""
+        refusal = self.admission.check_predict(request) if self.admission is not None else None
+        if refusal is not None:
+            self.refused[refusal] += 1
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if refusal == "rate" else grpc.StatusCode.PERMISSION_DENIED
+            context.abort(code, f"refused: {refusal}")
         if request.cluster_digest != self.cluster_digest:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -94,7 +124,20 @@ class ExpertService(pb_grpc.ExpertServicer):
 class RemoteExpert:
     """A live expert's Predict as a velocity callable; any failure raises ExpertUnavailable."""
 
-    def __init__(self, address: str, cluster: int, cluster_digest: str, dim: int, timeout: float = 10.0):
+    def __init__(
+        self,
+        address: str,
+        cluster: int,
+        cluster_digest: str,
+        dim: int,
+        timeout: float = 10.0,
+        *,
+        peer_id: str = "",
+        identity: Identity | None = None,
+        tls: TLSConfig | None = None,
+    ):
+        """`peer_id`: the expert's; `identity`: signs every request to it (None: unsigned,
+        which only an expert without admission serves); `tls`: as the swarm's net.tls_*."""
         self.address, self.cluster, self.cluster_digest, self.dim, self.timeout = (
             address,
             cluster,
@@ -102,20 +145,21 @@ class RemoteExpert:
             dim,
             timeout,
         )
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.enable_retries", 0),
-            ],
-        )
+        self.peer_id, self.identity = peer_id, identity
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.enable_retries", 0),
+        ]
+        self._channel = open_channel(address, options, tls)
         self._stub = pb_grpc.ExpertStub(self._channel)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The remote expert's velocity (B, dim) float32 at x_t (B, dim) and t (B,); raises ExpertUnavailable on an RPC
         error, a malformed reply or an answer from another cluster."""
         req = pb.PredictRequest(x=matrix_to_pb(x), t=t.tolist(), cluster_digest=self.cluster_digest)
+        if self.identity is not None:
+            sign_predict(self.identity, self.peer_id, req, time.time())
         try:
             reply = self._stub.Predict(req, timeout=self.timeout)
             if reply.cluster != self.cluster:
@@ -159,7 +203,12 @@ class RouterService(pb_grpc.RouterServicer):
         default_steps: int = 50,
         max_steps: int = 500,
         max_batch: int = 1024,
+        per_client: TokenBuckets | None = None,
     ):
+        """`per_client`: a token bucket per client address that every Sample spends from (None:
+        no limit)."""
+        self.per_client = per_client
+        self.refused: Counter[str] = Counter()  # Sample requests refused, by reason
         self.router, self.experts, self.k, self.dim, self.image_shape = router, experts, k, dim, image_shape
         self.max_n, self.default_steps, self.max_steps, self.max_batch = max_n, default_steps, max_steps, max_batch
         self.runs = 0  # ensemble runs (fewer than requests when batching works)
@@ -176,7 +225,10 @@ class RouterService(pb_grpc.RouterServicer):
     def Sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> pb.SampleReply:
         """Generate `n` images in [0, 1] with the ensemble (strategy top1 .. topK or full, `steps` Euler steps, noise
         from `seed`), batched with concurrent requests of the same strategy and steps. Aborts with INVALID_ARGUMENT
-        for bad parameters, UNAVAILABLE when no expert could serve."""
+        for bad parameters, RESOURCE_EXHAUSTED over the client's rate, UNAVAILABLE when no expert could serve."""
+        if self.per_client is not None and not self.per_client.take(client_host(context.peer())):
+            self.refused["rate"] += 1
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "refused: rate (too many Sample requests from here)")
         if not 1 <= request.n <= self.max_n:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"n must be in [1, {self.max_n}], got {request.n}")
         try:
@@ -256,30 +308,3 @@ class RouterService(pb_grpc.RouterServicer):
             )
             at += job.n
             job.done.set()
-
-
-def serve(
-    servicer, add: Callable, host: str = "127.0.0.1", port: int = 0, workers: int = 8
-) -> tuple[grpc.Server, int]:
-    """Start a gRPC server for `servicer` (registered with `add`) on `host:port` with `workers` threads; returns
-    (server, bound port). Raises OSError when the port is in use or cannot be bound."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="atoll-rpc"),
-        maximum_concurrent_rpcs=workers * 4,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    add(servicer, server)
-    if tcp_port_in_use(host, port):
-        raise OSError(
-            f"cannot serve gRPC on {host_port(host, port)}: the port is in use by another process "
-            f"(net.grpc_port; 0 picks a free port)"
-        )
-    bound = server.add_insecure_port(host_port(host, port))
-    if not bound:
-        raise OSError(f"could not bind {host_port(host, port)} (net.host, net.grpc_port)")
-    server.start()
-    return server, bound

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15p2pd/rpc/router.proto\x12\x08\x61toll.v1\"%\n\x06Matrix\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"P\n\x0ePredictRequest\x12\x1b\n\x01x\x18\x01 \x01(\x0b\x32\x10.atoll.v1.Matrix\x12\t\n\x01t\x18\x02 \x03(\x02\x12\x16\n\x0e\x63luster_digest\x18\x03 \x01(\t\"C\n\x0cPredictReply\x12\"\n\x08velocity\x18\x01 \x01(\x0b\x32\x10.atoll.v1.Matrix\x12\x0f\n\x07\x63luster\x18\x02 \x01(\r\"I\n\rSampleRequest\x12\t\n\x01n\x18\x01 \x01(\r\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\r\"\xab\x01\n\x0bSampleReply\x12 \n\x06images\x18\x01 \x01(\x0b\x32\x10.atoll.v1.Matrix\x12\x13\n\x0bimage_shape\x18\x02 \x03(\x03\x12\"\n\x06served\x18\x03 \x03(\x0b\x32\x12.atoll.v1.ServedBy\x12\x0e\n\x06\x66\x61iled\x18\x04 \x03(\t\x12\x10\n\x08\x63lusters\x18\x05 \x01(\r\x12\x0c\n\x04live\x18\x06 \x03(\r\x12\x11\n\tper_image\x18\x07 \x01(\r\",\n\x08ServedBy\x12\x10\n\x08\x63lusters\x18\x01 \x03(\r\x12\x0e\n\x06\x66\x65west\x18\x02 \x01(\r2E\n\x06\x45xpert\x12;\n\x07Predict\x12\x18.atoll.v1.PredictRequest\x1a\x16.atoll.v1.PredictReply2B\n\x06Router\x12\x38\n\x06Sample\x12\x17.atoll.v1.SampleRequest\x1a\x15.atoll.v1.SampleReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15p2pd/rpc/router.proto\x12\x08\x61toll.v1\"%\n\x06Matrix\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x91\x01\n\x0ePredictRequest\x12\x1b\n\x01x\x18\x01 \x01(\x0b\x32\x10.atoll.v1.Matrix\x12\t\n\x01t\x18\x02 \x03(\x02\x12\x16\n\x0e\x63luster_digest\x18\x03 \x01(\t\x12\x19\n\x11requester_peer_id\x18\x04 \x01(\t\x12\x11\n\tissued_at\x18\x05 \x01(\x01\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"C\n\x0cPredictReply\x12\"\n\x08velocity\x18\x01 \x01(\x0b\x32\x10.atoll.v1.Matrix\x12\x0f\n\x07\x63luster\x18\x02 \x01(\r\"I\n\rSampleRequest\x12\t\n\x01n\x18\x01 \x01(\r\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\r\"\xab\x01\n\x0bSampleReply\x12 \n\x06images\x18\x01 \x01(\x0b\x32\x10.atoll.v1.Matrix\x12\x13\n\x0bimage_shape\x18\x02 \x03(\x03\x12\"\n\x06served\x18\x03 \x03(\x0b\x32\x12.atoll.v1.ServedBy\x12\x0e\n\x06\x66\x61iled\x18\x04 \x03(\t\x12\x10\n\x08\x63lusters\x18\x05 \x01(\r\x12\x0c\n\x04live\x18\x06 \x03(\r\x12\x11\n\tper_image\x18\x07 \x01(\r\",\n\x08ServedBy\x12\x10\n\x08\x63lusters\x18\x01 \x03(\r\x12\x0e\n\x06\x66\x65west\x18\x02 \x01(\r2E\n\x06\x45xpert\x12;\n\x07Predict\x12\x18.atoll.v1.PredictRequest\x1a\x16.atoll.v1.PredictReply2B\n\x06Router\x12\x38\n\x06Sample\x12\x17.atoll.v1.SampleRequest\x1a\x15.atoll.v1.SampleReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,18 +33,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MATRIX']._serialized_start=35
   _globals['_MATRIX']._serialized_end=72
-  _globals['_PREDICTREQUEST']._serialized_start=74
-  _globals['_PREDICTREQUEST']._serialized_end=154
-  _globals['_PREDICTREPLY']._serialized_start=156
-  _globals['_PREDICTREPLY']._serialized_end=223
-  _globals['_SAMPLEREQUEST']._serialized_start=225
-  _globals['_SAMPLEREQUEST']._serialized_end=298
-  _globals['_SAMPLEREPLY']._serialized_start=301
-  _globals['_SAMPLEREPLY']._serialized_end=472
-  _globals['_SERVEDBY']._serialized_start=474
-  _globals['_SERVEDBY']._serialized_end=518
-  _globals['_EXPERT']._serialized_start=520
-  _globals['_EXPERT']._serialized_end=589
-  _globals['_ROUTER']._serialized_start=591
-  _globals['_ROUTER']._serialized_end=657
+  _globals['_PREDICTREQUEST']._serialized_start=75
+  _globals['_PREDICTREQUEST']._serialized_end=220
+  _globals['_PREDICTREPLY']._serialized_start=222
+  _globals['_PREDICTREPLY']._serialized_end=289
+  _globals['_SAMPLEREQUEST']._serialized_start=291
+  _globals['_SAMPLEREQUEST']._serialized_end=364
+  _globals['_SAMPLEREPLY']._serialized_start=367
+  _globals['_SAMPLEREPLY']._serialized_end=538
+  _globals['_SERVEDBY']._serialized_start=540
+  _globals['_SERVEDBY']._serialized_end=584
+  _globals['_EXPERT']._serialized_start=586
+  _globals['_EXPERT']._serialized_end=655
+  _globals['_ROUTER']._serialized_start=657
+  _globals['_ROUTER']._serialized_end=723
 # @@protoc_insertion_point(module_scope)
