@@ -44,7 +44,7 @@ def _merge(a: dict, b: dict) -> dict:
 def _daemons(tmp_path, name: str, node: dict) -> tuple[list[str], dict[str, list[str]], dict[str, dict]]:
     """Run the swarm file as N real daemons: (peer ids, digests per round, done events)."""
     swarm = tmp_path / f"{name}.yaml"
-    node = _merge(node, {"net": {"swarm": f"eq-{name}", "record_ttl": 4}, "comm": {"min_peers": N}})
+    node = _merge(node, {"net": {"swarm": f"eq-{name}"}, "comm": {"min_peers": N}})
     swarm.write_text(yaml.safe_dump({"nodes": N, "node": node}))
     procs = []
     try:
