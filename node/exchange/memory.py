@@ -18,6 +18,7 @@ and `unresponsive(fraction, seed)` drops a seeded sample of the nodes' snapshots
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -117,6 +118,9 @@ class Board:
         self.by_round: Counter[int] = Counter()  # bytes sent for snapshots of each round
         self.stop = threading.Event()
         self._wire: dict[tuple, int] = {}
+        self._waiters: dict[str, list[threading.Event]] = {}  # peer -> events of fetches waiting on it
+        self._floor = -(1 << 62)
+        self._lost: dict[int, frozenset[str]] = {}
 
     @property
     def bytes_sent(self) -> int:
@@ -133,7 +137,20 @@ class Board:
         """Mark `peer`'s thread as ended: nobody waits for it any more."""
         with self.cond:
             self.done.add(peer)
+            self.wake(peer)
             self.cond.notify_all()
+
+    def wake(self, peer: str) -> None:
+        """Wake the fetches waiting on `peer` (it published, moved on or ended); call under `cond`.
+        Waiters are kept per peer, so a publish wakes its neighbours, not every virtual node."""
+        for event in self._waiters.pop(peer, ()):
+            event.set()
+
+    def wait_on(self, peer: str) -> threading.Event:
+        """An event set at `peer`'s next change; call under `cond`."""
+        event = threading.Event()
+        self._waiters.setdefault(peer, []).append(event)
+        return event
 
     def wire_bytes(self, key: SnapshotKey, state: dict[str, torch.Tensor]) -> int:
         """Bytes one fetch of `state` as `key` puts on the wire, from the daemon's own encoder.
@@ -148,8 +165,17 @@ class Board:
         """Forget snapshots no live node can still ask for (two rounds behind the slowest)."""
         live = [r for p, (r, _) in self.progress.items() if p not in self.done]
         floor = min(live, default=0) - 2
+        if floor <= self._floor:
+            return
+        self._floor = floor
         for key in [k for k in self.snapshots if k[1].round < floor]:
             del self.snapshots[key]
+
+    def lost(self, peer: str, round_: int) -> bool:
+        """Faults.lost, with the round's unresponsive sample drawn once."""
+        if round_ not in self._lost:
+            self._lost[round_] = frozenset(p for p in self.ids if self.faults.lost(p, round_, self.ids, self.timeout))
+        return peer in self._lost[round_]
 
 
 class MemoryExchange:
@@ -171,14 +197,14 @@ class MemoryExchange:
             self.board.snapshots[(self.me, key)] = copy
             self.board.progress[self.me] = (key.round, key.step)
             self.board.evict()
-            self.board.cond.notify_all()
+            self.board.wake(self.me)
 
     def note(self, round_: int, step: int = 0, **record: Any) -> None:
         """node.exchange.Exchange.note; raises Crashed if this node fails at `round_`."""
         self._alive(round_)
         with self.board.cond:
             self.board.progress[self.me] = (round_, step)
-            self.board.cond.notify_all()
+            self.board.wake(self.me)
 
     def fetch_many(self, peers: Sequence[str], key: SnapshotKey, accept: Accept) -> dict[str, Any]:
         """node.exchange.Exchange.fetch_many, in order; refusals are counted in Board.refused by reason."""
@@ -239,20 +265,25 @@ class MemoryExchange:
         b, at = self.board, (key.round, key.step)
         if b.faults.failed(peer, key.round):
             return None, "unavailable"
-        if b.faults.lost(peer, key.round, b.ids, b.timeout):
+        if b.lost(peer, key.round):
             return None, "timeout"
-        with b.cond:
-            ok = b.cond.wait_for(
-                lambda: (peer, key) in b.snapshots or peer in b.done or b.progress.get(peer, (-1, -1)) > at,
-                timeout=SAFETY_SECONDS,
-            )
-            state = b.snapshots.get((peer, key))
-            if state is None:
-                return None, "timeout" if not ok else "evicted" if peer not in b.done else "unavailable"
-            size = b.wire_bytes(key, state)
-            b.sent[peer] += size
-            b.received[self.me] += size
-            b.by_round[key.round] += size
+        deadline = time.monotonic() + SAFETY_SECONDS
+        while True:
+            with b.cond:
+                state = b.snapshots.get((peer, key))
+                if state is not None:
+                    size = b.wire_bytes(key, state)
+                    b.sent[peer] += size
+                    b.received[self.me] += size
+                    b.by_round[key.round] += size
+                    break
+                if peer in b.done:
+                    return None, "unavailable"
+                if b.progress.get(peer, (-1, -1)) > at:
+                    return None, "evicted"
+                event = b.wait_on(peer)
+            if not event.wait(max(0.0, deadline - time.monotonic())):
+                return None, "timeout"
         if (peer, key.round) in b.faults.corrupted:
             return None, _corrupted(state, key)
         return state, ""
