@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -135,12 +136,76 @@ def resume(directory: Path, worker, peer_id: str) -> tuple[int, float] | None:
     return r, float(state.get("time", 0.0))
 
 
-def write(directory: Path, worker, peer_id: str, next_round: int, accuracy: float | None) -> float:
-    """Checkpoint `worker`'s model and optimizer as of `next_round`; returns the time written."""
+def capture(worker, peer_id: str, next_round: int, accuracy: float | None) -> tuple[dict, dict, dict]:
+    """(model, optimizer tensors, state) of `worker` as of `next_round`, copied: what `save`
+    writes, safe to write while the worker trains on."""
     from node.train import optimizer_tensors
 
     optim_t, optim_meta = optimizer_tensors(worker.optimizer)
-    now = time.time()
-    state = dict(round=next_round, peer_id=peer_id, accuracy=accuracy, time=now, optim=optim_meta)
-    save(directory, worker.state(), optim_t, {**state, **worker.checkpoint_identity()})
-    return now
+    state = dict(round=next_round, peer_id=peer_id, accuracy=accuracy, time=time.time(), optim=optim_meta)
+    copy = lambda sd: {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}  # noqa: E731
+    return copy(worker.state()), copy(optim_t), {**state, **worker.checkpoint_identity()}
+
+
+class Writer:
+    """Writes a node's checkpoints on a thread of its own, so a round does not wait for the
+    disk: `submit` hands over a copy (see `capture`), the thread saves it with `save` (crash
+    safe as ever: the previous checkpoint stays until the new one is complete). A newer
+    submission replaces one not yet started, so at most one round's copy waits. `flush` waits
+    for the last one and raises what a write raised (CheckpointError, OSError)."""
+
+    def __init__(self, directory: Path, on_written=lambda when: None):
+        self.directory, self.on_written = directory, on_written
+        self._pending: tuple | None = None
+        self._busy = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="atoll-checkpoint", daemon=True)
+        self._thread.start()
+
+    def submit(self, captured: tuple[dict, dict, dict]) -> None:
+        """Queue a captured checkpoint; raises the error of an earlier write, if any."""
+        with self._cond:
+            self._raise()
+            self._pending = captured
+            self._cond.notify_all()
+
+    def flush(self, timeout: float = 120.0) -> None:
+        """Wait until everything submitted is on disk (at most `timeout` s); raises a write's error."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout=timeout)
+            self._raise()
+
+    def close(self) -> None:
+        """Flush, then stop the thread."""
+        try:
+            self.flush()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._thread.join(timeout=10)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None or self._closed)
+                if self._pending is None:
+                    return
+                captured, self._pending, self._busy = self._pending, None, True
+            try:
+                save(self.directory, *captured)
+                self.on_written(captured[2]["time"])
+            except BaseException as e:  # noqa: BLE001 - handed to the node at its next submit or flush
+                with self._cond:
+                    self._error = e
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()

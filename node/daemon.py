@@ -18,16 +18,13 @@ from node.config import NodeConfig
 from node.engine import Engine
 from node.exchange.grpc import GrpcExchange
 from node.metrics import NodeMetrics
-from node.netcheck import KeyInUse
 from node.rounds import RoundResult
 from node.security import rehearsal
 from node.threads import set_threads
-from node.worker import Diverged, Worker, device_label, pick_device
+from node.worker import Worker, device_label, pick_device
 from p2pd.discovery import DiscoveryError
 from p2pd.identity import Identity
 from p2pd.tensors import pack
-
-__all__ = ["Diverged", "KeyInUse", "Node"]
 
 log = logging.getLogger("atoll.node")
 
@@ -40,7 +37,7 @@ class Node:
         self.cfg, self.on_event = cfg, on_event
         self.stop_requested = threading.Event()
         self.metrics = NodeMetrics()
-        self.exchange = None
+        self.exchange = self.writer = None
         self.merged_with: int | None = None  # final merge: group size, 0 = missed, None = not run
 
     def request_stop(self) -> None:
@@ -68,11 +65,10 @@ class Node:
             finished = r >= self.cfg.train.rounds
             if finished:
                 self.merged_with = self.engine.finish()
-                if self.merged_with is not None:
-                    self._checkpoint(r, None)
                 self.accuracy = self.worker.evaluate()
-            else:
-                self._checkpoint(r, self.accuracy)
+            if not finished or self.merged_with is not None:  # the merged model, or where it stopped
+                self._checkpoint(r, None if finished else self.accuracy)
+            self.writer.flush()
             summary = dict(
                 event="done" if finished else "stopped",
                 round=r,
@@ -95,6 +91,7 @@ class Node:
         self.identity = Identity.load_or_create(net.identity_path)
         self.worker = Worker(cfg, pick_device(cfg.device))
         self.ckpt_dir = Path(cfg.checkpoint_dir).expanduser()
+        self.writer = checkpoint.Writer(self.ckpt_dir, lambda when: setattr(self.metrics, "checkpoint_time", when))
         resumed = checkpoint.resume(self.ckpt_dir, self.worker, self.identity.peer_id)
         self.start_round = self.done_rounds = resumed[0] if resumed else 0
         if resumed:
@@ -181,17 +178,20 @@ class Node:
 
     def _rolled_back(self, r: int, where: str) -> None:
         self.metrics.rollbacks.labels(reason=where).inc()
-        self._round_t0 = time.perf_counter()
 
     def _checkpoint(self, next_round: int, accuracy: float | None) -> None:
+        """Checkpoint in the background (node.checkpoint.Writer; `writer.flush` waits for it)."""
         if not self.worker.all_finite():  # never over a good checkpoint (the engine rolls back first)
             log.warning("not checkpointing round %d: the model is not finite", next_round)
             return
-        self.metrics.checkpoint_time = checkpoint.write(
-            self.ckpt_dir, self.worker, self.identity.peer_id, next_round, accuracy
-        )
+        self.writer.submit(checkpoint.capture(self.worker, self.identity.peer_id, next_round, accuracy))
 
     def _teardown(self) -> None:
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except (OSError, checkpoint.CheckpointError) as e:  # the run's own error, if any, is the one raised
+            log.error("the last checkpoint could not be written: %s", e)
         if self.exchange is not None:
             self.exchange.close()
         self.metrics.close()

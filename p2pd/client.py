@@ -246,10 +246,18 @@ class SwarmClient:
                 raise FetchTimeout("timeout", f"{self.address} reach") from e
             raise FetchRefused(_RETRYABLE.get(e.code(), "refused"), f"{self.address}: {e.code().name}") from e
 
-    def health(self, timeout: float = 5.0) -> tuple[bytes, list[SnapshotKey]]:
-        """The peer's signed record envelope and the snapshot keys it can serve."""
+    def health(
+        self, timeout: float = 5.0, wait_for: SnapshotKey | None = None, wait: float = 0.0
+    ) -> tuple[bytes, list[SnapshotKey]]:
+        """The peer's signed record envelope and the snapshot keys it can serve; with `wait_for`,
+        answered once the peer serves that snapshot (or a later one of its kind) or after `wait`
+        seconds (the server caps it at MAX_HEALTH_WAIT). Raises FetchTimeout or FetchRefused."""
+        request = pb.HealthRequest()
+        if wait_for is not None and wait > 0:
+            request.wait_for.CopyFrom(wait_for.to_pb())
+            request.wait_seconds = wait
         try:
-            reply = self._stub.Health(pb.HealthRequest(), timeout=timeout)
+            reply = self._stub.Health(request, timeout=timeout)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise FetchTimeout("timeout", f"{self.address} health") from e

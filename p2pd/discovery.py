@@ -169,6 +169,7 @@ class Discovery:
         self._record: PeerRecord | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._store_soon = threading.Event()  # set by update(): the heartbeat thread stores the new record
         self._heartbeat: threading.Thread | None = None
         self._logged: set[tuple[str, str]] = set()
         self._envelope = b""
@@ -249,6 +250,7 @@ class Discovery:
     def close(self) -> None:
         """Leave: stop heartbeating and shut the DHT process and its p2pd down."""
         self._stop.set()
+        self._store_soon.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=10)
         if self._dht is not None:
@@ -275,12 +277,16 @@ class Discovery:
         return record
 
     def update(self, **fields: Any) -> PeerRecord:
-        """Change some fields (round, model_digest, ...) and re-publish at once."""
+        """Change some fields (round, model_digest, ...): the new record is signed and served by
+        Health at once, and stored to the DHT in the background (nothing on a node's per-step
+        path waits for the DHT; the heartbeat re-stores it in any case)."""
         with self._lock:
             if self._fields is None:
                 raise RuntimeError("announce() first")
             self._fields.update(fields)
-            return self._publish_locked()
+            record = self._sign_locked()
+        self._store_soon.set()
+        return record
 
     @property
     def record(self) -> PeerRecord | None:
@@ -292,25 +298,43 @@ class Discovery:
         not wait behind a slow DHT store."""
         return self._envelope
 
-    def _publish_locked(self) -> PeerRecord:
+    def _sign_locked(self) -> PeerRecord:
         now = get_dht_time()
         record = PeerRecord(peer_id=self.identity.peer_id, issued_at=now, expires_at=now + self.ttl, **self._fields)
-        envelope = sign_record(record, self.identity)
-        self._envelope = envelope
+        self._envelope = sign_record(record, self.identity)
         self._issued.append(record.issued_at)
+        self._record = record
+        return record
+
+    def _store(self, record: PeerRecord, envelope: bytes) -> None:
+        """Store a signed record to the DHT (waits for the DHT's answer)."""
         ok = self._call(
             self.dht.store(self.key, envelope, record.expires_at, subkey=record.peer_id, return_future=True)
         )
         if not ok:
             log.warning("DHT store of this node's record was not acknowledged; will retry on heartbeat")
-        self._record = record
+
+    def _publish_locked(self) -> PeerRecord:
+        record = self._sign_locked()
+        self._store(record, self._envelope)
         return record
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
+        """Re-sign and store the record every ttl/3, and store it soon after every update."""
+        next_beat = time.monotonic() + self.ttl / 3
+        while not self._stop.is_set():
+            due = self._store_soon.wait(max(0.0, next_beat - time.monotonic()))
+            if self._stop.is_set():
+                return
             try:
                 with self._lock:
-                    self._publish_locked()
+                    if due:
+                        self._store_soon.clear()
+                    else:
+                        self._sign_locked()
+                        next_beat = time.monotonic() + self.ttl / 3
+                    record, envelope = self._record, self._envelope
+                self._store(record, envelope)
             except Exception as e:  # keep heartbeating through transient DHT errors
                 log.warning("heartbeat failed: %s", e)
 

@@ -10,6 +10,7 @@ with an identity response serializer for that reason.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -32,6 +33,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # > one chunk plus framing; see client.py
 # A fetch holds a server thread while the client reads, so every fetch must carry a deadline
 # no longer than this: a peer that stops reading frees its thread when the deadline passes.
 MAX_FETCH_SECONDS = 600.0
+MAX_HEALTH_WAIT = 5.0  # seconds a Health call may wait for a snapshot
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Swarm"].full_name  # "atoll.v1.Swarm"
 
 
@@ -47,18 +49,42 @@ class SnapshotStore:
         self.keep = keep
         self._items: dict[SnapshotKey, EncodedSnapshot] = {}
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
 
-    def publish(self, key: SnapshotKey, state_dict: Mapping[str, torch.Tensor]) -> EncodedSnapshot:
+    def publish(
+        self,
+        key: SnapshotKey,
+        state_dict: Mapping[str, torch.Tensor],
+        before_visible: Callable[[tuple[str, ...], EncodedSnapshot], None] | None = None,
+    ) -> EncodedSnapshot:
         """Encode `state_dict` under `key` (CPU copy, BLAKE3 digest, wire parts of `chunk_bytes`) and drop the oldest
-        of that kind beyond `keep`; returns the encoded snapshot. Raises TypeError or ValueError for a value, name
-        or dtype the wire refuses."""
+        of that kind beyond `keep`; returns the encoded snapshot. `before_visible(index, snapshot)` runs with the
+        index the store will hold (see `index`) before anyone can see the new snapshot: a node signs its record
+        there, so a peer that sees the key also finds its digest signed. Raises TypeError or ValueError for a
+        value, name or dtype the wire refuses."""
         packed = encode(state_dict, key.to_pb(), self.chunk_bytes)
         with self._lock:
-            self._items[key] = packed
-            same_kind = sorted(k for k in self._items if k.kind == key.kind)
-            for old in same_kind[: max(0, len(same_kind) - self.keep)]:
-                del self._items[old]
+            items = dict(self._items)
+        items[key] = packed
+        same_kind = sorted(k for k in items if k.kind == key.kind)
+        for old in same_kind[: max(0, len(same_kind) - self.keep)]:
+            del items[old]
+        if before_visible is not None:
+            before_visible(_index(items), packed)
+        with self._changed:
+            self._items = items
+            self._changed.notify_all()
         return packed
+
+    def wait(self, key: SnapshotKey, timeout: float) -> bool:
+        """Block until `key` is held or a later snapshot of its kind is (the node moved past it),
+        at most `timeout` seconds; True if one of them happened."""
+
+        def ready() -> bool:
+            return key in self._items or any(k.kind == key.kind and k > key for k in self._items)
+
+        with self._changed:
+            return self._changed.wait_for(ready, timeout=max(0.0, timeout))
 
     def get(self, key: SnapshotKey) -> EncodedSnapshot | None:
         """The encoded snapshot under `key`, or None if it was never published or has been dropped."""
@@ -73,7 +99,11 @@ class SnapshotStore:
     def index(self) -> tuple[str, ...]:
         """Every held snapshot as "kind:round:step:hexdigest", for the signed peer record."""
         with self._lock:
-            return tuple(f"{k.kind}:{k.round}:{k.step}:{v.hexdigest}" for k, v in sorted(self._items.items()))
+            return _index(self._items)
+
+
+def _index(items: Mapping[SnapshotKey, EncodedSnapshot]) -> tuple[str, ...]:
+    return tuple(f"{k.kind}:{k.round}:{k.step}:{v.hexdigest}" for k, v in sorted(items.items()))
 
 
 @dataclass(frozen=True)
@@ -129,6 +159,9 @@ class SwarmServicer:
         self.signed_record = signed_record
         self.admission = admission  # None: serve anyone (tools and tests); daemons always pass one
         self._fetch_slots = threading.BoundedSemaphore(max_fetches)
+        # Health calls that may wait for a snapshot at once; the rest answer at once, so waiting
+        # neighbours never take the threads that serve fetches
+        self._waits = threading.BoundedSemaphore(max(1, max_fetches // 2))
         self.per_identity, self.stall_seconds = per_identity, stall_seconds
         self._in_flight: Counter[str] = Counter()  # requester -> streams being served
         self._progress: dict[int, tuple[float, grpc.ServicerContext]] = {}  # stream -> (last progress, context)
@@ -265,9 +298,21 @@ class SwarmServicer:
         )
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
-        """This node's signed record envelope and the keys of every snapshot it holds."""
+        """This node's signed record envelope and the keys of every snapshot it holds; with
+        `wait_for`, once that snapshot is held (or a later one of its kind), or after
+        `wait_seconds` (at most MAX_HEALTH_WAIT), or at once when every waiting slot is taken."""
         if request is UNDECODABLE:
             self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
+        if request.HasField("wait_for") and request.wait_seconds > 0 and self._waits.acquire(blocking=False):
+            try:
+                key = SnapshotKey.from_pb(request.wait_for)
+                wait = min(float(request.wait_seconds), MAX_HEALTH_WAIT, context.time_remaining() or 0.0)
+                if math.isfinite(wait):
+                    self.store.wait(key, wait)
+            except ValueError:
+                pass  # an unknown kind or a bad key: answer at once
+            finally:
+                self._waits.release()
         return pb.HealthReply(signed_record=self.signed_record(), available=[k.to_pb() for k in self.store.keys()])
 
 
@@ -282,7 +327,7 @@ class SwarmServer:
         host: str = "127.0.0.1",
         port: int = 0,
         tls: TLSConfig | None = None,
-        max_workers: int = 8,
+        max_workers: int = 12,
         admission: Admission | None = None,
         address_of: Callable[[str], str | None] = lambda peer_id: None,
         dial: Callable[[str], str | None] | None = None,

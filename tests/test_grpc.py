@@ -236,3 +236,31 @@ def test_fetch_without_deadline_is_refused_and_stalled_readers_cannot_block_heal
     finally:
         channel.close()
         server.stop(0)
+
+
+def test_health_waits_for_a_snapshot_and_sees_it_signed(tmp_path):
+    """A neighbour waits for a snapshot with one Health call that returns once it is served,
+    and by then the record naming its digest is already signed (no polling, no unsigned race)."""
+    import threading
+
+    store = SnapshotStore()
+    signed_index: list[tuple] = []
+
+    def before_visible(index, packed):
+        assert store.get(SnapshotKey("model", 3)) is None  # not visible before the record names it
+        signed_index.append(index)
+
+    server = SwarmServer(store, lambda: b"record")
+    server.start()
+    timer = threading.Timer(0.3, lambda: store.publish(SnapshotKey("model", 3), model_state(), before_visible))
+    try:
+        with SwarmClient(server.address) as c:
+            timer.start()
+            _, keys = c.health(timeout=10, wait_for=SnapshotKey("model", 3), wait=5)
+            assert SnapshotKey("model", 3) in keys  # returned on the publish (0.3 s), not after the wait
+            assert signed_index and signed_index[0][0].startswith("model:3:0:")
+            _, keys = c.health(timeout=10, wait_for=SnapshotKey("model", 2), wait=5)  # moved past: at once
+            assert keys == [SnapshotKey("model", 3)]
+    finally:
+        timer.cancel()
+        server.stop(0)

@@ -441,3 +441,28 @@ def test_swarm_up_shares_the_cores_among_its_nodes(tmp_path, monkeypatch):
         assert threads.set_threads(3) == 3 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_background_checkpoints_keep_the_newest_and_report_errors(tmp_path):
+    """The writer saves copies on its own thread: what is on disk after a flush is the last
+    round submitted, unaffected by training after the submit; a failed write is raised."""
+    from node.config import NodeConfig
+    from node.worker import Worker
+
+    worker = Worker(NodeConfig(model={"width": 8}))
+    writer = checkpoint.Writer(tmp_path / "ck")
+    for r in range(1, 6):
+        writer.submit(checkpoint.capture(worker, "peer", r, accuracy=None))
+    before = {k: v.clone() for k, v in worker.state().items()}
+    writer.submit(checkpoint.capture(worker, "peer", 6, accuracy=0.5))
+    worker.train(0)  # moves the model while the copy may still be written
+    writer.flush()
+    model, _, state = checkpoint.load(tmp_path / "ck", torch.device("cpu"))
+    assert state["round"] == 6 and state["accuracy"] == 0.5
+    assert all(torch.equal(model[k], before[k]) for k in before)
+    (tmp_path / "file").write_text("")
+    broken = checkpoint.Writer(tmp_path / "file" / "ck")  # a directory under a file
+    broken.submit(checkpoint.capture(worker, "peer", 1, accuracy=None))
+    with pytest.raises(OSError):
+        broken.flush()
+    writer.close()

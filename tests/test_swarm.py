@@ -13,7 +13,8 @@ import yaml
 from helpers import ROOT, atoll_node
 
 pytestmark = pytest.mark.integration
-N, ROUNDS, SWARM = 4, 60, "itswarm"
+# enough rounds that the survivors are still training when the killed node comes back
+N, ROUNDS, SWARM = 4, 200, "itswarm"
 
 
 def write_config(path, i, workdir, **extra):

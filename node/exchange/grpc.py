@@ -24,11 +24,12 @@ from p2pd.client import FetchError, SwarmClient
 from p2pd.discovery import DiscoveryError
 from p2pd.errors import ReasonedError
 from p2pd.records import RecordRefused, open_record
-from p2pd.server import SnapshotStore
+from p2pd.server import MAX_HEALTH_WAIT, SnapshotStore
 from p2pd.tensors import SnapshotKey
 
 log = logging.getLogger("atoll.exchange")
 
+REFRESH_SECONDS = 1.0  # how often the view of the live members is re-read from the DHT
 _RETRY = ("timeout", "unavailable", "busy", "not_found", "rate_limited", "denied")
 
 
@@ -62,6 +63,9 @@ class GrpcExchange:
         self.backoff = Backoff()
         self.received_bytes = 0
         self.live = 0  # live members at the last look
+        self._view = None  # the live peers as last read from the DHT (see members)
+        self._refresher: threading.Thread | None = None
+        self._closed = False
         self._lock = threading.Lock()
 
     @property
@@ -71,20 +75,30 @@ class GrpcExchange:
 
     # -- the Exchange protocol ----------------------------------------------------------------
     def members(self, round_: int) -> list[Member]:
-        """Live peers from the DHT (node.exchange.Exchange.members); remembers their gRPC addresses."""
-        live = self.discovery.live_peers()
+        """Live peers (node.exchange.Exchange.members) from a view of the DHT that a background
+        thread refreshes every REFRESH_SECONDS, so no gossip step waits for the DHT; remembers
+        their gRPC addresses."""
+        if self._view is None:
+            self._refresh()
+        if self._refresher is None:
+            self._refresher = threading.Thread(target=self._refresh_loop, name="atoll-members", daemon=True)
+            self._refresher.start()
+        live = self._view
         self.live = len(live)
         self.metrics.peers_live.set(len(live))
         self._addresses = {p.peer_id: p.grpc_address for p in live}
         return [Member(p.peer_id, max(1, p.dataset_size)) for p in sorted(live, key=lambda p: p.peer_id)]
 
     def publish(self, key: SnapshotKey, tensors: dict, **record: Any) -> None:
-        """Serve `tensors` as `key` and sign its digest (with every other held one's) into the
-        record: peers refuse snapshots whose digest this node has not signed."""
-        packed = self.store.publish(key, tensors)
-        self.discovery.update(
-            round=key.round, step=key.step, model_digest=packed.hexdigest, snapshots=self.store.index(), **record
-        )
+        """Serve `tensors` as `key`, its digest (with every other held one's) signed into the
+        record before the snapshot becomes visible: peers refuse snapshots whose digest this
+        node has not signed, and a peer that sees the key finds it signed."""
+
+        def sign(index: tuple[str, ...], packed) -> None:
+            fields = dict(round=key.round, step=key.step, model_digest=packed.hexdigest, snapshots=index)
+            self.discovery.update(**fields, **record)
+
+        self.store.publish(key, tensors, before_visible=sign)
 
     def note(self, round_: int, step: int = 0, **record: Any) -> None:
         """Update the signed record without a new snapshot (node.exchange.Exchange.note)."""
@@ -139,7 +153,9 @@ class GrpcExchange:
         reason, answered = "timeout", False
         while time.monotonic() < deadline and not self.stop.is_set():
             try:
-                envelope, keys = client.health(timeout=min(5.0, deadline - time.monotonic()))
+                t0, wait = time.monotonic(), max(0.0, min(MAX_HEALTH_WAIT, deadline - time.monotonic() - 0.5))
+                # one call that the neighbour answers when it serves the key (no polling)
+                envelope, keys = client.health(timeout=wait + 5.0, wait_for=key, wait=wait)
                 answered = True
                 rec = open_record(envelope, now=time.time(), expected_peer_id=peer_id)
                 if key.kind == "logits" and rec.proxy_digest != self.discovery.record.proxy_digest:
@@ -149,7 +165,8 @@ class GrpcExchange:
                     reason = "behind" if (rec.round, rec.step) < at else "evicted"
                     if (rec.round, rec.step) > at:
                         break  # it moved on and dropped the snapshot: nothing to wait for
-                    time.sleep(0.05)
+                    if time.monotonic() - t0 < 0.05:
+                        time.sleep(0.05)  # it answered at once (an older peer, or no waiting slot free)
                     continue
                 digest = rec.snapshot_digest(key.kind, key.round, key.step)
                 if digest is None:  # served but not yet signed (the record is re-signed just after)
@@ -217,6 +234,16 @@ class GrpcExchange:
             return mine
         return {k: theirs[k].to(device=v.device, dtype=v.dtype) for k, v in mine.items()}
 
+    def _refresh(self) -> None:
+        self._view = self.discovery.live_peers()
+
+    def _refresh_loop(self) -> None:
+        while not self.stop.wait(REFRESH_SECONDS) and not self._closed:
+            try:
+                self._refresh()
+            except DiscoveryError:
+                return  # the DHT is gone (stopping): the last view stands
+
     def _wait_all_at(self, round_: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.stop.is_set():
@@ -240,7 +267,7 @@ class GrpcExchange:
                 if self.stop.is_set():
                     return
                 raise
-            self.live = len(live)
+            self.live, self._view = len(live), live
             self.metrics.peers_live.set(len(live))
             if len(live) >= want:
                 return
@@ -275,6 +302,7 @@ class GrpcExchange:
 
     def close(self) -> None:
         """Stop serving and leave the swarm (what was started, in reverse order)."""
+        self._closed = True
         for c in self._clients.values():
             c.close()
         if self.runtime.server is not None:
