@@ -721,9 +721,12 @@ def _bench_node(dataset: str, alpha: float, rounds: int, local_steps: int, **sec
 
 
 def _simulated(run):
-    """run(), with a config or data problem as one line (e.g. a proxy set larger than the data)."""
+    """run(), with a config or data problem as one line (e.g. a proxy set larger than the data).
+    The virtual nodes' own warnings (flagged peers) are left to the tables."""
     from node.config import ConfigError
     from node.data import DatasetMissing
+
+    logging.getLogger("atoll").setLevel(logging.ERROR)
 
     try:
         return run()
