@@ -14,7 +14,7 @@ from helpers import ROOT, atoll_node
 
 pytestmark = pytest.mark.integration
 # enough rounds that the survivors are still training when the killed node comes back
-N, ROUNDS, SWARM = 4, 200, "itswarm"
+N, ROUNDS, SWARM = 4, 100, "itswarm"
 
 
 def write_config(path, i, workdir, **extra):
@@ -51,22 +51,9 @@ def test_swarm_trains_survives_a_kill_and_the_node_resumes(tmp_path):
         for n in nodes[1:]:
             n.ready(timeout=90)
 
-        # status: the swarm as the DHT sees it
-        st = subprocess.run(
-            [sys.executable, "-m", "node.cli", "status", "--peers", boot[0], "--swarm", SWARM, "--json"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
-        )
-        assert st.returncode == 0, st.stderr[-2000:]
-        records = {r["peer_id"]: r for r in json.loads(st.stdout)}
-        assert set(records) == {n.info["peer_id"] for n in nodes}
-        assert all(records[n.info["peer_id"]]["grpc_address"] == n.info["grpc"] for n in nodes)
-
         # kill node 3 with SIGKILL once it has done a few rounds
         victim = nodes[3]
-        victim.wait_event("round", timeout=120, predicate=lambda e: e["round"] >= 4)
+        victim.wait_event("round", timeout=120, predicate=lambda e: e["round"] >= 6)
         victim.kill()
         saved = json.loads((tmp_path / "n3" / "ckpt" / "state.json").read_text())["round"]
 
@@ -96,10 +83,25 @@ def test_swarm_trains_survives_a_kill_and_the_node_resumes(tmp_path):
         nodes.append(restarted)
         info = restarted.ready(timeout=90)
         assert info["peer_id"] == victim.info["peer_id"]
-        assert info["start_round"] == saved >= 4  # exactly where its last checkpoint was
+        # exactly where its last checkpoint was (written in the background: a round or so behind)
+        assert info["start_round"] == saved >= 4
         first = restarted.wait_event("round", timeout=120)
         assert first["round"] == info["start_round"] + 1
         assert first["peers"] >= 2, "restarted node did not see the swarm again"
+
+        # status: the swarm as the DHT sees it, the restarted node included
+        st = subprocess.run(
+            [sys.executable, "-m", "node.cli", "status", "--peers", boot[0], "--swarm", SWARM, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert st.returncode == 0, st.stderr[-2000:]
+        records = {r["peer_id"]: r for r in json.loads(st.stdout)}
+        live = [*nodes[:3], restarted]  # the restarted node's record replaced the killed one's
+        assert set(records) == {n.info["peer_id"] for n in live}
+        assert all(records[n.info["peer_id"]]["grpc_address"] == n.info["grpc"] for n in live)
 
         # the survivors finish every round, with useful models
         finals = [n.wait_event("done", timeout=240) for n in nodes[:3]]
