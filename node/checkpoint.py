@@ -174,8 +174,10 @@ class Writer:
     def flush(self, timeout: float = 120.0) -> None:
         """Wait until everything submitted is on disk (at most `timeout` s); raises a write's error."""
         with self._cond:
-            self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout=timeout)
+            done = self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout=timeout)
             self._raise()
+            if not done:
+                raise CheckpointError(f"a checkpoint write to {self.directory} took more than {timeout:.0f} s")
 
     def close(self) -> None:
         """Flush, then stop the thread."""

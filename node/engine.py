@@ -3,8 +3,9 @@
 simulator runs one per virtual node, each in a thread, over the in-memory exchange.
 
 A round whose loss or model becomes non-finite (NaN/Inf) is rolled back to the last good
-state and done again; nothing non-finite is ever published (the worker checks before every
-publish) and after MAX_ROLLBACKS in a row the engine raises `Diverged`.
+state and done again; nothing non-finite is published (the worker checks after training, the
+protocols after every mix they publish, receivers refuse non-finite snapshots) and after
+MAX_ROLLBACKS in a row the engine raises `Diverged`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from node.config import SwarmConfig
 from node.engine import Engine
 from node.exchange.memory import Board, Crashed, Faults, MemoryExchange
 from node.security import rehearsal
-from node.worker import Worker
+from node.worker import Diverged, Worker
 from p2pd.tensors import pack
 
 
@@ -52,6 +52,7 @@ class SimResult:
     detection: dict | None = None  # the honest nodes' last trust flags against the truly malicious
     digests: dict[str, list[str]] = field(default_factory=dict)  # peer -> model digest after each round
     refused: Counter = field(default_factory=Counter)  # fetches that delivered nothing, by reason
+    diverged: list[str] = field(default_factory=list)  # nodes that stopped with Diverged (NaN/Inf)
 
 
 class Simulation:
@@ -89,6 +90,7 @@ class Simulation:
         self.merged_with: list[int | None] = [None] * n
         self.digests: dict[str, list[str]] = {p: [] for p in self.ids}
         self.errors: list[BaseException] = []
+        self.diverged: list[str] = []
 
     def run(self) -> SimResult:
         """Run every node to the end (threads), then gather the result. Re-raises the first
@@ -125,6 +127,8 @@ class Simulation:
                 self.digests[me].append(pack(self.workers[i].state()).hexdigest)
         except Crashed:
             pass
+        except Diverged:  # a daemon would exit with an error: the node leaves, and is counted
+            self.diverged.append(me)
         except BaseException as e:  # a bug in a virtual node: stop the others, report it
             self.errors.append(e)
             self.board.stop.set()
@@ -142,8 +146,10 @@ class Simulation:
             accs = [self.accuracy[i][r] for i in honest if r in self.accuracy[i]]
             sent = sum(b for k, b in self.board.by_round.items() if k < r)
             res.log.append(RoundLog(r, statistics.fmean(accs), min(accs), max(accs), sent, self.finished_at[r]))
-        done = [i for i in honest if self.rounds in self.accuracy[i]]
+        # diverged nodes count with the last good model they rolled back to (their checkpoint)
+        done = [i for i in honest if self.rounds in self.accuracy[i] or self.ids[i] in self.diverged]
         res.final_accuracies = [self.workers[i].evaluate() for i in done]
+        res.diverged = sorted(self.diverged)
         res.digests = self.digests if self.keep_digests else {}
         res.detection = self.detection()
         return res

@@ -20,14 +20,18 @@ from __future__ import annotations
 import math
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
+
+import blake3
 
 from p2pd.identity import Identity, verify
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.tensors import SnapshotKey
 
 DOMAIN = b"atoll/fetch/v1\x00"
+PREDICT_SCALE = 50  # Predict calls allowed per fetch (security.fetch_rate and fetch_burst)
 
 
 def fetch_message(server_peer_id: str, requester_peer_id: str, key: SnapshotKey, issued_at: float) -> bytes:
@@ -47,18 +51,27 @@ def reach_message(server_peer_id: str, requester_peer_id: str, issued_at: float)
     return DOMAIN + "|".join((server_peer_id, requester_peer_id, "reach", repr(float(issued_at)))).encode()
 
 
-def predict_message(server_peer_id: str, requester_peer_id: str, cluster_digest: str, issued_at: float) -> bytes:
-    """The bytes an expert's Predict request signs: DOMAIN, then the expert and requester peer ids, `predict`, the
-    clustering digest and `issued_at` (Unix seconds), joined by `|`."""
-    parts = (server_peer_id, requester_peer_id, "predict", cluster_digest, repr(float(issued_at)))
+def predict_message(server_peer_id: str, request) -> bytes:
+    """The bytes a Predict request (router_pb2.PredictRequest) signs: DOMAIN, then the expert and requester peer ids,
+    `predict`, the clustering digest, `issued_at` (Unix seconds) and the BLAKE3 of its x and t, joined by `|`: a
+    signature seen on the wire cannot carry other inputs."""
+    payload = blake3.blake3(request.x.SerializeToString() + array("f", request.t).tobytes()).hexdigest()
+    parts = (
+        server_peer_id,
+        request.requester_peer_id,
+        "predict",
+        request.cluster_digest,
+        repr(float(request.issued_at)),
+        payload,
+    )
     return DOMAIN + "|".join(parts).encode()
 
 
 def sign_predict(identity: Identity, server_peer_id: str, request, now: float) -> None:
-    """Fill `request` (a router_pb2.PredictRequest) with `identity`'s signature for the expert
+    """Fill `request` (a router_pb2.PredictRequest, x and t already set) with `identity`'s signature for the expert
     `server_peer_id`, issued at `now` (Unix seconds)."""
     request.requester_peer_id, request.issued_at = identity.peer_id, now
-    request.signature = identity.sign(predict_message(server_peer_id, identity.peer_id, request.cluster_digest, now))
+    request.signature = identity.sign(predict_message(server_peer_id, request))
 
 
 def signed_reach(identity: Identity, server_peer_id: str, now: float) -> pb.ReachRequest:
@@ -115,6 +128,9 @@ class Admission:
     ):
         self.server_peer_id, self.is_known, self.max_skew, self.clock = server_peer_id, is_known, max_skew, clock
         self.buckets = TokenBuckets(rate, burst)
+        # a router calls an expert once per sampling step: Predict gets a bucket of its own,
+        # PREDICT_SCALE times the fetch rate, so a long sampling run is not cut off halfway
+        self.predict_buckets = TokenBuckets(rate * PREDICT_SCALE, burst * PREDICT_SCALE)
 
     def check(self, request: pb.FetchRequest, key: SnapshotKey) -> str | None:
         """None to serve the fetch of `key`, else the refusal reason: `unsigned`, `stale`, `unknown` or `rate`."""
@@ -129,15 +145,11 @@ class Admission:
         )
 
     def check_predict(self, request) -> str | None:
-        """The same checks for an expert's Predict request (a router_pb2.PredictRequest)."""
-        return self._check(
-            request,
-            lambda: predict_message(
-                self.server_peer_id, request.requester_peer_id, request.cluster_digest, request.issued_at
-            ),
-        )
+        """The same checks for an expert's Predict request (a router_pb2.PredictRequest), with
+        its own token bucket (see PREDICT_SCALE)."""
+        return self._check(request, lambda: predict_message(self.server_peer_id, request), self.predict_buckets)
 
-    def _check(self, request, message: Callable[[], bytes]) -> str | None:
+    def _check(self, request, message: Callable[[], bytes], buckets: TokenBuckets | None = None) -> str | None:
         requester = request.requester_peer_id
         if not request.signature or len(requester) > 128:
             return "unsigned"
@@ -147,6 +159,6 @@ class Admission:
             return "unsigned"
         if not self.is_known(requester):
             return "unknown"
-        if not self.buckets.take(requester):
+        if not (buckets or self.buckets).take(requester):
             return "rate"
         return None

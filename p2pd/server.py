@@ -135,8 +135,9 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 class SwarmServicer:
     """Handlers for the atoll.v1.Swarm service (see proto/swarm.proto).
 
-    Slots: at most `max_fetches` streams at once (the rest get RESOURCE_EXHAUSTED at once, which
-    keeps worker threads free for Health), at most `per_identity` of them for one requester, and
+    Slots: at most `max_fetches` streams at once (the rest get RESOURCE_EXHAUSTED at once), at
+    most `max_waits` Health calls waiting for a snapshot (the rest answer at once), so the
+    server's threads always leave two for everything else, at most `per_identity` of them for one requester, and
     a stream whose reader stops reading for `stall_seconds` is cancelled, so one identity cannot
     hold every slot with streams it never reads. Refusals are counted in `refused` by reason."""
 
@@ -145,6 +146,7 @@ class SwarmServicer:
         store: SnapshotStore,
         signed_record: Callable[[], bytes],
         max_fetches: int,
+        max_waits: int = 1,
         admission: Admission | None = None,
         per_identity: int = 2,
         stall_seconds: float = 10.0,
@@ -161,7 +163,7 @@ class SwarmServicer:
         self._fetch_slots = threading.BoundedSemaphore(max_fetches)
         # Health calls that may wait for a snapshot at once; the rest answer at once, so waiting
         # neighbours never take the threads that serve fetches
-        self._waits = threading.BoundedSemaphore(max(1, max_fetches // 2))
+        self._waits = threading.BoundedSemaphore(max(1, max_waits))
         self.per_identity, self.stall_seconds = per_identity, stall_seconds
         self._in_flight: Counter[str] = Counter()  # requester -> streams being served
         self._progress: dict[int, tuple[float, grpc.ServicerContext]] = {}  # stream -> (last progress, context)
@@ -313,7 +315,8 @@ class SwarmServicer:
                 pass  # an unknown kind or a bad key: answer at once
             finally:
                 self._waits.release()
-        return pb.HealthReply(signed_record=self.signed_record(), available=[k.to_pb() for k in self.store.keys()])
+        keys = self.store.keys()  # before the record: a key it shows is signed in the record (signed first)
+        return pb.HealthReply(signed_record=self.signed_record(), available=[k.to_pb() for k in keys])
 
 
 class SwarmServer:
@@ -333,10 +336,17 @@ class SwarmServer:
         dial: Callable[[str], str | None] | None = None,
         max_request_bytes: int = 64 * 1024,
     ):
-        if max_workers < 3:
-            raise ValueError("max_workers must be >= 3 (two threads stay free for Health)")
+        if max_workers < 4:
+            raise ValueError("max_workers must be >= 4 (two threads stay free for Health and other calls)")
+        waits = max(1, (max_workers - 2) // 3)  # Health calls that may wait for a snapshot at once
         self.servicer = SwarmServicer(
-            store, signed_record, max_fetches=max_workers - 2, admission=admission, address_of=address_of, dial=dial
+            store,
+            signed_record,
+            max_fetches=max_workers - 2 - waits,
+            max_waits=waits,
+            admission=admission,
+            address_of=address_of,
+            dial=dial,
         )
         self.host, self._want_port, self.tls = host, port, tls
         self.port: int | None = None

@@ -3,6 +3,8 @@ requests from known identities are served; unsigned, replayed, stale, unknown an
 over-rate ones are refused with their reason and counted. Plus the signed snapshot list in
 peer records that receivers check fetched snapshots against."""
 
+import time
+
 import pydantic
 import pytest
 import torch
@@ -224,3 +226,21 @@ def test_reach_dials_the_requester_back_only_at_its_signed_address():
     finally:
         server.stop(0.2)
         asker_server.stop(0.2)
+
+
+def test_predict_requests_are_signed_over_their_inputs_and_have_their_own_budget():
+    """A router calls an expert once per sampling step: far more Predicts than fetches pass,
+    and a signature seen on the wire cannot carry other inputs."""
+    from node.experts.service import matrix_to_pb
+    from p2pd.admission import Admission, sign_predict
+    from p2pd.identity import Identity
+    from p2pd.rpc import router_pb2 as rpb
+
+    expert, router = Identity.generate(), Identity.generate()
+    admission = Admission(expert.peer_id, lambda p: p == router.peer_id, rate=20, burst=60)
+    for i in range(200):  # more than the fetch bucket's 60
+        req = rpb.PredictRequest(x=matrix_to_pb(torch.full((2, 3), float(i))), t=[0.5, 0.5], cluster_digest="d")
+        sign_predict(router, expert.peer_id, req, time.time())
+        assert admission.check_predict(req) is None
+    req.x.CopyFrom(matrix_to_pb(torch.ones(2, 3)))  # replayed with other inputs
+    assert admission.check_predict(req) == "unsigned"

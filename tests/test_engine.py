@@ -150,3 +150,14 @@ def test_a_short_delay_changes_nothing():
     delayed = _sim(Faults().delay("n0002", ROUNDS - 1, 1.0))
     assert delayed.run().final_accuracies == plain.final_accuracies
     assert delayed.board.refused == {}
+
+
+def test_a_non_finite_snapshot_is_refused_as_a_daemon_refuses_it():
+    from node.exchange import model_like
+    from node.exchange.memory import Board, MemoryExchange
+
+    board = Board(["a", "b"], [1, 1])
+    nan = {"w": torch.tensor([1.0, float("nan")])}
+    MemoryExchange(board, "a").publish(SnapshotKey("model", 0), nan)
+    assert MemoryExchange(board, "b").fetch_many(["a"], SnapshotKey("model", 0), model_like(nan)) == {}
+    assert board.refused == {"non_finite": 1}

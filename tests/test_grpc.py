@@ -212,7 +212,7 @@ def test_refused_fetch_frees_its_reader_thread_quickly(tmp_path):
 def test_fetch_without_deadline_is_refused_and_stalled_readers_cannot_block_health():
     store = SnapshotStore(chunk_bytes=64 * 1024)
     store.publish(SnapshotKey("model", 1), {"w": torch.zeros(2**20)})
-    server = SwarmServer(store, lambda: b"rec", max_workers=3)  # one fetch slot, two kept for Health
+    server = SwarmServer(store, lambda: b"rec", max_workers=4)  # one fetch slot, one Health wait, two free
     server.start()
     # no BDP probing: the receive window stays at its 64 KiB default, so a reader that stops
     # reading really stalls the server (with probing the window can grow to hold all 4 MiB)

@@ -101,3 +101,15 @@ def test_a_virtual_node_error_is_raised_not_hidden():
     sim.workers[1].train = broken
     with pytest.raises(KeyError):
         sim.run()
+
+
+def test_a_diverging_virtual_node_leaves_as_a_daemon_would_and_is_counted():
+    """A node whose loss keeps turning NaN stops (a daemon exits with Diverged); the others
+    finish, and it is reported with the last good model it rolled back to."""
+    from node.train import RoundStats
+
+    sim = small(nodes=4, train={"rounds": 6})
+    sim.workers[2].trainer.train_round = lambda *a, **kw: RoundStats(float("nan"), 1, 32, 0.01)
+    res = sim.run()
+    assert res.diverged == ["n0002"]
+    assert len(res.final_accuracies) == 4 and all(0 <= a <= 1 for a in res.final_accuracies)

@@ -72,6 +72,7 @@ def run(
                 accuracy=statistics.fmean(res.final_accuracies),
                 accuracy_min=min(res.final_accuracies),
                 detection=res.detection,
+                diverged=len(res.diverged),
                 seconds=res.seconds,
                 curve=[(log.round, log.accuracy_mean) for log in res.log],
             )

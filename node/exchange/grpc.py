@@ -155,7 +155,8 @@ class GrpcExchange:
             try:
                 t0, wait = time.monotonic(), max(0.0, min(MAX_HEALTH_WAIT, deadline - time.monotonic() - 0.5))
                 # one call that the neighbour answers when it serves the key (no polling)
-                envelope, keys = client.health(timeout=wait + 5.0, wait_for=key, wait=wait)
+                call_timeout = max(0.1, min(wait + 5.0, deadline - time.monotonic() + 0.5))
+                envelope, keys = client.health(timeout=call_timeout, wait_for=key, wait=wait)
                 answered = True
                 rec = open_record(envelope, now=time.time(), expected_peer_id=peer_id)
                 if key.kind == "logits" and rec.proxy_digest != self.discovery.record.proxy_digest:
@@ -241,8 +242,10 @@ class GrpcExchange:
         while not self.stop.wait(REFRESH_SECONDS) and not self._closed:
             try:
                 self._refresh()
-            except DiscoveryError:
-                return  # the DHT is gone (stopping): the last view stands
+            except DiscoveryError as e:
+                if self.stop.is_set() or self._closed:
+                    return  # the DHT is gone with the node
+                log.warning("could not refresh the live peers (%s); keeping the last view", e)
 
     def _wait_all_at(self, round_: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout

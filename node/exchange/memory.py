@@ -163,7 +163,7 @@ class Board:
 
     def evict(self) -> None:
         """Forget snapshots no live node can still ask for (two rounds behind the slowest)."""
-        live = [r for p, (r, _) in self.progress.items() if p not in self.done]
+        live = [self.progress.get(p, (0, 0))[0] for p in self.ids if p not in self.done]  # not started: round 0
         floor = min(live, default=0) - 2
         if floor <= self._floor:
             return
@@ -286,6 +286,8 @@ class MemoryExchange:
                 return None, "timeout"
         if (peer, key.round) in b.faults.corrupted:
             return None, _corrupted(state, key)
+        if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in state.values()):
+            return None, "non_finite"  # what the daemon's decoder refuses
         return state, ""
 
 

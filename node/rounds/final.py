@@ -5,7 +5,11 @@ keeps serving until every live member got as far, so slower neighbours can still
 
 from __future__ import annotations
 
+import logging
+
 from p2pd.tensors import SnapshotKey
+
+log = logging.getLogger("atoll.merge")
 
 
 def finish(cfg, worker, exchange, protocol) -> int | None:
@@ -21,7 +25,12 @@ def finish(cfg, worker, exchange, protocol) -> int | None:
         result = exchange.all_reduce(rounds, worker.state(), cfg.comm.merge)
         merged_with = len(result[1]) if result is not None else 0
         if result is not None:
+            before = {k: v.clone() for k, v in worker.state().items()}
             worker.load(result[0])
+            if not worker.all_finite():  # a member sent NaN/Inf into the all-reduce: keep ours
+                log.warning("the final merge is not finite; keeping this node's model")
+                worker.load(before)
+                merged_with = 0
         exchange.publish(SnapshotKey("model", last), worker.state())
     exchange.linger(last)
     return merged_with

@@ -20,6 +20,7 @@ from node.comm.schedule import allotment
 from node.comm.topology import graph
 from node.exchange import model_like
 from node.rounds import RoundResult
+from node.worker import NonFinite
 from p2pd.tensors import SnapshotKey
 
 log = logging.getLogger("atoll.gossip")
@@ -57,6 +58,8 @@ class GossipRounds:
         """Gossip step q of round r; updates `result` (mixed, members, discarded)."""
         c, me, w = self.cfg.comm, self.exchange.me, self.worker
         own = w.state()
+        if start is None and not w.all_finite():  # the last step's mix: never publish NaN/Inf
+            raise NonFinite("model_after_mixing")
         ref = start if start is not None else own
         published = own if self.forger is None else self.forger.forge(ref, own, r, q)
         self.exchange.publish(SnapshotKey("model", r, q), published, samples_per_second=sps)

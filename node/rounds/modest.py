@@ -17,6 +17,7 @@ from node.comm import modest
 from node.exchange import model_like
 from node.rounds import RoundResult
 from node.train import RoundStats
+from node.worker import NonFinite
 from p2pd.tensors import SnapshotKey
 
 
@@ -57,6 +58,8 @@ class ModestRounds:
                 names = sorted(models)
                 w.load(aggregate.mean([models[j] for j in names], [size.get(j, 1) for j in names]))
             result.mixed = sorted(j for j in models if j != me)
+            if not w.all_finite():  # never publish NaN/Inf: the engine rolls the round back
+                raise NonFinite("model_after_mixing")
             ex.publish(SnapshotKey("model", r, modest.AGGREGATE_STEP), w.state())
         elif me not in trainers:
             ex.note(r, 0)
