@@ -142,8 +142,15 @@ class Simulation:
     def _result(self, seconds: float) -> SimResult:
         res = SimResult(bytes_sent=self.board.bytes_sent, seconds=seconds, refused=Counter(self.board.refused))
         honest = self.honest()
-        for r in sorted({r for acc in self.accuracy for r in acc}):
+        rounds = sorted({r for acc in self.accuracy for r in acc})
+        for i in honest:  # a diverged node counts, for the rounds it missed, with the model it rolled back to
+            if self.ids[i] in self.diverged:
+                last = self.workers[i].evaluate()
+                self.accuracy[i].update({r: last for r in rounds if r not in self.accuracy[i]})
+        for r in rounds:
             accs = [self.accuracy[i][r] for i in honest if r in self.accuracy[i]]
+            if not accs:
+                continue
             sent = sum(b for k, b in self.board.by_round.items() if k < r)
             res.log.append(RoundLog(r, statistics.fmean(accs), min(accs), max(accs), sent, self.finished_at[r]))
         # diverged nodes count with the last good model they rolled back to (their checkpoint)

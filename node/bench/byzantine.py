@@ -97,6 +97,7 @@ def summarize(rows: list[dict]) -> dict:
                     t = round((p or 0) * flagged)
                     tp, fp, fn = tp + t, fp + flagged - t, fn + bad - t
                 by_agg[agg] = dict(
+                    diverged=statistics.fmean(r.get("diverged", 0) for r in rs),
                     accuracy=statistics.fmean(r["accuracy"] for r in rs),
                     accuracy_min=min(r["accuracy_min"] for r in rs),
                     seeds=len(rs),
@@ -123,6 +124,8 @@ def tables(summary: dict, aggregators=AGGREGATORS) -> str:
         parts.append(
             f"### {title}: honest accuracy (%); * = within 5 points of plain gossip without attack"
             + (f" ({100 * ref:.1f}%)" if ref is not None else "")
+            + "; (n†) = honest nodes per run that stopped with Diverged (NaN/Inf), counted with their last good"
+            " model"
         )
         parts.append("| attack | " + " | ".join(aggs) + " | best |")
         parts.append("|---|" + "---:|" * (len(aggs) + 1))
@@ -131,7 +134,8 @@ def tables(summary: dict, aggregators=AGGREGATORS) -> str:
             for a in aggs:
                 c = by_agg.get(a)
                 ok = c is not None and ref is not None and c["accuracy"] >= ref - 0.05
-                cells.append("" if c is None else f"{100 * c['accuracy']:.1f}{'*' if ok else ''}")
+                gone = "" if c is None or not c["diverged"] else f" ({c['diverged']:g}†)"
+                cells.append("" if c is None else f"{100 * c['accuracy']:.1f}{'*' if ok else ''}{gone}")
             best = max(by_agg, key=lambda a: by_agg[a]["accuracy"])
             parts.append(f"| {attack} | " + " | ".join(cells) + f" | {best} |")
         parts.append("")
