@@ -124,8 +124,8 @@ def tables(summary: dict, aggregators=AGGREGATORS) -> str:
         parts.append(
             f"### {title}: honest accuracy (%); * = within 5 points of plain gossip without attack"
             + (f" ({100 * ref:.1f}%)" if ref is not None else "")
-            + "; (n†) = honest nodes per run that stopped with Diverged (NaN/Inf), counted with their last good"
-            " model"
+            + "; (n†) = virtual nodes per run, honest or byzantine, that stopped with Diverged (NaN/Inf); honest"
+            " ones count with their last good model"
         )
         parts.append("| attack | " + " | ".join(aggs) + " | best |")
         parts.append("|---|" + "---:|" * (len(aggs) + 1))
