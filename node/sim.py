@@ -143,10 +143,9 @@ class Simulation:
         res = SimResult(bytes_sent=self.board.bytes_sent, seconds=seconds, refused=Counter(self.board.refused))
         honest = self.honest()
         rounds = sorted({r for acc in self.accuracy for r in acc})
-        for i in honest:  # a diverged node counts, for the rounds it missed, with the model it rolled back to
-            if self.ids[i] in self.diverged:
-                last = self.workers[i].evaluate()
-                self.accuracy[i].update({r: last for r in rounds if r not in self.accuracy[i]})
+        last = {i: self.workers[i].evaluate() for i in honest if self.ids[i] in self.diverged}
+        for i, acc in last.items():  # a diverged node counts, for the rounds it missed, with its rolled-back model
+            self.accuracy[i].update({r: acc for r in rounds if r not in self.accuracy[i]})
         for r in rounds:
             accs = [self.accuracy[i][r] for i in honest if r in self.accuracy[i]]
             if not accs:
@@ -154,8 +153,8 @@ class Simulation:
             sent = sum(b for k, b in self.board.by_round.items() if k < r)
             res.log.append(RoundLog(r, statistics.fmean(accs), min(accs), max(accs), sent, self.finished_at[r]))
         # diverged nodes count with the last good model they rolled back to (their checkpoint)
-        done = [i for i in honest if self.rounds in self.accuracy[i] or self.ids[i] in self.diverged]
-        res.final_accuracies = [self.workers[i].evaluate() for i in done]
+        done = [i for i in honest if self.rounds in self.accuracy[i] or i in last]
+        res.final_accuracies = [last[i] if i in last else self.workers[i].evaluate() for i in done]
         res.diverged = sorted(self.diverged)
         res.digests = self.digests if self.keep_digests else {}
         res.detection = self.detection()

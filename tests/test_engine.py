@@ -10,6 +10,7 @@ import torch
 import yaml
 from helpers import atoll_node
 
+from node.bench import merged
 from node.comm.mixing import metropolis_hastings, mix, renormalise
 from node.comm.topology import graph
 from node.config import NodeConfig, SwarmConfig
@@ -34,17 +35,10 @@ CASES = {
 }
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(a.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
 def _daemons(tmp_path, name: str, node: dict) -> tuple[list[str], dict[str, list[str]], dict[str, dict]]:
     """Run the swarm file as N real daemons: (peer ids, digests per round, done events)."""
     swarm = tmp_path / f"{name}.yaml"
-    node = _merge(node, {"net": {"swarm": f"eq-{name}"}, "comm": {"min_peers": N}})
+    node = merged(node, {"net": {"swarm": f"eq-{name}"}, "comm": {"min_peers": N}})
     swarm.write_text(yaml.safe_dump({"nodes": N, "node": node}))
     procs = []
     try:
@@ -70,7 +64,7 @@ def test_daemons_and_simulator_end_every_round_with_the_same_models(tmp_path):
     the daemons' peer ids: bitwise the same model after every round, for every protocol. Only
     the final merge is compared within float rounding: hivemind's butterfly all-reduce adds in
     another order than the simulator's exact mean (both then agree on one copy)."""
-    nodes = {name: _merge(BASE, extra) for name, extra in CASES.items()}
+    nodes = {name: merged(BASE, extra) for name, extra in CASES.items()}
     with ThreadPoolExecutor(max_workers=2) as pool:  # two swarms at a time on 2 cores
         runs = dict(zip(nodes, pool.map(lambda kv: _daemons(tmp_path, *kv), nodes.items())))
     for name, (ids, daemon_rounds, done) in runs.items():
@@ -89,7 +83,7 @@ def test_daemons_and_simulator_end_every_round_with_the_same_models(tmp_path):
 
 # -- faults on the in-memory exchange ----------------------------------------------------------
 def _sim(faults: Faults, nodes: int = 5) -> Simulation:
-    node = NodeConfig.model_validate(_merge(BASE, {"comm": {"topology": "ring"}}))
+    node = NodeConfig.model_validate(merged(BASE, {"comm": {"topology": "ring"}}))
     return Simulation(SwarmConfig(nodes=nodes, node=node), faults=faults)
 
 

@@ -308,8 +308,6 @@ class GrpcExchange:
         self._closed = True
         for c in self._clients.values():
             c.close()
-        if self.runtime.server is not None:
-            self.runtime.server.stop(0.5)
-        if self.merger is not None:
+        if self.merger is not None:  # it averages through the DHT: before the runtime leaves
             self.merger.close()
-        self.discovery.close()
+        self.runtime.close()

@@ -137,6 +137,20 @@ class _Role:
     def request_stop(self) -> None:
         self.stop_requested.set()
 
+    def _meta(self, role: str, steps: int, **extra) -> dict:
+        """What a checkpoint of this role must match to be resumed (settings that shape the net)."""
+        e = self.cfg.experts
+        return dict(
+            role=role,
+            **extra,
+            clusters=e.clusters,
+            clustering=self.clustering.digest,
+            width=e.width,
+            depth=e.depth,
+            steps=steps,
+            dataset=self.cfg.data.dataset,
+        )
+
     def _join(self, **record) -> None:
         """Join the swarm (node/runtime.py: the DHT forks, so before any gRPC object exists)."""
         self.identity = Identity.load_or_create(self.cfg.net.identity_path.expanduser())
@@ -177,16 +191,7 @@ class ExpertNode(_Role):
         checkpoint_dir/expert-<k>; returns the checkpoint's model sha256. Raises ValueError when that directory
         holds a checkpoint made with other settings."""
         e = self.cfg.experts
-        meta = dict(
-            role="expert",
-            cluster=self.k,
-            clusters=e.clusters,
-            clustering=self.clustering.digest,
-            width=e.width,
-            depth=e.depth,
-            steps=e.steps,
-            dataset=self.cfg.data.dataset,
-        )
+        meta = self._meta("expert", e.steps, cluster=self.k)
         self.on_event(dict(event="expert", cluster=self.k, images=len(self.data), clusters=e.clusters))
         train = lambda **kw: flow.train_denoiser(  # noqa: E731
             self.model,
@@ -252,15 +257,7 @@ class RouterNode(_Role):
         checkpoint_dir/router; returns the checkpoint's model sha256. Raises ValueError when that directory holds a
         checkpoint made with other settings."""
         e = self.cfg.experts
-        meta = dict(
-            role="router",
-            clusters=e.clusters,
-            clustering=self.clustering.digest,
-            width=e.width,
-            depth=e.depth,
-            steps=e.router_steps,
-            dataset=self.cfg.data.dataset,
-        )
+        meta = self._meta("router", e.router_steps)
         labels = self.clustering.labels
         train = lambda **kw: train_router(  # noqa: E731
             self.router,
