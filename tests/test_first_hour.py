@@ -209,12 +209,11 @@ def test_ctrl_c_on_swarm_up_stops_every_node_with_a_checkpoint_and_a_summary(tmp
     [
         ({"train.rounds": True}, "train.rounds: expected int, got True"),
         ({"comm.fetch_timeout": False}, "comm.fetch_timeout: expected float, got False"),
-        ({"data.path": "/tmp"}, "digits ships inside scikit-learn and takes no path"),
     ],
 )
 def test_config_that_would_be_meaningless_is_refused(sets, message):
-    """Field report: `train.rounds=true` was taken as 1 round and `data.path` was silently
-    ignored for digits."""
+    """Field report: `train.rounds=true` was taken as 1 round (`data.path` for digits, silently
+    ignored then, now names the digits table: see test_node_units)."""
     from node.config import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -88,6 +88,35 @@ def test_split_is_stratified_and_shared():
     assert torch.equal(a.y_test, b.y_test) and set(a.y_test.tolist()) == set(range(10))
 
 
+def test_digits_read_without_sklearn_equal_sklearn_loader():
+    # a node reads the file scikit-learn ships instead of importing scikit-learn (0.5 s, 30 MB)
+    import subprocess
+    import sys
+
+    code = "import sys; from node.data import load_dataset; load_dataset(); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+    from sklearn.datasets import load_digits
+
+    from node.data.datasets import read_digits
+
+    x, y = read_digits()
+    d = load_digits()
+    assert np.array_equal(x, d.images.astype(np.float32)) and np.array_equal(y, d.target)
+
+
+def test_digits_path_names_the_table(tmp_path):
+    import gzip
+
+    from node.data import DatasetMissing
+
+    with pytest.raises(DatasetMissing, match="missing"):
+        load_dataset("digits", path=tmp_path / "nope.csv.gz")
+    junk = tmp_path / "junk.csv.gz"
+    junk.write_bytes(gzip.compress(b"1,2,3\n4,5,6\n"))
+    with pytest.raises(ValueError, match="not scikit-learn's digits table"):
+        load_dataset("digits", path=junk)
+
+
 # -- topology and mixing ----------------------------------------------------------------------
 def test_ring_and_complete():
     ids = [f"p{i}" for i in range(5)]

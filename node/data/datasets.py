@@ -1,7 +1,8 @@
 """Data sets that ship inside installed packages, so nodes work offline.
 
-- `digits`: scikit-learn's 1,797 8x8 handwritten digits (10 classes), scaled to [0, 1]; the
-  train/test split is a deterministic function of the seed, identical on every node.
+- `digits`: scikit-learn's 1,797 8x8 handwritten digits (10 classes), scaled to [0, 1], read
+  from the table scikit-learn ships (or `path`); the train/test split is a deterministic
+  function of the seed, identical on every node.
 - `fashion-mnist`: the 70,000 28x28 images of the Debian package `dataset-fashion-mnist`
   (IDX files in /usr/share/datasets/fashion-mnist, or `path`), with its own test split.
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,22 +63,48 @@ def load_dataset(
     with its own test split. Raises ValueError for an unknown name or inconsistent files, DatasetMissing when its
     files are absent."""
     if name == "digits":
-        return _digits(test_fraction, seed)
+        return _digits(test_fraction, seed, Path(path) if path else None)
     if name == "fashion-mnist":
         return _fashion_mnist(Path(path) if path else FASHION_MNIST_DIR)
     raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
 
 
-def _digits(test_fraction: float, seed: int) -> Dataset:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
-    y = d.target.astype(np.int64)
-    xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
+def _digits(test_fraction: float, seed: int, path: Path | None) -> Dataset:
+    x, y = read_digits(path)
+    xtr, ytr, xte, yte = _split((x / 16.0)[:, None, :, :], y, test_fraction, seed)
     return Dataset(
         "digits", torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte), torch.from_numpy(yte), 10
     )
+
+
+def digits_file() -> Path:
+    """Where scikit-learn's digits table (digits.csv.gz) lies, found without importing scikit-learn (its import
+    costs a node 0.5 s). Raises DatasetMissing without scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetMissing(
+            "the digits data set ships with scikit-learn, which is not installed: pip install scikit-learn"
+        )
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+
+
+def read_digits(path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as float32 images (1797, 8, 8) with values 0..16 and int64 labels (1797,), from `path`
+    (default: the file scikit-learn ships, see digits_file). Raises DatasetMissing when the file is absent,
+    ValueError for a file that is not the digits table."""
+    path = path or digits_file()
+    if not path.is_file():
+        raise DatasetMissing(f"the digits table {path} is missing: reinstall scikit-learn or set data.path")
+    try:
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float32, ndmin=2)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path} is not scikit-learn's digits table: {e}") from None
+    if table.ndim != 2 or table.shape[1] != 65 or not np.isin(table[:, -1], np.arange(10)).all():
+        raise ValueError(f"{path} is not scikit-learn's digits table (rows of 64 pixels and a label)")
+    if table[:, :-1].min() < 0 or table[:, :-1].max() > 16:
+        raise ValueError(f"{path} has pixel values outside 0..16")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 
 def _fashion_mnist(root: Path) -> Dataset:
