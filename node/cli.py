@@ -843,6 +843,44 @@ def bench_experts(
             typer.echo(f"wrote {path}", err=True)
 
 
+@bench_app.command("swarm")
+def bench_swarm(
+    config: Path = typer.Option(Path("examples/swarm4.yaml"), "--config", "-c", help="Swarm YAML (the demo's)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every node."),
+    repeats: int = typer.Option(3, min=1, max=20, help="Alternated runs of each system; medians are reported."),
+    target: float = typer.Option(0.93, min=0.1, max=1.0, help="Accuracy every node must reach."),
+    systems: str = typer.Option("atoll,flower", help="Systems to run, comma-separated: atoll, flower."),
+    flower_venv: Path | None = typer.Option(
+        None, help="Flower's own virtual environment (default ~/.cache/atoll/flower-venv, created on first use)."
+    ),
+    out: Path | None = typer.Option(None, help="Write results.json, table.md and swarm.png here."),
+) -> None:
+    """The same task run by an atoll swarm and by Flower FedAvg, alternated on this machine:
+    per-round time, time to a target accuracy on every node, launch to first round, bytes, CPU
+    and peak memory per node, as medians and ratios to atoll."""
+    from node.bench import swarm as bench
+    from node.config import ConfigError, load_swarm_config, parse_override
+
+    chosen = tuple(s.strip() for s in systems.split(",") if s.strip())
+    unknown = [s for s in chosen if s not in bench.SYSTEMS]
+    if not chosen or unknown or "atoll" not in chosen:
+        _fail(f"--systems takes atoll and any of {', '.join(bench.SYSTEMS[1:])}; got {systems!r}")
+    try:
+        scfg = load_swarm_config(config, dict(parse_override(s) for s in set_))
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(f"bench swarm: {scfg.nodes} nodes, {', '.join(chosen)}, {repeats} alternated repeats", err=True)
+    try:
+        runs = bench.run(scfg, repeats, target, chosen, flower_venv, progress=lambda m: typer.echo(m, err=True))
+    except (bench.BenchError, RuntimeError, TimeoutError) as e:
+        _fail(str(e))
+    typer.echo(bench.table(runs, target))
+    if out is not None:
+        meta = {"command": " ".join(["atoll", *sys.argv[1:]]), "target": target, "repeats": repeats}
+        for path in bench.write_outputs(runs, out, meta, target):
+            typer.echo(f"wrote {path}", err=True)
+
+
 @bench_app.command("scale")
 def bench_scale(
     sizes: str = typer.Option("16,64,256", help="Numbers of virtual nodes, comma-separated."),

@@ -235,6 +235,13 @@ class NodeConfig(_Strict):
         "`swarm up` shares them among the nodes it starts)",
     )
     checkpoint_dir: Path = Path("~/.atoll/checkpoints")
+    checkpoint_rounds: int = Field(
+        1,
+        ge=1,
+        le=1_000_000,
+        description="rounds between checkpoints while training (always one at the end and at a stop); "
+        "a crash loses at most this many rounds of the node's own work. 10 makes the demo's rounds about 10% faster",
+    )
     metrics_port: int | None = Field(0, ge=0, le=65535, description="0 = any free port, null = off")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     role: Literal["trainer", "expert", "router"] = Field(

@@ -1,6 +1,6 @@
 """A training daemon: the wiring of one node. It joins the swarm (identity, DHT, gRPC server,
-metrics), runs the round engine (node/engine.py) over the gRPC exchange, checkpoints after
-every round, leaves cleanly on SIGTERM and resumes from its checkpoint after a crash.
+metrics), runs the round engine (node/engine.py) over the gRPC exchange, checkpoints every
+`checkpoint_rounds` rounds (in the background) and at a stop, leaves cleanly on SIGTERM and resumes from its checkpoint after a crash.
 
 What a round does is the protocol's (node/rounds/), written once for daemons and simulator.
 """
@@ -147,7 +147,8 @@ class Node:
         self.done_rounds = r
         self.loss = res.stats.loss if res.stats.steps else self.loss
         self.accuracy = self.worker.evaluate()
-        self._checkpoint(r, self.accuracy)
+        if r % self.cfg.checkpoint_rounds == 0 or r == self.cfg.train.rounds:
+            self._checkpoint(r, self.accuracy)
         m, seconds = self.metrics, time.perf_counter() - self._round_t0
         self._round_t0 = time.perf_counter()
         m.round_seconds.observe(seconds)

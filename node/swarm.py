@@ -31,8 +31,9 @@ from p2pd.procs import kill_tree
 
 @dataclass
 class NodeRun:
-    """One node process of the swarm: its index, the process, a queue of the JSON events it printed, its ready, last
-    and final events, log file and model name."""
+    """One node process of the swarm: its index, the process, a queue of the JSON events it printed (each with `_t`,
+    the time.monotonic() it was read), its ready, last and final events, every round event, log file, model name
+    and when it was started (time.monotonic())."""
 
     index: int
     proc: subprocess.Popen
@@ -42,6 +43,8 @@ class NodeRun:
     final: dict | None = None
     log_path: Path | None = None
     model: str = ""
+    started: float = field(default_factory=time.monotonic)
+    rounds: list[dict] = field(default_factory=list)
 
 
 def _reader(run: NodeRun) -> None:
@@ -49,9 +52,29 @@ def _reader(run: NodeRun) -> None:
         line = line.strip()
         if line.startswith("{"):
             try:
-                run.events.put(json.loads(line))
+                event = json.loads(line)
             except json.JSONDecodeError:
-                pass
+                continue
+            if isinstance(event, dict):
+                event["_t"] = time.monotonic()
+                run.events.put(event)
+
+
+def spawn(command: list[str], index: int, log_path: Path, env: dict | None = None, model: str = "") -> NodeRun:
+    """Start `command` in its own session (see kill_tree), stderr to `log_path`, with a thread queueing the JSON
+    events it prints on stdout; returns its NodeRun."""
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=open(log_path, "wb"),
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=dict(env or os.environ, PYTHONUNBUFFERED="1"),
+        start_new_session=True,
+    )
+    run = NodeRun(index, proc, log_path=log_path, model=model)
+    threading.Thread(target=_reader, args=(run,), daemon=True).start()
+    return run
 
 
 def node_command(config_path: Path) -> list[str]:
@@ -64,21 +87,7 @@ def start_node(cfg: NodeConfig, workdir: Path) -> NodeRun:
     thread queueing its JSON events; returns its NodeRun."""
     path = workdir / f"node{cfg.node_index}.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    log_path = workdir / f"node{cfg.node_index}.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # its own session and process group: see kill_tree
-    proc = subprocess.Popen(
-        node_command(path),
-        stdout=subprocess.PIPE,
-        stderr=open(log_path, "wb"),
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    run = NodeRun(cfg.node_index, proc, log_path=log_path, model=model_name(cfg))
-    threading.Thread(target=_reader, args=(run,), daemon=True).start()
-    return run
+    return spawn(node_command(path), cfg.node_index, workdir / f"node{cfg.node_index}.log", model=model_name(cfg))
 
 
 def node_configs(swarm_cfg: SwarmConfig, workdir: Path) -> list[NodeConfig]:
@@ -198,6 +207,7 @@ def _drain(run: NodeRun) -> None:
             run.ready = e
         elif kind == "round":
             run.last = e
+            run.rounds.append(e)
         elif kind in ("done", "stopped"):
             run.final = e
 

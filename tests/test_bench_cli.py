@@ -33,12 +33,44 @@ def test_bench_transport_json_and_outputs(tmp_path):
         ["bench", "transport", "--sizes", "ten"],
         ["bench", "transport", "--sizes", "0"],
         ["bench", "transport", "--repeats", "0"],
+        ["bench", "swarm", "--systems", "flower"],
+        ["bench", "swarm", "--systems", "atoll,spark"],
+        ["bench", "swarm", "--config", "/nonexistent.yaml"],
     ],
 )
 def test_bad_input_is_one_clear_line_not_a_traceback(args):
     r = atoll(*args, timeout=60)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip()
+
+
+def test_bench_swarm_measures_a_real_atoll_swarm(tmp_path):
+    import yaml
+
+    cfg = tmp_path / "swarm2.yaml"
+    node = {"train": {"rounds": 8, "local_steps": 2}, "net": {"swarm": "bench-swarm-test", "record_ttl": 10}}
+    cfg.write_text(yaml.safe_dump({"nodes": 2, "node": node}))
+    r = atoll(
+        "bench",
+        "swarm",
+        "-c",
+        str(cfg),
+        "--systems",
+        "atoll",
+        "--repeats",
+        "1",
+        "--target",
+        "0.3",
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert run["system"] == "atoll" and run["round_ms"] > 0 and 0 < run["first_round_s"] < run["wall_s"]
+    assert run["to_target_s"] is not None and run["final_min_accuracy"] >= 0.3
+    assert run["peak_mb_per_node"] > 100 and run["cpu_s_per_node"] > 0.5  # a real process tree was sampled
+    assert run["mb_per_node"] > 0 and len(run["curve"]) >= 7
+    assert "median round (ms)" in r.stdout and (tmp_path / "out" / "swarm.png").stat().st_size > 0
 
 
 def test_identity_show_creates_then_reuses_key(tmp_path):

@@ -170,6 +170,34 @@ def test_a_dead_dht_process_is_an_error_not_a_hang(keydir):
         d._dht = None  # already dead; nothing left to shut down
 
 
+def test_record_updates_reach_the_dht_coalesced(keydir):
+    """Field measurement: a node updates its record every round (12 per second on the demo) and
+    each update was stored to the DHT, which cost the DHT processes and p2pd a third of the
+    machine. Updates are served at once (signed_record) and stored at most once a second."""
+    from p2pd import discovery
+
+    d = Discovery(Identity.load_or_create(keydir / "busy.key"), swarm="busy", ttl=30).start()
+    stores = []
+    real_store = d._store
+    d._store = lambda record, envelope: (stores.append(record.round), real_store(record, envelope))
+    try:
+        d.announce(grpc_address="127.0.0.1:1", round=0)
+        t0 = time.monotonic()
+        for r in range(1, 41):
+            d.update(round=r)
+            assert open_record(d.signed_record(), now=get_dht_time()).round == r  # served at once
+            time.sleep(0.04)
+        elapsed = time.monotonic() - t0
+        deadline = time.monotonic() + 3 * discovery.STORE_MIN_SECONDS + 5
+        while time.monotonic() < deadline and (not stores or stores[-1] != 40):
+            time.sleep(0.1)
+        assert stores[-1] == 40, stores  # the latest record reaches the DHT
+        assert len(stores) <= 2 + elapsed / discovery.STORE_MIN_SECONDS + 1, stores
+        assert [p.round for p in d.live_peers()] == [40]
+    finally:
+        d.close()
+
+
 def test_one_garbage_row_on_a_stock_bootstrap_hides_nobody(keydir):
     """hivemind drops a peer's whole answer when one row fails a validator. A stock hivemind
     DHT bootstrap (no atoll validator) that holds a real signed record beside one garbage row

@@ -124,6 +124,7 @@ def test_sigterm_checkpoints_and_leaves(tmp_path):
         node_count=1,
         comm={"min_peers": 1, "fetch_timeout": 2, "join_timeout": 5},
         train={"rounds": 100000, "local_steps": 5, "local_seconds": None},
+        checkpoint_rounds=100000,  # no checkpoint between rounds: the one at the stop must still come
     )
     node = atoll_node(cfg, log=tmp_path / "solo.log")
     try:
@@ -136,6 +137,25 @@ def test_sigterm_checkpoints_and_leaves(tmp_path):
         state = json.loads((tmp_path / "n0" / "ckpt" / "state.json").read_text())
         assert state["round"] == stopped["round"] >= 3
         assert not psutil.pid_exists(dht_pid) or psutil.Process(dht_pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        node.stop()
+
+
+def test_sparse_checkpoints_still_end_with_the_last_round(tmp_path):
+    cfg = write_config(
+        tmp_path / "solo.yaml",
+        0,
+        tmp_path,
+        node_count=1,
+        comm={"min_peers": 1, "fetch_timeout": 2, "join_timeout": 5},
+        train={"rounds": 6, "local_steps": 2, "local_seconds": None},
+        checkpoint_rounds=4,
+    )
+    node = atoll_node(cfg, log=tmp_path / "solo.log")
+    try:
+        done = node.wait_event("done", timeout=90)
+        state = json.loads((tmp_path / "n0" / "ckpt" / "state.json").read_text())
+        assert state["round"] == done["round"] == 6
     finally:
         node.stop()
 
