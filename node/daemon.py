@@ -1,6 +1,7 @@
 """A training daemon: the wiring of one node. It joins the swarm (identity, DHT, gRPC server,
 metrics), runs the round engine (node/engine.py) over the gRPC exchange, checkpoints every
-`checkpoint_rounds` rounds (in the background) and at a stop, leaves cleanly on SIGTERM and resumes from its checkpoint after a crash.
+`checkpoint_rounds` rounds (in the background) and at a stop, leaves cleanly on SIGTERM and
+resumes from its checkpoint after a crash.
 
 What a round does is the protocol's (node/rounds/), written once for daemons and simulator.
 """
