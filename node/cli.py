@@ -196,6 +196,8 @@ def _human_event(e: dict) -> None:
             typer.echo(line)
     elif kind == "waiting":
         typer.echo(console.waiting_line(e))
+    elif kind == "joinable":  # the DHT is up; "ready" (with the join command) follows
+        pass
     elif kind == "round":
         typer.echo(console.round_line(e, console.width()))
     else:
@@ -301,6 +303,11 @@ def swarm_up(
         )
     sent = sum(n["sent_bytes"] or 0 for n in res["nodes"])
     typer.echo(f"  bytes sent by all nodes: {sent / 1e6:.1f} MB")
+    if res["median_round_ms"] is not None and res["first_round_seconds"] is not None:
+        typer.echo(
+            f"  median round: {res['median_round_ms']:.0f} ms; launch to first round: "
+            f"{res['first_round_seconds']:.1f} s (slowest node)"
+        )
     _write_results(out, res)
     if unfinished:
         raise typer.Exit(1)

@@ -20,6 +20,7 @@ from node.engine import Engine
 from node.exchange.grpc import GrpcExchange
 from node.metrics import NodeMetrics
 from node.rounds import RoundResult
+from node.runtime import Runtime
 from node.security import rehearsal
 from node.threads import set_threads
 from node.worker import Worker, device_label, pick_device
@@ -38,7 +39,7 @@ class Node:
         self.cfg, self.on_event = cfg, on_event
         self.stop_requested = threading.Event()
         self.metrics = NodeMetrics()
-        self.exchange = self.writer = None
+        self.exchange = self.writer = self.runtime = None
         self.merged_with: int | None = None  # final merge: group size, 0 = missed, None = not run
 
     def request_stop(self) -> None:
@@ -90,6 +91,12 @@ class Node:
         cfg, net = self.cfg, self.cfg.net
         self.threads = set_threads(cfg.threads)
         self.identity = Identity.load_or_create(net.identity_path)
+        # Join before building the worker: others can bootstrap through this node while it
+        # loads its data and torch's optimizers import their compiler (about 1 s).
+        self.runtime = Runtime(cfg, self.identity)
+        self.on_event(
+            dict(event="joinable", peer_id=self.identity.peer_id, maddrs=self.runtime.discovery.visible_maddrs())
+        )
         self.worker = Worker(cfg, pick_device(cfg.device))
         self.ckpt_dir = Path(cfg.checkpoint_dir).expanduser()
         self.writer = checkpoint.Writer(self.ckpt_dir, lambda when: setattr(self.metrics, "checkpoint_time", when))
@@ -98,7 +105,7 @@ class Node:
         if resumed:
             self.metrics.checkpoint_time = resumed[1]
             log.info("resumed from checkpoint at round %d", self.start_round)
-        self.exchange = GrpcExchange(cfg, self.identity, self.worker.state(), self.metrics, self.stop_requested)
+        self.exchange = GrpcExchange(cfg, self.runtime, self.worker.state(), self.metrics, self.stop_requested)
         self.discovery, self.server, self.tls = self.exchange.discovery, self.exchange.server, self.exchange.tls
         self.engine = Engine(cfg, self.worker, self.exchange)
         rehearsal.install(self.engine, self.identity.peer_id)
@@ -196,4 +203,6 @@ class Node:
             log.error("the last checkpoint could not be written: %s", e)
         if self.exchange is not None:
             self.exchange.close()
+        elif self.runtime is not None:  # joined, but the worker or the exchange failed
+            self.runtime.close()
         self.metrics.close()

@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -38,6 +39,7 @@ class NodeRun:
     index: int
     proc: subprocess.Popen
     events: queue.Queue = field(default_factory=queue.Queue)
+    joinable: dict | None = None
     ready: dict | None = None
     last: dict | None = None
     final: dict | None = None
@@ -154,13 +156,13 @@ def run_swarm(
     deadline = time.monotonic() + swarm_cfg.timeout
     try:
         runs.append(start_node(cfgs[0], workdir))
-        _wait_ready(runs[0], deadline, stop)
+        _wait_ready(runs[0], deadline, stop, "joinable")  # its DHT is up: the others can join through it
         for c in cfgs[1:]:
             if stop.is_set():
                 break
-            c.net.initial_peers = runs[0].ready["maddrs"]
+            c.net.initial_peers = runs[0].joinable["maddrs"]
             runs.append(start_node(c, workdir))
-        for r in runs[1:]:
+        for r in runs:
             _wait_ready(r, deadline, stop)
         on_update(runs)
         stopping = False
@@ -203,7 +205,9 @@ def _drain(run: NodeRun) -> None:
         except queue.Empty:
             return
         kind = e.get("event")
-        if kind == "ready":
+        if kind == "joinable":
+            run.joinable = e
+        elif kind == "ready":
             run.ready = e
         elif kind == "round":
             run.last = e
@@ -212,10 +216,10 @@ def _drain(run: NodeRun) -> None:
             run.final = e
 
 
-def _wait_ready(run: NodeRun, deadline: float, stop: threading.Event) -> None:
-    while run.ready is None:
+def _wait_ready(run: NodeRun, deadline: float, stop: threading.Event, event: str = "ready") -> None:
+    while getattr(run, event) is None:
         _drain(run)
-        if run.ready is not None or stop.is_set():
+        if getattr(run, event) is not None or stop.is_set():
             return
         if run.proc.poll() is not None:
             raise RuntimeError(
@@ -234,6 +238,21 @@ def check_workdir(workdir: Path) -> None:
         raise ValueError(
             f"--workdir {workdir} already holds a swarm (its nodes would resume, not train): choose an empty directory"
         )
+
+
+def round_timing(runs: list[NodeRun]) -> tuple[float | None, float | None]:
+    """(median round in ms: over nodes, the median interval between a node's round events; the slowest node's
+    seconds from its launch to its first round), None where there are too few round events."""
+    per_node = []
+    for r in runs:
+        ts = [e["_t"] for e in r.rounds]
+        if len(ts) > 1:
+            per_node.append(statistics.median(b - a for a, b in zip(ts, ts[1:])))
+    firsts = [r.rounds[0]["_t"] - r.started for r in runs if r.rounds]
+    return (
+        round(1000 * statistics.median(per_node), 1) if per_node else None,
+        round(max(firsts), 2) if firsts and len(firsts) == len(runs) else None,
+    )
 
 
 def results(runs: list[NodeRun], baselines: dict[str, float], swarm_cfg: SwarmConfig, seconds: float) -> dict:
@@ -256,9 +275,12 @@ def results(runs: list[NodeRun], baselines: dict[str, float], swarm_cfg: SwarmCo
             "merged_with": final.get("merged_with"),
         }
 
+    round_ms, first_round = round_timing(runs)
     return {
         "nodes": [node(r) for r in runs],
         "centralized_baseline_accuracy": baselines,  # by model
         "wall_seconds": round(seconds, 2),
+        "median_round_ms": round_ms,
+        "first_round_seconds": first_round,  # the slowest node, from its launch
         "config": swarm_cfg.model_dump(mode="json"),
     }

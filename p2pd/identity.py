@@ -20,6 +20,7 @@ tests/test_identity.py (in a subprocess).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,11 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return base58.b58encode(bytes([_IDENTITY_MULTIHASH, len(encoded)]) + encoded).decode()
 
 
+@functools.lru_cache(maxsize=4096)  # a node checks the same few peers' signatures every round
+def _public_key(peer_id: str) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(public_key_from_peer_id(peer_id))
+
+
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """Recover the raw Ed25519 public key embedded in an Ed25519 libp2p peer id."""
     try:
@@ -64,8 +70,7 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
 def verify(peer_id: str, message: bytes, signature: bytes) -> bool:
     """True if `signature` over `message` was made by the key behind `peer_id`."""
     try:
-        key = Ed25519PublicKey.from_public_bytes(public_key_from_peer_id(peer_id))
-        key.verify(signature, message)
+        _public_key(peer_id).verify(signature, message)
         return True
     except (IdentityError, InvalidSignature, ValueError):
         return False
@@ -83,9 +88,9 @@ class Identity:
         """The raw 32-byte Ed25519 public key."""
         return self.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
-    @property
+    @functools.cached_property
     def peer_id(self) -> str:
-        """The libp2p peer id of this key (base58, `12D3KooW...`)."""
+        """The libp2p peer id of this key (base58, `12D3KooW...`), computed once."""
         return peer_id_from_public_key(self.public_key)
 
     def sign(self, message: bytes) -> bytes:

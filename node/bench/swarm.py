@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from node.config import SwarmConfig
-from node.swarm import NodeRun, _drain, run_swarm, spawn
+from node.swarm import NodeRun, _drain, round_timing, run_swarm, spawn
 from node.threads import usable_cores
 from p2pd.procs import kill_tree
 
@@ -112,16 +112,7 @@ def summarize(
     """Figures of one run from the nodes' round events (`_t`: when read) and the sampled usage;
     `extra`: sessions that serve the nodes (Flower's server), counted in CPU and memory per node."""
     run = Run(system, repeat, wall_s=round(t_end - t0, 2))
-    per_node = []
-    for n in nodes:
-        ts = [e["_t"] for e in n.rounds]
-        if len(ts) > 1:
-            per_node.append(statistics.median(b - a for a, b in zip(ts, ts[1:])))
-    if per_node:
-        run.round_ms = round(1000 * statistics.median(per_node), 1)
-    firsts = [n.rounds[0]["_t"] - n.started for n in nodes if n.rounds]
-    if len(firsts) == len(nodes):
-        run.first_round_s = round(max(firsts), 2)
+    run.round_ms, run.first_round_s = round_timing(nodes)
     # every node's latest accuracy, over time
     events = sorted(
         (e["_t"], n.index, e["accuracy"]) for n in nodes for e in n.rounds if e.get("accuracy") is not None

@@ -34,18 +34,16 @@ _RETRY = ("timeout", "unavailable", "busy", "not_found", "rate_limited", "denied
 
 
 class GrpcExchange:
-    """Joins the swarm and serves: the node's DHT membership (`discovery`), the final merge's
-    averager when `comm.final_merge` is set (`merger`, shaped like `model_state`), and its gRPC
-    server (`server`, with TLS and admission). Forks the DHT and averager processes first,
+    """Serves on a joined `runtime` (node/runtime.py: the node's DHT membership `discovery`,
+    TLS and admission): the final merge's averager when `comm.final_merge` is set (`merger`,
+    shaped like `model_state`) and the gRPC server (`server`). Forks the averager process first,
     before any gRPC object exists in this process (see HIVEMIND.md). `stop` is set when the
     node is asked to stop. Raises DiscoveryError or OSError (ports in use) with one line."""
 
-    def __init__(self, cfg, identity, model_state: dict, metrics: NodeMetrics, stop: threading.Event):
-        from node.runtime import Runtime
-
+    def __init__(self, cfg, runtime, model_state: dict, metrics: NodeMetrics, stop: threading.Event):
         self.comm, self.record_ttl = cfg.comm, cfg.net.record_ttl
-        self.metrics, self.stop, self.identity, self.me = metrics, stop, identity, identity.peer_id
-        self.runtime = Runtime(cfg, identity)
+        self.runtime, self.identity = runtime, runtime.identity
+        self.metrics, self.stop, self.me = metrics, stop, runtime.identity.peer_id
         self.discovery, self.tls = self.runtime.discovery, self.runtime.tls
         self.merger = None
         if cfg.comm.final_merge:
