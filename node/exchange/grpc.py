@@ -30,6 +30,10 @@ from p2pd.tensors import SnapshotKey
 log = logging.getLogger("atoll.exchange")
 
 REFRESH_SECONDS = 1.0  # how often the view of the live members is re-read from the DHT
+# A neighbour that refuses connections (nothing listens at its address: it is gone, or its
+# advertised address is wrong) for this long is given up for the round instead of retried until
+# fetch_timeout; one that accepts but is slow still gets the whole fetch_timeout.
+REFUSED_SECONDS = 2.0
 _RETRY = ("timeout", "unavailable", "busy", "not_found", "rate_limited", "denied")
 
 
@@ -148,7 +152,7 @@ class GrpcExchange:
         at = (key.round, key.step)
         address = self._addresses[peer_id]
         client = self._client(address)
-        reason, answered = "timeout", False
+        reason, answered, refused_since = "timeout", False, None
         while time.monotonic() < deadline and not self.stop.is_set():
             try:
                 t0, wait = time.monotonic(), max(0.0, min(MAX_HEALTH_WAIT, deadline - time.monotonic() - 0.5))
@@ -188,6 +192,10 @@ class GrpcExchange:
                 break
             except FetchError as e:
                 reason = e.reason
+                if reason == "unavailable" and not answered:
+                    refused_since = refused_since or time.monotonic()
+                    if time.monotonic() - refused_since > REFUSED_SECONDS:
+                        break
                 if e.reason in _RETRY:  # denied: a peer that joined a moment ago may not know us yet
                     time.sleep(0.1)
                     continue
