@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -201,8 +202,9 @@ def _human_event(e: dict) -> None:
     elif kind == "round":
         typer.echo(console.round_line(e, console.width()))
     else:
-        acc = f"{100 * e['accuracy']:.1f}%" if e.get("accuracy") is not None else "n/a"
-        typer.echo(f"{kind} at round {e['round']}: accuracy {acc}")
+        metric = e.get("metric", "accuracy")
+        score = console.score_text(metric, e.get("score"))
+        typer.echo(f"{kind} at round {e['round']}: " + (f"accuracy {score}" if metric == "accuracy" else score))
 
 
 @swarm_app.command("up")
@@ -274,8 +276,8 @@ def swarm_up(
             console.with_path(f"interrupted after {wall:.1f} s; the nodes checkpointed in", wd, console.width())
         )
         for n in res["nodes"]:
-            acc = f"{100 * n['final_accuracy']:.1f}%" if n["final_accuracy"] is not None else "-"
-            typer.echo(f"  node {n['index']} ({n['model']}): {n['state']} at round {n['rounds'] or 0}, accuracy {acc}")
+            score = console.score_text(n["metric"], n["final_score"])
+            typer.echo(f"  node {n['index']} ({n['model']}): {n['state']} at round {n['rounds'] or 0}, {score}")
         _write_results(out, dict(res, interrupted=True))
         raise typer.Exit(130)
     typer.echo("training the centralized baseline (same model and steps, all data)...", err=True)
@@ -289,18 +291,19 @@ def swarm_up(
         + (f" ({scfg.nodes - len(unfinished)} nodes finished)" if unfinished else "")
     )
     for name, baseline in baselines.items():
-        accs = [
-            n["final_accuracy"] for n in res["nodes"] if n["model"] == name and n["final_accuracy"] is not None
-        ] or [0.0]
+        mine = [n for n in res["nodes"] if n["model"] == name and n["final_score"] is not None]
+        scores = [n["final_score"] for n in mine] or [0.0]
+        metric = mine[0]["metric"] if mine else "accuracy"
+        higher = runs[mine[0]["index"]].ready.get("higher_is_better", True) if mine else True
+        worst = min(scores) if higher else max(scores)
+        show = functools.partial(console.score_text, metric)
         label = f" {name}" if len(baselines) > 1 else ""
         typer.echo(
-            f"  node accuracy{label}: min {100 * min(accs):.1f}%  mean {100 * sum(accs) / len(accs):.1f}%  "
-            f"max {100 * max(accs):.1f}%"
+            f"  node {metric}{label}: min {show(min(scores))}  mean {show(sum(scores) / len(scores))}  "
+            f"max {show(max(scores))}"
         )
-        typer.echo(
-            f"  centralized baseline{label}: {100 * baseline:.1f}%  (gap of the worst node: "
-            f"{100 * (baseline - min(accs)):+.1f} points)"
-        )
+        gap = f"{100 * (baseline - worst):+.1f} points" if metric == "accuracy" else f"{worst - baseline:+.4g}"
+        typer.echo(f"  centralized baseline{label}: {show(baseline)}  (gap of the worst node: {gap})")
     sent = sum(n["sent_bytes"] or 0 for n in res["nodes"])
     typer.echo(f"  bytes sent by all nodes: {sent / 1e6:.1f} MB")
     if res["median_round_ms"] is not None and res["first_round_seconds"] is not None:

@@ -226,6 +226,15 @@ class NodeConfig(_Strict):
 
     node_index: int = Field(0, ge=0, description="this node's data partition")
     node_count: int = Field(1, ge=1, description="number of partitions the data set is cut into")
+    task: str | None = Field(
+        None,
+        max_length=1024,
+        description="your own workload (node/task): module:attribute or path/to/file.py:attribute, "
+        "relative to the folder atoll runs in; default: image classification of `data` with `model`",
+    )
+    task_config: dict[str, Any] = Field(
+        default_factory=dict, description="parameters handed to the task's function (with `task`)"
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
     threads: int | None = Field(
         None,
@@ -281,6 +290,20 @@ class NodeConfig(_Strict):
                 f"experts.cluster {self.experts.cluster} must be < experts.clusters {self.experts.clusters}"
             )
         sec = self.security
+        if self.task is None and self.task_config:
+            raise ValueError("task_config is for a task of your own: set task as well")
+        if self.task is not None:  # these need the built-in classification data (node/task/images.py)
+            needs_labels = [
+                name
+                for name, on in (
+                    ("comm.exchange: logits", c.exchange == "logits"),
+                    ("security.aggregator: bristle", sec.aggregator == "bristle"),
+                    (f"security.attack: {sec.attack}", sec.attack in ("label_flip", "sybil")),
+                )
+                if on
+            ]
+            if needs_labels:
+                raise ValueError(f"{', '.join(needs_labels)} work on the built-in image tasks only, not with task")
         if (sec.aggregator != "mean" or sec.attack) and (c.exchange != "model" or c.algorithm != "gossip"):
             raise ValueError(
                 "security.aggregator and security.attack need comm.exchange model and comm.algorithm gossip"

@@ -74,7 +74,7 @@ class Node:
             summary = dict(
                 event="done" if finished else "stopped",
                 round=r,
-                accuracy=self.accuracy,
+                **self._score(self.accuracy),
                 model_digest=pack(self.worker.state()).hexdigest,
                 merged_with=self.merged_with,
                 peer_id=self.identity.peer_id,
@@ -91,13 +91,12 @@ class Node:
         cfg, net = self.cfg, self.cfg.net
         self.threads = set_threads(cfg.threads)
         self.identity = Identity.load_or_create(net.identity_path)
-        # Join before building the worker: others can bootstrap through this node while it
-        # loads its data and torch's optimizers import their compiler (about 1 s).
+        # the task's hooks run here: a broken task fails before the node joins
+        self.worker = Worker(cfg, pick_device(cfg.device))
         self.runtime = Runtime(cfg, self.identity)
-        self.on_event(
+        self.on_event(  # others can bootstrap through this node from now on
             dict(event="joinable", peer_id=self.identity.peer_id, maddrs=self.runtime.discovery.visible_maddrs())
         )
-        self.worker = Worker(cfg, pick_device(cfg.device))
         self.ckpt_dir = Path(cfg.checkpoint_dir).expanduser()
         self.writer = checkpoint.Writer(self.ckpt_dir, lambda when: setattr(self.metrics, "checkpoint_time", when))
         resumed = checkpoint.resume(self.ckpt_dir, self.worker, self.identity.peer_id)
@@ -124,6 +123,7 @@ class Node:
             dataset_size=self.worker.dataset_size,
             round=self.start_round,
             proxy_digest=self.worker.proxy_digest,
+            task_digest=self.worker.task_digest,
             roles=("trainer",),
             metrics_port=self.metrics_port or 0,
         )
@@ -142,6 +142,8 @@ class Node:
                 metrics_port=self.metrics_port,
                 start_round=self.start_round,
                 dataset_size=self.worker.dataset_size,
+                metric=self.worker.metric,
+                higher_is_better=self.worker.task.task.higher_is_better,
                 device=str(self.worker.device),
                 threads=self.threads,
                 dht_pid=self.discovery.pid,
@@ -175,7 +177,7 @@ class Node:
                 round=r,
                 rounds=self.cfg.train.rounds,
                 loss=round(self.loss, 5),
-                accuracy=round(self.accuracy, 5),
+                **self._score(round(self.accuracy, 5)),
                 mixed=len(res.mixed),
                 peers=self.exchange.live,
                 sent_bytes=self.exchange.sent_bytes,
@@ -184,6 +186,12 @@ class Node:
                 model_digest=pack(self.worker.state()).hexdigest,
             )
         )
+
+    def _score(self, value: float | None) -> dict:
+        """The task's metric for an event: `metric` (its name) and `score`, and `accuracy` as
+        well when that is the metric (what tools read for the built-in tasks)."""
+        metric = self.worker.metric
+        return dict(metric=metric, score=value, **({"accuracy": value} if metric == "accuracy" else {}))
 
     def _rolled_back(self, r: int, where: str) -> None:
         self.metrics.rollbacks.labels(reason=where).inc()

@@ -23,10 +23,7 @@ from pathlib import Path
 import yaml
 
 from node.config import NodeConfig, SwarmConfig
-from node.data import load_dataset
-from node.models import build_model
 from node.threads import usable_cores
-from node.train import LocalTrainer, evaluate, make_optimizer, round_lr, set_lr
 from p2pd.procs import kill_tree
 
 
@@ -113,8 +110,8 @@ def node_configs(swarm_cfg: SwarmConfig, workdir: Path) -> list[NodeConfig]:
 
 
 def model_name(cfg: NodeConfig) -> str:
-    """`family:width` of the node's model, e.g. `cnn:32`."""
-    return f"{cfg.model.family}:{cfg.model.width}"
+    """`family:width` of the node's model, e.g. `cnn:32`, or the reference of its own task."""
+    return cfg.task or f"{cfg.model.family}:{cfg.model.width}"
 
 
 def centralized_baselines(swarm_cfg: SwarmConfig) -> dict[str, float]:
@@ -127,19 +124,15 @@ def centralized_baselines(swarm_cfg: SwarmConfig) -> dict[str, float]:
 
 
 def centralized_baseline(base: NodeConfig) -> float:
-    """Same model, init, optimizer and schedule, trained on all training data with the same
-    number of steps as one node (rounds x local steps)."""
-    ds = load_dataset(
-        base.data.dataset, test_fraction=base.data.test_fraction, seed=base.data.seed, path=base.data.path
-    )
-    model = build_model(base.model.family, ds.input_shape, ds.num_classes, base.model.width, base.train.seed)
-    o, rounds = base.optim, base.train.rounds
-    opt = make_optimizer(model, o.name, o.lr, o.momentum, o.weight_decay)
-    trainer = LocalTrainer(model, opt, ds.x_train, ds.y_train, o.batch_size, seed=base.train.seed)
-    for r in range(rounds):
-        set_lr(opt, round_lr(o.lr, o.schedule, r, rounds, o.final_lr_fraction))
-        trainer.train_round(r, steps=base.train.local_steps or 10)
-    return evaluate(model, ds.x_test, ds.y_test)
+    """Same task, model, init, optimizer and schedule, trained as the only node (all the
+    training data) with the same number of steps as one node (rounds x local steps); returns
+    the task's metric."""
+    from node.worker import Worker
+
+    worker = Worker(base.model_copy(update={"node_count": 1, "node_index": 0}))
+    for r in range(base.train.rounds):
+        worker.train(r)
+    return worker.evaluate()
 
 
 def run_swarm(
@@ -265,6 +258,8 @@ def results(runs: list[NodeRun], baselines: dict[str, float], swarm_cfg: SwarmCo
             "index": r.index,
             "peer_id": (r.ready or {}).get("peer_id"),
             "model": r.model,
+            "metric": final.get("metric", last.get("metric", "accuracy")),
+            "final_score": final.get("score", last.get("score")),
             "final_accuracy": final.get("accuracy", last.get("accuracy")),
             "rounds": final.get("round", last.get("round")),
             "state": final.get("event", "killed"),
@@ -278,7 +273,7 @@ def results(runs: list[NodeRun], baselines: dict[str, float], swarm_cfg: SwarmCo
     round_ms, first_round = round_timing(runs)
     return {
         "nodes": [node(r) for r in runs],
-        "centralized_baseline_accuracy": baselines,  # by model
+        "centralized_baseline": baselines,  # by model: the task's metric
         "wall_seconds": round(seconds, 2),
         "median_round_ms": round_ms,
         "first_round_seconds": first_round,  # the slowest node, from its launch

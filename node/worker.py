@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import copy
 import math
-from functools import lru_cache
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from node import distill
 from node.aggregate.vectors import flatten
 from node.config import ConfigError, NodeConfig
-from node.data import Dataset, load_dataset, partition
-from node.models import build_model
 from node.security import Attack, flip_labels
 from node.security.defence import Defence
 from node.security.trust import TrustTracker
-from node.train import LocalTrainer, RoundStats, evaluate, make_optimizer, restore_optimizer, round_lr, set_lr
+from node.task import Checked, TensorDataset
+from node.task.images import image_task
+from node.task.load import digest as task_digest
+from node.task.load import load as load_task
+from node.train import LocalTrainer, RoundStats, make_optimizer, restore_optimizer, round_lr, set_lr
 
 MAX_ROLLBACKS = 3  # consecutive non-finite rounds before a node gives up with an error
 
@@ -60,50 +59,32 @@ def device_label(dev: torch.device) -> str:
     return dev.type if dev.index is None or dev.type != "cuda" else f"cuda:{dev.index}"
 
 
-@lru_cache(maxsize=4)
-def _dataset(name: str, test_fraction: float, seed: int, path: Path | None) -> Dataset:
-    """Loaded once per process: the virtual nodes of a simulation share one copy."""
-    return load_dataset(name, test_fraction=test_fraction, seed=seed, path=path)
+def task_for(cfg: NodeConfig) -> Checked:
+    """The task of `cfg` with its hooks checked: `cfg.task` loaded (node/task/load.py), or the
+    built-in image classification of `cfg.data` and `cfg.model`. Raises TaskError, ConfigError."""
+    if cfg.task is None:
+        return Checked(image_task(cfg), "built-in")
+    return load_task(cfg.task, cfg.task_config)
 
 
 class Worker:
-    """The model, data and optimizer of node `cfg.node_index` of `cfg.node_count`.
+    """The model, data and optimizer of node `cfg.node_index` of `cfg.node_count` on its task
+    (node/task: the user's own, or the built-in image classification).
 
-    Attributes: `model` (on `device`), `optimizer`, `trainer`, `x`/`y` (this node's training
-    partition, labels flipped for a label-flipping attack rehearsal), `x_test`/`y_test`,
-    `defence` (trust tracker and aggregator), `init_vector` (the shared init, flat float32),
-    and for `comm.exchange: logits` the proxy set `proxy_x`, its `proxy_digest`, the rows this
-    node speaks for (`proxy_rows`) and a momentum-free `distill_opt`.
-    Raises ConfigError for a proxy set that does not fit the data, DatasetMissing for data
-    that is not installed."""
+    Attributes: `task` (the checked task), `model` (on `device`), `optimizer`, `trainer`, `data`
+    (this node's training samples), `task_digest` (task name, task_config and parameter shapes),
+    `defence` (trust tracker and aggregator), `init_vector` (the shared init, flat float32).
+    Classification tasks (`task.labelled`) also give `x`/`y` (the partition on `device`, labels
+    flipped for a label-flipping rehearsal), `num_classes`, and for `comm.exchange: logits` the
+    proxy set `proxy_x`, its `proxy_digest`, the rows this node speaks for (`proxy_rows`) and a
+    momentum-free `distill_opt`. The task's hooks run once at build (a batch's loss, evaluate), so
+    a broken task fails here, before the node joins. Raises ConfigError, TaskError, and
+    DatasetMissing for data that is not installed."""
 
     def __init__(self, cfg: NodeConfig, device: torch.device = torch.device("cpu")):
         self.cfg, self.device = cfg, device
-        d = cfg.data
-        ds = _dataset(d.dataset, d.test_fraction, d.seed, d.path)
-        self.num_classes = ds.num_classes
-        pool = np.arange(len(ds.y_train))
-        self.proxy_digest = ""
-        if cfg.comm.exchange == "logits":  # the proxy set is nobody's labelled data: it leaves the pool first
-            try:
-                proxy_idx, self.proxy_digest = distill.proxy_split(
-                    len(pool), cfg.distill.proxy_size, d.seed, d.dataset
-                )
-            except ValueError as e:
-                raise ConfigError(f"invalid config: distill.proxy_size: {e}") from None
-            pool = np.setdiff1d(pool, proxy_idx)
-            self.proxy_x = ds.x_train[torch.from_numpy(proxy_idx)].to(device)
-        # many nodes on a small data set: each still needs a few samples
-        min_size = max(1, min(10, len(pool) // (2 * cfg.node_count)))
-        parts = partition(
-            ds.y_train.numpy()[pool],
-            cfg.node_count,
-            d.partition,
-            alpha=d.alpha,
-            shards_per_node=d.shards_per_node,
-            seed=d.seed,
-            min_size=min_size,
-        )
+        self.task = task_for(cfg)
+        labelled = self.task.task.labelled
         sec = cfg.security
         try:
             self.attack = Attack(sec.attack, **sec.attack_params) if sec.attack else None
@@ -114,35 +95,55 @@ class Worker:
             index = int(self.attack.data_of)
             if index >= cfg.node_count:
                 raise ConfigError(f"invalid config: security.attack_params.data_of must be < {cfg.node_count}")
-        mine = torch.from_numpy(pool[parts[index]])
-        self.x, self.y = ds.x_train[mine].to(device), ds.y_train[mine].to(device)
-        if self.attack is not None and self.attack.flips_labels:
-            self.y = flip_labels(self.y, ds.num_classes)
-        self.x_test, self.y_test = ds.x_test.to(device), ds.y_test.to(device)
+        data = self.task.train_data(index, cfg.node_count, cfg.data.seed)
+        self.x = self.y = self.proxy_x = None
+        self.num_classes, self.proxy_digest = 0, ""
+        if labelled is not None:
+            self.x, self.y = data.tensors[0].to(device), data.tensors[1].to(device)
+            if self.attack is not None and self.attack.flips_labels:
+                self.y = flip_labels(self.y, labelled.num_classes)
+            data = TensorDataset(self.x, self.y)
+            self.num_classes, self.proxy_digest = labelled.num_classes, labelled.proxy_digest
+            if labelled.proxy_x is not None:
+                self.proxy_x = labelled.proxy_x.to(device)
+        elif isinstance(data, TensorDataset):  # indexed in place: on the device once
+            data = TensorDataset(*(t.to(device) for t in data.tensors))
+        self.data = data
         m, o = cfg.model, cfg.optim
-        self.model = build_model(
-            m.family, ds.input_shape, ds.num_classes, m.width, cfg.train.seed if m.seed is None else m.seed
-        ).to(device)
-        self.optimizer = make_optimizer(self.model, o.name, o.lr, o.momentum, o.weight_decay)
+        self.model = self.task.model(cfg.train.seed if m.seed is None else m.seed).to(device)
+        self.optimizer = self.task.optimizer(self.model.parameters()) or make_optimizer(
+            self.model, o.name, o.lr, o.momentum, o.weight_decay
+        )
         seed = cfg.train.seed * 7919 + index
-        self.trainer = LocalTrainer(self.model, self.optimizer, self.x, self.y, o.batch_size, seed, o.sam_rho)
+        self.trainer = LocalTrainer(self.model, self.optimizer, data, self.task.loss, o.batch_size, seed, o.sam_rho)
         self.init_vector = flatten(self.model.state_dict())
         tracker = TrustTracker(flag_below=sec.flag_below, sybil_similarity=sec.sybil_similarity)
         self.defence = Defence(
-            sec.aggregator, self.model, self.x, self.y, ds.num_classes, sec.byzantine_fraction, seed, tracker
+            sec.aggregator, self.model, self.x, self.y, self.num_classes, sec.byzantine_fraction, seed, tracker
         )
         if cfg.comm.exchange == "logits":
             # its own momentum-free optimizer: see node.distill.kd.distill_steps
             self.distill_opt = torch.optim.SGD(self.model.parameters(), lr=cfg.distill.lr or o.lr)
             filtered = distill.uses_filter(cfg.distill.method)
-            self.proxy_rows = distill.speaking_rows(filtered, self.x, self.proxy_x, d.seed)
+            self.proxy_rows = distill.speaking_rows(filtered, self.x, self.proxy_x, cfg.data.seed)
+        self.task_digest = task_digest(self.task.task, cfg.task_config, self.model)
         self._good: tuple | None = None
         self.rollbacks_in_a_row = 0
+        self.metrics: dict[str, float] = {}
+        self._try_hooks()
+
+    def _try_hooks(self) -> None:
+        """A batch's loss and one evaluation, so a task whose hooks fail does so at start.
+        In eval mode and without gradients: nothing of the model changes."""
+        self.model.eval()
+        with torch.no_grad():
+            self.task.loss(self.model, self.trainer.batch(torch.arange(min(2, len(self.data)))))
+        self.evaluate()
 
     @property
     def dataset_size(self) -> int:
         """Training samples in this node's partition."""
-        return len(self.x)
+        return len(self.data)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The model's state dict (live tensors: clone before keeping it across training)."""
@@ -169,9 +170,16 @@ class Worker:
         """Whether every floating tensor of the model is finite."""
         return all(bool(torch.isfinite(t).all()) for t in self.state().values() if t.is_floating_point())
 
+    @property
+    def metric(self) -> str:
+        """Name of the metric evaluate() returns (the task's, e.g. accuracy or mse)."""
+        return self.task.task.metric
+
     def evaluate(self) -> float:
-        """Top-1 accuracy on the shared test split, in [0, 1]."""
-        return evaluate(self.model, self.x_test, self.y_test)
+        """The task's metric on its held-out data (accuracy in [0, 1] for the built-in tasks);
+        every metric the task returned is kept in `metrics`."""
+        self.metrics = self.task.evaluate(self.model)
+        return self.metrics[self.metric]
 
     # -- rollback of non-finite rounds ------------------------------------------------------
     def keep_good_state(self) -> None:
@@ -205,7 +213,7 @@ class Worker:
             optimizer=c.optim.name,
             node_index=c.node_index,
             node_count=c.node_count,
-            model=f"{c.model.family}/{c.model.width}",
+            model=f"{c.model.family}/{c.model.width}" if c.task is None else f"task/{self.task_digest[:32]}",
         )
 
     def restore(self, model_sd: dict, optim_t: dict, optim_meta: dict) -> None:

@@ -79,6 +79,7 @@ class PeerRecord(BaseModel):
         tuple[Annotated[str, Field(pattern=_SNAPSHOT_ENTRY)], ...], Field(max_length=MAX_SNAPSHOTS)
     ] = ()
     proxy_digest: str = ""  # logit exchange: hex digest of the node's proxy set, "" if it exchanges models
+    task_digest: str = ""  # node/task: hex digest of the task's name, task_config and parameter shapes
     roles: Annotated[tuple[Role, ...], Field(max_length=5)] = ("trainer",)
     # diffusion experts (node/experts/): the cluster an expert models (-1: not an expert) and the
     # digest of the clustering it belongs to; model_digest is then its checkpoint's sha256
@@ -121,7 +122,7 @@ class PeerRecord(BaseModel):
             raise ValueError(f"device must be cpu, mps or cuda[:N], got {v!r}")
         return v
 
-    @field_validator("model_digest", "proxy_digest", "cluster_digest")
+    @field_validator("model_digest", "proxy_digest", "cluster_digest", "task_digest")
     @classmethod
     def _digest(cls, v: str) -> str:
         if v and not _HEX64.fullmatch(v):

@@ -10,6 +10,8 @@ from node.comm.topology import degree, neighbours
 from node.config import ConfigError, load_config, parse_override
 from node.data import load_dataset, partition
 from node.models import build_model
+from node.task import TensorDataset
+from node.task.images import classification_loss
 from node.train import LocalTrainer, evaluate, make_optimizer, optimizer_tensors, restore_optimizer
 
 
@@ -211,7 +213,7 @@ def test_local_training_learns_digits():
     ds = load_dataset()
     model = build_model("mlp", ds.input_shape, 10, 64, seed=0)
     opt = make_optimizer(model, "sgd", 0.05, 0.9, 0.0)
-    trainer = LocalTrainer(model, opt, ds.x_train, ds.y_train, 32, seed=0)
+    trainer = LocalTrainer(model, opt, TensorDataset(ds.x_train, ds.y_train), classification_loss, 32, seed=0)
     before = evaluate(model, ds.x_test, ds.y_test)
     stats = trainer.train_round(0, steps=300)
     after = evaluate(model, ds.x_test, ds.y_test)
@@ -221,7 +223,8 @@ def test_local_training_learns_digits():
 def test_time_budget_and_stop():
     ds = load_dataset()
     model = build_model("cnn", ds.input_shape, 10, 8)
-    trainer = LocalTrainer(model, make_optimizer(model, "adam", 1e-3, 0.0, 0.0), ds.x_train, ds.y_train, 16, seed=0)
+    opt = make_optimizer(model, "adam", 1e-3, 0.0, 0.0)
+    trainer = LocalTrainer(model, opt, TensorDataset(ds.x_train, ds.y_train), classification_loss, 16, seed=0)
     s = trainer.train_round(0, seconds=0.2)
     assert s.steps >= 1 and s.seconds < 2
     assert trainer.train_round(1, steps=100, stop=lambda: True).steps == 1  # finishes the current step only
@@ -386,7 +389,13 @@ def test_sam_steps_learn_and_differ_from_sgd():
     for rho in (0.0, 0.05):
         model = build_model("mlp", ds.input_shape, 10, 64, seed=0)
         trainer = LocalTrainer(
-            model, make_optimizer(model, "sgd", 0.05, 0.9, 0.0), ds.x_train, ds.y_train, 32, seed=0, sam_rho=rho
+            model,
+            make_optimizer(model, "sgd", 0.05, 0.9, 0.0),
+            TensorDataset(ds.x_train, ds.y_train),
+            classification_loss,
+            32,
+            seed=0,
+            sam_rho=rho,
         )
         trainer.train_round(0, steps=300)
         out[rho] = (evaluate(model, ds.x_test, ds.y_test), model.state_dict()["1.weight"].clone())

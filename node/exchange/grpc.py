@@ -69,6 +69,7 @@ class GrpcExchange:
         self._refresher: threading.Thread | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._other_task: set[str] = set()  # peers named once for running another task
 
     @property
     def sent_bytes(self) -> int:
@@ -85,11 +86,31 @@ class GrpcExchange:
         if self._refresher is None:
             self._refresher = threading.Thread(target=self._refresh_loop, name="atoll-members", daemon=True)
             self._refresher.start()
-        live = self._view
+        live = self._same_task(self._view)
         self.live = len(live)
         self.metrics.peers_live.set(len(live))
         self._addresses = {p.peer_id: p.grpc_address for p in live}
         return [Member(p.peer_id, max(1, p.dataset_size)) for p in sorted(live, key=lambda p: p.peer_id)]
+
+    def _same_task(self, live: list) -> list:
+        """The peers whose signed task digest matches ours (model exchange only: logit exchange
+        mixes architectures by design). Others are never fetched nor merged; each is named once
+        at WARNING. A record without a digest (an older release) is kept: its snapshots are still
+        checked tensor by tensor."""
+        mine = self.discovery.record.task_digest if self.discovery.record is not None else ""
+        if self.comm.exchange != "model" or not mine:
+            return live
+        other = [p for p in live if p.task_digest not in ("", mine)]
+        for p in other:
+            if p.peer_id not in self._other_task:
+                self._other_task.add(p.peer_id)
+                log.warning(
+                    "peer %s runs another task or model shape (task digest %s, ours %s): not exchanging with it",
+                    p.peer_id[:16],
+                    p.task_digest[:12],
+                    mine[:12],
+                )
+        return [p for p in live if p not in other]
 
     def publish(self, key: SnapshotKey, tensors: dict, **record: Any) -> None:
         """Serve `tensors` as `key`, its digest (with every other held one's) signed into the

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from node.task import to_device
 
 
 @dataclass
@@ -53,8 +58,11 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weig
 
 
 class LocalTrainer:
-    """Minibatch training on (x, y) already on `device`. Batches are drawn from a generator
-    seeded per (seed, round), so a resumed node replays the same sample order.
+    """Minibatch training on a task's data (`data`: a map-style Dataset; a TensorDataset is
+    indexed in place, on the tensors' device, any other one item by item, collated with torch's
+    default_collate and moved to the model's device). Batches are drawn with replacement from a
+    generator seeded per (seed, round), so a resumed node replays the same sample order.
+    `loss(model, batch)` returns the scalar loss of a batch.
 
     `sam_rho` > 0 makes every step a SAM step (as in DFedSAM): the gradient is taken at the
     worst-case point w + rho * g / ||g|| of the neighbourhood and applied at w."""
@@ -63,8 +71,8 @@ class LocalTrainer:
         self,
         model: nn.Module,
         optimizer,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        data: Dataset,
+        loss: Callable[[nn.Module, Any], torch.Tensor],
         batch_size: int,
         seed: int,
         sam_rho: float = 0.0,
@@ -72,11 +80,18 @@ class LocalTrainer:
         if sam_rho < 0:
             raise ValueError("sam_rho must be >= 0")
         self.sam_rho = sam_rho
-        self.model, self.optimizer = model, optimizer
-        self.x, self.y = x, y
-        self.batch_size = min(batch_size, len(x))
+        self.model, self.optimizer, self.data, self.loss = model, optimizer, data, loss
+        self._tensors = data.tensors if isinstance(data, TensorDataset) else None
+        self.device = next(model.parameters()).device
+        self.batch_size = min(batch_size, len(data))
         self.seed = seed
-        self.loss_fn = nn.CrossEntropyLoss()
+
+    def batch(self, idx: torch.Tensor):
+        """The samples at indices `idx` (int64 (B,)), on the model's device."""
+        if self._tensors is not None:
+            idx = idx.to(self._tensors[0].device)
+            return tuple(t[idx] for t in self._tensors)
+        return to_device(default_collate([self.data[i] for i in idx.tolist()]), self.device)
 
     def train_round(
         self, round_: int, steps: int | None = None, seconds: float | None = None, stop=lambda: False
@@ -94,19 +109,20 @@ class LocalTrainer:
                 break
             if done > 0 and stop():
                 break
-            idx = torch.randint(len(self.x), (self.batch_size,), generator=gen).to(self.x.device)
+            idx = torch.randint(len(self.data), (self.batch_size,), generator=gen)
+            batch = self.batch(idx)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self.model(self.x[idx]), self.y[idx])
+            loss = self.loss(self.model, batch)
             loss.backward()
             if self.sam_rho > 0:
-                self._sam_gradient(idx)
+                self._sam_gradient(batch)
             self.optimizer.step()
             total_loss += float(loss.detach())
             done += 1
             samples += len(idx)
         return RoundStats(total_loss / max(done, 1), done, samples, time.perf_counter() - t0)
 
-    def _sam_gradient(self, idx: torch.Tensor) -> None:
+    def _sam_gradient(self, batch) -> None:
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.norm(torch.stack([p.grad.norm(2) for p in params]), 2) + 1e-12
         with torch.no_grad():
@@ -114,7 +130,7 @@ class LocalTrainer:
             for p, e in zip(params, shifts):
                 p.add_(e)
         self.optimizer.zero_grad(set_to_none=True)
-        self.loss_fn(self.model(self.x[idx]), self.y[idx]).backward()
+        self.loss(self.model, batch).backward()
         with torch.no_grad():
             for p, e in zip(params, shifts):
                 p.sub_(e)

@@ -1,0 +1,181 @@
+"""Bring your own task (node/task): a workload atoll has never seen runs in daemons and in the
+simulator, and a broken task is one clear line before the node joins."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from helpers import ROOT
+
+from node.config import NodeConfig, SwarmConfig
+from node.sim import Simulation
+from node.task import TaskError
+from node.worker import Worker
+
+REGRESSION = textwrap.dedent(
+    '''
+    """Linear regression on synthetic data: each node holds too few samples to fit the 20
+    weights alone (16 each), the three together hold enough."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    from node.task import Task
+
+
+    def task(config):
+        dim, per_node, noise = int(config["dim"]), int(config["per_node"]), 0.1
+        truth = torch.randn(dim, 1, generator=torch.Generator().manual_seed(0))
+
+        def sample(n, seed):
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(n, dim, generator=g)
+            return x, x @ truth + noise * torch.randn(n, 1, generator=g)
+
+        x_test, y_test = sample(500, 12345)
+
+        def model(seed):
+            torch.manual_seed(seed)
+            return torch.nn.Linear(dim, 1)
+
+        return Task(
+            name="linear-regression",
+            model=model,
+            train_data=lambda index, count, seed: TensorDataset(*sample(per_node, 1000 * seed + index + 1)),
+            loss=lambda m, batch: F.mse_loss(m(batch[0]), batch[1]),
+            evaluate=lambda m: {"mse": float(F.mse_loss(m(x_test), y_test))},
+            metric="mse",
+            higher_is_better=False,
+        )
+    '''
+)
+
+NODE = {
+    "task_config": {"dim": 20, "per_node": 16},
+    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 8, "schedule": "constant"},
+    "train": {"rounds": 30, "local_steps": 5},
+    "comm": {"topology": "ring"},
+    "threads": 1,
+}
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    path = tmp_path / "regression.py"
+    path.write_text(REGRESSION)
+    return path
+
+
+def node_config(task_file, **over) -> dict:
+    return {**NODE, "task": f"{task_file}:task", **over}
+
+
+def isolated_mse(tree: dict, nodes: int) -> list[float]:
+    """Each node trains alone on its partition for the same steps."""
+    out = []
+    for i in range(nodes):
+        w = Worker(NodeConfig.model_validate({**tree, "node_count": nodes, "node_index": i}))
+        for r in range(w.cfg.train.rounds):
+            w.train(r)
+        out.append(w.evaluate())
+    return out
+
+
+def test_a_task_atoll_never_saw_runs_in_the_simulator_and_beats_isolated_nodes(task_file):
+    tree = node_config(task_file)
+    res = Simulation(SwarmConfig(nodes=3, node=NodeConfig.model_validate(tree))).run()
+    alone = isolated_mse(tree, 3)
+    assert max(res.final_accuracies) < min(alone), (res.final_accuracies, alone)  # MSE: lower is better
+    w = Worker(NodeConfig.model_validate(tree))
+    assert w.metric == "mse" and set(w.metrics) == {"mse"} and w.x is None
+
+
+@pytest.mark.integration
+def test_a_task_atoll_never_saw_runs_in_a_three_daemon_swarm(task_file, tmp_path):
+    tree = node_config(task_file, net={"swarm": "own-task", "record_ttl": 10})
+    swarm_file = tmp_path / "swarm.yaml"
+    swarm_file.write_text(yaml.safe_dump({"nodes": 3, "node": tree}))
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", "swarm", "up", "-c", str(swarm_file), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    finals = [n["final_score"] for n in res["nodes"]]
+    assert all(n["metric"] == "mse" and n["rounds"] == 30 for n in res["nodes"])
+    alone = isolated_mse({k: v for k, v in tree.items() if k != "net"}, 3)
+    assert max(finals) < min(alone), (finals, alone)
+    assert "node mse: min" in r.stdout and "centralized baseline: mse" in r.stdout
+
+
+BROKEN = {
+    "missing file": ("{dir}/nope.py:task", "", "not found"),
+    "missing module": ("no_such_pkg.tasks:task", "", "no module named 'no_such_pkg'"),
+    "missing attribute": ("{file}:nothing", "", "has no attribute 'nothing'"),
+    "not a task": ("{file}:VALUE", "VALUE = 3\n", "is a int, expected a Task"),
+    "import error": ("{file}:task", "import no_such_module_x\n", "importing regression.py raised ModuleNotFoundError"),
+    "hook raises": (
+        "{file}:bad",
+        "def bad(config):\n    t = task(config)\n    import dataclasses\n"
+        "    return dataclasses.replace(t, model=lambda seed: 1 / 0)\n",
+        "hook `model` raised ZeroDivisionError",
+    ),
+    "loss not scalar": (
+        "{file}:bad",
+        "def bad(config):\n    t = task(config)\n    import dataclasses\n"
+        "    return dataclasses.replace(t, loss=lambda m, b: (m(b[0]) - b[1]) ** 2)\n",
+        "hook `loss` returned a tensor of shape (2, 1), expected a scalar floating tensor",
+    ),
+    "evaluate without the metric": (
+        "{file}:bad",
+        "def bad(config):\n    t = task(config)\n    import dataclasses\n"
+        "    return dataclasses.replace(t, evaluate=lambda m: {'loss': 1.0})\n",
+        "without the task's metric 'mse'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_broken_task_is_one_clear_error(case, task_file):
+    ref, extra, message = BROKEN[case]
+    task_file.write_text(REGRESSION + extra)
+    tree = node_config(task_file)
+    tree["task"] = ref.format(dir=task_file.parent, file=task_file)
+    with pytest.raises(TaskError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        Worker(NodeConfig.model_validate(tree))
+    assert "\n" not in str(e.value) and tree["task"] in str(e.value)
+
+
+@pytest.mark.integration
+def test_a_broken_task_stops_the_node_before_it_joins(task_file, tmp_path):
+    task_file.write_text(REGRESSION + "def bad(config):\n    raise RuntimeError('no data here')\n")
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({**node_config(task_file), "task": f"{task_file}:bad", "metrics_port": None}))
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", "node", "start", "-c", str(cfg), "--json-events"]
+        + ["--identity", str(tmp_path / "k"), "--checkpoint-dir", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "building it from task_config raised RuntimeError: no data here" in r.stderr
+    assert r.stdout.strip() == ""  # no event: it never joined
+
+
+def test_config_refuses_what_needs_the_builtin_labels(task_file):
+    from node.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="work on the built-in image tasks only"):
+        load_config(None, {"task": f"{task_file}:task", "comm.exchange": "logits"})
+    with pytest.raises(ConfigError, match="task_config is for a task of your own"):
+        load_config(None, {"task_config": {"a": 1}})
+    assert torch.get_num_threads() >= 1
