@@ -33,6 +33,8 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(identity_app, name="identity")
 app.add_typer(expert_app, name="expert")
 app.add_typer(router_app, name="router")
+new_app = typer.Typer(help="Start something of your own from a template.", no_args_is_help=True)
+app.add_typer(new_app, name="new")
 
 SET_HELP = "Override a config field, e.g. --set train.rounds=20 --set data.alpha=0.1 (repeatable)."
 
@@ -204,7 +206,38 @@ def _human_event(e: dict) -> None:
     else:
         metric = e.get("metric", "accuracy")
         score = console.score_text(metric, e.get("score"))
-        typer.echo(f"{kind} at round {e['round']}: " + (f"accuracy {score}" if metric == "accuracy" else score))
+        typer.echo(f"{kind} at round {e['round']}: {metric} {score}")
+
+
+@new_app.command("task")
+def new_task(
+    name: str = typer.Argument(..., help="Name of the task: NAME.py and NAME.yaml are written."),
+    directory: Path = typer.Option(Path("."), "--dir", help="Where to write them."),
+) -> None:
+    """Write NAME.py (a task: model, data, loss, metrics; see node/task) and NAME.yaml (a
+    3-node swarm on it). Then: `atoll swarm up -c NAME.yaml` from that folder."""
+    import importlib.util
+
+    if not name.isidentifier():
+        _fail(f"task name {name!r} must be a Python identifier (letters, digits, _)")
+    code, swarm_file = directory / f"{name}.py", directory / f"{name}.yaml"
+    existing = [str(p) for p in (code, swarm_file) if p.exists()]
+    if existing:
+        _fail(f"{', '.join(existing)} already exist: choose another name or folder")
+    template = Path(importlib.util.find_spec("node.task.template").origin).read_text()
+    directory.mkdir(parents=True, exist_ok=True)
+    code.write_text(template.replace("NAME", name))
+    swarm_file.write_text(
+        f"# A 3-node swarm on your task, from this folder: atoll swarm up -c {name}.yaml\n"
+        "nodes: 3\n"
+        "node:\n"
+        f"  task: ./{name}.py:task\n"
+        "  task_config: {dim: 20, per_node: 16}\n"
+        "  optim: {name: sgd, lr: 0.02, momentum: 0.9, batch_size: 8, schedule: constant}\n"
+        "  train: {rounds: 30, local_steps: 5}\n"
+        f"  net: {{swarm: {name}}}\n"
+    )
+    typer.echo(f"wrote {code} and {swarm_file}; run it with: atoll swarm up -c {swarm_file}")
 
 
 @swarm_app.command("up")
@@ -237,6 +270,14 @@ def swarm_up(
     except ConfigError as e:
         _fail(str(e))
     base = scfg.node
+    if base.task is not None:  # a bad reference is one line here, not a node that exits
+        from node.task import TaskError
+        from node.task.load import load as load_task
+
+        try:
+            load_task(base.task, base.task_config)
+        except TaskError as e:
+            _fail(str(e))
     wd = workdir or Path(tempfile.mkdtemp(prefix="atoll-swarm-"))
     try:
         swarm.check_workdir(wd)
@@ -277,7 +318,8 @@ def swarm_up(
         )
         for n in res["nodes"]:
             score = console.score_text(n["metric"], n["final_score"])
-            typer.echo(f"  node {n['index']} ({n['model']}): {n['state']} at round {n['rounds'] or 0}, {score}")
+            where = f"{n['state']} at round {n['rounds'] or 0}"
+            typer.echo(f"  node {n['index']} ({n['model']}): {where}, {n['metric']} {score}")
         _write_results(out, dict(res, interrupted=True))
         raise typer.Exit(130)
     typer.echo("training the centralized baseline (same model and steps, all data)...", err=True)
@@ -303,7 +345,7 @@ def swarm_up(
             f"max {show(max(scores))}"
         )
         gap = f"{100 * (baseline - worst):+.1f} points" if metric == "accuracy" else f"{worst - baseline:+.4g}"
-        typer.echo(f"  centralized baseline{label}: {show(baseline)}  (gap of the worst node: {gap})")
+        typer.echo(f"  centralized baseline{label}: {metric} {show(baseline)}  (gap of the worst node: {gap})")
     sent = sum(n["sent_bytes"] or 0 for n in res["nodes"])
     typer.echo(f"  bytes sent by all nodes: {sent / 1e6:.1f} MB")
     if res["median_round_ms"] is not None and res["first_round_seconds"] is not None:

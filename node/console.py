@@ -43,10 +43,10 @@ def with_path(text: str, path: object, columns: int) -> str:
 
 
 def score_text(metric: str, value: float | None) -> str:
-    """A task's metric for people: `96.2%` for accuracy, `mse 0.0123` for any other."""
+    """A task's metric value for people: `96.2%` for accuracy, `0.0123` for any other."""
     if value is None:
         return "-"
-    return f"{100 * value:.1f}%" if metric == "accuracy" else f"{metric} {value:.4g}"
+    return f"{100 * value:.1f}%" if metric == "accuracy" else f"{value:.4g}"
 
 
 def round_line(e: dict[str, Any], columns: int) -> str:
@@ -55,7 +55,7 @@ def round_line(e: dict[str, Any], columns: int) -> str:
     return fit(
         [
             f"round {r}/{e['rounds']}",
-            f"acc {100 * e['score']:5.1f}%" if e["metric"] == "accuracy" else score_text(e["metric"], e["score"]),
+            f"acc {100 * e['score']:5.1f}%" if e["metric"] == "accuracy" else f"{e['metric']} {e['score']:.4g}",
             f"loss {e['loss']:.4f}",
             f"mixed {e['mixed']}/{max(0, e['peers'] - 1)}",
             f"{e['seconds']:.2f}s",

@@ -20,10 +20,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
+from torch.utils.data import ConcatDataset, TensorDataset
 
 from node.config import NodeConfig, SwarmConfig
 from node.threads import usable_cores
+from node.train import LocalTrainer
 from p2pd.procs import kill_tree
 
 
@@ -124,12 +127,22 @@ def centralized_baselines(swarm_cfg: SwarmConfig) -> dict[str, float]:
 
 
 def centralized_baseline(base: NodeConfig) -> float:
-    """Same task, model, init, optimizer and schedule, trained as the only node (all the
-    training data) with the same number of steps as one node (rounds x local steps); returns
-    the task's metric."""
+    """Same task, model, init, optimizer and schedule, trained on the union of every node's
+    training data with the same number of steps as one node (rounds x local steps); returns the
+    task's metric."""
     from node.worker import Worker
 
-    worker = Worker(base.model_copy(update={"node_count": 1, "node_index": 0}))
+    worker = Worker(base.model_copy(update={"node_index": 0}))
+    parts = [worker.task.train_data(i, base.node_count, base.data.seed) for i in range(base.node_count)]
+    if all(isinstance(p, TensorDataset) for p in parts):  # stays indexed in place
+        data = TensorDataset(*(torch.cat(ts) for ts in zip(*(p.tensors for p in parts))))
+    else:
+        data = ConcatDataset(parts)
+    o = base.optim
+    worker.data = data
+    worker.trainer = LocalTrainer(
+        worker.model, worker.optimizer, data, worker.task.loss, o.batch_size, base.train.seed, o.sam_rho
+    )
     for r in range(base.train.rounds):
         worker.train(r)
     return worker.evaluate()

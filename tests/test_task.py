@@ -2,6 +2,7 @@
 simulator, and a broken task is one clear line before the node joins."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -56,7 +57,7 @@ REGRESSION = textwrap.dedent(
 
 NODE = {
     "task_config": {"dim": 20, "per_node": 16},
-    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 8, "schedule": "constant"},
+    "optim": {"name": "sgd", "lr": 0.02, "momentum": 0.9, "batch_size": 8, "schedule": "constant"},
     "train": {"rounds": 30, "local_steps": 5},
     "comm": {"topology": "ring"},
     "threads": 1,
@@ -113,6 +114,7 @@ def test_a_task_atoll_never_saw_runs_in_a_three_daemon_swarm(task_file, tmp_path
     alone = isolated_mse({k: v for k, v in tree.items() if k != "net"}, 3)
     assert max(finals) < min(alone), (finals, alone)
     assert "node mse: min" in r.stdout and "centralized baseline: mse" in r.stdout
+    assert res["centralized_baseline"][f"{task_file}:task"] < min(alone)  # trained on every node's data
 
 
 BROKEN = {
@@ -151,6 +153,28 @@ def test_a_broken_task_is_one_clear_error(case, task_file):
     with pytest.raises(TaskError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
         Worker(NodeConfig.model_validate(tree))
     assert "\n" not in str(e.value) and tree["task"] in str(e.value)
+
+
+@pytest.mark.integration
+def test_atoll_new_task_then_swarm_up(tmp_path):
+    """What a new user runs: the template and its swarm file, from the folder they were written to."""
+    atoll = [sys.executable, "-m", "node.cli"]
+    r = subprocess.run(atoll + ["new", "task", "demo"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0 and (tmp_path / "demo.py").is_file(), r.stderr
+    again = subprocess.run(atoll + ["new", "task", "demo"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert again.returncode == 2 and "already exist" in again.stderr  # never overwrites
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(
+        atoll + ["swarm", "up", "-c", "demo.yaml", "--set", "train.rounds=10", "--out", "out"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [n["rounds"] for n in res["nodes"]] == [10, 10, 10] and all(n["metric"] == "mse" for n in res["nodes"])
 
 
 @pytest.mark.integration
