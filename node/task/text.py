@@ -1,0 +1,131 @@
+"""Built-in language-model task: a small causal transformer over bytes, trained on the King
+James Bible that the Debian packages `bible-kjv` and `bible-kjv-text` ship (4.4 MB of text,
+read with their `bible` program), evaluated by held-out perplexity.
+
+    task: node.task.text:kjv
+    task_config: {context: 64, width: 128, layers: 2, heads: 4, split: books}
+
+The text (verse references stripped) is cut into a held-out tail (`held_out`, default 2%) and
+a training part. `split: books` gives node i of n the i-th contiguous stretch of the training
+part (whole books: each node reads different books, the non-IID case); `split: iid` deals the
+training windows round-robin. A sample is a window of `context + 1` bytes (stride
+`context // 2`); the loss is next-byte cross-entropy; `evaluate` returns `perplexity` (the
+reported metric, lower is better) and `bits_per_byte` on up to `eval_windows` held-out windows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import shutil
+import subprocess
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from node.data import DatasetMissing
+from node.task import Task, TensorDataset
+
+VOCAB = 256  # bytes
+
+
+@functools.lru_cache(maxsize=1)
+def kjv_text() -> bytes:
+    """The whole King James Bible as UTF-8 bytes, one verse a line, references stripped.
+    Raises DatasetMissing where the Debian packages are not installed."""
+    exe = shutil.which("bible")
+    if exe is None:
+        raise DatasetMissing(
+            "the King James Bible is not installed: apt-get install bible-kjv bible-kjv-text (Debian packages)"
+        )
+    out = subprocess.run([exe, "-f", "Gen1:1-Rev22:21"], capture_output=True, timeout=60, check=False)
+    if out.returncode != 0 or len(out.stdout) < 1_000_000:
+        raise DatasetMissing(f"`bible -f Gen1:1-Rev22:21` gave {len(out.stdout)} bytes: reinstall bible-kjv-text")
+    return re.sub(rb"(?m)^\S+\d+:\d+ ", b"", out.stdout)
+
+
+class CausalTransformer(nn.Module):
+    """A GPT-style decoder over bytes: embeddings (token + learned position), `layers` pre-norm
+    blocks of causal self-attention and an MLP, a final LayerNorm and a linear head.
+    Input int64 (B, T) with T <= context; output logits float32 (B, T, 256)."""
+
+    def __init__(self, context: int, width: int, layers: int, heads: int):
+        super().__init__()
+        self.context = context
+        self.embed = nn.Embedding(VOCAB, width)
+        self.position = nn.Embedding(context, width)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, VOCAB)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-byte logits (B, T, 256) for int64 tokens (B, T)."""
+        t = tokens.shape[1]
+        h = self.embed(tokens) + self.position(torch.arange(t, device=tokens.device))
+        h = self.blocks(h, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.norm(h))
+
+
+def windows(data: torch.Tensor, length: int, stride: int) -> torch.Tensor:
+    """uint8 (N, length) windows of the 1-d uint8 `data`, every `stride` bytes."""
+    if len(data) < length:
+        return torch.empty(0, length, dtype=torch.uint8)
+    return data.unfold(0, length, stride).contiguous()
+
+
+def next_byte_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Mean next-byte cross-entropy (nats) of a batch of uint8 windows (B, T + 1)."""
+    w = batch[0].long()
+    logits = model(w[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, VOCAB), w[:, 1:].reshape(-1))
+
+
+def kjv(config: dict) -> Task:
+    """The task (see the module docstring); raises DatasetMissing without the Debian packages,
+    ValueError for a bad task_config."""
+    c = {"context": 64, "width": 128, "layers": 2, "heads": 4, "split": "books", "held_out": 0.02, "eval_windows": 256}
+    unknown = set(config) - set(c)
+    if unknown:
+        raise ValueError(f"unknown task_config keys {sorted(unknown)}; known: {sorted(c)}")
+    c.update(config)
+    context, width, layers, heads = (int(c[k]) for k in ("context", "width", "layers", "heads"))
+    if c["split"] not in ("books", "iid") or not 0 < float(c["held_out"]) < 0.5 or width % heads:
+        raise ValueError("split must be books or iid, held_out in (0, 0.5), width a multiple of heads")
+    text = torch.frombuffer(bytearray(kjv_text()), dtype=torch.uint8)
+    cut = int(len(text) * (1 - float(c["held_out"])))
+    train, held = text[:cut], text[cut:]
+    held_windows = windows(held, context + 1, context + 1)[: int(c["eval_windows"])]
+
+    def train_data(index: int, count: int, seed: int) -> TensorDataset:
+        if c["split"] == "books":
+            part = len(train) // count
+            return TensorDataset(windows(train[index * part : (index + 1) * part], context + 1, context // 2))
+        return TensorDataset(windows(train, context + 1, context // 2)[index::count])
+
+    def model(seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return CausalTransformer(context, width, layers, heads)
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        m.eval()
+        dev = next(m.parameters()).device
+        total = sum(float(next_byte_loss(m, (b.to(dev),))) * len(b) for b in held_windows.split(64))
+        nats = total / max(1, len(held_windows))
+        return {"perplexity": math.exp(nats), "bits_per_byte": nats / math.log(2)}
+
+    return Task(
+        name=f"kjv-bytes/{c['split']}",
+        model=model,
+        train_data=train_data,
+        loss=next_byte_loss,
+        evaluate=evaluate,
+        metric="perplexity",
+        higher_is_better=False,
+    )
