@@ -144,7 +144,7 @@ def capture(worker, peer_id: str, next_round: int, accuracy: float | None) -> tu
     optim_t, optim_meta = optimizer_tensors(worker.optimizer)
     state = dict(round=next_round, peer_id=peer_id, accuracy=accuracy, time=time.time(), optim=optim_meta)
     copy = lambda sd: {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}  # noqa: E731
-    return copy(worker.state()), copy(optim_t), {**state, **worker.checkpoint_identity()}
+    return copy(worker.full_state()), copy(optim_t), {**state, **worker.checkpoint_identity()}
 
 
 class Writer:

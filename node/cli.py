@@ -933,6 +933,33 @@ def bench_swarm(
             typer.echo(f"wrote {path}", err=True)
 
 
+@bench_app.command("task")
+def bench_task(
+    config: Path = typer.Option(..., "--config", "-c", help="Swarm YAML of the task (e.g. examples/kjv4.yaml)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every node."),
+    seeds: str = typer.Option("0,1,2", help="Seeds (train.seed and data.seed), comma-separated."),
+    out: Path | None = typer.Option(None, help="Write results.json, table.md and curve.png here."),
+) -> None:
+    """A task's swarm (simulated through the daemons' round engine) against its nodes trained
+    alone and a centralized model with the same steps, over seeds: the task's metric."""
+    from node.bench import task as bench
+    from node.config import ConfigError, load_swarm_config, parse_override
+    from node.task import TaskError
+
+    seed_list = _int_list(seeds, "--seeds", 0, 2**31 - 1)
+    try:
+        scfg = load_swarm_config(config, dict(parse_override(s) for s in set_))
+        typer.echo(f"bench task: {scfg.nodes} nodes, {scfg.node.task or 'built-in'}, seeds {seed_list}", err=True)
+        rows = bench.run(scfg, seed_list, progress=lambda m: typer.echo(m, err=True))
+    except (ConfigError, TaskError) as e:
+        _fail(str(e))
+    typer.echo(bench.table(rows))
+    if out is not None:
+        meta = {"command": " ".join(["atoll", *sys.argv[1:]]), "title": f"{rows[0].metric}: {config.name}"}
+        for path in bench.write_outputs(rows, out, meta):
+            typer.echo(f"wrote {path}", err=True)
+
+
 @bench_app.command("scale")
 def bench_scale(
     sizes: str = typer.Option("16,64,256", help="Numbers of virtual nodes, comma-separated."),

@@ -13,12 +13,12 @@ import math
 import torch
 
 from node import distill
-from node.aggregate.vectors import flatten
+from node.aggregate.vectors import flatten, float_keys
 from node.config import ConfigError, NodeConfig
 from node.security import Attack, flip_labels
 from node.security.defence import Defence
 from node.security.trust import TrustTracker
-from node.task import Checked, TensorDataset
+from node.task import Checked, TaskError, TensorDataset
 from node.task.images import image_task
 from node.task.load import digest as task_digest
 from node.task.load import load as load_task
@@ -116,11 +116,17 @@ class Worker:
         )
         seed = cfg.train.seed * 7919 + index
         self.trainer = LocalTrainer(self.model, self.optimizer, data, self.task.loss, o.batch_size, seed, o.sam_rho)
-        self.init_vector = flatten(self.model.state_dict())
+        exchanged = self.task.task.exchanged
+        # the tensors that travel (`Task.exchanged`, e.g. LoRA adapters only); None: all of them
+        self.shared = None if exchanged is None else [k for k in self.model.state_dict() if exchanged(k)]
+        if self.shared is not None and not self.shared:
+            raise TaskError(f"task {self.task.ref}: `exchanged` selects no tensor of the model: nothing would travel")
+        self.init_vector = flatten(self.state())
         tracker = TrustTracker(flag_below=sec.flag_below, sybil_similarity=sec.sybil_similarity)
         self.defence = Defence(
             sec.aggregator, self.model, self.x, self.y, self.num_classes, sec.byzantine_fraction, seed, tracker
         )
+        self.defence.keys = float_keys(self.state())  # what the trust tracker compares: what travels
         if cfg.comm.exchange == "logits":
             # its own momentum-free optimizer: see node.distill.kd.distill_steps
             self.distill_opt = torch.optim.SGD(self.model.parameters(), lr=cfg.distill.lr or o.lr)
@@ -146,12 +152,25 @@ class Worker:
         return len(self.data)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The model's state dict (live tensors: clone before keeping it across training)."""
+        """What this node publishes and mixes: the model's state dict, or its `shared` tensors
+        only (live tensors: clone before keeping them across training)."""
+        sd = self.model.state_dict()
+        return sd if self.shared is None else {k: sd[k] for k in self.shared}
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The whole model state dict (checkpoints, rollbacks), live tensors."""
         return self.model.state_dict()
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a state dict into the model (copied into its parameters)."""
-        self.model.load_state_dict(state)
+        """Load what state() returned (copied into the model's parameters). Raises KeyError for
+        tensors that do not travel."""
+        if self.shared is None:
+            self.model.load_state_dict(state)
+            return
+        extra = set(state) - set(self.shared)
+        if extra:
+            raise KeyError(f"tensors that do not travel: {sorted(extra)[:3]}")
+        self.model.load_state_dict(state, strict=False)
 
     def train(self, r: int, stop=lambda: False) -> RoundStats:
         """Local training of round r with the round's step size (`optim.schedule`); raises
@@ -186,7 +205,7 @@ class Worker:
         """Remember the model and optimizer as they are now (finite: checked by the caller),
         the state a non-finite round rolls back to."""
         self._good = (
-            {k: v.detach().clone() for k, v in self.state().items()},
+            {k: v.detach().clone() for k, v in self.full_state().items()},
             copy.deepcopy(self.optimizer.state_dict()),
         )
         self.rollbacks_in_a_row = 0

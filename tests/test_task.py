@@ -265,3 +265,29 @@ def test_four_daemons_on_the_kjv_text_end_near_a_centralized_model(tmp_path):
     finals = [n["final_score"] for n in res["nodes"]]
     assert all(n["metric"] == "perplexity" for n in res["nodes"]) and len(finals) == 4
     assert max(finals) <= 1.10 * central, (finals, central)
+
+
+def test_lora_fine_tuning_exchanges_only_the_adapters():
+    """peft LoRA on the KJV byte model, fine-tuned on the fortunes: only `lora_` tensors travel
+    (bytes counted as on the wire), the pretrained base stays the same on every node."""
+    tree = {
+        "task": "node.task.text:fortunes_lora",
+        "task_config": {"context": 16, "width": 32, "layers": 1, "heads": 2, "rank": 2, "pretrain_steps": 5},
+        "optim": {"name": "adam", "lr": 0.003, "batch_size": 8},
+        "train": {"rounds": 3, "local_steps": 2},
+        "threads": 1,
+    }
+    sim = Simulation(SwarmConfig(nodes=3, node=NodeConfig.model_validate(tree)))
+    w = sim.workers[0]
+    base = {k: v.clone() for k, v in w.full_state().items() if "lora_" not in k}
+    adapters, full = w.state(), w.full_state()
+    assert adapters and all("lora_" in k for k in adapters) and len(adapters) < len(full)
+    nbytes = lambda sd: sum(v.numel() * v.element_size() for v in sd.values())  # noqa: E731
+    assert nbytes(adapters) < nbytes(full) / 10
+    res = sim.run()
+    fetches = 3 * 3 * 2  # nodes x rounds x ring neighbours
+    assert 0 < res.bytes_sent < 1.5 * fetches * nbytes(adapters)  # adapters and stream framing, no more
+    assert res.bytes_sent < fetches * nbytes(full) / 10
+    for worker in sim.workers:
+        after = worker.full_state()
+        assert all(torch.equal(after[k], v) for k, v in base.items())  # the base never moved

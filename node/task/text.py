@@ -20,6 +20,7 @@ import math
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -128,4 +129,87 @@ def kjv(config: dict) -> Task:
         evaluate=evaluate,
         metric="perplexity",
         higher_is_better=False,
+    )
+
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+LORA_TARGETS = ["linear1", "linear2", "out_proj", "head"]  # the Linear layers of CausalTransformer
+
+
+@functools.lru_cache(maxsize=1)
+def fortunes_text() -> bytes:
+    """Every fortune of the Debian package `fortunes` (its files in name order, the `%`
+    separators as blank lines). Raises DatasetMissing where the package is not installed."""
+    files = sorted(p for p in FORTUNES_DIR.glob("*") if p.is_file() and not p.is_symlink() and p.suffix != ".dat")
+    if not files:
+        raise DatasetMissing(f"no fortunes in {FORTUNES_DIR}: apt-get install fortunes (Debian package)")
+    return re.sub(rb"(?m)^%\n", b"\n", b"".join(p.read_bytes() for p in files))
+
+
+@functools.lru_cache(maxsize=4)
+def _pretrained(context: int, width: int, layers: int, heads: int, steps: int, seed: int) -> dict:
+    """The KJV model after `steps` Adam steps on the whole text (batch 32, lr 3e-3, a generator
+    seeded with `seed`): every node computes the same base; cached per process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CausalTransformer(context, width, layers, heads)
+    data = windows(torch.frombuffer(bytearray(kjv_text()), dtype=torch.uint8), context + 1, context // 2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = data[torch.randint(len(data), (32,), generator=gen)]
+        opt.zero_grad(set_to_none=True)
+        next_byte_loss(model, (batch,)).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fortunes_lora(config: dict) -> Task:
+    """LoRA fine-tuning (peft) of the KJV byte model, pretrained `pretrain_steps` steps from the
+    seed, on the Debian `fortunes` corpus: only the adapters (`lora_` tensors of rank `rank` on
+    the attention output, MLP and head Linear layers) train and travel. Node i of n reads the
+    i-th contiguous stretch of the fortunes (other files); `perplexity` on a held-out tail."""
+    from peft import LoraConfig, get_peft_model
+
+    c = {"context": 32, "width": 64, "layers": 2, "heads": 4, "rank": 4, "pretrain_steps": 200}
+    c.update({"held_out": 0.05, "eval_windows": 256})
+    unknown = set(config) - set(c)
+    if unknown:
+        raise ValueError(f"unknown task_config keys {sorted(unknown)}; known: {sorted(c)}")
+    c.update(config)
+    shape = tuple(int(c[k]) for k in ("context", "width", "layers", "heads"))
+    context = shape[0]
+    text = torch.frombuffer(bytearray(fortunes_text()), dtype=torch.uint8)
+    cut = int(len(text) * (1 - float(c["held_out"])))
+    train, held = text[:cut], text[cut:]
+    held_windows = windows(held, context + 1, context + 1)[: int(c["eval_windows"])]
+
+    def model(seed: int) -> nn.Module:
+        base = CausalTransformer(*shape)
+        base.load_state_dict(_pretrained(*shape, int(c["pretrain_steps"]), seed))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the adapters' init, the same on every node
+            lora = LoraConfig(r=int(c["rank"]), lora_alpha=2 * int(c["rank"]), target_modules=LORA_TARGETS)
+            return get_peft_model(base, lora)
+
+    def train_data(index: int, count: int, seed: int) -> TensorDataset:
+        part = len(train) // count
+        return TensorDataset(windows(train[index * part : (index + 1) * part], context + 1, context // 2))
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        m.eval()
+        dev = next(m.parameters()).device
+        total = sum(float(next_byte_loss(m, (b.to(dev),))) * len(b) for b in held_windows.split(64))
+        nats = total / max(1, len(held_windows))
+        return {"perplexity": math.exp(nats), "bits_per_byte": nats / math.log(2)}
+
+    return Task(
+        name=f"fortunes-lora/r{c['rank']}",
+        model=model,
+        train_data=train_data,
+        loss=next_byte_loss,
+        evaluate=evaluate,
+        metric="perplexity",
+        higher_is_better=False,
+        exchanged=lambda name: "lora_" in name,
     )
