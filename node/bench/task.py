@@ -31,6 +31,9 @@ class Row:
     worst: float
     mean: float
     curve: list[float] = field(default_factory=list)
+    sent_per_node_round: float = 0.0  # swarm: bytes on the wire per node and round
+    exchanged_bytes: int = 0  # the tensors that travel (Task.exchanged), raw
+    model_bytes: int = 0  # the whole model, raw
 
 
 def run(swarm: SwarmConfig, seeds: list[int], progress=print) -> list[Row]:
@@ -47,7 +50,22 @@ def run(swarm: SwarmConfig, seeds: list[int], progress=print) -> list[Row]:
         sim = Simulation(s).run()
         finals = sim.final_accuracies
         curve = [(log.accuracy_min if higher else log.accuracy_max) for log in sim.log]
-        rows.append(Row("swarm", seed, metric, higher, worst(finals), statistics.fmean(finals), curve))
+        nbytes = lambda sd: sum(v.numel() * v.element_size() for v in sd.values())  # noqa: E731
+        sent = sim.bytes_sent / (s.nodes * max(1, probe.cfg.train.rounds))
+        rows.append(
+            Row(
+                "swarm",
+                seed,
+                metric,
+                higher,
+                worst(finals),
+                statistics.fmean(finals),
+                curve,
+                sent,
+                nbytes(probe.state()),
+                nbytes(probe.full_state()),
+            )
+        )
 
         alone = []
         for i in range(s.nodes):
@@ -79,6 +97,13 @@ def table(rows: list[Row]) -> str:
         w, m = [r.worst for r in mine], [r.mean for r in mine]
         spread = lambda xs: f"{statistics.fmean(xs):.4g} ± {statistics.pstdev(xs):.2g}"  # noqa: E731
         lines.append(f"| {method} | {spread(w)} | {spread(m)} | {statistics.fmean(w) / central:.3f} |")
+    swarm = [r for r in rows if r.method == "swarm"]
+    lines.append("")
+    sent = statistics.fmean(r.sent_per_node_round for r in swarm) / 1e3
+    lines.append(
+        f"Sent per node and round: {sent:.1f} kB; the tensors that travel: "
+        f"{swarm[0].exchanged_bytes / 1e3:.1f} kB of a {swarm[0].model_bytes / 1e3:.1f} kB model."
+    )
     return "\n".join(lines)
 
 
