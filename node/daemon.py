@@ -16,14 +16,12 @@ from pathlib import Path
 
 from node import checkpoint, netcheck
 from node.config import NodeConfig
-from node.engine import Engine
-from node.exchange.grpc import GrpcExchange
 from node.metrics import NodeMetrics
+from node.peer import Peer
 from node.rounds import RoundResult
-from node.runtime import Runtime
 from node.security import rehearsal
 from node.threads import set_threads
-from node.worker import Worker, device_label, pick_device
+from node.worker import Worker, pick_device
 from p2pd.discovery import DiscoveryError
 from p2pd.identity import Identity
 from p2pd.tensors import pack
@@ -39,7 +37,7 @@ class Node:
         self.cfg, self.on_event = cfg, on_event
         self.stop_requested = threading.Event()
         self.metrics = NodeMetrics()
-        self.exchange = self.writer = self.runtime = None
+        self.exchange = self.writer = None
         self.merged_with: int | None = None  # final merge: group size, 0 = missed, None = not run
 
     def request_stop(self) -> None:
@@ -93,20 +91,24 @@ class Node:
         self.identity = Identity.load_or_create(net.identity_path)
         # the task's hooks run here: a broken task fails before the node joins
         self.worker = Worker(cfg, pick_device(cfg.device))
-        self.runtime = Runtime(cfg, self.identity)
-        self.on_event(  # others can bootstrap through this node from now on
-            dict(event="joinable", peer_id=self.identity.peer_id, maddrs=self.runtime.discovery.visible_maddrs())
-        )
         self.ckpt_dir = Path(cfg.checkpoint_dir).expanduser()
         self.writer = checkpoint.Writer(self.ckpt_dir, lambda when: setattr(self.metrics, "checkpoint_time", when))
-        resumed = checkpoint.resume(self.ckpt_dir, self.worker, self.identity.peer_id)
-        self.start_round = self.done_rounds = resumed[0] if resumed else 0
-        if resumed:
-            self.metrics.checkpoint_time = resumed[1]
-            log.info("resumed from checkpoint at round %d", self.start_round)
-        self.exchange = GrpcExchange(cfg, self.runtime, self.worker.state(), self.metrics, self.stop_requested)
+        self.start_round = self.done_rounds = 0
+
+        def joinable(runtime) -> None:  # the DHT is up: others can bootstrap through this node
+            self.on_event(
+                dict(event="joinable", peer_id=self.identity.peer_id, maddrs=runtime.discovery.visible_maddrs())
+            )
+            resumed = checkpoint.resume(self.ckpt_dir, self.worker, self.identity.peer_id)
+            if resumed:
+                self.start_round = self.done_rounds = resumed[0]
+                self.metrics.checkpoint_time = resumed[1]
+                log.info("resumed from checkpoint at round %d", self.start_round)
+
+        self.peer = Peer.join(cfg, self.worker, self.identity, self.metrics, self.stop_requested, joinable)
+        self.exchange, self.engine = self.peer.exchange, self.peer.engine
         self.discovery, self.server, self.tls = self.exchange.discovery, self.exchange.server, self.exchange.tls
-        self.engine = Engine(cfg, self.worker, self.exchange)
+        self.advertised = self.exchange.runtime.advertised
         rehearsal.install(self.engine, self.identity.peer_id)
         servicer, tracker = self.server.servicer, self.worker.defence.tracker
         self.metrics.watch(
@@ -114,25 +116,7 @@ class Node:
         )
         self.metrics.watch_trust(lambda: (dict(tracker.signals), tracker.sybil_clusters()), cfg.security.metrics_top_n)
         self.metrics_port = self.metrics.serve(net.host, cfg.metrics_port) if cfg.metrics_port is not None else None
-        self.advertised = self.exchange.runtime.advertised
-        netcheck.check_own_address(self.advertised, self.tls)
-        self.discovery.live_peers()  # before announcing: is this key already live elsewhere?
-        netcheck.check_key_in_use(self.discovery, self.advertised, self.tls, net.identity_path)
-        self.exchange.runtime.announce(
-            device=device_label(self.worker.device),
-            dataset_size=self.worker.dataset_size,
-            round=self.start_round,
-            proxy_digest=self.worker.proxy_digest,
-            task_digest=self.worker.task_digest,
-            roles=("trainer",),
-            metrics_port=self.metrics_port or 0,
-        )
-        threading.Thread(
-            target=netcheck.check_reachability,
-            args=(self.discovery, self.advertised, self.tls, self.metrics, self.stop_requested, cfg.comm.join_timeout),
-            name="atoll-reachability",
-            daemon=True,
-        ).start()
+        self.peer.announce(self.start_round, self.metrics_port or 0)
         self.on_event(
             dict(
                 event="ready",
@@ -211,6 +195,4 @@ class Node:
             log.error("the last checkpoint could not be written: %s", e)
         if self.exchange is not None:
             self.exchange.close()
-        elif self.runtime is not None:  # joined, but the worker or the exchange failed
-            self.runtime.close()
         self.metrics.close()

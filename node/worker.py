@@ -78,12 +78,13 @@ class Worker:
     flipped for a label-flipping rehearsal), `num_classes`, and for `comm.exchange: logits` the
     proxy set `proxy_x`, its `proxy_digest`, the rows this node speaks for (`proxy_rows`) and a
     momentum-free `distill_opt`. The task's hooks run once at build (a batch's loss, evaluate), so
-    a broken task fails here, before the node joins. Raises ConfigError, TaskError, and
+    a broken task fails here, before the node joins. `task`: a checked task to use instead of
+    the config's (node/peer.py hosts a model this way). Raises ConfigError, TaskError, and
     DatasetMissing for data that is not installed."""
 
-    def __init__(self, cfg: NodeConfig, device: torch.device = torch.device("cpu")):
+    def __init__(self, cfg: NodeConfig, device: torch.device = torch.device("cpu"), task: Checked | None = None):
         self.cfg, self.device = cfg, device
-        self.task = task_for(cfg)
+        self.task = task or task_for(cfg)
         labelled = self.task.task.labelled
         sec = cfg.security
         try:

@@ -44,6 +44,32 @@ def test_bad_input_is_one_clear_line_not_a_traceback(args):
     assert "Traceback" not in r.stderr and r.stderr.strip()
 
 
+def test_bench_swarm_figures_from_round_events():
+    """The figures of `atoll bench swarm` from nodes' round events (times as read) and sampled usage."""
+    import subprocess as sp
+
+    from node.bench.swarm import Usage, summarize, table
+    from node.swarm import NodeRun
+
+    runs = []
+    for i, (start, accs) in enumerate([(0.0, [0.5, 0.9, 0.95]), (1.0, [0.6, 0.94, 0.96])]):
+        run = NodeRun(i, sp.Popen(["true"]), started=start)
+        run.proc.wait()
+        run.rounds = [{"_t": 2.0 + 0.1 * k + i * 0.01, "accuracy": a} for k, a in enumerate(accs)]
+        run.final = {"accuracy": accs[-1], "sent_bytes": 1_000_000, "received_bytes": 1_000_000}
+        runs.append(run)
+    usage = Usage()
+    usage.peak_mb = {runs[0].proc.pid: 400.0, runs[1].proc.pid: 450.0}
+    usage.cpu_s = {runs[0].proc.pid: 3.0, runs[1].proc.pid: 5.0}
+    r = summarize("atoll", 0, runs, 0.0, 4.0, usage, [], 0.93)
+    assert r.round_ms == 100.0 and r.first_round_s == 2.0  # node 0: launched at 0, first round at 2.0
+    assert r.to_target_s == 2.2  # node 1 is at 0.94 from 2.11, node 0 reaches 0.95 at 2.2
+    assert r.final_min_accuracy == 0.95 and r.mb_per_node == 2.0 and r.cpu_s_per_node == 4.0
+    assert r.peak_mb_per_node == 450.0
+    assert "| median round (ms) | 100 |" in table([r], 0.93)
+
+
+@pytest.mark.slow
 def test_bench_swarm_measures_a_real_atoll_swarm(tmp_path):
     import yaml
 

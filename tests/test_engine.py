@@ -40,15 +40,16 @@ def _daemons(tmp_path, name: str, node: dict) -> tuple[list[str], dict[str, list
     swarm = tmp_path / f"{name}.yaml"
     node = merged(node, {"net": {"swarm": f"eq-{name}"}, "comm": {"min_peers": N}})
     swarm.write_text(yaml.safe_dump({"nodes": N, "node": node}))
-    procs = []
+    procs, boot = [], []
     try:
         for i in range(N):
             extra = ["--set", f"node_index={i}", "--identity", str(tmp_path / f"{name}{i}.key")]
             extra += ["--checkpoint-dir", str(tmp_path / f"{name}{i}")]
-            if procs:
-                extra += ["--initial-peers", procs[0].info["maddrs"][0]]
-            procs.append(atoll_node(swarm, *extra, log=tmp_path / f"{name}{i}.log"))
-            procs[-1].ready(timeout=120)
+            procs.append(atoll_node(swarm, *extra, *boot, log=tmp_path / f"{name}{i}.log"))
+            if not boot:  # the others join through the first as soon as its DHT is up
+                boot = ["--initial-peers", procs[0].wait_event("joinable", timeout=120)["maddrs"][0]]
+        for p in procs:
+            p.ready(timeout=120)
         done = [p.wait_event("done", timeout=240) for p in procs]
     finally:
         for p in procs:

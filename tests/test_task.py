@@ -95,28 +95,6 @@ def test_a_task_atoll_never_saw_runs_in_the_simulator_and_beats_isolated_nodes(t
     assert w.metric == "mse" and set(w.metrics) == {"mse"} and w.x is None
 
 
-@pytest.mark.integration
-def test_a_task_atoll_never_saw_runs_in_a_three_daemon_swarm(task_file, tmp_path):
-    tree = node_config(task_file, net={"swarm": "own-task", "record_ttl": 10})
-    swarm_file = tmp_path / "swarm.yaml"
-    swarm_file.write_text(yaml.safe_dump({"nodes": 3, "node": tree}))
-    r = subprocess.run(
-        [sys.executable, "-m", "node.cli", "swarm", "up", "-c", str(swarm_file), "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
-    finals = [n["final_score"] for n in res["nodes"]]
-    assert all(n["metric"] == "mse" and n["rounds"] == 30 for n in res["nodes"])
-    alone = isolated_mse({k: v for k, v in tree.items() if k != "net"}, 3)
-    assert max(finals) < min(alone), (finals, alone)
-    assert "node mse: min" in r.stdout and "centralized baseline: mse" in r.stdout
-    assert res["centralized_baseline"][f"{task_file}:task"] < min(alone)  # trained on every node's data
-
-
 BROKEN = {
     "missing file": ("{dir}/nope.py:task", "", "not found"),
     "missing module": ("no_such_pkg.tasks:task", "", "no module named 'no_such_pkg'"),
@@ -156,16 +134,19 @@ def test_a_broken_task_is_one_clear_error(case, task_file):
 
 
 @pytest.mark.integration
-def test_atoll_new_task_then_swarm_up(tmp_path):
-    """What a new user runs: the template and its swarm file, from the folder they were written to."""
+def test_atoll_new_task_then_a_task_atoll_never_saw_in_a_three_daemon_swarm(tmp_path):
+    """What a new user does: `atoll new task demo`, edit demo.py (here: replaced by a task atoll
+    has never seen), `atoll swarm up -c demo.yaml` from that folder. Every node's MSE ends below
+    every isolated node's, and the centralized baseline trains on all the nodes' data."""
     atoll = [sys.executable, "-m", "node.cli"]
     r = subprocess.run(atoll + ["new", "task", "demo"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert r.returncode == 0 and (tmp_path / "demo.py").is_file(), r.stderr
+    assert r.returncode == 0 and (tmp_path / "demo.py").is_file() and (tmp_path / "demo.yaml").is_file(), r.stderr
     again = subprocess.run(atoll + ["new", "task", "demo"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert again.returncode == 2 and "already exist" in again.stderr  # never overwrites
+    (tmp_path / "demo.py").write_text(REGRESSION)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run(
-        atoll + ["swarm", "up", "-c", "demo.yaml", "--set", "train.rounds=10", "--out", "out"],
+        atoll + ["swarm", "up", "-c", "demo.yaml", "--set", "train.rounds=20", "--out", "out"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -174,7 +155,26 @@ def test_atoll_new_task_then_swarm_up(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert [n["rounds"] for n in res["nodes"]] == [10, 10, 10] and all(n["metric"] == "mse" for n in res["nodes"])
+    finals = [n["final_score"] for n in res["nodes"]]
+    assert all(n["metric"] == "mse" and n["rounds"] == 20 for n in res["nodes"])
+    swarm = yaml.safe_load((tmp_path / "demo.yaml").read_text())
+    tree = {**swarm["node"], "task": f"{tmp_path / 'demo.py'}:task", "train": {"rounds": 20, "local_steps": 5}}
+    del tree["net"]
+    alone = isolated_mse(tree, 3)
+    assert max(finals) < min(alone), (finals, alone)
+    assert res["centralized_baseline"]["./demo.py:task"] < min(alone)  # trained on every node's data
+    assert "node mse: min" in r.stdout and "centralized baseline: mse" in r.stdout
+
+
+def test_the_shipped_template_learns_in_the_simulator():
+    """examples/regression.py is what `atoll new task` writes."""
+    from node.config import load_swarm_config
+
+    swarm = load_swarm_config(ROOT / "examples" / "regression.yaml", {"train.rounds": 15})
+    swarm.node.task = f"{ROOT / 'examples' / 'regression.py'}:task"
+    res = Simulation(swarm).run()
+    first = Worker(swarm.config_for(0))
+    assert max(res.final_accuracies) < first.evaluate() / 10  # from the shared init to a fit
 
 
 @pytest.mark.integration
@@ -291,3 +291,38 @@ def test_lora_fine_tuning_exchanges_only_the_adapters():
     for worker in sim.workers:
         after = worker.full_state()
         assert all(torch.equal(after[k], v) for k, v in base.items())  # the base never moved
+
+
+@pytest.mark.integration
+def test_atoll_inside_your_own_training_loop(tmp_path):
+    """examples/own_loop.py: two processes train their own model with their own optimizer and
+    call Peer.step() after each round; each ends below the same loop without atoll."""
+    from helpers import kill_tree
+
+    script = [sys.executable, str(ROOT / "examples" / "own_loop.py"), "--nodes", "2", "--rounds", "12"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def start(*args):
+        return subprocess.Popen(
+            script + list(args),
+            stdout=subprocess.PIPE,
+            stderr=open(tmp_path / f"{args[1]}.log", "w"),
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+
+    first = start("--index", "0", "--key", str(tmp_path / "a.key"))
+    procs = [first]
+    try:
+        joined = json.loads(first.stdout.readline())
+        assert joined["event"] == "joined" and joined["maddrs"], (tmp_path / "0.log").read_text()[-2000:]
+        procs.append(start("--index", "1", "--key", str(tmp_path / "b.key"), "-p", joined["maddrs"][0]))
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        for p, out in zip(procs, outs):
+            assert p.returncode == 0, out
+            done = json.loads(out.strip().splitlines()[-1])
+            assert done["event"] == "done" and done["mse"] < done["mse_alone"] / 2, done
+    finally:
+        for p in procs:
+            kill_tree(p.pid)

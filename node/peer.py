@@ -1,0 +1,198 @@
+"""atoll inside your own training loop: a `Peer` joins the swarm with your model and, each time
+you call `step()`, runs one round of the configured exchange on it in place (publish, fetch the
+neighbours' models, mix: the gossip schedule, robust aggregation and trust scores of the config);
+`finish()` runs the end of training (the final merge when `comm.final_merge` is set).
+
+    from node.peer import Peer
+
+    with Peer.around(model, "node.yaml", dataset_size=len(my_data)) as peer:
+        peer.wait()                          # for the swarm's other members
+        for r in range(peer.rounds):
+            train_a_little(model, my_data)   # your steps, your optimizer
+            peer.step()                      # gossip with the neighbours, in place
+        peer.finish()
+
+The daemon (`atoll node start`, node/daemon.py) joins through the same `Peer.join`, with a
+worker that trains the task itself. A peer's model must have the same parameter names and
+shapes on every node (their digest is signed into the record; peers of another shape are not
+exchanged with).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from node import netcheck
+from node.config import ConfigError, NodeConfig, load_config
+from node.engine import Engine
+from node.exchange.grpc import GrpcExchange
+from node.metrics import NodeMetrics
+from node.rounds import RoundResult
+from node.runtime import Runtime
+from node.task import Checked, Task, TensorDataset
+from node.train import RoundStats
+from node.worker import NonFinite, Worker, device_label
+from p2pd.identity import Identity
+
+
+class HostedWorker(Worker):
+    """A worker around a model that its owner trains: the rounds' training is a no-op (the
+    owner's steps happened before `Peer.step`), everything else is a Worker's (what is published,
+    the rollback state, the defence)."""
+
+    def train(self, r: int, stop=lambda: False) -> RoundStats:
+        """No training here; refuses a model that became non-finite (NonFinite)."""
+        if not self.all_finite():
+            raise NonFinite("model_after_training")
+        return RoundStats(0.0, 0, 0, 0.0)
+
+
+def hosted_task(model: nn.Module, dataset_size: int, evaluate: Callable[[nn.Module], dict] | None) -> Task:
+    """The task of a hosted model: the model itself, `dataset_size` (the weight of this node in
+    averages) as its data, no loss of atoll's, and the owner's `evaluate` (default: none)."""
+    return Task(
+        name=f"hosted/{type(model).__name__}",
+        model=lambda seed: model,
+        train_data=lambda index, count, seed: TensorDataset(torch.zeros(dataset_size, 1)),
+        loss=lambda m, batch: torch.zeros(()),
+        evaluate=evaluate or (lambda m: {"none": 0.0}),
+        metric="none" if evaluate is None else next(iter(evaluate(model))),
+    )
+
+
+class Peer:
+    """One member of a swarm: its runtime (DHT membership, gRPC server), exchange and round
+    engine around `worker`. Build one with `Peer.around` (your own loop) or `Peer.join` (the
+    daemon). `rounds`: train.rounds of the config; `round`: the next round `step` runs."""
+
+    def __init__(self, cfg: NodeConfig, worker: Worker, runtime: Runtime, exchange: GrpcExchange, stop, metrics):
+        self.cfg, self.worker, self.runtime, self.exchange, self.stop = cfg, worker, runtime, exchange, stop
+        self.metrics = metrics
+        self.engine = Engine(cfg, worker, exchange)
+        self.rounds, self.round = cfg.train.rounds, 0
+
+    @classmethod
+    def join(
+        cls,
+        cfg: NodeConfig,
+        worker: Worker,
+        identity: Identity,
+        metrics: NodeMetrics,
+        stop: threading.Event,
+        before_serving: Callable[[Runtime], None] = lambda runtime: None,
+    ) -> Peer:
+        """Join the swarm with `worker`: the DHT, then `before_serving(runtime)` (the daemon says
+        it is joinable and resumes its checkpoint there), then the final merge's averager and the
+        gRPC server. Not announced yet: see `announce`. Raises DiscoveryError, OSError."""
+        runtime = Runtime(cfg, identity)
+        try:
+            before_serving(runtime)
+            exchange = GrpcExchange(cfg, runtime, worker.state(), metrics, stop)
+        except BaseException:
+            runtime.close()
+            raise
+        return cls(cfg, worker, runtime, exchange, stop, metrics)
+
+    def announce(self, start_round: int = 0, metrics_port: int = 0) -> None:
+        """Check this node's own address and key, publish its signed record (at round
+        `start_round`) and check its reachability in the background. Raises KeyInUse."""
+        self.round = start_round
+        runtime, worker, cfg = self.runtime, self.worker, self.cfg
+        advertised, tls, discovery = runtime.advertised, runtime.tls, runtime.discovery
+        netcheck.check_own_address(advertised, tls)
+        discovery.live_peers()  # before announcing: is this key already live elsewhere?
+        netcheck.check_key_in_use(discovery, advertised, tls, cfg.net.identity_path)
+        runtime.announce(
+            device=device_label(worker.device),
+            dataset_size=worker.dataset_size,
+            round=start_round,
+            proxy_digest=worker.proxy_digest,
+            task_digest=worker.task_digest,
+            roles=("trainer",),
+            metrics_port=metrics_port,
+        )
+        threading.Thread(
+            target=netcheck.check_reachability,
+            args=(discovery, advertised, tls, self.metrics, self.stop, cfg.comm.join_timeout),
+            name="atoll-reachability",
+            daemon=True,
+        ).start()
+
+    @classmethod
+    def around(
+        cls,
+        model: nn.Module,
+        config: NodeConfig | str | Path | dict | None = None,
+        *,
+        dataset_size: int = 1,
+        evaluate: Callable[[nn.Module], dict] | None = None,
+    ) -> Peer:
+        """Join with your own `model` (trained by you; mixed in place by `step`). `config`: a
+        NodeConfig, a node YAML path or a dict of its fields (task, data and model are not
+        used); `dataset_size`: this node's weight in averages; `evaluate(model)` -> {name:
+        float} if you want the peer's events to carry a metric. Returns once joined and announced:
+        `wait()` for the other members. Raises ConfigError, DiscoveryError, OSError, KeyInUse."""
+        if isinstance(config, NodeConfig):
+            cfg = config
+        elif isinstance(config, dict):
+            cfg = NodeConfig.model_validate(config)
+        else:
+            cfg = load_config(config, {})
+        if cfg.comm.exchange != "model":
+            raise ConfigError("invalid config: a Peer around your model exchanges models: comm.exchange must be model")
+        task = Checked(hosted_task(model, dataset_size, evaluate), "your model")
+        worker = HostedWorker(cfg, next(model.parameters()).device, task=task)
+        stop = threading.Event()
+        peer = cls.join(cfg, worker, Identity.load_or_create(cfg.net.identity_path), NodeMetrics(), stop)
+        try:
+            peer.announce()
+        except BaseException:
+            peer.close()
+            raise
+        peer.worker.keep_good_state()
+        return peer
+
+    @property
+    def maddrs(self) -> list[str]:
+        """The multiaddrs others join this swarm through (`--initial-peers`)."""
+        return self.runtime.discovery.visible_maddrs()
+
+    def wait(self, members: int | None = None) -> int:
+        """Wait until `members` nodes are live (default comm.min_peers, else node_count), at
+        most comm.join_timeout seconds; returns how many are."""
+        c = self.cfg.comm
+        want = members if members is not None else (c.min_peers if c.min_peers is not None else self.cfg.node_count)
+        self.exchange.wait_for_members(want, c.join_timeout, lambda event: None)
+        return self.exchange.live
+
+    def step(self) -> RoundResult:
+        """One round of the exchange on the model, in place: publish it, fetch the neighbours'
+        (bounded by comm.fetch_timeout), mix. Raises NonFinite when the model (yours, or after
+        the mix) is not finite; nothing non-finite is published."""
+        result = self.engine.protocol.run(self.round)
+        if not self.worker.all_finite():
+            raise NonFinite("model_after_mixing")
+        self.round += 1
+        self.worker.keep_good_state()
+        return result
+
+    def finish(self) -> int | None:
+        """The end of training: the final merge's group size when comm.final_merge is set, else
+        None (the last model is still published for slower neighbours)."""
+        return self.engine.finish()
+
+    def close(self) -> None:
+        """Leave the swarm: stop serving, stop the DHT and its processes."""
+        self.stop.set()
+        self.exchange.close()
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
