@@ -167,11 +167,10 @@ def test_atoll_new_task_then_a_task_atoll_never_saw_in_a_three_daemon_swarm(tmp_
 
 
 def test_the_shipped_template_learns_in_the_simulator():
-    """examples/regression.py is what `atoll new task` writes."""
+    """examples/regression.yaml runs the template `atoll new task` copies."""
     from node.config import load_swarm_config
 
     swarm = load_swarm_config(ROOT / "examples" / "regression.yaml", {"train.rounds": 15})
-    swarm.node.task = f"{ROOT / 'examples' / 'regression.py'}:task"
     res = Simulation(swarm).run()
     first = Worker(swarm.config_for(0))
     assert max(res.final_accuracies) < first.evaluate() / 10  # from the shared init to a fit

@@ -87,6 +87,16 @@ def next_byte_loss(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, VOCAB), w[:, 1:].reshape(-1))
 
 
+def perplexity(model: nn.Module, held: torch.Tensor) -> dict[str, float]:
+    """`perplexity` and `bits_per_byte` of `model` on held-out uint8 windows `held` (N, T + 1),
+    in eval mode, 64 windows at a time."""
+    model.eval()
+    dev = next(model.parameters()).device
+    total = sum(float(next_byte_loss(model, (b.to(dev),))) * len(b) for b in held.split(64))
+    nats = total / max(1, len(held))
+    return {"perplexity": math.exp(nats), "bits_per_byte": nats / math.log(2)}
+
+
 def kjv(config: dict) -> Task:
     """The task (see the module docstring); raises DatasetMissing without the Debian packages,
     ValueError for a bad task_config."""
@@ -114,19 +124,12 @@ def kjv(config: dict) -> Task:
             torch.manual_seed(seed)
             return CausalTransformer(context, width, layers, heads)
 
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        m.eval()
-        dev = next(m.parameters()).device
-        total = sum(float(next_byte_loss(m, (b.to(dev),))) * len(b) for b in held_windows.split(64))
-        nats = total / max(1, len(held_windows))
-        return {"perplexity": math.exp(nats), "bits_per_byte": nats / math.log(2)}
-
     return Task(
         name=f"kjv-bytes/{c['split']}",
         model=model,
         train_data=train_data,
         loss=next_byte_loss,
-        evaluate=evaluate,
+        evaluate=functools.partial(perplexity, held=held_windows),
         metric="perplexity",
         higher_is_better=False,
     )
@@ -196,19 +199,12 @@ def fortunes_lora(config: dict) -> Task:
         part = len(train) // count
         return TensorDataset(windows(train[index * part : (index + 1) * part], context + 1, context // 2))
 
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        m.eval()
-        dev = next(m.parameters()).device
-        total = sum(float(next_byte_loss(m, (b.to(dev),))) * len(b) for b in held_windows.split(64))
-        nats = total / max(1, len(held_windows))
-        return {"perplexity": math.exp(nats), "bits_per_byte": nats / math.log(2)}
-
     return Task(
         name=f"fortunes-lora/r{c['rank']}",
         model=model,
         train_data=train_data,
         loss=next_byte_loss,
-        evaluate=evaluate,
+        evaluate=functools.partial(perplexity, held=held_windows),
         metric="perplexity",
         higher_is_better=False,
         exchanged=lambda name: "lora_" in name,
