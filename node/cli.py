@@ -237,7 +237,12 @@ def new_task(
         "  train: {rounds: 30, local_steps: 5}\n"
         f"  net: {{swarm: {name}}}\n"
     )
-    typer.echo(f"wrote {code} and {swarm_file}; run it with: atoll swarm up -c {swarm_file}")
+    run = (
+        f"atoll swarm up -c {name}.yaml"
+        if directory == Path(".")
+        else f"cd {directory} && atoll swarm up -c {name}.yaml"
+    )
+    typer.echo(f"wrote {code} and {swarm_file}; run it with: {run}")
 
 
 @swarm_app.command("up")
@@ -262,6 +267,7 @@ def swarm_up(
 
     from node import swarm
     from node.config import ConfigError, load_swarm_config, parse_override
+    from node.worker import NonFinite
 
     try:
         overrides = dict(parse_override(s) for s in set_)
@@ -323,7 +329,11 @@ def swarm_up(
         _write_results(out, dict(res, interrupted=True))
         raise typer.Exit(130)
     typer.echo("training the centralized baseline (same model and steps, all data)...", err=True)
-    baselines = swarm.centralized_baselines(scfg)
+    try:
+        baselines = swarm.centralized_baselines(scfg)
+    except (ArithmeticError, RuntimeError, ValueError, NonFinite) as e:  # the run's results still count
+        typer.secho(f"the centralized baseline failed: {str(e).splitlines()[0]}", fg=typer.colors.YELLOW, err=True)
+        baselines = {}
     res = swarm.results(runs, baselines, scfg, wall)
     unfinished = [n["index"] for n in res["nodes"] if (n["rounds"] or 0) < base.train.rounds]
     if unfinished:
@@ -344,7 +354,8 @@ def swarm_up(
             f"  node {metric}{label}: min {show(min(scores))}  mean {show(sum(scores) / len(scores))}  "
             f"max {show(max(scores))}"
         )
-        gap = f"{100 * (baseline - worst):+.1f} points" if metric == "accuracy" else f"{worst - baseline:+.4g}"
+        behind = baseline - worst if higher else worst - baseline  # > 0: the worst node is behind
+        gap = f"{100 * behind:+.1f} points" if metric == "accuracy" else f"{behind:+.4g} behind"
         typer.echo(f"  centralized baseline{label}: {metric} {show(baseline)}  (gap of the worst node: {gap})")
     sent = sum(n["sent_bytes"] or 0 for n in res["nodes"])
     typer.echo(f"  bytes sent by all nodes: {sent / 1e6:.1f} MB")
@@ -945,14 +956,15 @@ def bench_task(
     from node.bench import task as bench
     from node.config import ConfigError, load_swarm_config, parse_override
     from node.task import TaskError
+    from node.worker import NonFinite
 
     seed_list = _int_list(seeds, "--seeds", 0, 2**31 - 1)
     try:
         scfg = load_swarm_config(config, dict(parse_override(s) for s in set_))
         typer.echo(f"bench task: {scfg.nodes} nodes, {scfg.node.task or 'built-in'}, seeds {seed_list}", err=True)
         rows = bench.run(scfg, seed_list, progress=lambda m: typer.echo(m, err=True))
-    except (ConfigError, TaskError) as e:
-        _fail(str(e))
+    except (ConfigError, TaskError, ArithmeticError, RuntimeError, ValueError, NonFinite) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     typer.echo(bench.table(rows))
     if out is not None:
         meta = {"command": " ".join(["atoll", *sys.argv[1:]]), "title": f"{rows[0].metric}: {config.name}"}

@@ -388,6 +388,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if is_swarm_file(tree):
         tree = _node_tree_of_swarm_file(tree, overrides, path)
     _apply(tree, overrides)
+    return node_config(tree)
+
+
+def node_config(tree: dict[str, Any]) -> NodeConfig:
+    """A NodeConfig from nested fields; raises ConfigError with one line naming the field."""
     try:
         return NodeConfig.model_validate(tree)
     except ValidationError as e:

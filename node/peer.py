@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from node import netcheck
-from node.config import ConfigError, NodeConfig, load_config
+from node.config import ConfigError, NodeConfig, load_config, node_config
 from node.engine import Engine
 from node.exchange.grpc import GrpcExchange
 from node.metrics import NodeMetrics
@@ -45,6 +45,13 @@ class HostedWorker(Worker):
     owner's steps happened before `Peer.step`), everything else is a Worker's (what is published,
     the rollback state, the defence)."""
 
+    def round_start(self) -> dict[str, torch.Tensor]:
+        """The model as the last step left it (the owner trained since): updates and trust
+        signals are measured from there."""
+        if self._good is None:
+            return super().round_start()
+        return {k: self._good[0][k].clone() for k in self.state()}
+
     def train(self, r: int, stop=lambda: False) -> RoundStats:
         """No training here; refuses a model that became non-finite (NonFinite)."""
         if not self.all_finite():
@@ -52,16 +59,19 @@ class HostedWorker(Worker):
         return RoundStats(0.0, 0, 0, 0.0)
 
 
-def hosted_task(model: nn.Module, dataset_size: int, evaluate: Callable[[nn.Module], dict] | None) -> Task:
+def hosted_task(
+    model: nn.Module, dataset_size: int, evaluate: Callable[[nn.Module], dict] | None, metric: str = ""
+) -> Task:
     """The task of a hosted model: the model itself, `dataset_size` (the weight of this node in
-    averages) as its data, no loss of atoll's, and the owner's `evaluate` (default: none)."""
+    averages) as its data, no loss of atoll's, and the owner's `evaluate` with `metric` the one
+    reported (default: none)."""
     return Task(
         name=f"hosted/{type(model).__name__}",
         model=lambda seed: model,
         train_data=lambda index, count, seed: TensorDataset(torch.zeros(dataset_size, 1)),
         loss=lambda m, batch: torch.zeros(()),
         evaluate=evaluate or (lambda m: {"none": 0.0}),
-        metric="none" if evaluate is None else next(iter(evaluate(model))),
+        metric="none" if evaluate is None else metric,
     )
 
 
@@ -131,21 +141,24 @@ class Peer:
         *,
         dataset_size: int = 1,
         evaluate: Callable[[nn.Module], dict] | None = None,
+        metric: str = "",
     ) -> Peer:
         """Join with your own `model` (trained by you; mixed in place by `step`). `config`: a
         NodeConfig, a node YAML path or a dict of its fields (task, data and model are not
         used); `dataset_size`: this node's weight in averages; `evaluate(model)` -> {name:
-        float} if you want the peer's events to carry a metric. Returns once joined and announced:
+        float} with `metric` the one that counts. Returns once joined and announced:
         `wait()` for the other members. Raises ConfigError, DiscoveryError, OSError, KeyInUse."""
         if isinstance(config, NodeConfig):
             cfg = config
         elif isinstance(config, dict):
-            cfg = NodeConfig.model_validate(config)
+            cfg = node_config(config)
         else:
             cfg = load_config(config, {})
+        if not any(True for _ in model.parameters()):
+            raise ConfigError("a Peer needs a model with parameters")
         if cfg.comm.exchange != "model":
             raise ConfigError("invalid config: a Peer around your model exchanges models: comm.exchange must be model")
-        task = Checked(hosted_task(model, dataset_size, evaluate), "your model")
+        task = Checked(hosted_task(model, dataset_size, evaluate, metric), "your model")
         worker = HostedWorker(cfg, next(model.parameters()).device, task=task)
         stop = threading.Event()
         peer = cls.join(cfg, worker, Identity.load_or_create(cfg.net.identity_path), NodeMetrics(), stop)

@@ -100,6 +100,8 @@ class Worker:
         self.x = self.y = self.proxy_x = None
         self.num_classes, self.proxy_digest = 0, ""
         if labelled is not None:
+            if not isinstance(data, TensorDataset) or len(data.tensors) != 2:
+                raise TaskError(f"task {self.task.ref}: a labelled task's train_data must be TensorDataset(x, y)")
             self.x, self.y = data.tensors[0].to(device), data.tensors[1].to(device)
             if self.attack is not None and self.attack.flips_labels:
                 self.y = flip_labels(self.y, labelled.num_classes)
@@ -112,14 +114,15 @@ class Worker:
         self.data = data
         m, o = cfg.model, cfg.optim
         self.model = self.task.model(cfg.train.seed if m.seed is None else m.seed).to(device)
-        self.optimizer = self.task.optimizer(self.model.parameters()) or make_optimizer(
-            self.model, o.name, o.lr, o.momentum, o.weight_decay
-        )
+        own = self.task.optimizer(self.model.parameters())
+        self.optimizer = own or make_optimizer(self.model, o.name, o.lr, o.momentum, o.weight_decay)
+        # a task's own optimizer keeps its learning rates (per group), scaled by optim.schedule
+        self._base_lrs = [g["lr"] for g in own.param_groups] if own is not None else None
         seed = cfg.train.seed * 7919 + index
         self.trainer = LocalTrainer(self.model, self.optimizer, data, self.task.loss, o.batch_size, seed, o.sam_rho)
         exchanged = self.task.task.exchanged
         # the tensors that travel (`Task.exchanged`, e.g. LoRA adapters only); None: all of them
-        self.shared = None if exchanged is None else [k for k in self.model.state_dict() if exchanged(k)]
+        self.shared = None if exchanged is None else [k for k in self.model.state_dict() if self.task.exchanged(k)]
         if self.shared is not None and not self.shared:
             raise TaskError(f"task {self.task.ref}: `exchanged` selects no tensor of the model: nothing would travel")
         self.init_vector = flatten(self.state())
@@ -133,7 +136,7 @@ class Worker:
             self.distill_opt = torch.optim.SGD(self.model.parameters(), lr=cfg.distill.lr or o.lr)
             filtered = distill.uses_filter(cfg.distill.method)
             self.proxy_rows = distill.speaking_rows(filtered, self.x, self.proxy_x, cfg.data.seed)
-        self.task_digest = task_digest(self.task.task, cfg.task_config, self.model)
+        self.task_digest = task_digest(self.task.task, self.state())
         self._good: tuple | None = None
         self.rollbacks_in_a_row = 0
         self.metrics: dict[str, float] = {}
@@ -142,10 +145,20 @@ class Worker:
     def _try_hooks(self) -> None:
         """A batch's loss and one evaluation, so a task whose hooks fail does so at start.
         In eval mode and without gradients: nothing of the model changes."""
+        training = self.model.training
         self.model.eval()
-        with torch.no_grad():
-            self.task.loss(self.model, self.trainer.batch(torch.arange(min(2, len(self.data)))))
-        self.evaluate()
+        try:
+            try:
+                batch = self.trainer.batch(torch.arange(min(2, len(self.data))))
+            except Exception as e:  # the user's Dataset items: one line, not a traceback
+                raise TaskError(
+                    f"task {self.task.ref}: the items `train_data` returns cannot be batched: {type(e).__name__}: {e}"
+                ) from e
+            with torch.no_grad():
+                self.task.loss(self.model, batch)
+            self.evaluate()
+        finally:
+            self.model.train(training)
 
     @property
     def dataset_size(self) -> int:
@@ -157,6 +170,11 @@ class Worker:
         only (live tensors: clone before keeping them across training)."""
         sd = self.model.state_dict()
         return sd if self.shared is None else {k: sd[k] for k in self.shared}
+
+    def round_start(self) -> dict[str, torch.Tensor]:
+        """A copy of state() before this round's training: the reference a round's update
+        (and the trust tracker's signals) is measured from."""
+        return {k: v.detach().clone() for k, v in self.state().items()}
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """The whole model state dict (checkpoints, rollbacks), live tensors."""
@@ -178,7 +196,12 @@ class Worker:
         NonFinite before anything of it can be published."""
         cfg = self.cfg
         o, t = cfg.optim, cfg.train
-        set_lr(self.optimizer, round_lr(o.lr, o.schedule, r, t.rounds, o.final_lr_fraction))
+        if self._base_lrs is None:
+            set_lr(self.optimizer, round_lr(o.lr, o.schedule, r, t.rounds, o.final_lr_fraction))
+        else:
+            factor = round_lr(1.0, o.schedule, r, t.rounds, o.final_lr_fraction)
+            for group, lr in zip(self.optimizer.param_groups, self._base_lrs):
+                group["lr"] = lr * factor
         stats = self.trainer.train_round(r, t.local_steps, t.local_seconds, stop=stop)
         if stats.steps and not math.isfinite(stats.loss):
             raise NonFinite("loss")
@@ -241,6 +264,8 @@ class Worker:
         saved ones. Raises RuntimeError, KeyError, ValueError or TypeError if they do not fit."""
         self.model.load_state_dict(model_sd)
         restore_optimizer(self.optimizer, optim_t, optim_meta)
+        if self._base_lrs is not None:  # a task's own optimizer: its hyperparameters are its own
+            return
         for group in self.optimizer.param_groups:
             group["weight_decay"] = self.cfg.optim.weight_decay
             if "momentum" in group:

@@ -325,3 +325,34 @@ def test_atoll_inside_your_own_training_loop(tmp_path):
     finally:
         for p in procs:
             kill_tree(p.pid)
+
+
+def test_review_fixes_for_own_tasks(task_file):
+    """A task's own optimizer keeps its learning rate (scaled by the schedule); items that cannot
+    be batched are one TaskError line; nodes that differ in task_config still exchange (the
+    digest covers the name and the tensors that travel); a hosted model stays in train mode."""
+    from node.peer import HostedWorker, hosted_task
+    from node.task import Checked
+    from node.train import round_lr
+
+    extra = (
+        "def own_opt(config):\n    import dataclasses\n    t = task(config)\n"
+        "    return dataclasses.replace(t, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))\n"
+        "def bad_items(config):\n    import dataclasses\n    t = task(config)\n"
+        "    return dataclasses.replace(t, train_data=lambda i, n, s: [object()] * 4)\n"
+    )
+    task_file.write_text(REGRESSION + extra)
+    tree = {**node_config(task_file), "optim": {**NODE["optim"], "schedule": "cosine"}}
+    w = Worker(NodeConfig.model_validate({**tree, "task": f"{task_file}:own_opt"}))
+    w.train(3)
+    factor = round_lr(1.0, "cosine", 3, NODE["train"]["rounds"], 0.05)
+    assert w.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * factor)
+    with pytest.raises(TaskError, match="cannot be batched"):
+        Worker(NodeConfig.model_validate({**tree, "task": f"{task_file}:bad_items"}))
+    small = Worker(NodeConfig.model_validate({**tree, "task_config": {"dim": 20, "per_node": 8}}))
+    assert small.task_digest == Worker(NodeConfig.model_validate(tree)).task_digest
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.1))
+    model.train()
+    HostedWorker(NodeConfig(), task=Checked(hosted_task(model, 4, None), "yours"))
+    assert model.training

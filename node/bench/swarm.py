@@ -214,6 +214,9 @@ def run_flower(swarm_cfg: SwarmConfig, workdir: Path, repeat: int, target: float
         procs += clients
         deadline = time.monotonic() + swarm_cfg.timeout
         while any(p.proc.poll() is None for p in procs):
+            failed = next((p for p in procs if p.proc.poll() not in (None, 0)), None)
+            if failed is not None:  # the others would wait for it until the timeout
+                raise BenchError(f"a Flower process exited with code {failed.proc.returncode}; see {failed.log_path}")
             if time.monotonic() > deadline:
                 raise BenchError(f"Flower did not finish within {swarm_cfg.timeout:.0f} s; see {workdir}")
             usage.sample([p.proc.pid for p in procs])
@@ -237,7 +240,10 @@ def run(
     flower_venv: Path | None = None,
     progress=print,
 ) -> list[Run]:
-    """`repeats` rounds of every system in turn (atoll, flower, atoll, flower, ...)."""
+    """`repeats` rounds of every system in turn (atoll, flower, atoll, flower, ...). Raises
+    BenchError for a task whose metric is not accuracy (the target is an accuracy)."""
+    if swarm_cfg.node.task is not None:
+        raise BenchError("bench swarm compares accuracy on the built-in image tasks: remove task from the config")
     python = None
     if "flower" in systems:
         python = flower_python(flower_venv or Path.home() / ".cache" / "atoll" / "flower-venv", progress)

@@ -58,7 +58,12 @@ class GrpcExchange:
                 self.discovery.dht, cfg.net.swarm, model_state, cfg.node_count, c.merge_timeout, c.merge
             )
         self.store = SnapshotStore(keep=cfg.comm.keep_snapshots)
-        self.runtime.serve(self.store)
+        try:
+            self.runtime.serve(self.store)
+        except BaseException:  # a port in use: the averager process must not outlive us
+            if self.merger is not None:
+                self.merger.close()
+            raise
         self.server = self.runtime.server
         self._clients: dict[str, SwarmClient] = {}
         self._addresses: dict[str, str] = {}
@@ -278,7 +283,7 @@ class GrpcExchange:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.stop.is_set():
             try:
-                if all(p.round >= round_ for p in self.discovery.live_peers()):
+                if all(p.round >= round_ for p in self._same_task(self.discovery.live_peers())):
                     return
             except DiscoveryError:
                 if self.stop.is_set():
@@ -292,12 +297,13 @@ class GrpcExchange:
         deadline, said = time.monotonic() + timeout, None
         while not self.stop.is_set():
             try:
-                live = self.discovery.live_peers()
+                view = self.discovery.live_peers()
             except DiscoveryError:
                 if self.stop.is_set():
                     return
                 raise
-            self.live, self._view = len(live), live
+            live, self._view = self._same_task(view), view
+            self.live = len(live)
             self.metrics.peers_live.set(len(live))
             if len(live) >= want:
                 return

@@ -41,7 +41,7 @@ class GossipRounds:
     def run(self, r: int) -> RoundResult:
         """Round r: local training, then the round's gossip steps. Raises NonFinite."""
         w = self.worker
-        start = {k: v.clone() for k, v in w.state().items()}  # updates are measured from here
+        start = w.round_start()  # updates are measured from here
         result = RoundResult(w.train(r, stop=self.exchange.stopping))
         sps = round(result.stats.samples_per_second, 3)
         if self.exchange.stopping():

@@ -88,6 +88,11 @@ class Checked:
         for hook in ("model", "train_data", "loss", "evaluate"):
             if not callable(getattr(task, hook)):
                 raise TaskError(f"task {ref}: `{hook}` must be callable")
+        for hook in ("optimizer", "exchanged"):
+            if getattr(task, hook) is not None and not callable(getattr(task, hook)):
+                raise TaskError(f"task {ref}: `{hook}` must be callable or None")
+        if task.labelled is not None and not isinstance(task.labelled, Labelled):
+            raise TaskError(f"task {ref}: `labelled` must be a node.task.Labelled")
         if not isinstance(task.metric, str) or not task.metric:
             raise TaskError(f"task {ref}: `metric` must name one of the metrics `evaluate` returns")
         self.task, self.ref = task, ref
@@ -149,6 +154,12 @@ class Checked:
         if any(math.isinf(v) for v in metrics.values()):
             raise self._fail("evaluate", "returned an infinite metric")
         return metrics
+
+    def exchanged(self, name: str) -> bool:
+        """Whether the tensor `name` travels (all do when the task does not say)."""
+        if self.task.exchanged is None:
+            return True
+        return bool(self._call("exchanged", name))
 
     def optimizer(self, params) -> torch.optim.Optimizer | None:
         """The task's own optimizer over `params`, or None where it has none."""

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-from torch import nn
 
 from node.task import Checked, Task, TaskError
 
@@ -85,9 +84,10 @@ def _file_module(ref: str, target: str, base: Path):
     return module
 
 
-def digest(task: Task, config: dict[str, Any], model: nn.Module) -> str:
-    """Hex BLAKE3 of what two nodes must share to exchange models: the task's name, its
-    task_config and every parameter's name, shape and dtype (signed into the peer record)."""
-    shapes = [(k, list(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]
-    blob = json.dumps({"name": task.name, "config": config, "shapes": shapes}, sort_keys=True, default=str)
+def digest(task: Task, shared: dict[str, Any]) -> str:
+    """Hex BLAKE3 of what two nodes must share to exchange models: the task's name and the
+    name, shape and dtype of every tensor that travels (`shared`, what Worker.state returns),
+    signed into the peer record. Not task_config: nodes may differ in it (their data)."""
+    shapes = [(k, list(v.shape), str(v.dtype)) for k, v in shared.items()]
+    blob = json.dumps({"name": task.name, "shapes": shapes}, sort_keys=True)
     return blake3.blake3(blob.encode()).hexdigest()

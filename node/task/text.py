@@ -93,8 +93,9 @@ def perplexity(model: nn.Module, held: torch.Tensor) -> dict[str, float]:
     model.eval()
     dev = next(model.parameters()).device
     total = sum(float(next_byte_loss(model, (b.to(dev),))) * len(b) for b in held.split(64))
-    nats = total / max(1, len(held))
-    return {"perplexity": math.exp(nats), "bits_per_byte": nats / math.log(2)}
+    nats = total / len(held)
+    # a diverged model: a huge but finite perplexity (math.exp overflows past 709 nats)
+    return {"perplexity": math.exp(min(nats, 700.0)), "bits_per_byte": nats / math.log(2)}
 
 
 def kjv(config: dict) -> Task:
@@ -112,6 +113,8 @@ def kjv(config: dict) -> Task:
     cut = int(len(text) * (1 - float(c["held_out"])))
     train, held = text[:cut], text[cut:]
     held_windows = windows(held, context + 1, context + 1)[: int(c["eval_windows"])]
+    if len(held_windows) == 0:
+        raise ValueError("no held-out window to evaluate: raise held_out or eval_windows")
 
     def train_data(index: int, count: int, seed: int) -> TensorDataset:
         if c["split"] == "books":
@@ -181,11 +184,15 @@ def fortunes_lora(config: dict) -> Task:
         raise ValueError(f"unknown task_config keys {sorted(unknown)}; known: {sorted(c)}")
     c.update(config)
     shape = tuple(int(c[k]) for k in ("context", "width", "layers", "heads"))
+    if not 0 < float(c["held_out"]) < 0.5 or shape[1] % shape[3] or int(c["rank"]) < 1:
+        raise ValueError("held_out must be in (0, 0.5), width a multiple of heads, rank >= 1")
     context = shape[0]
     text = torch.frombuffer(bytearray(fortunes_text()), dtype=torch.uint8)
     cut = int(len(text) * (1 - float(c["held_out"])))
     train, held = text[:cut], text[cut:]
     held_windows = windows(held, context + 1, context + 1)[: int(c["eval_windows"])]
+    if len(held_windows) == 0:
+        raise ValueError("no held-out window to evaluate: raise held_out or eval_windows")
 
     def model(seed: int) -> nn.Module:
         base = CausalTransformer(*shape)
