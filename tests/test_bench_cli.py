@@ -110,6 +110,7 @@ def test_identity_show_creates_then_reuses_key(tmp_path):
     assert bad.returncode == 2 and "chmod 600" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # benchmark plumbing: keeps the default set under 10 minutes
 def test_bench_algorithms_and_scale_write_their_outputs(tmp_path):
     r = atoll(
         "bench",
@@ -138,6 +139,7 @@ def test_bench_algorithms_and_scale_write_their_outputs(tmp_path):
     assert bad.returncode == 2 and "unknown methods" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # benchmark plumbing: keeps the default set under 10 minutes
 def test_bench_distill_writes_per_architecture_results(tmp_path):
     r = atoll(
         "bench",

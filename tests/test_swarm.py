@@ -25,7 +25,7 @@ def write_config(path, i, workdir, **extra):
         "metrics_port": 0,
         "log_level": "INFO",
         # a time budget per round keeps the run long enough to kill and restart a node mid-run
-        "train": {"rounds": ROUNDS, "local_steps": None, "local_seconds": 0.25},
+        "train": {"rounds": ROUNDS, "local_steps": None, "local_seconds": 0.15},
         "comm": {"fetch_timeout": 6, "min_peers": N, "join_timeout": 60},
         "net": {"swarm": SWARM, "identity_path": str(workdir / f"n{i}" / "node.key"), "record_ttl": 4},
     }
