@@ -211,7 +211,7 @@ def _human_event(e: dict) -> None:
 
 @new_app.command("task")
 def new_task(
-    name: str = typer.Argument(..., help="Name of the task: NAME.py and NAME.yaml are written."),
+    name: str = typer.Argument(..., metavar="NAME", help="Name of the task: NAME.py and NAME.yaml are written."),
     directory: Path = typer.Option(Path("."), "--dir", help="Where to write them."),
 ) -> None:
     """Write NAME.py (a task: model, data, loss, metrics; see node/task) and NAME.yaml (a
@@ -228,7 +228,7 @@ def new_task(
     directory.mkdir(parents=True, exist_ok=True)
     code.write_text(template.replace("NAME", name))
     swarm_file.write_text(
-        f"# A 3-node swarm on your task, from this folder: atoll swarm up -c {name}.yaml\n"
+        f"# A 3-node swarm on your task: atoll swarm up -c {name}.yaml (task paths: relative to this file)\n"
         "nodes: 3\n"
         "node:\n"
         f"  task: ./{name}.py:task\n"
@@ -237,12 +237,7 @@ def new_task(
         "  train: {rounds: 30, local_steps: 5}\n"
         f"  net: {{swarm: {name}}}\n"
     )
-    run = (
-        f"atoll swarm up -c {name}.yaml"
-        if directory == Path(".")
-        else f"cd {directory} && atoll swarm up -c {name}.yaml"
-    )
-    typer.echo(f"wrote {code} and {swarm_file}; run it with: {run}")
+    typer.echo(f"wrote {code} and {swarm_file}; run it with: atoll swarm up -c {swarm_file}")
 
 
 @swarm_app.command("up")
@@ -276,13 +271,14 @@ def swarm_up(
     except ConfigError as e:
         _fail(str(e))
     base = scfg.node
-    if base.task is not None:  # a bad reference is one line here, not a node that exits
+    if base.task is not None:  # a broken task is one line here, not a node that exits
+        from node.data import DatasetMissing
         from node.task import TaskError
-        from node.task.load import load as load_task
+        from node.worker import Worker
 
         try:
-            load_task(base.task, base.task_config)
-        except TaskError as e:
+            Worker(scfg.config_for(0))  # the task's hooks run once, as each node will run them
+        except (TaskError, ConfigError, DatasetMissing) as e:
             _fail(str(e))
     wd = workdir or Path(tempfile.mkdtemp(prefix="atoll-swarm-"))
     try:
@@ -342,23 +338,30 @@ def swarm_up(
         f"swarm of {scfg.nodes} ran up to {base.train.rounds} rounds in {wall:.1f} s"
         + (f" ({scfg.nodes - len(unfinished)} nodes finished)" if unfinished else "")
     )
-    for name, baseline in baselines.items():
+    names = list(dict.fromkeys(n["model"] for n in res["nodes"]))
+    for name in names:
         mine = [n for n in res["nodes"] if n["model"] == name and n["final_score"] is not None]
-        scores = [n["final_score"] for n in mine] or [0.0]
-        metric = mine[0]["metric"] if mine else "accuracy"
-        higher = runs[mine[0]["index"]].ready.get("higher_is_better", True) if mine else True
+        if not mine:
+            continue
+        scores = [n["final_score"] for n in mine]
+        metric = mine[0]["metric"]
+        higher = runs[mine[0]["index"]].ready.get("higher_is_better", True)
         worst = min(scores) if higher else max(scores)
         show = functools.partial(console.score_text, metric)
-        label = f" {name}" if len(baselines) > 1 else ""
+        label = f" {name}" if len(names) > 1 else ""
         typer.echo(
             f"  node {metric}{label}: min {show(min(scores))}  mean {show(sum(scores) / len(scores))}  "
             f"max {show(max(scores))}"
         )
+        baseline = baselines.get(name)
+        if baseline is None:
+            continue
         behind = baseline - worst if higher else worst - baseline  # > 0: the worst node is behind
-        gap = f"{100 * behind:+.1f} points" if metric == "accuracy" else f"{behind:+.4g} behind"
-        typer.echo(f"  centralized baseline{label}: {metric} {show(baseline)}  (gap of the worst node: {gap})")
+        amount = f"{100 * abs(behind):.1f} points" if metric == "accuracy" else f"{abs(behind):.4g}"
+        gap = f"{amount} {'behind' if behind > 0 else 'ahead'}"
+        typer.echo(f"  centralized baseline{label}: {metric} {show(baseline)}  (the worst node is {gap})")
     sent = sum(n["sent_bytes"] or 0 for n in res["nodes"])
-    typer.echo(f"  bytes sent by all nodes: {sent / 1e6:.1f} MB")
+    typer.echo(f"  bytes sent by all nodes: {console.size(sent)}")
     if res["median_round_ms"] is not None and res["first_round_seconds"] is not None:
         typer.echo(
             f"  median round: {res['median_round_ms']:.0f} ms; launch to first round: "

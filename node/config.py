@@ -229,8 +229,8 @@ class NodeConfig(_Strict):
     task: str | None = Field(
         None,
         max_length=1024,
-        description="your own workload (node/task): module:attribute or path/to/file.py:attribute, "
-        "relative to the folder atoll runs in; default: image classification of `data` with `model`",
+        description="your own workload (node/task): module:attribute (the current folder searched first) or "
+        "path/to/file.py:attribute (relative to the YAML that names it); default: image classification",
     )
     task_config: dict[str, Any] = Field(
         default_factory=dict, description="parameters handed to the task's function (with `task`)"
@@ -354,7 +354,21 @@ def _read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config {p} must be a mapping at the top level")
-    return loaded or {}
+    tree = loaded or {}
+    sections = [tree, tree.get("node"), *(tree.get("per_node") or {}).values()]
+    for section in sections:  # `task: ./my_task.py:task` means next to this file
+        if isinstance(section, dict) and isinstance(section.get("task"), str):
+            section["task"] = _anchored(section["task"], p.parent)
+    return tree
+
+
+def _anchored(ref: str, folder: Path) -> str:
+    """A task file reference (`path.py:attr`) relative to `folder` made absolute; module
+    references (`pkg.mod:attr`) unchanged."""
+    target, sep, attr = ref.rpartition(":")
+    if not sep or not (target.endswith(".py") or "/" in target) or Path(target).is_absolute():
+        return ref
+    return f"{(folder / target).resolve()}:{attr}"
 
 
 # The two local-work budgets exclude each other: a layer (file, per_node, --set) that sets one

@@ -229,11 +229,21 @@ def _wait_ready(run: NodeRun, deadline: float, stop: threading.Event, event: str
             return
         if run.proc.poll() is not None:
             raise RuntimeError(
-                f"node {run.index} exited with code {run.proc.returncode} before it was ready; see {run.log_path}"
+                f"node {run.index} exited with code {run.proc.returncode} before it was ready"
+                f"{_last_error(run.log_path)}; see {run.log_path}"
             )
         if time.monotonic() > deadline:
             raise TimeoutError(f"node {run.index} was not ready in time; see {run.log_path}")
         time.sleep(0.1)
+
+
+def _last_error(log_path: Path | None) -> str:
+    """`: <the node's error line>` from its log, or "" if there is none."""
+    try:
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.startswith("error: ")]
+    except (OSError, AttributeError):
+        return ""
+    return f": {lines[-1].removeprefix('error: ')}" if lines else ""
 
 
 def check_workdir(workdir: Path) -> None:

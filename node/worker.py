@@ -31,7 +31,9 @@ class NonFinite(Exception):
     """This round made the loss or the model non-finite; `where` is the metric reason."""
 
     def __init__(self, where: str):
-        super().__init__(where)
+        super().__init__(
+            f"the {where.replace('_', ' ')} became non-finite (NaN/Inf): lower optim.lr or check the data"
+        )
         self.where = where
 
 

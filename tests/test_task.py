@@ -162,7 +162,8 @@ def test_atoll_new_task_then_a_task_atoll_never_saw_in_a_three_daemon_swarm(tmp_
     del tree["net"]
     alone = isolated_mse(tree, 3)
     assert max(finals) < min(alone), (finals, alone)
-    assert res["centralized_baseline"]["./demo.py:task"] < min(alone)  # trained on every node's data
+    (central,) = res["centralized_baseline"].values()
+    assert central < min(alone)  # trained on every node's data
     assert "node mse: min" in r.stdout and "centralized baseline: mse" in r.stdout
 
 
@@ -356,3 +357,23 @@ def test_review_fixes_for_own_tasks(task_file):
     model.train()
     HostedWorker(NodeConfig(), task=Checked(hosted_task(model, 4, None), "yours"))
     assert model.training
+
+
+def test_newcomer_reports(tmp_path):
+    """A newcomer's try of the README: a file task path is relative to the YAML naming it, a
+    diverged loss says so in words, the template refuses a misspelt task_config key, and a node
+    that fails before it is ready is named with its error line."""
+    from node.config import load_swarm_config
+    from node.swarm import _last_error
+    from node.worker import NonFinite
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "s.yaml").write_text("nodes: 2\nnode:\n  task: ./t.py:task\n")
+    assert load_swarm_config(tmp_path / "sub" / "s.yaml").node.task == f"{tmp_path / 'sub' / 't.py'}:task"
+    assert "became non-finite (NaN/Inf): lower optim.lr" in str(NonFinite("loss"))
+    with pytest.raises(TaskError, match=r"unknown task_config keys \['per_nod'\]"):
+        Worker(NodeConfig.model_validate({"task": "node.task.template:task", "task_config": {"per_nod": 16}}))
+    log = tmp_path / "n.log"
+    log.write_text("INFO starting\nerror: task ./t.py:task: hook `loss` returned a tensor of shape (2, 1)\n")
+    assert _last_error(log) == ": task ./t.py:task: hook `loss` returned a tensor of shape (2, 1)"
+    assert _last_error(tmp_path / "missing.log") == ""

@@ -19,6 +19,9 @@ from node.task import Task
 
 def task(config: dict) -> Task:
     """The task, built from `task_config` (dim: input features, per_node: samples per node)."""
+    unknown = set(config) - {"dim", "per_node"}  # a misspelt key must not pass silently
+    if unknown:
+        raise ValueError(f"unknown task_config keys {sorted(unknown)}; known: dim, per_node")
     dim, per_node, noise = int(config.get("dim", 20)), int(config.get("per_node", 16)), 0.1
     truth = torch.randn(dim, 1, generator=torch.Generator().manual_seed(0))
 
