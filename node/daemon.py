@@ -50,9 +50,7 @@ class Node:
         OSError (ports in use)."""
         try:
             self._setup()
-            c = self.cfg.comm
-            want = c.min_peers if c.min_peers is not None else (self.cfg.node_count if self.start_round == 0 else 1)
-            self.exchange.wait_for_members(want, c.join_timeout, self.on_event)
+            self.peer.wait(say=self.on_event)
             self.accuracy, self.loss = None, 0.0
             try:
                 r = self.engine.run(self.start_round, self._after_round, self._rolled_back)

@@ -43,9 +43,7 @@ class Engine:
         w.keep_good_state()
         while r < self.cfg.train.rounds and not self.exchange.stopping():
             try:
-                result = self.protocol.run(r)
-                if not w.all_finite():
-                    raise NonFinite("model_after_mixing")
+                result = self.step(r)
             except NonFinite as e:
                 on_rollback(r, e.where)
                 w.roll_back(r, e.where)
@@ -64,6 +62,14 @@ class Engine:
             w.keep_good_state()
             after_round(r, result)
         return r
+
+    def step(self, r: int) -> RoundResult:
+        """Round r of the protocol, checked: raises NonFinite when the model is not finite
+        after it (nothing non-finite was published)."""
+        result = self.protocol.run(r)
+        if not self.worker.all_finite():
+            raise NonFinite("model_after_mixing")
+        return result
 
     def finish(self) -> int | None:
         """The end of training (node.rounds.final.finish): the final merge's group size, or None."""

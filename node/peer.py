@@ -175,21 +175,21 @@ class Peer:
         """The multiaddrs others join this swarm through (`--initial-peers`)."""
         return self.runtime.discovery.visible_maddrs()
 
-    def wait(self, members: int | None = None) -> int:
-        """Wait until `members` nodes are live (default comm.min_peers, else node_count), at
-        most comm.join_timeout seconds; returns how many are."""
+    def wait(self, members: int | None = None, say: Callable[[dict], None] = lambda event: None) -> int:
+        """Wait until `members` nodes are live (default comm.min_peers, else node_count for a
+        fresh start and 1 for a resumed one), at most comm.join_timeout seconds; `say(event)`
+        hears each change of the count. Returns how many are live."""
         c = self.cfg.comm
-        want = members if members is not None else (c.min_peers if c.min_peers is not None else self.cfg.node_count)
-        self.exchange.wait_for_members(want, c.join_timeout, lambda event: None)
+        if members is None:
+            members = c.min_peers if c.min_peers is not None else (self.cfg.node_count if self.round == 0 else 1)
+        self.exchange.wait_for_members(members, c.join_timeout, say)
         return self.exchange.live
 
     def step(self) -> RoundResult:
         """One round of the exchange on the model, in place: publish it, fetch the neighbours'
         (bounded by comm.fetch_timeout), mix. Raises NonFinite when the model (yours, or after
         the mix) is not finite; nothing non-finite is published."""
-        result = self.engine.protocol.run(self.round)
-        if not self.worker.all_finite():
-            raise NonFinite("model_after_mixing")
+        result = self.engine.step(self.round)
         self.round += 1
         self.worker.keep_good_state()
         return result

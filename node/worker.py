@@ -74,7 +74,8 @@ class Worker:
     (node/task: the user's own, or the built-in image classification).
 
     Attributes: `task` (the checked task), `model` (on `device`), `optimizer`, `trainer`, `data`
-    (this node's training samples), `task_digest` (task name, task_config and parameter shapes),
+    (this node's training samples), `task_digest` (the task's name and the shapes of the tensors
+    that travel, node/task/load.py),
     `defence` (trust tracker and aggregator), `init_vector` (the shared init, flat float32).
     Classification tasks (`task.labelled`) also give `x`/`y` (the partition on `device`, labels
     flipped for a label-flipping rehearsal), `num_classes`, and for `comm.exchange: logits` the
@@ -129,10 +130,17 @@ class Worker:
             raise TaskError(f"task {self.task.ref}: `exchanged` selects no tensor of the model: nothing would travel")
         self.init_vector = flatten(self.state())
         tracker = TrustTracker(flag_below=sec.flag_below, sybil_similarity=sec.sybil_similarity)
-        self.defence = Defence(
-            sec.aggregator, self.model, self.x, self.y, self.num_classes, sec.byzantine_fraction, seed, tracker
+        self.defence = Defence(  # the trust tracker compares what travels
+            sec.aggregator,
+            self.model,
+            self.x,
+            self.y,
+            self.num_classes,
+            sec.byzantine_fraction,
+            seed,
+            tracker,
+            float_keys(self.state()),
         )
-        self.defence.keys = float_keys(self.state())  # what the trust tracker compares: what travels
         if cfg.comm.exchange == "logits":
             # its own momentum-free optimizer: see node.distill.kd.distill_steps
             self.distill_opt = torch.optim.SGD(self.model.parameters(), lr=cfg.distill.lr or o.lr)

@@ -23,7 +23,8 @@ BRISTLE_SAMPLES = 256  # own samples the per-class check runs on
 
 class Defence:
     """One node's defence: a TrustTracker over the models it receives and the aggregator `aggregator`; for `bristle`
-    also the per-class accuracy check on up to BRISTLE_SAMPLES of its own samples and the classes it holds."""
+    also the per-class accuracy check on up to BRISTLE_SAMPLES of its own samples and the classes it holds.
+    `keys`: the state-dict entries it compares (default: every float tensor of `model`)."""
 
     def __init__(
         self,
@@ -35,12 +36,13 @@ class Defence:
         byzantine_fraction: float = 0.25,
         seed: int = 0,
         tracker: TrustTracker | None = None,
+        keys: list[str] | None = None,
     ):
         self.aggregator = aggregator
         self.tracker = tracker or TrustTracker()
         self.byzantine_fraction = byzantine_fraction
         self.seed = seed
-        self.keys = float_keys(model.state_dict())
+        self.keys = keys if keys is not None else float_keys(model.state_dict())
         self._per_class = None
         self.familiar = None
         if aggregator == "bristle":

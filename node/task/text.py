@@ -98,44 +98,81 @@ def perplexity(model: nn.Module, held: torch.Tensor) -> dict[str, float]:
     return {"perplexity": math.exp(min(nats, 700.0)), "bits_per_byte": nats / math.log(2)}
 
 
-def kjv(config: dict) -> Task:
-    """The task (see the module docstring); raises DatasetMissing without the Debian packages,
-    ValueError for a bad task_config."""
-    c = {"context": 64, "width": 128, "layers": 2, "heads": 4, "split": "books", "held_out": 0.02, "eval_windows": 256}
-    unknown = set(config) - set(c)
+def settings(config: dict, defaults: dict) -> dict:
+    """`defaults` updated with `config`; raises ValueError naming keys it does not know."""
+    unknown = set(config) - set(defaults)
     if unknown:
-        raise ValueError(f"unknown task_config keys {sorted(unknown)}; known: {sorted(c)}")
-    c.update(config)
-    context, width, layers, heads = (int(c[k]) for k in ("context", "width", "layers", "heads"))
-    if c["split"] not in ("books", "iid") or not 0 < float(c["held_out"]) < 0.5 or width % heads:
-        raise ValueError("split must be books or iid, held_out in (0, 0.5), width a multiple of heads")
-    text = torch.frombuffer(bytearray(kjv_text()), dtype=torch.uint8)
-    cut = int(len(text) * (1 - float(c["held_out"])))
-    train, held = text[:cut], text[cut:]
-    held_windows = windows(held, context + 1, context + 1)[: int(c["eval_windows"])]
-    if len(held_windows) == 0:
+        raise ValueError(f"unknown task_config keys {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **config}
+
+
+def corpus(text: bytes, context: int, held_out: float, eval_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training bytes uint8 (N,), held-out windows uint8 (W, context + 1)): the last `held_out`
+    of `text` is held out, cut into at most `eval_windows` disjoint windows. Raises ValueError
+    when no window fits."""
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    cut = int(len(data) * (1 - held_out))
+    held = windows(data[cut:], context + 1, context + 1)[:eval_windows]
+    if len(held) == 0:
         raise ValueError("no held-out window to evaluate: raise held_out or eval_windows")
+    return data[:cut], held
 
-    def train_data(index: int, count: int, seed: int) -> TensorDataset:
-        if c["split"] == "books":
-            part = len(train) // count
-            return TensorDataset(windows(train[index * part : (index + 1) * part], context + 1, context // 2))
-        return TensorDataset(windows(train, context + 1, context // 2)[index::count])
 
-    def model(seed: int) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return CausalTransformer(context, width, layers, heads)
+def stretch(train: torch.Tensor, index: int, count: int, context: int) -> TensorDataset:
+    """Node `index` of `count`'s contiguous stretch of `train` as windows of context + 1 bytes."""
+    part = len(train) // count
+    return TensorDataset(windows(train[index * part : (index + 1) * part], context + 1, context // 2))
 
+
+def seeded_model(context: int, width: int, layers: int, heads: int, seed: int) -> CausalTransformer:
+    """A CausalTransformer initialised from `seed` (the same on every node), without touching
+    the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CausalTransformer(context, width, layers, heads)
+
+
+def byte_task(name: str, model, train_data, held: torch.Tensor, exchanged=None) -> Task:
+    """A next-byte task evaluated by perplexity on the held-out windows `held`."""
     return Task(
-        name=f"kjv-bytes/{c['split']}",
+        name=name,
         model=model,
         train_data=train_data,
         loss=next_byte_loss,
-        evaluate=functools.partial(perplexity, held=held_windows),
+        evaluate=functools.partial(perplexity, held=held),
         metric="perplexity",
         higher_is_better=False,
+        exchanged=exchanged,
     )
+
+
+def kjv(config: dict) -> Task:
+    """The task (see the module docstring); raises DatasetMissing without the Debian packages,
+    ValueError for a bad task_config."""
+    c = settings(
+        config,
+        {
+            "context": 64,
+            "width": 128,
+            "layers": 2,
+            "heads": 4,
+            "split": "books",
+            "held_out": 0.02,
+            "eval_windows": 256,
+        },
+    )
+    shape = tuple(int(c[k]) for k in ("context", "width", "layers", "heads"))
+    context = shape[0]
+    if c["split"] not in ("books", "iid") or not 0 < float(c["held_out"]) < 0.5 or shape[1] % shape[3]:
+        raise ValueError("split must be books or iid, held_out in (0, 0.5), width a multiple of heads")
+    train, held = corpus(kjv_text(), context, float(c["held_out"]), int(c["eval_windows"]))
+
+    def train_data(index: int, count: int, seed: int) -> TensorDataset:
+        if c["split"] == "books":
+            return stretch(train, index, count, context)
+        return TensorDataset(windows(train, context + 1, context // 2)[index::count])
+
+    return byte_task(f"kjv-bytes/{c['split']}", lambda seed: seeded_model(*shape, seed), train_data, held)
 
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -156,9 +193,7 @@ def fortunes_text() -> bytes:
 def _pretrained(context: int, width: int, layers: int, heads: int, steps: int, seed: int) -> dict:
     """The KJV model after `steps` Adam steps on the whole text (batch 32, lr 3e-3, a generator
     seeded with `seed`): every node computes the same base; cached per process."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CausalTransformer(context, width, layers, heads)
+    model = seeded_model(context, width, layers, heads, seed)
     data = windows(torch.frombuffer(bytearray(kjv_text()), dtype=torch.uint8), context + 1, context // 2)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
@@ -177,22 +212,16 @@ def fortunes_lora(config: dict) -> Task:
     i-th contiguous stretch of the fortunes (other files); `perplexity` on a held-out tail."""
     from peft import LoraConfig, get_peft_model
 
-    c = {"context": 32, "width": 64, "layers": 2, "heads": 4, "rank": 4, "pretrain_steps": 200}
-    c.update({"held_out": 0.05, "eval_windows": 256})
-    unknown = set(config) - set(c)
-    if unknown:
-        raise ValueError(f"unknown task_config keys {sorted(unknown)}; known: {sorted(c)}")
-    c.update(config)
+    c = settings(
+        config,
+        {"context": 32, "width": 64, "layers": 2, "heads": 4, "rank": 4, "pretrain_steps": 200}
+        | {"held_out": 0.05, "eval_windows": 256},
+    )
     shape = tuple(int(c[k]) for k in ("context", "width", "layers", "heads"))
     if not 0 < float(c["held_out"]) < 0.5 or shape[1] % shape[3] or int(c["rank"]) < 1:
         raise ValueError("held_out must be in (0, 0.5), width a multiple of heads, rank >= 1")
     context = shape[0]
-    text = torch.frombuffer(bytearray(fortunes_text()), dtype=torch.uint8)
-    cut = int(len(text) * (1 - float(c["held_out"])))
-    train, held = text[:cut], text[cut:]
-    held_windows = windows(held, context + 1, context + 1)[: int(c["eval_windows"])]
-    if len(held_windows) == 0:
-        raise ValueError("no held-out window to evaluate: raise held_out or eval_windows")
+    train, held = corpus(fortunes_text(), context, float(c["held_out"]), int(c["eval_windows"]))
 
     def model(seed: int) -> nn.Module:
         base = CausalTransformer(*shape)
@@ -202,17 +231,10 @@ def fortunes_lora(config: dict) -> Task:
             lora = LoraConfig(r=int(c["rank"]), lora_alpha=2 * int(c["rank"]), target_modules=LORA_TARGETS)
             return get_peft_model(base, lora)
 
-    def train_data(index: int, count: int, seed: int) -> TensorDataset:
-        part = len(train) // count
-        return TensorDataset(windows(train[index * part : (index + 1) * part], context + 1, context // 2))
-
-    return Task(
-        name=f"fortunes-lora/r{c['rank']}",
-        model=model,
-        train_data=train_data,
-        loss=next_byte_loss,
-        evaluate=functools.partial(perplexity, held=held_windows),
-        metric="perplexity",
-        higher_is_better=False,
+    return byte_task(
+        f"fortunes-lora/r{c['rank']}",
+        model,
+        lambda index, count, seed: stretch(train, index, count, context),
+        held,
         exchanged=lambda name: "lora_" in name,
     )
