@@ -39,11 +39,20 @@ class FinalMerge:
     to `group_size`) in a forked process, so create it before any gRPC object exists."""
 
     def __init__(
-        self, dht, swarm: str, state: dict[str, torch.Tensor], group_size: int, timeout: float, how: str = "mean"
+        self,
+        dht,
+        swarm: str,
+        state: dict[str, torch.Tensor],
+        group_size: int,
+        timeout: float,
+        how: str = "mean",
+        task_digest: str = "",
     ):
         """`how`: "mean", or "variance_corrected": the per-tensor variances travel in the same
         all-reduce (one extra small tensor), so every member rescales the average to the
-        members' mean variance exactly as node.aggregate.variance_corrected_mean does."""
+        members' mean variance exactly as node.aggregate.variance_corrected_mean does.
+        `task_digest` (node/task/load.py) is part of the group key: nodes of another task or
+        shape never meet in matchmaking."""
         if how not in ("mean", "variance_corrected"):
             raise ValueError(f"unknown merge {how!r}")
         self.names = float_names(state)
@@ -57,7 +66,7 @@ class FinalMerge:
             lambda: DecentralizedAverager(
                 tensors,
                 dht=dht,
-                prefix=f"atoll_{swarm}_final_merge",
+                prefix=f"atoll_{swarm}_final_merge_{task_digest[:16]}",
                 start=False,
                 target_group_size=max(2, group_size),
                 min_group_size=2,

@@ -102,7 +102,7 @@ class Peer:
         runtime = Runtime(cfg, identity)
         try:
             before_serving(runtime)
-            exchange = GrpcExchange(cfg, runtime, worker.state(), metrics, stop)
+            exchange = GrpcExchange(cfg, runtime, worker.state(), metrics, stop, worker.task_digest)
         except BaseException:
             runtime.close()
             raise

@@ -44,7 +44,9 @@ class GrpcExchange:
     before any gRPC object exists in this process (see HIVEMIND.md). `stop` is set when the
     node is asked to stop. Raises DiscoveryError or OSError (ports in use) with one line."""
 
-    def __init__(self, cfg, runtime, model_state: dict, metrics: NodeMetrics, stop: threading.Event):
+    def __init__(
+        self, cfg, runtime, model_state: dict, metrics: NodeMetrics, stop: threading.Event, task_digest: str = ""
+    ):
         self.comm, self.record_ttl = cfg.comm, cfg.net.record_ttl
         self.runtime, self.identity = runtime, runtime.identity
         self.metrics, self.stop, self.me = metrics, stop, runtime.identity.peer_id
@@ -55,7 +57,7 @@ class GrpcExchange:
 
             c = cfg.comm
             self.merger = FinalMerge(
-                self.discovery.dht, cfg.net.swarm, model_state, cfg.node_count, c.merge_timeout, c.merge
+                self.discovery.dht, cfg.net.swarm, model_state, cfg.node_count, c.merge_timeout, c.merge, task_digest
             )
         self.store = SnapshotStore(keep=cfg.comm.keep_snapshots)
         try:
