@@ -76,6 +76,12 @@ class TrainConfig(_Strict):
     local_steps: int | None = Field(10, ge=1, description="local SGD steps per round")
     local_seconds: float | None = Field(None, gt=0, description="or: a time budget per round")
     seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA where supported, float32 elsewhere; snapshots stay float32"
+    )
+    loader_workers: int = Field(
+        0, ge=0, le=64, description="DataLoader worker processes for a task's own Dataset (0: in the node process)"
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:

@@ -200,9 +200,11 @@ class Peer:
         return self.engine.finish()
 
     def close(self) -> None:
-        """Leave the swarm: stop serving, stop the DHT and its processes."""
+        """Leave the swarm: stop serving, stop the DHT and its processes, and the data loader's
+        worker processes."""
         self.stop.set()
         self.exchange.close()
+        self.worker.trainer.close()
 
     def __enter__(self) -> Peer:
         return self

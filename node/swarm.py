@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.utils.data import ConcatDataset, TensorDataset
+from torch.utils.data import ChainDataset, ConcatDataset, IterableDataset, TensorDataset
 
 from node.config import NodeConfig, SwarmConfig
 from node.threads import usable_cores
@@ -136,12 +136,23 @@ def centralized_baseline(base: NodeConfig) -> float:
     parts = [worker.task.train_data(i, base.node_count, base.data.seed) for i in range(base.node_count)]
     if all(isinstance(p, TensorDataset) for p in parts):  # stays indexed in place
         data = TensorDataset(*(torch.cat(ts) for ts in zip(*(p.tensors for p in parts))))
+    elif any(isinstance(p, IterableDataset) for p in parts):
+        data = ChainDataset(parts)
     else:
         data = ConcatDataset(parts)
-    o = base.optim
+    o, t = base.optim, base.train
     worker.data = data
+    worker.trainer.close()
     worker.trainer = LocalTrainer(
-        worker.model, worker.optimizer, data, worker.task.loss, o.batch_size, base.train.seed, o.sam_rho
+        worker.model,
+        worker.optimizer,
+        data,
+        worker.task.loss,
+        o.batch_size,
+        t.seed,
+        o.sam_rho,
+        t.loader_workers,
+        worker.autocast,
     )
     for r in range(base.train.rounds):
         worker.train(r)

@@ -61,6 +61,22 @@ def device_label(dev: torch.device) -> str:
     return dev.type if dev.index is None or dev.type != "cuda" else f"cuda:{dev.index}"
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `train.precision` on `device`: bf16 for `auto` on CUDA where the
+    GPU has it, and for `bf16` anywhere torch autocasts it (CUDA, CPU); None (float32) otherwise.
+    Raises ConfigError for bf16 on a device without it."""
+    if precision == "fp32":
+        return None
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return torch.bfloat16 if cuda_bf16 else None
+    if device.type == "cuda" and not cuda_bf16:
+        raise ConfigError(f"invalid config: train.precision: bf16 is not supported by {device}; use fp32")
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"invalid config: train.precision: bf16 autocast is not available on {device.type}")
+    return torch.bfloat16
+
+
 def task_for(cfg: NodeConfig) -> Checked:
     """The task of `cfg` with its hooks checked: `cfg.task` loaded (node/task/load.py), or the
     built-in image classification of `cfg.data` and `cfg.model`. Raises TaskError, ConfigError."""
@@ -122,7 +138,18 @@ class Worker:
         # a task's own optimizer keeps its learning rates (per group), scaled by optim.schedule
         self._base_lrs = [g["lr"] for g in own.param_groups] if own is not None else None
         seed = cfg.train.seed * 7919 + index
-        self.trainer = LocalTrainer(self.model, self.optimizer, data, self.task.loss, o.batch_size, seed, o.sam_rho)
+        self.autocast = autocast_dtype(cfg.train.precision, device)
+        self.trainer = LocalTrainer(
+            self.model,
+            self.optimizer,
+            data,
+            self.task.loss,
+            o.batch_size,
+            seed,
+            o.sam_rho,
+            cfg.train.loader_workers,
+            self.autocast,
+        )
         exchanged = self.task.task.exchanged
         # the tensors that travel (`Task.exchanged`, e.g. LoRA adapters only); None: all of them
         self.shared = None if exchanged is None else [k for k in self.model.state_dict() if self.task.exchanged(k)]
@@ -159,7 +186,7 @@ class Worker:
         self.model.eval()
         try:
             try:
-                batch = self.trainer.batch(torch.arange(min(2, len(self.data))))
+                batch = self.trainer.peek()
             except Exception as e:  # the user's Dataset items: one line, not a traceback
                 raise TaskError(
                     f"task {self.task.ref}: the items `train_data` returns cannot be batched: {type(e).__name__}: {e}"
@@ -172,8 +199,12 @@ class Worker:
 
     @property
     def dataset_size(self) -> int:
-        """Training samples in this node's partition."""
-        return len(self.data)
+        """Training samples in this node's partition (1 for a stream without a length: every
+        node weighs the same)."""
+        try:
+            return len(self.data)
+        except TypeError:
+            return 1
 
     def state(self) -> dict[str, torch.Tensor]:
         """What this node publishes and mixes: the model's state dict, or its `shared` tensors

@@ -377,3 +377,134 @@ def test_newcomer_reports(tmp_path):
     log.write_text("INFO starting\nerror: task ./t.py:task: hook `loss` returned a tensor of shape (2, 1)\n")
     assert _last_error(log) == ": task ./t.py:task: hook `loss` returned a tensor of shape (2, 1)"
     assert _last_error(tmp_path / "missing.log") == ""
+
+
+STREAMS = textwrap.dedent(
+    '''
+    import dataclasses
+    import os
+    import torch
+    from torch.utils.data import Dataset, IterableDataset
+
+
+    class Stream(IterableDataset):
+        """An endless stream of one node's samples, never held in memory as a whole."""
+
+        def __init__(self, sample, seed):
+            self.sample, self.seed = sample, seed
+
+        def __iter__(self):
+            for k in range(200):  # a finite pass: the trainer starts it over
+                x, y = self.sample(1, self.seed * 100_000 + k)
+                yield x[0], y[0]
+
+
+    class Items(Dataset):
+        """A map-style dataset read item by item (as from files), recording who reads it."""
+
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i], self.y[i], torch.tensor(os.getpid())
+
+
+    def stream(config):
+        base = task(config)
+        def data(index, count, seed):
+            x, y = base.train_data(index, count, seed).tensors
+            return Stream(lambda n, s: (x[s % len(x)].unsqueeze(0), y[s % len(y)].unsqueeze(0)), index)
+        return dataclasses.replace(base, train_data=data)
+
+
+    def items(config):
+        base = task(config)
+        def data(index, count, seed):
+            return Items(*base.train_data(index, count, seed).tensors)
+        seen = []
+        def loss(m, batch):
+            seen.extend(batch[2].tolist())
+            seen[:] = seen[-64:]
+            return torch.nn.functional.mse_loss(m(batch[0]), batch[1])
+        def evaluate(m):
+            readers = {"readers": float(len(set(seen))), "read_here": float(os.getpid() in seen)}
+            return {**base.evaluate(m), **readers}
+        return dataclasses.replace(base, train_data=data, loss=loss, evaluate=evaluate)
+
+
+    def autocast(config):
+        base = task(config)
+        dtypes = []
+        def loss(m, batch):
+            out = m(batch[0])
+            dtypes.append(out.dtype)
+            return torch.nn.functional.mse_loss(out.float(), batch[1])
+        def evaluate(m):
+            return {**base.evaluate(m), "bf16": float(dtypes[-1] == torch.bfloat16)}
+        return dataclasses.replace(base, loss=loss, evaluate=evaluate)
+    '''
+)
+
+
+def test_streams_loader_workers_and_mixed_precision(task_file):
+    """An IterableDataset trains (data larger than memory), a map-style dataset is read by
+    DataLoader worker processes when train.loader_workers is set (and they stop with the node),
+    and train.precision: bf16 runs the loss under autocast while every tensor that travels stays
+    float32."""
+    task_file.write_text(REGRESSION + STREAMS)
+    tree = node_config(task_file)
+    first = Worker(NodeConfig.model_validate(tree)).evaluate()
+
+    w = Worker(NodeConfig.model_validate({**tree, "task": f"{task_file}:stream"}))
+    assert w.dataset_size == 1  # a stream without a length: every node weighs the same
+    for r in range(10):
+        w.train(r)
+    assert w.evaluate() < 0.5 * first
+
+    train = {**NODE["train"], "loader_workers": 2}
+    w = Worker(NodeConfig.model_validate({**tree, "task": f"{task_file}:items", "train": train}))
+    for r in range(4):
+        w.train(r)
+    w.evaluate()
+    assert w.metrics["mse"] < first
+    workers = w.trainer._batches._workers
+    assert len(workers) == 2 and all(p.is_alive() for p in workers)
+    assert w.metrics["readers"] == 2 and w.metrics["read_here"] == 0  # read in the two workers only
+    w.trainer.close()
+    for p in workers:
+        p.join(10)
+    assert not any(p.is_alive() for p in workers)
+
+    train = {**NODE["train"], "precision": "bf16"}
+    w = Worker(NodeConfig.model_validate({**tree, "task": f"{task_file}:autocast", "train": train}))
+    for r in range(10):
+        w.train(r)
+    assert w.evaluate() < 0.5 * first and w.metrics["bf16"] == 1.0
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in w.state().values())
+    from node.worker import autocast_dtype
+
+    assert autocast_dtype("auto", torch.device("cpu")) is None  # CPUs train in float32 unless asked
+
+
+def test_the_experts_denoiser_is_a_task_a_swarm_trains_together():
+    """The diffusion experts' flow-matching denoiser on the task contract: three simulated nodes
+    gossiping end with a held-out flow loss well below where they started; `split: clusters`
+    gives nodes disjoint clusters."""
+    tree = {
+        "task": "node.task.flow:denoiser",
+        "task_config": {"width": 64, "depth": 2},
+        "optim": {"name": "adam", "lr": 2e-3, "batch_size": 32, "schedule": "constant"},
+        "train": {"rounds": 15, "local_steps": 10},
+        "threads": 1,
+    }
+    start = Worker(NodeConfig.model_validate(tree)).evaluate()
+    res = Simulation(SwarmConfig(nodes=3, node=NodeConfig.model_validate(tree))).run()
+    assert max(res.final_accuracies) < 0.8 * start, (res.final_accuracies, start)
+    clustered = {**tree, "task_config": {"width": 64, "depth": 2, "split": "clusters"}, "node_count": 3}
+    parts = [Worker(NodeConfig.model_validate({**clustered, "node_index": i})).data.tensors[0] for i in range(3)]
+    assert sum(len(p) for p in parts) > 1000
+    rows = [{tuple(r.tolist()) for r in p} for p in parts]
+    assert not (rows[0] & rows[1]) and not (rows[1] & rows[2])

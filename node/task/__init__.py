@@ -17,9 +17,13 @@ joined to peers, the optimizer's step-size schedule, gossip, robust aggregation,
         )
 
 `train_data(index, count, seed)` returns node `index` of `count`'s training samples as a
-map-style `torch.utils.data.Dataset` (with `__len__`); a `TensorDataset` is indexed in place,
-any other dataset item by item and collated with torch's `default_collate`. Batches are drawn
-with a generator seeded per (seed, round), so a resumed node replays its sample order.
+map-style `torch.utils.data.Dataset` (with `__len__`) or an `IterableDataset` (a stream: data
+larger than memory; its `__len__`, where it has one, weighs the node in averages). A
+`TensorDataset` is indexed in place, any other map-style dataset item by item and collated with
+torch's `default_collate`, drawn with a generator seeded per (seed, round) so a resumed node
+replays its sample order. `train.loader_workers: N` reads batches in N DataLoader worker
+processes instead (augmentation, decoding), and an IterableDataset always goes through a
+DataLoader (node/train: LocalTrainer).
 `node.data.partition` splits labels IID, by Dirichlet or by shards for tasks that want it.
 
 Every hook runs through `Checked`, which turns an exception or a wrong return type in user code
@@ -35,7 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 
 class TaskError(ValueError):
@@ -120,10 +124,14 @@ class Checked:
 
     def train_data(self, index: int, count: int, seed: int) -> Dataset:
         """Node `index` of `count`'s training samples; raises TaskError unless it is a non-empty
-        map-style dataset."""
+        map-style dataset or an IterableDataset (an empty stream is found at its first batch)."""
         d = self._call("train_data", index, count, seed)
+        if isinstance(d, IterableDataset):
+            return d
         if not (hasattr(d, "__len__") and hasattr(d, "__getitem__")):
-            raise self._fail("train_data", f"returned {type(d).__name__}, expected a map-style torch Dataset")
+            raise self._fail(
+                "train_data", f"returned {type(d).__name__}, expected a torch Dataset (map-style or IterableDataset)"
+            )
         if len(d) == 0:
             raise self._fail("train_data", f"returned no samples for node {index} of {count}")
         return d
@@ -171,6 +179,29 @@ class Checked:
         return opt
 
 
+def pin(batch):
+    """`batch` with every CPU tensor in pinned (page-locked) memory, for non_blocking copies to CUDA."""
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory() if batch.device.type == "cpu" else batch
+    if isinstance(batch, Mapping):
+        return {k: pin(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(pin(v) for v in batch)
+    return batch
+
+
+def batch_length(batch) -> int:
+    """Samples in `batch`: the first dimension of its first tensor (0 when it has none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for v in values:
+        n = batch_length(v)
+        if n:
+            return n
+    return 0
+
+
 def to_device(batch, device: torch.device):
     """`batch` (a tensor, or tuples, lists and dicts of them) with every tensor on `device`."""
     if isinstance(batch, torch.Tensor):
@@ -182,4 +213,4 @@ def to_device(batch, device: torch.device):
     return batch
 
 
-__all__ = ["Checked", "Labelled", "Task", "TaskError", "TensorDataset", "to_device"]
+__all__ = ["Checked", "Labelled", "Task", "TaskError", "TensorDataset", "batch_length", "pin", "to_device"]

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, TensorDataset, default_collate
 
-from node.task import to_device
+from node.task import batch_length, pin, to_device
 
 
 @dataclass
@@ -58,14 +58,25 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weig
 
 
 class LocalTrainer:
-    """Minibatch training on a task's data (`data`: a map-style Dataset; a TensorDataset is
-    indexed in place, on the tensors' device, any other one item by item, collated with torch's
-    default_collate and moved to the model's device). Batches are drawn with replacement from a
-    generator seeded per (seed, round), so a resumed node replays the same sample order.
-    `loss(model, batch)` returns the scalar loss of a batch.
+    """Minibatch training on a task's data.
+
+    `data`: a map-style Dataset or an IterableDataset. With `workers` = 0 a map-style dataset is
+    sampled with replacement from a generator seeded per (seed, round), so a resumed node
+    replays the same sample order: a TensorDataset indexed in place on its tensors' device, any
+    other one item by item and collated with torch's default_collate. With `workers` > 0, or for
+    an IterableDataset, batches come from a persistent torch DataLoader with that many worker
+    processes (seeded once from (seed, first round); an IterableDataset is read in its own order
+    and restarted when it ends; with workers, shard it by `torch.utils.data.get_worker_info()`).
+    Batches are pinned on CUDA and moved with non_blocking. `loss(model, batch)` returns the
+    scalar loss of a batch.
+
+    `autocast`: torch.bfloat16 (or float16) runs forward and loss under torch.autocast on the
+    model's device (mixed precision; the parameters, the optimizer state and so every snapshot
+    stay float32); None: full precision.
 
     `sam_rho` > 0 makes every step a SAM step (as in DFedSAM): the gradient is taken at the
-    worst-case point w + rho * g / ||g|| of the neighbourhood and applied at w."""
+    worst-case point w + rho * g / ||g|| of the neighbourhood and applied at w. Raises
+    ValueError for a negative `sam_rho` or `workers`."""
 
     def __init__(
         self,
@@ -76,22 +87,84 @@ class LocalTrainer:
         batch_size: int,
         seed: int,
         sam_rho: float = 0.0,
+        workers: int = 0,
+        autocast: torch.dtype | None = None,
     ):
         if sam_rho < 0:
             raise ValueError("sam_rho must be >= 0")
-        self.sam_rho = sam_rho
+        if workers < 0:
+            raise ValueError("workers must be >= 0")
+        self.sam_rho, self.workers, self.autocast = sam_rho, workers, autocast
         self.model, self.optimizer, self.data, self.loss = model, optimizer, data, loss
-        self._tensors = data.tensors if isinstance(data, TensorDataset) else None
+        self._tensors = data.tensors if isinstance(data, TensorDataset) and workers == 0 else None
         self.device = next(model.parameters()).device
-        self.batch_size = min(batch_size, len(data))
+        self.iterable = isinstance(data, IterableDataset)
+        self.batch_size = batch_size if self.iterable else min(batch_size, len(data))
         self.seed = seed
+        self._loader: DataLoader | None = None
+        self._batches = None  # the loader's live iterator
+        self._pending = None  # a batch taken by peek(), handed out by the next step
 
     def batch(self, idx: torch.Tensor):
-        """The samples at indices `idx` (int64 (B,)), on the model's device."""
+        """The samples at indices `idx` (int64 (B,)) of a map-style dataset, on the model's device."""
         if self._tensors is not None:
             idx = idx.to(self._tensors[0].device)
             return tuple(t[idx] for t in self._tensors)
-        return to_device(default_collate([self.data[i] for i in idx.tolist()]), self.device)
+        return self._to_device(default_collate([self.data[i] for i in idx.tolist()]))
+
+    def _to_device(self, batch):
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap the next step
+            batch = pin(batch)
+        return to_device(batch, self.device)
+
+    def _from_loader(self, round_: int):
+        if self._loader is None:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_)
+            sampler = (
+                None
+                if self.iterable
+                else RandomSampler(self.data, replacement=True, num_samples=1 << 62, generator=gen)
+            )
+            self._loader = DataLoader(
+                self.data,
+                batch_size=self.batch_size,
+                sampler=sampler,
+                num_workers=self.workers,
+                persistent_workers=self.workers > 0,
+                pin_memory=self.device.type == "cuda",
+                generator=gen,
+            )
+        for _ in range(2):  # an iterable that ended starts over once; twice: it is empty
+            if self._batches is None:
+                self._batches = iter(self._loader)
+            try:
+                return to_device(next(self._batches), self.device)
+            except StopIteration:
+                self._batches = None
+        raise ValueError("the task's IterableDataset yields no samples")
+
+    def peek(self):
+        """One training batch on the model's device (the hooks' trial at start); a loader's batch
+        is kept for the next step, so no sample is skipped."""
+        if self.iterable or self.workers:
+            if self._pending is None:
+                self._pending = self._from_loader(0)
+            return self._pending
+        return self.batch(torch.arange(min(2, len(self.data))))
+
+    def _next(self, round_: int, gen: torch.Generator):
+        if self._pending is not None:
+            batch, self._pending = self._pending, None
+            return batch
+        if self.iterable or self.workers:
+            return self._from_loader(round_)
+        return self.batch(torch.randint(len(self.data), (self.batch_size,), generator=gen))
+
+    def _loss(self, batch) -> torch.Tensor:
+        if self.autocast is None:
+            return self.loss(self.model, batch)
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return self.loss(self.model, batch)
 
     def train_round(
         self, round_: int, steps: int | None = None, seconds: float | None = None, stop=lambda: False
@@ -109,18 +182,21 @@ class LocalTrainer:
                 break
             if done > 0 and stop():
                 break
-            idx = torch.randint(len(self.data), (self.batch_size,), generator=gen)
-            batch = self.batch(idx)
+            batch = self._next(round_, gen)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(self.model, batch)
+            loss = self._loss(batch)
             loss.backward()
             if self.sam_rho > 0:
                 self._sam_gradient(batch)
             self.optimizer.step()
             total_loss += float(loss.detach())
             done += 1
-            samples += len(idx)
+            samples += batch_length(batch)
         return RoundStats(total_loss / max(done, 1), done, samples, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        """Stop the loader's worker processes, if any."""
+        self._batches = self._loader = self._pending = None
 
     def _sam_gradient(self, batch) -> None:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -130,7 +206,7 @@ class LocalTrainer:
             for p, e in zip(params, shifts):
                 p.add_(e)
         self.optimizer.zero_grad(set_to_none=True)
-        self.loss(self.model, batch).backward()
+        self._loss(batch).backward()
         with torch.no_grad():
             for p, e in zip(params, shifts):
                 p.sub_(e)
