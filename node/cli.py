@@ -14,7 +14,20 @@ import typer
 
 from p2pd import __version__
 
-app = typer.Typer(help="atoll: a peer-to-peer training daemon.", no_args_is_help=True, add_completion=False)
+ORDER = ("swarm", "node", "new", "status", "config", "identity", "prometheus-targets", "version", "expert", "router")
+
+
+class _Ordered(typer.core.TyperGroup):
+    """`atoll --help` lists commands in the order a newcomer needs them, not as registered."""
+
+    def list_commands(self, ctx):
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+
+
+app = typer.Typer(
+    help="atoll: a peer-to-peer training daemon.", no_args_is_help=True, add_completion=False, cls=_Ordered
+)
 bench_app = typer.Typer(
     help="Benchmarks that compare atoll against baselines measured in the same run.", no_args_is_help=True
 )
@@ -26,15 +39,17 @@ expert_app = typer.Typer(
     help="Decentralized diffusion experts: one per data cluster, trained in isolation.", no_args_is_help=True
 )
 router_app = typer.Typer(help="The router that samples images from the live experts' ensemble.", no_args_is_help=True)
-app.add_typer(node_app, name="node")
-app.add_typer(swarm_app, name="swarm")
-app.add_typer(config_app, name="config")
-app.add_typer(bench_app, name="bench")
-app.add_typer(identity_app, name="identity")
-app.add_typer(expert_app, name="expert")
-app.add_typer(router_app, name="router")
 new_app = typer.Typer(help="Start something of your own from a template.", no_args_is_help=True)
-app.add_typer(new_app, name="new")
+# help panels, in the order a newcomer needs them
+TRAIN, INSPECT, EXPERTS, MEASURE = "Train", "Inspect", "Diffusion experts", "Measure"
+app.add_typer(swarm_app, name="swarm", rich_help_panel=TRAIN)
+app.add_typer(node_app, name="node", rich_help_panel=TRAIN)
+app.add_typer(new_app, name="new", rich_help_panel=TRAIN)
+app.add_typer(config_app, name="config", rich_help_panel=INSPECT)
+app.add_typer(identity_app, name="identity", rich_help_panel=INSPECT)
+app.add_typer(expert_app, name="expert", rich_help_panel=EXPERTS)
+app.add_typer(router_app, name="router", rich_help_panel=EXPERTS)
+app.add_typer(bench_app, name="bench", rich_help_panel=MEASURE)
 
 SET_HELP = "Override a config field, e.g. --set train.rounds=20 --set data.alpha=0.1 (repeatable)."
 
@@ -379,7 +394,7 @@ def _write_results(out: Path | None, res: dict) -> None:
         typer.echo(f"wrote {out / 'results.json'}", err=True)
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def status(
     peers: list[str] = typer.Option(..., "--peers", "-p", help="Multiaddr of any swarm member (repeatable)."),
     swarm_name: str = typer.Option("atoll", "--swarm", help="Swarm name (the DHT key atoll/<swarm>/peers)."),
@@ -556,7 +571,7 @@ def _find_router(peers: list[str], swarm_name: str) -> str:
     _fail(f"no live router in swarm {swarm_name!r}")
 
 
-@app.command("prometheus-targets")
+@app.command("prometheus-targets", rich_help_panel=INSPECT)
 def prometheus_targets(
     peers: list[str] = typer.Option(..., "--peers", "-p", help="Multiaddr of any swarm member (repeatable)."),
     out: Path = typer.Option(..., help="The file_sd JSON file Prometheus reads (replaced atomically)."),
@@ -629,7 +644,7 @@ def _int_list(text: str, option: str, lo: int, hi: int) -> list[int]:
     return values
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def version() -> None:
     """Print the atoll version."""
     typer.echo(__version__)

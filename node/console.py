@@ -101,7 +101,13 @@ def waiting_line(e: dict[str, Any]) -> str:
 def swarm_table(runs, rounds: int, elapsed: float, columns: int) -> Table:
     """The live table of `atoll swarm up`: one row per node, no vertical rules, widths chosen
     so that 80 columns show every column in full (the peer id is cut to its last 6 chars)."""
-    t = Table(title=f"atoll swarm, {elapsed:.0f} s", box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
+    t = Table(
+        title=f"atoll swarm, {elapsed:.0f} s",
+        caption="mixed: neighbours' models mixed in the last round / other live nodes",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        expand=False,
+    )
     cols = [
         ("node", "right"),
         ("model", "left"),

@@ -113,8 +113,14 @@ def node_configs(swarm_cfg: SwarmConfig, workdir: Path) -> list[NodeConfig]:
 
 
 def model_name(cfg: NodeConfig) -> str:
-    """`family:width` of the node's model, e.g. `cnn:32`, or the reference of its own task."""
-    return cfg.task or f"{cfg.model.family}:{cfg.model.width}"
+    """`family:width` of the node's model, e.g. `cnn:32`, or its task's reference without the
+    folders, e.g. `mytask.py:task` or `text:kjv`: short enough for a table column."""
+    if cfg.task is None:
+        return f"{cfg.model.family}:{cfg.model.width}"
+    where, _, attr = cfg.task.rpartition(":")
+    if where.endswith(".py"):  # a file: its name without the folders
+        return f"{Path(where).name}:{attr}"
+    return f"{where.rsplit('.', 1)[-1]}:{attr}"  # a module: its last part
 
 
 def centralized_baselines(swarm_cfg: SwarmConfig) -> dict[str, float]:
