@@ -41,7 +41,7 @@ CLOCK_SKEW_SECONDS = 5.0
 Role = Literal["trainer", "aggregator", "expert", "router", "observer"]
 _HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):(?P<port>[0-9]{1,5})$")
 MAX_SNAPSHOTS = 32
-_SNAPSHOT_ENTRY = r"^(model|logits):[0-9]{1,19}:[0-9]{1,10}:[0-9a-f]{64}$"
+_SNAPSHOT_ENTRY = r"^(model|logits|delta|estimate):[0-9]{1,19}:[0-9]{1,10}:[0-9a-f]{64}$"
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:[0-9]{1,2})?)$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -79,7 +79,11 @@ class PeerRecord(BaseModel):
         tuple[Annotated[str, Field(pattern=_SNAPSHOT_ENTRY)], ...], Field(max_length=MAX_SNAPSHOTS)
     ] = ()
     proxy_digest: str = ""  # logit exchange: hex digest of the node's proxy set, "" if it exchanges models
-    task_digest: str = ""  # node/task: hex digest of the task's name, task_config and parameter shapes
+    task_digest: str = ""  # node/task: hex digest of the task's name and the shapes of the tensors that travel
+    # the codec of the node's snapshots (p2pd/codecs.py; "none": raw), with "+ef" when it sends
+    # compressed differences with error feedback (CHOCO-SGD); a name this release does not know
+    # is kept, so a receiver can say which codec it cannot decode
+    codec: Annotated[str, Field(pattern=r"^[a-z0-9+]{0,16}$")] = "none"
     roles: Annotated[tuple[Role, ...], Field(max_length=5)] = ("trainer",)
     # diffusion experts (node/experts/): the cluster an expert models (-1: not an expert) and the
     # digest of the clustering it belongs to; model_digest is then its checkpoint's sha256

@@ -14,7 +14,13 @@ The decoder refuses, with ``TensorStreamError.reason``:
 snapshot that was asked for), ``truncated`` (stream
 ended early), ``oversize`` (over the byte or tensor-count limit), ``unknown_dtype``,
 ``bad_shape``, ``digest_mismatch`` (trailer, or the digest the caller expected from a
-signed record) and ``non_finite`` (NaN/Inf in a floating tensor).
+signed record), ``non_finite`` (NaN/Inf in a floating tensor, after decoding),
+``unknown_codec`` and ``bad_codec``.
+
+Codecs (p2pd/codecs.py): a tensor's first chunk may name a codec (``codec``, with ``block``
+or ``count``); ``dtype`` and ``shape`` are then the decoded tensor's, the payload is the
+codec's bytes, and the digest preamble above is followed by ``codec NUL block NUL count NUL``.
+A raw tensor's digest is the same as before codecs existed.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import blake3
 import numpy as np
 import torch
 
+from p2pd.codecs import CODECS, CodecError, Coded, payload_bytes
+from p2pd.codecs import decode as decode_coded
 from p2pd.errors import ReasonedError
 from p2pd.rpc import swarm_pb2 as pb
 
@@ -61,19 +69,23 @@ class Limits:
     max_ndim: int = 8
     max_dim: int = 2**31 - 1  # also bounds zero-size tensors, whose byte count says nothing
     dtypes: frozenset[str] = field(default_factory=lambda: frozenset(DTYPES))
+    codecs: frozenset[str] = field(default_factory=lambda: frozenset(CODECS))
     allow_non_finite: bool = False
 
 
 @dataclass(frozen=True)
 class PackedTensor:
     """One tensor of a PackedSnapshot: name, wire dtype name, shape and its raw element bytes (a read-only view of a
-    private CPU copy)."""
+    private CPU copy); for a coded tensor the codec's bytes, with `codec`, `block` and `count` (p2pd/codecs.py)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     data: memoryview  # raw bytes, read-only, owned by `_keep`
     _keep: torch.Tensor = field(repr=False, compare=False)
+    codec: str = ""
+    block: int = 0
+    count: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -99,16 +111,30 @@ class PackedSnapshot:
         return self.digest.hex()
 
 
-def _tensor_preamble(name: str, dtype: str, shape: Iterable[int], nbytes: int) -> bytes:
-    return f"{name}\0{dtype}\0{','.join(map(str, shape))}\0{nbytes}\0".encode()
+def _tensor_preamble(
+    name: str, dtype: str, shape: Iterable[int], nbytes: int, codec: str = "", block: int = 0, count: int = 0
+) -> bytes:
+    raw = f"{name}\0{dtype}\0{','.join(map(str, shape))}\0{nbytes}\0"
+    return (raw + (f"{codec}\0{block}\0{count}\0" if codec else "")).encode()
 
 
-def pack(state_dict: Mapping[str, torch.Tensor]) -> PackedSnapshot:
-    """Copy a state dict to CPU bytes (so later training does not change it) and digest it."""
+def pack(state_dict: Mapping[str, torch.Tensor | Coded]) -> PackedSnapshot:
+    """Copy a state dict to CPU bytes (so later training does not change it) and digest it.
+    Values may be `Coded` (p2pd/codecs.py: `Codec.compress`), which travel as their payload."""
     hasher = blake3.blake3()
     packed = []
     for name in sorted(state_dict):
         t = state_dict[name]
+        if isinstance(t, Coded):
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"tensor name {name!r} is not allowed on the wire")
+            raw = t.payload.detach().to("cpu", copy=True).contiguous().numpy()
+            raw.flags.writeable = False
+            view = memoryview(raw)
+            hasher.update(_tensor_preamble(name, t.dtype, t.shape, view.nbytes, t.codec, t.block, t.count))
+            hasher.update(view)
+            packed.append(PackedTensor(name, t.dtype, t.shape, view, t.payload, t.codec, t.block, t.count))
+            continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
         if not _NAME.fullmatch(name):
@@ -144,6 +170,8 @@ def iter_parts(
             if offset == 0:
                 chunk.name, chunk.dtype = t.name, t.dtype
                 chunk.shape.extend(t.shape)
+                if t.codec:
+                    chunk.codec, chunk.block, chunk.count = t.codec, t.block, t.count
             yield pb.SnapshotPart(chunk=chunk)
             offset = end
             if offset >= t.nbytes:
@@ -176,7 +204,7 @@ class EncodedSnapshot:
 
 
 def encode(
-    state_dict: Mapping[str, torch.Tensor], key: pb.SnapshotKey, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    state_dict: Mapping[str, torch.Tensor | Coded], key: pb.SnapshotKey, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> EncodedSnapshot:
     """pack + serialize every wire part. Holds one copy of the data (the packed copy is dropped)."""
     packed = pack(state_dict)
@@ -211,6 +239,8 @@ class StreamDecoder:
         self._hasher = blake3.blake3()
         self._tensors: dict[str, torch.Tensor] = {}
         self._current: tuple[str, str, tuple[int, ...], np.ndarray] | None = None
+        self._coded: pb.TensorChunk | None = None  # the current tensor's codec fields, if coded
+        self._decoded = 0  # bytes of the decoded tensors: bounded like the wire bytes
         self._filled = 0
         self._declared = 0
         self._last_name = ""
@@ -286,7 +316,7 @@ class StreamDecoder:
             raise TensorStreamError(
                 "truncated", f"tensor {self._current[0]!r} got {self._filled}/{self._current[3].nbytes} bytes"
             )
-        elif c.dtype or c.shape or c.offset != self._filled:
+        elif c.dtype or c.shape or c.codec or c.offset != self._filled:
             raise TensorStreamError("malformed", f"tensor {self._current[0]!r}: unexpected chunk at {c.offset}")
         name, dtype, shape, buf = self._current
         if self._filled + n > buf.nbytes:
@@ -310,15 +340,37 @@ class StreamDecoder:
         shape = tuple(c.shape)
         if len(shape) > self.limits.max_ndim or any(d < 0 or d > self.limits.max_dim for d in shape):
             raise TensorStreamError("bad_shape", f"{c.name}: shape {shape[:16]}")
-        nbytes = _ITEMSIZE[c.dtype] * int(np.prod(shape, dtype=object))  # exact, no int64 overflow
+        numel = int(np.prod(shape, dtype=object))  # exact, no int64 overflow
+        nbytes = _ITEMSIZE[c.dtype] * numel
+        self._decoded += nbytes
+        if self._decoded > self.limits.max_total_bytes:
+            raise TensorStreamError(
+                "oversize", f"{c.name}: decodes past the limit of {self.limits.max_total_bytes} bytes"
+            )
+        self._coded = None
+        if c.codec or c.block or c.count:
+            if c.codec not in self.limits.codecs:
+                raise TensorStreamError("unknown_codec", f"{c.name}: codec {c.codec[:32]!r} is not accepted")
+            if not DTYPES[c.dtype].is_floating_point:
+                raise TensorStreamError("bad_codec", f"{c.name}: a {c.codec} tensor must decode to floats")
+            try:
+                nbytes = payload_bytes(c.codec, numel, c.block, c.count)
+            except CodecError as e:
+                raise TensorStreamError(e.reason, f"{c.name}: {e}") from None
+            self._coded = c
         if self._declared + nbytes > self.header.total_bytes:
             raise TensorStreamError(
                 "oversize", f"{c.name}: tensors declare more than the {self.header.total_bytes} bytes announced"
             )
         self._declared += nbytes
         self._last_name = c.name
-        self._hasher.update(_tensor_preamble(c.name, c.dtype, shape, nbytes))
-        self._current = (c.name, c.dtype, shape, self._buffer(c.name, DTYPES[c.dtype], shape, nbytes))
+        self._hasher.update(_tensor_preamble(c.name, c.dtype, shape, nbytes, c.codec, c.block, c.count))
+        buf = (
+            torch.empty(nbytes, dtype=torch.uint8).numpy()
+            if self._coded is not None
+            else self._buffer(c.name, DTYPES[c.dtype], shape, nbytes)
+        )
+        self._current = (c.name, c.dtype, shape, buf)
         self._filled = 0
 
     def _buffer(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> np.ndarray:
@@ -340,12 +392,17 @@ class StreamDecoder:
     def _finish_tensor(self) -> None:
         name, dtype, shape, buf = self._current
         try:
-            if buf.nbytes == 0:  # numpy gives empty arrays a zero stride that torch cannot view
+            if self._coded is not None:
+                c = self._coded
+                t = decode_coded(Coded(c.codec, dtype, shape, torch.from_numpy(buf), c.block, c.count))
+            elif buf.nbytes == 0:  # numpy gives empty arrays a zero stride that torch cannot view
                 t = torch.empty(shape, dtype=DTYPES[dtype])
             else:
                 t = torch.from_numpy(buf).view(DTYPES[dtype]).reshape(shape)
         except RuntimeError as e:  # e.g. stride overflow for absurd zero-size shapes
             raise TensorStreamError("bad_shape", f"{name}: {e}") from None
+        except CodecError as e:
+            raise TensorStreamError(e.reason, f"{name}: {e}") from None
         if not self.limits.allow_non_finite and not _all_finite(t):
             raise TensorStreamError("non_finite", f"{name} holds NaN or Inf")
         self._tensors[name] = t
@@ -460,7 +517,12 @@ def decode(
 
 
 # -- addressing ------------------------------------------------------------------------------
-KINDS = {"model": pb.SNAPSHOT_KIND_MODEL, "logits": pb.SNAPSHOT_KIND_LOGITS}
+KINDS = {
+    "model": pb.SNAPSHOT_KIND_MODEL,
+    "logits": pb.SNAPSHOT_KIND_LOGITS,
+    "delta": pb.SNAPSHOT_KIND_DELTA,
+    "estimate": pb.SNAPSHOT_KIND_ESTIMATE,
+}
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
 
 
