@@ -126,6 +126,17 @@ class CommConfig(_Strict):
         "(each one's digest is signed into the peer record, hence the cap)",
     )
     fetch_timeout: float = Field(20.0, gt=0, le=600, description="seconds to wait for a neighbour's snapshot")
+    codec: Literal["none", "fp16", "bf16", "int8", "topk"] = Field(
+        "none", description="how gossiped models travel: raw float32, fp16, bf16, int8 (blockwise absmax) or topk"
+    )
+    topk_ratio: float = Field(0.01, gt=0, le=1, description="codec topk: share of each tensor's values sent")
+    int8_block: int = Field(256, ge=16, le=1 << 20, description="codec int8: values per float32 scale")
+    error_feedback: bool = Field(
+        False, description="send the coded difference from an estimate both sides hold (CHOCO-SGD), not the model"
+    )
+    consensus_step: float | None = Field(
+        None, gt=0, le=1, description="CHOCO-SGD step size gamma (default: 1, or 0.5 for topk)"
+    )
     min_peers: int | None = Field(
         None,
         ge=1,
@@ -291,6 +302,10 @@ class NodeConfig(_Strict):
             ]
             if clash:
                 raise ValueError(f"comm.exchange logits does not average models: unset {', '.join(clash)}")
+        if (c.codec != "none" or c.error_feedback) and (c.exchange != "model" or c.algorithm != "gossip"):
+            raise ValueError("comm.codec and comm.error_feedback apply to gossip of models (exchange model, gossip)")
+        if c.error_feedback and c.codec == "none":
+            raise ValueError("comm.error_feedback needs a comm.codec that loses something (fp16, bf16, int8, topk)")
         if self.role == "expert" and self.experts.cluster >= self.experts.clusters:
             raise ValueError(
                 f"experts.cluster {self.experts.cluster} must be < experts.clusters {self.experts.clusters}"

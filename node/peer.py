@@ -30,6 +30,7 @@ from torch import nn
 from node import netcheck
 from node.config import ConfigError, NodeConfig, load_config, node_config
 from node.engine import Engine
+from node.comm.compression import record_codec
 from node.exchange.grpc import GrpcExchange
 from node.metrics import NodeMetrics
 from node.rounds import RoundResult
@@ -123,6 +124,7 @@ class Peer:
             round=start_round,
             proxy_digest=worker.proxy_digest,
             task_digest=worker.task_digest,
+            codec=record_codec(cfg.comm),
             roles=("trainer",),
             metrics_port=metrics_port,
         )

@@ -202,8 +202,10 @@ def swarm_up(tmp_path, nodes: int, rounds: int, *sets: str, timeout: float = 400
 
 
 def test_swarm_up_end_to_end(tmp_path):
-    """`atoll swarm up` itself: a 2-node swarm, the summary and results.json."""
-    r, res = swarm_up(tmp_path, 2, 4, "train.local_steps=5", timeout=300)
+    """`atoll swarm up` itself: a 2-node swarm, the summary and results.json; gossip compressed
+    (top-k deltas with error feedback), counted the same by the daemons and the simulator."""
+    codec = ("comm.codec=topk", "comm.topk_ratio=0.05", "comm.error_feedback=true")
+    r, res = swarm_up(tmp_path, 2, 4, "train.local_steps=5", *codec, timeout=300)
     assert len(res["nodes"]) == 2 and all(n["rounds"] == 4 and n["final_accuracy"] > 0.3 for n in res["nodes"])
     assert all(n["sent_bytes"] > 0 and n["received_bytes"] > 0 for n in res["nodes"])
     assert all(0 < v <= 1 for v in res["centralized_baseline"].values())
@@ -214,3 +216,6 @@ def test_swarm_up_end_to_end(tmp_path):
 
     sim = Simulation(SwarmConfig.model_validate(res["config"]))
     assert sim.run().bytes_sent == sum(n["sent_bytes"] for n in res["nodes"])
+    raw = SwarmConfig.model_validate(res["config"])
+    raw.node.comm.codec, raw.node.comm.error_feedback = "none", False
+    assert Simulation(raw).run().bytes_sent > 5 * sum(n["sent_bytes"] for n in res["nodes"])

@@ -18,9 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from node.comm.backoff import Backoff
+from node.comm.compression import record_codec, sends_deltas
 from node.exchange import Accept, Member, model_like
 from node.metrics import NodeMetrics
 from p2pd.client import FetchError, SwarmClient
+from p2pd.codecs import CODECS
 from p2pd.discovery import DiscoveryError
 from p2pd.errors import ReasonedError
 from p2pd.records import RecordRefused, open_record
@@ -77,6 +79,7 @@ class GrpcExchange:
         self._closed = False
         self._lock = threading.Lock()
         self._other_task: set[str] = set()  # peers named once for running another task
+        self._codec_warned: set[str] = set()  # peers named once for a codec we cannot use
 
     @property
     def sent_bytes(self) -> int:
@@ -101,11 +104,15 @@ class GrpcExchange:
 
     def _same_task(self, live: list) -> list:
         """The peers whose signed task digest matches ours (model exchange only: logit exchange
-        mixes architectures by design). Others are never fetched nor merged; each is named once
-        at WARNING. A record without a digest (an older release) is kept: its snapshots are still
-        checked tensor by tensor."""
+        mixes architectures by design) and whose codec we can decode and use (p2pd/codecs.py;
+        a peer sending CHOCO deltas cannot gossip with one sending models). Others are never
+        fetched nor merged; each is named once at WARNING. A record without a digest (an older
+        release) is kept: its snapshots are still checked tensor by tensor."""
         mine = self.discovery.record.task_digest if self.discovery.record is not None else ""
-        if self.comm.exchange != "model" or not mine:
+        if self.comm.exchange != "model":
+            return live
+        live = [p for p in live if self._codec_fits(p)]
+        if not mine:
             return live
         other = [p for p in live if p.task_digest not in ("", mine)]
         for p in other:
@@ -174,6 +181,24 @@ class GrpcExchange:
         return self.stop.is_set()
 
     # -- internals ----------------------------------------------------------------------------
+    def _codec_fits(self, p) -> bool:
+        """Whether peer record `p`'s codec is one this node decodes, in the same gossip mode
+        (models or deltas) as its own; says once why not."""
+        ours = record_codec(self.comm)
+        if p.peer_id == self.me or p.codec == ours:
+            return True
+        why = None
+        if p.codec.split("+")[0] not in ("none", *CODECS):
+            why = f"sends codec {p.codec!r}, which this release cannot decode (it knows {', '.join(CODECS)})"
+        elif sends_deltas(p.codec) != sends_deltas(ours):
+            why = f"gossips with codec {p.codec}, ours is {ours}: one sends CHOCO deltas, the other models"
+        if why is None:
+            return True
+        if p.peer_id not in self._codec_warned:
+            self._codec_warned.add(p.peer_id)
+            log.warning("peer %s %s: not exchanging with it (set the same comm.codec)", p.peer_id[:16], why)
+        return False
+
     def _fetch(self, peer_id: str, key: SnapshotKey, accept: Accept, deadline: float) -> Any:
         """accept(the neighbour's snapshot `key`), or None (reason counted) if not had by the
         deadline or refused."""

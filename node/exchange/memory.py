@@ -2,7 +2,8 @@
 protocols as a daemon, meeting on one shared `Board`.
 
 What travels is what a daemon would send: a fetch counts the `wire_bytes` of the snapshot as
-the daemon's encoder (`p2pd.tensors.encode`) writes it, and a corrupted delivery goes through
+the daemon's encoder (`p2pd.tensors.encode`) writes it, coded tensors decoded by the same codec
+functions as the daemon's decoder (p2pd/codecs.py), and a corrupted delivery goes through
 the daemon's decoder and its digest check. Nothing here depends on the wall clock: a fetch
 waits until the snapshot is published, or until it is certain it never will be (the peer
 failed, dropped it, moved past it or finished), so runs are deterministic.
@@ -28,6 +29,7 @@ import torch
 from node.aggregate import mean, variance_corrected_mean
 from node.comm import seeded_rng
 from node.exchange import Accept, Member
+from p2pd.codecs import Coded, CodecError, decompress
 from p2pd.errors import ReasonedError
 from p2pd.tensors import SnapshotKey, TensorStreamError, decode, encode
 
@@ -152,11 +154,17 @@ class Board:
         self._waiters.setdefault(peer, []).append(event)
         return event
 
-    def wire_bytes(self, key: SnapshotKey, state: dict[str, torch.Tensor]) -> int:
-        """Bytes one fetch of `state` as `key` puts on the wire, from the daemon's own encoder.
-        The size depends only on the key and the tensors' names, dtypes and shapes, so it is
-        encoded once per layout."""
-        layout = (key, tuple((k, v.dtype, tuple(v.shape)) for k, v in sorted(state.items())))
+    def wire_bytes(self, key: SnapshotKey, state: dict[str, torch.Tensor | Coded]) -> int:
+        """Bytes one fetch of `state` as `key` puts on the wire, from the daemon's own encoder
+        (coded tensors included, p2pd/codecs.py). The size depends only on the key and the
+        tensors' names, dtypes, shapes and codec sizes, so it is encoded once per layout."""
+        layout = (
+            key,
+            tuple(
+                (k, v.codec, v.dtype, v.shape, v.nbytes) if isinstance(v, Coded) else (k, v.dtype, tuple(v.shape))
+                for k, v in sorted(state.items())
+            ),
+        )
         if layout not in self._wire:
             self._wire[layout] = encode(state, key.to_pb()).wire_bytes
         return self._wire[layout]
@@ -192,7 +200,7 @@ class MemoryExchange:
     def publish(self, key: SnapshotKey, tensors: dict[str, torch.Tensor], **record: Any) -> None:
         """node.exchange.Exchange.publish (a copy is kept); raises Crashed if this node fails at the round."""
         self._alive(key.round)
-        copy = {k: v.detach().clone() for k, v in tensors.items()}
+        copy = {k: v if isinstance(v, Coded) else v.detach().clone() for k, v in tensors.items()}
         with self.board.cond:
             self.board.snapshots[(self.me, key)] = copy
             self.board.progress[self.me] = (key.round, key.step)
@@ -286,6 +294,10 @@ class MemoryExchange:
                 return None, "timeout"
         if (peer, key.round) in b.faults.corrupted:
             return None, _corrupted(state, key)
+        try:
+            state = decompress(state)  # what the daemon's decoder hands over
+        except CodecError as e:
+            return None, e.reason
         if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in state.values()):
             return None, "non_finite"  # what the daemon's decoder refuses
         return state, ""

@@ -9,19 +9,22 @@ a round or multi-step gossip (MGS) with several; late = a late-concentrated budg
    through the node's `Defence` (plain or variance-corrected mixing for `aggregator: mean`,
    else the robust aggregator), which also scores every neighbour (trust, sybil flags);
 3. a round without gossip steps only notes its progress.
+
+With `comm.codec` / `comm.error_feedback` the snapshots travel coded, or as CHOCO-SGD deltas
+of public estimates (node/comm/compression.py); the robust aggregators see each neighbour's
+model as this node reconstructs it, and the consensus step size scales the mix.
 """
 
 from __future__ import annotations
 
 import logging
 
+from node.comm.compression import CompressedGossip
 from node.comm.mixing import metropolis_hastings, renormalise
 from node.comm.schedule import allotment
 from node.comm.topology import graph
-from node.exchange import model_like
 from node.rounds import RoundResult
 from node.worker import NonFinite
-from p2pd.tensors import SnapshotKey
 
 log = logging.getLogger("atoll.gossip")
 
@@ -36,11 +39,13 @@ class GossipRounds:
         budget = cfg.train.rounds if c.gossip_budget is None else c.gossip_budget
         self.steps = allotment(c.schedule, cfg.train.rounds, budget, c.late_shape)
         self.forger = None
+        self.compression = CompressedGossip(c)
         self._flagged: set[str] = set()
 
     def run(self, r: int) -> RoundResult:
         """Round r: local training, then the round's gossip steps. Raises NonFinite."""
         w = self.worker
+        self.compression.begin(r, w.state())
         start = w.round_start()  # updates are measured from here
         result = RoundResult(w.train(r, stop=self.exchange.stopping))
         sps = round(result.stats.samples_per_second, 3)
@@ -62,7 +67,7 @@ class GossipRounds:
             raise NonFinite("model_after_mixing")
         ref = start if start is not None else own
         published = own if self.forger is None else self.forger.forge(ref, own, r, q)
-        self.exchange.publish(SnapshotKey("model", r, q), published, samples_per_second=sps)
+        self.compression.publish(self.exchange, r, q, published, samples_per_second=sps)
         members = self.exchange.members(r)
         result.members = len(members)
         g = graph([m.peer_id for m in members] + [me], c.topology, r, self.cfg.train.seed, c.random_degree, step=q)
@@ -70,7 +75,8 @@ class GossipRounds:
         if not nbrs:
             return
         self_w, weights = metropolis_hastings(len(g[me]), {j: len(g[j]) for j in nbrs})
-        answered = self.exchange.fetch_many(nbrs, SnapshotKey("model", r, q), model_like(own))
+        self.compression.forget({m.peer_id for m in members})
+        answered = self.compression.gather(self.exchange, nbrs, r, q, own)
         if not answered:
             return
         self_w, weights = renormalise(self_w, weights, set(answered))
@@ -82,7 +88,7 @@ class GossipRounds:
             self.forger.saw(answered)
             if not self.forger.mixes:
                 return
-        w.load(mixed)
+        w.load(self.compression.blend(own, mixed))
         result.mixed = sorted(answered)
 
     def _say_flags(self, r: int, signals: dict) -> None:
