@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from node import netcheck
+from node.comm.compression import record_codec
 from node.config import ConfigError, NodeConfig, load_config, node_config
 from node.engine import Engine
-from node.comm.compression import record_codec
 from node.exchange.grpc import GrpcExchange
 from node.metrics import NodeMetrics
 from node.rounds import RoundResult

@@ -29,7 +29,7 @@ import torch
 from node.aggregate import mean, variance_corrected_mean
 from node.comm import seeded_rng
 from node.exchange import Accept, Member
-from p2pd.codecs import Coded, CodecError, decompress
+from p2pd.codecs import CodecError, Coded, decompress
 from p2pd.errors import ReasonedError
 from p2pd.tensors import SnapshotKey, TensorStreamError, decode, encode
 
