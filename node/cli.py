@@ -732,6 +732,47 @@ def bench_algorithms(
             typer.echo(f"wrote {path}", err=True)
 
 
+@bench_app.command("compression")
+def bench_compression(
+    workloads: str = typer.Option(
+        "all", help="Comma-separated, or all: digits-mlp, fashion-cnn, kjv-lm, fortunes-lora."
+    ),
+    methods: str = typer.Option(
+        "all",
+        help="Comma-separated, or all: float32, fp16, bf16, int8, topk10%, topk5%, topk1%, each also with +ef.",
+    ),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
+    consensus_step: float | None = typer.Option(
+        None, min=0.001, max=1.0, help="CHOCO step size gamma for every codec (default: comm.consensus_step's)."
+    ),
+    out: Path | None = typer.Option(None, help="Write results.json, table.md and compression.png here."),
+) -> None:
+    """Quality against bytes sent for every codec (float32, fp16, bf16, int8, top-k), with and
+    without error feedback (CHOCO-SGD), on digits, Fashion-MNIST, the KJV language model and its
+    LoRA fine-tune, in the simulator (the daemons' codecs and wire bytes)."""
+    from rich.progress import Progress
+
+    from node.bench import compression as comp
+
+    seed_list = _int_list(seeds, "--seeds", 0, 2**31)
+    work = _names(workloads, "--workloads", comp.WORKLOADS)
+    names = _names(methods, "--methods", comp.methods())
+    with Progress(transient=True) as bar:
+        task = bar.add_task("simulating", total=len(work) * len(names) * len(seed_list))
+        rows = _simulated(
+            lambda: comp.run(
+                work, names, seed_list, consensus_step=consensus_step, progress=lambda r: bar.advance(task)
+            )
+        )
+    summary = comp.summarize(rows)
+    typer.echo(comp.table(summary))
+    typer.echo("\n".join(comp.targets(summary)))
+    if out is not None:
+        meta = {"command": " ".join(["atoll", *sys.argv[1:]]), "title": "compressed gossip, 4 nodes on a ring"}
+        for path in comp.write_outputs(rows, out, meta):
+            typer.echo(f"wrote {path}", err=True)
+
+
 @bench_app.command("distill")
 def bench_distill(
     nodes: int = typer.Option(8, min=2, max=256, help="Virtual nodes; they cycle through the architectures."),

@@ -135,7 +135,7 @@ class CommConfig(_Strict):
         False, description="send the coded difference from an estimate both sides hold (CHOCO-SGD), not the model"
     )
     consensus_step: float | None = Field(
-        None, gt=0, le=1, description="CHOCO-SGD step size gamma (default: 1, or 0.5 for topk)"
+        None, gt=0, le=1, description="CHOCO-SGD step size gamma (default: 1; topk: 0.25 + 5 x topk_ratio, at most 1)"
     )
     min_peers: int | None = Field(
         None,

@@ -10,8 +10,9 @@ decoded dtype and shape, and a flat uint8 payload (little-endian):
   tensor in blocks of ``block`` values, each sent as its absmax ``s`` (float32) and
   round(127 x / s) (int8); nblocks x 4 + numel bytes. Error per element <= s / 254.
 - ``topk``: top-k sparsification: the ``count`` entries of largest magnitude as int32
-  indices (ascending, unique) then their float32 values; count x 8 bytes. The others decode
-  as 0, which is why top-k is meant for differences with error feedback (CHOCO-SGD).
+  indices (ascending, unique) then their values in fp16 (clamped as above); count x 6 bytes.
+  The others decode as 0, which is why top-k is meant for differences with error feedback
+  (CHOCO-SGD), where the fp16 rounding of the values is fed back too.
 
 The size rule (`Codec.applies`): integer tensors, tensors under ``min_elements`` values (biases,
 norm weights) and normalisation statistics (``running_mean``/``running_var``) are sent raw.
@@ -73,7 +74,7 @@ def payload_bytes(codec: str, numel: int, block: int = 0, count: int = 0) -> int
     if codec == "topk":
         if not 0 < count <= numel or numel >= 2**31:
             raise CodecError("bad_codec", f"topk keeps {count} of {numel} values")
-        return 8 * count
+        return 6 * count
     raise CodecError("unknown_codec", f"codec {codec[:32]!r} is not one of {', '.join(CODECS)}")
 
 
@@ -86,7 +87,7 @@ class Codec:
     name: str = "none"
     ratio: float = 0.01
     block: int = 256
-    min_elements: int = 1024
+    min_elements: int = 256
 
     def __post_init__(self):
         if self.name != "none" and self.name not in CODECS:
@@ -123,7 +124,8 @@ class Codec:
         if self.name == "topk":
             k = max(1, math.ceil(self.ratio * len(x)))
             idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values.to(torch.int32)
-            return Coded("topk", dtype, shape, torch.cat([_bytes(idx), _bytes(x[idx.long()])]), count=k)
+            values = x[idx.long()].clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+            return Coded("topk", dtype, shape, torch.cat([_bytes(idx), _bytes(values)]), count=k)
         raise ValueError("codec none encodes nothing")
 
     def compress(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | Coded]:
@@ -165,7 +167,7 @@ def decode(c: Coded) -> torch.Tensor:
         if c.count > 1 and not bool((idx[1:] > idx[:-1]).all()):
             raise CodecError("bad_codec", "topk indices must be ascending and unique")
         x = torch.zeros(numel, dtype=torch.float32)
-        x[idx] = p[4 * c.count :].view(torch.float32)
+        x[idx] = p[4 * c.count :].view(torch.float16).float()
     return x.to(CODED_DTYPES[c.dtype]).reshape(c.shape)
 
 

@@ -47,9 +47,10 @@ def test_each_codec_round_trips_within_its_bound(shape):
         y = decode(c).reshape(-1)
         k = math.ceil(ratio * x.numel())
         kept = y != 0
-        assert int(kept.sum()) == k and torch.equal(y[kept], x.reshape(-1)[kept])  # kept values exact
+        assert int(kept.sum()) == k  # kept values in fp16
+        assert ((y[kept] - x.reshape(-1)[kept]).abs() <= x.reshape(-1)[kept].abs() * 2**-11).all()
         assert x.reshape(-1)[~kept].abs().max() <= x.reshape(-1)[kept].abs().min() if k < x.numel() else True
-        assert c.nbytes == 8 * k
+        assert c.nbytes == 6 * k
 
 
 def test_fp16_clamps_instead_of_overflowing():
@@ -58,12 +59,12 @@ def test_fp16_clamps_instead_of_overflowing():
 
 
 def test_the_wire_carries_codecs_and_counts_their_bytes():
-    """Bytes: fp16/bf16 half of float32, int8 a quarter plus scales, topk 8 bytes per value kept;
+    """Bytes: fp16/bf16 half of float32, int8 a quarter plus scales, topk 6 bytes per value kept;
     small tensors, integers and norm statistics go raw; the receiver's decoded tensors are the
     sender's decode() bit for bit (what error feedback relies on)."""
     state = {
         "fc.weight": sample((256, 64)),
-        "fc.bias": sample((256,)),
+        "fc.bias": sample((128,)),
         "bn.running_var": sample((4096,)).abs(),
         "steps": torch.tensor(7),
     }
@@ -81,7 +82,7 @@ def test_the_wire_carries_codecs_and_counts_their_bytes():
     small = raw - 256 * 64 * 4
     assert sizes["fp16"] == sizes["bf16"] == small + 256 * 64 * 2
     assert sizes["int8"] == small + 256 * 64 + 4 * 256 * 64 // 256
-    assert sizes["topk"] == small + 8 * math.ceil(0.05 * 256 * 64)
+    assert sizes["topk"] == small + 6 * math.ceil(0.05 * 256 * 64)
     assert encode(state, KEY).hexdigest == encode(dict(state), KEY).hexdigest  # raw digests unchanged
 
 
@@ -103,7 +104,7 @@ def test_corrupted_compressed_payloads_are_refused_with_a_reason():
     unordered = tk.payload.clone()
     unordered[:8] = torch.cat([unordered[4:8], unordered[:4]])
     inf_value = tk.payload.clone()
-    inf_value[-4:] = torch.tensor([float("inf")]).view(torch.uint8)
+    inf_value[-2:] = torch.tensor([float("inf")], dtype=torch.float16).view(torch.uint8)
     cases = {
         "nan scale": (_bad(i8, payload=nan_scale), "bad_codec"),
         "negative scale": (_bad(i8, payload=neg_scale), "bad_codec"),
@@ -120,7 +121,7 @@ def test_corrupted_compressed_payloads_are_refused_with_a_reason():
             wire(state)
         assert e.value.reason == reason, what
     # values truncated: the payload shorter than its codec says
-    short = _bad(tk, payload=tk.payload[:-4])
+    short = _bad(tk, payload=tk.payload[:-2])
     with pytest.raises(CodecError, match="payload"):
         decode(short["w"])
     with pytest.raises(TensorStreamError) as e:  # its header announces fewer bytes than the codec needs
@@ -137,8 +138,8 @@ def test_corrupted_compressed_payloads_are_refused_with_a_reason():
 
 
 def test_a_small_coded_shape_cannot_decode_into_a_huge_tensor():
-    """topk sends 8 bytes per kept value whatever the shape: the decoded size has its own limit."""
-    huge = Coded("topk", "float32", (1 << 28,), torch.zeros(8, dtype=torch.uint8), count=1)
+    """topk sends 6 bytes per kept value whatever the shape: the decoded size has its own limit."""
+    huge = Coded("topk", "float32", (1 << 28,), torch.zeros(6, dtype=torch.uint8), count=1)
     with pytest.raises(TensorStreamError) as e:
         wire({"w": huge}, Limits(max_total_bytes=1 << 20))
     assert e.value.reason == "oversize"
