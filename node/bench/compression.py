@@ -194,9 +194,8 @@ def table(summary: list[dict]) -> str:
         worst = f"{s['worst_node']:.2f}" if low else f"{100 * s['worst_node']:.1f}"
         vs = f"{s['vs_float32']:+.2f}{'%' if low else ''}" if "vs_float32" in s else ""
         ratio = f"{s['bytes_ratio']:.1f}x" if "bytes_ratio" in s else ""
-        lines.append(
-            f"| {s['workload']} | {s['method']} | {s['seeds']} | {value} | {vs} | {worst} | {s['megabytes']:.2f} | {ratio} |"
-        )
+        cells = [s["workload"], s["method"], str(s["seeds"]), value, vs, worst, f"{s['megabytes']:.2f}", ratio]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
