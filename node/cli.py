@@ -672,15 +672,16 @@ def bench_transport(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON instead of a table."),
     out: Path | None = typer.Option(None, help="Also write results.json, table.md and transport.png here."),
 ) -> None:
-    """Snapshot exchange throughput (GB/s) on loopback: atoll's gRPC path vs a bare gRPC byte
-    stream, hivemind's libp2p stream, and an in-process copy (the physical limit)."""
+    """Snapshot exchange throughput (GB/s) on loopback: atoll's gRPC path, raw and with each
+    codec (effective GB/s of float32 state), vs a bare gRPC byte stream, hivemind's libp2p
+    stream, and an in-process copy (the physical limit)."""
     from node.bench import transport
 
     size_list = _int_list(sizes, "--sizes", 1, 4096)
     paths = tuple(p for p in transport.PATHS if not (skip_hivemind and p == "hivemind"))
 
     def progress(row):
-        typer.echo(f"  {row.size_mb:>5} MiB  {row.path:<11} {row.gbps:7.3f} GB/s", err=True)
+        typer.echo(f"  {row.size_mb:>5} MiB  {row.path:<12} {row.gbps:7.3f} GB/s", err=True)
 
     typer.echo(f"bench transport: sizes {size_list} MiB, best of {repeats}, paths {', '.join(paths)}", err=True)
     rows = transport.run(size_list, repeats=repeats, paths=paths, progress=progress)

@@ -13,6 +13,10 @@ server process to this process, each timed end to end (request to usable tensors
                 as a node does each round with one buffer set per neighbour.
 - ``hivemind``  hivemind's libp2p stream (``P2P`` protobuf handler, ``serialize_torch_tensor``
                 + ``split_for_streaming`` in 2 MiB parts, ``deserialize_tensor_stream``).
+- ``atoll_fp16``, ``atoll_bf16``, ``atoll_int8``, ``atoll_topk1``: ``SwarmClient.fetch`` of the
+                snapshot coded by p2pd/codecs.py (top-k at 1%), decoded to float32 tensors with
+                every check. Their GB/s is *effective*: float32 model bytes made usable per
+                second; the publisher's one-off encoding time is reported beside it.
 
 The server side of every network path runs in one separate (spawned) process, so client
 and server do not share a GIL. Each figure is the best of ``repeats`` runs.
@@ -29,7 +33,13 @@ from pathlib import Path
 
 import torch
 
-PATHS = ("copy", "grpc_raw", "atoll", "atoll_reuse", "hivemind")
+CODED = {
+    "atoll_fp16": ("fp16", 0.01),
+    "atoll_bf16": ("bf16", 0.01),
+    "atoll_int8": ("int8", 0.01),
+    "atoll_topk1": ("topk", 0.01),
+}
+PATHS = ("copy", "grpc_raw", "atoll", "atoll_reuse", "hivemind", *CODED)
 # what each path is, for a reader of the plot (see the module docstring)
 LEGEND = {
     "copy": "in-process copy (memory ceiling)",
@@ -37,6 +47,10 @@ LEGEND = {
     "atoll": "atoll fetch (decode, digest, NaN check)",
     "atoll_reuse": "atoll fetch into reused tensors",
     "hivemind": "hivemind libp2p tensor stream",
+    "atoll_fp16": "atoll fetch, fp16 (effective)",
+    "atoll_bf16": "atoll fetch, bf16 (effective)",
+    "atoll_int8": "atoll fetch, int8 blockwise (effective)",
+    "atoll_topk1": "atoll fetch, top-k 1% (effective)",
 }
 RAW_CHUNK = 4 * 1024 * 1024
 HIVEMIND_CHUNK = 2 * 1024 * 1024
@@ -72,14 +86,20 @@ def _serve(sizes: list[int], conn) -> None:
     from hivemind.proto import runtime_pb2
     from hivemind.utils.streaming import split_for_streaming
 
+    from p2pd.codecs import Codec
     from p2pd.server import MAX_MESSAGE_BYTES, SnapshotStore, SwarmServer
     from p2pd.tensors import SnapshotKey
 
-    store = SnapshotStore(keep=len(sizes))
-    digests, dicts = {}, {}
+    store = SnapshotStore(keep=len(sizes) * (1 + len(CODED)))
+    digests, dicts, encode_seconds = {}, {}, {}
     for mb in sizes:
         dicts[mb] = make_state_dict(mb)
         digests[mb] = store.publish(SnapshotKey("model", mb), dicts[mb]).hexdigest
+        for step, (path, (name, ratio)) in enumerate(CODED.items(), start=1):
+            t0 = time.perf_counter()
+            coded = Codec(name, ratio).compress(dicts[mb])
+            encode_seconds[f"{path}/{mb}"] = time.perf_counter() - t0
+            digests[f"{path}/{mb}"] = store.publish(SnapshotKey("model", mb, step), coded).hexdigest
     atoll = SwarmServer(store, max_workers=4)
     atoll.start()
 
@@ -130,6 +150,7 @@ def _serve(sizes: list[int], conn) -> None:
             maddrs=maddrs,
             peer_id=p2p.peer_id.to_base58(),
             digests=digests,
+            encode_seconds=encode_seconds,
         )
     )
     conn.recv()  # any message (or EOF) means stop
@@ -141,13 +162,16 @@ def _serve(sizes: list[int], conn) -> None:
 # -- client side -------------------------------------------------------------------------------
 @dataclass
 class Row:
-    """One measured transfer: path, size in MiB, repeat, seconds and throughput."""
+    """One measured transfer: path, size in MiB, best seconds, throughput (GB/s of float32
+    model state), bytes on the wire, and for a coded path the publisher's encoding seconds."""
 
     size_mb: int
     path: str
     seconds: float
     gbps: float
     ratio_to_grpc_raw: float | None = None
+    wire_bytes: int = 0
+    encode_seconds: float | None = None
 
 
 def _time_best(fn, repeats: int) -> float:
@@ -226,9 +250,28 @@ def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, prog
                 loop.run_until_complete(_hm())
 
             fns = dict(copy=do_copy, grpc_raw=do_raw, atoll=do_atoll, atoll_reuse=do_atoll_reuse, hivemind=do_hivemind)
+            wire = {}
+            for step, path in enumerate(CODED, start=1):
+
+                def do_coded(step=step, path=path):
+                    key, want = SnapshotKey("model", mb, step), bytes.fromhex(info["digests"][f"{path}/{mb}"])
+                    snap = client.fetch(key, expected_digest=want)
+                    assert sum(t.numel() * 4 for t in snap.tensors.values()) == nbytes
+                    wire[path] = snap.nbytes
+
+                fns[path] = do_coded
             for path in paths:
                 secs = _time_best(fns[path], repeats)
-                rows.append(Row(mb, path, secs, nbytes / secs / 1e9))
+                rows.append(
+                    Row(
+                        mb,
+                        path,
+                        secs,
+                        nbytes / secs / 1e9,
+                        wire_bytes=wire.get(path, nbytes if path != "copy" else 0),
+                        encode_seconds=info["encode_seconds"].get(f"{path}/{mb}"),
+                    )
+                )
                 if progress:
                     progress(rows[-1])
         client.close()
@@ -255,12 +298,15 @@ def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, prog
 def table(rows: list[Row]) -> str:
     """Medians over repeats per path and size as a markdown table."""
     lines = [
-        "| size (MiB) | path | best seconds | GB/s | ratio to bare gRPC |",
-        "|---:|---|---:|---:|---:|",
+        "| size (MiB) | path | best seconds | GB/s (float32 state) | ratio to bare gRPC | MB on the wire | encode s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = f"{r.ratio_to_grpc_raw:.2f}" if r.ratio_to_grpc_raw is not None else "-"
-        lines.append(f"| {r.size_mb} | {r.path} | {r.seconds:.3f} | {r.gbps:.3f} | {ratio} |")
+        enc = f"{r.encode_seconds:.3f}" if r.encode_seconds is not None else "-"
+        lines.append(
+            f"| {r.size_mb} | {r.path} | {r.seconds:.3f} | {r.gbps:.3f} | {ratio} | {r.wire_bytes / 1e6:.1f} | {enc} |"
+        )
     return "\n".join(lines)
 
 
