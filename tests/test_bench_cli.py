@@ -20,8 +20,13 @@ def test_bench_transport_json_and_outputs(tmp_path):
     r = atoll("bench", "transport", "--sizes", "2", "--repeats", "1", "--json", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(r.stdout)
-    assert {row["path"] for row in rows} == {"copy", "grpc_raw", "atoll", "atoll_reuse", "hivemind"}
+    coded = {"atoll_fp16", "atoll_bf16", "atoll_int8", "atoll_topk1"}
+    assert {row["path"] for row in rows} == {"copy", "grpc_raw", "atoll", "atoll_reuse", "hivemind"} | coded
     assert all(row["gbps"] > 0 and row["size_mb"] == 2 for row in rows)
+    wire = {row["path"]: row["wire_bytes"] for row in rows}
+    assert wire["atoll_fp16"] < 0.51 * wire["atoll"] and wire["atoll_int8"] < 0.27 * wire["atoll"]
+    assert wire["atoll_topk1"] < 0.02 * wire["atoll"]
+    assert all(row["encode_seconds"] > 0 for row in rows if row["path"] in coded)
     assert next(row for row in rows if row["path"] == "grpc_raw")["ratio_to_grpc_raw"] == 1.0
     for name in ("results.json", "table.md", "transport.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -33,6 +38,8 @@ def test_bench_transport_json_and_outputs(tmp_path):
         ["bench", "transport", "--sizes", "ten"],
         ["bench", "transport", "--sizes", "0"],
         ["bench", "transport", "--repeats", "0"],
+        ["bench", "compression", "--workloads", "cifar"],
+        ["bench", "compression", "--methods", "zstd"],
         ["bench", "swarm", "--systems", "flower"],
         ["bench", "swarm", "--systems", "atoll,spark"],
         ["bench", "swarm", "--config", "/nonexistent.yaml"],
@@ -220,3 +227,18 @@ def test_bad_security_config_is_a_clear_error(sets, message):
     r = atoll("config", "show", *[a for s in sets for a in ("--set", s)], timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert message in r.stderr, r.stderr
+
+
+def test_bench_compression_counts_fewer_bytes_and_states_the_targets(tmp_path):
+    r = atoll(
+        "bench", "compression", "--workloads", "digits-mlp", "--methods", "float32,int8+ef,topk5%+ef",
+        "--seeds", "0", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = {s["method"]: s for s in json.loads((tmp_path / "results.json").read_text())["summary"]}
+    assert summary["float32"]["bytes_ratio"] == 1.0
+    assert summary["int8+ef"]["bytes_ratio"] > 3 and summary["topk5%+ef"]["bytes_ratio"] > 8
+    assert abs(summary["int8+ef"]["vs_float32"]) < 3  # int8 with error feedback tracks float32
+    assert "digits-mlp: int8+ef at" in r.stdout and "top-k with error feedback at >= 10x" in r.stdout
+    for name in ("results.json", "table.md", "compression.png"):
+        assert (tmp_path / name).stat().st_size > 0
