@@ -123,7 +123,7 @@ class Codec:
             return Coded("int8", dtype, shape, payload, block=self.block)
         if self.name == "topk":
             k = max(1, math.ceil(self.ratio * len(x)))
-            idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values.to(torch.int32)
+            idx = _top(x, k)
             values = x[idx.long()].clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
             return Coded("topk", dtype, shape, torch.cat([_bytes(idx), _bytes(values)]), count=k)
         raise ValueError("codec none encodes nothing")
@@ -134,7 +134,22 @@ class Codec:
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).reshape(-1).clone()
+    """The bytes of `t`, a tensor the codec just computed (so nothing else holds it)."""
+    return t.contiguous().view(torch.uint8).reshape(-1)
+
+
+def _top(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending int32 positions of the k entries of x (1-d) of largest magnitude. A k-th value
+    selection and one pass instead of a full top-k sort (ties broken by position)."""
+    a = x.abs()
+    if k >= len(a):
+        return torch.arange(len(a), dtype=torch.int32)
+    threshold = torch.kthvalue(a, len(a) - k + 1).values
+    above = (a > threshold).nonzero().reshape(-1)
+    if len(above) < k:  # entries equal to the threshold fill the rest, first ones first
+        equal = (a == threshold).nonzero().reshape(-1)[: k - len(above)]
+        above = torch.cat([above, equal]).sort().values
+    return above.to(torch.int32)
 
 
 def decode(c: Coded) -> torch.Tensor:
@@ -156,10 +171,12 @@ def decode(c: Coded) -> torch.Tensor:
         if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
             raise CodecError("bad_codec", "int8 scales must be finite and >= 0")
         q = p[4 * nblocks :].view(torch.int8)
-        if bool((q == -128).any()):
+        if numel and int(q.min()) == -128:
             raise CodecError("bad_codec", "int8 value -128 is never sent")
-        padded = torch.nn.functional.pad(q.float(), (0, nblocks * c.block - numel)).view(nblocks, c.block)
-        x = (padded * (scales / 127.0).unsqueeze(1)).reshape(-1)[:numel]
+        x = torch.empty(nblocks * c.block, dtype=torch.float32)
+        x[:numel] = q
+        x[numel:] = 0
+        x = x.view(nblocks, c.block).mul_((scales / 127.0).unsqueeze(1)).reshape(-1)[:numel]
     else:  # topk (payload_bytes refused anything else)
         idx = p[: 4 * c.count].view(torch.int32).long()
         if bool((idx < 0).any()) or bool((idx >= numel).any()):
