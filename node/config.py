@@ -94,7 +94,9 @@ class CommConfig(_Strict):
     """How nodes exchange: what, over which graph, under which schedule, with which timeouts."""
 
     exchange: Literal[registry.EXCHANGES] = Field(
-        "model", description="model: gossip parameters (one architecture); logits: distill on a proxy set (any mix)"
+        "model",
+        description="model: gossip parameters (one architecture); logits: distill on a proxy set (any mix); "
+        "ranks: FRL, vote on edge rankings of a shared random network",
     )
     topology: Literal[registry.TOPOLOGIES] = "ring"
     random_degree: int = Field(4, ge=2, le=64, description="topology random: degree bound k")
@@ -133,6 +135,9 @@ class CommConfig(_Strict):
     int8_block: int = Field(256, ge=16, le=1 << 20, description="codec int8: values per float32 scale")
     error_feedback: bool = Field(
         False, description="send the coded difference from an estimate both sides hold (CHOCO-SGD), not the model"
+    )
+    rank_keep: float = Field(
+        0.5, gt=0, le=1, description="exchange ranks (FRL): share of each layer's edges the supermask keeps"
     )
     consensus_step: float | None = Field(
         None, gt=0, le=1, description="CHOCO-SGD step size gamma (default: 1; topk: 0.25 + 5 x topk_ratio, at most 1)"
@@ -325,9 +330,23 @@ class NodeConfig(_Strict):
             ]
             if needs_labels:
                 raise ValueError(f"{', '.join(needs_labels)} work on the built-in image tasks only, not with task")
-        if (sec.aggregator != "mean" or sec.attack) and (c.exchange != "model" or c.algorithm != "gossip"):
+        if c.exchange == "ranks":
+            clash = [
+                name
+                for name, on in (
+                    ("comm.algorithm: modest", c.algorithm == "modest"),
+                    ("comm.mix_variance_correction", c.mix_variance_correction),
+                    ("comm.merge: variance_corrected", c.merge == "variance_corrected"),
+                    (f"security.aggregator: {sec.aggregator}", sec.aggregator != "mean"),
+                    (f"security.attack: {sec.attack}", sec.attack in ("free_ride", "sybil", "gaussian")),
+                )
+                if on
+            ]
+            if clash:
+                raise ValueError(f"comm.exchange ranks votes on rankings: unset {', '.join(clash)}")
+        elif (sec.aggregator != "mean" or sec.attack) and (c.exchange != "model" or c.algorithm != "gossip"):
             raise ValueError(
-                "security.aggregator and security.attack need comm.exchange model and comm.algorithm gossip"
+                "security.aggregator and security.attack need comm.exchange model (or ranks) and comm.algorithm gossip"
             )
         return self
 

@@ -6,14 +6,14 @@ config (which everything uses) depends on this file, not on the algorithms.
 - TOPOLOGIES: node/comm/topology.py (gossip graphs);
 - AGGREGATORS: node/aggregate/robust.py (how neighbour models are combined);
 - ATTACKS and ATTACK_PARAMS: node/security/attacks.py (attack rehearsals);
-- EXCHANGES, ALGORITHMS: node/rounds/ (the round protocols);
+- EXCHANGES, ALGORITHMS: node/rounds/ (the round protocols; ranks: FRL, node/frl.py);
 - DISTILL_METHODS: node/distill/ (logit exchange).
 """
 
 TOPOLOGIES = ("ring", "torus", "exponential", "random", "complete")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "clipped", "sybilwall", "bristle")
-ATTACKS = ("label_flip", "sign_flip", "gaussian", "alie", "ipm", "free_ride", "sybil")
+ATTACKS = ("label_flip", "sign_flip", "gaussian", "alie", "ipm", "free_ride", "sybil", "reverse")
 ATTACK_PARAMS = ("scale", "sigma", "epsilon", "z", "free_ride_mode", "jitter", "data_of")
-EXCHANGES = ("model", "logits")
+EXCHANGES = ("model", "logits", "ranks")
 ALGORITHMS = ("gossip", "modest")
 DISTILL_METHODS = ("edgefd", "knfu", "edgefd+knfu")

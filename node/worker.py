@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from node import distill
+from node import distill, frl
 from node.aggregate.vectors import flatten, float_keys
 from node.config import ConfigError, NodeConfig
 from node.security import Attack, flip_labels
@@ -133,6 +133,8 @@ class Worker:
         self.data = data
         m, o = cfg.model, cfg.optim
         self.model = self.task.model(cfg.train.seed if m.seed is None else m.seed).to(device)
+        if cfg.comm.exchange == "ranks":  # FRL: the random weights stay, edge scores train
+            self.model = frl.to_supermask(self.model, cfg.comm.rank_keep, cfg.train.seed)
         own = self.task.optimizer(self.model.parameters())
         self.optimizer = own or make_optimizer(self.model, o.name, o.lr, o.momentum, o.weight_decay)
         # a task's own optimizer keeps its learning rates (per group), scaled by optim.schedule
@@ -151,8 +153,11 @@ class Worker:
             self.autocast,
         )
         exchanged = self.task.task.exchanged
-        # the tensors that travel (`Task.exchanged`, e.g. LoRA adapters only); None: all of them
+        # the tensors that travel (`Task.exchanged`, e.g. LoRA adapters only; FRL: the scores,
+        # as rankings); None: all of them
         self.shared = None if exchanged is None else [k for k in self.model.state_dict() if self.task.exchanged(k)]
+        if cfg.comm.exchange == "ranks":
+            self.shared = frl.score_names(self.model.state_dict())
         if self.shared is not None and not self.shared:
             raise TaskError(f"task {self.task.ref}: `exchanged` selects no tensor of the model: nothing would travel")
         self.init_vector = flatten(self.state())

@@ -522,6 +522,7 @@ KINDS = {
     "logits": pb.SNAPSHOT_KIND_LOGITS,
     "delta": pb.SNAPSHOT_KIND_DELTA,
     "estimate": pb.SNAPSHOT_KIND_ESTIMATE,
+    "ranks": pb.SNAPSHOT_KIND_RANKS,
 }
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
 

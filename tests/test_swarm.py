@@ -219,3 +219,15 @@ def test_swarm_up_end_to_end(tmp_path):
     raw = SwarmConfig.model_validate(res["config"])
     raw.node.comm.codec, raw.node.comm.error_feedback = "none", False
     assert Simulation(raw).run().bytes_sent > 5 * sum(n["sent_bytes"] for n in res["nodes"])
+
+
+def test_frl_daemons_vote_and_end_with_one_model(tmp_path):
+    """FRL in real daemons: rankings travel over gRPC (int32, 4 bytes an edge, every round to
+    the other node), the final merge is a vote over both nodes (hivemind's all-reduce of
+    positions), so both end with the same model."""
+    frl = ("comm.exchange=ranks", "comm.final_merge=true", "model.width=256", "optim.lr=0.5", "train.local_steps=10")
+    r, res = swarm_up(tmp_path, 2, 3, *frl, timeout=300)
+    finals = [n["final_accuracy"] for n in res["nodes"]]
+    assert finals[0] == finals[1] and finals[0] > 0.3, finals
+    edges = 64 * 256 + 256 * 256 + 256 * 10  # the scores of the digits MLP at width 256
+    assert all(n["sent_bytes"] >= 3 * 4 * edges for n in res["nodes"])

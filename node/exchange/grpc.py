@@ -109,7 +109,7 @@ class GrpcExchange:
         fetched nor merged; each is named once at WARNING. A record without a digest (an older
         release) is kept: its snapshots are still checked tensor by tensor."""
         mine = self.discovery.record.task_digest if self.discovery.record is not None else ""
-        if self.comm.exchange != "model":
+        if self.comm.exchange == "logits":
             return live
         live = [p for p in live if self._codec_fits(p)]
         if not mine:

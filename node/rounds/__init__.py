@@ -9,6 +9,7 @@ rounds, rolls back non-finite ones and ends with `node.rounds.final.finish`.
   variance correction and every robust aggregator with the trust tracker;
 - `modest`: MoDeST sampling of trainers and aggregators;
 - `distill`: logit exchange on a proxy set (EdgeFD, KnFu);
+- `ranks`: FRL, edge rankings of a shared random network voted on (node/frl.py);
 - `final`: the last round's publication, MoDeST's last aggregate and the final merge.
 """
 
@@ -37,6 +38,10 @@ def build(cfg, worker, exchange):
         from node.rounds.modest import ModestRounds
 
         return ModestRounds(cfg, worker, exchange)
+    if cfg.comm.exchange == "ranks":
+        from node.rounds.ranks import RankRounds
+
+        return RankRounds(cfg, worker, exchange)
     if cfg.comm.exchange == "logits":
         from node.rounds.distill import DistillRounds
 

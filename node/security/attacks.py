@@ -20,6 +20,8 @@ Attacks (``Attack.name``):
   paper's "large epsilon" regime that breaks plain averaging;
 - ``free_ride``: never trains; publishes the stale initial model (``free_ride_mode: stale``)
   or a fresh random one (``random``);
+- ``reverse``: publishes -trained; under rank exchange (FRL) that is its ranking reversed,
+  the most damaging single vote;
 - ``sybil``: k identities of one attacker publish one coordinated model: trained on flipped
   labels from the shared init, never mixing, identical in every member (same data, same seed),
   plus a tiny per-identity jitter so the copies are not byte-identical. The identities of one
@@ -104,6 +106,8 @@ class Attack:
             return trained.clone()
         if name == "sign_flip":
             return base - self.scale * (trained - base)
+        if name == "reverse":
+            return -trained
         if name == "gaussian":
             return trained + self.sigma * torch.randn(trained.shape, generator=gen)
         if name == "free_ride":
