@@ -707,7 +707,7 @@ def bench_algorithms(
         "all",
         help="Comma-separated method names, or all: centralized, fedavg, dpsgd, "
         "mgs_q4, dfedsam_mgs_q4, late_merge, constant_merge, modest_50, modest_80, "
-        "indep_mean, indep_varcorr, indep_dpsgd, indep_dpsgd_varcorr.",
+        "indep_mean, indep_varcorr, indep_dpsgd, indep_dpsgd_varcorr, frl.",
     ),
     out: Path | None = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
 ) -> None:
@@ -888,17 +888,17 @@ def bench_byzantine(
     seeds: str = typer.Option("0,1", help="Comma-separated seeds."),
     out: Path | None = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
 ) -> None:
-    """Every attack (label flip, sign flip, Gaussian, ALIE, IPM, free riding, sybils) against every
-    aggregator (mean, median, trimmed mean, Krum, ClippedGossip, SybilWall, Bristle), plus a sybil
-    run, with the trust score's detection precision and recall, in the simulator."""
+    """Every attack (label flip, sign flip, Gaussian, ALIE, IPM, free riding, sybils, reverse)
+    against every aggregator (mean, median, trimmed mean, Krum, ClippedGossip, SybilWall,
+    Bristle) and FRL's rank voting (frl), plus a sybil run, with the trust score's detection
+    precision and recall, in the simulator."""
     from rich.progress import Progress
 
-    from node.aggregate.robust import AGGREGATORS
     from node.bench import byzantine
     from node.security.attacks import ATTACKS
 
     atk = _names(attacks, "--attacks", ATTACKS)
-    agg = _names(aggregators, "--aggregators", AGGREGATORS)
+    agg = _names(aggregators, "--aggregators", byzantine.DEFENCES)
     _topology_or_fail(topology)
     seed_list = _int_list(seeds, "--seeds", 0, 2**31)
     n_byz = byzantine.byzantine_count(honest, fraction)

@@ -17,6 +17,14 @@ from node.bench import baselines, merged, simulate, write_results
 from node.exchange.memory import Faults
 from node.plotting import pyplot
 
+# FRL (node/frl.py): nodes vote on edge rankings of a shared random network, wider than the
+# others (supermasks need room: the weights never train) and with its own step size for scores
+FRL_NODE = {
+    "comm": {"exchange": "ranks", "final_merge": True},
+    "model": {"width": 256},
+    "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+}
+
 
 def methods(rounds: int, q: int = 4) -> dict[str, dict]:
     """name -> {"node": nested NodeConfig overrides} (or {"baseline": name}); "independent":
@@ -45,6 +53,7 @@ def methods(rounds: int, q: int = 4) -> dict[str, dict]:
         },
         "indep_dpsgd": {**gossip(gossip_budget=rounds), "independent": True},
         "indep_dpsgd_varcorr": {**gossip(gossip_budget=rounds, mix_variance_correction=True), "independent": True},
+        "frl": {"node": FRL_NODE},
     }
 
 

@@ -3,7 +3,8 @@
 Main grid: `honest` honest nodes plus byzantine nodes making up at least `fraction` of the
 swarm (16 + 6 = 27% by default), Dirichlet alpha 0.5, every attack of node/security/attacks.py
 against every aggregator of node/aggregate/robust.py, plus the no-attack run of each
-aggregator. Sybil run: 10 sybil identities of one attacker against 6 honest nodes.
+aggregator, and FRL (rank voting, `frl`) under the attacks that exist in rank space. Sybil
+run: 10 sybil identities of one attacker against 6 honest nodes.
 
 Each cell is the honest nodes' mean final test accuracy (mean over seeds). Detection: every
 honest node flags neighbours by its trust score (node/security/trust.py); over all (honest
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from node.aggregate.robust import AGGREGATORS
 from node.bench import write_results
-from node.bench.algorithms import run_method
+from node.bench.algorithms import FRL_NODE, run_method
 from node.plotting import pyplot
 from node.security.attacks import ATTACKS
 
@@ -31,15 +32,30 @@ def byzantine_count(honest: int, fraction: float) -> int:
     return math.ceil(fraction * honest / (1 - fraction) - 1e-9)
 
 
+# FRL (node/frl.py, FRL_NODE) as a column of its own; the attacks that exist in rank space are
+# applied to position vectors (node/rounds/ranks.py)
+FRL_ATTACKS = ("label_flip", "sign_flip", "alie", "ipm", "reverse")
+DEFENCES = (*AGGREGATORS, "frl")
+
+
+def defence(agg: str) -> dict:
+    """The nested node overrides of a column: an aggregator, or FRL."""
+    return FRL_NODE if agg == "frl" else {"security": {"aggregator": agg}}
+
+
 def cases(honest: int, byzantine: int, sybils: int, sybil_honest: int, attacks, aggregators):
     """(group, attack, aggregator, honest nodes, spec) for every run (specs: see
     node.bench.algorithms.methods; attackers are the last nodes of the swarm)."""
     for agg in aggregators:
-        node = {"security": {"aggregator": agg}}
+        node = defence(agg)
         yield "grid", "none", agg, honest, {"node": node}
         for atk in attacks:
+            if agg == "frl" and atk not in FRL_ATTACKS:
+                continue
             yield "grid", atk, agg, honest, {"node": node, "attackers": byzantine, "attack": atk}
     for agg in aggregators:
+        if agg == "frl":  # sybils train one model and never mix: no rank-space equivalent here
+            continue
         node = {"security": {"aggregator": agg}}
         yield "sybil", "none", agg, sybil_honest, {"node": node}
         yield "sybil", "sybil", agg, sybil_honest, {"node": node, "attackers": sybils, "attack": "sybil"}
@@ -53,7 +69,7 @@ def run(
     sybils: int,
     sybil_honest: int,
     attacks=ATTACKS,
-    aggregators=AGGREGATORS,
+    aggregators=DEFENCES,
     progress=None,
 ) -> list[dict]:
     """Every case over every seed: one row per simulation with accuracy, detection and the accuracy curve."""
@@ -112,7 +128,7 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.0f}"
 
 
-def tables(summary: dict, aggregators=AGGREGATORS) -> str:
+def tables(summary: dict, aggregators=DEFENCES) -> str:
     """Markdown tables of honest accuracy and of detection precision / recall, per group."""
     parts = []
     for group, title in (("grid", "Every attack against every aggregator"), ("sybil", "Sybil run")):
@@ -158,7 +174,7 @@ def tables(summary: dict, aggregators=AGGREGATORS) -> str:
     return "\n".join(parts)
 
 
-def plot(summary: dict, path: Path, aggregators=AGGREGATORS) -> None:
+def plot(summary: dict, path: Path, aggregators=DEFENCES) -> None:
     """Heatmaps of honest accuracy (attack x aggregator) per group, written to `path` (PNG)."""
     plt = pyplot()
     groups = [g for g in ("grid", "sybil") if g in summary]
@@ -173,7 +189,7 @@ def plot(summary: dict, path: Path, aggregators=AGGREGATORS) -> None:
         g = summary[group]
         attacks = list(g)
         aggs = [a for a in aggregators if a in g["none"]]
-        grid = [[100 * g[atk][a]["accuracy"] for atk in attacks] for a in aggs]
+        grid = [[100 * g[atk][a]["accuracy"] if a in g[atk] else math.nan for atk in attacks] for a in aggs]
         im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(attacks)), attacks, rotation=35, ha="right")
         ax.set_yticks(range(len(aggs)), aggs)
