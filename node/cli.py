@@ -790,13 +790,16 @@ def bench_distill(
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
     methods: str = typer.Option(
         "all",
-        help="Comma-separated method names, or all: isolated, edgefd, knfu, "
-        "edgefd+knfu, gossip_same_arch, and centralized_ARCH for each architecture.",
+        help="Comma-separated method names, or all: isolated, edgefd, knfu, edgefd+knfu, fedd2s "
+        "(and fedd2s_drop0, fedd2s_drop0.05, fedd2s_drop0.2), gossip_same_arch, and centralized_ARCH "
+        "for each architecture.",
     ),
     out: Path | None = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
 ) -> None:
-    """Federated distillation (EdgeFD, KnFu) on a mixed-architecture swarm against isolated
-    training, model gossip within each architecture and centralized training, in the simulator."""
+    """Federated distillation (EdgeFD, KnFu, FedD2S) on a mixed-architecture swarm against
+    isolated training, model gossip within each architecture and centralized training, in the
+    simulator; each node's accuracy on its own distribution (20% of its share held out) beside
+    the global test accuracy."""
     from rich.progress import Progress
 
     from node.bench import distill
@@ -822,6 +825,7 @@ def bench_distill(
         comm={"topology": topology},
         distill={"steps": distill_steps, "proxy_size": proxy_size},
     )
+    base["data"] = {**base["data"], "personal_holdout": 0.2}
     with Progress(transient=True) as bar:
         task = bar.add_task("simulating", total=len(names) * len(seed_list))
         rows = _simulated(

@@ -43,6 +43,13 @@ class DataConfig(_Strict):
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed)")
     shards_per_node: int = Field(2, ge=1)
     test_fraction: float = Field(0.25, gt=0, lt=1)
+    personal_holdout: float = Field(
+        0.0,
+        ge=0,
+        lt=0.9,
+        description="share of each node's partition held out to measure accuracy on its own distribution "
+        "(the metric own_accuracy)",
+    )
     seed: int = 0
 
 
@@ -163,6 +170,9 @@ class DistillConfig(_Strict):
     temperature: float = Field(1.0, gt=0, le=20)
     knfu_beta: float = Field(10.0, ge=0, le=1000, description="knfu: softmax sharpness over neighbour similarity")
     lr: float | None = Field(None, gt=0, le=10, description="distillation step size (default: optim.lr)")
+    drop_rate: float = Field(
+        0.1, ge=0, le=10, description="fedd2s: layers leaving the shared distillation per round, deepest first"
+    )
 
 
 class SecurityConfig(_Strict):

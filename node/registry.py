@@ -16,4 +16,4 @@ ATTACKS = ("label_flip", "sign_flip", "gaussian", "alie", "ipm", "free_ride", "s
 ATTACK_PARAMS = ("scale", "sigma", "epsilon", "z", "free_ride_mode", "jitter", "data_of")
 EXCHANGES = ("model", "logits", "ranks")
 ALGORITHMS = ("gossip", "modest")
-DISTILL_METHODS = ("edgefd", "knfu", "edgefd+knfu")
+DISTILL_METHODS = ("edgefd", "knfu", "edgefd+knfu", "fedd2s")

@@ -47,6 +47,7 @@ class SimResult:
 
     log: list[RoundLog] = field(default_factory=list)
     final_accuracies: list[float] = field(default_factory=list)  # honest nodes that finished, by index
+    final_metrics: list[dict] = field(default_factory=list)  # every metric of those nodes (e.g. own_accuracy)
     bytes_sent: int = 0
     seconds: float = 0.0
     detection: dict | None = None  # the honest nodes' last trust flags against the truly malicious
@@ -155,6 +156,7 @@ class Simulation:
         # diverged nodes count with the last good model they rolled back to (their checkpoint)
         done = [i for i in honest if self.rounds in self.accuracy[i] or i in last]
         res.final_accuracies = [last[i] if i in last else self.workers[i].evaluate() for i in done]
+        res.final_metrics = [dict(self.workers[i].metrics) for i in done]
         res.diverged = sorted(self.diverged)
         res.digests = self.digests if self.keep_digests else {}
         res.detection = self.detection()

@@ -114,6 +114,7 @@ def run(
                     final_accuracy_mean=statistics.fmean(res.final_accuracies),
                     final_accuracy_min=min(res.final_accuracies),
                     final_accuracies=res.final_accuracies,
+                    own_accuracies=[m.get("own_accuracy") for m in res.final_metrics],
                     bytes_sent=res.bytes_sent,
                     seconds=res.seconds,
                     log=[asdict(x) for x in res.log],

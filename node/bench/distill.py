@@ -4,9 +4,12 @@
 steps per round. Methods: isolated local training; EdgeFD, KnFu and both combined
 (exchange logits on the proxy set); model gossip, which can only mix models of one
 architecture, so each architecture group gossips on its own; centralized training of each
-architecture on all the data. The table gives per-architecture accuracy (mean over that
+architecture on all the data; FedD2S (personalized: deep-to-shallow layer dropping) at
+several dropping rates. The table gives per-architecture accuracy (mean over that
 architecture's nodes and the seeds), the mean over all nodes with its spread over seeds, and
-bytes per round (all nodes).
+bytes per round (all nodes). With `data.personal_holdout` (the CLI holds out 20% of each
+node's share) also each node's accuracy on its *own* distribution: the mean, the worst node,
+and the spread across nodes (std, the fairness FedD2S claims to improve).
 """
 
 from __future__ import annotations
@@ -26,11 +29,20 @@ def methods(rounds: int, architectures: list[str]) -> dict[str, dict]:
         node = {"comm": {"exchange": "logits"}, "distill": {"method": method}}
         return {"node": node, "architectures": list(architectures)}
 
+    def d2s(rate: float) -> dict:
+        spec = fd("fedd2s")
+        spec["node"]["distill"]["drop_rate"] = rate
+        return spec
+
     table = {
         "isolated": {"node": {"comm": {"gossip_budget": 0}}, "architectures": list(architectures)},
         "edgefd": fd("edgefd"),
         "knfu": fd("knfu"),
         "edgefd+knfu": fd("edgefd+knfu"),
+        "fedd2s": d2s(0.1),
+        "fedd2s_drop0": d2s(0.0),
+        "fedd2s_drop0.05": d2s(0.05),
+        "fedd2s_drop0.2": d2s(0.2),
         "gossip_same_arch": {
             "node": {"comm": {"gossip_budget": rounds}},
             "architectures": list(architectures),
@@ -65,6 +77,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             per_arch[a] = statistics.fmean(accs)
         rounds = rs[0]["rounds"]
         means = [r["final_accuracy_mean"] for r in rs]
+        own = [[a for a in r.get("own_accuracies") or () if a is not None] for r in rs]
+        own = [o for o in own if o]
         out.append(
             dict(
                 method=name,
@@ -72,6 +86,9 @@ def summarize(rows: list[dict]) -> list[dict]:
                 per_architecture=per_arch,
                 accuracy=statistics.fmean(means),
                 accuracy_std=statistics.stdev(means) if len(means) > 1 else 0.0,
+                own_accuracy=statistics.fmean(a for o in own for a in o) if own else None,
+                own_worst=min(a for o in own for a in o) if own else None,
+                own_spread=statistics.fmean(statistics.pstdev(o) for o in own) if own else None,
                 kilobytes_per_round=statistics.fmean(r["bytes_sent"] for r in rs) / 1e3 / rounds,
                 seconds=statistics.fmean(r["seconds"] for r in rs),
             )
@@ -85,17 +102,21 @@ def table(summary: list[dict], architectures: list[str]) -> str:
     head = (
         "| method | "
         + " | ".join(architectures)
-        + " | all nodes (± std over seeds) | KB per round | vs model gossip bytes |"
+        + " | all nodes (± std over seeds) | own distribution | own, worst node | own, spread across nodes"
+        " | KB per round | vs model gossip bytes |"
     )
-    lines = [head, "|---|" + "---:|" * (len(architectures) + 3)]
+    lines = [head, "|---|" + "---:|" * (len(architectures) + 6)]
     for s in summary:
         accs = [f"{100 * s['per_architecture'][a]:.1f}" if a in s["per_architecture"] else "" for a in architectures]
         kb = s["kilobytes_per_round"]
         ratio = f"{gossip / kb:.0f}x fewer" if gossip and kb and s["method"] != "gossip_same_arch" else ""
+        own = ["" if s.get(k) is None else f"{100 * s[k]:.1f}" for k in ("own_accuracy", "own_worst", "own_spread")]
         lines.append(
             f"| {s['method']} | "
             + " | ".join(accs)
-            + f" | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f} | {kb:.1f} | {ratio} |"
+            + f" | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f} | "
+            + " | ".join(own)
+            + f" | {kb:.1f} | {ratio} |"
         )
     return "\n".join(lines)
 

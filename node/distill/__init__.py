@@ -11,11 +11,16 @@ predictions on a shared unlabeled proxy set (pure functions; no sockets, no cloc
 - `kd`: fusing the teachers' soft targets per proxy sample, the temperature-scaled loss, and
   the distillation steps.
 
+- `fedd2s`: personalized distillation (FedD2S): deep-to-shallow layer dropping, the layers
+  that still learn from the neighbours' knowledge in a round.
+
 A method is a row filter plus a teacher weighting: EdgeFD = filter + equal weights, KnFu = all
-rows + similarity weights, "edgefd+knfu" = both.
+rows + similarity weights, "edgefd+knfu" = both; FedD2S = all rows, equal weights, and only the
+shallow layers distilled as rounds go on.
 """
 
 from node.distill.edgefd import edgefd_filter, speaking_rows
+from node.distill.fedd2s import dropped_layers, layers
 from node.distill.kd import distill_steps, distillation_loss, fused_targets, soft_targets
 from node.distill.knfu import knfu_weights
 from node.distill.proxy import LogitsRefused, check_logits, logits_payload, proxy_split
@@ -36,6 +41,8 @@ __all__ = [
     "check_logits",
     "distill_steps",
     "distillation_loss",
+    "dropped_layers",
+    "layers",
     "edgefd_filter",
     "fused_targets",
     "knfu_weights",

@@ -5,8 +5,10 @@ Round r: train locally; publish this node's logits on the proxy rows it speaks f
 (logits, r, 0); fetch the neighbours' (logits, r, 0) (the round's graph over the live
 members); fuse them per proxy row (EdgeFD: only the rows each teacher speaks for; KnFu:
 similarity weights) and take `distill.steps` distillation steps towards the fused soft
-targets. Distilling last keeps what the neighbours taught: with FedMD's order (digest, then
-train) the local steps on a node's few classes erased it again.
+targets. FedD2S (`distill.method: fedd2s`) distils only the layers that have not yet dropped
+out (node/distill/fedd2s.py): the deeper ones stay personal. Distilling last keeps what the
+neighbours taught: with FedMD's order (digest, then train) the local steps on a node's few
+classes erased it again.
 """
 
 from __future__ import annotations
@@ -54,8 +56,16 @@ class DistillRounds:
             weights = {j: 1.0 for j in teachers}
         targets, covered = distill.fused_targets(n_proxy, w.num_classes, teachers, weights, d.temperature)
         gen = torch.Generator().manual_seed(cfg.train.seed * 31 + r * 7 + cfg.node_index)
-        result.distill_loss = distill.distill_steps(
-            w.model, w.distill_opt, w.proxy_x, targets, covered, d.steps, cfg.optim.batch_size, d.temperature, gen
-        )
+        personal = distill.dropped_layers(w.model, r, d.drop_rate) if d.method == "fedd2s" else []
+        frozen = [p for m in personal for p in m.parameters(recurse=False) if p.requires_grad]
+        for p in frozen:  # no gradient: the momentum-free distillation SGD leaves them as they are
+            p.requires_grad_(False)
+        try:
+            result.distill_loss = distill.distill_steps(
+                w.model, w.distill_opt, w.proxy_x, targets, covered, d.steps, cfg.optim.batch_size, d.temperature, gen
+            )
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         result.mixed = sorted(teachers)
         return result

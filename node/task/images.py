@@ -3,7 +3,9 @@ Fashion-MNIST) with an MLP or a CNN, from the `data` and `model` sections of the
 
 Node `index` of `count` trains on its share of the training split (IID, Dirichlet or shards,
 `node.data.partition`); for logit exchange the proxy set leaves the pool first, so it is
-nobody's labelled data. Metric: top-1 accuracy on the shared test split.
+nobody's labelled data. Metric: top-1 accuracy on the shared test split; with
+`data.personal_holdout` also `own_accuracy`, on rows of the node's own share held out from
+its training (its own distribution, what personalized methods such as FedD2S aim at).
 """
 
 from __future__ import annotations
@@ -61,15 +63,24 @@ def image_task(cfg) -> Task:
             min_size=min_size,
         )
         mine = torch.from_numpy(pool[parts[index]])
+        if d.personal_holdout > 0:  # the node's own distribution, held out (FedD2S's figure)
+            order = torch.randperm(len(mine), generator=torch.Generator().manual_seed(seed * 7 + index))
+            cut = max(1, int(round(d.personal_holdout * len(mine))))
+            held, mine = mine[order[:cut]], mine[order[cut:]]
+            own_test["x"], own_test["y"] = ds.x_train[held], ds.y_train[held]
         return TensorDataset(ds.x_train[mine], ds.y_train[mine])
 
     on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+    own_test: dict[str, torch.Tensor] = {}  # this task's node's held-out rows (data.personal_holdout)
 
     def accuracy(model: torch.nn.Module) -> dict[str, float]:
         dev = next(model.parameters()).device
         if dev not in on_device:
             on_device[dev] = (ds.x_test.to(dev), ds.y_test.to(dev))
-        return {"accuracy": evaluate(model, *on_device[dev])}
+        out = {"accuracy": evaluate(model, *on_device[dev])}
+        if own_test:
+            out["own_accuracy"] = evaluate(model, own_test["x"].to(dev), own_test["y"].to(dev))
+        return out
 
     return Task(
         name=f"{d.dataset}/{m.family}",
