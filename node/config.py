@@ -321,6 +321,16 @@ class NodeConfig(_Strict):
             raise ValueError("comm.codec and comm.error_feedback apply to gossip of models (exchange model, gossip)")
         if c.error_feedback and c.codec == "none":
             raise ValueError("comm.error_feedback needs a comm.codec that loses something (fp16, bf16, int8, topk)")
+        if c.error_feedback or c.codec == "topk":  # deltas and estimates: two kinds of snapshots
+            if 2 * c.keep_snapshots + 2 > 32:
+                raise ValueError(
+                    "comm.keep_snapshots must be <= 15 with deltas (error feedback or topk): the record signs 32"
+                )
+            if c.topology == "random":
+                raise ValueError(
+                    "comm.error_feedback and codec topk keep copies of the neighbours' estimates: use a topology "
+                    "that does not change every step (ring, torus, exponential, complete), not random"
+                )
         if self.role == "expert" and self.experts.cluster >= self.experts.clusters:
             raise ValueError(
                 f"experts.cluster {self.experts.cluster} must be < experts.clusters {self.experts.clusters}"
@@ -335,6 +345,7 @@ class NodeConfig(_Strict):
                     ("comm.exchange: logits", c.exchange == "logits"),
                     ("security.aggregator: bristle", sec.aggregator == "bristle"),
                     (f"security.attack: {sec.attack}", sec.attack in ("label_flip", "sybil")),
+                    ("data.personal_holdout", self.data.personal_holdout > 0),
                 )
                 if on
             ]

@@ -61,13 +61,15 @@ class SupermaskConv2d(nn.Conv2d):
 
 
 def to_supermask(model: nn.Module, keep: float, seed: int) -> nn.Module:
-    """`model` (changed in place and returned) with every Linear and Conv2d a supermask layer:
-    signed-constant frozen weights, frozen biases, trainable `scores` drawn from `seed` (the
-    same on every node). Raises ValueError for `keep` outside (0, 1] or a model without such
-    layers."""
+    """`model` (changed in place and returned) with every nn.Linear and nn.Conv2d (those exact
+    types) a supermask layer: signed-constant frozen weights, frozen biases, trainable `scores`
+    drawn from `seed` (the same on every node); every other parameter is frozen at its init.
+    Raises ValueError for `keep` outside (0, 1] or a model without such layers."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():  # nothing but the scores trains (norms, embeddings included)
+        p.requires_grad_(False)
     found = False
     for m in model.modules():
         kind = {nn.Linear: SupermaskLinear, nn.Conv2d: SupermaskConv2d}.get(type(m))
@@ -98,7 +100,8 @@ def score_names(state: dict[str, torch.Tensor]) -> list[str]:
 
 def ranking(scores: torch.Tensor) -> torch.Tensor:
     """int32 (numel,): edge indices sorted by score, ascending (ties by index)."""
-    return torch.sort(scores.detach().reshape(-1).float().cpu(), stable=True).indices.to(torch.int32)
+    flat = scores.detach().reshape(-1).cpu()
+    return torch.sort(flat if flat.is_floating_point() else flat.double(), stable=True).indices.to(torch.int32)
 
 
 def positions(rank: torch.Tensor) -> torch.Tensor:

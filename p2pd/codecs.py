@@ -4,7 +4,9 @@ A floating tensor that a `Codec` applies to travels as a `Coded`: the codec's na
 decoded dtype and shape, and a flat uint8 payload (little-endian):
 
 - ``fp16``: IEEE half precision, values clamped to +-65504 as hivemind's Float16Compression
-  does; numel x 2 bytes. Relative error <= 2^-11.
+  does; numel x 2 bytes. Relative error <= 2^-11 down to 6.1e-5, below which it becomes
+  absolute (subnormals; under 6e-8 values become 0): small differences lose digits, which
+  error feedback sends later.
 - ``bf16``: bfloat16 (float32's range, 8 mantissa bits); numel x 2 bytes. Relative error <= 2^-8.
 - ``int8``: blockwise absmax quantisation (as in Dettmers et al., 8-bit optimizers): the flat
   tensor in blocks of ``block`` values, each sent as its absmax ``s`` (float32) and
@@ -68,8 +70,9 @@ def payload_bytes(codec: str, numel: int, block: int = 0, count: int = 0) -> int
     if codec in ("fp16", "bf16"):
         return 2 * numel
     if codec == "int8":
-        if not MIN_BLOCK <= block <= MAX_BLOCK:
-            raise CodecError("bad_codec", f"int8 block size {block} outside [{MIN_BLOCK}, {MAX_BLOCK}]")
+        # a block larger than the tensor would make a few wire bytes decode into a large buffer
+        if not MIN_BLOCK <= block <= min(MAX_BLOCK, max(MIN_BLOCK, numel)):
+            raise CodecError("bad_codec", f"int8 block size {block} outside [{MIN_BLOCK}, max(16, {numel} values)]")
         return 4 * math.ceil(numel / block) + numel
     if codec == "topk":
         if not 0 < count <= numel or numel >= 2**31:
@@ -116,11 +119,12 @@ class Codec:
         if self.name == "bf16":
             return Coded("bf16", dtype, shape, _bytes(x.to(torch.bfloat16)))
         if self.name == "int8":
-            blocks = torch.nn.functional.pad(x, (0, (-len(x)) % self.block)).view(-1, self.block)
+            block = min(self.block, max(MIN_BLOCK, len(x)))
+            blocks = torch.nn.functional.pad(x, (0, (-len(x)) % block)).view(-1, block)
             scales = blocks.abs().amax(dim=1)
             q = torch.round(blocks * (127.0 / scales.clamp_min(1e-30)).unsqueeze(1)).to(torch.int8)
             payload = torch.cat([_bytes(scales), _bytes(q.reshape(-1)[: len(x)])])
-            return Coded("int8", dtype, shape, payload, block=self.block)
+            return Coded("int8", dtype, shape, payload, block=block)
         if self.name == "topk":
             k = max(1, math.ceil(self.ratio * len(x)))
             idx = _top(x, k)
@@ -173,10 +177,12 @@ def decode(c: Coded) -> torch.Tensor:
         q = p[4 * nblocks :].view(torch.int8)
         if numel and int(q.min()) == -128:
             raise CodecError("bad_codec", "int8 value -128 is never sent")
-        x = torch.empty(nblocks * c.block, dtype=torch.float32)
-        x[:numel] = q
-        x[numel:] = 0
-        x = x.view(nblocks, c.block).mul_((scales / 127.0).unsqueeze(1)).reshape(-1)[:numel]
+        step = scales / 127.0
+        x = q.to(torch.float32)  # exactly numel values: the tail block is shorter
+        full = (numel // c.block) * c.block
+        x[:full].view(-1, c.block).mul_(step[: numel // c.block].unsqueeze(1))
+        if full < numel:
+            x[full:].mul_(step[-1])
     else:  # topk (payload_bytes refused anything else)
         idx = p[: 4 * c.count].view(torch.int32).long()
         if bool((idx < 0).any()) or bool((idx >= numel).any()):

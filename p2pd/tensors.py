@@ -19,7 +19,7 @@ signed record), ``non_finite`` (NaN/Inf in a floating tensor, after decoding),
 
 Codecs (p2pd/codecs.py): a tensor's first chunk may name a codec (``codec``, with ``block``
 or ``count``); ``dtype`` and ``shape`` are then the decoded tensor's, the payload is the
-codec's bytes, and the digest preamble above is followed by ``codec NUL block NUL count NUL``.
+codec's bytes, and the digest preamble above has ``codec:block:count NUL`` before ``nbytes``.
 A raw tensor's digest is the same as before codecs existed.
 """
 
@@ -33,7 +33,7 @@ import blake3
 import numpy as np
 import torch
 
-from p2pd.codecs import CODECS, CodecError, Coded, payload_bytes
+from p2pd.codecs import CODECS, CODED_DTYPES, CodecError, Coded, payload_bytes
 from p2pd.codecs import decode as decode_coded
 from p2pd.errors import ReasonedError
 from p2pd.rpc import swarm_pb2 as pb
@@ -114,8 +114,10 @@ class PackedSnapshot:
 def _tensor_preamble(
     name: str, dtype: str, shape: Iterable[int], nbytes: int, codec: str = "", block: int = 0, count: int = 0
 ) -> bytes:
-    raw = f"{name}\0{dtype}\0{','.join(map(str, shape))}\0{nbytes}\0"
-    return (raw + (f"{codec}\0{block}\0{count}\0" if codec else "")).encode()
+    # a coded tensor's codec field (letters) sits where a raw one has its byte count (digits):
+    # no raw tensor's preamble and payload can hash like a coded one's
+    coded = f"{codec}:{block}:{count}\0" if codec else ""
+    return f"{name}\0{dtype}\0{','.join(map(str, shape))}\0{coded}{nbytes}\0".encode()
 
 
 def pack(state_dict: Mapping[str, torch.Tensor | Coded]) -> PackedSnapshot:
@@ -125,15 +127,16 @@ def pack(state_dict: Mapping[str, torch.Tensor | Coded]) -> PackedSnapshot:
     packed = []
     for name in sorted(state_dict):
         t = state_dict[name]
-        if isinstance(t, Coded):
+        if isinstance(t, Coded):  # its payload is the codec's own fresh bytes: no copy
             if not _NAME.fullmatch(name):
                 raise ValueError(f"tensor name {name!r} is not allowed on the wire")
-            raw = t.payload.detach().to("cpu", copy=True).contiguous().numpy()
+            keep = t.payload.detach().cpu().contiguous()
+            raw = keep.numpy()
             raw.flags.writeable = False
             view = memoryview(raw)
             hasher.update(_tensor_preamble(name, t.dtype, t.shape, view.nbytes, t.codec, t.block, t.count))
             hasher.update(view)
-            packed.append(PackedTensor(name, t.dtype, t.shape, view, t.payload, t.codec, t.block, t.count))
+            packed.append(PackedTensor(name, t.dtype, t.shape, view, keep, t.codec, t.block, t.count))
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
@@ -342,17 +345,19 @@ class StreamDecoder:
             raise TensorStreamError("bad_shape", f"{c.name}: shape {shape[:16]}")
         numel = int(np.prod(shape, dtype=object))  # exact, no int64 overflow
         nbytes = _ITEMSIZE[c.dtype] * numel
-        self._decoded += nbytes
+        coded = bool(c.codec or c.block or c.count)
+        # a coded tensor is decoded through float32, whatever its dtype
+        self._decoded += max(nbytes, 4 * numel) if coded else nbytes
         if self._decoded > self.limits.max_total_bytes:
             raise TensorStreamError(
                 "oversize", f"{c.name}: decodes past the limit of {self.limits.max_total_bytes} bytes"
             )
         self._coded = None
-        if c.codec or c.block or c.count:
+        if coded:
             if c.codec not in self.limits.codecs:
                 raise TensorStreamError("unknown_codec", f"{c.name}: codec {c.codec[:32]!r} is not accepted")
-            if not DTYPES[c.dtype].is_floating_point:
-                raise TensorStreamError("bad_codec", f"{c.name}: a {c.codec} tensor must decode to floats")
+            if c.dtype not in CODED_DTYPES:
+                raise TensorStreamError("bad_codec", f"{c.name}: a {c.codec} tensor cannot decode to {c.dtype}")
             try:
                 nbytes = payload_bytes(c.codec, numel, c.block, c.count)
             except CodecError as e:

@@ -138,11 +138,18 @@ def test_corrupted_compressed_payloads_are_refused_with_a_reason():
 
 
 def test_a_small_coded_shape_cannot_decode_into_a_huge_tensor():
-    """topk sends 6 bytes per kept value whatever the shape: the decoded size has its own limit."""
+    """topk sends 6 bytes per kept value whatever the shape: the decoded size has its own limit;
+    an int8 block larger than its tensor (5 bytes that would hold a 4 MiB buffer) is refused."""
     huge = Coded("topk", "float32", (1 << 28,), torch.zeros(6, dtype=torch.uint8), count=1)
     with pytest.raises(TensorStreamError) as e:
         wire({"w": huge}, Limits(max_total_bytes=1 << 20))
     assert e.value.reason == "oversize"
+    wide = Coded("int8", "float32", (1,), torch.zeros(5, dtype=torch.uint8), block=1 << 20)
+    with pytest.raises(TensorStreamError) as e:
+        wire({"w": wide})
+    assert e.value.reason == "bad_codec"
+    small = Codec("int8", block=4096).encode(sample((300,)))  # the encoder fits its block to the tensor
+    assert small.block == 300 and decode(small).untyped_storage().nbytes() == 300 * 4
 
 
 def test_codec_settings_are_checked():

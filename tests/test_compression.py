@@ -102,6 +102,8 @@ def test_config_and_record_codec():
         ({"comm": {"error_feedback": True}}, "needs a comm.codec"),
         ({"comm": {"codec": "int8", "exchange": "logits"}}, "apply to gossip of models"),
         ({"comm": {"codec": "int8", "algorithm": "modest"}}, "apply to gossip of models"),
+        ({"comm": {"codec": "topk", "topology": "random"}}, "not random"),
+        ({"comm": {"codec": "int8", "error_feedback": True, "keep_snapshots": 16}}, "keep_snapshots must be <= 15"),
     ):
         with pytest.raises((ValueError, ConfigError), match=needle):
             NodeConfig.model_validate(bad)

@@ -49,6 +49,7 @@ def test_rankings_that_are_not_permutations_or_do_not_fit_are_refused():
         "floats": ({**good, name: good[name].float()}, "not_a_permutation"),
         "wrong length": ({**good, name: good[name][:-1]}, "incompatible"),
         "another model": ({k + "x": v for k, v in good.items()}, "incompatible"),
+        "a scalar": ({**good, name: torch.tensor(3, dtype=torch.int32)}, "incompatible"),
     }
     for what, (theirs, reason) in cases.items():
         with pytest.raises(ReasonedError) as e:

@@ -111,7 +111,8 @@ class CompressedGossip:
         and starts the common lineage; a resumed node starts a lineage of its own."""
         if self.mine is not None or not self.tracked:
             return
-        self.mine, self.last = _clone(state), _clone(state)
+        self.mine = _clone(state)
+        self.last = None if self.feedback else _clone(state)
         if round_ == 0:
             self.init, self.init_epoch = _clone(state), lineage(state)
             self.epoch = self.init_epoch
@@ -125,20 +126,26 @@ class CompressedGossip:
             coded = own if self.codec.name == "none" else self.codec.compress(own)
             exchange.publish(SnapshotKey("model", round_, step), coded, **record)
             return
-        prev = self.at
+        epoch, prev = self.epoch, self.at
         if (round_, step) <= self.at:  # a redone round: its deltas differ, start a new lineage
-            self.epoch, prev = random.getrandbits(62), START
+            epoch, prev = random.getrandbits(62), START
         ref = self.mine if self.feedback else self.last
         diff = {k: v - ref[k] if v.is_floating_point() else v for k, v in own.items()}
         coded = self.codec.compress(diff)
-        self._apply(self.mine, decompress(coded))
-        self.last = _clone(own)
-        meta = {EPOCH: torch.tensor([self.epoch]), PREV: torch.tensor(prev)}
-        # the estimate first: a neighbour that sees the delta and needs the estimate finds it
-        estimate = {**_clone(self.mine), EPOCH: meta[EPOCH], AT: torch.tensor([round_, step])}
-        exchange.publish(SnapshotKey("estimate", round_, step), estimate)
-        exchange.publish(SnapshotKey("delta", round_, step), {**coded, **meta}, **record)
-        self.at = (round_, step)
+        mine = self._apply(_clone(self.mine), decompress(coded))
+        meta = {EPOCH: torch.tensor([epoch]), PREV: torch.tensor(prev)}
+        try:  # the estimate first: a neighbour that sees the delta and needs the estimate finds it
+            exchange.publish(
+                SnapshotKey("estimate", round_, step), {**mine, EPOCH: meta[EPOCH], AT: torch.tensor([round_, step])}
+            )
+            exchange.publish(SnapshotKey("delta", round_, step), {**coded, **meta}, **record)
+        except BaseException:  # maybe published, maybe not: whatever comes next starts a new lineage
+            self.epoch, self.at = random.getrandbits(62), START
+            raise
+        # committed only once published: receivers' copies and ours move together
+        self.mine, self.epoch, self.at = mine, epoch, (round_, step)
+        if not self.feedback:
+            self.last = _clone(own)
 
     def gather(
         self, exchange, peers: Iterable[str], round_: int, step: int, own: dict[str, torch.Tensor]

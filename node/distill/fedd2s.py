@@ -6,7 +6,9 @@ knowledge.
 
 At round r, floor(drop_rate * r) layers are dropped, deepest first, never the first layer
 (something must still learn from the others). A layer is a module that holds parameters of
-its own (Linear, Conv2d, LayerNorm, ...), in the order the model registers them.
+its own (Linear, Conv2d, LayerNorm, ...), in the order the model registers them. Dropped
+layers get no gradient; BatchNorm running statistics, which are not parameters, still follow
+the proxy batches (the built-in models have none).
 """
 
 from __future__ import annotations

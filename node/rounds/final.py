@@ -29,7 +29,8 @@ def finish(cfg, worker, exchange, protocol) -> int | None:
         result = exchange.all_reduce(rounds, state(), cfg.comm.merge)
         merged_with = len(result[1]) if result is not None else 0
         if result is not None and hasattr(protocol, "adopt_merged"):
-            protocol.adopt_merged(result[0])
+            protocol.adopt_merged(result[0], len(result[1]))
+            state = lambda: result[0]  # noqa: E731  (what the canonical member's peers compare with theirs)
         elif result is not None:
             before = {k: v.clone() for k, v in worker.state().items()}
             worker.load(result[0])

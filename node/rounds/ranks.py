@@ -86,12 +86,14 @@ class RankRounds:
     def _adopt(self, voted: dict[str, torch.Tensor]) -> None:
         for k, rank in voted.items():
             frl.reorder(self.params[k], rank)
+            # the optimizer's momentum is indexed by the old edges: it would push the wrong ones
+            self.worker.optimizer.state.pop(self.params[k], None)
 
     def _accept(self):
         sizes = {k: self.params[k].numel() for k in self.names}
 
         def accept(theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            if set(theirs) != set(sizes) or any(len(theirs[k]) != n or theirs[k].dim() != 1 for k, n in sizes.items()):
+            if set(theirs) != set(sizes) or any(tuple(theirs[k].shape) != (n,) for k, n in sizes.items()):
                 raise ReasonedError("incompatible", "rankings that do not fit this model")
             for k, n in sizes.items():
                 if not frl.is_permutation(theirs[k], n):
@@ -106,6 +108,8 @@ class RankRounds:
         like the layer's scores (the averager was built with the scores' shapes)."""
         return {k: frl.positions(v).float().view(self.params[k].shape) for k, v in self.rankings().items()}
 
-    def adopt_merged(self, merged: dict[str, torch.Tensor]) -> None:
-        """Take the ranking of the averaged positions (the vote of every live node)."""
-        self._adopt({k: frl.ranking(merged[k]) for k in self.names})
+    def adopt_merged(self, merged: dict[str, torch.Tensor], members: int) -> None:
+        """Take the ranking of the averaged positions of `members` nodes (the vote of every live
+        node): rounded back to the exact integer sums first, so float rounding in the all-reduce
+        cannot break ties differently on different members."""
+        self._adopt({k: frl.ranking(torch.round(merged[k].double() * members)) for k in self.names})

@@ -79,7 +79,9 @@ def image_task(cfg) -> Task:
             on_device[dev] = (ds.x_test.to(dev), ds.y_test.to(dev))
         out = {"accuracy": evaluate(model, *on_device[dev])}
         if own_test:
-            out["own_accuracy"] = evaluate(model, own_test["x"].to(dev), own_test["y"].to(dev))
+            if own_test["x"].device != dev:
+                own_test["x"], own_test["y"] = own_test["x"].to(dev), own_test["y"].to(dev)
+            out["own_accuracy"] = evaluate(model, own_test["x"], own_test["y"])
         return out
 
     return Task(
