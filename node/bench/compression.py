@@ -23,8 +23,8 @@ LM = {"context": 32, "width": 64, "layers": 2, "heads": 4}
 ADAM = {"name": "adam", "lr": 0.003, "batch_size": 16, "schedule": "cosine"}
 WORKLOADS: dict[str, dict] = {
     "digits-mlp": {"train": {"rounds": 30, "local_steps": 10}},
-    "fashion-cnn": {
-        "data": {"dataset": "fashion-mnist"},
+    "fashion-cnn": {  # at alpha 0.1 this CNN's accuracy spread over seeds was 15 points: too noisy to compare
+        "data": {"dataset": "fashion-mnist", "alpha": 0.5},
         "model": {"family": "cnn", "width": 16},
         "train": {"rounds": 20, "local_steps": 10},
     },
@@ -143,6 +143,10 @@ def targets(summary: list[dict]) -> list[str]:
     for w in dict.fromkeys(s["workload"] for s in summary):
         ss = {s["method"]: s for s in summary if s["workload"] == w and "vs_float32" in s}
         unit = "% perplexity" if lower_is_better(w) else " points"
+        if "float32" in ss:  # how far apart seeds alone put float32: the noise the gaps sit in
+            f = ss["float32"]
+            spread = 100 * f["metric_std"] / f["metric"] if lower_is_better(w) else 100 * f["metric_std"]
+            lines.append(f"- {w}: float32's spread over seeds is {spread:.2f}{unit}")
 
         def gap(s):  # how much worse than float32, >= 0 when worse
             return s["vs_float32"] if lower_is_better(w) else -s["vs_float32"]
