@@ -209,12 +209,18 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
     summary = summarize(rows)
     md = table(summary) + "\n\n" + "\n".join(targets(summary))
     written = write_results(out, {"meta": meta, "summary": summary, "runs": rows}, md)
+    from matplotlib.ticker import NullFormatter
+
     plt = pyplot()
     workloads = list(dict.fromkeys(s["workload"] for s in summary))
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.5), squeeze=False)
+    cols = min(2, len(workloads))
+    rows_ = -(-len(workloads) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(6.5 * cols, 4.2 * rows_), squeeze=False)
+    for ax in axes.flat[len(workloads) :]:
+        ax.set_visible(False)
     codecs = ["float32", "fp16", "bf16", "int8", *(f"topk{r * 100:g}%" for r in RATIOS)]
     colors = dict(zip(codecs, plt.cm.tab10.colors))
-    for ax, w in zip(axes[0], workloads):
+    for ax, w in zip(axes.flat, workloads):
         for s in (s for s in summary if s["workload"] == w):
             codec, ef = s["method"].removesuffix("+ef"), s["method"].endswith("+ef")
             ax.errorbar(
@@ -228,6 +234,7 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
                 capsize=3,
             )
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # crowded labels on short log ranges
         ax.set_xlabel("MB sent (all nodes, log scale)")
         ax.set_ylabel("held-out perplexity (lower is better)" if lower_is_better(w) else "test accuracy (%)")
         ax.set_title(w)
@@ -235,7 +242,7 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> list[Path]:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="center right")
     fig.suptitle(meta.get("title", "atoll bench compression"))
-    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(out / "compression.png", dpi=110)
     plt.close(fig)
     return [*written, out / "compression.png"]
