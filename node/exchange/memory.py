@@ -31,7 +31,7 @@ from node.comm import seeded_rng
 from node.exchange import Accept, Member
 from p2pd.codecs import CodecError, Coded, decompress
 from p2pd.errors import ReasonedError
-from p2pd.tensors import SnapshotKey, TensorStreamError, decode, encode
+from p2pd.tensors import SnapshotKey, StreamDecoder, TensorStreamError, encode
 
 SAFETY_SECONDS = 600.0  # a fetch never waits longer, even if a bug stalled a virtual node
 
@@ -304,16 +304,18 @@ class MemoryExchange:
 
 
 def _corrupted(state: dict[str, torch.Tensor], key: SnapshotKey) -> str:
-    """Flip one payload byte of `state` on the wire and run the daemon's decoder with the
-    digest the sender signed: returns the reason it is refused."""
+    """Flip one payload byte of `state` on the wire (in the middle of its longest part, where
+    tensor bytes are; a coded chunk's codec fields come after them) and run the daemon's
+    decoder on the serialized parts with the digest the sender signed: the reason it refuses."""
     enc = encode(state, key.to_pb())
     parts = [bytearray(p) for p in enc.parts]
     longest = max(range(len(parts)), key=lambda i: len(parts[i]))
-    parts[longest][-1] ^= 0xFF
-    from p2pd.rpc import swarm_pb2 as pb
-
+    parts[longest][len(parts[longest]) // 2] ^= 0xFF
+    decoder = StreamDecoder(expected_digest=enc.digest)
     try:
-        decode([pb.SnapshotPart.FromString(bytes(p)) for p in parts], expected_digest=enc.digest)
+        for p in parts:
+            decoder.feed_bytes(bytes(p))
+        decoder.finish()
     except TensorStreamError as e:
         return e.reason
     return "undetected_corruption"  # would be a bug in the decoder: counted, never used
