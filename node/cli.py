@@ -792,7 +792,7 @@ def bench_distill(
         "all",
         help="Comma-separated method names, or all: isolated, edgefd, knfu, edgefd+knfu, fedd2s "
         "(and fedd2s_drop0, fedd2s_drop0.05, fedd2s_drop0.2), gossip_same_arch, and centralized_ARCH "
-        "for each architecture.",
+        "and fedavg_ARCH (every node running ARCH) for each architecture.",
     ),
     out: Path | None = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
 ) -> None:

@@ -35,4 +35,5 @@ def run(name: str, nodes: int, node: dict, seed: int) -> SimResult:
         accs = [w.evaluate() for w in workers]
         res.log.append(RoundLog(r + 1, sum(accs) / len(accs), min(accs), max(accs), sent, time.perf_counter() - t0))
     res.final_accuracies, res.bytes_sent, res.seconds = accs, sent, time.perf_counter() - t0
+    res.final_metrics = [dict(w.metrics) for w in workers]
     return res

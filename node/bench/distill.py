@@ -49,12 +49,11 @@ def methods(rounds: int, architectures: list[str]) -> dict[str, dict]:
             "swarm_per_architecture": True,
         },
     }
-    for a in architectures:  # the data the nodes hold, pooled: a reference, not a method
+    for a in architectures:  # references, not methods: the data pooled; FedAvg if all ran `a`
         family, width = a.split(":")
-        table[f"centralized_{a}"] = {
-            "baseline": "centralized",
-            "node": {"model": {"family": family, "width": int(width)}},
-        }
+        model = {"model": {"family": family, "width": int(width)}}
+        table[f"centralized_{a}"] = {"baseline": "centralized", "node": model}
+        table[f"fedavg_{a}"] = {"baseline": "fedavg", "node": model}
     return table
 
 
