@@ -229,6 +229,7 @@ def test_bad_security_config_is_a_clear_error(sets, message):
     assert message in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_bench_compression_counts_fewer_bytes_and_states_the_targets(tmp_path):
     r = atoll(
         "bench", "compression", "--workloads", "digits-mlp", "--methods", "float32,int8+ef,topk5%+ef",

@@ -221,6 +221,7 @@ def test_swarm_up_end_to_end(tmp_path):
     assert Simulation(raw).run().bytes_sent > 5 * sum(n["sent_bytes"] for n in res["nodes"])
 
 
+@pytest.mark.slow
 def test_frl_daemons_vote_and_end_with_one_model(tmp_path):
     """FRL in real daemons: rankings travel over gRPC (int32, 4 bytes an edge, every round to
     the other node), the final merge is a vote over both nodes (hivemind's all-reduce of
