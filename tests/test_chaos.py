@@ -16,7 +16,7 @@ from node import checkpoint
 
 # slow (about 2.5 min on 2 cores): run with `make test-all` or `pytest -m slow`
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-N, ROUNDS, KILLS, SEED = 6, 90, 4, 7
+N, ROUNDS, KILLS, SEED = 6, 120, 4, 7
 
 
 def test_random_kills_and_restarts_lose_nothing(tmp_path):
@@ -55,7 +55,7 @@ def test_random_kills_and_restarts_lose_nothing(tmp_path):
             assert all(torch.isfinite(t).all() for t in model.values())
             t0 = time.monotonic()
             # rejoin through any other live member (the victim may be the bootstrap node itself)
-            via = next(n.info["maddrs"][0] for j, n in sorted(live.items()) if j != i)
+            via = next(n.info["maddrs"][0] for j, n in sorted(live.items()) if j != i and n.proc.poll() is None)
             live[i] = atoll_node(cfgs[i], "--initial-peers", via, log=tmp_path / f"n{i}.r{kill}.log")
             everyone.append(live[i])
             info = live[i].ready(90)
