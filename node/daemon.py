@@ -77,6 +77,7 @@ class Node:
                 sent_bytes=self.exchange.sent_bytes,
                 received_bytes=self.exchange.received_bytes,
                 dataset_size=self.worker.dataset_size,
+                metrics={k: round(v, 6) for k, v in self.worker.metrics.items()},  # every metric of the task
             )
             self.on_event(summary)
             return summary

@@ -104,3 +104,30 @@ def test_malformed_logits_are_refused_and_counted(tmp_path):
         for p in [honest, *peers]:
             if p is not None:
                 p.stop()
+
+
+@pytest.mark.slow
+def test_fedd2s_runs_in_daemons_and_reports_own_accuracy(tmp_path):
+    """FedD2S in three real daemons: logits travel as for EdgeFD, the deeper layers leave the
+    distillation from round 1 (drop rate 1), every node distils from both others each round
+    and its final event carries its accuracy on its own held-out distribution."""
+    rounds, nodes = 4, []
+    try:
+        for i in range(3):
+            cfg = node_config(tmp_path / f"n{i}.yaml", tmp_path, i, 3, "d2s", rounds, method="fedd2s")
+            tree = yaml.safe_load(cfg.read_text())
+            tree["distill"]["drop_rate"] = 1.0
+            tree["data"]["personal_holdout"] = 0.2
+            cfg.write_text(yaml.safe_dump(tree))
+            extra = ["--set", f"net.initial_peers={nodes[0].info['maddrs']}"] if nodes else []
+            nodes.append(atoll_node(cfg, *extra, log=tmp_path / f"n{i}.log"))
+            nodes[-1].ready(60)
+        done = [n.wait_event("done", 240) for n in nodes]
+        for n, d in zip(nodes, done):
+            by_round = {e["round"]: e for e in n.seen if e.get("event") == "round"}
+            assert sorted(by_round) == list(range(1, rounds + 1))
+            assert all(by_round[r]["mixed"] == 2 for r in by_round), by_round
+            assert 0 <= d["metrics"]["own_accuracy"] <= 1, d
+    finally:
+        for n in nodes:
+            n.stop()
