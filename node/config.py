@@ -306,15 +306,11 @@ class NodeConfig(_Strict):
             raise ValueError(f"node_index {self.node_index} must be < node_count {self.node_count}")
         c = self.comm
         if c.exchange == "logits":
-            clash = [
-                name
-                for name, on in (
-                    ("comm.algorithm: modest", c.algorithm == "modest"),
-                    ("comm.final_merge", c.final_merge),
-                    ("comm.mix_variance_correction", c.mix_variance_correction),
-                )
-                if on
-            ]
+            clash = _named(
+                ("comm.algorithm: modest", c.algorithm == "modest"),
+                ("comm.final_merge", c.final_merge),
+                ("comm.mix_variance_correction", c.mix_variance_correction),
+            )
             if clash:
                 raise ValueError(f"comm.exchange logits does not average models: unset {', '.join(clash)}")
         if (c.codec != "none" or c.error_feedback) and (c.exchange != "model" or c.algorithm != "gossip"):
@@ -339,30 +335,22 @@ class NodeConfig(_Strict):
         if self.task is None and self.task_config:
             raise ValueError("task_config is for a task of your own: set task as well")
         if self.task is not None:  # these need the built-in classification data (node/task/images.py)
-            needs_labels = [
-                name
-                for name, on in (
-                    ("comm.exchange: logits", c.exchange == "logits"),
-                    ("security.aggregator: bristle", sec.aggregator == "bristle"),
-                    (f"security.attack: {sec.attack}", sec.attack in ("label_flip", "sybil")),
-                    ("data.personal_holdout", self.data.personal_holdout > 0),
-                )
-                if on
-            ]
+            needs_labels = _named(
+                ("comm.exchange: logits", c.exchange == "logits"),
+                ("security.aggregator: bristle", sec.aggregator == "bristle"),
+                (f"security.attack: {sec.attack}", sec.attack in ("label_flip", "sybil")),
+                ("data.personal_holdout", self.data.personal_holdout > 0),
+            )
             if needs_labels:
                 raise ValueError(f"{', '.join(needs_labels)} work on the built-in image tasks only, not with task")
         if c.exchange == "ranks":
-            clash = [
-                name
-                for name, on in (
-                    ("comm.algorithm: modest", c.algorithm == "modest"),
-                    ("comm.mix_variance_correction", c.mix_variance_correction),
-                    ("comm.merge: variance_corrected", c.merge == "variance_corrected"),
-                    (f"security.aggregator: {sec.aggregator}", sec.aggregator != "mean"),
-                    (f"security.attack: {sec.attack}", sec.attack in ("free_ride", "sybil", "gaussian")),
-                )
-                if on
-            ]
+            clash = _named(
+                ("comm.algorithm: modest", c.algorithm == "modest"),
+                ("comm.mix_variance_correction", c.mix_variance_correction),
+                ("comm.merge: variance_corrected", c.merge == "variance_corrected"),
+                (f"security.aggregator: {sec.aggregator}", sec.aggregator != "mean"),
+                (f"security.attack: {sec.attack}", sec.attack in ("free_ride", "sybil", "gaussian")),
+            )
             if clash:
                 raise ValueError(f"comm.exchange ranks votes on rankings: unset {', '.join(clash)}")
         elif (sec.aggregator != "mean" or sec.attack) and (c.exchange != "model" or c.algorithm != "gossip"):
@@ -370,6 +358,11 @@ class NodeConfig(_Strict):
                 "security.aggregator and security.attack need comm.exchange model (or ranks) and comm.algorithm gossip"
             )
         return self
+
+
+def _named(*settings: tuple[str, bool]) -> list[str]:
+    """The names of the (name, set) pairs that are set: what a validator says to unset."""
+    return [name for name, on in settings if on]
 
 
 class ConfigError(ValueError):

@@ -38,18 +38,27 @@ def node_config(path, workdir, i, n, swarm, rounds, method="edgefd", **comm):
     return path
 
 
+def start_three(tmp_path, nodes: list, swarm: str, rounds: int, method: str, edit=lambda tree: None) -> None:
+    """Three daemons of `swarm` on 127.0.0.1, appended to `nodes` as each starts (the caller
+    stops them), the others joining through the first; `edit(tree)` changes each config."""
+    for i in range(3):
+        cfg = node_config(tmp_path / f"n{i}.yaml", tmp_path, i, 3, swarm, rounds, method=method)
+        tree = yaml.safe_load(cfg.read_text())
+        edit(tree)
+        cfg.write_text(yaml.safe_dump(tree))
+        extra = ["--set", f"net.initial_peers={nodes[0].info['maddrs']}"] if nodes else []
+        nodes.append(atoll_node(cfg, *extra, log=tmp_path / f"n{i}.log"))
+        nodes[-1].ready(60)
+
+
 def test_mixed_architecture_swarm_learns_through_logits(tmp_path):
     """Three daemons with three architectures (no model could be averaged) exchange logits on
     the proxy set; every node distills from both others and ends above its round-0 accuracy,
     receiving logits, not models."""
     rounds, nodes = 6, []
     try:
-        for i in range(3):
-            # the filter and the KnFu weights both on: every distillation code path of the daemon
-            cfg = node_config(tmp_path / f"n{i}.yaml", tmp_path, i, 3, "mixed", rounds, method="edgefd+knfu")
-            extra = ["--set", f"net.initial_peers={nodes[0].info['maddrs']}"] if nodes else []
-            nodes.append(atoll_node(cfg, *extra, log=tmp_path / f"n{i}.log"))
-            nodes[-1].ready(60)
+        # the filter and the KnFu weights both on: every distillation code path of the daemon
+        start_three(tmp_path, nodes, "mixed", rounds, "edgefd+knfu")
         done = [n.wait_event("done", 240) for n in nodes]
         for n, d in zip(nodes, done):
             by_round = {e["round"]: e for e in n.seen if e.get("event") == "round"}
@@ -113,15 +122,12 @@ def test_fedd2s_runs_in_daemons_and_reports_own_accuracy(tmp_path):
     and its final event carries its accuracy on its own held-out distribution."""
     rounds, nodes = 4, []
     try:
-        for i in range(3):
-            cfg = node_config(tmp_path / f"n{i}.yaml", tmp_path, i, 3, "d2s", rounds, method="fedd2s")
-            tree = yaml.safe_load(cfg.read_text())
+
+        def edit(tree):
             tree["distill"]["drop_rate"] = 1.0
             tree["data"]["personal_holdout"] = 0.2
-            cfg.write_text(yaml.safe_dump(tree))
-            extra = ["--set", f"net.initial_peers={nodes[0].info['maddrs']}"] if nodes else []
-            nodes.append(atoll_node(cfg, *extra, log=tmp_path / f"n{i}.log"))
-            nodes[-1].ready(60)
+
+        start_three(tmp_path, nodes, "d2s", rounds, "fedd2s", edit)
         done = [n.wait_event("done", 240) for n in nodes]
         for n, d in zip(nodes, done):
             by_round = {e["round"]: e for e in n.seen if e.get("event") == "round"}

@@ -90,7 +90,7 @@ class CompressedGossip:
         self.codec = Codec(comm.codec, comm.topk_ratio, comm.int8_block)
         self.feedback = comm.error_feedback
         # differences from estimates both sides keep: error feedback, or top-k (see above)
-        self.tracked = comm.error_feedback or comm.codec == "topk"
+        self.tracked = sends_deltas(record_codec(comm))
         self.gamma = comm.consensus_step or default_step(comm)
         self.mine: dict[str, torch.Tensor] | None = None  # x̂_i
         self.last: dict[str, torch.Tensor] | None = None  # x_i at the last step (topk without feedback)
@@ -100,11 +100,6 @@ class CompressedGossip:
         self.at = START  # the last step this node published
         self.copies: dict[str, _Copy] = {}
         self.resyncs = 0  # estimates fetched (full-size transfers), for tests and benchmarks
-
-    @property
-    def kind(self) -> str:
-        """The snapshot kind neighbours fetch each step: `delta` when tracked, else `model`."""
-        return "delta" if self.tracked else "model"
 
     def begin(self, round_: int, state: dict[str, torch.Tensor]) -> None:
         """Before this process's first round: at round 0 `state` is the shared initial model
