@@ -34,15 +34,31 @@ DOMAIN = b"atoll/fetch/v1\x00"
 PREDICT_SCALE = 50  # Predict calls allowed per fetch (security.fetch_rate and fetch_burst)
 
 
-def fetch_message(server_peer_id: str, requester_peer_id: str, key: SnapshotKey, issued_at: float) -> bytes:
+def fetch_message(
+    server_peer_id: str, requester_peer_id: str, key: SnapshotKey, issued_at: float, producer_peer_id: str = ""
+) -> bytes:
     """The bytes a fetch request signs: DOMAIN, then the server and requester peer ids, the key's kind, round and step,
-    and `issued_at` (Unix seconds), joined by `|`."""
-    return (
-        DOMAIN
-        + "|".join(
-            (server_peer_id, requester_peer_id, key.kind, str(key.round), str(key.step), repr(float(issued_at)))
-        ).encode()
+    and `issued_at` (Unix seconds), joined by `|`; a fetch of a carried snapshot (see push_message) adds
+    `carried` and its producer's peer id."""
+    fields = [server_peer_id, requester_peer_id, key.kind, str(key.round), str(key.step), repr(float(issued_at))]
+    if producer_peer_id:
+        fields += ["carried", producer_peer_id]
+    return DOMAIN + "|".join(fields).encode()
+
+
+def push_message(server_peer_id: str, requester_peer_id: str, key: SnapshotKey, issued_at: float) -> bytes:
+    """The bytes a Push request (an outbound-only node handing its snapshot `key` to its carrier) signs: DOMAIN,
+    then the carrier's and the producer's peer ids, `push`, the key's kind, round and step and `issued_at`."""
+    fields = (
+        server_peer_id,
+        requester_peer_id,
+        "push",
+        key.kind,
+        str(key.round),
+        str(key.step),
+        repr(float(issued_at)),
     )
+    return DOMAIN + "|".join(fields).encode()
 
 
 def reach_message(server_peer_id: str, requester_peer_id: str, issued_at: float) -> bytes:
@@ -81,11 +97,29 @@ def signed_reach(identity: Identity, server_peer_id: str, now: float) -> pb.Reac
     return pb.ReachRequest(requester_peer_id=identity.peer_id, issued_at=now, signature=sig)
 
 
-def signed_request(identity: Identity, server_peer_id: str, key: SnapshotKey, now: float) -> pb.FetchRequest:
-    """A FetchRequest for `key` from `identity` to `server_peer_id`, issued at `now` (Unix seconds) and Ed25519-signed
-    over `fetch_message`."""
-    sig = identity.sign(fetch_message(server_peer_id, identity.peer_id, key, now))
-    return pb.FetchRequest(key=key.to_pb(), requester_peer_id=identity.peer_id, issued_at=now, signature=sig)
+def signed_request(
+    identity: Identity, server_peer_id: str, key: SnapshotKey, now: float, producer_peer_id: str = ""
+) -> pb.FetchRequest:
+    """A FetchRequest for `key` from `identity` to `server_peer_id` (of the snapshot it carries for
+    `producer_peer_id`, if given), issued at `now` (Unix seconds) and Ed25519-signed over `fetch_message`."""
+    sig = identity.sign(fetch_message(server_peer_id, identity.peer_id, key, now, producer_peer_id))
+    return pb.FetchRequest(
+        key=key.to_pb(),
+        requester_peer_id=identity.peer_id,
+        issued_at=now,
+        signature=sig,
+        producer_peer_id=producer_peer_id,
+    )
+
+
+def signed_push(identity: Identity, server_peer_id: str, key: SnapshotKey, now: float, envelope: bytes):
+    """The first PushPart of a push of `key` to the carrier `server_peer_id`: a PushRequest from `identity` issued at
+    `now`, Ed25519-signed over `push_message`, with `envelope` (the producer's signed record)."""
+    sig = identity.sign(push_message(server_peer_id, identity.peer_id, key, now))
+    request = pb.PushRequest(
+        requester_peer_id=identity.peer_id, issued_at=now, signature=sig, key=key.to_pb(), signed_record=envelope
+    )
+    return pb.PushPart(request=request)
 
 
 class TokenBuckets:
@@ -135,7 +169,16 @@ class Admission:
     def check(self, request: pb.FetchRequest, key: SnapshotKey) -> str | None:
         """None to serve the fetch of `key`, else the refusal reason: `unsigned`, `stale`, `unknown` or `rate`."""
         return self._check(
-            request, lambda: fetch_message(self.server_peer_id, request.requester_peer_id, key, request.issued_at)
+            request,
+            lambda: fetch_message(
+                self.server_peer_id, request.requester_peer_id, key, request.issued_at, request.producer_peer_id
+            ),
+        )
+
+    def check_push(self, request: pb.PushRequest, key: SnapshotKey) -> str | None:
+        """The same checks for a Push of `key` (see SwarmServicer.Push); it spends a fetch token."""
+        return self._check(
+            request, lambda: push_message(self.server_peer_id, request.requester_peer_id, key, request.issued_at)
         )
 
     def check_reach(self, request: pb.ReachRequest) -> str | None:

@@ -15,11 +15,12 @@ caller skips that peer for this step.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,12 @@ from typing import Any
 import grpc
 import torch
 
-from p2pd.admission import signed_reach, signed_request
+from p2pd.admission import signed_push, signed_reach, signed_request
 from p2pd.errors import ReasonedError
 from p2pd.identity import Identity
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.rpc import swarm_pb2_grpc as pb_grpc
-from p2pd.server import MAX_FETCH_SECONDS, MAX_MESSAGE_BYTES, SERVICE_NAME, TLSConfig
+from p2pd.server import MAX_FETCH_SECONDS, MAX_MESSAGE_BYTES, MAX_PUSH_MESSAGE_BYTES, SERVICE_NAME, TLSConfig
 from p2pd.tensors import Limits, SnapshotKey, StreamDecoder, TensorStreamError
 
 
@@ -73,6 +74,24 @@ class Snapshot:
 
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE: "unavailable", grpc.StatusCode.RESOURCE_EXHAUSTED: "busy"}
+
+
+def status_error(code: grpc.StatusCode, details: str, address: str, key: SnapshotKey) -> FetchError | None:
+    """The FetchError a fetch of `key` from `address` ends with when its server answers `code`
+    (over gRPC or libp2p, p2pd/libp2p.py), or None when it is worth retrying (unavailable, busy)."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return FetchTimeout("timeout", f"{address} {key}")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return FetchRefused("not_found", f"{address} has no {key}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        return BadSnapshot("oversize", f"{address}: {details}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return FetchRefused("denied", f"{address}: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "refused: rate" in details:
+        return FetchRefused("rate_limited", f"{address}: {details}")
+    if code in _RETRYABLE:
+        return None
+    return FetchRefused("refused", f"{address}: {code.name} {details}")
 
 
 def _read_ahead(call, depth: int = 8):
@@ -158,7 +177,7 @@ class SwarmClient:
         self.identity = identity  # signs every fetch request; None sends unsigned ones
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", 64 * 1024),
+            ("grpc.max_send_message_length", MAX_PUSH_MESSAGE_BYTES),  # requests, and pushed parts
             ("grpc.enable_retries", 0),  # retries are ours: bounded and deadline-aware
             ("grpc.http2.lookahead_bytes", 67108864),
             ("grpc.http2.max_frame_size", 16777215),
@@ -188,18 +207,20 @@ class SwarmClient:
         timeout: float | None = None,
         into: Mapping[str, torch.Tensor] | None = None,
         server_peer_id: str = "",
+        producer_peer_id: str = "",
     ) -> Snapshot:
         """Fetch and fully validate one snapshot; see the module docstring for errors.
 
         `into`: tensors to reuse as receive buffers where name, dtype and shape match (their
         contents are undefined if the fetch fails). `server_peer_id`: the peer we ask, named in
-        the signed request so it cannot be replayed to another node."""
+        the signed request so it cannot be replayed to another node. `producer_peer_id`: the
+        outbound-only producer whose snapshot the server carries ("": the server's own)."""
         start = time.monotonic()
         deadline = start + min(timeout if timeout is not None else self.timeout, MAX_FETCH_SECONDS)
         if self.identity is not None:
-            request = signed_request(self.identity, server_peer_id, key, time.time())
+            request = signed_request(self.identity, server_peer_id, key, time.time(), producer_peer_id)
         else:
-            request = pb.FetchRequest(key=key.to_pb())
+            request = pb.FetchRequest(key=key.to_pb(), producer_peer_id=producer_peer_id)
         for attempt in range(self.retries + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -214,24 +235,15 @@ class SwarmClient:
                 call.cancel()
                 raise BadSnapshot(e.reason, f"from {self.address}: {e.detail}") from e
             except grpc.RpcError as e:
-                code = e.code()
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise FetchTimeout("timeout", f"{self.address} {key}") from e
-                if code == grpc.StatusCode.NOT_FOUND:
-                    raise FetchRefused("not_found", f"{self.address} has no {key}") from e
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (e.details() or ""):
-                    raise BadSnapshot("oversize", f"{self.address}: {e.details()}") from e
-                if code == grpc.StatusCode.PERMISSION_DENIED:
-                    raise FetchRefused("denied", f"{self.address}: {e.details()}") from e
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "refused: rate" in (e.details() or ""):
-                    raise FetchRefused("rate_limited", f"{self.address}: {e.details()}") from e
-                if code in _RETRYABLE and attempt < self.retries:
+                error = status_error(e.code(), e.details() or "", self.address, key)
+                if error is None and attempt < self.retries:
                     sleep = min(self.backoff * 2**attempt * (1 + random.random()), deadline - time.monotonic())
                     if sleep > 0:
                         time.sleep(sleep)
                     continue
-                reason = _RETRYABLE.get(code, "refused")
-                raise FetchRefused(reason, f"{self.address}: {code.name} {e.details()}") from e
+                if error is None:
+                    error = FetchRefused(_RETRYABLE[e.code()], f"{self.address}: {e.code().name} {e.details()}")
+                raise error from e
             return Snapshot(key, tensors, decoder.digest, decoder.bytes_received, time.monotonic() - start)
         raise AssertionError("unreachable")  # the loop always returns or raises
 
@@ -247,25 +259,52 @@ class SwarmClient:
             raise FetchRefused(_RETRYABLE.get(e.code(), "refused"), f"{self.address}: {e.code().name}") from e
 
     def health(
-        self, timeout: float = 5.0, wait_for: SnapshotKey | None = None, wait: float = 0.0
+        self, timeout: float = 5.0, wait_for: SnapshotKey | None = None, wait: float = 0.0, producer_peer_id: str = ""
     ) -> tuple[bytes, list[SnapshotKey]]:
-        """The peer's signed record envelope and the snapshot keys it can serve; with `wait_for`,
-        answered once the peer serves that snapshot (or a later one of its kind) or after `wait`
-        seconds (the server caps it at MAX_HEALTH_WAIT). Raises FetchTimeout or FetchRefused."""
-        request = pb.HealthRequest()
-        if wait_for is not None and wait > 0:
-            request.wait_for.CopyFrom(wait_for.to_pb())
-            request.wait_seconds = wait
+        """The peer's signed record envelope and the snapshot keys it can serve (of the producer
+        it carries for, with `producer_peer_id`); with `wait_for`, answered once the peer serves
+        that snapshot (or a later one of its kind) or after `wait` seconds (the server caps it at
+        MAX_HEALTH_WAIT). Raises FetchTimeout or FetchRefused."""
+        request = health_request(wait_for, wait, producer_peer_id)
         try:
             reply = self._stub.Health(request, timeout=timeout)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise FetchTimeout("timeout", f"{self.address} health") from e
             raise FetchRefused(_RETRYABLE.get(e.code(), "refused"), f"{self.address}: {e.code().name}") from e
-        keys = []
-        for k in reply.available:
-            try:
-                keys.append(SnapshotKey.from_pb(k))
-            except ValueError:
-                continue  # a kind this version does not know
-        return reply.signed_record, keys
+        return health_answer(reply)
+
+    def push(self, server_peer_id: str, key: SnapshotKey, parts: Sequence[bytes], envelope: bytes, timeout: float):
+        """Hand the snapshot `key` (its serialized `parts`) to the carrier `server_peer_id`, with
+        `envelope`, this node's signed record that names the carrier and signs the snapshot's
+        digest (needs `identity`). Raises FetchTimeout or FetchRefused."""
+        if self.identity is None:
+            raise ValueError("push needs an identity to sign the request")
+        first = signed_push(self.identity, server_peer_id, key, time.time(), envelope)
+        stream = itertools.chain([first], (pb.PushPart(snapshot_part=p) for p in parts))
+        try:
+            self._stub.Push(stream, timeout=min(timeout, MAX_FETCH_SECONDS))
+        except grpc.RpcError as e:
+            error = status_error(e.code(), e.details() or "", self.address, key)
+            raise error or FetchRefused(_RETRYABLE[e.code()], f"{self.address}: {e.details()}") from e
+
+
+def health_request(wait_for: SnapshotKey | None, wait: float, producer_peer_id: str = "") -> pb.HealthRequest:
+    """A HealthRequest (see SwarmClient.health)."""
+    request = pb.HealthRequest(producer_peer_id=producer_peer_id)
+    if wait_for is not None and wait > 0:
+        request.wait_for.CopyFrom(wait_for.to_pb())
+        request.wait_seconds = wait
+    return request
+
+
+def health_answer(reply: pb.HealthReply) -> tuple[bytes, list[SnapshotKey]]:
+    """The signed record envelope and the snapshot keys of a HealthReply (kinds this release
+    does not know are left out)."""
+    keys = []
+    for k in reply.available:
+        try:
+            keys.append(SnapshotKey.from_pb(k))
+        except ValueError:
+            continue  # a kind this version does not know
+    return reply.signed_record, keys

@@ -39,6 +39,11 @@ MAX_TTL_SECONDS = 3600.0
 CLOCK_SKEW_SECONDS = 5.0
 
 Role = Literal["trainer", "aggregator", "expert", "router", "observer"]
+# How neighbours reach a node's snapshots (node/netcheck.py finds it, node/exchange/paths.py uses it):
+# direct: gRPC at grpc_address; relayed: libp2p streams to peer_id (p2pd/libp2p.py: an open
+# connection, hole punching or a circuit relay); outbound_only: through its `carrier`, a reachable
+# neighbour it pushes its snapshots to (the Push RPC)
+Reachability = Literal["direct", "relayed", "outbound_only"]
 _HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):(?P<port>[0-9]{1,5})$")
 MAX_SNAPSHOTS = 32
 _SNAPSHOT_ENTRY = r"^(model|logits|delta|estimate|ranks):[0-9]{1,19}:[0-9]{1,10}:[0-9a-f]{64}$"
@@ -85,6 +90,8 @@ class PeerRecord(BaseModel):
     # is kept, so a receiver can say which codec it cannot decode
     codec: Annotated[str, Field(pattern=r"^[a-z0-9+]{0,16}$")] = "none"
     roles: Annotated[tuple[Role, ...], Field(max_length=5)] = ("trainer",)
+    reachability: Reachability = "direct"  # older records carry none: they were dialled directly
+    carrier: str = ""  # outbound_only: the peer id that serves this node's snapshots, "" if none yet
     # diffusion experts (node/experts/): the cluster an expert models (-1: not an expert) and the
     # digest of the clustering it belongs to; model_digest is then its checkpoint's sha256
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0  # Prometheus endpoint on the gRPC host, 0: none
@@ -101,6 +108,16 @@ class PeerRecord(BaseModel):
             public_key_from_peer_id(v)
         except IdentityError as e:
             raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("carrier")
+    @classmethod
+    def _carrier(cls, v: str) -> str:
+        if v:
+            try:
+                public_key_from_peer_id(v)
+            except IdentityError as e:
+                raise ValueError(f"carrier: {e}") from None
         return v
 
     @field_validator("grpc_address")

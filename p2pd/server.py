@@ -25,8 +25,17 @@ import torch
 
 from p2pd.addresses import host_port, tcp_port_in_use
 from p2pd.admission import Admission
+from p2pd.records import RecordRefused, open_record
 from p2pd.rpc import swarm_pb2 as pb
-from p2pd.tensors import DEFAULT_CHUNK_BYTES, EncodedSnapshot, SnapshotKey, encode
+from p2pd.tensors import (
+    DEFAULT_CHUNK_BYTES,
+    EncodedSnapshot,
+    Limits,
+    SnapshotKey,
+    StreamDecoder,
+    TensorStreamError,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # > one chunk plus framing; see client.py
@@ -34,6 +43,11 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # > one chunk plus framing; see client.py
 # no longer than this: a peer that stops reading frees its thread when the deadline passes.
 MAX_FETCH_SECONDS = 600.0
 MAX_HEALTH_WAIT = 5.0  # seconds a Health call may wait for a snapshot
+# An outbound-only node encodes its snapshots in parts of this size (it pushes them to its
+# carrier, and the server's request limit must admit one part); the server's requests are
+# otherwise tiny
+PUSH_CHUNK_BYTES = 1024 * 1024
+MAX_PUSH_MESSAGE_BYTES = PUSH_CHUNK_BYTES + 4096
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Swarm"].full_name  # "atoll.v1.Swarm"
 
 
@@ -62,7 +76,16 @@ class SnapshotStore:
         index the store will hold (see `index`) before anyone can see the new snapshot: a node signs its record
         there, so a peer that sees the key also finds its digest signed. Raises TypeError or ValueError for a
         value, name or dtype the wire refuses."""
-        packed = encode(state_dict, key.to_pb(), self.chunk_bytes)
+        return self.put(key, encode(state_dict, key.to_pb(), self.chunk_bytes), before_visible)
+
+    def put(
+        self,
+        key: SnapshotKey,
+        packed: EncodedSnapshot,
+        before_visible: Callable[[tuple[str, ...], EncodedSnapshot], None] | None = None,
+    ) -> EncodedSnapshot:
+        """Hold an already encoded snapshot under `key` (see publish): a carrier holds what its
+        producer pushed, byte for byte as the producer encoded it."""
         with self._lock:
             items = dict(self._items)
         items[key] = packed
@@ -104,6 +127,39 @@ class SnapshotStore:
 
 def _index(items: Mapping[SnapshotKey, EncodedSnapshot]) -> tuple[str, ...]:
     return tuple(f"{k.kind}:{k.round}:{k.step}:{v.hexdigest}" for k, v in sorted(items.items()))
+
+
+class CarriedSnapshots:
+    """What a node carries for outbound-only producers (the Push RPC): per producer, its newest
+    `keep` snapshots per kind and the signed record envelope that came with the latest push, for
+    at most `max_producers` producers (a push from one more is refused as busy)."""
+
+    def __init__(self, max_producers: int = 4, keep: int = 2):
+        self.max_producers, self.keep = max_producers, keep
+        self._stores: dict[str, tuple[SnapshotStore, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def store(self, producer: str) -> tuple[SnapshotStore, bytes] | None:
+        """(the producer's store, its latest envelope), or None when nothing is carried for it."""
+        with self._lock:
+            return self._stores.get(producer)
+
+    def put(self, producer: str, key: SnapshotKey, packed: EncodedSnapshot, envelope: bytes) -> bool:
+        """Carry `packed` for `producer` with the `envelope` that signs it; False when full."""
+        with self._lock:
+            held = self._stores.get(producer)
+            if held is None:
+                if len(self._stores) >= self.max_producers:
+                    return False
+                held = (SnapshotStore(keep=self.keep), envelope)
+            self._stores[producer] = (held[0], envelope)
+        held[0].put(key, packed)
+        return True
+
+    def producers(self) -> list[str]:
+        """The peer ids this node carries snapshots for."""
+        with self._lock:
+            return sorted(self._stores)
 
 
 @dataclass(frozen=True)
@@ -152,8 +208,14 @@ class SwarmServicer:
         stall_seconds: float = 10.0,
         address_of: Callable[[str], str | None] = lambda peer_id: None,
         dial: Callable[[str], str | None] | None = None,
+        dial_libp2p: Callable[[str], bool] | None = None,
+        carried: CarriedSnapshots | None = None,
     ):
         self.store = store
+        # Push: snapshots carried for outbound-only producers; None: this node carries none
+        self.carried = carried
+        # Reach over libp2p: dial_libp2p(peer_id) is whether that peer answers a libp2p Health stream
+        self.dial_libp2p = dial_libp2p
         # Reach: the requester's advertised address (from its signed DHT record), and how to
         # check it; dial(address) returns the peer id that answered there, or None
         self.address_of, self.dial = address_of, dial
@@ -230,7 +292,8 @@ class SwarmServicer:
         refusal = self.admission.check(request, key) if self.admission is not None else None
         if refusal is not None:
             self._refuse_admission(context, refusal)
-        packed = self.store.get(key)
+        store = self._store_of(request.producer_peer_id)
+        packed = store.get(key) if store is not None else None
         if packed is None:
             self._count("not_found")
             self._refuse(context, "not_found", grpc.StatusCode.NOT_FOUND, f"no snapshot {key}")
@@ -264,6 +327,63 @@ class SwarmServicer:
             self._release(requester, stream)
             self._fetch_slots.release()
 
+    def _store_of(self, producer: str) -> SnapshotStore | None:
+        """This node's own store, or the one it carries for `producer` (None if none)."""
+        if not producer:
+            return self.store
+        held = self.carried.store(producer) if self.carried is not None else None
+        return held[0] if held is not None else None
+
+    def Push(self, parts, context: grpc.ServicerContext) -> pb.PushReply:
+        """Carry an outbound-only producer's snapshot: the first part is its signed request with
+        the producer's signed record, which must name this node as its carrier and sign the
+        snapshot's digest; the parts that follow are decoded and checked as a fetch is (limits,
+        digest) and kept byte for byte. Refusals abort like Fetch's."""
+        first = next(parts, UNDECODABLE)
+        if first is UNDECODABLE or not first.HasField("request"):
+            self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "a push starts with its request")
+        if self.carried is None or self.admission is None:
+            self._refuse(context, "unsupported", grpc.StatusCode.UNIMPLEMENTED, "this node carries no snapshots")
+        request = first.request
+        try:
+            key = SnapshotKey.from_pb(request.key)
+        except ValueError as e:
+            self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        refusal = self.admission.check_push(request, key)
+        if refusal is not None:
+            self._refuse_admission(context, refusal)
+        try:
+            record = open_record(request.signed_record, now=time.time(), expected_peer_id=request.requester_peer_id)
+        except RecordRefused as e:
+            self._refuse(context, f"record_{e.reason}", grpc.StatusCode.PERMISSION_DENIED, f"record: {e}")
+        if record.reachability != "outbound_only" or record.carrier != self.admission.server_peer_id:
+            self._refuse(
+                context, "not_carrier", grpc.StatusCode.PERMISSION_DENIED, "the record does not name this node carrier"
+            )
+        digest = record.snapshot_digest(key.kind, key.round, key.step)
+        if digest is None:
+            self._refuse(context, "unsigned", grpc.StatusCode.PERMISSION_DENIED, f"the record signs no {key}")
+        if not self._fetch_slots.acquire(blocking=False):
+            self._count("busy")
+            self._refuse(context, "busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent transfers")
+        try:
+            decoder, raw = StreamDecoder(Limits(), digest, expected_key=key.to_pb()), []
+            for part in parts:
+                if part is UNDECODABLE or not part.HasField("snapshot_part"):
+                    self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "not a snapshot part")
+                decoder.feed_bytes(part.snapshot_part)
+                raw.append(part.snapshot_part)
+            decoder.finish()
+        except TensorStreamError as e:
+            self._refuse(context, f"push_{e.reason}", grpc.StatusCode.INVALID_ARGUMENT, e.detail)
+        finally:
+            self._fetch_slots.release()
+        packed = EncodedSnapshot(key.to_pb(), digest, decoder.header.total_bytes, tuple(raw))
+        if not self.carried.put(request.requester_peer_id, key, packed, request.signed_record):
+            self._refuse(context, "busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "carrying for too many producers")
+        self._count("pushes_carried")
+        return pb.PushReply(stored=True)
+
     def _release(self, requester: str, stream: int | None) -> None:
         with self._lock:
             self._in_flight[requester] -= 1
@@ -289,14 +409,16 @@ class SwarmServicer:
             self._refuse(context, "busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "too many dial-backs at once")
         try:
             answered = self.dial(address)
+            libp2p = self.dial_libp2p is not None and self.dial_libp2p(request.requester_peer_id)
         finally:
             self._dials.release()
         if answered == request.requester_peer_id:
-            return pb.ReachReply(reachable=True, address=address)
+            return pb.ReachReply(reachable=True, address=address, libp2p_reachable=libp2p)
         return pb.ReachReply(
             reachable=False,
             address=address,
             detail="no answer there" if answered is None else "another node answers there",
+            libp2p_reachable=libp2p,
         )
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
@@ -305,18 +427,27 @@ class SwarmServicer:
         `wait_seconds` (at most MAX_HEALTH_WAIT), or at once when every waiting slot is taken."""
         if request is UNDECODABLE:
             self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
+        store, envelope = self.store, None
+        if request.producer_peer_id:  # a producer this node carries for (see Push)
+            held = self.carried.store(request.producer_peer_id) if self.carried is not None else None
+            if held is None:
+                self._refuse(context, "not_found", grpc.StatusCode.NOT_FOUND, "carrying nothing for that producer")
+            store, envelope = held
         if request.HasField("wait_for") and request.wait_seconds > 0 and self._waits.acquire(blocking=False):
             try:
                 key = SnapshotKey.from_pb(request.wait_for)
                 wait = min(float(request.wait_seconds), MAX_HEALTH_WAIT, context.time_remaining() or 0.0)
                 if math.isfinite(wait):
-                    self.store.wait(key, wait)
+                    store.wait(key, wait)
             except ValueError:
                 pass  # an unknown kind or a bad key: answer at once
             finally:
                 self._waits.release()
-        keys = self.store.keys()  # before the record: a key it shows is signed in the record (signed first)
-        return pb.HealthReply(signed_record=self.signed_record(), available=[k.to_pb() for k in keys])
+        if envelope is not None:  # the envelope that came with the newest push signs every key held
+            envelope = self.carried.store(request.producer_peer_id)[1]
+        keys = store.keys()  # before the record: a key it shows is signed in the record (signed first)
+        record = envelope if envelope is not None else self.signed_record()
+        return pb.HealthReply(signed_record=record, available=[k.to_pb() for k in keys])
 
 
 class SwarmServer:
@@ -334,6 +465,8 @@ class SwarmServer:
         admission: Admission | None = None,
         address_of: Callable[[str], str | None] = lambda peer_id: None,
         dial: Callable[[str], str | None] | None = None,
+        dial_libp2p: Callable[[str], bool] | None = None,
+        carry: bool = True,
         max_request_bytes: int = 64 * 1024,
     ):
         if max_workers < 4:
@@ -347,6 +480,8 @@ class SwarmServer:
             admission=admission,
             address_of=address_of,
             dial=dial,
+            dial_libp2p=dial_libp2p,
+            carried=CarriedSnapshots() if carry else None,
         )
         self.host, self._want_port, self.tls = host, port, tls
         self.port: int | None = None
@@ -356,8 +491,8 @@ class SwarmServer:
             maximum_concurrent_rpcs=max_workers * 2,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                # Swarm requests are tiny; roles serving Predict/Sample accept larger ones
-                ("grpc.max_receive_message_length", max_request_bytes),
+                # Swarm requests are tiny but for pushed parts; roles serving Predict/Sample accept larger ones
+                ("grpc.max_receive_message_length", max(max_request_bytes, MAX_PUSH_MESSAGE_BYTES)),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -375,6 +510,11 @@ class SwarmServer:
                 self.servicer.Reach,
                 request_deserializer=_lenient(pb.ReachRequest.FromString),
                 response_serializer=pb.ReachReply.SerializeToString,
+            ),
+            "Push": grpc.stream_unary_rpc_method_handler(
+                self.servicer.Push,
+                request_deserializer=_lenient(pb.PushPart.FromString),
+                response_serializer=pb.PushReply.SerializeToString,
             ),
         }
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])

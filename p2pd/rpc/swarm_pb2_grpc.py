@@ -49,6 +49,11 @@ class SwarmStub:
                 request_serializer=p2pd_dot_rpc_dot_swarm__pb2.ReachRequest.SerializeToString,
                 response_deserializer=p2pd_dot_rpc_dot_swarm__pb2.ReachReply.FromString,
                 _registered_method=True)
+        self.Push = channel.stream_unary(
+                '/atoll.v1.Swarm/Push',
+                request_serializer=p2pd_dot_rpc_dot_swarm__pb2.PushPart.SerializeToString,
+                response_deserializer=p2pd_dot_rpc_dot_swarm__pb2.PushReply.FromString,
+                _registered_method=True)
 
 
 class SwarmServicer:
@@ -75,6 +80,13 @@ class SwarmServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Push(self, request_iterator, context):
+        """Carry an outbound-only producer's snapshot (see PushRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SwarmServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_SwarmServicer_to_server(servicer, server):
                     servicer.Reach,
                     request_deserializer=p2pd_dot_rpc_dot_swarm__pb2.ReachRequest.FromString,
                     response_serializer=p2pd_dot_rpc_dot_swarm__pb2.ReachReply.SerializeToString,
+            ),
+            'Push': grpc.stream_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=p2pd_dot_rpc_dot_swarm__pb2.PushPart.FromString,
+                    response_serializer=p2pd_dot_rpc_dot_swarm__pb2.PushReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class Swarm:
             '/atoll.v1.Swarm/Reach',
             p2pd_dot_rpc_dot_swarm__pb2.ReachRequest.SerializeToString,
             p2pd_dot_rpc_dot_swarm__pb2.ReachReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/atoll.v1.Swarm/Push',
+            p2pd_dot_rpc_dot_swarm__pb2.PushPart.SerializeToString,
+            p2pd_dot_rpc_dot_swarm__pb2.PushReply.FromString,
             options,
             channel_credentials,
             insecure,
