@@ -243,6 +243,17 @@ class NetConfig(_Strict):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    relay: bool = Field(
+        True,
+        description="behind NAT: serve snapshots over libp2p too (an open connection, hole punching, or a circuit "
+        "relay that hivemind's auto-relay reserves); false: peers that cannot dial this node get its snapshots "
+        "from a reachable neighbour it pushes them to",
+    )
+    reachability: Literal["auto", "direct", "relayed", "outbound_only"] = Field(
+        "auto",
+        description="how peers reach this node's snapshots; auto: ask live peers to dial it back at start. "
+        "outbound_only also makes it a client in the final merge",
+    )
 
     @model_validator(mode="after")
     def _reachable(self) -> NetConfig:

@@ -142,14 +142,19 @@ def swarm_table(runs, rounds: int, elapsed: float, columns: int) -> Table:
     return t
 
 
+_REACH = {"direct": "direct", "relayed": "relay", "outbound_only": "pushed"}  # the path peers take to it
+
+
 def status_table(records, columns: int) -> Table:
     """`atoll status`: one row per live record; trainers show their round and throughput,
-    experts their cluster, routers their role only."""
+    experts their cluster, routers their role only; `reach` is the path peers take to the
+    node's snapshots (direct gRPC, a libp2p relay, or pushed through its carrier)."""
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     wide = columns >= 120
     for name, justify in (
         ("peer id", "left"),
         ("gRPC", "left"),
+        ("reach", "left"),
         ("metrics", "right"),
         ("role", "left"),
         ("round", "right"),
@@ -164,6 +169,7 @@ def status_table(records, columns: int) -> Table:
         t.add_row(
             r.peer_id if wide else "…" + r.peer_id[-8:],
             r.grpc_address,
+            _REACH[r.reachability] + (f" via …{r.carrier[-6:]}" if r.carrier else ""),
             str(r.metrics_port or "-"),
             role,
             str(r.round) if trainer else "-",

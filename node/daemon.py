@@ -76,6 +76,7 @@ class Node:
                 peer_id=self.identity.peer_id,
                 sent_bytes=self.exchange.sent_bytes,
                 received_bytes=self.exchange.received_bytes,
+                **self._paths(),
                 dataset_size=self.worker.dataset_size,
                 metrics={k: round(v, 6) for k, v in self.worker.metrics.items()},  # every metric of the task
             )
@@ -165,9 +166,21 @@ class Node:
                 peers=self.exchange.live,
                 sent_bytes=self.exchange.sent_bytes,
                 received_bytes=self.exchange.received_bytes,
+                **self._paths(),
                 seconds=round(seconds, 3),
                 model_digest=pack(self.worker.state()).hexdigest,
             )
+        )
+
+    def _paths(self) -> dict:
+        """For an event: this node's reachability as published, the neighbours' snapshots it
+        fetched by path (direct, relay, pushed), and what it carries or pushed (outbound-only)."""
+        x = self.exchange
+        return dict(
+            reachability=x.reachability,
+            paths=dict(x.paths),
+            pushed_bytes=x.pushed_bytes,
+            carried_for=self.server.servicer.carried.producers() if self.server.servicer.carried else [],
         )
 
     def _score(self, value: float | None) -> dict:

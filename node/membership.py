@@ -10,7 +10,7 @@ from p2pd.identity import Identity
 
 def join(net: NetConfig, identity: Identity) -> Discovery:
     """Start this node's DHT membership (`net`: swarm, initial peers, listen and announced
-    multiaddrs, record TTL). Forks the DHT process: call it before any gRPC object exists in
+    multiaddrs, record TTL, relays). Forks the DHT process: call it before any gRPC object exists in
     this process (see HIVEMIND.md). Raises DiscoveryError with a one-line reason."""
     return Discovery(
         identity,
@@ -19,4 +19,5 @@ def join(net: NetConfig, identity: Identity) -> Discovery:
         host_maddrs=net.dht_listen,
         announce_maddrs=net.announce_maddrs or None,
         ttl=net.record_ttl,
+        relay=net.relay,
     ).start()

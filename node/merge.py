@@ -47,8 +47,11 @@ class FinalMerge:
         timeout: float,
         how: str = "mean",
         task_digest: str = "",
+        client_mode: bool = False,
     ):
-        """`how`: "mean", or "variance_corrected": the per-tensor variances travel in the same
+        """`client_mode`: the node cannot be dialled (net.reachability outbound_only): it sends
+        its part and receives the result but hosts no part of the all-reduce.
+        `how`: "mean", or "variance_corrected": the per-tensor variances travel in the same
         all-reduce (one extra small tensor), so every member rescales the average to the
         members' mean variance exactly as node.aggregate.variance_corrected_mean does.
         `task_digest` (node/task/load.py) is part of the group key: nodes of another task or
@@ -75,6 +78,7 @@ class FinalMerge:
                 min_matchmaking_time=MATCHMAKING_SECONDS,
                 request_timeout=MATCHMAKING_SECONDS / 2,
                 allreduce_timeout=timeout,
+                client_mode=client_mode,
             )
         )
 

@@ -34,11 +34,26 @@ class NodeMetrics:
         self.peers_live = Gauge(
             "atoll_peers_live", "Live peers in the swarm as seen through the DHT, self included", registry=r
         )
-        self.received = Counter("atoll_received_bytes", "Snapshot payload bytes received from neighbours", registry=r)
+        # path: direct (gRPC), relay (libp2p streams), pushed (from an outbound-only peer's carrier)
+        self.received = Counter(
+            "atoll_received_bytes", "Snapshot payload bytes received from neighbours, by path", ["path"], registry=r
+        )
         self.fetch_seconds = Histogram(
             "atoll_fetch_duration_seconds",
-            "Time to fetch and validate one neighbour snapshot",
+            "Time to fetch and validate one neighbour snapshot, by path",
+            ["path"],
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.pushed = Counter(
+            "atoll_pushed_bytes",
+            "Wire bytes of this node's snapshots pushed to its carrier (outbound-only)",
+            registry=r,
+        )
+        self.reachability = Gauge(
+            "atoll_reachability",
+            "1 for the reachability this node publishes: direct, relayed or outbound_only",
+            ["state"],
             registry=r,
         )
         self.fetch_failures = Counter(

@@ -64,38 +64,83 @@ def check_key_in_use(discovery, advertised: str, tls, key_path, running: bool = 
     )
 
 
-def check_reachability(discovery, advertised: str, tls, metrics, stop: threading.Event, wait: float, ask: int = 3):
-    """Ask up to `ask` live peers to dial this node back at `advertised` (the Reach RPC), once
-    some are live (waits at most `wait` s), set atoll_reachable and say what they found:
-    neighbours that cannot reach a node skip it, so its training is lost to the swarm."""
+def check_reachability(
+    discovery,
+    advertised: str,
+    tls,
+    metrics,
+    stop: threading.Event,
+    wait: float,
+    ask: int = 3,
+    relay: bool = True,
+    forced: str = "auto",
+    connect=None,
+) -> str | None:
+    """Ask up to `ask` live peers to dial this node back (the Reach RPC: over gRPC at
+    `advertised`, and over libp2p to its peer id), once some are live (waits at most `wait` s),
+    set atoll_reachable and say in one line what they found, with advice where it matters.
+    Returns the reachability to publish (p2pd.records.Reachability: direct, relayed when only
+    libp2p reached it and `relay` is on, else outbound_only), or None when nobody could be
+    asked."""
     deadline = time.monotonic() + wait
     while not stop.is_set() and time.monotonic() < deadline:
         try:
             peers = discovery.live_peers(include_self=False)[:ask]
         except DiscoveryError:
-            return
+            return None
         if peers:
             break
         stop.wait(1.0)
     else:
-        return
+        return None
     verdicts = []
     for p in peers:
+        if connect is not None and relay:
+            connect(p.peer_id, p.dht_maddrs)
         try:
             with SwarmClient(p.grpc_address, timeout=15.0, retries=0, tls=tls, identity=discovery.identity) as c:
-                verdicts.append(c.reach(p.peer_id, timeout=10.0))
+                verdicts.append(c.reach(p.peer_id, timeout=20.0))
         except FetchError:
             continue  # that peer could not be asked: no verdict either way
-    yes = sum(v.reachable for v in verdicts)
-    if yes:
-        metrics.reachable.set(1)
-        log.info("reachable at %s (checked by %d of %d peers asked)", advertised, yes, len(peers))
-    elif verdicts:
-        metrics.reachable.set(0)
+    if not verdicts:
+        return None
+    direct, libp2p = sum(v.reachable for v in verdicts), sum(v.libp2p_reachable for v in verdicts)
+    metrics.reachable.set(1 if direct else 0)
+    why = verdicts[0].detail or "no answer"
+    if direct:
+        log.info("reachable at %s (checked by %d of %d peers asked)", advertised, direct, len(peers))
+        return "direct"
+    advice = "set net.advertise_host to an address they can reach, or forward the port"
+    if forced != "auto":
         log.warning(
-            "%d peer(s) could not reach this node at %s (%s): they will skip it and its training is lost to "
-            "the swarm; set net.advertise_host to an address they can reach, or forward the port",
+            "%d peer(s) could not reach this node at %s (%s)%s, but net.reachability says %s: peers that try to "
+            "fetch from it that way skip it; %s, or unset net.reachability",
             len(verdicts),
             advertised,
-            verdicts[0].detail or "no answer",
+            why,
+            " (it answers over libp2p)" if libp2p else "",
+            forced,
+            advice,
         )
+        return forced
+    if libp2p and relay:
+        log.warning(
+            "%d peer(s) could not dial this node at %s (%s) but reached it over libp2p: its snapshots travel over "
+            "libp2p (a relay or hole punching, slower than direct gRPC); for direct gRPC %s",
+            len(verdicts),
+            advertised,
+            why,
+            advice,
+        )
+        return "relayed"
+    log.warning(
+        "%d peer(s) could not reach this node at %s (%s)%s: it pushes its snapshots to a reachable neighbour that "
+        "serves them for it (one more transfer each); %s%s",
+        len(verdicts),
+        advertised,
+        why,
+        "" if not relay else ", nor over libp2p",
+        advice,
+        "" if relay else ", or turn net.relay on",
+    )
+    return "outbound_only"

@@ -86,6 +86,7 @@ class Peer:
         self.metrics = metrics
         self.engine = Engine(cfg, worker, exchange)
         self.rounds, self.round = cfg.train.rounds, 0
+        self._checking: threading.Thread | None = None  # the reachability check (see announce)
 
     @classmethod
     def join(
@@ -128,12 +129,19 @@ class Peer:
             roles=("trainer",),
             metrics_port=metrics_port,
         )
-        threading.Thread(
-            target=netcheck.check_reachability,
-            args=(discovery, advertised, tls, self.metrics, self.stop, cfg.comm.join_timeout),
-            name="atoll-reachability",
-            daemon=True,
-        ).start()
+        forced = cfg.net.reachability
+        if forced != "auto":  # the operator's word, published at once; the check still reports
+            self.exchange.reachable_as(forced)
+
+        def check() -> None:
+            args = (discovery, advertised, tls, self.metrics, self.stop, cfg.comm.join_timeout)
+            connect = runtime.plane.connect if runtime.plane is not None else None
+            state = netcheck.check_reachability(*args, relay=cfg.net.relay, forced=forced, connect=connect)
+            if state is not None and forced == "auto" and not self.stop.is_set():
+                self.exchange.reachable_as(state)
+
+        self._checking = threading.Thread(target=check, name="atoll-reachability", daemon=True)
+        self._checking.start()
 
     @classmethod
     def around(
@@ -185,6 +193,8 @@ class Peer:
         if members is None:
             members = c.min_peers if c.min_peers is not None else (self.cfg.node_count if self.round == 0 else 1)
         self.exchange.wait_for_members(members, c.join_timeout, say)
+        if self._checking is not None and self.exchange.live > 1:  # start on the path the check finds
+            self._checking.join(timeout=30.0)
         return self.exchange.live
 
     def step(self) -> RoundResult:

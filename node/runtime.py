@@ -1,7 +1,8 @@
 """What every role of a node runs on: its identity's DHT membership, TLS and admission, and one
-gRPC server (p2pd/server.py) that serves Health (the signed record), Reach and Fetch plus the
-role's own services (an expert's Predict, a router's Sample). Trainers, experts and routers
-join, serve and announce the same way."""
+gRPC server (p2pd/server.py) that serves Health (the signed record), Reach, Fetch and Push plus
+the role's own services (an expert's Predict, a router's Sample), and the same Fetch and Health
+over libp2p for peers that cannot dial it (p2pd/libp2p.py). Trainers, experts and routers join,
+serve and announce the same way."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from node import membership, netcheck
 from p2pd import __version__
 from p2pd.addresses import host_port
 from p2pd.admission import Admission
+from p2pd.libp2p import Libp2pPlane
 from p2pd.server import SnapshotStore, SwarmServer, TLSConfig
 
 
@@ -24,12 +26,16 @@ class Runtime:
         self.tls = TLSConfig(net.tls_cert, net.tls_key, net.tls_ca) if net.tls_cert or net.tls_key else None
         self.admission = Admission(identity.peer_id, self.discovery.is_known, sec.fetch_rate, sec.fetch_burst)
         self.server: SwarmServer | None = None
+        self.plane: Libp2pPlane | None = None
         self.advertised: str | None = None
 
     def serve(self, store: SnapshotStore | None = None, services=(), max_request_bytes: int = 64 * 1024) -> int:
         """Start the gRPC server with `store`'s snapshots and `services` ((register, servicer)
-        pairs); returns the port. Raises OSError when the port is in use."""
+        pairs), and the libp2p plane (serving the same calls unless net.relay is off); returns
+        the port. Raises OSError when the port is in use."""
         net = self.cfg.net
+        # after the averager's fork (see GrpcExchange): the plane runs a thread and sockets
+        self.plane = Libp2pPlane(self.discovery.dht)
         self.server = SwarmServer(
             store if store is not None else SnapshotStore(),
             self.discovery.signed_record,
@@ -39,11 +45,14 @@ class Runtime:
             admission=self.admission,
             address_of=self.discovery.address_of,
             dial=lambda address: netcheck.peer_at(address, self.tls),
+            dial_libp2p=self.plane.answers,
             max_request_bytes=max_request_bytes,
         )
         for register, servicer in services:
             self.server.add_service(register, servicer)
         port = self.server.start()
+        if net.relay:
+            self.plane.serve(self.server.servicer)
         self.advertised = host_port(net.advertise_host or net.host, port)
         return port
 
@@ -53,6 +62,8 @@ class Runtime:
 
     def close(self) -> None:
         """Stop serving and leave the swarm."""
+        if self.plane is not None:
+            self.plane.close()
         if self.server is not None:
             self.server.stop(0.5)
         self.discovery.close()

@@ -76,7 +76,7 @@ class Snapshot:
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE: "unavailable", grpc.StatusCode.RESOURCE_EXHAUSTED: "busy"}
 
 
-def status_error(code: grpc.StatusCode, details: str, address: str, key: SnapshotKey) -> FetchError | None:
+def status_error(code: grpc.StatusCode, details: str, address: str, key: SnapshotKey | None) -> FetchError | None:
     """The FetchError a fetch of `key` from `address` ends with when its server answers `code`
     (over gRPC or libp2p, p2pd/libp2p.py), or None when it is worth retrying (unavailable, busy)."""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -269,9 +269,8 @@ class SwarmClient:
         try:
             reply = self._stub.Health(request, timeout=timeout)
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise FetchTimeout("timeout", f"{self.address} health") from e
-            raise FetchRefused(_RETRYABLE.get(e.code(), "refused"), f"{self.address}: {e.code().name}") from e
+            error = status_error(e.code(), e.details() or "", self.address, wait_for)
+            raise error or FetchRefused(_RETRYABLE[e.code()], f"{self.address}: {e.code().name}") from e
         return health_answer(reply)
 
     def push(self, server_peer_id: str, key: SnapshotKey, parts: Sequence[bytes], envelope: bytes, timeout: float):
@@ -286,7 +285,7 @@ class SwarmClient:
             self._stub.Push(stream, timeout=min(timeout, MAX_FETCH_SECONDS))
         except grpc.RpcError as e:
             error = status_error(e.code(), e.details() or "", self.address, key)
-            raise error or FetchRefused(_RETRYABLE[e.code()], f"{self.address}: {e.details()}") from e
+            raise error or FetchRefused(_RETRYABLE[e.code()], f"{self.address}: {e.code().name} {e.details()}") from e
 
 
 def health_request(wait_for: SnapshotKey | None, wait: float, producer_peer_id: str = "") -> pb.HealthRequest:

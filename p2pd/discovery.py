@@ -150,9 +150,12 @@ class Discovery:
         startup_timeout: float = 30.0,
         client_mode: bool = False,
         call_timeout: float | None = None,
+        relay: bool = True,
     ):
         """`client_mode`: read the swarm without serving DHT requests (for observers such as
-        `atoll status`); such a node should not announce."""
+        `atoll status`); such a node should not announce. `relay`: the daemon may use circuit
+        relays and, when AutoNAT finds it behind NAT, reserves a slot on one (hivemind's
+        use_auto_relay; its initial peers are its trusted relays)."""
         if identity.path is None:
             raise ValueError("Discovery needs an identity persisted to a file (Identity.load_or_create)")
         if not 1.0 <= ttl <= 3600.0:
@@ -170,6 +173,8 @@ class Discovery:
             announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
             startup_timeout=startup_timeout,
             client_mode=client_mode,
+            use_relay=relay,
+            use_auto_relay=relay and bool(initial_peers),
         )
         self._dht: hivemind.DHT | None = None
         self._fields: dict[str, Any] | None = None

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import torch
 from hivemind.p2p import P2P, PeerID
+from multiaddr import Multiaddr
 
 from p2pd.admission import signed_request
 from p2pd.client import BadSnapshot, FetchRefused, FetchTimeout, Snapshot, health_answer, health_request, status_error
@@ -119,6 +120,20 @@ class Libp2pPlane:
     def client(self, peer_id: str, identity: Identity | None = None, limits: Limits = Limits()) -> Libp2pClient:
         """A client of `peer_id`'s data plane over libp2p (see Libp2pClient)."""
         return Libp2pClient(self, peer_id, identity=identity, limits=limits)
+
+    def connect(self, peer_id: str, maddrs, timeout: float = 10.0) -> bool:
+        """Open (or keep) a libp2p connection from this node to `peer_id` at `maddrs` (its signed
+        record's dht_maddrs); whether it is open. A node that cannot be dialled opens one to each
+        neighbour: they reach it back over that connection (connection reversal)."""
+        try:
+            self.run(self.p2p._client.connect(PeerID.from_base58(peer_id), [Multiaddr(m) for m in maddrs]), timeout)
+            return True
+        except Exception:  # unreachable addresses, a daemon error, a timeout: no connection
+            return False
+
+    def connected(self, timeout: float = 10.0) -> set[str]:
+        """The peer ids this node's daemon has an open connection to."""
+        return {p.peer_id.to_base58() for p in self.run(self.p2p.list_peers(), timeout)}
 
     def answers(self, peer_id: str, timeout: float = 10.0) -> bool:
         """Whether `peer_id` answers a Health call over libp2p with a record of its own id (the

@@ -234,7 +234,9 @@ def test_an_unreachable_neighbour_is_backed_off_and_both_are_told(tmp_path):
     Here B advertises 127.0.0.2 while listening on 127.0.0.1 only. Measured later: a neighbour
     that refuses connections (a node that left, whose record lives until its TTL) still cost
     the full fetch_timeout on each try; now it is given up after REFUSED_SECONDS (the test's
-    fetch_timeout of 60 s would make 1-5 tries take 1-5 minutes)."""
+    fetch_timeout of 60 s would make 1-5 tries take 1-5 minutes). Since the NAT work a node
+    found unreachable is fetched over libp2p or through a carrier (test_nat.py): here B insists
+    on direct gRPC (net.reachability) with the libp2p path off."""
     import re
 
     def cfg(name: str, **net) -> str:
@@ -244,7 +246,9 @@ def test_an_unreachable_neighbour_is_backed_off_and_both_are_told(tmp_path):
     nodes = [a]
     try:
         boot = a.ready(90)["maddrs"]
-        b = atoll_node(cfg("b", advertise_host="127.0.0.2"), "-p", boot[0], log=tmp_path / "b.log")
+        # B says it is directly reachable and serves nothing over libp2p: nothing else reaches it
+        b_net = dict(advertise_host="127.0.0.2", reachability="direct", relay=False)
+        b = atoll_node(cfg("b", **b_net), "-p", boot[0], log=tmp_path / "b.log")
         nodes.append(b)
         b.ready(90)
         for n in nodes:
@@ -255,7 +259,10 @@ def test_an_unreachable_neighbour_is_backed_off_and_both_are_told(tmp_path):
         assert len(re.findall(r"WARN\w* atoll.exchange: neighbour \S+ at 127\.0\.0\.2:\d+ is unreachable", a_log)) == 1
         assert re.search(r"advertised address 127\.0\.0\.2:\d+ does not answer", b_log), b_log[-3000:]
         # and the peer asked to dial B back (Reach) confirms it; A could ask nobody (B is unreachable)
-        assert re.search(r"1 peer\(s\) could not reach this node at 127\.0\.0\.2:\d+ \(no answer there\)", b_log)
+        assert re.search(
+            r"1 peer\(s\) could not reach this node at 127\.0\.0\.2:\d+ \(no answer there\), but net.reachability",
+            b_log,
+        )
         assert "could not reach this node" not in a_log
         assert max(e.get("mixed", 0) for e in b.seen if e.get("event") == "round") == 1  # B still learns from A
     finally:

@@ -295,7 +295,7 @@ def test_metrics_pass_promtool():
     m = NodeMetrics()
     m.watch(lambda: 123, lambda: {"bad_signature": 2, "expired": 1})
     m.fetch_failures.labels(reason="timeout").inc()
-    m.fetch_seconds.observe(0.2)
+    m.fetch_seconds.labels(path="relay").observe(0.2)
     text = generate_latest(m.registry)
     r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr

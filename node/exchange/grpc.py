@@ -2,6 +2,13 @@
 digests signed into its DHT record (p2pd/discovery.py), neighbours fetched over gRPC, and the
 final merge by hivemind's all-reduce (node/merge.py).
 
+Each neighbour is fetched on the path its signed record names (its reachability, found by
+node/netcheck.py at start): `direct` gRPC at its address; `relay`, libp2p streams to its peer
+id (p2pd/libp2p.py) when it cannot be dialled; `pushed`, from its carrier when it is
+outbound-only (it pushes each snapshot to a reachable neighbour, which serves it unaltered:
+the digest is the one its producer signed). The path is read from the record, never found by
+waiting for a timeout.
+
 A fetch asks the neighbour's Health for its signed record until the record shows the wanted
 snapshot (or shows the neighbour moved past it), then fetches it checked against the digest
 the neighbour signed. Neighbours that did not answer at all are backed off for a few rounds
@@ -10,7 +17,9 @@ the neighbour signed. Neighbours that did not answer at all are backed off for a
 
 from __future__ import annotations
 
+import collections
 import logging
+import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -26,7 +35,7 @@ from p2pd.codecs import CODECS
 from p2pd.discovery import DiscoveryError
 from p2pd.errors import ReasonedError
 from p2pd.records import RecordRefused, open_record
-from p2pd.server import MAX_HEALTH_WAIT, SnapshotStore
+from p2pd.server import MAX_HEALTH_WAIT, MAX_PUSH_MESSAGE_BYTES, PUSH_CHUNK_BYTES, SnapshotStore
 from p2pd.tensors import SnapshotKey
 
 log = logging.getLogger("atoll.exchange")
@@ -58,8 +67,16 @@ class GrpcExchange:
             from node.merge import FinalMerge
 
             c = cfg.comm
+            client = cfg.net.reachability == "outbound_only"  # known before the fork only when configured
             self.merger = FinalMerge(
-                self.discovery.dht, cfg.net.swarm, model_state, cfg.node_count, c.merge_timeout, c.merge, task_digest
+                self.discovery.dht,
+                cfg.net.swarm,
+                model_state,
+                cfg.node_count,
+                c.merge_timeout,
+                c.merge,
+                task_digest,
+                client,
             )
         self.store = SnapshotStore(keep=cfg.comm.keep_snapshots)
         try:
@@ -80,6 +97,15 @@ class GrpcExchange:
         self._lock = threading.Lock()
         self._other_task: set[str] = set()  # peers named once for running another task
         self._codec_warned: set[str] = set()  # peers named once for a codec we cannot use
+        self._records: dict = {}  # peer id -> its PeerRecord, from the last members()
+        self.reachability = "direct"  # this node's, as published (see reachable_as)
+        self._pushes: queue.Queue = queue.Queue()
+        self._pusher: threading.Thread | None = None
+        self._bad_carriers: set[str] = set()
+        self._dialled: dict[str, float] = {}  # relayed: peer id -> when a connection to it was last opened
+        self._failed_on: dict[str, str] = {}  # peer id -> the path it was backed off on
+        self.pushed_bytes = 0
+        self.paths: collections.Counter[str] = collections.Counter()  # snapshots fetched, by path
 
     @property
     def sent_bytes(self) -> int:
@@ -135,7 +161,76 @@ class GrpcExchange:
             fields = dict(round=key.round, step=key.step, model_digest=packed.hexdigest, snapshots=index)
             self.discovery.update(**fields, **record)
 
-        self.store.publish(key, tensors, before_visible=sign)
+        packed = self.store.publish(key, tensors, before_visible=sign)
+        if self.reachability == "outbound_only":
+            self._pushes.put((key, packed))
+
+    # -- reachability: the path neighbours take to this node ---------------------------------
+    def reachable_as(self, state: str) -> None:
+        """Publish this node's reachability (p2pd.records.Reachability, see node/netcheck.py);
+        outbound_only: from now on every snapshot is pushed to a carrier named in the record."""
+        self.reachability = state
+        self.metrics.reachability.labels(state=state).set(1)
+        for other in ("direct", "relayed", "outbound_only"):
+            if other != state:
+                self.metrics.reachability.labels(state=other).set(0)
+        if state != "outbound_only":
+            self.discovery.update(reachability=state, carrier="")
+            return
+        self.store.chunk_bytes = PUSH_CHUNK_BYTES  # one part must fit the carrier's request limit
+        self.discovery.update(reachability=state, carrier=self._pick_carrier())
+        if self._pusher is None:
+            self._pusher = threading.Thread(target=self._push_loop, name="atoll-push", daemon=True)
+            self._pusher.start()
+
+    def _pick_carrier(self) -> str:
+        """A directly reachable live peer of the same task to carry this node's snapshots ("" if
+        none): the one whose id hashes closest to ours, so carriers spread over the swarm."""
+        import hashlib
+
+        mine = self.discovery.record.task_digest if self.discovery.record is not None else ""
+        options = [
+            p.peer_id
+            for p in self._same_task(self._view or [])
+            if p.peer_id != self.me
+            and p.reachability == "direct"
+            and p.peer_id not in self._bad_carriers
+            and p.task_digest in ("", mine)
+        ]
+        if not options:
+            self._bad_carriers.clear()  # try the ones that failed again next time
+            return ""
+        return min(options, key=lambda j: hashlib.sha256((self.me + j).encode()).digest())
+
+    def _push_loop(self) -> None:
+        """Push each published snapshot to the carrier, oldest first; a carrier that fails is
+        replaced (the record names the new one before its first push)."""
+        while not self._closed and not self.stop.is_set():
+            try:
+                key, packed = self._pushes.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if max(len(p) for p in packed.parts) > MAX_PUSH_MESSAGE_BYTES:
+                continue  # encoded before this node knew it is outbound-only: too large to push
+            for _ in range(2):
+                carrier = self.discovery.record.carrier if self.discovery.record else ""
+                if not carrier or carrier not in self._records:
+                    carrier = self._pick_carrier()
+                    self.discovery.update(carrier=carrier)
+                if not carrier:
+                    self.metrics.fetch_failures.labels(reason="no_carrier").inc()
+                    break
+                try:
+                    self._client(self._records[carrier].grpc_address).push(
+                        carrier, key, packed.parts, self.discovery.signed_record(), self.comm.fetch_timeout
+                    )
+                    self.pushed_bytes += packed.wire_bytes
+                    self.metrics.pushed.inc(packed.wire_bytes)
+                    break
+                except FetchError as e:
+                    log.warning("push of %s to carrier %s failed (%s); choosing another", key, carrier[:16], e)
+                    self._bad_carriers.add(carrier)
+                    self.discovery.update(carrier=self._pick_carrier())
 
     def note(self, round_: int, step: int = 0, **record: Any) -> None:
         """Update the signed record without a new snapshot (node.exchange.Exchange.note)."""
@@ -144,8 +239,8 @@ class GrpcExchange:
     def fetch_many(self, peers: Sequence[str], key: SnapshotKey, accept: Accept) -> dict[str, Any]:
         """Fetch `key` from `peers` in parallel under one deadline, comm.fetch_timeout
         (node.exchange.Exchange.fetch_many)."""
-        with self._lock:
-            skipped = [j for j in peers if self.backoff.skip(j, key.round)]
+        with self._lock:  # a peer whose record names another path since it failed is tried at once
+            skipped = [j for j in peers if self.backoff.skip(j, key.round) and self._failed_on.get(j) == self._path(j)]
         for _ in skipped:
             self.metrics.fetch_failures.labels(reason="backed_off").inc()
         peers = [j for j in peers if j not in skipped and j in self._addresses]
@@ -204,14 +299,21 @@ class GrpcExchange:
         deadline or refused."""
         at = (key.round, key.step)
         address = self._addresses[peer_id]
-        client = self._client(address)
         reason, answered, refused_since = "timeout", False, None
         while time.monotonic() < deadline and not self.stop.is_set():
+            route = self._route(peer_id)  # read from its record each time: a node learns its own at start
+            if route is None:  # an outbound-only peer whose carrier is not live (yet)
+                reason = "no_carrier"
+                time.sleep(0.2)
+                continue
+            client, server, producer, path = route
             try:
                 t0, wait = time.monotonic(), max(0.0, min(MAX_HEALTH_WAIT, deadline - time.monotonic() - 0.5))
                 # one call that the neighbour answers when it serves the key (no polling)
                 call_timeout = max(0.1, min(wait + 5.0, deadline - time.monotonic() + 0.5))
-                envelope, keys = client.health(timeout=call_timeout, wait_for=key, wait=wait)
+                envelope, keys = client.health(
+                    timeout=call_timeout, wait_for=key, wait=wait, producer_peer_id=producer
+                )
                 answered = True
                 rec = open_record(envelope, now=time.time(), expected_peer_id=peer_id)
                 if key.kind == "logits" and rec.proxy_digest != self.discovery.record.proxy_digest:
@@ -231,9 +333,12 @@ class GrpcExchange:
                     continue
                 t0 = time.perf_counter()
                 remaining = max(0.1, deadline - time.monotonic())
-                snap = client.fetch(key, expected_digest=digest, timeout=remaining, server_peer_id=peer_id)
-                self.metrics.fetch_seconds.observe(time.perf_counter() - t0)
-                self.metrics.received.inc(snap.nbytes)
+                snap = client.fetch(
+                    key, expected_digest=digest, timeout=remaining, server_peer_id=server, producer_peer_id=producer
+                )
+                self.metrics.fetch_seconds.labels(path=path).observe(time.perf_counter() - t0)
+                self.metrics.received.labels(path=path).inc(snap.nbytes)
+                self.paths[path] += 1
                 with self._lock:
                     self.received_bytes += snap.nbytes
                     if self.backoff.succeeded(peer_id):
@@ -259,8 +364,29 @@ class GrpcExchange:
         self.metrics.fetch_failures.labels(reason=reason).inc()
         log.info("round %d: skipped neighbour %s (%s)", key.round, peer_id[:16], reason)
         if not answered and reason in ("timeout", "unavailable") and not self.stop.is_set():
+            self._failed_on[peer_id] = self._path(peer_id)
             self._back_off(peer_id, address, key.round, reason)
         return None
+
+    def _path(self, peer_id: str) -> str:
+        """The reachability `peer_id`'s record names (direct if it names none)."""
+        rec = self._records.get(peer_id)
+        return rec.reachability if rec is not None else "direct"
+
+    def _route(self, peer_id: str):
+        """(client, server peer id, producer peer id, path) for fetching `peer_id`'s snapshots as
+        its record says (see the module docstring), or None when there is no way yet (an
+        outbound-only peer without a live carrier)."""
+        rec = self._records.get(peer_id)
+        state = rec.reachability if rec is not None else "direct"
+        if state == "relayed" and self.runtime.plane is not None:
+            return self.runtime.plane.client(peer_id, identity=self.identity), peer_id, "", "relay"
+        if state == "outbound_only":
+            carrier = self._records.get(rec.carrier)
+            if carrier is None:
+                return None
+            return self._client(carrier.grpc_address), carrier.peer_id, peer_id, "pushed"
+        return self._client(self._addresses[peer_id]), peer_id, "", "direct"
 
     def _back_off(self, peer_id: str, address: str, round_: int, reason: str) -> None:
         with self._lock:
@@ -296,6 +422,24 @@ class GrpcExchange:
 
     def _refresh(self) -> None:
         self._view = self.discovery.live_peers()
+        self._records = {p.peer_id: p for p in self._view}
+        if self.reachability == "relayed" and self.runtime.plane is not None:
+            self._keep_connected()
+
+    def _keep_connected(self) -> None:
+        """A relayed node keeps a libp2p connection open to every live peer of its task, so each
+        can fetch from it over that connection (connection reversal) where no relay slot or
+        hole punch helps; tried at most every CONNECT_SECONDS per peer."""
+        plane, now = self.runtime.plane, time.monotonic()
+        try:
+            open_ = plane.connected()
+        except Exception:  # the daemon is going away with the node
+            return
+        for p in self._same_task(self._view or []):
+            if p.peer_id != self.me and p.peer_id not in open_ and now - self._dialled.get(p.peer_id, -1e9) > 10.0:
+                self._dialled[p.peer_id] = now
+                if not plane.connect(p.peer_id, p.dht_maddrs):
+                    log.info("could not open a libp2p connection to %s (%s)", p.peer_id[:16], ", ".join(p.dht_maddrs))
 
     def _refresh_loop(self) -> None:
         while not self.stop.wait(REFRESH_SECONDS) and not self._closed:
@@ -330,6 +474,7 @@ class GrpcExchange:
                     return
                 raise
             live, self._view = self._same_task(view), view
+            self._records = {p.peer_id: p for p in view}
             self.live = len(live)
             self.metrics.peers_live.set(len(live))
             if len(live) >= want:
