@@ -669,16 +669,26 @@ def bench_transport(
     sizes: str = typer.Option("10,100,400", help="State dict sizes in MiB, comma-separated."),
     repeats: int = typer.Option(3, min=1, max=20, help="Runs per path and size; the best is reported."),
     skip_hivemind: bool = typer.Option(False, "--skip-hivemind", help="Leave out hivemind's libp2p stream (slowest)."),
+    only: str = typer.Option(
+        "", "--paths", help="Only these paths, comma-separated (e.g. grpc_raw,atoll,atoll_libp2p); default: all."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON instead of a table."),
     out: Path | None = typer.Option(None, help="Also write results.json, table.md and transport.png here."),
 ) -> None:
     """Snapshot exchange throughput (GB/s) on loopback: atoll's gRPC path, raw and with each
-    codec (effective GB/s of float32 state), vs a bare gRPC byte stream, hivemind's libp2p
-    stream, and an in-process copy (the physical limit)."""
+    codec (effective GB/s of float32 state) and over libp2p (the path to a node behind NAT),
+    vs a bare gRPC byte stream, hivemind's libp2p stream, and an in-process copy (the physical
+    limit)."""
     from node.bench import transport
 
     size_list = _int_list(sizes, "--sizes", 1, 4096)
     paths = tuple(p for p in transport.PATHS if not (skip_hivemind and p == "hivemind"))
+    if only:
+        wanted = [p.strip() for p in only.split(",") if p.strip()]
+        unknown = [p for p in wanted if p not in transport.PATHS]
+        if unknown:
+            _fail(f"--paths: unknown {', '.join(unknown)}; known: {', '.join(transport.PATHS)}")
+        paths = tuple(p for p in paths if p in wanted)
 
     def progress(row):
         typer.echo(f"  {row.size_mb:>5} MiB  {row.path:<12} {row.gbps:7.3f} GB/s", err=True)

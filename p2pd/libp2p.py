@@ -153,9 +153,23 @@ class Libp2pPlane:
                 except Exception:  # the daemon may be gone with the DHT already
                     pass
             self._servicer = None
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._loop.is_running():
+            try:
+                self.run(self._shutdown(), 10.0)
+            except Exception:  # a daemon that is gone already
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _shutdown(self) -> None:
+        """Close the replica's sockets (not the daemon: it is the DHT's) and end its tasks."""
+        if getattr(self, "p2p", None) is not None:
+            await self.p2p.shutdown()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- serving -----------------------------------------------------------------------------
     async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -199,6 +213,9 @@ class Libp2pPlane:
             writer.write(_framed(pb.StreamStatus(code=e.code.name, detail=e.details).SerializeToString()))
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             context.cancel()  # the reader went away or stalled: the servicer's generator stops
+        except Exception as e:  # a bug of ours: the caller sees the stream end, the log says why
+            context.cancel()
+            log.warning("libp2p %s call from %s failed: %r", which, context.peer(), e)
         finally:
             writer.close()
 

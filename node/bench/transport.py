@@ -11,6 +11,9 @@ server process to this process, each timed end to end (request to usable tensors
                 against the one the server announced, NaN/Inf check.
 - ``atoll_reuse`` the same, decoding into the previous fetch's tensors (``fetch(into=...)``),
                 as a node does each round with one buffer set per neighbour.
+- ``atoll_libp2p`` ``Libp2pClient.fetch``: the same fetch and checks over a libp2p stream of the
+                DHT's daemon (p2pd/libp2p.py), the path neighbours take to a node behind NAT
+                (`relayed`); on loopback the stream rides a direct libp2p connection.
 - ``hivemind``  hivemind's libp2p stream (``P2P`` protobuf handler, ``serialize_torch_tensor``
                 + ``split_for_streaming`` in 2 MiB parts, ``deserialize_tensor_stream``).
 - ``atoll_fp16``, ``atoll_bf16``, ``atoll_int8``, ``atoll_topk1``: ``SwarmClient.fetch`` of the
@@ -39,13 +42,14 @@ CODED = {
     "atoll_int8": ("int8", 0.01),
     "atoll_topk1": ("topk", 0.01),
 }
-PATHS = ("copy", "grpc_raw", "atoll", "atoll_reuse", "hivemind", *CODED)
+PATHS = ("copy", "grpc_raw", "atoll", "atoll_reuse", "atoll_libp2p", "hivemind", *CODED)
 # what each path is, for a reader of the plot (see the module docstring)
 LEGEND = {
     "copy": "in-process copy (memory ceiling)",
     "grpc_raw": "bare gRPC byte stream, no checks",
     "atoll": "atoll fetch (decode, digest, NaN check)",
     "atoll_reuse": "atoll fetch into reused tensors",
+    "atoll_libp2p": "atoll fetch over libp2p (the relay path)",
     "hivemind": "hivemind libp2p tensor stream",
     "atoll_fp16": "atoll fetch, fp16 (effective)",
     "atoll_bf16": "atoll fetch, bf16 (effective)",
@@ -78,8 +82,8 @@ def make_state_dict(megabytes: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 # -- server process ----------------------------------------------------------------------------
-def _serve(sizes: list[int], conn) -> None:
-    """Runs in a spawned process: atoll server, raw gRPC server and a hivemind P2P peer."""
+def _serve(sizes: list[int], conn, workdir: str) -> None:
+    """Runs in a spawned process: atoll server (gRPC and libp2p), raw gRPC server and a hivemind P2P peer."""
     import grpc
     from hivemind.compression import serialize_torch_tensor
     from hivemind.p2p import P2P
@@ -100,8 +104,10 @@ def _serve(sizes: list[int], conn) -> None:
             coded = Codec(name, ratio).compress(dicts[mb])
             encode_seconds[f"{path}/{mb}"] = time.perf_counter() - t0
             digests[f"{path}/{mb}"] = store.publish(SnapshotKey("model", mb, step), coded).hexdigest
+    discovery, plane = _libp2p_node(Path(workdir) / "server.key")  # its DHT forks: before any gRPC object
     atoll = SwarmServer(store, max_workers=4)
     atoll.start()
+    plane.serve(atoll.servicer)
 
     # the baseline streams the same tensor bytes, pre-cut into 4 MiB messages
     raw_chunks = {}
@@ -149,14 +155,28 @@ def _serve(sizes: list[int], conn) -> None:
             raw=f"127.0.0.1:{raw_port}",
             maddrs=maddrs,
             peer_id=p2p.peer_id.to_base58(),
+            plane_maddrs=discovery.visible_maddrs(),
+            plane_peer_id=plane.peer_id,
             digests=digests,
             encode_seconds=encode_seconds,
         )
     )
     conn.recv()  # any message (or EOF) means stop
+    plane.close()
+    discovery.close()
     atoll.stop(0)
     raw.stop(0)
     asyncio.run_coroutine_threadsafe(p2p.shutdown(), loop).result(30)
+
+
+def _libp2p_node(key: Path, initial_peers=()):
+    """A DHT member with its own identity (its daemon's peer id) and the libp2p data plane on it."""
+    from p2pd.discovery import Discovery
+    from p2pd.identity import Identity
+    from p2pd.libp2p import Libp2pPlane
+
+    discovery = Discovery(Identity.load_or_create(key), swarm="bench", initial_peers=initial_peers).start()
+    return discovery, Libp2pPlane(discovery.dht)
 
 
 # -- client side -------------------------------------------------------------------------------
@@ -185,6 +205,8 @@ def _time_best(fn, repeats: int) -> float:
 
 def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, progress=None) -> list[Row]:
     """Every path at every size, `repeats` times each; one Row per transfer."""
+    import tempfile
+
     import grpc
     from hivemind.compression import deserialize_tensor_stream
     from hivemind.p2p import P2P, PeerID
@@ -196,15 +218,24 @@ def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, prog
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_serve, args=(sizes, child), daemon=True)
+    workdir = tempfile.TemporaryDirectory(prefix="atoll-bench-")
+    # not a daemon process: its DHT starts a process of its own; stopped below in any case
+    proc = ctx.Process(target=_serve, args=(sizes, child, workdir.name))
     proc.start()
+    child.close()  # the server's end only: a server that dies then reads as EOF here
     rows: list[Row] = []
     loop = asyncio.new_event_loop()
-    p2p = None
+    p2p = discovery = plane = None
     try:
         if not parent.poll(300):
             raise RuntimeError("benchmark server did not start within 300 s")
-        info = parent.recv()
+        try:
+            info = parent.recv()
+        except EOFError:
+            raise RuntimeError(f"benchmark server exited with {proc.exitcode} before it started") from None
+        if "atoll_libp2p" in paths:  # its DHT forks: before any gRPC object
+            discovery, plane = _libp2p_node(Path(workdir.name) / "client.key", info["plane_maddrs"])
+            over_libp2p = plane.client(info["plane_peer_id"], identity=discovery.identity)
         client = SwarmClient(info["atoll"], timeout=300)
         raw_channel = grpc.insecure_channel(info["raw"], [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         raw_call = raw_channel.unary_stream(_RAW_METHOD)
@@ -239,6 +270,10 @@ def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, prog
                 snap = client.fetch(SnapshotKey("model", mb), expected_digest=digest, into=buffers)
                 assert snap.nbytes == nbytes
 
+            def do_atoll_libp2p():
+                snap = over_libp2p.fetch(SnapshotKey("model", mb), expected_digest=digest, timeout=300)
+                assert snap.nbytes == nbytes
+
             async def _hm():
                 stream = await p2p.iterate_protobuf_handler(
                     server_id, "bench", runtime_pb2.ExpertUID(uid=str(mb)), runtime_pb2.ExpertResponse
@@ -249,7 +284,14 @@ def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, prog
             def do_hivemind():
                 loop.run_until_complete(_hm())
 
-            fns = dict(copy=do_copy, grpc_raw=do_raw, atoll=do_atoll, atoll_reuse=do_atoll_reuse, hivemind=do_hivemind)
+            fns = dict(
+                copy=do_copy,
+                grpc_raw=do_raw,
+                atoll=do_atoll,
+                atoll_reuse=do_atoll_reuse,
+                atoll_libp2p=do_atoll_libp2p,
+                hivemind=do_hivemind,
+            )
             wire = {}
             for step, path in enumerate(CODED, start=1):
 
@@ -280,6 +322,10 @@ def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, prog
         if p2p is not None:
             loop.run_until_complete(p2p.shutdown())
         loop.close()
+        if plane is not None:
+            plane.close()
+        if discovery is not None:
+            discovery.close()
         try:
             parent.send("stop")
         except (BrokenPipeError, OSError):
@@ -288,6 +334,7 @@ def run(sizes: list[int], repeats: int = 3, paths: tuple[str, ...] = PATHS, prog
         if proc.is_alive():
             proc.kill()
             proc.join(10)
+        workdir.cleanup()
     base = {r.size_mb: r.gbps for r in rows if r.path == "grpc_raw"}
     for r in rows:
         if r.size_mb in base:
