@@ -147,34 +147,40 @@ _REACH = {"direct": "direct", "relayed": "relay", "outbound_only": "pushed"}  # 
 
 def status_table(records, columns: int) -> Table:
     """`atoll status`: one row per live record; trainers show their round and throughput,
-    experts their cluster, routers their role only; `reach` is the path peers take to the
-    node's snapshots (direct gRPC, a libp2p relay, or pushed through its carrier)."""
+    experts their cluster, routers their role only; `reach` (shown when the terminal is wide
+    or some node is not directly reachable) is the path peers take to the node's snapshots:
+    direct gRPC, a libp2p relay, or pushed through its carrier."""
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     wide = columns >= 120
-    for name, justify in (
+    reach = wide or any(r.reachability != "direct" for r in records)
+    cols = [
         ("peer id", "left"),
         ("gRPC", "left"),
-        ("reach", "left"),
         ("metrics", "right"),
         ("role", "left"),
         ("round", "right"),
         ("device", "left"),
         ("samples/s", "right"),
         ("data", "right"),
-    ):
+    ]
+    if reach:
+        cols.insert(2, ("reach", "left"))
+    for name, justify in cols:
         t.add_column(name, justify=justify, no_wrap=True)
     for r in records:
         trainer = "trainer" in r.roles
         role = ",".join(r.roles) + (f" {r.cluster}" if r.cluster >= 0 else "")
-        t.add_row(
+        row = [
             r.peer_id if wide else "…" + r.peer_id[-8:],
             r.grpc_address,
-            _REACH[r.reachability] + (f" via …{r.carrier[-6:]}" if r.carrier else ""),
             str(r.metrics_port or "-"),
             role,
             str(r.round) if trainer else "-",
             r.device,
             f"{r.samples_per_second:.0f}" if trainer else "-",
             str(r.dataset_size),
-        )
+        ]
+        if reach:
+            row.insert(2, _REACH[r.reachability] + (f" via …{r.carrier[-6:]}" if r.carrier else ""))
+        t.add_row(*row)
     return t

@@ -59,7 +59,7 @@ class FinalMerge:
         if how not in ("mean", "variance_corrected"):
             raise ValueError(f"unknown merge {how!r}")
         self.names = float_names(state)
-        self.timeout, self.how = timeout, how
+        self.timeout, self.how, self.client_mode = timeout, how, client_mode
         tensors = [state[k].detach().to("cpu", dtype=torch.float32, copy=True) for k in self.names]
         tensors.append(torch.zeros(len(self.names)))  # per-tensor variances
         # hivemind logs a failed step with a full traceback; run() says why in one line instead

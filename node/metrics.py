@@ -18,6 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from p2pd.addresses import bare_host, host_port
 
+PATHS = ("direct", "relay", "pushed")  # how a neighbour's snapshot reached this node (node/exchange/grpc.py)
+
 
 class NodeMetrics:
     """The Prometheus metrics of one node in their own registry (rounds, training, fetches, refusals, trust,
@@ -45,6 +47,9 @@ class NodeMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        for path in PATHS:  # every series exists from the start (at 0), so dashboards and rate() see it
+            self.received.labels(path=path)
+            self.fetch_seconds.labels(path=path)
         self.pushed = Counter(
             "atoll_pushed_bytes",
             "Wire bytes of this node's snapshots pushed to its carrier (outbound-only)",
@@ -56,6 +61,8 @@ class NodeMetrics:
             ["state"],
             registry=r,
         )
+        for state in ("direct", "relayed", "outbound_only"):
+            self.reachability.labels(state=state).set(0)
         self.fetch_failures = Counter(
             "atoll_fetch_failures", "Neighbour fetches that failed, by reason", ["reason"], registry=r
         )

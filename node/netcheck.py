@@ -81,7 +81,11 @@ def check_reachability(
     set atoll_reachable and say in one line what they found, with advice where it matters.
     Returns the reachability to publish (p2pd.records.Reachability: direct, relayed when only
     libp2p reached it and `relay` is on, else outbound_only), or None when nobody could be
-    asked."""
+    asked. `forced`: net.reachability when the operator set it: the check still says what it
+    found, and returns `forced`. `connect(peer_id, maddrs)` opens a libp2p connection to each
+    peer asked first, and the libp2p dial-back rides it: `relayed` means reachable over this
+    node's own outbound connections, which holds for every neighbour it keeps one open to
+    (node/exchange/grpc.py), whatever relays or hole punching would add."""
     deadline = time.monotonic() + wait
     while not stop.is_set() and time.monotonic() < deadline:
         try:
@@ -109,7 +113,7 @@ def check_reachability(
     why = verdicts[0].detail or "no answer"
     if direct:
         log.info("reachable at %s (checked by %d of %d peers asked)", advertised, direct, len(peers))
-        return "direct"
+        return "direct" if forced == "auto" else forced
     advice = "set net.advertise_host to an address they can reach, or forward the port"
     if forced != "auto":
         log.warning(

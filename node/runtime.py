@@ -6,12 +6,16 @@ serve and announce the same way."""
 
 from __future__ import annotations
 
+import logging
+
 from node import membership, netcheck
 from p2pd import __version__
 from p2pd.addresses import host_port
 from p2pd.admission import Admission
 from p2pd.libp2p import Libp2pPlane
 from p2pd.server import SnapshotStore, SwarmServer, TLSConfig
+
+log = logging.getLogger("atoll.node")
 
 
 class Runtime:
@@ -35,7 +39,10 @@ class Runtime:
         the port. Raises OSError when the port is in use."""
         net = self.cfg.net
         # after the averager's fork (see GrpcExchange): the plane runs a thread and sockets
-        self.plane = Libp2pPlane(self.discovery.dht)
+        try:
+            self.plane = Libp2pPlane(self.discovery.dht)
+        except Exception as e:  # the node still works where it is directly reachable
+            log.warning("no libp2p data plane (%s): peers behind NAT cannot be fetched from, nor reach this node", e)
         self.server = SwarmServer(
             store if store is not None else SnapshotStore(),
             self.discovery.signed_record,
@@ -45,13 +52,13 @@ class Runtime:
             admission=self.admission,
             address_of=self.discovery.address_of,
             dial=lambda address: netcheck.peer_at(address, self.tls),
-            dial_libp2p=self.plane.answers,
+            dial_libp2p=self.plane.answers if self.plane is not None else None,
             max_request_bytes=max_request_bytes,
         )
         for register, servicer in services:
             self.server.add_service(register, servicer)
         port = self.server.start()
-        if net.relay:
+        if net.relay and self.plane is not None:
             self.plane.serve(self.server.servicer)
         self.advertised = host_port(net.advertise_host or net.host, port)
         return port
@@ -62,8 +69,8 @@ class Runtime:
 
     def close(self) -> None:
         """Stop serving and leave the swarm."""
+        if self.server is not None:  # first: its Reach calls use the plane
+            self.server.stop(0.5)
         if self.plane is not None:
             self.plane.close()
-        if self.server is not None:
-            self.server.stop(0.5)
         self.discovery.close()

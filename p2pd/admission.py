@@ -46,9 +46,12 @@ def fetch_message(
     return DOMAIN + "|".join(fields).encode()
 
 
-def push_message(server_peer_id: str, requester_peer_id: str, key: SnapshotKey, issued_at: float) -> bytes:
+def push_message(
+    server_peer_id: str, requester_peer_id: str, key: SnapshotKey, issued_at: float, envelope: bytes
+) -> bytes:
     """The bytes a Push request (an outbound-only node handing its snapshot `key` to its carrier) signs: DOMAIN,
-    then the carrier's and the producer's peer ids, `push`, the key's kind, round and step and `issued_at`."""
+    then the carrier's and the producer's peer ids, `push`, the key's kind, round and step, `issued_at` and the
+    BLAKE3 of the record `envelope` it carries (so a recorded request cannot carry another envelope)."""
     fields = (
         server_peer_id,
         requester_peer_id,
@@ -57,6 +60,7 @@ def push_message(server_peer_id: str, requester_peer_id: str, key: SnapshotKey, 
         str(key.round),
         str(key.step),
         repr(float(issued_at)),
+        blake3.blake3(envelope).hexdigest(),
     )
     return DOMAIN + "|".join(fields).encode()
 
@@ -115,7 +119,7 @@ def signed_request(
 def signed_push(identity: Identity, server_peer_id: str, key: SnapshotKey, now: float, envelope: bytes):
     """The first PushPart of a push of `key` to the carrier `server_peer_id`: a PushRequest from `identity` issued at
     `now`, Ed25519-signed over `push_message`, with `envelope` (the producer's signed record)."""
-    sig = identity.sign(push_message(server_peer_id, identity.peer_id, key, now))
+    sig = identity.sign(push_message(server_peer_id, identity.peer_id, key, now, envelope))
     request = pb.PushRequest(
         requester_peer_id=identity.peer_id, issued_at=now, signature=sig, key=key.to_pb(), signed_record=envelope
     )
@@ -178,7 +182,10 @@ class Admission:
     def check_push(self, request: pb.PushRequest, key: SnapshotKey) -> str | None:
         """The same checks for a Push of `key` (see SwarmServicer.Push); it spends a fetch token."""
         return self._check(
-            request, lambda: push_message(self.server_peer_id, request.requester_peer_id, key, request.issued_at)
+            request,
+            lambda: push_message(
+                self.server_peer_id, request.requester_peer_id, key, request.issued_at, request.signed_record
+            ),
         )
 
     def check_reach(self, request: pb.ReachRequest) -> str | None:

@@ -28,7 +28,16 @@ from hivemind.p2p import P2P, PeerID
 from multiaddr import Multiaddr
 
 from p2pd.admission import signed_request
-from p2pd.client import BadSnapshot, FetchRefused, FetchTimeout, Snapshot, health_answer, health_request, status_error
+from p2pd.client import (
+    BadSnapshot,
+    FetchError,
+    FetchRefused,
+    FetchTimeout,
+    Snapshot,
+    health_answer,
+    health_request,
+    status_error,
+)
 from p2pd.identity import Identity
 from p2pd.records import RecordRefused, open_record
 from p2pd.rpc import swarm_pb2 as pb
@@ -39,6 +48,7 @@ log = logging.getLogger(__name__)
 
 FETCH, HEALTH = "atoll/fetch/1", "atoll/health/1"  # libp2p protocol names of the two calls
 MAX_REQUEST_BYTES = 64 * 1024
+MAX_CALLS = 16  # libp2p streams served at once (the servicer's own slots bound fetches further)
 _HEADER = P2P.HEADER_LEN
 
 
@@ -86,7 +96,8 @@ def _frame(data: bytes) -> bytes:
 class Libp2pPlane:
     """A node's libp2p side of the data plane: an asyncio loop in a thread of this process that
     drives a replica of the DHT's P2P (the same daemon, hence the same peer id and connections).
-    `dht`: the node's running hivemind.DHT. Raises RuntimeError when the daemon does not answer."""
+    `dht`: the node's running hivemind.DHT. Raises TimeoutError, or hivemind's P2PDaemonError,
+    when the daemon does not answer within `timeout` s."""
 
     def __init__(self, dht, timeout: float = 30.0):
         self._loop = asyncio.new_event_loop()
@@ -94,7 +105,8 @@ class Libp2pPlane:
         self._thread.start()
         # calls into the servicer block (a Health that waits, a fetch's writes): off the loop
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="atoll-libp2p-serve")
-        self._servicer = None
+        self._servicer, self._dht, self._closed = None, dht, False
+        self._calls = threading.BoundedSemaphore(MAX_CALLS)  # streams served at once; the rest are closed
         try:
             self.p2p: P2P = self.run(dht.replicate_p2p(), timeout)
         except BaseException:
@@ -103,7 +115,11 @@ class Libp2pPlane:
         self.peer_id = self.p2p.peer_id.to_base58()
 
     def run(self, coro: Coroutine, timeout: float) -> Any:
-        """Run `coro` on the plane's loop, waiting at most `timeout` s (TimeoutError after)."""
+        """Run `coro` on the plane's loop, waiting at most `timeout` s (TimeoutError after);
+        RuntimeError once the plane is closed."""
+        if self._closed:
+            coro.close()
+            raise RuntimeError("the libp2p plane is closed")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout=max(0.0, timeout))
@@ -125,11 +141,26 @@ class Libp2pPlane:
         """Open (or keep) a libp2p connection from this node to `peer_id` at `maddrs` (its signed
         record's dht_maddrs); whether it is open. A node that cannot be dialled opens one to each
         neighbour: they reach it back over that connection (connection reversal)."""
+        return self.connect_many([(peer_id, maddrs)], timeout).get(peer_id, False)
+
+    def connect_many(self, peers, timeout: float = 10.0) -> dict[str, bool]:
+        """connect() to several (peer id, multiaddrs) at once, in `timeout` s; peer id -> open."""
+
+        async def one(peer_id: str, maddrs) -> bool:
+            try:
+                target = PeerID.from_base58(peer_id), [Multiaddr(m) for m in maddrs]
+                await asyncio.wait_for(self.p2p._client.connect(*target), timeout)
+                return True
+            except Exception:  # unreachable addresses, a daemon error, a timeout: no connection
+                return False
+
+        async def all_() -> list[bool]:
+            return await asyncio.gather(*(one(p, m) for p, m in peers))
+
         try:
-            self.run(self.p2p._client.connect(PeerID.from_base58(peer_id), [Multiaddr(m) for m in maddrs]), timeout)
-            return True
-        except Exception:  # unreachable addresses, a daemon error, a timeout: no connection
-            return False
+            return dict(zip((p for p, _ in peers), self.run(all_(), timeout + 5.0)))
+        except (TimeoutError, RuntimeError):
+            return {}
 
     def connected(self, timeout: float = 10.0) -> set[str]:
         """The peer ids this node's daemon has an open connection to."""
@@ -141,7 +172,7 @@ class Libp2pPlane:
         try:
             envelope, _ = self.client(peer_id).health(timeout=timeout)
             return open_record(envelope, now=None).peer_id == peer_id
-        except (FetchRefused, FetchTimeout, RecordRefused):
+        except (FetchError, RecordRefused, RuntimeError, ValueError):  # no answer, junk, or closing
             return False
 
     def close(self) -> None:
@@ -158,8 +189,15 @@ class Libp2pPlane:
                 self.run(self._shutdown(), 10.0)
             except Exception:  # a daemon that is gone already
                 pass
+            self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)
+        self._closed = True
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+        # hivemind caches the replica on the DHT object: a later plane must build its own
+        if getattr(self._dht, "_p2p_replica", None) is getattr(self, "p2p", None):
+            self._dht._p2p_replica = None
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _shutdown(self) -> None:
@@ -173,6 +211,15 @@ class Libp2pPlane:
 
     # -- serving -----------------------------------------------------------------------------
     async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._calls.acquire(blocking=False):  # as gRPC's maximum_concurrent_rpcs: no queue
+            writer.close()
+            return
+        try:
+            await self._serve_stream(info, reader, writer)
+        finally:
+            self._calls.release()
+
+    async def _serve_stream(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
         try:
             raw = await asyncio.wait_for(_read_frame(reader, MAX_REQUEST_BYTES), 10.0)
@@ -205,7 +252,9 @@ class Libp2pPlane:
             while part is not None:
                 writer.write(_frame(part))
                 writer.write(part)
-                await asyncio.wait_for(writer.drain(), context.time_remaining())
+                # a reader that stops reading is dropped after the servicer's stall_seconds, as over gRPC
+                stall = min(context.time_remaining(), self._servicer.stall_seconds)
+                await asyncio.wait_for(writer.drain(), stall)
                 part = await loop.run_in_executor(self._pool, next, parts, None)
             writer.write(_frame(b""))
             await writer.drain()
@@ -241,8 +290,12 @@ class Libp2pClient:
 
         async def open_():
             _, reader, writer = await self.plane.p2p.call_binary_stream_handler(self._peer, name)
-            writer.write(_framed(request.SerializeToString()))
-            await writer.drain()
+            try:
+                writer.write(_framed(request.SerializeToString()))
+                await writer.drain()
+            except BaseException:  # cancelled by the deadline, or the stream broke: do not leak it
+                writer.close()
+                raise
             return reader, writer
 
         try:
@@ -251,7 +304,7 @@ class Libp2pClient:
             raise FetchTimeout("timeout", f"{self.address}: no stream") from None
         except Exception as e:  # the daemon could not reach the peer, or it serves no such protocol
             raise FetchRefused("unavailable", f"{self.address}: {str(e)[:200]}") from None
-        status = pb.StreamStatus.FromString(self._frame(reader, writer, deadline, 4096, key))
+        status = self._parse(pb.StreamStatus, self._frame(reader, writer, deadline, 4096, key), writer)
         if status.code:
             self.plane._loop.call_soon_threadsafe(writer.close)
             code = grpc.StatusCode[status.code] if status.code in grpc.StatusCode.__members__ else None
@@ -260,6 +313,14 @@ class Libp2pClient:
                 "busy" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else "refused", status.detail
             )
         return reader, writer
+
+    def _parse(self, message, raw: bytes, writer):
+        """`message` parsed from a frame the peer sent; junk is BadSnapshot("malformed")."""
+        try:
+            return message.FromString(raw)
+        except Exception as e:  # protobuf's DecodeError
+            self.plane._loop.call_soon_threadsafe(writer.close)
+            raise BadSnapshot("malformed", f"{self.address}: {type(e).__name__}") from None
 
     def _frame(self, reader, writer, deadline: float, limit: int, key) -> bytes:
         try:
@@ -282,7 +343,8 @@ class Libp2pClient:
         request = pb.StreamRequest(health=health_request(wait_for, wait, producer_peer_id), timeout_seconds=timeout)
         reader, writer = self._open(HEALTH, request, deadline, None)
         try:
-            return health_answer(pb.HealthReply.FromString(self._frame(reader, writer, deadline, 64 * 1024, None)))
+            raw = self._frame(reader, writer, deadline, 64 * 1024, None)
+            return health_answer(self._parse(pb.HealthReply, raw, writer))
         finally:
             self.plane._loop.call_soon_threadsafe(writer.close)
 

@@ -39,7 +39,7 @@ MAX_TTL_SECONDS = 3600.0
 CLOCK_SKEW_SECONDS = 5.0
 
 Role = Literal["trainer", "aggregator", "expert", "router", "observer"]
-# How neighbours reach a node's snapshots (node/netcheck.py finds it, node/exchange/paths.py uses it):
+# How neighbours reach a node's snapshots (node/netcheck.py finds it, node/exchange/grpc.py routes by it):
 # direct: gRPC at grpc_address; relayed: libp2p streams to peer_id (p2pd/libp2p.py: an open
 # connection, hole punching or a circuit relay); outbound_only: through its `carrier`, a reachable
 # neighbour it pushes its snapshots to (the Push RPC)

@@ -131,35 +131,50 @@ def _index(items: Mapping[SnapshotKey, EncodedSnapshot]) -> tuple[str, ...]:
 
 class CarriedSnapshots:
     """What a node carries for outbound-only producers (the Push RPC): per producer, its newest
-    `keep` snapshots per kind and the signed record envelope that came with the latest push, for
-    at most `max_producers` producers (a push from one more is refused as busy)."""
+    `keep` snapshots per kind and the newest signed record envelope that came with a push. At
+    most `max_producers` producers and `max_bytes` wire bytes in all: a producer whose envelope
+    expired (it stopped pushing here: gone, or it chose another carrier) is dropped first, and a
+    push beyond the bounds is refused (busy)."""
 
-    def __init__(self, max_producers: int = 4, keep: int = 2):
-        self.max_producers, self.keep = max_producers, keep
-        self._stores: dict[str, tuple[SnapshotStore, bytes]] = {}
+    def __init__(self, max_producers: int = 4, keep: int = 2, max_bytes: int = 1 << 30):
+        self.max_producers, self.keep, self.max_bytes = max_producers, keep, max_bytes
+        self._stores: dict[str, tuple[SnapshotStore, bytes, float]] = {}  # producer -> (store, envelope, expiry)
         self._lock = threading.Lock()
 
     def store(self, producer: str) -> tuple[SnapshotStore, bytes] | None:
-        """(the producer's store, its latest envelope), or None when nothing is carried for it."""
-        with self._lock:
-            return self._stores.get(producer)
-
-    def put(self, producer: str, key: SnapshotKey, packed: EncodedSnapshot, envelope: bytes) -> bool:
-        """Carry `packed` for `producer` with the `envelope` that signs it; False when full."""
+        """(the producer's store, its newest envelope), or None when nothing is carried for it."""
         with self._lock:
             held = self._stores.get(producer)
-            if held is None:
-                if len(self._stores) >= self.max_producers:
-                    return False
-                held = (SnapshotStore(keep=self.keep), envelope)
-            self._stores[producer] = (held[0], envelope)
-        held[0].put(key, packed)
+            return (held[0], held[1]) if held is not None else None
+
+    def put(self, producer: str, key: SnapshotKey, packed: EncodedSnapshot, envelope: bytes, record) -> bool:
+        """Carry `packed` for `producer` with `envelope` (its signed `record`, a PeerRecord that
+        signs the snapshot); an older envelope than the one held is not kept (a replayed push
+        cannot roll the record back). False when over the bounds."""
+        with self._lock:
+            now = time.time()
+            for gone in [p for p, (_, _, expiry) in self._stores.items() if expiry <= now]:
+                del self._stores[gone]
+            held = self._stores.get(producer)
+            if held is None and len(self._stores) >= self.max_producers:
+                return False
+            others = sum(_bytes(st) for p, (st, _, _) in self._stores.items() if p != producer)
+            store = held[0] if held is not None else SnapshotStore(keep=self.keep)
+            if others + _bytes(store) + packed.wire_bytes > self.max_bytes:
+                return False
+            newer = held is None or record.expires_at >= held[2]
+            self._stores[producer] = (store, envelope, record.expires_at) if newer else held
+            store.put(key, packed)
         return True
 
     def producers(self) -> list[str]:
         """The peer ids this node carries snapshots for."""
         with self._lock:
             return sorted(self._stores)
+
+
+def _bytes(store: SnapshotStore) -> int:
+    return sum(store.get(k).wire_bytes for k in store.keys() if store.get(k) is not None)
 
 
 @dataclass(frozen=True)
@@ -344,6 +359,14 @@ class SwarmServicer:
             self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "a push starts with its request")
         if self.carried is None or self.admission is None:
             self._refuse(context, "unsupported", grpc.StatusCode.UNIMPLEMENTED, "this node carries no snapshots")
+        remaining = context.time_remaining()
+        if remaining is None or remaining > MAX_FETCH_SECONDS + 5:
+            self._refuse(
+                context,
+                "bad_request",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a push needs a deadline of at most {MAX_FETCH_SECONDS:.0f} s",
+            )
         request = first.request
         try:
             key = SnapshotKey.from_pb(request.key)
@@ -366,9 +389,13 @@ class SwarmServicer:
         if not self._fetch_slots.acquire(blocking=False):
             self._count("busy")
             self._refuse(context, "busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent transfers")
+        stream = id(context)
         try:
-            decoder, raw = StreamDecoder(Limits(), digest, expected_key=key.to_pb()), []
-            for part in parts:
+            limits = Limits(max_total_bytes=self.carried.max_bytes)
+            decoder, raw = StreamDecoder(limits, digest, expected_key=key.to_pb()), []
+            for part in parts:  # the stall watchdog cancels a pusher that stops sending
+                with self._lock:
+                    self._progress[stream] = (time.monotonic(), context)
                 if part is UNDECODABLE or not part.HasField("snapshot_part"):
                     self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "not a snapshot part")
                 decoder.feed_bytes(part.snapshot_part)
@@ -377,10 +404,12 @@ class SwarmServicer:
         except TensorStreamError as e:
             self._refuse(context, f"push_{e.reason}", grpc.StatusCode.INVALID_ARGUMENT, e.detail)
         finally:
+            with self._lock:
+                self._progress.pop(stream, None)
             self._fetch_slots.release()
         packed = EncodedSnapshot(key.to_pb(), digest, decoder.header.total_bytes, tuple(raw))
-        if not self.carried.put(request.requester_peer_id, key, packed, request.signed_record):
-            self._refuse(context, "busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "carrying for too many producers")
+        if not self.carried.put(request.requester_peer_id, key, packed, request.signed_record, record):
+            self._refuse(context, "busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "carrying too much already")
         self._count("pushes_carried")
         return pb.PushReply(stored=True)
 
@@ -443,9 +472,9 @@ class SwarmServicer:
                 pass  # an unknown kind or a bad key: answer at once
             finally:
                 self._waits.release()
-        if envelope is not None:  # the envelope that came with the newest push signs every key held
-            envelope = self.carried.store(request.producer_peer_id)[1]
         keys = store.keys()  # before the record: a key it shows is signed in the record (signed first)
+        if envelope is not None:  # the newest pushed envelope signs every key the carrier holds
+            envelope = self.carried.store(request.producer_peer_id)[1]
         record = envelope if envelope is not None else self.signed_record()
         return pb.HealthReply(signed_record=record, available=[k.to_pb() for k in keys])
 

@@ -21,7 +21,8 @@ def test_bench_transport_json_and_outputs(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(r.stdout)
     coded = {"atoll_fp16", "atoll_bf16", "atoll_int8", "atoll_topk1"}
-    assert {row["path"] for row in rows} == {"copy", "grpc_raw", "atoll", "atoll_reuse", "hivemind"} | coded
+    plain = {"copy", "grpc_raw", "atoll", "atoll_reuse", "atoll_libp2p", "hivemind"}
+    assert {row["path"] for row in rows} == plain | coded
     assert all(row["gbps"] > 0 and row["size_mb"] == 2 for row in rows)
     wire = {row["path"]: row["wire_bytes"] for row in rows}
     assert wire["atoll_fp16"] < 0.51 * wire["atoll"] and wire["atoll_int8"] < 0.27 * wire["atoll"]
@@ -38,6 +39,7 @@ def test_bench_transport_json_and_outputs(tmp_path):
         ["bench", "transport", "--sizes", "ten"],
         ["bench", "transport", "--sizes", "0"],
         ["bench", "transport", "--repeats", "0"],
+        ["bench", "transport", "--paths", "atoll,pigeon"],
         ["bench", "compression", "--workloads", "cifar"],
         ["bench", "compression", "--methods", "zstd"],
         ["bench", "swarm", "--systems", "flower"],

@@ -133,3 +133,49 @@ def test_a_carrier_serves_an_outbound_only_producers_snapshot_unaltered(pair):
             c.push(them, KEY, forged.parts, envelope, timeout=30)
     assert carrier.server.servicer.refused["unsigned"] == 1
     assert sum(v for k, v in carrier.server.servicer.refused.items() if k.startswith("push_")) == 1
+
+
+@pytest.mark.integration
+def test_a_carrier_bounds_what_it_carries_and_keeps_the_newest_record(pair):
+    carrier, producer = pair
+    them = carrier.identity.peer_id
+    carrier.server.servicer.carried.max_bytes = 4_000_000  # room for one 2.8 MB snapshot, not two
+    producer.store.chunk_bytes = PUSH_CHUNK_BYTES
+    first, second = SnapshotKey("model", 1, 0), SnapshotKey("model", 2, 0)
+    p1 = producer.publish(first, {"w": torch.randn(700, 1000)}, reachability="outbound_only", carrier=them)
+    old_envelope = producer.discovery.signed_record()
+    p2 = producer.publish(second, {"w": torch.randn(700, 1000)})
+    new_envelope = producer.discovery.signed_record()
+    with SwarmClient(carrier.server.address, identity=producer.identity, retries=0) as c:
+        c.push(them, first, p1.parts, old_envelope, timeout=30)
+        with pytest.raises(FetchRefused) as e:
+            c.push(them, second, p2.parts, new_envelope, timeout=30)
+        assert e.value.reason == "busy"
+        carrier.server.servicer.carried.max_bytes = 1 << 30
+        c.push(them, second, p2.parts, new_envelope, timeout=30)
+        c.push(them, first, p1.parts, old_envelope, timeout=30)  # an older record, replayed: not kept
+    envelope, keys = SwarmClient(carrier.server.address, retries=0).health(producer_peer_id=producer.identity.peer_id)
+    assert envelope == new_envelope and {first, second} <= set(keys)
+
+
+@pytest.mark.integration
+def test_junk_from_a_libp2p_peer_is_a_typed_error_not_a_traceback(pair):
+    """A peer that answers a libp2p call with bytes that are no message: the fetcher gets
+    BadSnapshot("malformed"), so its round skips that neighbour instead of failing."""
+    from hivemind.p2p import P2P
+
+    from p2pd.libp2p import HEALTH
+
+    a, b = pair
+
+    async def junk(info, reader, writer):
+        await P2P.receive_raw_data(reader)
+        await P2P.send_raw_data(b"\xff\xff\xff not a StreamStatus", writer)
+        writer.close()
+
+    a.plane.run(a.plane.p2p.remove_binary_stream_handler(HEALTH), 10)
+    a.plane.run(a.plane.p2p.add_binary_stream_handler(HEALTH, junk), 10)
+    with pytest.raises(BadSnapshot) as e:
+        b.plane.client(a.identity.peer_id).health(timeout=5)
+    assert e.value.reason == "malformed"
+    assert not b.plane.answers(a.identity.peer_id, timeout=5)

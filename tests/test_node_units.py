@@ -504,3 +504,25 @@ def test_background_checkpoints_keep_the_newest_and_report_errors(tmp_path):
     with pytest.raises(OSError):
         broken.flush()
     writer.close()
+
+
+def test_status_table_shows_reach_where_it_says_something():
+    from rich.console import Console
+
+    from node.console import status_table
+    from p2pd.identity import Identity
+    from p2pd.records import PeerRecord
+
+    def rec(**kw):
+        i = Identity.generate()
+        return PeerRecord(peer_id=i.peer_id, grpc_address="127.0.0.1:5000", issued_at=1, expires_at=10, **kw)
+
+    def text(records, width):
+        c = Console(width=width, record=True)
+        c.print(status_table(records, width))
+        return c.export_text()
+
+    direct, hidden = rec(), rec(reachability="outbound_only", carrier=Identity.generate().peer_id)
+    assert "reach" not in text([direct], 80) and "reach" in text([direct], 160)
+    out = text([direct, hidden], 160)
+    assert "reach" in out and "pushed via" in out and "direct" in out

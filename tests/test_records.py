@@ -94,8 +94,8 @@ def test_a_newer_release_adding_fields_is_read_and_a_newer_format_refused():
     """Rolling upgrades: a field added by a newer release of the same record version is ignored
     (the signature still covers it); a newer record version is refused with its own reason."""
     ident = Identity.generate()
-    rec = open_record(_signed(ident, reachability="relayed", future={"nested": [1, 2]}), now=NOW)
-    assert rec.peer_id == ident.peer_id and not hasattr(rec, "reachability")
+    rec = open_record(_signed(ident, uplink_mbps=40, future={"nested": [1, 2]}), now=NOW)
+    assert rec.peer_id == ident.peer_id and not hasattr(rec, "uplink_mbps")
     assert reason_of(_signed(ident, record_version=2), now=NOW) == "newer_version"
     tampered = json.loads(_signed(ident, future=1))
     tampered["body"] = tampered["body"].replace('"future": 1', '"future": 2')

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -29,13 +28,14 @@ from typing import Any
 from node.comm.backoff import Backoff
 from node.comm.compression import record_codec, sends_deltas
 from node.exchange import Accept, Member, model_like
+from node.exchange.carrier import Pusher
 from node.metrics import NodeMetrics
 from p2pd.client import FetchError, SwarmClient
 from p2pd.codecs import CODECS
 from p2pd.discovery import DiscoveryError
 from p2pd.errors import ReasonedError
 from p2pd.records import RecordRefused, open_record
-from p2pd.server import MAX_HEALTH_WAIT, MAX_PUSH_MESSAGE_BYTES, PUSH_CHUNK_BYTES, SnapshotStore
+from p2pd.server import MAX_HEALTH_WAIT, PUSH_CHUNK_BYTES, SnapshotStore
 from p2pd.tensors import SnapshotKey
 
 log = logging.getLogger("atoll.exchange")
@@ -99,13 +99,15 @@ class GrpcExchange:
         self._codec_warned: set[str] = set()  # peers named once for a codec we cannot use
         self._records: dict = {}  # peer id -> its PeerRecord, from the last members()
         self.reachability = "direct"  # this node's, as published (see reachable_as)
-        self._pushes: queue.Queue = queue.Queue()
-        self._pusher: threading.Thread | None = None
-        self._bad_carriers: set[str] = set()
+        self.pusher: Pusher | None = None  # outbound-only: hands each snapshot to a carrier
         self._dialled: dict[str, float] = {}  # relayed: peer id -> when a connection to it was last opened
         self._failed_on: dict[str, str] = {}  # peer id -> the path it was backed off on
-        self.pushed_bytes = 0
         self.paths: collections.Counter[str] = collections.Counter()  # snapshots fetched, by path
+
+    @property
+    def pushed_bytes(self) -> int:
+        """Wire bytes of this node's snapshots pushed to its carrier (outbound-only nodes)."""
+        return self.pusher.pushed_bytes if self.pusher is not None else 0
 
     @property
     def sent_bytes(self) -> int:
@@ -162,8 +164,8 @@ class GrpcExchange:
             self.discovery.update(**fields, **record)
 
         packed = self.store.publish(key, tensors, before_visible=sign)
-        if self.reachability == "outbound_only":
-            self._pushes.put((key, packed))
+        if self.pusher is not None:
+            self.pusher.push(key, packed)
 
     # -- reachability: the path neighbours take to this node ---------------------------------
     def reachable_as(self, state: str) -> None:
@@ -177,60 +179,23 @@ class GrpcExchange:
         if state != "outbound_only":
             self.discovery.update(reachability=state, carrier="")
             return
-        self.store.chunk_bytes = PUSH_CHUNK_BYTES  # one part must fit the carrier's request limit
-        self.discovery.update(reachability=state, carrier=self._pick_carrier())
-        if self._pusher is None:
-            self._pusher = threading.Thread(target=self._push_loop, name="atoll-push", daemon=True)
-            self._pusher.start()
+        self.store.chunk_bytes = PUSH_CHUNK_BYTES  # first: one part must fit the carrier's request limit
+        if self.merger is not None and not self.merger.client_mode:
+            log.warning(
+                "the final merge's all-reduce started before this node knew nobody can dial it: peers may wait "
+                "for its part; set net.reachability: outbound_only to make it a client there"
+            )
+        if self.pusher is None:
 
-    def _pick_carrier(self) -> str:
-        """A directly reachable live peer of the same task to carry this node's snapshots ("" if
-        none): the one whose id hashes closest to ours, so carriers spread over the swarm."""
-        import hashlib
+            def candidates() -> list:
+                mine = self.discovery.record.task_digest
+                return [p for p in self._same_task(self._view or []) if p.task_digest in ("", mine)]
 
-        mine = self.discovery.record.task_digest if self.discovery.record is not None else ""
-        options = [
-            p.peer_id
-            for p in self._same_task(self._view or [])
-            if p.peer_id != self.me
-            and p.reachability == "direct"
-            and p.peer_id not in self._bad_carriers
-            and p.task_digest in ("", mine)
-        ]
-        if not options:
-            self._bad_carriers.clear()  # try the ones that failed again next time
-            return ""
-        return min(options, key=lambda j: hashlib.sha256((self.me + j).encode()).digest())
-
-    def _push_loop(self) -> None:
-        """Push each published snapshot to the carrier, oldest first; a carrier that fails is
-        replaced (the record names the new one before its first push)."""
-        while not self._closed and not self.stop.is_set():
-            try:
-                key, packed = self._pushes.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if max(len(p) for p in packed.parts) > MAX_PUSH_MESSAGE_BYTES:
-                continue  # encoded before this node knew it is outbound-only: too large to push
-            for _ in range(2):
-                carrier = self.discovery.record.carrier if self.discovery.record else ""
-                if not carrier or carrier not in self._records:
-                    carrier = self._pick_carrier()
-                    self.discovery.update(carrier=carrier)
-                if not carrier:
-                    self.metrics.fetch_failures.labels(reason="no_carrier").inc()
-                    break
-                try:
-                    self._client(self._records[carrier].grpc_address).push(
-                        carrier, key, packed.parts, self.discovery.signed_record(), self.comm.fetch_timeout
-                    )
-                    self.pushed_bytes += packed.wire_bytes
-                    self.metrics.pushed.inc(packed.wire_bytes)
-                    break
-                except FetchError as e:
-                    log.warning("push of %s to carrier %s failed (%s); choosing another", key, carrier[:16], e)
-                    self._bad_carriers.add(carrier)
-                    self.discovery.update(carrier=self._pick_carrier())
+            args = (self.discovery, candidates, self._client, self.metrics, self.stop, self.comm.fetch_timeout)
+            self.pusher = Pusher(self.store, *args)
+        self.discovery.update(reachability=state, carrier=self.pusher.choose())
+        for key in self.store.keys():  # what it published before the verdict, if small enough
+            self.pusher.push(key, self.store.get(key))
 
     def note(self, round_: int, step: int = 0, **record: Any) -> None:
         """Update the signed record without a new snapshot (node.exchange.Exchange.note)."""
@@ -302,8 +267,10 @@ class GrpcExchange:
         reason, answered, refused_since = "timeout", False, None
         while time.monotonic() < deadline and not self.stop.is_set():
             route = self._route(peer_id)  # read from its record each time: a node learns its own at start
-            if route is None:  # an outbound-only peer whose carrier is not live (yet)
-                reason = "no_carrier"
+            if isinstance(route, str):  # no way to it: no carrier live (yet), or no libp2p here
+                reason = route
+                if route == "no_libp2p":
+                    break
                 time.sleep(0.2)
                 continue
             client, server, producer, path = route
@@ -369,22 +336,28 @@ class GrpcExchange:
         return None
 
     def _path(self, peer_id: str) -> str:
-        """The reachability `peer_id`'s record names (direct if it names none)."""
+        """The way to `peer_id` its record names: its reachability, and the carrier for an
+        outbound-only one (a peer backed off through one carrier is tried again through another)."""
         rec = self._records.get(peer_id)
-        return rec.reachability if rec is not None else "direct"
+        if rec is None:
+            return "direct"
+        return f"outbound_only:{rec.carrier}" if rec.reachability == "outbound_only" else rec.reachability
 
     def _route(self, peer_id: str):
         """(client, server peer id, producer peer id, path) for fetching `peer_id`'s snapshots as
-        its record says (see the module docstring), or None when there is no way yet (an
-        outbound-only peer without a live carrier)."""
-        rec = self._records.get(peer_id)
+        its record says (see the module docstring), or the reason there is no way: no_carrier
+        (an outbound-only peer without a live carrier yet), no_libp2p (this node has no plane)."""
+        records = self._records  # replaced whole by the refresh thread: read it once
+        rec = records.get(peer_id)
         state = rec.reachability if rec is not None else "direct"
-        if state == "relayed" and self.runtime.plane is not None:
+        if state == "relayed":
+            if self.runtime.plane is None:
+                return "no_libp2p"
             return self.runtime.plane.client(peer_id, identity=self.identity), peer_id, "", "relay"
         if state == "outbound_only":
-            carrier = self._records.get(rec.carrier)
+            carrier = records.get(rec.carrier)
             if carrier is None:
-                return None
+                return "no_carrier"
             return self._client(carrier.grpc_address), carrier.peer_id, peer_id, "pushed"
         return self._client(self._addresses[peer_id]), peer_id, "", "direct"
 
@@ -429,17 +402,23 @@ class GrpcExchange:
     def _keep_connected(self) -> None:
         """A relayed node keeps a libp2p connection open to every live peer of its task, so each
         can fetch from it over that connection (connection reversal) where no relay slot or
-        hole punch helps; tried at most every CONNECT_SECONDS per peer."""
+        hole punch helps; tried at most every 10 s per peer, all at once."""
         plane, now = self.runtime.plane, time.monotonic()
         try:
             open_ = plane.connected()
         except Exception:  # the daemon is going away with the node
             return
-        for p in self._same_task(self._view or []):
-            if p.peer_id != self.me and p.peer_id not in open_ and now - self._dialled.get(p.peer_id, -1e9) > 10.0:
-                self._dialled[p.peer_id] = now
-                if not plane.connect(p.peer_id, p.dht_maddrs):
-                    log.info("could not open a libp2p connection to %s (%s)", p.peer_id[:16], ", ".join(p.dht_maddrs))
+        due = [
+            p
+            for p in self._same_task(self._view or [])
+            if p.peer_id != self.me and p.peer_id not in open_ and now - self._dialled.get(p.peer_id, -1e9) > 10.0
+        ]
+        for p in due:
+            self._dialled[p.peer_id] = now
+        opened = plane.connect_many([(p.peer_id, p.dht_maddrs) for p in due]) if due else {}
+        for p in due:
+            if not opened.get(p.peer_id):
+                log.info("could not open a libp2p connection to %s (%s)", p.peer_id[:16], ", ".join(p.dht_maddrs))
 
     def _refresh_loop(self) -> None:
         while not self.stop.wait(REFRESH_SECONDS) and not self._closed:
@@ -511,6 +490,8 @@ class GrpcExchange:
     def close(self) -> None:
         """Stop serving and leave the swarm (what was started, in reverse order)."""
         self._closed = True
+        if self.pusher is not None:
+            self.pusher.close()
         for c in self._clients.values():
             c.close()
         if self.merger is not None:  # it averages through the DHT: before the runtime leaves
