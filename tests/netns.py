@@ -8,7 +8,10 @@ the situation of a home computer behind a router.
 
 Building it needs root, ``ip`` (iproute2) and ``iptables``; ``unavailable()`` says why not when
 it cannot be built here, and tests skip with that reason. All links are created with
-``ip -n``/``ip netns exec``, so nothing changes in the machine's own network namespace.
+``ip -n``/``ip netns exec``, so nothing changes in the machine's own network namespace. Both
+LANs take addresses from 198.18.0.0/15, the range reserved for benchmarking networks (RFC 2544),
+which no real network routes: the "private" side stands in for a home LAN without using one of
+its ranges.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def unavailable() -> str | None:
         r = _ip("netns", "add", probe)
         if r.returncode != 0:
             return f"`ip netns add` fails here: {r.stderr.strip()}"
-        rule = ["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.0.0/24", "-o", "lo", "-j", "MASQUERADE"]
+        rule = ["-t", "nat", "-A", "POSTROUTING", "-s", "198.19.0.0/24", "-o", "lo", "-j", "MASQUERADE"]
         r = _ip("netns", "exec", probe, "iptables", *rule)
         if r.returncode != 0:
             return f"iptables' nat table fails in a namespace: {r.stderr.strip()}"
@@ -221,7 +224,7 @@ def netns_pids(name: str) -> list[int]:
 
 
 @contextmanager
-def nat_topology(tag: str, public: str = "198.18.0.0/24", private: str = "10.77.0.0/24") -> Iterator[Topology]:
+def nat_topology(tag: str, public: str = "198.18.0.0/24", private: str = "198.19.77.0/24") -> Iterator[Topology]:
     """Build a router masquerading ``private`` onto ``public``, with hosts pub1, pub2 and priv.
 
     Addresses: router ``.1`` on both LANs, pub1 ``.11`` and pub2 ``.12`` on ``public``, priv
