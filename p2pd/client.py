@@ -76,9 +76,10 @@ class Snapshot:
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE: "unavailable", grpc.StatusCode.RESOURCE_EXHAUSTED: "busy"}
 
 
-def status_error(code: grpc.StatusCode, details: str, address: str, key: SnapshotKey | None) -> FetchError | None:
-    """The FetchError a fetch of `key` from `address` ends with when its server answers `code`
-    (over gRPC or libp2p, p2pd/libp2p.py), or None when it is worth retrying (unavailable, busy)."""
+def status_error(code: grpc.StatusCode, details: str, address: str, key: SnapshotKey | None) -> FetchError:
+    """The FetchError a call about `key` to `address` ends with when its server answers `code`
+    (over gRPC or libp2p, p2pd/libp2p.py); codes in _RETRYABLE (unavailable, busy) are worth
+    retrying."""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return FetchTimeout("timeout", f"{address} {key}")
     if code == grpc.StatusCode.NOT_FOUND:
@@ -89,9 +90,7 @@ def status_error(code: grpc.StatusCode, details: str, address: str, key: Snapsho
         return FetchRefused("denied", f"{address}: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "refused: rate" in details:
         return FetchRefused("rate_limited", f"{address}: {details}")
-    if code in _RETRYABLE:
-        return None
-    return FetchRefused("refused", f"{address}: {code.name} {details}")
+    return FetchRefused(_RETRYABLE.get(code, "refused"), f"{address}: {code.name} {details}")
 
 
 def _read_ahead(call, depth: int = 8):
@@ -236,13 +235,11 @@ class SwarmClient:
                 raise BadSnapshot(e.reason, f"from {self.address}: {e.detail}") from e
             except grpc.RpcError as e:
                 error = status_error(e.code(), e.details() or "", self.address, key)
-                if error is None and attempt < self.retries:
+                if error.reason in _RETRYABLE.values() and attempt < self.retries:  # unavailable, busy
                     sleep = min(self.backoff * 2**attempt * (1 + random.random()), deadline - time.monotonic())
                     if sleep > 0:
                         time.sleep(sleep)
                     continue
-                if error is None:
-                    error = FetchRefused(_RETRYABLE[e.code()], f"{self.address}: {e.code().name} {e.details()}")
                 raise error from e
             return Snapshot(key, tensors, decoder.digest, decoder.bytes_received, time.monotonic() - start)
         raise AssertionError("unreachable")  # the loop always returns or raises
@@ -269,8 +266,7 @@ class SwarmClient:
         try:
             reply = self._stub.Health(request, timeout=timeout)
         except grpc.RpcError as e:
-            error = status_error(e.code(), e.details() or "", self.address, wait_for)
-            raise error or FetchRefused(_RETRYABLE[e.code()], f"{self.address}: {e.code().name}") from e
+            raise status_error(e.code(), e.details() or "", self.address, wait_for) from e
         return health_answer(reply)
 
     def push(self, server_peer_id: str, key: SnapshotKey, parts: Sequence[bytes], envelope: bytes, timeout: float):
@@ -284,8 +280,7 @@ class SwarmClient:
         try:
             self._stub.Push(stream, timeout=min(timeout, MAX_FETCH_SECONDS))
         except grpc.RpcError as e:
-            error = status_error(e.code(), e.details() or "", self.address, key)
-            raise error or FetchRefused(_RETRYABLE[e.code()], f"{self.address}: {e.code().name} {e.details()}") from e
+            raise status_error(e.code(), e.details() or "", self.address, key) from e
 
 
 def health_request(wait_for: SnapshotKey | None, wait: float, producer_peer_id: str = "") -> pb.HealthRequest:

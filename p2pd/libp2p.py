@@ -189,7 +189,6 @@ class Libp2pPlane:
                 self.run(self._shutdown(), 10.0)
             except Exception:  # a daemon that is gone already
                 pass
-            self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._closed = True
         self._thread.join(timeout=5)
@@ -307,11 +306,8 @@ class Libp2pClient:
         status = self._parse(pb.StreamStatus, self._frame(reader, writer, deadline, 4096, key), writer)
         if status.code:
             self.plane._loop.call_soon_threadsafe(writer.close)
-            code = grpc.StatusCode[status.code] if status.code in grpc.StatusCode.__members__ else None
-            error = status_error(code, status.detail, self.address, key) if code and key else None
-            raise error or FetchRefused(
-                "busy" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else "refused", status.detail
-            )
+            code = grpc.StatusCode.__members__.get(status.code, grpc.StatusCode.UNKNOWN)
+            raise status_error(code, status.detail, self.address, key)
         return reader, writer
 
     def _parse(self, message, raw: bytes, writer):

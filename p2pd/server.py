@@ -174,7 +174,7 @@ class CarriedSnapshots:
 
 
 def _bytes(store: SnapshotStore) -> int:
-    return sum(store.get(k).wire_bytes for k in store.keys() if store.get(k) is not None)
+    return sum(packed.wire_bytes for packed in map(store.get, store.keys()) if packed is not None)
 
 
 @dataclass(frozen=True)
@@ -292,14 +292,7 @@ class SwarmServicer:
         refusals abort with INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND or RESOURCE_EXHAUSTED."""
         if request is UNDECODABLE:
             self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
-        remaining = context.time_remaining()
-        if remaining is None or remaining > MAX_FETCH_SECONDS + 5:  # 5 s for clock and transit slack
-            self._refuse(
-                context,
-                "bad_request",
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"a fetch needs a deadline of at most {MAX_FETCH_SECONDS:.0f} s",
-            )
+        self._require_deadline(context, "fetch")
         try:
             key = SnapshotKey.from_pb(request.key)
         except ValueError as e:
@@ -342,6 +335,18 @@ class SwarmServicer:
             self._release(requester, stream)
             self._fetch_slots.release()
 
+    def _require_deadline(self, context: grpc.ServicerContext, call: str) -> None:
+        """Refuse a transfer without a deadline of at most MAX_FETCH_SECONDS: it holds a server
+        thread until the deadline passes."""
+        remaining = context.time_remaining()
+        if remaining is None or remaining > MAX_FETCH_SECONDS + 5:  # 5 s for clock and transit slack
+            self._refuse(
+                context,
+                "bad_request",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a {call} needs a deadline of at most {MAX_FETCH_SECONDS:.0f} s",
+            )
+
     def _store_of(self, producer: str) -> SnapshotStore | None:
         """This node's own store, or the one it carries for `producer` (None if none)."""
         if not producer:
@@ -359,14 +364,7 @@ class SwarmServicer:
             self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "a push starts with its request")
         if self.carried is None or self.admission is None:
             self._refuse(context, "unsupported", grpc.StatusCode.UNIMPLEMENTED, "this node carries no snapshots")
-        remaining = context.time_remaining()
-        if remaining is None or remaining > MAX_FETCH_SECONDS + 5:
-            self._refuse(
-                context,
-                "bad_request",
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"a push needs a deadline of at most {MAX_FETCH_SECONDS:.0f} s",
-            )
+        self._require_deadline(context, "push")
         request = first.request
         try:
             key = SnapshotKey.from_pb(request.key)
@@ -456,12 +454,10 @@ class SwarmServicer:
         `wait_seconds` (at most MAX_HEALTH_WAIT), or at once when every waiting slot is taken."""
         if request is UNDECODABLE:
             self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
-        store, envelope = self.store, None
-        if request.producer_peer_id:  # a producer this node carries for (see Push)
-            held = self.carried.store(request.producer_peer_id) if self.carried is not None else None
-            if held is None:
-                self._refuse(context, "not_found", grpc.StatusCode.NOT_FOUND, "carrying nothing for that producer")
-            store, envelope = held
+        producer = request.producer_peer_id  # a producer this node carries for (see Push), "" for its own
+        store = self._store_of(producer)
+        if store is None:
+            self._refuse(context, "not_found", grpc.StatusCode.NOT_FOUND, "carrying nothing for that producer")
         if request.HasField("wait_for") and request.wait_seconds > 0 and self._waits.acquire(blocking=False):
             try:
                 key = SnapshotKey.from_pb(request.wait_for)
@@ -473,9 +469,9 @@ class SwarmServicer:
             finally:
                 self._waits.release()
         keys = store.keys()  # before the record: a key it shows is signed in the record (signed first)
-        if envelope is not None:  # the newest pushed envelope signs every key the carrier holds
-            envelope = self.carried.store(request.producer_peer_id)[1]
-        record = envelope if envelope is not None else self.signed_record()
+        # a carrier answers with the newest envelope pushed: it signs every key held
+        held = self.carried.store(producer) if producer else None
+        record = self.signed_record() if not producer else held[1] if held is not None else b""
         return pb.HealthReply(signed_record=record, available=[k.to_pb() for k in keys])
 
 
@@ -495,7 +491,6 @@ class SwarmServer:
         address_of: Callable[[str], str | None] = lambda peer_id: None,
         dial: Callable[[str], str | None] | None = None,
         dial_libp2p: Callable[[str], bool] | None = None,
-        carry: bool = True,
         max_request_bytes: int = 64 * 1024,
     ):
         if max_workers < 4:
@@ -510,7 +505,7 @@ class SwarmServer:
             address_of=address_of,
             dial=dial,
             dial_libp2p=dial_libp2p,
-            carried=CarriedSnapshots() if carry else None,
+            carried=CarriedSnapshots(),
         )
         self.host, self._want_port, self.tls = host, port, tls
         self.port: int | None = None

@@ -188,8 +188,7 @@ class GrpcExchange:
         if self.pusher is None:
 
             def candidates() -> list:
-                mine = self.discovery.record.task_digest
-                return [p for p in self._same_task(self._view or []) if p.task_digest in ("", mine)]
+                return self._same_task(self._view or [])
 
             args = (self.discovery, candidates, self._client, self.metrics, self.stop, self.comm.fetch_timeout)
             self.pusher = Pusher(self.store, *args)
@@ -393,9 +392,11 @@ class GrpcExchange:
             return mine
         return {k: theirs[k].to(device=v.device, dtype=v.dtype) for k, v in mine.items()}
 
+    def _set_view(self, view: list) -> None:
+        self._view, self._records = view, {p.peer_id: p for p in view}
+
     def _refresh(self) -> None:
-        self._view = self.discovery.live_peers()
-        self._records = {p.peer_id: p for p in self._view}
+        self._set_view(self.discovery.live_peers())
         if self.reachability == "relayed" and self.runtime.plane is not None:
             self._keep_connected()
 
@@ -452,8 +453,8 @@ class GrpcExchange:
                 if self.stop.is_set():
                     return
                 raise
-            live, self._view = self._same_task(view), view
-            self._records = {p.peer_id: p for p in view}
+            self._set_view(view)
+            live = self._same_task(view)
             self.live = len(live)
             self.metrics.peers_live.set(len(live))
             if len(live) >= want:
