@@ -11,7 +11,7 @@ from p2pd.identity import Identity
 def join(net: NetConfig, identity: Identity) -> Discovery:
     """Start this node's DHT membership (`net`: swarm, initial peers, listen and announced
     multiaddrs, record TTL, relays). Forks the DHT process: call it before any gRPC object exists in
-    this process (see HIVEMIND.md). Raises DiscoveryError with a one-line reason."""
+    this process (gRPC does not survive a fork). Raises DiscoveryError with a one-line reason."""
     return Discovery(
         identity,
         swarm=net.swarm,

@@ -6,7 +6,7 @@ no node coordinates. A node that misses the group (late, partitioned) keeps its 
 and says so (`FinalMerge.run` returns None; the daemon counts it in a metric).
 
 The averager runs in a forked process, so it is created when the node starts, before any
-gRPC object exists (see HIVEMIND.md), with tensors shaped like the model's floating tensors.
+gRPC object exists (gRPC does not survive a fork), with tensors shaped like the model's floating tensors.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ log = logging.getLogger("atoll.node")
 
 class Runtime:
     """Joins the swarm at once (the DHT forks a process: create the runtime before any gRPC
-    object exists in this process, see HIVEMIND.md); `serve` starts the gRPC server later.
+    object exists in this process, since gRPC does not survive a fork); `serve` starts the gRPC server later.
     `cfg`: the NodeConfig; `identity`: the node's p2pd Identity. Raises DiscoveryError."""
 
     def __init__(self, cfg, identity):

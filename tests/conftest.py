@@ -50,3 +50,22 @@ def _safe(fn):
         return fn()
     except psutil.Error:
         return None
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line: how many tests skipped for a missing Debian package, and which packages."""
+    from sysdeps import REASON
+
+    reasons = [str(r.longrepr[2]) for r in terminalreporter.stats.get("skipped", []) if isinstance(r.longrepr, tuple)]
+    reasons = [r.split(REASON + ": ", 1)[1] for r in reasons if REASON + ": " in r]
+    if not reasons:
+        return
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        for pkg in reason.split(" (")[0].split():
+            counts[pkg] = counts.get(pkg, 0) + 1
+    listed = ", ".join(f"{p} ({c})" for p, c in sorted(counts.items()))
+    terminalreporter.write_line(
+        f"{len(reasons)} tests skipped for missing system packages: {listed}; "
+        f"install them: sudo apt-get install {' '.join(sorted(counts))}"
+    )

@@ -20,12 +20,13 @@ import functools
 import ipaddress
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+
+from sysdeps import missing
 
 ROUTER = "router"
 _STOP_WAIT_S = 10.0
@@ -49,11 +50,11 @@ def unavailable() -> str | None:
     Tries the real thing once (a namespace with a MASQUERADE rule), since root alone is not
     enough: containers often forbid ``ip netns add`` or lack the kernel's nat table.
     """
+    reason = missing("iproute2", "iptables")
+    if reason:
+        return reason
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return "network namespaces need root"
-    for tool, package in (("ip", "iproute2"), ("iptables", "iptables")):
-        if shutil.which(tool) is None:
-            return f"`{tool}` is missing (Debian package {package})"
     probe = f"atprobe{os.getpid()}"
     try:
         r = _ip("netns", "add", probe)

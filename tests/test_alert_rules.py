@@ -2,22 +2,19 @@
 (promtool test rules), and every metric they name is one a node really exports."""
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from prometheus_client import generate_latest
+from sysdeps import needs
 
 from node.metrics import NodeMetrics
 from node.security.trust import TrustTracker
 
 PROM = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
-needs_promtool = pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool (Debian package prometheus, installed by .ci/run) is missing"
-)
+needs_promtool = needs("prometheus")
 
 
 def scrape_with_attacker() -> bytes:

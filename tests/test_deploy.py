@@ -4,12 +4,11 @@ promtool where Prometheus files are concerned."""
 import configparser
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+from sysdeps import needs
 
 from node.config import load_config
 
@@ -89,7 +88,7 @@ def test_grafana_dashboard_queries_exported_metrics():
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) is missing")
+@needs("prometheus")
 def test_prometheus_config_passes_promtool():
     r = subprocess.run(
         ["promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],

@@ -219,3 +219,38 @@ def test_config_that_would_be_meaningless_is_refused(sets, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, sets)
     assert load_config(None, {"comm.final_merge": True}).comm.final_merge is True  # real booleans still are
+
+
+def test_make_demo_ends_with_the_three_next_steps_and_each_names_a_real_program():
+    """`make demo` prints the README's "After the demo" commands; each starts with a program of
+    the repository (or an environment assignment before one) and names a file that exists."""
+    demo = re.search(r"^demo:.*?(?=^\S|\Z)", (ROOT / "Makefile").read_text(), flags=re.M | re.S).group(0)
+    assert "scripts/next-steps.sh" in demo.strip().splitlines()[-1]
+    out = subprocess.run(["bash", "scripts/next-steps.sh"], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    body = out.stdout.split("Next steps", 1)[1].splitlines()[1:]
+    commands = [line.strip() for line in body if line.strip() and not line.strip().startswith("#")]
+    assert out.returncode == 0 and len(commands) >= 3, out.stdout
+    steps = [line for line in out.stdout.splitlines() if re.match(r"\s+# \d\. ", line)]
+    assert [s.strip()[:4] for s in steps] == ["# 1.", "# 2.", "# 3."], out.stdout
+    for command in commands:
+        words = [w for w in command.split() if "=" not in w or w.startswith("-")]
+        program = words[0]
+        assert program == ".venv/bin/atoll" or os.access(ROOT / program, os.X_OK), command
+    assert too_wide(out.stdout) == []
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_experts_next_step_trains_four_experts_and_a_router_and_writes_a_grid(tmp_path):
+    """examples/experts_local.sh as printed (with small budgets): a top-2 grid from 4 of 4
+    live experts, and nothing left running."""
+    env = dict(ENV, OUT=str(tmp_path), STEPS="100", ATOLL=ATOLL)
+    budget = ["--set", "experts.width=64", "--set", "experts.router_steps=100", "--set", "experts.sample_steps=10"]
+    r = subprocess.run(
+        ["bash", "examples/experts_local.sh", *budget], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "4 of 4 experts live" in r.stdout and (tmp_path / "grid.png").stat().st_size > 0, r.stdout
+    assert len(re.findall(r"image +\d+: 2 per step, from experts", r.stdout)) == 16, r.stdout
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert left == [], left

@@ -5,13 +5,13 @@ without its snapshot when it misses the fetch deadline. Skipped with the reason 
 cannot be made."""
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
 from helpers import NodeProcess
+from sysdeps import missing
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # about 45 s: `make test-all`
 HOSTS = ("a", "b", "c")  # c is the slow one
@@ -29,8 +29,9 @@ def sh(*cmd, ns=None):
 def namespaces_possible() -> str | None:
     if os.geteuid() != 0:
         return "creating network namespaces needs root"
-    if not (shutil.which("ip") and shutil.which("tc")):
-        return "iproute2 (ip, tc) is not installed"
+    reason = missing("iproute2")
+    if reason:
+        return reason
     probe = f"atoll-probe-{os.getpid()}"
     try:
         sh("ip", "netns", "add", probe)

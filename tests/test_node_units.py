@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from sysdeps import needs
 
 from node import checkpoint
 from node.comm.mixing import metropolis_hastings, mix, renormalise
@@ -272,26 +273,21 @@ def test_fashion_mnist_reader_on_small_idx_files(tmp_path):
         load_dataset("fashion-mnist", path=tmp_path)
 
 
+@needs("dataset-fashion-mnist")
 def test_real_fashion_mnist_when_installed():
-    from node.data.datasets import FASHION_MNIST_DIR
-
-    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip("Debian package dataset-fashion-mnist is not installed")
     ds = load_dataset("fashion-mnist")
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
     assert torch.bincount(ds.y_train).tolist() == [6000] * 10
 
 
+@needs("prometheus")
 def test_metrics_pass_promtool():
-    import shutil
     import subprocess
 
     from prometheus_client import generate_latest
 
     from node.metrics import NodeMetrics
 
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool (Debian package prometheus) is not installed")
     m = NodeMetrics()
     m.watch(lambda: 123, lambda: {"bad_signature": 2, "expired": 1})
     m.fetch_failures.labels(reason="timeout").inc()

@@ -14,14 +14,12 @@ import urllib.request
 import pytest
 import yaml
 from helpers import ROOT, atoll_node, kill_tree
+from sysdeps import marks
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,  # about 40 s: `make test-all`
-    pytest.mark.skipif(
-        shutil.which("prometheus") is None,
-        reason="prometheus (Debian package prometheus, installed by .ci/run) is missing",
-    ),
+    *marks("prometheus"),
 ]
 N = 3
 

@@ -41,9 +41,10 @@ def command_lines(body: str) -> list[list[str]]:
     for line in body.replace("\\\n", " ").splitlines():
         for name, value in PLACEHOLDERS.items():
             line = line.replace(name, value)
-        words = shlex.split(line, comments=True)
-        if words and words[0].endswith("atoll"):
-            commands.append(words[1:])
+        for part in line.split("&&"):
+            words = shlex.split(part, comments=True)
+            if words and words[0].endswith("atoll"):
+                commands.append(words[1:])
     return commands
 
 
@@ -92,10 +93,15 @@ def test_every_readme_python_block_runs(body, monkeypatch, capsys):
     assert capsys.readouterr().out.strip()
 
 
+# configs that an earlier README command writes (`atoll new task NAME` writes NAME.yaml)
+WRITTEN = {f"{c[2]}.yaml" for c in SHELL_COMMANDS if c[:2] == ["new", "task"]}
+
+
 @pytest.mark.parametrize("args", SHELL_COMMANDS, ids=[" ".join(a[:3]) for a in SHELL_COMMANDS])
-def test_every_readme_command_parses(args):
+def test_every_readme_command_parses(args, tmp_path):
     """Options and values as the CLI parses them; --set fields and -c files as the config
-    loader validates them (the command itself is not run)."""
+    loader validates them (the command itself is not run; a config an earlier README command
+    writes is written here the same way first)."""
     try:
         cmd, params = resolve(args)
     except Exception as e:  # click's UsageError / BadParameter
@@ -106,6 +112,10 @@ def test_every_readme_command_parses(args):
 
         overrides = dict(parse_override(s) for s in params["set_"])
         config = params.get("config")
+        if config is not None and str(config) in WRITTEN:
+            new = [sys.executable, "-m", "node.cli", "new", "task", config.stem]
+            subprocess.run(new, cwd=tmp_path, check=True, capture_output=True, timeout=60)
+            config = tmp_path / config
         config = ROOT / config if config is not None and not config.is_absolute() else config
         try:
             if cmd.name == "up":

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from helpers import ROOT
+from sysdeps import needs
 
 from node.config import NodeConfig, SwarmConfig
 from node.sim import Simulation
@@ -217,6 +218,7 @@ LM = {
 }
 
 
+@needs("bible-kjv", "bible-kjv-text")
 def test_the_language_model_task_learns_the_kjv_text():
     from node.task.text import kjv_text
 
@@ -249,6 +251,7 @@ def test_a_missing_bible_says_which_packages(monkeypatch):
 
 
 @pytest.mark.slow
+@needs("bible-kjv", "bible-kjv-text")
 def test_four_daemons_on_the_kjv_text_end_near_a_centralized_model(tmp_path):
     """The issue's bar: held-out perplexity within 10% of a centralized model trained with the
     same steps on all the books, in the same run (examples/kjv4.yaml: each node reads other books)."""
@@ -267,6 +270,7 @@ def test_four_daemons_on_the_kjv_text_end_near_a_centralized_model(tmp_path):
     assert max(finals) <= 1.10 * central, (finals, central)
 
 
+@needs("fortunes", "bible-kjv", "bible-kjv-text")
 def test_lora_fine_tuning_exchanges_only_the_adapters():
     """peft LoRA on the KJV byte model, fine-tuned on the fortunes: only `lora_` tensors travel
     (bytes counted as on the wire), the pretrained base stays the same on every node."""

@@ -52,7 +52,7 @@ class GrpcExchange:
     """Serves on a joined `runtime` (node/runtime.py: the node's DHT membership `discovery`,
     TLS and admission): the final merge's averager when `comm.final_merge` is set (`merger`,
     shaped like `model_state`) and the gRPC server (`server`). Forks the averager process first,
-    before any gRPC object exists in this process (see HIVEMIND.md). `stop` is set when the
+    before any gRPC object exists in this process (gRPC does not survive a fork). `stop` is set when the
     node is asked to stop. Raises DiscoveryError or OSError (ports in use) with one line."""
 
     def __init__(
