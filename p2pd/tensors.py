@@ -52,7 +52,12 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
-DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+# gRPC's default receive limit is 4 MiB (4,194,304 bytes) a message: a part is its chunk's
+# payload plus the chunk's framing (name up to 256 bytes, dtype, shape, codec fields), so the
+# payload stays 16 KiB under it and a stock gRPC client with default settings can fetch any
+# snapshot (a 4 MiB payload made parts of 4,194,339 bytes: RESOURCE_EXHAUSTED)
+GRPC_DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = GRPC_DEFAULT_MESSAGE_BYTES - 16 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9_.\-:/]{1,256}$")
 
 
