@@ -67,7 +67,13 @@ class OptimConfig(_Strict):
     """The local optimizer and its step size schedule over the rounds."""
 
     name: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.05, gt=0, le=10)
+    lr: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="step size; 1 is already past what SGD with momentum or Adam train with (a node that diverges "
+        "anyway is clipped by its neighbours, node/security/defence.py)",
+    )
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1, le=65536)
@@ -293,6 +299,20 @@ class NodeConfig(_Strict):
         le=1_000_000,
         description="rounds between checkpoints while training (always one at the end and at a stop); "
         "a crash loses at most this many rounds of the node's own work. 10 makes the demo's rounds about 10% faster",
+    )
+    checkpoint_keep: int = Field(
+        2,
+        ge=1,
+        le=1000,
+        description="checkpoints kept on disk: a resumed node that finds the newest one holding NaN/Inf falls back to "
+        "the next older one",
+    )
+    checkpoint_give_up_rounds: int = Field(
+        20,
+        ge=1,
+        le=1_000_000,
+        description="a checkpoint write that fails (disk full, I/O error, permissions) is one line and retried at the "
+        "next checkpoint while the node trains on; after this many rounds with no checkpoint written it exits (2)",
     )
     metrics_port: int | None = Field(0, ge=0, le=65535, description="0 = any free port, null = off")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

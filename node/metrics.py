@@ -107,6 +107,12 @@ class NodeMetrics:
             ["reason"],
             registry=r,
         )
+        self.checkpoint_failures = Counter(
+            "atoll_checkpoint_failures",
+            "Checkpoint writes that failed, by cause (ENOSPC, EIO, EACCES, ...; the previous checkpoint is kept)",
+            ["reason"],
+            registry=r,
+        )
         self.checkpoint_time = 0.0
         Gauge(
             "atoll_checkpoint_age_seconds", "Seconds since the last checkpoint was written (-1: none yet)", registry=r

@@ -305,11 +305,13 @@ class Worker:
             model=f"{c.model.family}/{c.model.width}" if c.task is None else f"task/{self.task_digest[:32]}",
         )
 
-    def restore(self, model_sd: dict, optim_t: dict, optim_meta: dict) -> None:
-        """Load a checkpoint's model and optimizer; the config's hyperparameters win over the
-        saved ones. Raises RuntimeError, KeyError, ValueError or TypeError if they do not fit."""
+    def restore(self, model_sd: dict, optim_t: dict | None, optim_meta: dict) -> None:
+        """Load a checkpoint's model and optimizer (`optim_t` None: keep the fresh optimizer state); the config's
+        hyperparameters win over the saved ones. Raises RuntimeError, KeyError, ValueError or TypeError if they do
+        not fit."""
         self.model.load_state_dict(model_sd)
-        restore_optimizer(self.optimizer, optim_t, optim_meta)
+        if optim_t is not None:
+            restore_optimizer(self.optimizer, optim_t, optim_meta)
         if self._base_lrs is not None:  # a task's own optimizer: its hyperparameters are its own
             return
         for group in self.optimizer.param_groups:

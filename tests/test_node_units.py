@@ -166,9 +166,10 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
     model(torch.randn(4, 1, 8, 8)).sum().backward()
     opt.step()
     t, meta = optimizer_tensors(opt)
-    checkpoint.save(tmp_path, model.state_dict(), t, {"round": 5, "optim": meta})
-    checkpoint.save(tmp_path, model.state_dict(), t, {"round": 6, "optim": meta})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-2.safetensors", "optim-2.safetensors", "state.json"]
+    checkpoint.save(tmp_path, model.state_dict(), t, {"round": 5, "optim": meta}, keep=1)
+    checkpoint.save(tmp_path, model.state_dict(), t, {"round": 6, "optim": meta}, keep=1)
+    names = ["model-2.safetensors", "optim-2.safetensors", "state-2.json", "state.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
     m2, o2, state = checkpoint.load(tmp_path, torch.device("cpu"))
     assert state["round"] == 6 and all(torch.equal(m2[k], v) for k, v in model.state_dict().items())
     opt2 = make_optimizer(build_model("mlp", (1, 8, 8), 10, 16), "sgd", 0.1, 0.9, 0.0)
@@ -202,7 +203,7 @@ def test_checkpoint_survives_a_crash_between_files(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "_fsync_write", crash_on_second)
     with torch.no_grad():
         model[1].weight.add_(1.0)
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoint.CheckpointError, match="power cut; the previous checkpoint is kept"):
         checkpoint.save(tmp_path, model.state_dict(), {}, {"round": 4})
     monkeypatch.setattr(checkpoint, "_fsync_write", real)
     _, _, state = checkpoint.load(tmp_path, torch.device("cpu"))
@@ -497,7 +498,7 @@ def test_background_checkpoints_keep_the_newest_and_report_errors(tmp_path):
     (tmp_path / "file").write_text("")
     broken = checkpoint.Writer(tmp_path / "file" / "ck")  # a directory under a file
     broken.submit(checkpoint.capture(worker, "peer", 1, accuracy=None))
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoint.CheckpointError, match="cannot write a checkpoint to"):
         broken.flush()
     writer.close()
 

@@ -72,11 +72,13 @@ class Defence:
     ) -> tuple[dict[str, torch.Tensor], dict[str, Signals], Outcome]:
         """(new own state, per-neighbour signals, the aggregation outcome). `ref` is the node's
         model before this exchange's local training: updates are measured from it."""
-        own_v = flatten(own, self.keys)
+        own_v, ref_v = flatten(own, self.keys), flatten(ref, self.keys)
         vecs = {j: flatten(s, self.keys) for j, s in others.items()}
-        signals = self.tracker.observe(flatten(ref, self.keys), own_v, vecs)
+        signals = self.tracker.observe(ref_v, own_v, vecs)
+        clipped = clip_flagged(ref_v, own_v, vecs, self.tracker.suspects(signals))
         if self.aggregator == "mean":  # plain gossip, with optional variance correction
-            return mix(own, others, self_w, weights, correct_variance), signals, Outcome(own_v)
+            others = {j: self._with(others[j], vecs[j]) if j in clipped else s for j, s in others.items()}
+            return mix(own, others, self_w, weights, correct_variance), signals, Outcome(own_v, clipped)
         ctx = Context(
             byzantine_fraction=self.byzantine_fraction,
             histories=self.tracker.known_histories(),
@@ -85,4 +87,35 @@ class Defence:
             seed=self.seed * 1_000_003 + round_,
         )
         out = combine(self.aggregator, own_v, vecs, self_w, weights, ctx)
+        out.discarded = {**clipped, **out.discarded}
         return unflatten(out.vector, own), signals, out
+
+    def _with(self, state: Mapping[str, torch.Tensor], vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`state` with its compared tensors (self.keys) taken from the flat `vec`."""
+        out, i = dict(state), 0
+        for k in self.keys:
+            n = state[k].numel()
+            out[k] = vec[i : i + n].reshape(state[k].shape).to(device=state[k].device, dtype=state[k].dtype)
+            i += n
+        return out
+
+
+def clip_flagged(
+    ref: torch.Tensor, own: torch.Tensor, vecs: dict[str, torch.Tensor], flagged: set[str]
+) -> dict[str, str]:
+    """Clip, in place in `vecs`, the update x_j - ref of every flagged neighbour j to tau, the median update norm of
+    this node and its unflagged neighbours (ClippedGossip's rule, He et al. 2022, arXiv 2202.01545, applied to the
+    peers the trust tracker flagged): whatever the aggregator, a flagged peer never weighs in with more than an
+    ordinary update. Flat float32 vectors; returns {j: "clipped"} for those actually shortened."""
+    if not flagged:
+        return {}
+    norms = torch.stack([(own - ref).norm()] + [(v - ref).norm() for j, v in vecs.items() if j not in flagged])
+    tau = float(norms.median())
+    out = {}
+    for j in sorted(flagged & set(vecs)):
+        update = vecs[j] - ref
+        size = float(update.norm())
+        if size > tau:
+            vecs[j] = ref + update * (tau / size)
+            out[j] = "clipped"
+    return out

@@ -59,6 +59,9 @@ class TrustTracker:
     norm_power: float = 4.0
     min_consensus: int = 4  # distinct updates (self included) needed before the cosine counts
     sybil_similarity: float = 0.98
+    # an update this many times the median is clipped at once, before its trust has had time to fall (the
+    # first exchange with a diverging node would otherwise mix it in whole); honest ratios stay under 2 (measured)
+    clip_ratio: float = 10.0
     trust: dict[str, float] = field(default_factory=dict)
     histories: dict[str, torch.Tensor] = field(default_factory=dict)  # neighbours', observed directly
     heard: dict[str, torch.Tensor] = field(default_factory=dict)  # learned from others' gossip (SybilWall)
@@ -137,6 +140,11 @@ class TrustTracker:
             if len(group) >= 2:
                 groups.append({names[i] for i in group})
         return groups
+
+    def suspects(self, signals: dict[str, Signals]) -> set[str]:
+        """The neighbours of `signals` (one exchange's) whose update is clipped (node/security/defence.py): the
+        flagged ones, and any whose update is over `clip_ratio` times the median now."""
+        return {j for j, s in signals.items() if s.flagged or s.norm_ratio > self.clip_ratio}
 
     def flagged(self) -> set[str]:
         """Peers whose last signals flagged them (trust below flag_below, or a suspected sybil)."""
