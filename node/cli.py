@@ -298,6 +298,7 @@ def swarm_up(
     wd = workdir or Path(tempfile.mkdtemp(prefix="atoll-swarm-"))
     try:
         swarm.check_workdir(wd)
+        swarm.node_configs(scfg, wd)  # every --set applies to N nodes on one host, or one line says why not
         if out is not None and out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")
     except ValueError as e:

@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch.utils.data import ChainDataset, ConcatDataset, IterableDataset, TensorDataset
 
-from node.config import NodeConfig, SwarmConfig
+from node.config import ConfigError, NodeConfig, SwarmConfig
 from node.threads import usable_cores
 from node.train import LocalTrainer
 from p2pd.procs import kill_tree
@@ -93,23 +93,66 @@ def start_node(cfg: NodeConfig, workdir: Path) -> NodeRun:
 
 
 def node_configs(swarm_cfg: SwarmConfig, workdir: Path) -> list[NodeConfig]:
-    """Every node's config: shared config, per-node overrides, and its own key, checkpoints
-    and loopback addresses under `workdir`."""
+    """Every node's config: shared config, per-node overrides, its own key and checkpoints under `workdir`, and
+    addresses on one host. A fixed port set for every node (net.grpc_port, metrics_port, a TCP port in
+    net.dht_listen) is a base: node i gets base + i; one set in per_node is that node's own. net.host and
+    net.advertise_host are kept when set (default: 127.0.0.1). Raises ConfigError, in one line, for what cannot apply
+    to N nodes on one host: one identity file or one announced multiaddr for all of them, ports past 65535."""
+    default = NodeConfig()
+    shared = swarm_cfg.node
+    if swarm_cfg.nodes > 1 and shared.net.identity_path != default.net.identity_path:
+        raise ConfigError("swarm up gives each node its own key under --workdir: remove net.identity_path")
+    if swarm_cfg.nodes > 1 and shared.net.announce_maddrs:
+        raise ConfigError(
+            "net.announce_maddrs names one node's address: set it per node (per_node: {i: {net.announce_maddrs: "
+            "[...]}}) or remove it"
+        )
     cfgs = []
     for i in range(swarm_cfg.nodes):
         c = swarm_cfg.config_for(i)
-        c.net.identity_path = workdir / f"node{i}" / "node.key"
-        c.checkpoint_dir = workdir / f"node{i}" / "checkpoints"
-        c.net.host = "127.0.0.1"
-        c.net.advertise_host = None
-        c.net.grpc_port = 0
+        own = _set_per_node(swarm_cfg.per_node.get(i, {}))
+        offset = 0 if swarm_cfg.nodes == 1 else i
+        if "net.identity_path" not in own:
+            c.net.identity_path = workdir / f"node{i}" / "node.key"
+        if c.checkpoint_dir == default.checkpoint_dir:
+            c.checkpoint_dir = workdir / f"node{i}" / "checkpoints"
+        elif "checkpoint_dir" not in own and swarm_cfg.nodes > 1:
+            c.checkpoint_dir = c.checkpoint_dir / f"node{i}"
+        if "net.grpc_port" not in own and c.net.grpc_port:
+            c.net.grpc_port = _port(c.net.grpc_port + offset, "net.grpc_port")
+        if "metrics_port" not in own and c.metrics_port:
+            c.metrics_port = _port(c.metrics_port + offset, "metrics_port")
+        if "net.dht_listen" not in own:
+            c.net.dht_listen = [_shift_tcp(m, offset) for m in c.net.dht_listen]
         if c.threads is None:  # the host's cores, shared: N nodes must not each use all of them
             c.threads = max(1, usable_cores() // swarm_cfg.nodes)
-        c.metrics_port = 0
-        c.net.dht_listen = ["/ip4/127.0.0.1/tcp/0"]
-        c.net.announce_maddrs = []
         cfgs.append(c)
     return cfgs
+
+
+def _set_per_node(overrides: dict) -> set[str]:
+    """The dotted names a per_node entry sets (`{net.grpc_port: 1}` or `{net: {grpc_port: 1}}`)."""
+    out = set()
+    for k, v in overrides.items():
+        if isinstance(v, dict):
+            out |= {f"{k}.{sub}" for sub in _set_per_node(v)}
+        out.add(k)
+    return out
+
+
+def _port(port: int, name: str) -> int:
+    if port > 65535:
+        raise ConfigError(f"{name}: node ports count up from the one set, and {port} is past 65535: set a lower one")
+    return port
+
+
+def _shift_tcp(maddr: str, offset: int) -> str:
+    """`/ip4/H/tcp/P` with P + offset (P = 0, any free port, stays 0)."""
+    parts = maddr.split("/")
+    for k in range(len(parts) - 1):
+        if parts[k] == "tcp" and parts[k + 1].isdigit() and int(parts[k + 1]):
+            parts[k + 1] = str(_port(int(parts[k + 1]) + offset, "net.dht_listen"))
+    return "/".join(parts)
 
 
 def model_name(cfg: NodeConfig) -> str:

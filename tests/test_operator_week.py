@@ -251,3 +251,45 @@ def test_one_node_at_the_largest_allowed_step_size_no_longer_ruins_a_mean_swarm(
     assert len(exchanges) >= 2 * rounds - 2, len(exchanges)  # every exchange of both honest nodes, nearly
     for w in sim.workers[:2]:
         assert "n0002" in w.defence.tracker.flagged()
+
+
+# -- swarm up: every --set honoured or refused -----------------------------------------------------
+def test_swarm_up_honours_fixed_ports_as_bases_and_refuses_what_cannot_apply(tmp_path):
+    """Before: `swarm up --set net.grpc_port=...`, net.dht_listen and metrics_port were dropped
+    without a word (every node got port 0)."""
+    from node import swarm
+    from node.config import ConfigError, load_swarm_config
+
+    sets = {
+        "net.grpc_port": 47100,
+        "metrics_port": 47200,
+        "net.dht_listen": ["/ip4/127.0.0.1/tcp/47300", "/ip6/::1/tcp/47300"],
+        "checkpoint_dir": str(tmp_path / "ck"),
+    }
+    scfg = load_swarm_config(None, sets, 3)
+    scfg.per_node = {2: {"net.grpc_port": 47999}}
+    cfgs = swarm.node_configs(scfg, tmp_path)
+    assert [c.net.grpc_port for c in cfgs] == [47100, 47101, 47999]
+    assert [c.metrics_port for c in cfgs] == [47200, 47201, 47202]
+    assert cfgs[1].net.dht_listen == ["/ip4/127.0.0.1/tcp/47301", "/ip6/::1/tcp/47301"]
+    assert [c.checkpoint_dir for c in cfgs] == [tmp_path / "ck" / f"node{i}" for i in range(3)]
+    assert len({c.net.identity_path for c in cfgs}) == 3
+    defaults = swarm.node_configs(load_swarm_config(None, {}, 2), tmp_path)
+    assert [(c.net.grpc_port, c.metrics_port, c.net.dht_listen) for c in defaults] == [
+        (0, 0, ["/ip4/127.0.0.1/tcp/0"])
+    ] * 2
+    for bad, words in [
+        ({"net.identity_path": str(tmp_path / "k")}, "own key under --workdir: remove net.identity_path"),
+        ({"net.announce_maddrs": ["/ip4/192.0.2.1/tcp/4001"]}, "set it per node"),
+        ({"net.grpc_port": 65535}, "65536 is past 65535"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            swarm.node_configs(load_swarm_config(None, bad, 2), tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", "swarm", "up", "-n", "2", "--set", "net.grpc_port=65535"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: net.grpc_port"), r.stderr
