@@ -229,6 +229,12 @@ class ExpertsConfig(_Strict):
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints while training")
     sample_steps: int = Field(50, ge=1, le=500, description="router: default Euler steps per sample")
     max_n: int = Field(256, ge=1, le=4096, description="router: most images one request may ask for")
+    max_image_steps: int = Field(
+        256 * 50,
+        ge=1,
+        description="router: most images x Euler steps one Sample request may ask for (a heavy request holds the "
+        "small ones behind it for at most this much work)",
+    )
     predict_timeout: float = Field(10.0, gt=0, le=300, description="router: deadline of one expert call")
     sample_rate: float = Field(5.0, gt=0, description="router: Sample requests per second per client address")
     sample_burst: int = Field(20, ge=1, description="router: token bucket size per client address")

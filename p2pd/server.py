@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import torch
@@ -26,6 +25,7 @@ import torch
 from p2pd.addresses import host_port, tcp_port_in_use
 from p2pd.admission import Admission
 from p2pd.records import RecordRefused, open_record
+from p2pd.refusals import UNDECODABLE, Refusals, lenient
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.tensors import (
     DEFAULT_CHUNK_BYTES,
@@ -186,23 +186,6 @@ class TLSConfig:
     ca_file: Path | None = None
 
 
-UNDECODABLE = object()  # what _lenient hands a handler for bytes that are no request
-
-
-def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    """A request deserializer that returns UNDECODABLE for undecodable bytes instead of raising:
-    gRPC would log a full traceback for each one (and treats None the same way), so anyone
-    could flood the node's log. The handler refuses it with one counted reason."""
-
-    def deserialize(data: bytes):
-        try:
-            return parse(data)
-        except Exception:  # protobuf's DecodeError, or anything a malformed message triggers
-            return UNDECODABLE
-
-    return deserialize
-
-
 class SwarmServicer:
     """Handlers for the atoll.v1.Swarm service (see proto/swarm.proto).
 
@@ -245,25 +228,14 @@ class SwarmServicer:
         self._in_flight: Counter[str] = Counter()  # requester -> streams being served
         self._progress: dict[int, tuple[float, grpc.ServicerContext]] = {}  # stream -> (last progress, context)
         self.stats: Counter[str] = Counter()  # fetches_served, bytes_sent, not_found, bad_request, busy
-        self.refused: Counter[str] = Counter()  # refusals by reason (admission's, busy_identity, stalled, ...)
+        self._refusals = Refusals()
+        self.refused = self._refusals.counts  # refusals by reason (admission's, busy_identity, stalled, ...)
         self._lock = threading.Lock()
-        self._last_log = 0.0
         threading.Thread(target=self._cancel_stalled, name="atoll-stall-watch", daemon=True).start()
 
     def _refuse(self, context: grpc.ServicerContext, reason: str, code: grpc.StatusCode, details: str) -> None:
         """Count, log at most one line a minute, abort the call (raises)."""
-        now = time.monotonic()
-        with self._lock:
-            self.refused[reason] += 1
-            quiet = now - self._last_log < 60.0
-            self._last_log = self._last_log if quiet else now
-        if not quiet:
-            log.info(
-                "refused a request from %s: %s (further refusals are only counted for a minute)",
-                context.peer(),
-                reason,
-            )
-        context.abort(code, details)
+        self._refusals.refuse(context, reason, code, details)
 
     def _refuse_admission(self, context: grpc.ServicerContext, refusal: str) -> None:
         """Abort a request admission refused: over its rate is RESOURCE_EXHAUSTED (back off and
@@ -523,21 +495,21 @@ class SwarmServer:
         handlers = {
             # response_serializer=None: Fetch yields parts that are already serialized
             "Fetch": grpc.unary_stream_rpc_method_handler(
-                self.servicer.Fetch, request_deserializer=_lenient(pb.FetchRequest.FromString)
+                self.servicer.Fetch, request_deserializer=lenient(pb.FetchRequest.FromString)
             ),
             "Health": grpc.unary_unary_rpc_method_handler(
                 self.servicer.Health,
-                request_deserializer=_lenient(pb.HealthRequest.FromString),
+                request_deserializer=lenient(pb.HealthRequest.FromString),
                 response_serializer=pb.HealthReply.SerializeToString,
             ),
             "Reach": grpc.unary_unary_rpc_method_handler(
                 self.servicer.Reach,
-                request_deserializer=_lenient(pb.ReachRequest.FromString),
+                request_deserializer=lenient(pb.ReachRequest.FromString),
                 response_serializer=pb.ReachReply.SerializeToString,
             ),
             "Push": grpc.stream_unary_rpc_method_handler(
                 self.servicer.Push,
-                request_deserializer=_lenient(pb.PushPart.FromString),
+                request_deserializer=lenient(pb.PushPart.FromString),
                 response_serializer=pb.PushReply.SerializeToString,
             ),
         }

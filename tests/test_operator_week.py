@@ -293,3 +293,71 @@ def test_swarm_up_honours_fixed_ports_as_bases_and_refuses_what_cannot_apply(tmp
         cwd=ROOT,
     )
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: net.grpc_port"), r.stderr
+
+
+# -- the router's and experts' servers ----------------------------------------------------------------
+def test_undecodable_sample_and_predict_requests_are_refused_counted_and_barely_logged(caplog):
+    """Before: garbage bytes to the router's public Sample or an expert's Predict got INTERNAL
+    "Exception deserializing request!" and an ERROR traceback in the log, every time: an
+    anonymous client could flood the logs. Now as the trainers' server: INVALID_ARGUMENT,
+    counted as bad_request, one log line a minute at most."""
+    import logging
+
+    from test_experts import _const, _linear, _serve, _uniform_router
+
+    from node.experts.service import ExpertService, RouterService, register_expert, register_router
+
+    router = RouterService(_uniform_router(2), lambda: {0: _const(0.0), 1: _const(0.0)}, 2, 4, (1, 2, 2))
+    expert = ExpertService(_linear(4), 0, "digest", 4, torch.device("cpu"))
+    servers = [_serve(router, register_router), _serve(expert, register_expert)]
+    caplog.set_level(logging.INFO)
+    try:
+        for (_, port), method in zip(servers, ["/atoll.v1.Router/Sample", "/atoll.v1.Expert/Predict"]):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                raw = ch.unary_unary(method, request_serializer=None, response_deserializer=None)
+                for _ in range(50):
+                    with pytest.raises(grpc.RpcError) as e:
+                        raw(b"\xff\xff\xff garbage", timeout=5)
+                    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+        assert router.refused["bad_request"] == 50 and expert.refused["bad_request"] == 50
+        assert len(caplog.records) <= 2, [r.getMessage() for r in caplog.records]
+        assert "Traceback" not in caplog.text and "Exception deserializing" not in caplog.text
+    finally:
+        router.close()
+        for server, _ in servers:
+            server.stop(0)
+
+
+def test_a_heavy_sample_request_is_bounded_so_it_cannot_hold_small_ones_for_long():
+    """Before: one Sample of 256 images x 500 steps with the full ensemble held a small request
+    queued behind it for 2.35 s. A request's work (n x steps) is now bounded per request."""
+    from test_experts import _const, _serve, _uniform_router
+
+    from node.config import ExpertsConfig
+    from node.experts.service import RouterService, register_router
+    from p2pd.rpc import router_pb2 as rpb
+    from p2pd.rpc import router_pb2_grpc as rpb_grpc
+
+    bound = ExpertsConfig().max_image_steps
+    assert bound == ExpertsConfig().max_n * ExpertsConfig().sample_steps  # the largest request at default steps
+    router = RouterService(
+        _uniform_router(2),
+        lambda: {0: _const(0.0), 1: _const(0.0)},
+        2,
+        4,
+        (1, 2, 2),
+        max_steps=500,
+        max_image_steps=64,
+    )
+    server, port = _serve(router, register_router)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = rpb_grpc.RouterStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Sample(rpb.SampleRequest(n=16, strategy="full", steps=5), timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "n x steps = 80 is over this router's 64 per request" in e.value.details()
+            assert len(stub.Sample(rpb.SampleRequest(n=16, strategy="full", steps=4), timeout=30).served) == 16
+    finally:
+        router.close()
+        server.stop(0)

@@ -28,7 +28,6 @@ from node.runtime import Runtime
 from node.threads import set_threads
 from p2pd.admission import TokenBuckets
 from p2pd.identity import Identity
-from p2pd.rpc import router_pb2_grpc as pb_grpc
 
 log = logging.getLogger("atoll.experts")
 Event = Callable[[dict], None]
@@ -222,7 +221,7 @@ class ExpertNode(_Role):
                 self.model, self.k, self.clustering.digest, self.dim, torch.device("cpu"), self.runtime.admission
             )
             self._record["model_digest"] = digest
-            self._serve(pb_grpc.add_ExpertServicer_to_server, svc)
+            self._serve(service.register_expert, svc)
             self.on_event(
                 dict(
                     event="ready",
@@ -319,8 +318,9 @@ class RouterNode(_Role):
                 max_n=e.max_n,
                 default_steps=e.sample_steps,
                 per_client=TokenBuckets(e.sample_rate, e.sample_burst),
+                max_image_steps=e.max_image_steps,
             )
-            self._serve(pb_grpc.add_RouterServicer_to_server, self.service)
+            self._serve(service.register_router, self.service)
             self.on_event(
                 dict(
                     event="ready",

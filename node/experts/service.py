@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from node.experts.flow import Velocity
 from p2pd.admission import Admission, TokenBuckets, sign_predict
 from p2pd.client import open_channel
 from p2pd.identity import Identity
+from p2pd.refusals import Refusals, add_lenient_service
 from p2pd.rpc import router_pb2 as pb
 from p2pd.rpc import router_pb2_grpc as pb_grpc
 from p2pd.server import TLSConfig
@@ -91,18 +91,20 @@ class ExpertService(pb_grpc.ExpertServicer):
         )
         self.admission = admission
         self.calls = 0
-        self.refused: Counter[str] = Counter()  # Predict requests refused by admission, by reason
+        self._refusals = Refusals("a Predict request")
+        self.refused = self._refusals.counts  # Predict requests refused, by reason (admission's, bad_request)
         self._lock = threading.Lock()  # one forward at a time: CPU threads are the bottleneck anyway
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictReply:
         """The velocity (rows, dim) float32 at the request's x (rows, dim) and t (rows,) in [0, 1]; aborts with
         FAILED_PRECONDITION for another clustering's digest, INVALID_ARGUMENT for a bad x or t, PERMISSION_DENIED or
-        RESOURCE_EXHAUSTED (over its rate) when admission refuses the caller."""
+        RESOURCE_EXHAUSTED (over its rate) when admission refuses the caller; undecodable bytes are INVALID_ARGUMENT
+        (`bad_request`, counted, one log line a minute)."""
+        self._refusals.refuse_undecodable(request, context)
         refusal = self.admission.check_predict(request) if self.admission is not None else None
         if refusal is not None:
-            self.refused[refusal] += 1
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if refusal == "rate" else grpc.StatusCode.PERMISSION_DENIED
-            context.abort(code, f"refused: {refusal}")
+            self._refusals.refuse(context, refusal, code, f"refused: {refusal}")
         if request.cluster_digest != self.cluster_digest:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -204,13 +206,19 @@ class RouterService(pb_grpc.RouterServicer):
         max_steps: int = 500,
         max_batch: int = 1024,
         per_client: TokenBuckets | None = None,
+        max_image_steps: int = 256 * 50,
     ):
-        """`per_client`: a token bucket per client address that every Sample spends from (None:
-        no limit)."""
+        """`router`: p(cluster | x_t, t); `experts()`: the live experts' velocities by cluster; `k`: clusters;
+        `dim`: values per image; `image_shape`: how a reply shapes them; `max_n`, `default_steps`, `max_steps`:
+        bounds and default of one request; `max_batch`: images in one batched run; `per_client`: a token bucket per
+        client address that every Sample spends from (None: no limit); `max_image_steps`: the most n x steps one
+        request may ask for, so a heavy request holds a small one behind it for a bounded time."""
         self.per_client = per_client
-        self.refused: Counter[str] = Counter()  # Sample requests refused, by reason
+        self._refusals = Refusals("a Sample request")
+        self.refused = self._refusals.counts  # Sample requests refused, by reason (rate, bad_request)
         self.router, self.experts, self.k, self.dim, self.image_shape = router, experts, k, dim, image_shape
         self.max_n, self.default_steps, self.max_steps, self.max_batch = max_n, default_steps, max_steps, max_batch
+        self.max_image_steps = max_image_steps
         self.runs = 0  # ensemble runs (fewer than requests when batching works)
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._stop = threading.Event()
@@ -225,10 +233,13 @@ class RouterService(pb_grpc.RouterServicer):
     def Sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> pb.SampleReply:
         """Generate `n` images in [0, 1] with the ensemble (strategy top1 .. topK or full, `steps` Euler steps, noise
         from `seed`), batched with concurrent requests of the same strategy and steps. Aborts with INVALID_ARGUMENT
-        for bad parameters, RESOURCE_EXHAUSTED over the client's rate, UNAVAILABLE when no expert could serve."""
+        for undecodable bytes and bad parameters (n times steps over `max_image_steps` included: a request holds the
+        ones behind it for at most that much work), RESOURCE_EXHAUSTED over the client's rate, UNAVAILABLE when no
+        expert could serve."""
+        self._refusals.refuse_undecodable(request, context)
         if self.per_client is not None and not self.per_client.take(client_host(context.peer())):
-            self.refused["rate"] += 1
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "refused: rate (too many Sample requests from here)")
+            why = "refused: rate (too many Sample requests from here)"
+            self._refusals.refuse(context, "rate", grpc.StatusCode.RESOURCE_EXHAUSTED, why)
         if not 1 <= request.n <= self.max_n:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"n must be in [1, {self.max_n}], got {request.n}")
         try:
@@ -238,6 +249,12 @@ class RouterService(pb_grpc.RouterServicer):
         steps = request.steps or self.default_steps
         if not 1 <= steps <= self.max_steps:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"steps must be in [1, {self.max_steps}]")
+        if request.n * steps > self.max_image_steps:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"n x steps = {request.n * steps} is over this router's {self.max_image_steps} per request: ask for "
+                f"fewer images or steps, in several requests",
+            )
         job = _Job(request.n, top, steps, request.seed, threading.Event())
         self._queue.put(job)
         while not job.done.wait(0.5):
@@ -308,3 +325,13 @@ class RouterService(pb_grpc.RouterServicer):
             )
             at += job.n
             job.done.set()
+
+
+def register_expert(servicer: ExpertService, server: grpc.Server) -> None:
+    """Serve `servicer` as atoll.v1.Expert on `server`, undecodable requests refused as `bad_request`."""
+    add_lenient_service(server, "atoll.v1.Expert", {"Predict": (servicer.Predict, pb.PredictRequest, pb.PredictReply)})
+
+
+def register_router(servicer: RouterService, server: grpc.Server) -> None:
+    """Serve `servicer` as atoll.v1.Router on `server`, undecodable requests refused as `bad_request`."""
+    add_lenient_service(server, "atoll.v1.Router", {"Sample": (servicer.Sample, pb.SampleRequest, pb.SampleReply)})
