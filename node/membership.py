@@ -21,3 +21,18 @@ def join(net: NetConfig, identity: Identity) -> Discovery:
         ttl=net.record_ttl,
         relay=net.relay,
     ).start()
+
+
+def why_not_joined(refused: dict[str, int], other_task: int) -> str:
+    """What this node saw of the nodes it waited for, and where to look: records it refused (a clock off by more than
+    the records' slack shows as not_yet_valid or expired), live peers of another task."""
+    seen = [f"{n} record(s) refused as {reason}" for reason, n in sorted(refused.items()) if n]
+    if other_task:
+        seen.append(f"{other_task} live peer(s) of another task or codec")
+    clock = refused.get("not_yet_valid", 0) or refused.get("expired", 0)
+    return (
+        ("Seen: " + "; ".join(seen) + ". " if seen else "No other node's record was seen. ")
+        + ("A peer's clock differs from this one's: synchronise the clocks (NTP). " if clock else "")
+        + "A node that cannot join says why in its own log (a clock more than 3 s off, initial peers it cannot "
+        "reach, another net.swarm)"
+    )

@@ -24,6 +24,7 @@ import concurrent.futures
 import logging
 import multiprocessing
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -48,6 +49,20 @@ log = logging.getLogger(__name__)
 BOOTSTRAP_ATTEMPTS = 3  # DHT starts tried when no initial peer answers
 BOOTSTRAP_RETRY_SECONDS = 2.0
 STORE_MIN_SECONDS = 1.0  # an updated record reaches the DHT within this (Health serves it at once)
+
+
+def clock_skew(error: str) -> str | None:
+    """hivemind's "local time must be within 3 seconds of others (local: T1, peer: T2)" as one line with the offset
+    and what to do; None for any other error."""
+    m = re.search(r"local time must be within ([\d.]+) seconds.*?local: ([\d.]+), peer: ([\d.]+)", error, re.S)
+    if m is None:
+        return None
+    limit, offset = float(m.group(1)), float(m.group(2)) - float(m.group(3))
+    return (
+        f"clock skew: this machine's clock is {abs(offset):.1f} s {'ahead of' if offset > 0 else 'behind'} the "
+        f"initial peer's (the DHT needs them within {limit:g} s): synchronise the clock (NTP: timedatectl "
+        f"set-ntp true, or chrony) on whichever machine is wrong, then start again"
+    )
 
 
 class DiscoveryError(RuntimeError):
@@ -216,6 +231,9 @@ class Discovery:
             except DiscoveryError:
                 raise
             except Exception as e:
+                skew = clock_skew(str(e))
+                if skew is not None:
+                    raise DiscoveryError(skew) from e
                 # hivemind says "bootstrap" when no initial peer answered: often passing (a peer
                 # restarting, or one that still holds a connection of this id from before a crash)
                 bootstrap = "bootstrap" in str(e)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -361,3 +362,59 @@ def test_a_heavy_sample_request_is_bounded_so_it_cannot_hold_small_ones_for_long
     finally:
         router.close()
         server.stop(0)
+
+
+# -- a skewed clock ----------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_a_node_with_a_skewed_clock_names_the_offset_and_the_waiting_node_says_what_it_saw(tmp_path):
+    """Before: a node 120 s ahead exited with hivemind's "local time must be within 3 seconds
+    of others" and no advice; the healthy node waited all of join_timeout and trained alone
+    without saying why. The skewed node here runs with time.time() 120 s ahead (before
+    hivemind is imported, so its DHT time is skewed too)."""
+    from helpers import atoll_node
+
+    skewed_site = tmp_path / "skew"
+    skewed_site.mkdir()
+    (skewed_site / "sitecustomize.py").write_text(
+        "import time\n_real = time.time\ntime.time = lambda: _real() + 120.0\n"
+    )
+
+    def config(name: str, index: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        tree = {
+            "node_count": 2,
+            "node_index": index,
+            "metrics_port": None,
+            "threads": 1,
+            "checkpoint_dir": str(tmp_path / name),
+            "train": {"rounds": 2, "local_steps": 2},
+            "comm": {"join_timeout": 10},
+            "net": {"swarm": "skew", "identity_path": str(tmp_path / f"{name}.key")},
+        }
+        path.write_text(yaml.safe_dump(tree))
+        return path
+
+    healthy = atoll_node(config("a", 0), log=tmp_path / "a.log")
+    try:
+        maddr = healthy.ready(90)["maddrs"][0]
+        env = dict(os.environ, PYTHONPATH=f"{skewed_site}{os.pathsep}{ROOT}")
+        r = subprocess.run(
+            [sys.executable, "-m", "node.cli", "node", "start", "-c", str(config("b", 1)), "-p", maddr],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+            env=env,
+        )
+        assert r.returncode == 2, r.stderr[-2000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert "clock skew: this machine's clock is 1" in last and "s ahead of the initial peer's" in last, last
+        assert "synchronise the clock (NTP" in last and "Traceback" not in r.stderr
+        offset = float(last.split("clock is ")[1].split(" s ")[0])
+        assert 115 < offset < 125, last
+        healthy.proc.wait(timeout=90)
+        log = (tmp_path / "a.log").read_text()
+        said = [line for line in log.splitlines() if "only 1 of 2 nodes live after 10 s" in line]
+        assert said and "a node that cannot join says why in its own log (a clock more than 3 s off" in said[0].lower()
+    finally:
+        healthy.stop()

@@ -29,6 +29,7 @@ from node.comm.backoff import Backoff
 from node.comm.compression import record_codec, sends_deltas
 from node.exchange import Accept, Member, model_like
 from node.exchange.carrier import Pusher
+from node.membership import why_not_joined
 from node.metrics import NodeMetrics
 from p2pd.client import FetchError, SwarmClient
 from p2pd.codecs import CODECS
@@ -462,10 +463,11 @@ class GrpcExchange:
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning(
-                    "only %d of %d nodes live after %.0f s (comm.join_timeout); starting anyway",
+                    "only %d of %d nodes live after %.0f s (comm.join_timeout); starting with them. %s",
                     len(live),
                     want,
                     timeout,
+                    why_not_joined(self.discovery.refused, len(view) - len(live)),
                 )
                 return
             if said != len(live):
