@@ -25,6 +25,10 @@ class _Ordered(typer.core.TyperGroup):
         return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
 
 
+SWARM_HINT = (
+    "if your nodes use another net.swarm, name it with --swarm NAME (the examples use demo, lab, mylab, mixed)"
+)
+
 app = typer.Typer(
     help="atoll: a peer-to-peer training daemon.", no_args_is_help=True, add_completion=False, cls=_Ordered
 )
@@ -411,10 +415,7 @@ def status(
         return
     typer.echo(f"{len(records)} live node(s) in swarm {swarm_name!r}")
     if not records:
-        typer.echo(
-            "  if your nodes use another net.swarm, name it with --swarm NAME "
-            "(the examples use demo, lab, mylab, mixed)"
-        )
+        typer.echo(f"  {SWARM_HINT}")
         return
     from rich.console import Console
 
@@ -565,11 +566,14 @@ def _find_router(peers: list[str], swarm_name: str) -> str:
         _fail("give --router HOST:PORT or --peers MADDR")
     with _observer(peers, swarm_name) as d:
         for _ in range(20):  # bounded: 10 s for the DHT to answer
-            routers = [r for r in d.live_peers() if "router" in r.roles]
+            live = d.live_peers()
+            routers = [r for r in live if "router" in r.roles]
             if routers:
                 return routers[0].grpc_address
             time.sleep(0.5)
-    _fail(f"no live router in swarm {swarm_name!r}")
+    if live:
+        _fail(f"no live router in swarm {swarm_name!r} ({len(live)} live node(s), none a router: atoll router serve)")
+    _fail(f"no live node in swarm {swarm_name!r}: {SWARM_HINT}")
 
 
 @app.command("prometheus-targets", rich_help_panel=INSPECT)
@@ -610,11 +614,13 @@ def _observer(peers: list[str], swarm_name: str):
     swarm's records; a bad multiaddr or an unreachable swarm is one error line."""
     import tempfile
 
+    from p2pd.addresses import check_maddr
     from p2pd.discovery import Discovery, DiscoveryError
     from p2pd.identity import Identity
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
+            peers = [check_maddr(p) for p in peers]
             d = Discovery(
                 Identity.load_or_create(Path(tmp) / "observer.key"),
                 swarm=swarm_name,

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from node import registry
+from p2pd.addresses import check_maddr
 
 
 class _Strict(BaseModel):
@@ -252,6 +253,12 @@ class NetConfig(_Strict):
     announce_maddrs: list[str] = []
     initial_peers: list[str] = []
     record_ttl: float = Field(15.0, ge=1, le=3600)
+
+    @field_validator("dht_listen", "announce_maddrs", "initial_peers")
+    @classmethod
+    def _multiaddrs(cls, value: list[str]) -> list[str]:
+        return [check_maddr(m) for m in value]
+
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None

@@ -56,3 +56,18 @@ def maddr_tcp_listen(maddr: str) -> tuple[str, int] | None:
     """(host, port) of an /ip4|ip6/H/tcp/P multiaddr, None for other forms."""
     m = re.fullmatch(r"/ip[46]/([^/]+)/tcp/([0-9]{1,5})(/.*)?", maddr)
     return (m[1], int(m[2])) if m else None
+
+
+def check_maddr(maddr: str) -> str:
+    """`maddr` if it parses as a multiaddr; raises ValueError with one line saying what is wrong (an IPv6 address in
+    brackets, as URLs write it, gets the unbracketed form to use)."""
+    from multiaddr import Multiaddr
+
+    try:
+        Multiaddr(maddr)
+    except Exception as e:  # multiaddr raises its own parse error types
+        fixed = re.sub(r"/ip6/\[([^\]/]+)\]", r"/ip6/\1", maddr)
+        if fixed != maddr:
+            raise ValueError(f"{maddr!r}: a multiaddr writes IPv6 without brackets: {fixed}") from None
+        raise ValueError(f"{maddr!r} is not a multiaddr ({str(e).split(' (string:')[0]})") from None
+    return maddr

@@ -263,8 +263,11 @@ class Discovery:
 
     @property
     def dht(self) -> hivemind.DHT:
-        """The running hivemind DHT; raises RuntimeError before start()."""
+        """The running hivemind DHT; raises RuntimeError before start(), DiscoveryError after close() (a thread
+        still reading the view as the node closes must see the DHT gone, which it handles, not a bug)."""
         if self._dht is None:
+            if self._stop.is_set():
+                raise DiscoveryError("the DHT is closed")
             raise RuntimeError("Discovery.start() has not been called")
         return self._dht
 

@@ -418,3 +418,69 @@ def test_a_node_with_a_skewed_clock_names_the_offset_and_the_waiting_node_says_w
         assert said and "a node that cannot join says why in its own log (a clock more than 3 s off" in said[0].lower()
     finally:
         healthy.stop()
+
+
+# -- smaller ones ------------------------------------------------------------------------------------
+def test_a_closed_discovery_raises_what_the_view_threads_handle(keydir):
+    """Before: a one-node run that finished quickly printed a traceback after "done": a view
+    thread read the DHT just as the node closed it and got RuntimeError("Discovery.start() has
+    not been called"), which no thread handles. A closed Discovery now raises DiscoveryError."""
+    from p2pd.discovery import Discovery, DiscoveryError
+    from p2pd.identity import Identity
+
+    d = Discovery(Identity.load_or_create(keydir / "a.key"), swarm="closing", ttl=4).start()
+    d.close()
+    with pytest.raises(DiscoveryError, match="the DHT is closed"):
+        d.live_peers()
+    with pytest.raises(RuntimeError, match="has not been called"):
+        Discovery(Identity.load_or_create(keydir / "b.key"), swarm="closing").visible_maddrs()
+
+
+def test_a_bracketed_ipv6_multiaddr_is_a_config_error_with_the_fix(tmp_path):
+    """Before: `/ip6/[::1]/...` was reported as "could not start the DHT"."""
+    from node.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"net.dht_listen: .*writes IPv6 without brackets: /ip6/::1/tcp/0"):
+        load_config(None, {"net.dht_listen": ["/ip6/[::1]/tcp/0"]})
+    with pytest.raises(ConfigError, match=r"net.initial_peers: 'nonsense' is not a multiaddr"):
+        load_config(None, {"net.initial_peers": ["nonsense"]})
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", "status", "-p", "/ip6/[::1]/tcp/4001"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: '/ip6/[::1]/tcp/4001': a multiaddr writes IPv6 without brackets: /ip6/::1/tcp/4001"
+    ), r.stderr
+
+
+@pytest.mark.integration
+def test_router_query_into_another_swarm_gives_the_swarm_hint(tmp_path):
+    """Before: `router query -p MADDR` for a swarm not named atoll said "no live router in swarm
+    'atoll'" without the --swarm hint that `atoll status` gives."""
+    from helpers import NodeProcess
+
+    peer = NodeProcess("--key", str(tmp_path / "a.key"), "--swarm", "lab", "--ttl", "6")
+    try:
+        maddr = peer.ready(90)["maddrs"][0]
+        r = subprocess.run(
+            [sys.executable, "-m", "node.cli", "router", "query", "-p", maddr, "--n", "1"],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            cwd=ROOT,
+        )
+        assert r.returncode == 2, r.stderr
+        assert "no live node in swarm 'atoll': if your nodes use another net.swarm, name it with --swarm" in r.stderr
+        r = subprocess.run(
+            [sys.executable, "-m", "node.cli", "router", "query", "-p", maddr, "--swarm", "lab", "--n", "1"],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            cwd=ROOT,
+        )
+        assert r.returncode == 2 and "no live router in swarm 'lab' (1 live node(s), none a router" in r.stderr
+    finally:
+        peer.stop()
