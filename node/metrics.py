@@ -113,6 +113,8 @@ class NodeMetrics:
             ["reason"],
             registry=r,
         )
+        for reason in ("ENOSPC", "EIO", "EACCES", "EROFS", "other"):  # series from the start: increase() sees the 1st
+            self.checkpoint_failures.labels(reason=reason)
         self.checkpoint_time = 0.0
         Gauge(
             "atoll_checkpoint_age_seconds", "Seconds since the last checkpoint was written (-1: none yet)", registry=r
