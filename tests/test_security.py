@@ -104,8 +104,10 @@ def test_trust_flags_a_sign_flipper_not_honest_neighbours():
 
 
 def test_simulated_attack_is_detected_and_defended():
-    """6 honest nodes and 2 sign-flipping ones on a complete graph: plain averaging collapses,
-    the trimmed mean holds, and the trust score flags exactly the attackers."""
+    """6 honest nodes and 2 sign-flipping ones on a complete graph: the trust score flags exactly
+    the attackers, the trimmed mean holds, and plain averaging no longer collapses either, since
+    flagged peers are clipped to the median update under every aggregator (measured: no attack
+    0.878, mean 0.544, trimmed mean 0.569; mean before the clipping: 0.200)."""
     from node.bench.algorithms import run_method
 
     base = {"data": {"alpha": 0.5}, "comm": {"topology": "complete"}, "train": {"rounds": 6, "local_steps": 15}}
@@ -114,7 +116,8 @@ def test_simulated_attack_is_detected_and_defended():
     robust = run_method({**spec, "node": {"security": {"aggregator": "trimmed_mean"}}}, 8, base, seed=0)
     assert len(robust.final_accuracies) == 6  # honest nodes only
     assert robust.detection["precision"] == 1.0 and robust.detection["recall"] == 1.0
-    assert min(robust.final_accuracies) > max(plain.final_accuracies) + 0.2
+    assert plain.detection["precision"] == 1.0 and plain.detection["recall"] == 1.0
+    assert min(robust.final_accuracies) > 0.45 and min(plain.final_accuracies) > 0.4
 
 
 def test_the_median_matches_numpy_for_odd_and_even_counts():
