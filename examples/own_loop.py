@@ -1,4 +1,4 @@
-"""atoll inside your own training loop (node/peer.py): your model, your data, your optimizer;
+"""atoll inside your own training loop (node/net/peer.py): your model, your data, your optimizer;
 atoll only gossips the model with the swarm's other members after each of your rounds.
 
     python examples/own_loop.py --index 0 --nodes 2 --key /tmp/a.key
@@ -16,7 +16,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from node.peer import Peer
+from node.net.peer import Peer
 
 
 def data(seed: int, n: int, truth: torch.Tensor):

@@ -73,7 +73,7 @@ class OptimConfig(_Strict):
         gt=0,
         le=1,
         description="step size; 1 is already past what SGD with momentum or Adam train with (a node that diverges "
-        "anyway is clipped by its neighbours, node/security/defence.py)",
+        "anyway is clipped by its neighbours, node/protocol/defence.py)",
     )
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -165,7 +165,7 @@ class CommConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    """Federated distillation, used when comm.exchange is logits (see node/distill/)."""
+    """Federated distillation, used when comm.exchange is logits (see node/algo/distill/)."""
 
     method: Literal[registry.DISTILL_METHODS] = Field(
         "edgefd", description="edgefd: speak only for in-distribution proxy rows; knfu: weight similar neighbours more"
@@ -183,7 +183,7 @@ class DistillConfig(_Strict):
 
 
 class SecurityConfig(_Strict):
-    """Byzantine and sybil defence (node/aggregate/robust.py, node/security/), and attacks for
+    """Byzantine and sybil defence (node/algo/aggregate/robust.py, node/algo/security/), and attacks for
     tests and benchmarks. Model exchange with gossip only."""
 
     aggregator: Literal[registry.AGGREGATORS] = Field(
@@ -207,7 +207,7 @@ class SecurityConfig(_Strict):
     @model_validator(mode="after")
     def _attack_params(self) -> SecurityConfig:
         unknown = sorted(set(self.attack_params) - set(registry.ATTACK_PARAMS))
-        if unknown:  # the values are checked where the attack is built (node/worker.py)
+        if unknown:  # the values are checked where the attack is built (node/protocol/worker.py)
             raise ValueError(
                 f"attack_params: unknown {', '.join(unknown)}; known: {', '.join(registry.ATTACK_PARAMS)}"
             )
@@ -217,7 +217,7 @@ class SecurityConfig(_Strict):
 
 
 class ExpertsConfig(_Strict):
-    """Decentralized diffusion (node/experts/): for `role: expert` and `role: router`."""
+    """Decentralized diffusion (node/algo/experts/): for `role: expert` and `role: router`."""
 
     clusters: int = Field(4, ge=2, le=64, description="K: KMeans clusters of the data set, one expert each")
     cluster: int = Field(0, ge=0, description="the cluster an expert node trains on")

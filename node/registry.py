@@ -3,11 +3,11 @@ against these tuples; each implementing module dispatches on them and checks at 
 it implements exactly these (so a name cannot be added in one place only). No imports: the
 config (which everything uses) depends on this file, not on the algorithms.
 
-- TOPOLOGIES: node/comm/topology.py (gossip graphs);
-- AGGREGATORS: node/aggregate/robust.py (how neighbour models are combined);
-- ATTACKS and ATTACK_PARAMS: node/security/attacks.py (attack rehearsals);
-- EXCHANGES, ALGORITHMS: node/rounds/ (the round protocols; ranks: FRL, node/frl.py);
-- DISTILL_METHODS: node/distill/ (logit exchange).
+- TOPOLOGIES: node/algo/comm/topology.py (gossip graphs);
+- AGGREGATORS: node/algo/aggregate/robust.py (how neighbour models are combined);
+- ATTACKS and ATTACK_PARAMS: node/algo/security/attacks.py (attack rehearsals);
+- EXCHANGES, ALGORITHMS: node/protocol/rounds/ (the round protocols; ranks: FRL, node/algo/frl.py);
+- DISTILL_METHODS: node/algo/distill/ (logit exchange).
 """
 
 TOPOLOGIES = ("ring", "torus", "exponential", "random", "complete")

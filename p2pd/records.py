@@ -39,7 +39,7 @@ MAX_TTL_SECONDS = 3600.0
 CLOCK_SKEW_SECONDS = 5.0
 
 Role = Literal["trainer", "aggregator", "expert", "router", "observer"]
-# How neighbours reach a node's snapshots (node/netcheck.py finds it, node/exchange/grpc.py routes by it):
+# How neighbours reach a node's snapshots (node/net/netcheck.py finds it, node/net/grpc_exchange.py routes by it):
 # direct: gRPC at grpc_address; relayed: libp2p streams to peer_id (p2pd/libp2p.py: an open
 # connection, hole punching or a circuit relay); outbound_only: through its `carrier`, a reachable
 # neighbour it pushes its snapshots to (the Push RPC)
@@ -92,7 +92,7 @@ class PeerRecord(BaseModel):
     roles: Annotated[tuple[Role, ...], Field(max_length=5)] = ("trainer",)
     reachability: Reachability = "direct"  # older records carry none: they were dialled directly
     carrier: str = ""  # outbound_only: the peer id that serves this node's snapshots, "" if none yet
-    # diffusion experts (node/experts/): the cluster an expert models (-1: not an expert) and the
+    # diffusion experts (node/algo/experts/): the cluster an expert models (-1: not an expert) and the
     # digest of the clustering it belongs to; model_digest is then its checkpoint's sha256
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0  # Prometheus endpoint on the gRPC host, 0: none
     cluster: Annotated[int, Field(ge=-1, lt=2**16)] = -1

@@ -84,7 +84,7 @@ class NodeProcess:
         self.proc.wait(10)
 
 
-ATOLL_NODE = [sys.executable, "-m", "node.cli", "node", "start", "--json-events"]
+ATOLL_NODE = [sys.executable, "-m", "node.app.cli", "node", "start", "--json-events"]
 
 
 def atoll_node(config: Path, *extra: str, log: Path | None = None) -> NodeProcess:

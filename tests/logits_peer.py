@@ -16,8 +16,8 @@ import threading
 
 import torch
 
-from node.data import load_dataset
-from node.distill import proxy_split
+from node.algo.distill import proxy_split
+from node.protocol.data import load_dataset
 from p2pd.discovery import Discovery
 from p2pd.identity import Identity
 from p2pd.server import SnapshotStore, SwarmServer

@@ -231,7 +231,7 @@ def test_reach_dials_the_requester_back_only_at_its_signed_address():
 def test_predict_requests_are_signed_over_their_inputs_and_have_their_own_budget():
     """A router calls an expert once per sampling step: far more Predicts than fetches pass,
     and a signature seen on the wire cannot carry other inputs."""
-    from node.experts.service import matrix_to_pb
+    from node.net.experts.service import matrix_to_pb
     from p2pd.admission import Admission, sign_predict
     from p2pd.identity import Identity
     from p2pd.rpc import router_pb2 as rpb

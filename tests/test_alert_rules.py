@@ -10,8 +10,8 @@ import yaml
 from prometheus_client import generate_latest
 from sysdeps import needs
 
-from node.metrics import NodeMetrics
-from node.security.trust import TrustTracker
+from node.algo.security.trust import TrustTracker
+from node.net.metrics import NodeMetrics
 
 PROM = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 needs_promtool = needs("prometheus")

@@ -1,8 +1,8 @@
-"""Back-off of unreachable neighbours (node/comm/backoff.py), in rounds."""
+"""Back-off of unreachable neighbours (node/algo/comm/backoff.py), in rounds."""
 
 import pytest
 
-from node.comm.backoff import Backoff
+from node.algo.comm.backoff import Backoff
 
 
 def test_pauses_double_up_to_the_cap_and_a_success_clears_them():

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 def atoll(*args, timeout=300):
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [sys.executable, "-m", "node.app.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
 
 
@@ -57,8 +57,8 @@ def test_bench_swarm_figures_from_round_events():
     """The figures of `atoll bench swarm` from nodes' round events (times as read) and sampled usage."""
     import subprocess as sp
 
-    from node.bench.swarm import Usage, summarize, table
-    from node.swarm import NodeRun
+    from node.app.bench.swarm import Usage, summarize, table
+    from node.app.swarm import NodeRun
 
     runs = []
     for i, (start, accs) in enumerate([(0.0, [0.5, 0.9, 0.95]), (1.0, [0.6, 0.94, 0.96])]):

@@ -12,7 +12,7 @@ import torch
 from helpers import atoll_node
 from test_swarm import write_config
 
-from node import checkpoint
+from node.net import checkpoint
 
 # slow (about 2.5 min on 2 cores): run with `make test-all` or `pytest -m slow`
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -1,4 +1,4 @@
-"""Compressed gossip (node/comm/compression.py): CHOCO-SGD's error feedback keeps consensus
+"""Compressed gossip (node/protocol/compression.py): CHOCO-SGD's error feedback keeps consensus
 where compressing without it does not, copies stay in step across restarts and redone rounds,
 and peers that cannot use each other's codec do not exchange."""
 
@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from node.comm.compression import CompressedGossip, record_codec
 from node.config import CommConfig, ConfigError, NodeConfig, SwarmConfig, load_config
-from node.exchange.grpc import GrpcExchange
-from node.exchange.memory import Board, MemoryExchange
-from node.sim import Simulation
+from node.net.grpc_exchange import GrpcExchange
+from node.protocol.compression import CompressedGossip, record_codec
+from node.protocol.exchange.memory import Board, MemoryExchange
+from node.protocol.sim import Simulation
 
 IDS = ["a", "b", "c", "d"]
 
@@ -127,7 +127,7 @@ def test_a_corrupted_compressed_delta_is_refused_counted_and_resynced():
     """A delta flipped on the wire is refused by the daemons' decoder (and counted); the
     receivers lost a step of that node's lineage, so the next step they fetch its estimate once
     and go on: every node finishes about where the same run without the fault does."""
-    from node.exchange.memory import Faults
+    from node.protocol.exchange.memory import Faults
 
     tree = {"comm": {"codec": "int8", "error_feedback": True}, "train": {"rounds": 6, "local_steps": 5}, "threads": 1}
     probe = Simulation(SwarmConfig(nodes=3, node=NodeConfig.model_validate(tree)))

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from node.data import load_dataset
-from node.distill import (
+from node.algo.distill import (
     LogitsRefused,
     check_logits,
     distill_steps,
@@ -19,8 +18,9 @@ from node.distill import (
     soft_targets,
     speaking_rows,
 )
-from node.models import build_model
-from node.train import evaluate
+from node.protocol.data import load_dataset
+from node.protocol.models import build_model
+from node.protocol.train import evaluate
 from p2pd.tensors import SnapshotKey, StreamDecoder, TensorStreamError, encode
 
 

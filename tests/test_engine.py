@@ -10,12 +10,12 @@ import torch
 import yaml
 from helpers import atoll_node
 
-from node.bench import merged
-from node.comm.mixing import metropolis_hastings, mix, renormalise
-from node.comm.topology import graph
+from node.algo.comm.mixing import metropolis_hastings, mix, renormalise
+from node.algo.comm.topology import graph
+from node.app.bench import merged
 from node.config import NodeConfig, SwarmConfig
-from node.exchange.memory import Faults
-from node.sim import Simulation
+from node.protocol.exchange.memory import Faults
+from node.protocol.sim import Simulation
 from p2pd.tensors import SnapshotKey
 
 N, ROUNDS = 3, 3
@@ -148,8 +148,8 @@ def test_a_short_delay_changes_nothing():
 
 
 def test_a_non_finite_snapshot_is_refused_as_a_daemon_refuses_it():
-    from node.exchange import model_like
-    from node.exchange.memory import Board, MemoryExchange
+    from node.protocol.exchange import model_like
+    from node.protocol.exchange.memory import Board, MemoryExchange
 
     board = Board(["a", "b"], [1, 1])
     nan = {"w": torch.tensor([1.0, float("nan")])}

@@ -10,10 +10,10 @@ import pytest
 import torch
 from helpers import self_signed_cert
 
-from node.experts import ensemble
-from node.experts.cluster import cluster, from_unit, to_unit
-from node.experts.evaluate import frechet
-from node.experts.service import (
+from node.algo.experts import ensemble
+from node.algo.experts.cluster import cluster, from_unit, to_unit
+from node.app.evaluate import frechet
+from node.net.experts.service import (
     MAX_MESSAGE_BYTES,
     ExpertService,
     RemoteExpert,
@@ -33,7 +33,7 @@ from p2pd.server import SnapshotStore, SwarmServer, TLSConfig
 
 @pytest.fixture(scope="module")
 def digits():
-    from node.data import load_dataset
+    from node.protocol.data import load_dataset
 
     return load_dataset("digits")
 
@@ -280,7 +280,7 @@ def test_router_service_batches_concurrent_requests_and_refuses_bad_ones():
 
 def test_denoiser_learns_and_resumes_from_checkpoint(tmp_path):
     from node.config import NodeConfig
-    from node.experts.roles import ExpertNode
+    from node.net.experts.roles import ExpertNode
 
     cfg = NodeConfig(
         role="expert",

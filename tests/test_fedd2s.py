@@ -1,13 +1,13 @@
-"""FedD2S (node/distill/fedd2s.py): deep-to-shallow layer dropping keeps the deeper layers
+"""FedD2S (node/algo/distill/fedd2s.py): deep-to-shallow layer dropping keeps the deeper layers
 personal, and nodes report accuracy on their own held-out distribution."""
 
 import torch
 
-from node import distill
+from node.algo import distill
 from node.config import NodeConfig, SwarmConfig
-from node.models import build_model
-from node.rounds.distill import DistillRounds
-from node.sim import Simulation
+from node.protocol.models import build_model
+from node.protocol.rounds.distill import DistillRounds
+from node.protocol.sim import Simulation
 
 
 def test_layers_drop_deepest_first_and_never_the_first():

@@ -58,7 +58,7 @@ def test_a_copied_key_is_refused_and_the_original_keeps_its_record(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "node.cli",
+                "node.app.cli",
                 "node",
                 "start",
                 "-c",
@@ -77,7 +77,7 @@ def test_a_copied_key_is_refused_and_the_original_keeps_its_record(tmp_path):
         assert "already in use by a live node at " + a.info["grpc"] in copy.stderr
         assert len([line for line in copy.stderr.splitlines() if line.startswith("error:")]) == 1
         status = subprocess.run(
-            [sys.executable, "-m", "node.cli", "status", "-p", boot[0], "--swarm", "dup", "--json"],
+            [sys.executable, "-m", "node.app.cli", "status", "-p", boot[0], "--swarm", "dup", "--json"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -100,11 +100,11 @@ def test_a_diverging_node_rolls_back_never_checkpoints_nan_and_exits_non_zero(tm
 
     import torch
 
-    from node import checkpoint
+    from node.net import checkpoint
 
     cfg = _config(tmp_path / "n.yaml", tmp_path, "n", "nan", train={"rounds": 3, "local_steps": 5})
     good = subprocess.run(
-        [sys.executable, "-m", "node.cli", "node", "start", "-c", cfg],
+        [sys.executable, "-m", "node.app.cli", "node", "start", "-c", cfg],
         capture_output=True,
         text=True,
         timeout=120,
@@ -118,7 +118,7 @@ def test_a_diverging_node_rolls_back_never_checkpoints_nan_and_exits_non_zero(tm
     before = json.loads((ck / "state.json").read_text())
 
     bad = subprocess.run(
-        [sys.executable, "-m", "node.cli", "node", "start", "-c", cfg, "--set", "train.rounds=6"],
+        [sys.executable, "-m", "node.app.cli", "node", "start", "-c", cfg, "--set", "train.rounds=6"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -147,7 +147,7 @@ def test_a_lone_node_skips_the_final_merge_at_once_and_quietly(tmp_path):
     )
     t0 = time.monotonic()
     run = subprocess.run(
-        [sys.executable, "-m", "node.cli", "node", "start", "-c", cfg, "--json-events"],
+        [sys.executable, "-m", "node.app.cli", "node", "start", "-c", cfg, "--json-events"],
         capture_output=True,
         text=True,
         timeout=50,
@@ -178,7 +178,7 @@ def test_ports_in_use_are_refused_with_the_setting_named(tmp_path):
         for i, (setting, value) in enumerate(cases.items()):  # at once: each pays the start-up
             cfg = _config(tmp_path / f"n{i}.yaml", tmp_path, f"n{i}", "ports")
             runs[setting] = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "node", "start", "-c", cfg, "--set", value],
+                [sys.executable, "-m", "node.app.cli", "node", "start", "-c", cfg, "--set", value],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

@@ -77,7 +77,7 @@ def test_key_file_mistakes_say_what_to_do(tmp_path):
 
 
 def test_bench_help_lists_the_method_names():
-    from node.bench import algorithms, distill
+    from node.app.bench import algorithms, distill
 
     for command, names in (("algorithms", algorithms.methods(20)), ("distill", distill.methods(20, ["mlp:64"]))):
         text = " ".join(atoll("bench", command, "--help", env={**ENV, "COLUMNS": "400"}).stdout.split())

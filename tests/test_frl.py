@@ -1,14 +1,14 @@
-"""FRL (node/frl.py, node/rounds/ranks.py): edge rankings of a shared random network, one vote
+"""FRL (node/algo/frl.py, node/protocol/rounds/ranks.py): edge rankings of a shared random network, one vote
 per node; a ranking that is not a permutation or does not fit is refused with a reason."""
 
 import pytest
 import torch
 
-from node import frl
+from node.algo import frl
 from node.config import NodeConfig, SwarmConfig
-from node.rounds.ranks import RankRounds
-from node.sim import Simulation
-from node.worker import Worker
+from node.protocol.rounds.ranks import RankRounds
+from node.protocol.sim import Simulation
+from node.protocol.worker import Worker
 from p2pd.errors import ReasonedError
 
 FRL = {

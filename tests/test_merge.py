@@ -5,8 +5,8 @@ import threading
 import pytest
 import torch
 
-from node.aggregate import mean, variance_corrected_mean
-from node.merge import FinalMerge, same_merge
+from node.algo.aggregate import mean, variance_corrected_mean
+from node.net.merge import FinalMerge, same_merge
 from p2pd.discovery import start_dht
 
 pytestmark = pytest.mark.integration

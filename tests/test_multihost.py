@@ -114,7 +114,7 @@ def start(tmp_path, addrs, h, i, initial=None):
         "--config",
         str(tmp_path / f"{h}.yaml"),
         "--json-events",
-        command=["ip", "netns", "exec", ns, sys.executable, "-m", "node.cli", "node", "start"],
+        command=["ip", "netns", "exec", ns, sys.executable, "-m", "node.app.cli", "node", "start"],
         stderr_path=tmp_path / f"{h}.log",
     )
 

@@ -5,15 +5,15 @@ import pytest
 import torch
 from sysdeps import needs
 
-from node import checkpoint
-from node.comm.mixing import metropolis_hastings, mix, renormalise
-from node.comm.topology import degree, neighbours
+from node.algo.comm.mixing import metropolis_hastings, mix, renormalise
+from node.algo.comm.topology import degree, neighbours
 from node.config import ConfigError, load_config, parse_override
-from node.data import load_dataset, partition
-from node.models import build_model
+from node.net import checkpoint
+from node.protocol.data import load_dataset, partition
+from node.protocol.models import build_model
+from node.protocol.train import LocalTrainer, evaluate, make_optimizer, optimizer_tensors, restore_optimizer
 from node.task import TensorDataset
 from node.task.images import classification_loss
-from node.train import LocalTrainer, evaluate, make_optimizer, optimizer_tensors, restore_optimizer
 
 
 # -- config -----------------------------------------------------------------------------------
@@ -96,11 +96,11 @@ def test_digits_read_without_sklearn_equal_sklearn_loader():
     import subprocess
     import sys
 
-    code = "import sys; from node.data import load_dataset; load_dataset(); print('sklearn' in sys.modules)"
+    code = "import sys; from node.protocol.data import load_dataset; load_dataset(); print('sklearn' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
     from sklearn.datasets import load_digits
 
-    from node.data.datasets import read_digits
+    from node.protocol.data.datasets import read_digits
 
     x, y = read_digits()
     d = load_digits()
@@ -110,7 +110,7 @@ def test_digits_read_without_sklearn_equal_sklearn_loader():
 def test_digits_path_names_the_table(tmp_path):
     import gzip
 
-    from node.data import DatasetMissing
+    from node.protocol.data import DatasetMissing
 
     with pytest.raises(DatasetMissing, match="missing"):
         load_dataset("digits", path=tmp_path / "nope.csv.gz")
@@ -233,7 +233,7 @@ def test_time_budget_and_stop():
 
 
 def test_round_lr_schedules():
-    from node.train import round_lr
+    from node.protocol.train import round_lr
 
     assert round_lr(0.1, "constant", 7, 10) == 0.1
     assert round_lr(0.1, "cosine", 0, 10) == pytest.approx(0.1)
@@ -251,7 +251,7 @@ def _write_idx(path, arr):
 
 
 def test_fashion_mnist_reader_on_small_idx_files(tmp_path):
-    from node.data.datasets import DatasetMissing
+    from node.protocol.data.datasets import DatasetMissing
 
     with pytest.raises(DatasetMissing, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", path=tmp_path)
@@ -287,7 +287,7 @@ def test_metrics_pass_promtool():
 
     from prometheus_client import generate_latest
 
-    from node.metrics import NodeMetrics
+    from node.net.metrics import NodeMetrics
 
     m = NodeMetrics()
     m.watch(lambda: 123, lambda: {"bad_signature": 2, "expired": 1})
@@ -325,7 +325,7 @@ def test_example_swarm_config_is_valid():
 
 @pytest.mark.parametrize("kind", ["ring", "torus", "exponential", "random", "complete"])
 def test_topologies_are_symmetric_deterministic_and_connected(kind):
-    from node.comm.topology import graph
+    from node.algo.comm.topology import graph
 
     ids = [f"peer{i:02d}" for i in range(12)]
     g = graph(ids, kind, round_=3, seed=1)
@@ -347,7 +347,7 @@ def test_topologies_are_symmetric_deterministic_and_connected(kind):
 
 
 def test_schedules_spend_exactly_the_budget():
-    from node.comm.schedule import allotment
+    from node.algo.comm.schedule import allotment
 
     assert allotment("constant", 10, 40) == [4] * 10
     late = allotment("late", 20, 40, shape=3.0)
@@ -358,7 +358,7 @@ def test_schedules_spend_exactly_the_budget():
 
 
 def test_variance_corrected_mean_restores_variance_and_skips_norms():
-    from node.aggregate import mean, variance_corrected_mean
+    from node.algo.aggregate import mean, variance_corrected_mean
 
     g = torch.Generator().manual_seed(0)
     states = [
@@ -401,7 +401,7 @@ def test_sam_steps_learn_and_differ_from_sgd():
 
 
 def test_a_sparse_constant_budget_is_spread_evenly():
-    from node.comm.schedule import allotment
+    from node.algo.comm.schedule import allotment
 
     steps = allotment("constant", 20, 6)
     assert sum(steps) == 6 and max(steps) == 1
@@ -411,7 +411,7 @@ def test_a_sparse_constant_budget_is_spread_evenly():
 
 
 def test_modest_sample_is_deterministic_and_sized():
-    from node.comm import modest
+    from node.algo.comm import modest
 
     ids = [f"p{i}" for i in range(10)]
     t, a = modest.sample(ids, 3, 0, 4, 2)
@@ -423,7 +423,7 @@ def test_modest_sample_is_deterministic_and_sized():
 
 
 def test_variance_corrected_mixing_matches_the_merge_for_equal_weights():
-    from node.aggregate import variance_corrected_mean
+    from node.algo.aggregate import variance_corrected_mean
 
     g = torch.Generator().manual_seed(1)
     a, b = ({"w": torch.randn(50, 20, generator=g), "bn.weight": torch.randn(20, generator=g)} for _ in range(2))
@@ -438,8 +438,8 @@ def test_variance_corrected_mixing_matches_the_merge_for_equal_weights():
 def test_random_graphs_of_different_rounds_and_steps_never_share_a_stream():
     """The graph clock was r * 1000 + q: round 1 step 0 and round 0 step 1000 drew the same
     random graph. Round and step are now separate components of the seed."""
-    from node.comm import seeded_rng
-    from node.comm.topology import graph
+    from node.algo.comm import seeded_rng
+    from node.algo.comm.topology import graph
 
     assert seeded_rng("g", 0, 1).random() != seeded_rng("g", 0, 0, 1000).random()
     assert seeded_rng("g", 0, 3, 0).random() == seeded_rng("g", 0, 3).random()  # step 0 is the round's stream
@@ -450,10 +450,10 @@ def test_random_graphs_of_different_rounds_and_steps_never_share_a_stream():
 
 
 def test_the_config_accepts_exactly_the_registered_topologies():
-    """One list of topology names (node.comm.topology.KINDS); the config's choices are that list."""
+    """One list of topology names (node.algo.comm.topology.KINDS); the config's choices are that list."""
     import typing
 
-    from node.comm.topology import KINDS
+    from node.algo.comm.topology import KINDS
     from node.config import CommConfig
 
     assert typing.get_args(CommConfig.model_fields["topology"].annotation) == KINDS
@@ -463,8 +463,9 @@ def test_swarm_up_shares_the_cores_among_its_nodes(tmp_path, monkeypatch):
     """Each of N local nodes gets cores // N torch threads (at least 1) unless threads is set."""
     import torch
 
-    from node import swarm, threads
+    from node.app import swarm
     from node.config import load_swarm_config
+    from node.net import threads
 
     monkeypatch.setattr(swarm, "usable_cores", lambda: 8)
     cfgs = swarm.node_configs(load_swarm_config(None, {}, 3), tmp_path)
@@ -482,7 +483,7 @@ def test_background_checkpoints_keep_the_newest_and_report_errors(tmp_path):
     """The writer saves copies on its own thread: what is on disk after a flush is the last
     round submitted, unaffected by training after the submit; a failed write is raised."""
     from node.config import NodeConfig
-    from node.worker import Worker
+    from node.protocol.worker import Worker
 
     worker = Worker(NodeConfig(model={"width": 8}))
     writer = checkpoint.Writer(tmp_path / "ck")
@@ -506,7 +507,7 @@ def test_background_checkpoints_keep_the_newest_and_report_errors(tmp_path):
 def test_status_table_shows_reach_where_it_says_something():
     from rich.console import Console
 
-    from node.console import status_table
+    from node.app.console import status_table
     from p2pd.identity import Identity
     from p2pd.records import PeerRecord
 

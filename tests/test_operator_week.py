@@ -49,7 +49,7 @@ def test_a_stock_grpc_client_with_default_limits_fetches_a_16_mib_snapshot():
 # -- checkpoints: poisoned, orphaned, unwritable ----------------------------------------------------
 def _worker_of(tree: dict):
     from node.config import NodeConfig
-    from node.worker import Worker
+    from node.protocol.worker import Worker
 
     return Worker(NodeConfig.model_validate(tree))
 
@@ -61,7 +61,7 @@ def _worker():
 def _save(directory, worker, r, poison=None):
     """A checkpoint of `worker` at round r as the node writes it, with `poison` ("model" or
     "optim") holding an inf: its sha256 is consistent, as a node that saved it itself leaves it."""
-    from node import checkpoint
+    from node.net import checkpoint
 
     model, optim, state = checkpoint.capture(worker, "peer", r, accuracy=None)
     tensors = {"model": model, "optim": optim}
@@ -75,7 +75,7 @@ def test_a_checkpoint_holding_inf_is_refused_naming_the_tensor_and_the_previous_
     """Before: a checkpoint whose model held inf (sha256 consistent) was loaded unchecked, the
     node rolled back to it three times, exited advising to lower optim.lr, and kept it, so
     every restart failed the same way."""
-    from node import checkpoint
+    from node.net import checkpoint
 
     worker = _worker()
     worker.optimizer.zero_grad()
@@ -107,7 +107,7 @@ def test_a_checkpoint_holding_inf_is_refused_naming_the_tensor_and_the_previous_
 
 
 def test_the_last_k_checkpoints_are_kept(tmp_path):
-    from node import checkpoint
+    from node.net import checkpoint
 
     worker = _worker()
     for r in range(1, 6):
@@ -127,7 +127,7 @@ def test_the_last_k_checkpoints_are_kept(tmp_path):
 def test_model_files_without_state_json_are_refused_and_never_deleted(tmp_path):
     """Before: with state.json missing, the node started again from round 1 (exit 0) and its
     first save deleted model-5/optim-5 without a word."""
-    from node import checkpoint
+    from node.net import checkpoint
 
     worker = _worker()
     _save(tmp_path, worker, 5)
@@ -146,7 +146,7 @@ def test_model_files_without_state_json_are_refused_and_never_deleted(tmp_path):
 def test_a_failed_checkpoint_write_names_the_directory_and_cause_and_keeps_the_previous(tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
-    from node import checkpoint
+    from node.net import checkpoint
 
     worker = _worker()
     _save(tmp_path, worker, 1)
@@ -185,7 +185,7 @@ def test_a_full_disk_is_one_line_the_node_trains_on_and_gives_up_after_n_rounds(
     fits, the next ones do not. It must say so in one line naming the directory and ENOSPC,
     keep training, and exit 2 after checkpoint_give_up_rounds rounds with none written; the
     first checkpoint stays intact."""
-    from node import checkpoint
+    from node.net import checkpoint
 
     ck, saved = tmp_path / "ck", tmp_path / "saved"
     ck.mkdir()
@@ -202,7 +202,7 @@ def test_a_full_disk_is_one_line_the_node_trains_on_and_gives_up_after_n_rounds(
     sized.train(0)  # the optimizer's state exists from the first step on
     _save(tmp_path / "one", sized, 1)  # room for one checkpoint (tmpfs counts whole pages), not two
     room = sum(-(-p.stat().st_size // 4096) * 4096 for p in (tmp_path / "one").iterdir()) + 3 * 4096
-    node = f"{sys.executable} -m node.cli node start -c {tmp_path / 'n.yaml'}"
+    node = f"{sys.executable} -m node.app.cli node start -c {tmp_path / 'n.yaml'}"
     script = f"mount -t tmpfs -o size={room} atoll-test {ck} && {node}; rc=$?; cp -a {ck} {saved}; exit $rc"
     r = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
@@ -230,8 +230,8 @@ def test_one_node_at_the_largest_allowed_step_size_no_longer_ruins_a_mean_swarm(
     in round 1 and mixed it in at full weight anyway. Its update is now clipped to the
     neighbourhood's norm in every exchange, from the first one on, and the honest nodes train."""
     from node.config import OptimConfig, load_swarm_config
-    from node.security import defence
-    from node.sim import Simulation
+    from node.protocol import defence
+    from node.protocol.sim import Simulation
 
     top = OptimConfig.model_fields["lr"].metadata
     largest = next(m.le for m in top if hasattr(m, "le"))
@@ -258,7 +258,7 @@ def test_one_node_at_the_largest_allowed_step_size_no_longer_ruins_a_mean_swarm(
 def test_swarm_up_honours_fixed_ports_as_bases_and_refuses_what_cannot_apply(tmp_path):
     """Before: `swarm up --set net.grpc_port=...`, net.dht_listen and metrics_port were dropped
     without a word (every node got port 0)."""
-    from node import swarm
+    from node.app import swarm
     from node.config import ConfigError, load_swarm_config
 
     sets = {
@@ -287,7 +287,7 @@ def test_swarm_up_honours_fixed_ports_as_bases_and_refuses_what_cannot_apply(tmp
         with pytest.raises(ConfigError, match=words):
             swarm.node_configs(load_swarm_config(None, bad, 2), tmp_path)
     r = subprocess.run(
-        [sys.executable, "-m", "node.cli", "swarm", "up", "-n", "2", "--set", "net.grpc_port=65535"],
+        [sys.executable, "-m", "node.app.cli", "swarm", "up", "-n", "2", "--set", "net.grpc_port=65535"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -306,7 +306,7 @@ def test_undecodable_sample_and_predict_requests_are_refused_counted_and_barely_
 
     from test_experts import _const, _linear, _serve, _uniform_router
 
-    from node.experts.service import ExpertService, RouterService, register_expert, register_router
+    from node.net.experts.service import ExpertService, RouterService, register_expert, register_router
 
     router = RouterService(_uniform_router(2), lambda: {0: _const(0.0), 1: _const(0.0)}, 2, 4, (1, 2, 2))
     expert = ExpertService(_linear(4), 0, "digest", 4, torch.device("cpu"))
@@ -335,7 +335,7 @@ def test_a_heavy_sample_request_is_bounded_so_it_cannot_hold_small_ones_for_long
     from test_experts import _const, _serve, _uniform_router
 
     from node.config import ExpertsConfig
-    from node.experts.service import RouterService, register_router
+    from node.net.experts.service import RouterService, register_router
     from p2pd.rpc import router_pb2 as rpb
     from p2pd.rpc import router_pb2_grpc as rpb_grpc
 
@@ -399,7 +399,7 @@ def test_a_node_with_a_skewed_clock_names_the_offset_and_the_waiting_node_says_w
         maddr = healthy.ready(90)["maddrs"][0]
         env = dict(os.environ, PYTHONPATH=f"{skewed_site}{os.pathsep}{ROOT}")
         r = subprocess.run(
-            [sys.executable, "-m", "node.cli", "node", "start", "-c", str(config("b", 1)), "-p", maddr],
+            [sys.executable, "-m", "node.app.cli", "node", "start", "-c", str(config("b", 1)), "-p", maddr],
             capture_output=True,
             text=True,
             timeout=120,
@@ -445,7 +445,7 @@ def test_a_bracketed_ipv6_multiaddr_is_a_config_error_with_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"net.initial_peers: 'nonsense' is not a multiaddr"):
         load_config(None, {"net.initial_peers": ["nonsense"]})
     r = subprocess.run(
-        [sys.executable, "-m", "node.cli", "status", "-p", "/ip6/[::1]/tcp/4001"],
+        [sys.executable, "-m", "node.app.cli", "status", "-p", "/ip6/[::1]/tcp/4001"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -466,7 +466,7 @@ def test_router_query_into_another_swarm_gives_the_swarm_hint(tmp_path):
     try:
         maddr = peer.ready(90)["maddrs"][0]
         r = subprocess.run(
-            [sys.executable, "-m", "node.cli", "router", "query", "-p", maddr, "--n", "1"],
+            [sys.executable, "-m", "node.app.cli", "router", "query", "-p", maddr, "--n", "1"],
             capture_output=True,
             text=True,
             timeout=90,
@@ -475,7 +475,7 @@ def test_router_query_into_another_swarm_gives_the_swarm_hint(tmp_path):
         assert r.returncode == 2, r.stderr
         assert "no live node in swarm 'atoll': if your nodes use another net.swarm, name it with --swarm" in r.stderr
         r = subprocess.run(
-            [sys.executable, "-m", "node.cli", "router", "query", "-p", maddr, "--swarm", "lab", "--n", "1"],
+            [sys.executable, "-m", "node.app.cli", "router", "query", "-p", maddr, "--swarm", "lab", "--n", "1"],
             capture_output=True,
             text=True,
             timeout=90,

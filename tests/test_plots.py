@@ -25,7 +25,7 @@ def _results(name: str) -> dict:
 
 
 def test_round_axes_have_whole_number_ticks(tmp_path, figures):
-    from node.bench import algorithms
+    from node.app.bench import algorithms
 
     res = _results("algorithms/alpha0.1")
     algorithms.write_outputs(res["runs"], tmp_path, res["meta"])
@@ -36,7 +36,7 @@ def test_round_axes_have_whole_number_ticks(tmp_path, figures):
 
 
 def test_the_byzantine_heatmap_names_its_axes(tmp_path, figures):
-    from node.bench import byzantine
+    from node.app.bench import byzantine
 
     res = _results("byzantine")
     byzantine.write_outputs(res["rows"], tmp_path, res["meta"])
@@ -45,7 +45,7 @@ def test_the_byzantine_heatmap_names_its_axes(tmp_path, figures):
 
 
 def test_the_scale_plot_starts_its_axes_at_zero(tmp_path, figures):
-    from node.bench import scale
+    from node.app.bench import scale
 
     res = _results("scale")
     scale.write_outputs(res["rows"], tmp_path, res["meta"])
@@ -53,7 +53,7 @@ def test_the_scale_plot_starts_its_axes_at_zero(tmp_path, figures):
 
 
 def test_transport_legend_says_what_each_path_is(tmp_path, figures):
-    from node.bench import transport
+    from node.app.bench import transport
 
     res = _results("transport")
     transport.write_outputs([transport.Row(**r) for r in res["rows"]], tmp_path, res["meta"])

@@ -65,7 +65,7 @@ def test_prometheus_scrapes_the_swarm_through_file_sd(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "node.cli",
+                "node.app.cli",
                 "prometheus-targets",
                 "--peers",
                 nodes[0].info["maddrs"][0],

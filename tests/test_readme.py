@@ -19,7 +19,7 @@ import pytest
 import typer
 from helpers import ROOT, Terminal
 
-from node import cli
+from node.app import cli
 
 README = (ROOT / "README.md").read_text()
 # placeholders the README uses, with values of the right form
@@ -113,7 +113,7 @@ def test_every_readme_command_parses(args, tmp_path):
         overrides = dict(parse_override(s) for s in params["set_"])
         config = params.get("config")
         if config is not None and str(config) in WRITTEN:
-            new = [sys.executable, "-m", "node.cli", "new", "task", config.stem]
+            new = [sys.executable, "-m", "node.app.cli", "new", "task", config.stem]
             subprocess.run(new, cwd=tmp_path, check=True, capture_output=True, timeout=60)
             config = tmp_path / config
         config = ROOT / config if config is not None and not config.is_absolute() else config
@@ -171,13 +171,13 @@ def test_the_readme_expert_walkthrough_forms_a_4_expert_swarm_and_top2_uses_two_
 
     def start(args: list[str], name: str, maddr: str | None, *budget: str) -> Terminal:
         args = [maddr if a == "MADDR" else a for a in args]
-        argv = [sys.executable, "-m", "node.cli", *args, *budget, *BUDGET]
+        argv = [sys.executable, "-m", "node.app.cli", *args, *budget, *BUDGET]
         running.append(Terminal(argv, tmp_path / f"{name}.log", cwd=tmp_path))
         return running[-1]
 
     def ask() -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "node.cli", *[maddr if a == "MADDR" else a for a in query]],
+            [sys.executable, "-m", "node.app.cli", *[maddr if a == "MADDR" else a for a in query]],
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -245,7 +245,7 @@ def _bad_requests_are_clear_errors(router: str, expert: str, workdir: Path) -> N
     import grpc
     import torch
 
-    from node.experts.service import matrix_to_pb
+    from node.net.experts.service import matrix_to_pb
     from p2pd.admission import sign_predict
     from p2pd.identity import Identity
     from p2pd.rpc import router_pb2 as pb
@@ -267,7 +267,19 @@ def _bad_requests_are_clear_errors(router: str, expert: str, workdir: Path) -> N
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "strategy" in detail
     assert code_of(lambda: _sample(router, n=2, strategy="top1", steps=10_000))[0] == grpc.StatusCode.INVALID_ARGUMENT
     bad = subprocess.run(
-        [sys.executable, "-m", "node.cli", "router", "query", "--router", router, "--n", "2", "--strategy", "best"],
+        [
+            sys.executable,
+            "-m",
+            "node.app.cli",
+            "router",
+            "query",
+            "--router",
+            router,
+            "--n",
+            "2",
+            "--strategy",
+            "best",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

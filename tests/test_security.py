@@ -4,10 +4,10 @@ and the simulator's detection figures."""
 import pytest
 import torch
 
-from node.aggregate.robust import Context, combine, multi_krum
-from node.aggregate.sybilwall import foolsgold_weights
-from node.security.attacks import Attack, alie_z, flip_labels
-from node.security.trust import TrustTracker
+from node.algo.aggregate.robust import Context, combine, multi_krum
+from node.algo.aggregate.sybilwall import foolsgold_weights
+from node.algo.security.attacks import Attack, alie_z, flip_labels
+from node.algo.security.trust import TrustTracker
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -108,7 +108,7 @@ def test_simulated_attack_is_detected_and_defended():
     the attackers, the trimmed mean holds, and plain averaging no longer collapses either, since
     flagged peers are clipped to the median update under every aggregator (measured: no attack
     0.878, mean 0.544, trimmed mean 0.569; mean before the clipping: 0.200)."""
-    from node.bench.algorithms import run_method
+    from node.app.bench.algorithms import run_method
 
     base = {"data": {"alpha": 0.5}, "comm": {"topology": "complete"}, "train": {"rounds": 6, "local_steps": 15}}
     spec = {"attackers": 2, "attack": "sign_flip"}
@@ -126,7 +126,7 @@ def test_the_median_matches_numpy_for_odd_and_even_counts():
     import numpy as np
     import torch
 
-    from node.aggregate.vectors import median
+    from node.algo.aggregate.vectors import median
 
     g = torch.Generator().manual_seed(0)
     for n in (1, 2, 3, 4, 7, 8):
@@ -141,10 +141,10 @@ def test_the_registry_names_what_the_modules_implement():
 
     import torch
 
-    from node.aggregate.robust import Context, combine
-    from node.comm.topology import graph
+    from node.algo.aggregate.robust import Context, combine
+    from node.algo.comm.topology import graph
+    from node.algo.security.attacks import Attack
     from node.registry import AGGREGATORS, ATTACK_PARAMS, ATTACKS, TOPOLOGIES
-    from node.security.attacks import Attack
 
     assert tuple(f.name for f in dataclasses.fields(Attack) if f.name != "name") == ATTACK_PARAMS
     vec = torch.zeros(8)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from node.bench import BENCH_NODE, baselines, merged, simulate
+from node.app.bench import BENCH_NODE, baselines, merged, simulate
 from node.config import NodeConfig, SwarmConfig
-from node.sim import Simulation
+from node.protocol.sim import Simulation
 from p2pd.client import SwarmClient
 from p2pd.server import SnapshotStore, SwarmServer
 from p2pd.tensors import SnapshotKey
@@ -106,7 +106,7 @@ def test_a_virtual_node_error_is_raised_not_hidden():
 def test_a_diverging_virtual_node_leaves_as_a_daemon_would_and_is_counted():
     """A node whose loss keeps turning NaN stops (a daemon exits with Diverged); the others
     finish, and it is reported with the last good model it rolled back to."""
-    from node.train import RoundStats
+    from node.protocol.train import RoundStats
 
     sim = small(nodes=4, train={"rounds": 6})
     sim.workers[2].trainer.train_round = lambda *a, **kw: RoundStats(float("nan"), 1, 32, 0.01)

@@ -76,7 +76,7 @@ def _stop_and_watch(node: NodeProcess, how: str) -> float:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "node.cli", *args]
+    return [sys.executable, "-m", "node.app.cli", *args]
 
 
 def _write(path, cfg: dict):

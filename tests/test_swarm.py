@@ -91,7 +91,7 @@ def test_swarm_trains_survives_a_kill_and_the_node_resumes(tmp_path):
 
         # status: the swarm as the DHT sees it, the restarted node included
         st = subprocess.run(
-            [sys.executable, "-m", "node.cli", "status", "--peers", boot[0], "--swarm", SWARM, "--json"],
+            [sys.executable, "-m", "node.app.cli", "status", "--peers", boot[0], "--swarm", SWARM, "--json"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -173,7 +173,7 @@ def test_sparse_checkpoints_still_end_with_the_last_round(tmp_path):
 )
 def test_bad_config_is_one_clear_line(args, needle):
     r = subprocess.run(
-        [sys.executable, "-m", "node.cli", "node", "start", *args],
+        [sys.executable, "-m", "node.app.cli", "node", "start", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -191,7 +191,18 @@ def swarm_up(tmp_path, nodes: int, rounds: int, *sets: str, timeout: float = 400
     for s in sets:
         args += ["--set", s]
     r = subprocess.run(
-        [sys.executable, "-m", "node.cli", "swarm", "up", *args, "--out", str(out), "--workdir", str(tmp_path / "wd")],
+        [
+            sys.executable,
+            "-m",
+            "node.app.cli",
+            "swarm",
+            "up",
+            *args,
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "wd"),
+        ],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -212,7 +223,7 @@ def test_swarm_up_end_to_end(tmp_path):
     assert "centralized baseline" in r.stdout
     # the simulator's byte accounting for the same swarm file matches what the daemons served
     from node.config import SwarmConfig
-    from node.sim import Simulation
+    from node.protocol.sim import Simulation
 
     sim = Simulation(SwarmConfig.model_validate(res["config"]))
     assert sim.run().bytes_sent == sum(n["sent_bytes"] for n in res["nodes"])

@@ -14,9 +14,9 @@ from helpers import ROOT
 from sysdeps import needs
 
 from node.config import NodeConfig, SwarmConfig
-from node.sim import Simulation
+from node.protocol.sim import Simulation
+from node.protocol.worker import Worker
 from node.task import TaskError
-from node.worker import Worker
 
 REGRESSION = textwrap.dedent(
     '''
@@ -139,7 +139,7 @@ def test_atoll_new_task_then_a_task_atoll_never_saw_in_a_three_daemon_swarm(tmp_
     """What a new user does: `atoll new task demo`, edit demo.py (here: replaced by a task atoll
     has never seen), `atoll swarm up -c demo.yaml` from that folder. Every node's MSE ends below
     every isolated node's, and the centralized baseline trains on all the nodes' data."""
-    atoll = [sys.executable, "-m", "node.cli"]
+    atoll = [sys.executable, "-m", "node.app.cli"]
     r = subprocess.run(atoll + ["new", "task", "demo"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 0 and (tmp_path / "demo.py").is_file() and (tmp_path / "demo.yaml").is_file(), r.stderr
     again = subprocess.run(atoll + ["new", "task", "demo"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
@@ -184,7 +184,7 @@ def test_a_broken_task_stops_the_node_before_it_joins(task_file, tmp_path):
     cfg = tmp_path / "node.yaml"
     cfg.write_text(yaml.safe_dump({**node_config(task_file), "task": f"{task_file}:bad", "metrics_port": None}))
     r = subprocess.run(
-        [sys.executable, "-m", "node.cli", "node", "start", "-c", str(cfg), "--json-events"]
+        [sys.executable, "-m", "node.app.cli", "node", "start", "-c", str(cfg), "--json-events"]
         + ["--identity", str(tmp_path / "k"), "--checkpoint-dir", str(tmp_path / "c")],
         capture_output=True,
         text=True,
@@ -240,7 +240,7 @@ def test_the_language_model_task_refuses_a_bad_task_config_in_one_line():
 
 
 def test_a_missing_bible_says_which_packages(monkeypatch):
-    from node.data import DatasetMissing
+    from node.protocol.data import DatasetMissing
     from node.task import text
 
     text.kjv_text.cache_clear()
@@ -256,7 +256,7 @@ def test_four_daemons_on_the_kjv_text_end_near_a_centralized_model(tmp_path):
     """The issue's bar: held-out perplexity within 10% of a centralized model trained with the
     same steps on all the books, in the same run (examples/kjv4.yaml: each node reads other books)."""
     r = subprocess.run(
-        [sys.executable, "-m", "node.cli", "swarm", "up", "-c", "examples/kjv4.yaml", "--out", str(tmp_path)],
+        [sys.executable, "-m", "node.app.cli", "swarm", "up", "-c", "examples/kjv4.yaml", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=400,
@@ -336,9 +336,9 @@ def test_review_fixes_for_own_tasks(task_file):
     """A task's own optimizer keeps its learning rate (scaled by the schedule); items that cannot
     be batched are one TaskError line; nodes that differ in task_config still exchange (the
     digest covers the name and the tensors that travel); a hosted model stays in train mode."""
-    from node.peer import HostedWorker, hosted_task
+    from node.net.peer import HostedWorker, hosted_task
+    from node.protocol.train import round_lr
     from node.task import Checked
-    from node.train import round_lr
 
     extra = (
         "def own_opt(config):\n    import dataclasses\n    t = task(config)\n"
@@ -367,9 +367,9 @@ def test_newcomer_reports(tmp_path):
     """A newcomer's try of the README: a file task path is relative to the YAML naming it, a
     diverged loss says so in words, the template refuses a misspelt task_config key, and a node
     that fails before it is ready is named with its error line."""
+    from node.app.swarm import _last_error
     from node.config import load_swarm_config
-    from node.swarm import _last_error
-    from node.worker import NonFinite
+    from node.protocol.worker import NonFinite
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "s.yaml").write_text("nodes: 2\nnode:\n  task: ./t.py:task\n")
@@ -488,7 +488,7 @@ def test_streams_loader_workers_and_mixed_precision(task_file):
         w.train(r)
     assert w.evaluate() < 0.5 * first and w.metrics["bf16"] == 1.0
     assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in w.state().values())
-    from node.worker import autocast_dtype
+    from node.protocol.worker import autocast_dtype
 
     assert autocast_dtype("auto", torch.device("cpu")) is None  # CPUs train in float32 unless asked
 

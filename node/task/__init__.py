@@ -24,7 +24,7 @@ torch's `default_collate`, drawn with a generator seeded per (seed, round) so a 
 replays its sample order. `train.loader_workers: N` reads batches in N DataLoader worker
 processes instead (augmentation, decoding), and an IterableDataset always goes through a
 DataLoader (node/train: LocalTrainer).
-`node.data.partition` splits labels IID, by Dirichlet or by shards for tasks that want it.
+`node.protocol.data.partition` splits labels IID, by Dirichlet or by shards for tasks that want it.
 
 Every hook runs through `Checked`, which turns an exception or a wrong return type in user code
 into one `TaskError` line naming the task and the hook.

@@ -1,11 +1,11 @@
-"""Built-in task: the diffusion experts' flow-matching denoiser (node/experts/flow.py) on the
+"""Built-in task: the diffusion experts' flow-matching denoiser (node/algo/experts/flow.py) on the
 task contract, so a swarm can train one denoiser together (gossip, schedules, final merge)
 where the experts train one per cluster in isolation.
 
     task: node.task.flow:denoiser
     task_config: {dataset: digits, width: 256, depth: 3, split: iid}
 
-Images are flattened to [-1, 1] vectors (node.experts.cluster.to_unit). `split: iid` deals the
+Images are flattened to [-1, 1] vectors (node.algo.experts.cluster.to_unit). `split: iid` deals the
 shuffled training images round-robin; `split: clusters` gives node i the images of pixel-KMeans
 cluster i mod `clusters` (default: one cluster per node), the experts' non-IID case. The loss
 is rectified-flow velocity regression on fresh noise each step; `evaluate` returns
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from node.experts import flow
-from node.experts.cluster import cluster, to_unit
+from node.algo.experts import flow
+from node.algo.experts.cluster import cluster, to_unit
 from node.task import Task
 from node.task.images import dataset
 

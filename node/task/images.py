@@ -2,7 +2,7 @@
 Fashion-MNIST) with an MLP or a CNN, from the `data` and `model` sections of the node config.
 
 Node `index` of `count` trains on its share of the training split (IID, Dirichlet or shards,
-`node.data.partition`); for logit exchange the proxy set leaves the pool first, so it is
+`node.protocol.data.partition`); for logit exchange the proxy set leaves the pool first, so it is
 nobody's labelled data. Metric: top-1 accuracy on the shared test split; with
 `data.personal_holdout` also `own_accuracy`, on rows of the node's own share held out from
 its training (its own distribution, what personalized methods such as FedD2S aim at).
@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from node import distill
+from node.algo import distill
 from node.config import ConfigError
-from node.data import Dataset, load_dataset, partition
-from node.models import build_model
+from node.protocol.data import Dataset, load_dataset, partition
+from node.protocol.models import build_model
+from node.protocol.train import evaluate
 from node.task import Labelled, Task, TensorDataset
-from node.train import evaluate
 
 
 @lru_cache(maxsize=4)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from node.data import DatasetMissing
+from node.protocol.data import DatasetMissing
 from node.task import Task, TensorDataset
 
 VOCAB = 256  # bytes

@@ -1,6 +1,6 @@
 # MoDeST with 50% / 80% of nodes unresponsive every round, 20 vs 100 rounds (8 trainers, 2 aggregators):
 # .venv/bin/python docs/benchmarks/algorithms/sweep_modest.py  (output in sweep_modest.txt)
-from node.bench.algorithms import over_seeds
+from node.app.bench.algorithms import over_seeds
 
 for alpha in (1.0, 0.1):
     for unresp in (0.5, 0.8):

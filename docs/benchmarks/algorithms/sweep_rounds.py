@@ -1,6 +1,6 @@
 # Single-merge claim against the number of rounds at equal local compute (20x10, 50x4, 100x2 steps):
 # .venv/bin/python docs/benchmarks/algorithms/sweep_rounds.py  (output in sweep_rounds.txt; 3 seeds, 16 nodes)
-from node.bench.algorithms import over_seeds
+from node.app.bench.algorithms import over_seeds
 
 for alpha in (1.0, 0.1):
     for rounds, steps in ((20, 10), (50, 4), (100, 2)):

@@ -1,6 +1,6 @@
 # DFedSAM: how much SAM adds to multi-step gossip, against rho, at both heterogeneity levels:
 # .venv/bin/python docs/benchmarks/algorithms/sweep_sam.py  (output in sweep_sam.txt)
-from node.bench.algorithms import over_seeds
+from node.app.bench.algorithms import over_seeds
 
 for alpha in (0.1, 1.0):
     for q, rho in ((1, 0.0), (1, 0.05), (4, 0.0), (4, 0.01), (4, 0.05), (4, 0.1)):

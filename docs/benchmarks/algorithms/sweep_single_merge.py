@@ -2,7 +2,7 @@
 # (16 nodes, digits, 20 rounds x 10 local steps, ring, 3 seeds; output in sweep_single_merge.txt)
 import itertools
 
-from node.bench.algorithms import over_seeds
+from node.app.bench.algorithms import over_seeds
 
 for alpha in (1.0, 0.1):
     base = {"data": {"alpha": alpha}}

@@ -1,7 +1,7 @@
 # Variance-corrected vs plain mean when merging independently initialised nodes, against the
 # number of nodes, heterogeneity and how much gossip happened before the merge:
 # .venv/bin/python docs/benchmarks/algorithms/sweep_variance.py  (output in sweep_variance.txt)
-from node.bench.algorithms import over_seeds
+from node.app.bench.algorithms import over_seeds
 
 for alpha in (1.0, 0.1):
     for nodes in (2, 4, 16):

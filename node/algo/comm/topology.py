@@ -1,0 +1,90 @@
+"""Round graphs as deterministic functions of (sorted live peer ids, round, seed).
+
+Every node that sees the same live set computes the same undirected graph without talking.
+Available kinds:
+- ``ring``: each node's two ring neighbours.
+- ``torus``: a 2-D torus on the most square r x c grid with r * c = n (a ring when n is prime).
+- ``exponential``: neighbours at distances 2^0, 2^1, ... in the ring (symmetrised).
+- ``random``: a random k-regular-ish graph re-drawn every round (union of k/2 random perfect
+  cycles, so every node has degree <= k), seeded by (seed, round).
+- ``complete``: everyone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+from node.algo.comm import seeded_rng
+from node.registry import TOPOLOGIES
+
+KINDS = TOPOLOGIES  # dispatched in _graph below
+
+
+@lru_cache(maxsize=256)
+def _graph(ids: tuple[str, ...], kind: str, round_: int, step: int, seed: int, k: int) -> dict[str, frozenset[str]]:
+    n = len(ids)
+    edges: set[tuple[int, int]] = set()
+
+    def add(a: int, b: int) -> None:
+        if a != b:
+            edges.add((min(a, b), max(a, b)))
+
+    if kind == "complete":
+        for a in range(n):
+            for b in range(a + 1, n):
+                add(a, b)
+    elif kind == "ring":
+        for a in range(n):
+            add(a, (a + 1) % n)
+    elif kind == "torus":
+        rows = max(r for r in range(1, int(math.isqrt(n)) + 1) if n % r == 0)
+        cols = n // rows
+        for a in range(n):
+            r, c = divmod(a, cols)
+            add(a, r * cols + (c + 1) % cols)
+            add(a, ((r + 1) % rows) * cols + c)
+    elif kind == "exponential":
+        hop = 1
+        while hop < n:
+            for a in range(n):
+                add(a, (a + hop) % n)
+            hop *= 2
+    elif kind == "random":
+        rng = seeded_rng("random-graph", seed, round_, step)
+        for _ in range(max(1, k // 2)):
+            perm = list(range(n))
+            rng.shuffle(perm)
+            for i in range(n):
+                add(perm[i], perm[(i + 1) % n])
+    else:
+        raise ValueError(f"unknown topology {kind!r}; available: {', '.join(KINDS)}")
+    adj: dict[str, set[str]] = {p: set() for p in ids}
+    for a, b in edges:
+        adj[ids[a]].add(ids[b])
+        adj[ids[b]].add(ids[a])
+    return {p: frozenset(v) for p, v in adj.items()}
+
+
+def graph(
+    peers: Sequence[str], kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4, *, step: int = 0
+) -> dict[str, frozenset[str]]:
+    """Adjacency of the graph of gossip step `step` of round `round_` over `peers` (order and
+    duplicates do not matter); only `random` graphs change with the round and step."""
+    random_ = kind == "random"
+    return _graph(tuple(sorted(set(peers))), kind, round_ if random_ else 0, step if random_ else 0, seed, k)
+
+
+def neighbours(
+    peers: Sequence[str], me: str, kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4, *, step: int = 0
+) -> list[str]:
+    """Neighbours of `me` (excluding itself) in the step's graph over `peers` + me."""
+    return sorted(graph(list(peers) + [me], kind, round_, seed, k, step=step)[me])
+
+
+def degree(
+    peers: Sequence[str], node: str, kind: str = "ring", round_: int = 0, seed: int = 0, k: int = 4, *, step: int = 0
+) -> int:
+    """Degree of `node` in the step's graph over `peers` + node."""
+    return len(graph(list(peers) + [node], kind, round_, seed, k, step=step)[node])

@@ -1,9 +1,0 @@
-"""Decentralized diffusion (Decentralized Diffusion Models, McAllister et al. 2025) in small.
-
-The data set is split into K clusters (cluster.py); one flow-matching expert per cluster is
-trained in isolation, with no communication at all (flow.py); a router p(k | x_t, t) learns
-which cluster a noisy sample comes from (router.py); at sampling time the experts' velocity
-predictions are combined with the router's weights, top-1, top-k or the full ensemble
-(ensemble.py). evaluate.py measures samples with a classifier trained in the same run.
-Images live in [-1, 1] and are flattened: the nets are MLPs, small enough for CPUs.
-"""

@@ -1,0 +1,223 @@
+"""Compressed gossip (`comm.codec`, `comm.error_feedback`): what a node publishes at each
+gossip step and how it reads what its neighbours published. Codecs: p2pd/codecs.py.
+
+- `codec: none`: the model, raw (plain gossip).
+- a dense codec (fp16, bf16, int8) without error feedback: the model, coded (what hivemind
+  and OpenDiLoCo send); receivers mix the decoded models.
+- `error_feedback: true` (CHOCO-SGD, Koloskova et al. 2019): every node i keeps a public
+  estimate x̂_i of its model, which its neighbours hold too. Each step it sends
+  q_i = Q(x_i - x̂_i) (kind `delta`), both sides add q_i to their copy of x̂_i, and i moves
+  x_i <- x_i + gamma * sum_j w_ij (x̂_j - x̂_i). What the codec drops stays in x_i - x̂_i and
+  goes out in a later step, so compression error does not accumulate.
+- `codec: topk` without error feedback: q_i = Q(x_i - x_i'), the top-k of the change since the
+  last step, whatever it drops is lost (a top-k of the model itself would be mostly zeros):
+  the ablation that shows what error feedback is for.
+
+Keeping copies in step: a delta names its predecessor (`_choco.prev`: round, step) and its
+lineage (`_choco.epoch`); a receiver adds it to its copy only if the copy is at that
+predecessor of that lineage. Otherwise (first contact, a missed step, the sender restarted or
+redid a round) it fetches the estimate itself (kind `estimate`, raw) once and goes on from
+there. Nodes that start together at round 0 begin from the shared initial model, whose bytes
+give the first lineage's epoch, so they never need an estimate.
+
+Robust aggregation sees neighbour j as x_i + (x̂_j - x̂_i): with a lossless codec and gamma = 1
+that is x_j, and the step is plain gossip. Integer tensors (step counters) travel as values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from node.protocol.exchange import model_like
+from p2pd.codecs import Codec, decompress
+from p2pd.errors import ReasonedError
+from p2pd.tensors import SnapshotKey
+
+EPOCH, PREV, AT = "_choco.epoch", "_choco.prev", "_choco.at"
+START = (-1, -1)  # the predecessor of a lineage's first delta
+
+
+def default_step(comm) -> float:
+    """CHOCO's consensus step size gamma where `comm.consensus_step` is unset: 1 for the dense
+    codecs (their error is small), 0.25 + 5 x topk_ratio (at most 1) for top-k: sparser
+    updates need a smaller step to stay stable (the best of a sweep on digits at 1, 5 and 10%,
+    docs/benchmarks/compression)."""
+    return min(1.0, 0.25 + 5 * comm.topk_ratio) if comm.codec == "topk" else 1.0
+
+
+def record_codec(comm) -> str:
+    """The codec as a peer record names it (`comm` a CommConfig), e.g. `int8`, `topk+ef`, `none`."""
+    return comm.codec + ("+ef" if comm.error_feedback else "")
+
+
+def sends_deltas(record_codec_name: str) -> bool:
+    """Whether a node whose record names this codec publishes deltas (CompressedGossip.tracked)."""
+    return record_codec_name.endswith("+ef") or record_codec_name.split("+")[0] == "topk"
+
+
+def lineage(state: dict[str, torch.Tensor]) -> int:
+    """A 62-bit epoch from the bytes of `state` (the shared initial model: equal on every node)."""
+    h = hashlib.blake2b(digest_size=8)
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 2
+
+
+def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+@dataclass
+class _Copy:
+    """A neighbour's public estimate as this node holds it: lineage, last step applied, tensors."""
+
+    epoch: int
+    at: tuple[int, int]
+    tensors: dict[str, torch.Tensor]
+
+
+class CompressedGossip:
+    """One node's side of compressed gossip for `comm` (a CommConfig); see the module docstring.
+    `codec.name == "none"` and no error feedback: plain gossip, nothing kept."""
+
+    def __init__(self, comm):
+        self.codec = Codec(comm.codec, comm.topk_ratio, comm.int8_block)
+        self.feedback = comm.error_feedback
+        # differences from estimates both sides keep: error feedback, or top-k (see above)
+        self.tracked = sends_deltas(record_codec(comm))
+        self.gamma = comm.consensus_step or default_step(comm)
+        self.mine: dict[str, torch.Tensor] | None = None  # x̂_i
+        self.last: dict[str, torch.Tensor] | None = None  # x_i at the last step (topk without feedback)
+        self.init: dict[str, torch.Tensor] | None = None
+        self.init_epoch: int | None = None
+        self.epoch = 0
+        self.at = START  # the last step this node published
+        self.copies: dict[str, _Copy] = {}
+        self.resyncs = 0  # estimates fetched (full-size transfers), for tests and benchmarks
+
+    def begin(self, round_: int, state: dict[str, torch.Tensor]) -> None:
+        """Before this process's first round: at round 0 `state` is the shared initial model
+        and starts the common lineage; a resumed node starts a lineage of its own."""
+        if self.mine is not None or not self.tracked:
+            return
+        self.mine = _clone(state)
+        self.last = None if self.feedback else _clone(state)
+        if round_ == 0:
+            self.init, self.init_epoch = _clone(state), lineage(state)
+            self.epoch = self.init_epoch
+        else:
+            self.epoch = random.getrandbits(62)
+
+    def publish(self, exchange, round_: int, step: int, own: dict[str, torch.Tensor], **record) -> None:
+        """Publish step (round_, step)'s snapshot of `own` (the model, or the delta and the
+        estimate) through `exchange`, with `record` fields."""
+        if not self.tracked:
+            coded = own if self.codec.name == "none" else self.codec.compress(own)
+            exchange.publish(SnapshotKey("model", round_, step), coded, **record)
+            return
+        epoch, prev = self.epoch, self.at
+        if (round_, step) <= self.at:  # a redone round: its deltas differ, start a new lineage
+            epoch, prev = random.getrandbits(62), START
+        ref = self.mine if self.feedback else self.last
+        diff = {k: v - ref[k] if v.is_floating_point() else v for k, v in own.items()}
+        coded = self.codec.compress(diff)
+        mine = self._apply(_clone(self.mine), decompress(coded))
+        meta = {EPOCH: torch.tensor([epoch]), PREV: torch.tensor(prev)}
+        try:  # the estimate first: a neighbour that sees the delta and needs the estimate finds it
+            exchange.publish(
+                SnapshotKey("estimate", round_, step), {**mine, EPOCH: meta[EPOCH], AT: torch.tensor([round_, step])}
+            )
+            exchange.publish(SnapshotKey("delta", round_, step), {**coded, **meta}, **record)
+        except BaseException:  # maybe published, maybe not: whatever comes next starts a new lineage
+            self.epoch, self.at = random.getrandbits(62), START
+            raise
+        # committed only once published: receivers' copies and ours move together
+        self.mine, self.epoch, self.at = mine, epoch, (round_, step)
+        if not self.feedback:
+            self.last = _clone(own)
+
+    def gather(
+        self, exchange, peers: Iterable[str], round_: int, step: int, own: dict[str, torch.Tensor]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """{peer: its model as this node sees it} for the `peers` that delivered step
+        (round_, step): their model (untracked), or own + (x̂_j - x̂_i)."""
+        peers = list(peers)
+        if not self.tracked:
+            return exchange.fetch_many(peers, SnapshotKey("model", round_, step), model_like(own))
+        got = exchange.fetch_many(peers, SnapshotKey("delta", round_, step), _with_meta(own, PREV))
+        resync = []
+        for j, (epoch, prev, delta) in got.items():
+            c = self.copies.get(j)
+            if c is not None and c.epoch == epoch and c.at == prev:
+                self._apply(c.tensors, delta)
+                c.at = (round_, step)
+            elif prev == START and epoch == self.init_epoch:
+                self.copies[j] = _Copy(epoch, (round_, step), self._apply(_clone(self.init), delta))
+            else:
+                resync.append(j)
+        if resync:
+            self.resyncs += len(resync)
+            key = SnapshotKey("estimate", round_, step)
+            for j, (epoch, at, tensors) in exchange.fetch_many(resync, key, _with_meta(own, AT)).items():
+                if epoch == got[j][0] and at == (round_, step):
+                    self.copies[j] = _Copy(epoch, at, {k: v.to(own[k].device, copy=True) for k, v in tensors.items()})
+        out = {}
+        for j in got:
+            c = self.copies.get(j)
+            if c is not None and c.at == (round_, step):
+                out[j] = {
+                    k: own[k] + (c.tensors[k] - self.mine[k]) if v.is_floating_point() else c.tensors[k]
+                    for k, v in own.items()
+                }
+        return out
+
+    def blend(self, own: dict[str, torch.Tensor], mixed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The consensus step: own + gamma (mixed - own) for floating tensors (gamma = 1: mixed)."""
+        if self.gamma == 1.0:
+            return mixed
+        return {
+            k: own[k] + self.gamma * (v - own[k]) if v.is_floating_point() and k in own else v
+            for k, v in mixed.items()
+        }
+
+    def forget(self, live: set[str]) -> None:
+        """Drop the copies of peers that are no longer members."""
+        for j in [j for j in self.copies if j not in live]:
+            del self.copies[j]
+
+    def _apply(self, into: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for k, v in delta.items():
+            v = v.to(into[k].device)
+            if into[k].is_floating_point():
+                into[k].add_(v.to(into[k].dtype))
+            else:
+                into[k].copy_(v)
+        return into
+
+
+def _with_meta(own: dict[str, torch.Tensor], position: str):
+    """Accept a delta (`position` PREV) or an estimate (AT): own's tensors plus the lineage and
+    a (round, step) pair; returns (epoch, (round, step), tensors). Raises ReasonedError."""
+    fits = model_like(own)
+
+    def accept(theirs: dict[str, torch.Tensor]):
+        epoch, where = theirs.get(EPOCH), theirs.get(position)
+        if (
+            epoch is None
+            or where is None
+            or epoch.dtype != torch.int64
+            or epoch.shape != (1,)
+            or where.dtype != torch.int64
+            or where.shape != (2,)
+        ):
+            raise ReasonedError("incompatible", "a compressed-gossip snapshot without its lineage")
+        tensors = fits({k: v for k, v in theirs.items() if k not in (EPOCH, position)})
+        return int(epoch[0]), (int(where[0]), int(where[1])), tensors
+
+    return accept

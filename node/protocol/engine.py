@@ -1,0 +1,76 @@
+"""One node's training: the round protocol its config names (node/protocol/rounds/), over an exchange
+(node/protocol/exchange/), round after round, then the end of training. A daemon runs one engine; the
+simulator runs one per virtual node, each in a thread, over the in-memory exchange.
+
+A round whose loss or model becomes non-finite (NaN/Inf) is rolled back to the last good
+state and done again; nothing non-finite is published (the worker checks after training, the
+protocols after every mix they publish, receivers refuse non-finite snapshots) and after
+MAX_ROLLBACKS in a row the engine raises `Diverged`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from node.protocol import rounds
+from node.protocol.rounds import RoundResult
+from node.protocol.rounds.final import finish
+from node.protocol.worker import MAX_ROLLBACKS, NonFinite
+
+log = logging.getLogger("atoll.engine")
+
+
+class Engine:
+    """`cfg`: the node's NodeConfig; `worker`: its node.protocol.worker.Worker; `exchange`: a
+    node.protocol.exchange.Exchange. `protocol` is the round protocol, where attack rehearsals install
+    their forger (node/protocol/rehearsal.py)."""
+
+    def __init__(self, cfg, worker, exchange):
+        self.cfg, self.worker, self.exchange = cfg, worker, exchange
+        self.protocol = rounds.build(cfg, worker, exchange)
+
+    def run(
+        self,
+        start: int,
+        after_round: Callable[[int, RoundResult], None] = lambda r, res: None,
+        on_rollback: Callable[[int, str], None] = lambda r, where: None,
+    ) -> int:
+        """Rounds `start` .. `train.rounds` - 1, or until the exchange says stop; calls
+        `after_round(next_round, result)` after each. Returns the next round to do (R when
+        all are done). Raises Diverged."""
+        w, r = self.worker, start
+        w.keep_good_state()
+        while r < self.cfg.train.rounds and not self.exchange.stopping():
+            try:
+                result = self.step(r)
+            except NonFinite as e:
+                on_rollback(r, e.where)
+                w.roll_back(r, e.where)
+                log.warning(
+                    "round %d: %s became non-finite (NaN/Inf); rolled back to the last good state and "
+                    "redoing the round (%d of %d)",
+                    r,
+                    e.where.replace("_", " "),
+                    w.rollbacks_in_a_row,
+                    MAX_ROLLBACKS,
+                )
+                continue
+            if self.exchange.stopping():
+                break  # the round was cut short: it is redone after a restart
+            r += 1
+            w.keep_good_state()
+            after_round(r, result)
+        return r
+
+    def step(self, r: int) -> RoundResult:
+        """Round r of the protocol, checked: raises NonFinite when the model is not finite
+        after it (nothing non-finite was published)."""
+        result = self.protocol.run(r)
+        if not self.worker.all_finite():
+            raise NonFinite("model_after_mixing")
+        return result
+
+    def finish(self) -> int | None:
+        """The end of training (node.protocol.rounds.final.finish): the final merge's group size, or None."""
+        return finish(self.cfg, self.worker, self.exchange, self.protocol)
