@@ -1,0 +1,5 @@
+"""`python -m node.app.cli`: the `atoll` command."""
+
+from node.app.cli.app import main
+
+main()
