@@ -1,0 +1,111 @@
+"""The rules that tie settings of several sections together, each a named function that raises ValueError with
+one line saying what to change. NodeConfig runs `check`, so every way a config is built (file, --set, swarm files,
+code) meets all of them. A rule that concerns one section alone lives beside that section (sections.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the rules read a NodeConfig; node.py imports this module
+    from node.config.node import NodeConfig
+
+
+def _named(*settings: tuple[str, bool]) -> list[str]:
+    """The names of the (name, set) pairs that are set: what a rule says to unset."""
+    return [name for name, on in settings if on]
+
+
+def index_in_count(cfg: NodeConfig) -> None:
+    """node_index must name one of the node_count partitions."""
+    if cfg.node_index >= cfg.node_count:
+        raise ValueError(f"node_index {cfg.node_index} must be < node_count {cfg.node_count}")
+
+
+def logits_average_no_models(cfg: NodeConfig) -> None:
+    """comm.exchange logits distils: nothing that averages models applies."""
+    c = cfg.comm
+    if c.exchange == "logits":
+        clash = _named(
+            ("comm.algorithm: modest", c.algorithm == "modest"),
+            ("comm.final_merge", c.final_merge),
+            ("comm.mix_variance_correction", c.mix_variance_correction),
+        )
+        if clash:
+            raise ValueError(f"comm.exchange logits does not average models: unset {', '.join(clash)}")
+
+
+def codecs_code_model_gossip(cfg: NodeConfig) -> None:
+    """comm.codec and comm.error_feedback apply to gossip of models, and keep what they need."""
+    c = cfg.comm
+    if (c.codec != "none" or c.error_feedback) and (c.exchange != "model" or c.algorithm != "gossip"):
+        raise ValueError("comm.codec and comm.error_feedback apply to gossip of models (exchange model, gossip)")
+    if c.error_feedback and c.codec == "none":
+        raise ValueError("comm.error_feedback needs a comm.codec that loses something (fp16, bf16, int8, topk)")
+    if c.error_feedback or c.codec == "topk":  # deltas and estimates: two kinds of snapshots
+        if 2 * c.keep_snapshots + 2 > 32:
+            raise ValueError(
+                "comm.keep_snapshots must be <= 15 with deltas (error feedback or topk): the record signs 32"
+            )
+        if c.topology == "random":
+            raise ValueError(
+                "comm.error_feedback and codec topk keep copies of the neighbours' estimates: use a topology "
+                "that does not change every step (ring, torus, exponential, complete), not random"
+            )
+
+
+def expert_cluster_exists(cfg: NodeConfig) -> None:
+    """An expert trains one of the experts.clusters clusters."""
+    if cfg.role == "expert" and cfg.experts.cluster >= cfg.experts.clusters:
+        raise ValueError(f"experts.cluster {cfg.experts.cluster} must be < experts.clusters {cfg.experts.clusters}")
+
+
+def own_task_settings(cfg: NodeConfig) -> None:
+    """task_config needs a task; settings that need the built-in labelled images do not apply to a task."""
+    c, sec = cfg.comm, cfg.security
+    if cfg.task is None and cfg.task_config:
+        raise ValueError("task_config is for a task of your own: set task as well")
+    if cfg.task is not None:  # these need the built-in classification data (node/task/images.py)
+        needs_labels = _named(
+            ("comm.exchange: logits", c.exchange == "logits"),
+            ("security.aggregator: bristle", sec.aggregator == "bristle"),
+            (f"security.attack: {sec.attack}", sec.attack in ("label_flip", "sybil")),
+            ("data.personal_holdout", cfg.data.personal_holdout > 0),
+        )
+        if needs_labels:
+            raise ValueError(f"{', '.join(needs_labels)} work on the built-in image tasks only, not with task")
+
+
+def ranks_and_security(cfg: NodeConfig) -> None:
+    """comm.exchange ranks votes on rankings; robust aggregators and attacks need model gossip."""
+    c, sec = cfg.comm, cfg.security
+    if c.exchange == "ranks":
+        clash = _named(
+            ("comm.algorithm: modest", c.algorithm == "modest"),
+            ("comm.mix_variance_correction", c.mix_variance_correction),
+            ("comm.merge: variance_corrected", c.merge == "variance_corrected"),
+            (f"security.aggregator: {sec.aggregator}", sec.aggregator != "mean"),
+            (f"security.attack: {sec.attack}", sec.attack in ("free_ride", "sybil", "gaussian")),
+        )
+        if clash:
+            raise ValueError(f"comm.exchange ranks votes on rankings: unset {', '.join(clash)}")
+    elif (sec.aggregator != "mean" or sec.attack) and (c.exchange != "model" or c.algorithm != "gossip"):
+        raise ValueError(
+            "security.aggregator and security.attack need comm.exchange model (or ranks) and comm.algorithm gossip"
+        )
+
+
+RULES: tuple[Callable[[NodeConfig], None], ...] = (
+    index_in_count,
+    logits_average_no_models,
+    codecs_code_model_gossip,
+    expert_cluster_exists,
+    own_task_settings,
+    ranks_and_security,
+)
+
+
+def check(cfg: NodeConfig) -> None:
+    """Run every rule on `cfg` in order; raises ValueError from the first that fails."""
+    for rule in RULES:
+        rule(cfg)
