@@ -132,6 +132,9 @@ class TokenBuckets:
     DHT record per identity: see ``unknown``)."""
 
     def __init__(self, rate: float, burst: int, max_keys: int = 4096, clock: Callable[[], float] = time.monotonic):
+        """`rate`: tokens refilled per second per identity; `burst`: tokens a full bucket holds; `max_keys`: identities
+        remembered; `clock()`: the time in seconds (time.monotonic). Raises ValueError when `rate` <= 0 or
+        `burst` < 1."""
         if not rate > 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
         self.rate, self.burst, self.max_keys, self.clock = rate, burst, max_keys, clock
@@ -164,6 +167,10 @@ class Admission:
         max_skew: float = 30.0,
         clock: Callable[[], float] = time.time,
     ):
+        """`server_peer_id`: this node's peer id, which every signed request must name; `is_known(peer_id)`: whether a
+        requester has a live record in the DHT; `rate`, `burst`: each requester's requests per second and bucket depth
+        (Predict has a bucket of its own, PREDICT_SCALE times both); `max_skew`: seconds a request's issued_at may
+        differ from `clock()`, Unix seconds (time.time). Raises ValueError unless `rate` > 0 and `burst` >= 1."""
         self.server_peer_id, self.is_known, self.max_skew, self.clock = server_peer_id, is_known, max_skew, clock
         self.buckets = TokenBuckets(rate, burst)
         # a router calls an expert once per sampling step: Predict gets a bucket of its own,

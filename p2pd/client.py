@@ -169,6 +169,12 @@ class SwarmClient:
         tls_server_name: str | None = None,
         identity: Identity | None = None,
     ):
+        """`address`: the peer's gRPC host:port; `limits`: what a fetched snapshot may hold; `timeout`: the default
+        fetch deadline, seconds, in (0, MAX_FETCH_SECONDS]; `retries`: further attempts after an unavailable or busy
+        answer; `backoff`: the first pause before a retry, seconds (doubled per attempt, jittered); `tls`: TLS files,
+        None for plaintext; `tls_server_name`: the name checked in the server's certificate (None: the address's host);
+        `identity`: signs requests, None sends unsigned fetches (reach and push then raise ValueError). Raises
+        ValueError for a `timeout` out of range, OSError when `tls.ca_file` cannot be read."""
         if not 0 < timeout <= MAX_FETCH_SECONDS:
             raise ValueError(f"timeout must be in (0, {MAX_FETCH_SECONDS:.0f}] s (servers refuse longer fetches)")
         self.address = address

@@ -89,6 +89,8 @@ class PeerRecordValidator(RecordValidatorBase):
     it runs (created before the fork), so the node can export the count."""
 
     def __init__(self, swarm: str):
+        """`swarm`: the swarm name whose DHT key it checks (rows under other keys pass). Raises ValueError for a name
+        swarm_key refuses."""
         self._key_id = DHTID.generate(source=swarm_key(swarm)).to_bytes()
         self.dropped = multiprocessing.Value("Q", 0)
 

@@ -12,6 +12,7 @@ class ReasonedError(Exception):
     `reason` without a detail."""
 
     def __init__(self, reason: str, detail: str = ""):
+        """`reason`: the metric label, e.g. "timeout"; `detail`: free text for the log, "" for none."""
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail

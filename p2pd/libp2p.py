@@ -100,6 +100,9 @@ class Libp2pPlane:
     when the daemon does not answer within `timeout` s."""
 
     def __init__(self, dht, timeout: float = 30.0):
+        """Starts the plane's event loop thread and replicates the DHT's P2P. `dht`: the node's running hivemind.DHT;
+        `timeout`: seconds to wait for its daemon. Raises TimeoutError after `timeout`, or hivemind's P2PDaemonError,
+        when the daemon does not answer (the plane is closed first)."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="atoll-libp2p", daemon=True)
         self._thread.start()
@@ -277,6 +280,9 @@ class Libp2pClient:
     checks, to the peer `peer_id` over libp2p streams of `plane`. `identity` signs fetches."""
 
     def __init__(self, plane: Libp2pPlane, peer_id: str, *, identity: Identity | None = None, limits=Limits()):
+        """`plane`: the node's Libp2pPlane, which opens the streams; `peer_id`: the peer's base58 id; `identity`: signs
+        fetches, None sends unsigned ones; `limits`: what a fetched snapshot may hold. Raises ValueError for a
+        `peer_id` that is not base58."""
         self.plane, self.peer_id, self.identity, self.limits = plane, peer_id, identity, limits
         self.address = f"libp2p:{peer_id[:16]}"
         self._peer = PeerID.from_base58(peer_id)

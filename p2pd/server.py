@@ -55,6 +55,8 @@ class SnapshotStore:
     """Thread-safe map SnapshotKey -> PackedSnapshot, newest `keep` per kind."""
 
     def __init__(self, keep: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        """`keep`: snapshots held per kind (>= 1); `chunk_bytes`: bytes per wire part of an encoded snapshot
+        (1 to MAX_MESSAGE_BYTES - 4096). Raises ValueError for either out of range."""
         if chunk_bytes < 1 or chunk_bytes + 4096 > MAX_MESSAGE_BYTES:
             raise ValueError(f"chunk_bytes must be in [1, {MAX_MESSAGE_BYTES - 4096}]")
         self.chunk_bytes = chunk_bytes
@@ -137,6 +139,8 @@ class CarriedSnapshots:
     push beyond the bounds is refused (busy)."""
 
     def __init__(self, max_producers: int = 4, keep: int = 2, max_bytes: int = 1 << 30):
+        """`max_producers`: producers carried for at once; `keep`: snapshots kept per producer and kind; `max_bytes`:
+        wire bytes held for all producers together."""
         self.max_producers, self.keep, self.max_bytes = max_producers, keep, max_bytes
         self._stores: dict[str, tuple[SnapshotStore, bytes, float]] = {}  # producer -> (store, envelope, expiry)
         self._lock = threading.Lock()
@@ -209,6 +213,14 @@ class SwarmServicer:
         dial_libp2p: Callable[[str], bool] | None = None,
         carried: CarriedSnapshots | None = None,
     ):
+        """`store`: this node's SnapshotStore; `signed_record()`: its signed record envelope (bytes); `max_fetches`:
+        Fetch and Push streams served at once; `max_waits`: Health calls that may wait at once (at least 1);
+        `admission`: checks every request, None serves anyone (Reach and Push are then refused); `per_identity`: Fetch
+        streams at once per requester; `stall_seconds`: seconds without progress before a stream is cancelled;
+        `address_of(peer_id)`: a requester's advertised address, None without a live record; `dial(address)`: the peer
+        id answering there, or None (`dial` None: no dial-backs); `dial_libp2p(peer_id)`: whether it answers over
+        libp2p (None: not checked); `carried`: what is carried for outbound-only producers, None carries nothing.
+        Starts the stall watchdog thread."""
         self.store = store
         # Push: snapshots carried for outbound-only producers; None: this node carries none
         self.carried = carried
@@ -465,6 +477,12 @@ class SwarmServer:
         dial_libp2p: Callable[[str], bool] | None = None,
         max_request_bytes: int = 64 * 1024,
     ):
+        """`store`: the snapshots served; `signed_record()`: the node's signed record envelope (bytes, default empty);
+        `host`, `port`: where `start` binds (port 0: a free one); `tls`: cert and key files, None for plaintext;
+        `max_workers`: server threads (>= 4: two stay free, about a third of the rest may wait in Health, the others
+        serve fetches); `admission`, `address_of`, `dial`, `dial_libp2p`: as SwarmServicer takes them;
+        `max_request_bytes`: the largest request accepted, bytes (never below MAX_PUSH_MESSAGE_BYTES). Raises
+        ValueError when `max_workers` < 4."""
         if max_workers < 4:
             raise ValueError("max_workers must be >= 4 (two threads stay free for Health and other calls)")
         waits = max(1, (max_workers - 2) // 3)  # Health calls that may wait for a snapshot at once

@@ -32,6 +32,11 @@ CASES = {
     "krum_trust": {"security": {"aggregator": "krum"}, "comm": {"gossip_budget": 2 * ROUNDS}},
     "modest": {"comm": {"algorithm": "modest", "modest_trainers": 2, "modest_aggregators": 2}},
     "edgefd": {"comm": {"exchange": "logits"}, "distill": {"method": "edgefd", "proxy_size": 100, "steps": 5}},
+    "fedd2s": {"comm": {"exchange": "logits"}, "distill": {"method": "fedd2s", "proxy_size": 100, "steps": 5}},
+    # CHOCO-SGD: top-k deltas against public estimates, with error feedback (two kinds of snapshots)
+    "choco_topk_ef": {"comm": {"codec": "topk", "topk_ratio": 0.1, "error_feedback": True}},
+    "int8": {"comm": {"codec": "int8"}},
+    "frl": {"comm": {"exchange": "ranks"}, "model": {"width": 64}},
 }
 
 

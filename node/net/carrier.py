@@ -33,6 +33,10 @@ class Pusher:
     `timeout`: seconds one push may take."""
 
     def __init__(self, store, discovery, candidates: Callable[[], list], client, metrics, stop, timeout: float):
+        """Starts the background push thread. `store`: the node's SnapshotStore (what it still holds goes to a new
+        carrier); `discovery`: its Discovery; `candidates()`: the peer records that may carry; `client(address)`: a
+        SwarmClient for a gRPC host:port; `metrics`: its NodeMetrics; `stop`: the node's threading.Event; `timeout`:
+        seconds one push attempt may take (`close` waits that plus 5 s for the thread)."""
         self.store, self.discovery, self.candidates, self.client = store, discovery, candidates, client
         self.metrics, self.stop, self.timeout = metrics, stop, timeout
         self.me = discovery.identity.peer_id

@@ -34,6 +34,8 @@ class Node:
     returns the summary event. `on_event` receives ready / waiting / round / done events."""
 
     def __init__(self, cfg: NodeConfig, on_event: Callable[[dict], None] = lambda e: None):
+        """`cfg`: the node's NodeConfig; `on_event(event)`: called with each event dict (ignored by default). Nothing
+        starts or joins before `run`."""
         self.cfg, self.on_event = cfg, on_event
         self.stop_requested = threading.Event()
         self.metrics = NodeMetrics()

@@ -54,11 +54,16 @@ class GrpcExchange:
     TLS and admission): the final merge's averager when `comm.final_merge` is set (`merger`,
     shaped like `model_state`) and the gRPC server (`server`). Forks the averager process first,
     before any gRPC object exists in this process (gRPC does not survive a fork). `stop` is set when the
-    node is asked to stop. Raises DiscoveryError or OSError (ports in use) with one line."""
+    node is asked to stop. Raises OSError (ports in use) or TimeoutError (the averager did not start), one line."""
 
     def __init__(
         self, cfg, runtime, model_state: dict, metrics: NodeMetrics, stop: threading.Event, task_digest: str = ""
     ):
+        """`cfg`: the node's NodeConfig; `runtime`: its joined Runtime, served on here; `model_state`: the model's
+        state dict (name -> tensor), whose shapes the final merge's all-reduce takes; `metrics`: its NodeMetrics;
+        `stop`: the Event set on a stop request; `task_digest`: the task's hex digest (node/task/load.py), part of the
+        merge's group key ("" for none). Raises OSError when the gRPC port is in use, TimeoutError when the averager
+        process does not start."""
         self.comm, self.record_ttl = cfg.comm, cfg.net.record_ttl
         self.runtime, self.identity = runtime, runtime.identity
         self.metrics, self.stop, self.me = metrics, stop, runtime.identity.peer_id

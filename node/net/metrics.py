@@ -26,6 +26,8 @@ class NodeMetrics:
     checkpoints, the process), exported over HTTP by `serve`."""
 
     def __init__(self) -> None:
+        """Registers every metric in a fresh registry (the path, reachability and checkpoint-failure series at 0 from
+        the start, atoll_reachable at -1: not checked); nothing is served before `serve`."""
         self.registry = r = CollectorRegistry()
         self.round = Gauge("atoll_round", "Last completed training round", registry=r)
         self.loss = Gauge("atoll_train_loss", "Mean local training loss in the last round", registry=r)

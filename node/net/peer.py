@@ -82,6 +82,9 @@ class Peer:
     daemon). `rounds`: train.rounds of the config; `round`: the next round `step` runs."""
 
     def __init__(self, cfg: NodeConfig, worker: Worker, runtime: Runtime, exchange: GrpcExchange, stop, metrics):
+        """`cfg`: the node's NodeConfig; `worker`: its Worker; `runtime`: its joined Runtime; `exchange`: the
+        GrpcExchange serving on it; `stop`: the threading.Event set to stop; `metrics`: its NodeMetrics. Builds the
+        round engine: raises ValueError as Engine does."""
         self.cfg, self.worker, self.runtime, self.exchange, self.stop = cfg, worker, runtime, exchange, stop
         self.metrics = metrics
         self.engine = Engine(cfg, worker, exchange)

@@ -24,6 +24,8 @@ class Runtime:
     `cfg`: the NodeConfig; `identity`: the node's p2pd Identity. Raises DiscoveryError."""
 
     def __init__(self, cfg, identity):
+        """Joins the DHT now. `cfg`: the NodeConfig (its `net` and `security` sections); `identity`: the node's
+        Identity (key and peer id). Raises DiscoveryError when the DHT cannot be started or joined."""
         self.cfg, self.identity = cfg, identity
         net, sec = cfg.net, cfg.security
         self.discovery = membership.join(net, identity)

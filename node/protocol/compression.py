@@ -87,6 +87,9 @@ class CompressedGossip:
     `codec.name == "none"` and no error feedback: plain gossip, nothing kept."""
 
     def __init__(self, comm):
+        """`comm`: the node's CommConfig: `codec`, `topk_ratio` and `int8_block` make the codec, `error_feedback` (or a
+        top-k codec) makes it send deltas, `consensus_step` is gamma (None or 0: default_step). Raises ValueError for a
+        codec setting out of range (p2pd.codecs.Codec)."""
         self.codec = Codec(comm.codec, comm.topk_ratio, comm.int8_block)
         self.feedback = comm.error_feedback
         # differences from estimates both sides keep: error feedback, or top-k (see above)

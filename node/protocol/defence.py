@@ -38,6 +38,12 @@ class Defence:
         tracker: TrustTracker | None = None,
         keys: list[str] | None = None,
     ):
+        """`aggregator`: a name of AGGREGATORS (node/algo/aggregate/robust.py); `model`: the node's model (bristle
+        checks copies of it); `x`, `y`: its samples (N, ...) and int64 labels (N,) on the model's device, None for an
+        unlabelled task (not with bristle); `num_classes`: class count; `byzantine_fraction`: share of each step's
+        inputs assumed malicious (f = floor(fraction * n)); `seed`: seeds bristle's sample and, with the round, the
+        aggregators' draws; `tracker`: the TrustTracker, None builds a default one; `keys`: the state-dict entries
+        compared (None: every float tensor)."""
         self.aggregator = aggregator
         self.tracker = tracker or TrustTracker()
         self.byzantine_fraction = byzantine_fraction

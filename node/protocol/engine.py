@@ -27,6 +27,8 @@ class Engine:
     their forger (node/protocol/rehearsal.py)."""
 
     def __init__(self, cfg, worker, exchange):
+        """`cfg`, `worker`, `exchange`: the node's config, Worker and Exchange; builds the round protocol `cfg.comm`
+        names. Raises ValueError, from the gossip rounds, for a comm.schedule or codec setting out of range."""
         self.cfg, self.worker, self.exchange = cfg, worker, exchange
         self.protocol = rounds.build(cfg, worker, exchange)
 

@@ -23,6 +23,8 @@ class Forger:
     """Forges what an attacking node publishes (`cfg.security.attack`, node/algo/security/attacks.py)."""
 
     def __init__(self, cfg, worker, me: str):
+        """`cfg`: the attacker's NodeConfig (`train.seed`, `security.byzantine_fraction`); `worker`: its Worker, whose
+        `attack` (not None) and shared init it uses; `me`: its peer id, part of the seed of every draw."""
         self.attack = worker.attack
         self.init = worker.init_vector
         self.seed, self.me = cfg.train.seed, me

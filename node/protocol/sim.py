@@ -70,6 +70,10 @@ class Simulation:
         eval_every: int = 1,
         digests: bool = False,
     ):
+        """`swarm`: the SwarmConfig of every virtual node; `faults`: the fault plan, None for none; `ids`: one distinct
+        peer id per node, None for n0000, n0001, ...; `eval_every`: evaluation period in rounds; `digests`: whether to
+        record model digests. Builds every Worker and Engine now: raises ValueError when `ids` are not `swarm.nodes`
+        distinct ids, and ConfigError, TaskError or DatasetMissing as a Worker does."""
         n = swarm.nodes
         self.ids = list(ids) if ids is not None else [f"n{i:04d}" for i in range(n)]
         if len(self.ids) != n or len(set(self.ids)) != n:

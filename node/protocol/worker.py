@@ -31,6 +31,8 @@ class NonFinite(Exception):
     """This round made the loss or the model non-finite; `where` is the metric reason."""
 
     def __init__(self, where: str):
+        """`where`: what became non-finite, the rollback metric's reason: `loss`, `model_after_training` or
+        `model_after_mixing`."""
         super().__init__(
             f"the {where.replace('_', ' ')} became non-finite (NaN/Inf): lower optim.lr or check the data"
         )
@@ -102,6 +104,9 @@ class Worker:
     DatasetMissing for data that is not installed."""
 
     def __init__(self, cfg: NodeConfig, device: torch.device = torch.device("cpu"), task: Checked | None = None):
+        """`cfg`: the node's NodeConfig; `device`: where the model and data live (default CPU); `task`: a checked task
+        to train instead of the config's, None loads the config's. Runs the task's hooks once: raises ConfigError,
+        TaskError, or DatasetMissing for data that is not installed."""
         self.cfg, self.device = cfg, device
         self.task = task or task_for(cfg)
         labelled = self.task.task.labelled

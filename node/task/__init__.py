@@ -87,6 +87,9 @@ class Checked:
     (how the user referred to the task) and the hook."""
 
     def __init__(self, task: Task, ref: str):
+        """`task`: the Task to check; `ref`: how the user named it (e.g. node.task.text:kjv, or built-in), quoted in
+        every TaskError. Raises TaskError when `task` is not a Task, a hook is not callable (`optimizer`, `exchanged`:
+        nor None), `labelled` is not a Labelled, or `metric` is not a non-empty str."""
         if not isinstance(task, Task):
             raise TaskError(f"task {ref}: expected a node.task.Task, got {type(task).__name__}")
         for hook in ("model", "train_data", "loss", "evaluate"):

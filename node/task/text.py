@@ -53,6 +53,9 @@ class CausalTransformer(nn.Module):
     Input int64 (B, T) with T <= context; output logits float32 (B, T, 256)."""
 
     def __init__(self, context: int, width: int, layers: int, heads: int):
+        """`context`: the longest input, in bytes (positions and causal mask); `width`: the embedding size; `layers`:
+        decoder blocks; `heads`: attention heads per block, which must divide `width` (torch raises AssertionError
+        otherwise)."""
         super().__init__()
         self.context = context
         self.embed = nn.Embedding(VOCAB, width)

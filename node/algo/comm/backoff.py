@@ -29,6 +29,8 @@ class Backoff:
     """
 
     def __init__(self, max_rounds: int = 16):
+        """`max_rounds`: the longest pause of a peer, in rounds (pauses double from 1 up to it). Raises ValueError when
+        `max_rounds` < 1."""
         if max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
         self.max_rounds = max_rounds

@@ -27,6 +27,9 @@ class TimeMLP(nn.Module):
     """MLP over [x, embedding(t)]: the denoiser (out = D) and the router (out = K) alike."""
 
     def __init__(self, dim: int, out: int, width: int = 256, depth: int = 3, t_dim: int = 32):
+        """`dim`: input features D of x (B, D); `out`: output features (D for a denoiser, the K cluster logits for the
+        router); `width`: units of each hidden layer; `depth`: hidden Linear+SiLU layers; `t_dim`: features of the time
+        embedding (even: time_embedding gives 2 * (t_dim // 2) of them)."""
         super().__init__()
         self.dim, self.out, self.width, self.depth, self.t_dim = dim, out, width, depth, t_dim
         layers, d = [], dim + t_dim

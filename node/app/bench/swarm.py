@@ -89,6 +89,7 @@ class Usage:
     """Peak memory and last CPU time of each session, sampled by `sample()`."""
 
     def __init__(self):
+        """No session sampled yet: the first `sample()` measures at once."""
         self.peak_mb: dict[int, float] = {}
         self.cpu_s: dict[int, float] = {}
         self._next = 0.0

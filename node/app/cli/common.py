@@ -32,6 +32,9 @@ class GracefulStop:
     set, nothing has started and the first signal just exits."""
 
     def __init__(self, target=None, message: str = "stopping after the current step"):
+        """Installs itself as the SIGINT and SIGTERM handler. `target`: called with no arguments at the first signal;
+        None (until it is set) makes that signal exit with status 128 + signum. `message`: what the first signal writes
+        to stderr when there is a target. Raises ValueError off the main thread (signal.signal)."""
         import signal
 
         self.target, self.count, self.message = target, 0, message

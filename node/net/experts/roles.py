@@ -179,6 +179,10 @@ class ExpertNode(_Role):
     serves Predict (see the module docstring)."""
 
     def __init__(self, cfg: NodeConfig, on_event: Event = lambda e: None):
+        """`cfg`: the node's NodeConfig (`experts.cluster` picks the cluster; `experts.width`, `depth` and `data.seed`
+        shape and seed the denoiser); `on_event(event)`: called with each event dict (ignored by default). Loads the
+        data set and derives the clustering here, before joining anything: raises DatasetMissing when the data set is
+        not installed, ValueError for an unknown data set, a file that is not it, or more clusters than images."""
         super().__init__(cfg, on_event)
         e = cfg.experts
         self.k = e.cluster
@@ -246,6 +250,9 @@ class RouterNode(_Role):
     DHT at each request."""
 
     def __init__(self, cfg: NodeConfig, on_event: Event = lambda e: None):
+        """`cfg`: the node's NodeConfig (`experts.clusters`, `width` and `depth` shape the router, `data.seed` seeds
+        it); `on_event(event)`: called with each event dict (ignored by default). Loads the data set and derives the
+        clustering here, before joining anything: raises DatasetMissing and ValueError as ExpertNode does."""
         super().__init__(cfg, on_event)
         e = cfg.experts
         self.router = router_net(self.dim, e.clusters, e.width, e.depth, seed=cfg.data.seed)

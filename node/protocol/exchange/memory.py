@@ -44,6 +44,7 @@ class Faults:
     """Deterministic fault plan of one simulation; see the module docstring. Rounds count from 0."""
 
     def __init__(self) -> None:
+        """An empty plan: no node crashes, loses, delays or corrupts anything until the methods below add faults."""
         self.fail: dict[str, int] = {}
         self.dropped: set[tuple[str, int]] = set()
         self.delays: dict[tuple[str, int], float] = {}
@@ -103,6 +104,9 @@ class Board:
         timeout: float = 20.0,
         swarms: Sequence[str] | None = None,
     ):
+        """`ids`: every virtual node's peer id; `sizes`: their data set sizes (samples), in the order of `ids`;
+        `faults`: the fault plan, None for none; `timeout`: comm.fetch_timeout in seconds, snapshots delayed that long
+        or longer are lost; `swarms`: each node's net.swarm in the order of `ids`, None for one swarm."""
         self.ids = sorted(ids)
         self.sizes = dict(zip(ids, sizes))
         self.swarm = dict(zip(ids, swarms or [""] * len(ids)))
@@ -190,6 +194,7 @@ class MemoryExchange:
     """One virtual node's view of a `Board` (the `node.protocol.exchange.Exchange` protocol)."""
 
     def __init__(self, board: Board, me: str):
+        """`board`: the simulation's shared Board; `me`: this virtual node's peer id, one of `board.ids`."""
         self.board, self.me = board, me
 
     def members(self, round_: int) -> list[Member]:

@@ -10,6 +10,8 @@ class MLP(nn.Sequential):
     """Flatten, two hidden Linear+ReLU layers of `width` units, then a Linear to `num_classes` logits."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 128):
+        """`input_shape`: one sample's shape (its product is the first Linear's input); `num_classes`: logits out;
+        `width`: units of each hidden layer."""
         d = 1
         for s in input_shape:
             d *= s
@@ -28,6 +30,9 @@ class SmallCNN(nn.Sequential):
     width units, then a Linear to `num_classes` logits."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 32):
+        """`input_shape`: one sample's (C, H, W); `num_classes`: logits out; `width`: channels of both convolutions
+        (the hidden Linear has 2 * width units). Raises ValueError when `input_shape` does not have three
+        dimensions."""
         c, h, w = input_shape
         super().__init__(
             nn.Conv2d(c, width, 3, padding=1),

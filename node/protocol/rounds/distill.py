@@ -25,6 +25,8 @@ class DistillRounds:
     """Logit-exchange rounds of one node (see the module docstring)."""
 
     def __init__(self, cfg, worker, exchange):
+        """`cfg`: the node's NodeConfig (`comm`, `distill`, `train.seed`, `optim.batch_size`); `worker`: its Worker,
+        built for logit exchange (proxy set, `distill_opt`); `exchange`: its Exchange."""
         self.cfg, self.worker, self.exchange = cfg, worker, exchange
 
     def run(self, r: int) -> RoundResult:

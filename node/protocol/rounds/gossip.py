@@ -34,6 +34,9 @@ class GossipRounds:
     rehearsals (node/protocol/rehearsal.py) to publish a forgery in place of the model."""
 
     def __init__(self, cfg, worker, exchange):
+        """`cfg`: the node's NodeConfig (`comm` and `train.rounds` give every round's gossip steps and the codec);
+        `worker`: its Worker; `exchange`: its Exchange. Raises ValueError for an unknown comm.schedule or a setting out
+        of range (node.algo.comm.schedule.allotment, p2pd.codecs.Codec)."""
         self.cfg, self.worker, self.exchange = cfg, worker, exchange
         c = cfg.comm
         budget = cfg.train.rounds if c.gossip_budget is None else c.gossip_budget

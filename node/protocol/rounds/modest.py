@@ -25,6 +25,8 @@ class ModestRounds:
     """MoDeST rounds of one node (see the module docstring)."""
 
     def __init__(self, cfg, worker, exchange):
+        """`cfg`: the node's NodeConfig (`comm.modest_trainers` and `comm.modest_aggregators`: nodes sampled per round;
+        `train.seed` seeds the sample); `worker`: its Worker; `exchange`: its Exchange."""
         self.cfg, self.worker, self.exchange = cfg, worker, exchange
 
     def sample(self, r: int) -> tuple[list[str], list[str], dict[str, int]]:

@@ -32,6 +32,9 @@ class RankRounds:
     """FRL rounds of one node (see the module docstring)."""
 
     def __init__(self, cfg, worker, exchange):
+        """`cfg`: the node's NodeConfig; `worker`: its Worker, whose model is an FRL supermask (`comm.exchange: ranks`)
+        and whose `attack` (None when honest) crafts the published rankings; `exchange`: its Exchange. Records the
+        initial edge positions the attacks start from."""
         self.cfg, self.worker, self.exchange = cfg, worker, exchange
         self.names = frl.score_names(worker.model.state_dict())
         self.params = dict(worker.model.named_parameters())

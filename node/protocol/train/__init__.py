@@ -90,6 +90,11 @@ class LocalTrainer:
         workers: int = 0,
         autocast: torch.dtype | None = None,
     ):
+        """`model`: what is trained (batches go to its device); `optimizer`: the torch optimizer stepping it; `data`:
+        the training Dataset; `loss(model, batch)`: a scalar tensor; `batch_size`: samples per step (at most a
+        map-style dataset's length); `seed`: seeds the sample order, with the round; `sam_rho`: SAM's radius, 0 for
+        plain steps; `workers`: DataLoader processes, 0 for none; `autocast`: the mixed-precision dtype, None for full
+        precision. Raises ValueError for a negative `sam_rho` or `workers`."""
         if sam_rho < 0:
             raise ValueError("sam_rho must be >= 0")
         if workers < 0:
