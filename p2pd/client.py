@@ -29,12 +29,13 @@ import grpc
 import torch
 
 from p2pd.admission import signed_push, signed_reach, signed_request
+from p2pd.decoding import StreamDecoder
 from p2pd.errors import ReasonedError
 from p2pd.identity import Identity
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.rpc import swarm_pb2_grpc as pb_grpc
 from p2pd.server import MAX_FETCH_SECONDS, MAX_MESSAGE_BYTES, MAX_PUSH_MESSAGE_BYTES, SERVICE_NAME, TLSConfig
-from p2pd.tensors import Limits, SnapshotKey, StreamDecoder, TensorStreamError
+from p2pd.tensors import Limits, SnapshotKey, TensorStreamError
 
 
 class FetchError(ReasonedError):

@@ -38,11 +38,12 @@ from p2pd.client import (
     health_request,
     status_error,
 )
+from p2pd.decoding import StreamDecoder
 from p2pd.identity import Identity
 from p2pd.records import RecordRefused, open_record
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.server import MAX_FETCH_SECONDS, MAX_MESSAGE_BYTES
-from p2pd.tensors import Limits, SnapshotKey, StreamDecoder, TensorStreamError
+from p2pd.tensors import Limits, SnapshotKey, TensorStreamError
 
 log = logging.getLogger(__name__)
 

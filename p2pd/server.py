@@ -24,6 +24,7 @@ import torch
 
 from p2pd.addresses import host_port, tcp_port_in_use
 from p2pd.admission import Admission
+from p2pd.decoding import StreamDecoder
 from p2pd.records import RecordRefused, open_record
 from p2pd.refusals import UNDECODABLE, Refusals, lenient
 from p2pd.rpc import swarm_pb2 as pb
@@ -32,7 +33,6 @@ from p2pd.tensors import (
     EncodedSnapshot,
     Limits,
     SnapshotKey,
-    StreamDecoder,
     TensorStreamError,
     encode,
 )

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from p2pd.codecs import Codec, CodecError, Coded, decode, decompress
+from p2pd.decoding import decode as decode_stream
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.tensors import Limits, SnapshotKey, TensorStreamError, encode
-from p2pd.tensors import decode as decode_stream
 
 KEY = SnapshotKey("model", 3, 1).to_pb()
 

@@ -21,7 +21,8 @@ from node.algo.distill import (
 from node.protocol.data import load_dataset
 from node.protocol.models import build_model
 from node.protocol.train import evaluate
-from p2pd.tensors import SnapshotKey, StreamDecoder, TensorStreamError, encode
+from p2pd.decoding import StreamDecoder
+from p2pd.tensors import SnapshotKey, TensorStreamError, encode
 
 
 def test_proxy_split_is_shared_and_digested():

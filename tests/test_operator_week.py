@@ -15,9 +15,10 @@ import torch
 import yaml
 from helpers import ROOT
 
+from p2pd.decoding import StreamDecoder
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.server import SERVICE_NAME, SnapshotStore, SwarmServer
-from p2pd.tensors import Limits, SnapshotKey, StreamDecoder
+from p2pd.tensors import Limits, SnapshotKey
 
 
 def test_a_stock_grpc_client_with_default_limits_fetches_a_16_mib_snapshot():

@@ -1,15 +1,14 @@
 import pytest
 import torch
 
+from p2pd.decoding import StreamDecoder, decode
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.tensors import (
     DTYPES,
     EncodedSnapshot,
     Limits,
     SnapshotKey,
-    StreamDecoder,
     TensorStreamError,
-    decode,
     encode,
     iter_parts,
     pack,
@@ -197,7 +196,7 @@ def test_decoder_accounts_bytes():
 
 
 def test_chunk_fast_path_agrees_with_protobuf_and_falls_back():
-    from p2pd.tensors import _split_chunk
+    from p2pd.decoding import _split_chunk
 
     c = pb.TensorChunk(name="w", dtype="float32", shape=[2, 3], offset=0, payload=bytes(range(24)))
     meta, payload = _split_chunk(pb.SnapshotPart(chunk=c).SerializeToString())

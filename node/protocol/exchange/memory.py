@@ -30,8 +30,9 @@ from node.algo.aggregate import mean, variance_corrected_mean
 from node.algo.comm import seeded_rng
 from node.protocol.exchange import Accept, Member
 from p2pd.codecs import CodecError, Coded, decompress
+from p2pd.decoding import StreamDecoder
 from p2pd.errors import ReasonedError
-from p2pd.tensors import SnapshotKey, StreamDecoder, TensorStreamError, encode
+from p2pd.tensors import SnapshotKey, TensorStreamError, encode
 
 SAFETY_SECONDS = 600.0  # a fetch never waits longer, even if a bug stalled a virtual node
 
