@@ -4,7 +4,7 @@ Fetch and Health calls over libp2p streams, through the daemon the node's DHT al
 
 One servicer serves both transports (p2pd/server.py's SwarmServicer: admission, limits, slots
 and the producer's signed digest are the same), and the receiver checks what arrives exactly as
-a gRPC fetch does (p2pd/tensors.py's StreamDecoder against the digest signed in the producer's
+a gRPC fetch does (p2pd/decoding.py's StreamDecoder against the digest signed in the producer's
 record). Framing (see proto/swarm.proto, StreamRequest): hivemind's 8-byte length prefix per
 frame; the caller sends one StreamRequest, the server one StreamStatus, then a HealthReply or
 the snapshot's serialized parts and an empty frame. libp2p authenticates the remote peer id,

@@ -1,10 +1,9 @@
 """The gRPC side of a node: serve the snapshots it has published, and its signed record.
 
-Memory is bounded: ``SnapshotStore`` keeps the newest ``keep`` snapshots per kind and
-drops older ones (a peer asking for those gets NOT_FOUND and skips us for that step).
-Snapshots are encoded (copied to CPU, digested and serialized into wire parts) once at
-publish time, so serving a fetch only writes ready bytes: the Fetch handler is registered
-with an identity response serializer for that reason.
+What it serves comes from its SnapshotStore (p2pd/store.py), encoded once at publish time, so
+serving a fetch only writes ready bytes: the Fetch handler is registered with an identity
+response serializer for that reason. Snapshots carried for outbound-only producers (Push) and
+the dial-back check (Reach) are in p2pd/carry.py.
 """
 
 from __future__ import annotations
@@ -14,31 +13,24 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import torch
 
 from p2pd.addresses import host_port, tcp_port_in_use
 from p2pd.admission import Admission
-from p2pd.decoding import StreamDecoder
-from p2pd.records import RecordRefused, open_record
+from p2pd.carry import CarriedSnapshots, dial_back, receive_push
 from p2pd.refusals import UNDECODABLE, Refusals, lenient
 from p2pd.rpc import swarm_pb2 as pb
+from p2pd.store import MAX_MESSAGE_BYTES, SnapshotStore
 from p2pd.tensors import (
-    DEFAULT_CHUNK_BYTES,
-    EncodedSnapshot,
-    Limits,
     SnapshotKey,
-    TensorStreamError,
-    encode,
 )
 
 log = logging.getLogger(__name__)
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # > one chunk plus framing; see client.py
 # A fetch holds a server thread while the client reads, so every fetch must carry a deadline
 # no longer than this: a peer that stops reading frees its thread when the deadline passes.
 MAX_FETCH_SECONDS = 600.0
@@ -49,136 +41,6 @@ MAX_HEALTH_WAIT = 5.0  # seconds a Health call may wait for a snapshot
 PUSH_CHUNK_BYTES = 1024 * 1024
 MAX_PUSH_MESSAGE_BYTES = PUSH_CHUNK_BYTES + 4096
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Swarm"].full_name  # "atoll.v1.Swarm"
-
-
-class SnapshotStore:
-    """Thread-safe map SnapshotKey -> PackedSnapshot, newest `keep` per kind."""
-
-    def __init__(self, keep: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        """`keep`: snapshots held per kind (>= 1); `chunk_bytes`: bytes per wire part of an encoded snapshot
-        (1 to MAX_MESSAGE_BYTES - 4096). Raises ValueError for either out of range."""
-        if chunk_bytes < 1 or chunk_bytes + 4096 > MAX_MESSAGE_BYTES:
-            raise ValueError(f"chunk_bytes must be in [1, {MAX_MESSAGE_BYTES - 4096}]")
-        self.chunk_bytes = chunk_bytes
-        if keep < 1:
-            raise ValueError("keep must be >= 1")
-        self.keep = keep
-        self._items: dict[SnapshotKey, EncodedSnapshot] = {}
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-
-    def publish(
-        self,
-        key: SnapshotKey,
-        state_dict: Mapping[str, torch.Tensor],
-        before_visible: Callable[[tuple[str, ...], EncodedSnapshot], None] | None = None,
-    ) -> EncodedSnapshot:
-        """Encode `state_dict` under `key` (CPU copy, BLAKE3 digest, wire parts of `chunk_bytes`) and drop the oldest
-        of that kind beyond `keep`; returns the encoded snapshot. `before_visible(index, snapshot)` runs with the
-        index the store will hold (see `index`) before anyone can see the new snapshot: a node signs its record
-        there, so a peer that sees the key also finds its digest signed. Raises TypeError or ValueError for a
-        value, name or dtype the wire refuses."""
-        return self.put(key, encode(state_dict, key.to_pb(), self.chunk_bytes), before_visible)
-
-    def put(
-        self,
-        key: SnapshotKey,
-        packed: EncodedSnapshot,
-        before_visible: Callable[[tuple[str, ...], EncodedSnapshot], None] | None = None,
-    ) -> EncodedSnapshot:
-        """Hold an already encoded snapshot under `key` (see publish): a carrier holds what its
-        producer pushed, byte for byte as the producer encoded it."""
-        with self._lock:
-            items = dict(self._items)
-        items[key] = packed
-        same_kind = sorted(k for k in items if k.kind == key.kind)
-        for old in same_kind[: max(0, len(same_kind) - self.keep)]:
-            del items[old]
-        if before_visible is not None:
-            before_visible(_index(items), packed)
-        with self._changed:
-            self._items = items
-            self._changed.notify_all()
-        return packed
-
-    def wait(self, key: SnapshotKey, timeout: float) -> bool:
-        """Block until `key` is held or a later snapshot of its kind is (the node moved past it),
-        at most `timeout` seconds; True if one of them happened."""
-
-        def ready() -> bool:
-            return key in self._items or any(k.kind == key.kind and k > key for k in self._items)
-
-        with self._changed:
-            return self._changed.wait_for(ready, timeout=max(0.0, timeout))
-
-    def get(self, key: SnapshotKey) -> EncodedSnapshot | None:
-        """The encoded snapshot under `key`, or None if it was never published or has been dropped."""
-        with self._lock:
-            return self._items.get(key)
-
-    def keys(self) -> list[SnapshotKey]:
-        """Every held snapshot key, sorted."""
-        with self._lock:
-            return sorted(self._items)
-
-    def index(self) -> tuple[str, ...]:
-        """Every held snapshot as "kind:round:step:hexdigest", for the signed peer record."""
-        with self._lock:
-            return _index(self._items)
-
-
-def _index(items: Mapping[SnapshotKey, EncodedSnapshot]) -> tuple[str, ...]:
-    return tuple(f"{k.kind}:{k.round}:{k.step}:{v.hexdigest}" for k, v in sorted(items.items()))
-
-
-class CarriedSnapshots:
-    """What a node carries for outbound-only producers (the Push RPC): per producer, its newest
-    `keep` snapshots per kind and the newest signed record envelope that came with a push. At
-    most `max_producers` producers and `max_bytes` wire bytes in all: a producer whose envelope
-    expired (it stopped pushing here: gone, or it chose another carrier) is dropped first, and a
-    push beyond the bounds is refused (busy)."""
-
-    def __init__(self, max_producers: int = 4, keep: int = 2, max_bytes: int = 1 << 30):
-        """`max_producers`: producers carried for at once; `keep`: snapshots kept per producer and kind; `max_bytes`:
-        wire bytes held for all producers together."""
-        self.max_producers, self.keep, self.max_bytes = max_producers, keep, max_bytes
-        self._stores: dict[str, tuple[SnapshotStore, bytes, float]] = {}  # producer -> (store, envelope, expiry)
-        self._lock = threading.Lock()
-
-    def store(self, producer: str) -> tuple[SnapshotStore, bytes] | None:
-        """(the producer's store, its newest envelope), or None when nothing is carried for it."""
-        with self._lock:
-            held = self._stores.get(producer)
-            return (held[0], held[1]) if held is not None else None
-
-    def put(self, producer: str, key: SnapshotKey, packed: EncodedSnapshot, envelope: bytes, record) -> bool:
-        """Carry `packed` for `producer` with `envelope` (its signed `record`, a PeerRecord that
-        signs the snapshot); an older envelope than the one held is not kept (a replayed push
-        cannot roll the record back). False when over the bounds."""
-        with self._lock:
-            now = time.time()
-            for gone in [p for p, (_, _, expiry) in self._stores.items() if expiry <= now]:
-                del self._stores[gone]
-            held = self._stores.get(producer)
-            if held is None and len(self._stores) >= self.max_producers:
-                return False
-            others = sum(_bytes(st) for p, (st, _, _) in self._stores.items() if p != producer)
-            store = held[0] if held is not None else SnapshotStore(keep=self.keep)
-            if others + _bytes(store) + packed.wire_bytes > self.max_bytes:
-                return False
-            newer = held is None or record.expires_at >= held[2]
-            self._stores[producer] = (store, envelope, record.expires_at) if newer else held
-            store.put(key, packed)
-        return True
-
-    def producers(self) -> list[str]:
-        """The peer ids this node carries snapshots for."""
-        with self._lock:
-            return sorted(self._stores)
-
-
-def _bytes(store: SnapshotStore) -> int:
-    return sum(packed.wire_bytes for packed in map(store.get, store.keys()) if packed is not None)
 
 
 @dataclass(frozen=True)
@@ -339,61 +201,8 @@ class SwarmServicer:
         return held[0] if held is not None else None
 
     def Push(self, parts, context: grpc.ServicerContext) -> pb.PushReply:
-        """Carry an outbound-only producer's snapshot: the first part is its signed request with
-        the producer's signed record, which must name this node as its carrier and sign the
-        snapshot's digest; the parts that follow are decoded and checked as a fetch is (limits,
-        digest) and kept byte for byte. Refusals abort like Fetch's."""
-        first = next(parts, UNDECODABLE)
-        if first is UNDECODABLE or not first.HasField("request"):
-            self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "a push starts with its request")
-        if self.carried is None or self.admission is None:
-            self._refuse(context, "unsupported", grpc.StatusCode.UNIMPLEMENTED, "this node carries no snapshots")
-        self._require_deadline(context, "push")
-        request = first.request
-        try:
-            key = SnapshotKey.from_pb(request.key)
-        except ValueError as e:
-            self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        refusal = self.admission.check_push(request, key)
-        if refusal is not None:
-            self._refuse_admission(context, refusal)
-        try:
-            record = open_record(request.signed_record, now=time.time(), expected_peer_id=request.requester_peer_id)
-        except RecordRefused as e:
-            self._refuse(context, f"record_{e.reason}", grpc.StatusCode.PERMISSION_DENIED, f"record: {e}")
-        if record.reachability != "outbound_only" or record.carrier != self.admission.server_peer_id:
-            self._refuse(
-                context, "not_carrier", grpc.StatusCode.PERMISSION_DENIED, "the record does not name this node carrier"
-            )
-        digest = record.snapshot_digest(key.kind, key.round, key.step)
-        if digest is None:
-            self._refuse(context, "unsigned", grpc.StatusCode.PERMISSION_DENIED, f"the record signs no {key}")
-        if not self._fetch_slots.acquire(blocking=False):
-            self._count("busy")
-            self._refuse(context, "busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent transfers")
-        stream = id(context)
-        try:
-            limits = Limits(max_total_bytes=self.carried.max_bytes)
-            decoder, raw = StreamDecoder(limits, digest, expected_key=key.to_pb()), []
-            for part in parts:  # the stall watchdog cancels a pusher that stops sending
-                with self._lock:
-                    self._progress[stream] = (time.monotonic(), context)
-                if part is UNDECODABLE or not part.HasField("snapshot_part"):
-                    self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "not a snapshot part")
-                decoder.feed_bytes(part.snapshot_part)
-                raw.append(part.snapshot_part)
-            decoder.finish()
-        except TensorStreamError as e:
-            self._refuse(context, f"push_{e.reason}", grpc.StatusCode.INVALID_ARGUMENT, e.detail)
-        finally:
-            with self._lock:
-                self._progress.pop(stream, None)
-            self._fetch_slots.release()
-        packed = EncodedSnapshot(key.to_pb(), digest, decoder.header.total_bytes, tuple(raw))
-        if not self.carried.put(request.requester_peer_id, key, packed, request.signed_record, record):
-            self._refuse(context, "busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "carrying too much already")
-        self._count("pushes_carried")
-        return pb.PushReply(stored=True)
+        """Carry an outbound-only producer's snapshot (p2pd/carry.py: `receive_push`); refusals abort like Fetch's."""
+        return receive_push(self, parts, context)
 
     def _release(self, requester: str, stream: int | None) -> None:
         with self._lock:
@@ -404,33 +213,8 @@ class SwarmServicer:
                 self._progress.pop(stream, None)
 
     def Reach(self, request: pb.ReachRequest, context: grpc.ServicerContext) -> pb.ReachReply:
-        """Dial the requester back at the address its signed record advertises (the request
-        names none, so nobody can point this node at a third party)."""
-        if request is UNDECODABLE:
-            self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")
-        if self.admission is None or self.dial is None:
-            self._refuse(context, "unsupported", grpc.StatusCode.UNIMPLEMENTED, "this node does not dial back")
-        refusal = self.admission.check_reach(request)
-        if refusal is not None:
-            self._refuse_admission(context, refusal)
-        address = self.address_of(request.requester_peer_id)
-        if address is None:
-            return pb.ReachReply(reachable=False, detail="no live record of the requester")
-        if not self._dials.acquire(blocking=False):
-            self._refuse(context, "busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "too many dial-backs at once")
-        try:
-            answered = self.dial(address)
-            libp2p = self.dial_libp2p is not None and self.dial_libp2p(request.requester_peer_id)
-        finally:
-            self._dials.release()
-        if answered == request.requester_peer_id:
-            return pb.ReachReply(reachable=True, address=address, libp2p_reachable=libp2p)
-        return pb.ReachReply(
-            reachable=False,
-            address=address,
-            detail="no answer there" if answered is None else "another node answers there",
-            libp2p_reachable=libp2p,
-        )
+        """Dial the requester back at the address its signed record advertises (p2pd/carry.py: `dial_back`)."""
+        return dial_back(self, request, context)
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         """This node's signed record envelope and the keys of every snapshot it holds; with
