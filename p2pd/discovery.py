@@ -2,16 +2,14 @@
 
 Every member stores its signed PeerRecord under one DHT key, ``atoll/<swarm>/peers``, with
 its peer id as the subkey, so a single ``get`` returns the whole swarm (one row per peer,
-each row with its own expiry). A node re-publishes every ``ttl / 3`` seconds; a node that
-stops doing so disappears once its row expires, i.e. within ``ttl``.
+each row with its own expiry). A node re-publishes every ``ttl / 3`` seconds (p2pd/announce.py);
+a node that stops doing so disappears once its row expires, i.e. within ``ttl``.
 
-Two checks keep forged rows out:
-- ``PeerRecordValidator`` runs inside every atoll DHT node, on stores it receives and on
-  values it fetches: a row whose signature is bad, whose signer is not the row's subkey, or
-  whose DHT expiry outlives the signed one is never stored nor returned.
-- ``live_peers`` opens every row again (signature, schema, binding, expiry against the local
-  clock) and drops and counts the failures in ``refused`` by reason, so a row that slipped
-  through a foreign DHT node (one without the validator) still never reaches the caller.
+Two checks keep forged rows out: ``PeerRecordValidator`` inside every atoll DHT node
+(p2pd/dht.py), and ``live_peers``, which opens every row again (signature, schema, binding,
+expiry against the local clock) and drops and counts the failures in ``refused`` by reason, so
+a row that slipped through a foreign DHT node (one without the validator) still never reaches
+the caller.
 
 The DHT daemon runs with the node's own Ed25519 key (see identity.py), so its libp2p peer
 id equals the record's peer id.
@@ -19,135 +17,35 @@ id equals the record's peer id.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import logging
-import multiprocessing
-import os
-import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
 
 import hivemind
-from hivemind.dht.protocol import DHTProtocol
-from hivemind.dht.routing import DHTID
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
-from hivemind.utils.serializer import MSGPackSerializer
 
 from p2pd.addresses import maddr_tcp_listen, tcp_port_in_use
+from p2pd.announce import Announcing
+from p2pd.dht import (  # DiscoveryError: raised to every caller of Discovery
+    DiscoveryError,
+    PeerRecordValidator,
+    clock_skew,
+    start_dht,
+)
 from p2pd.identity import Identity
-from p2pd.procs import start_hivemind_process, stop_hivemind_process
-from p2pd.records import PeerRecord, RecordRefused, open_record, sign_record, swarm_key
+from p2pd.procs import stop_hivemind_process
+from p2pd.records import PeerRecord, RecordRefused, open_record, swarm_key
 
 log = logging.getLogger(__name__)
-
-
 BOOTSTRAP_ATTEMPTS = 3  # DHT starts tried when no initial peer answers
 BOOTSTRAP_RETRY_SECONDS = 2.0
-STORE_MIN_SECONDS = 1.0  # an updated record reaches the DHT within this (Health serves it at once)
 
 
-def clock_skew(error: str) -> str | None:
-    """hivemind's "local time must be within 3 seconds of others (local: T1, peer: T2)" as one line with the offset
-    and what to do; None for any other error."""
-    m = re.search(r"local time must be within ([\d.]+) seconds.*?local: ([\d.]+), peer: ([\d.]+)", error, re.S)
-    if m is None:
-        return None
-    limit, offset = float(m.group(1)), float(m.group(2)) - float(m.group(3))
-    return (
-        f"clock skew: this machine's clock is {abs(offset):.1f} s {'ahead of' if offset > 0 else 'behind'} the "
-        f"initial peer's (the DHT needs them within {limit:g} s): synchronise the clock (NTP: timedatectl "
-        f"set-ntp true, or chrony) on whichever machine is wrong, then start again"
-    )
-
-
-class DiscoveryError(RuntimeError):
-    """The DHT could not be started or joined; the message says what to check."""
-
-
-def start_dht(*, ready_timeout: float = 60.0, **dht_kwargs: Any) -> hivemind.DHT:
-    """A started hivemind DHT process, waited for with a bound (see start_hivemind_process).
-
-    The p2pd daemon it spawns inherits this process's environment: unless the user set GOGC,
-    its Go collector runs at GOGC=50 (p2pd resident 70 instead of 85 MB on the demo, same speed;
-    a GOMEMLIMIT low enough to matter made the demo 2x slower)."""
-    os.environ.setdefault("GOGC", "50")
-    try:
-        return start_hivemind_process(lambda: hivemind.DHT(start=False, **dht_kwargs), ready_timeout=ready_timeout)
-    except TimeoutError as e:
-        raise DiscoveryError(str(e)) from e
-
-
-class PeerRecordValidator(RecordValidatorBase):
-    """hivemind record validator for the swarm key; other keys pass through untouched.
-
-    `dropped` counts the rows it refused, in memory shared with the DHT child process where
-    it runs (created before the fork), so the node can export the count."""
-
-    def __init__(self, swarm: str):
-        """`swarm`: the swarm name whose DHT key it checks (rows under other keys pass). Raises ValueError for a name
-        swarm_key refuses."""
-        self._key_id = DHTID.generate(source=swarm_key(swarm)).to_bytes()
-        self.dropped = multiprocessing.Value("Q", 0)
-
-    def validate(self, record: DHTRecord) -> bool:
-        """True for rows under other keys; for a swarm row, whether its signed record opens with the subkey as signer
-        and its DHT expiry is at most the signed one (refusals counted in `dropped`)."""
-        if record.key != self._key_id:
-            return True
-        ok = self._valid_row(record)
-        if not ok:
-            with self.dropped.get_lock():
-                self.dropped.value += 1
-        return ok
-
-    def _valid_row(self, record: DHTRecord) -> bool:
-        try:
-            subkey = MSGPackSerializer.loads(record.subkey)
-            value = MSGPackSerializer.loads(record.value)
-            if not isinstance(subkey, str) or not isinstance(value, bytes):
-                return False
-            # Expiry is deliberately not checked here: hivemind drops expired rows itself, and
-            # a rejection here would discard a whole multi-peer answer over one stale row.
-            rec = open_record(value, now=None, expected_peer_id=subkey)
-        except (RecordRefused, ValueError, TypeError):
-            return False
-        except Exception:  # msgpack raises its own exception types for junk
-            return False
-        # Exactly the signed expiry or less: any slack would let a replayed older record outlive
-        # (and so replace, since hivemind keeps the later expiry) the current one.
-        return record.expiration_time <= rec.expires_at
-
-
-def _validate_rows_one_by_one(self, key_bytes: bytes, dictionary) -> bool:
-    """Replaces hivemind's DHTProtocol._validate_dictionary, which refuses a peer's whole
-    dictionary answer when one row fails: one garbage row held by a DHT node that does not run
-    atoll's validator (a stock bootstrap) would then hide every member it holds. Here invalid
-    rows are dropped (and counted by the validator) and the valid ones kept."""
-    if self.record_validator is None:
-        return True
-    with dictionary.freeze():
-        bad = [
-            subkey
-            for subkey, (value, expiration) in dictionary.items()
-            if not self.record_validator.validate(
-                DHTRecord(key_bytes, self.serializer.dumps(subkey), value, expiration)
-            )
-        ]
-    for subkey in bad:
-        del dictionary[subkey]
-    return True
-
-
-DHTProtocol._validate_dictionary = _validate_rows_one_by_one  # hivemind <1.2, see pyproject
-
-
-class Discovery:
-    """Membership of one swarm for one node.
+class Discovery(Announcing):
+    """Membership of one swarm for one node: it starts the DHT (p2pd/dht.py), publishes the node's signed record
+    (Announcing, p2pd/announce.py) and reads the live members' records.
 
     >>> d = Discovery(identity, swarm="demo", initial_peers=["/ip4/127.0.0.1/tcp/4000/p2p/12D3..."])
     >>> d.start(); d.announce(grpc_address="127.0.0.1:5000")
@@ -194,16 +92,10 @@ class Discovery:
             use_auto_relay=relay and bool(initial_peers),
         )
         self._dht: hivemind.DHT | None = None
-        self._fields: dict[str, Any] | None = None
-        self._record: PeerRecord | None = None
-        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._store_soon = threading.Event()  # set by update(): the heartbeat thread stores the new record
-        self._heartbeat: threading.Thread | None = None
+        self._init_announcing()
         self._logged: set[tuple[str, str]] = set()
-        self._envelope = b""
         self._known: dict[str, float] = {}  # peer id -> record expiry, from the last live_peers()
-        self._issued: collections.deque[float] = collections.deque(maxlen=64)  # issued_at of our records
         self._addresses: dict[str, str] = {}  # peer id -> advertised gRPC address, from the last live_peers()
         self._foreign_self: PeerRecord | None = None
         self._known_at = 0.0
@@ -298,87 +190,6 @@ class Discovery:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- publishing ------------------------------------------------------------------------
-    def announce(self, **fields: Any) -> PeerRecord:
-        """Publish this node's record (fields of PeerRecord except id and times) and keep it alive."""
-        with self._lock:
-            self._fields = dict(fields)
-            # the listen addresses are fixed for the node's life: ask the DHT process once
-            self._fields.setdefault("dht_maddrs", tuple(self.visible_maddrs()[:8]))
-            record = self._publish_locked()
-        if self._heartbeat is None:
-            self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="atoll-heartbeat", daemon=True)
-            self._heartbeat.start()
-        return record
-
-    def update(self, **fields: Any) -> PeerRecord:
-        """Change some fields (round, model_digest, ...): the new record is signed and served by
-        Health at once, and stored to the DHT in the background (nothing on a node's per-step
-        path waits for the DHT; the heartbeat re-stores it in any case)."""
-        with self._lock:
-            if self._fields is None:
-                raise RuntimeError("announce() first")
-            self._fields.update(fields)
-            record = self._sign_locked()
-        self._store_soon.set()
-        return record
-
-    @property
-    def record(self) -> PeerRecord | None:
-        """The record this node last published, None before announce()."""
-        return self._record
-
-    def signed_record(self) -> bytes:
-        """The current record's envelope (served by the gRPC Health call). Lock-free: it must
-        not wait behind a slow DHT store."""
-        return self._envelope
-
-    def _sign_locked(self) -> PeerRecord:
-        now = get_dht_time()
-        record = PeerRecord(peer_id=self.identity.peer_id, issued_at=now, expires_at=now + self.ttl, **self._fields)
-        self._envelope = sign_record(record, self.identity)
-        self._issued.append(record.issued_at)
-        self._record = record
-        return record
-
-    def _store(self, record: PeerRecord, envelope: bytes) -> None:
-        """Store a signed record to the DHT (waits for the DHT's answer)."""
-        ok = self._call(
-            self.dht.store(self.key, envelope, record.expires_at, subkey=record.peer_id, return_future=True)
-        )
-        if not ok:
-            log.warning("DHT store of this node's record was not acknowledged; will retry on heartbeat")
-
-    def _publish_locked(self) -> PeerRecord:
-        record = self._sign_locked()
-        self._store(record, self._envelope)
-        return record
-
-    def _heartbeat_loop(self) -> None:
-        """Re-sign and store the record every ttl/3, and store it soon after an update: at most
-        once per STORE_MIN_SECONDS, the updates in between coalesced into the latest record (a
-        node updates its record every round; storing each one cost the DHT process and p2pd of a
-        4-node demo a third of the machine's CPU)."""
-        next_beat, stored_at = time.monotonic() + self.ttl / 3, 0.0
-        while not self._stop.is_set():
-            due = self._store_soon.wait(max(0.0, next_beat - time.monotonic()))
-            if due and self._stop.wait(max(0.0, stored_at + STORE_MIN_SECONDS - time.monotonic())):
-                return
-            if self._stop.is_set():
-                return
-            stored_at = time.monotonic()
-            try:
-                with self._lock:
-                    if due:
-                        self._store_soon.clear()
-                    else:
-                        self._sign_locked()
-                        next_beat = time.monotonic() + self.ttl / 3
-                    record, envelope = self._record, self._envelope
-                self._store(record, envelope)
-            except Exception as e:  # keep heartbeating through transient DHT errors
-                log.warning("heartbeat failed: %s", e)
-
     # -- reading ---------------------------------------------------------------------------
     def live_peers(self, include_self: bool = True) -> list[PeerRecord]:
         """Records of every peer whose row is alive and checks out, sorted by peer id."""
@@ -429,22 +240,6 @@ class Discovery:
         except DiscoveryError:
             return False
         return self._known.get(peer_id, 0.0) > get_dht_time()
-
-    def _call(self, future):
-        """Wait for a DHT call, bounded: a dead DHT process must not hang the node, and one
-        that died (killed with its process group, say) fails the call within a second."""
-        deadline = time.monotonic() + self.call_timeout
-        while True:
-            try:
-                return future.result(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-            except concurrent.futures.TimeoutError:
-                alive = self._dht is not None and self._dht.is_alive()
-                if alive and time.monotonic() < deadline:
-                    continue
-                future.cancel()
-                raise DiscoveryError(
-                    f"the DHT did not answer within {self.call_timeout:.0f} s" if alive else "the DHT process has died"
-                ) from None
 
     def _count_refusal(self, subkey: str, e: RecordRefused) -> None:
         self._refused[e.reason] += 1

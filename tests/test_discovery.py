@@ -9,7 +9,8 @@ from helpers import NodeProcess, kill_tree
 from hivemind.utils import get_dht_time
 
 from p2pd.client import SwarmClient
-from p2pd.discovery import Discovery, start_dht
+from p2pd.dht import start_dht
+from p2pd.discovery import Discovery
 from p2pd.identity import Identity
 from p2pd.records import PeerRecord, open_record, sign_record, swarm_key
 from p2pd.tensors import SnapshotKey
@@ -174,7 +175,7 @@ def test_record_updates_reach_the_dht_coalesced(keydir):
     """Field measurement: a node updates its record every round (12 per second on the demo) and
     each update was stored to the DHT, which cost the DHT processes and p2pd a third of the
     machine. Updates are served at once (signed_record) and stored at most once a second."""
-    from p2pd import discovery
+    from p2pd import announce
 
     d = Discovery(Identity.load_or_create(keydir / "busy.key"), swarm="busy", ttl=30).start()
     stores = []
@@ -188,11 +189,11 @@ def test_record_updates_reach_the_dht_coalesced(keydir):
             assert open_record(d.signed_record(), now=get_dht_time()).round == r  # served at once
             time.sleep(0.04)
         elapsed = time.monotonic() - t0
-        deadline = time.monotonic() + 3 * discovery.STORE_MIN_SECONDS + 5
+        deadline = time.monotonic() + 3 * announce.STORE_MIN_SECONDS + 5
         while time.monotonic() < deadline and (not stores or stores[-1] != 40):
             time.sleep(0.1)
         assert stores[-1] == 40, stores  # the latest record reaches the DHT
-        assert len(stores) <= 2 + elapsed / discovery.STORE_MIN_SECONDS + 1, stores
+        assert len(stores) <= 2 + elapsed / announce.STORE_MIN_SECONDS + 1, stores
         assert [p.round for p in d.live_peers()] == [40]
     finally:
         d.close()

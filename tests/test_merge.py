@@ -7,7 +7,7 @@ import torch
 
 from node.algo.aggregate import mean, variance_corrected_mean
 from node.net.merge import FinalMerge, same_merge
-from p2pd.discovery import start_dht
+from p2pd.dht import start_dht
 
 pytestmark = pytest.mark.integration
 

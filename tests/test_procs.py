@@ -12,7 +12,7 @@ import psutil
 import pytest
 from hivemind.utils.mpfuture import MPFuture
 
-from p2pd.discovery import start_dht
+from p2pd.dht import start_dht
 from p2pd.procs import repair_orphaned_future_locks, start_hivemind_process
 
 

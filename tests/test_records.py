@@ -6,7 +6,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils.serializer import MSGPackSerializer
 
-from p2pd.discovery import PeerRecordValidator
+from p2pd.dht import PeerRecordValidator
 from p2pd.identity import Identity
 from p2pd.records import DOMAIN, PeerRecord, RecordRefused, open_record, sign_record, swarm_key
 
