@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from node.config import CommConfig, ConfigError, NodeConfig, SwarmConfig, load_config
-from node.net.grpc_exchange import GrpcExchange
+from node.net.view import MemberView
 from node.protocol.compression import CompressedGossip, record_codec
 from node.protocol.exchange.memory import Board, MemoryExchange
 from node.protocol.sim import Simulation
@@ -114,7 +114,7 @@ def test_config_and_record_codec():
 
 def test_a_peer_whose_codec_cannot_be_used_is_named_once(caplog):
     me = SimpleNamespace(comm=CommConfig(codec="int8"), me="self", _codec_warned=set())
-    fits = lambda codec: GrpcExchange._codec_fits(me, SimpleNamespace(peer_id=f"peer-{codec}", codec=codec))  # noqa: E731
+    fits = lambda codec: MemberView.codec_fits(me, SimpleNamespace(peer_id=f"peer-{codec}", codec=codec))  # noqa: E731
     with caplog.at_level(logging.WARNING):
         assert fits("int8") and fits("fp16") and fits("none")  # decodable models
         assert not fits("zstd") and not fits("zstd")  # unknown: refused, said once

@@ -130,3 +130,26 @@ def same_merge(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: flo
         )
         for k in a
     )
+
+
+def adopt_canonical(fetcher, canonical: str, round_: int, mine: dict, timeout: float) -> dict:
+    """After the all-reduce: the canonical member's merged model (published as round `round_`'s model), fetched
+    through `fetcher` (node/net/fetcher.py) within `timeout` seconds, if it is the same merge as ours (`mine`) up to
+    float rounding; else ours, and the metric counts why (merge_canonical_gone, merge_mismatch)."""
+    import time
+
+    from node.protocol.exchange import model_like
+    from p2pd.tensors import SnapshotKey
+
+    if canonical not in fetcher.view.addresses:
+        fetcher.metrics.fetch_failures.labels(reason="merge_canonical_gone").inc()
+        return mine
+    deadline = time.monotonic() + timeout
+    theirs = fetcher.fetch(canonical, SnapshotKey("model", round_, 0), model_like(mine), deadline)
+    if theirs is None:
+        return mine
+    if not same_merge(mine, theirs):
+        fetcher.metrics.fetch_failures.labels(reason="merge_mismatch").inc()
+        log.warning("canonical merged model of %s differs from ours beyond rounding; keeping ours", canonical[:16])
+        return mine
+    return {k: theirs[k].to(device=v.device, dtype=v.dtype) for k, v in mine.items()}
