@@ -43,6 +43,20 @@ BOOTSTRAP_ATTEMPTS = 3  # DHT starts tried when no initial peer answers
 BOOTSTRAP_RETRY_SECONDS = 2.0
 
 
+def dht_kwargs(initial_peers, host_maddrs, announce_maddrs, startup_timeout: float, client_mode: bool, relay: bool):
+    """hivemind.DHT's arguments for Discovery's (see its constructor): relays used when `relay`, and an auto-relay
+    reservation asked of the initial peers (its trusted relays) when there are any."""
+    return dict(
+        initial_peers=list(initial_peers),
+        host_maddrs=list(host_maddrs),
+        announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+        startup_timeout=startup_timeout,
+        client_mode=client_mode,
+        use_relay=relay,
+        use_auto_relay=relay and bool(initial_peers),
+    )
+
+
 class Discovery(Announcing):
     """Membership of one swarm for one node: it starts the DHT (p2pd/dht.py), publishes the node's signed record
     (Announcing, p2pd/announce.py) and reads the live members' records.
@@ -82,15 +96,7 @@ class Discovery(Announcing):
         self._refused: Counter[str] = Counter()  # rows dropped by live_peers, by reason
         self._validator = PeerRecordValidator(swarm)
         self.call_timeout = call_timeout if call_timeout is not None else max(10.0, ttl)
-        self._dht_kwargs = dict(
-            initial_peers=list(initial_peers),
-            host_maddrs=list(host_maddrs),
-            announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
-            startup_timeout=startup_timeout,
-            client_mode=client_mode,
-            use_relay=relay,
-            use_auto_relay=relay and bool(initial_peers),
-        )
+        self._dht_kwargs = dht_kwargs(initial_peers, host_maddrs, announce_maddrs, startup_timeout, client_mode, relay)
         self._dht: hivemind.DHT | None = None
         self._stop = threading.Event()
         self._init_announcing()

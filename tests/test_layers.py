@@ -91,3 +91,18 @@ def test_the_check_itself_sees_an_upward_import(tmp_path):
     assert imports(bad) == [(2, "node.app.cli"), (2, "node.app.cli.main")]
     assert layer("node.algo.comm.mixing") == "algorithms" and "application" not in BELOW["algorithms"]
     assert len(modules()) > 80
+
+
+def test_modules_and_classes_stay_small():
+    """One job each: no module of node/ or p2pd/ over 400 lines, no class over 200 (generated stubs aside)."""
+    big = []
+    for name, path in modules().items():
+        text = path.read_text()
+        if text.count("\n") > 400:
+            big.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 200:
+                big.append(
+                    f"{path.relative_to(ROOT)}:{node.lineno} class {node.name}: {node.end_lineno - node.lineno + 1}"
+                )
+    assert not big, "\n".join(big)

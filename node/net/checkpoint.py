@@ -348,3 +348,51 @@ class Writer:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+
+class Checkpointer:
+    """A node's checkpoints while it trains: a Writer in the background, and the policy for failed writes (disk
+    full, I/O error, permissions): each is one line and counted in atoll_checkpoint_failures_total{reason}, the
+    node trains on and the next checkpoint retries; after `give_up_rounds` rounds with none written, CheckpointError
+    (the node exits 2)."""
+
+    def __init__(self, directory: Path, keep: int, give_up_rounds: int, metrics):
+        """`directory`: checkpoint_dir; `keep`: saves kept (>= 1); `give_up_rounds`: rounds without a checkpoint
+        written before giving up; `metrics`: the node's NodeMetrics (checkpoint age and failures)."""
+        self.directory, self.give_up_rounds, self.metrics = directory, give_up_rounds, metrics
+        self.unsaved_since: int | None = None  # the round of the first failed write since the last success
+        self._writer = Writer(directory, self._written, keep)
+
+    def submit(self, capture: Callable[[], tuple[dict, dict, dict]], r: int) -> None:
+        """Queue `capture()` (see `capture`) as round `r`'s checkpoint. Raises CheckpointError after give_up_rounds
+        rounds with none written."""
+        try:
+            self._writer.submit(capture())
+        except CheckpointError as e:  # the previous submission's write failed
+            self._failed(e, r)
+            self._writer.submit(capture())
+
+    def flush(self, timeout: float = 120.0) -> None:
+        """Wait for the last submission to be written (Writer.flush)."""
+        self._writer.flush(timeout)
+
+    def close(self) -> None:
+        """Flush, then stop the writing thread (Writer.close)."""
+        self._writer.close()
+
+    def _written(self, when: float) -> None:
+        self.metrics.checkpoint_time = when
+        if self.unsaved_since is not None:
+            log.info("checkpoints are written again to %s", self.directory)
+        self.unsaved_since = None
+
+    def _failed(self, e: CheckpointError, r: int) -> None:
+        code = cause(e.__cause__ or e).rpartition("(")[2].rstrip(")")
+        self.metrics.checkpoint_failures.labels(reason=code if code.startswith("E") else "other").inc()
+        self.unsaved_since = r if self.unsaved_since is None else self.unsaved_since
+        left = self.unsaved_since + self.give_up_rounds - r
+        if left <= 0:
+            raise CheckpointError(
+                f"no checkpoint could be written for {self.give_up_rounds} rounds (checkpoint_give_up_rounds): {e}"
+            ) from None
+        log.error("%s; training on, retrying at the next checkpoint (%d rounds left before giving up)", e, left)

@@ -94,8 +94,9 @@ class Node:
         # the task's hooks run here: a broken task fails before the node joins
         self.worker = Worker(cfg, pick_device(cfg.device))
         self.ckpt_dir = Path(cfg.checkpoint_dir).expanduser()
-        self.writer = checkpoint.Writer(self.ckpt_dir, self._checkpoint_written, cfg.checkpoint_keep)
-        self.unsaved_since: int | None = None  # the round of the first failed checkpoint write since the last success
+        self.writer = checkpoint.Checkpointer(
+            self.ckpt_dir, cfg.checkpoint_keep, cfg.checkpoint_give_up_rounds, self.metrics
+        )
         self.start_round = self.done_rounds = 0
 
         def joinable(runtime) -> None:  # the DHT is up: others can bootstrap through this node
@@ -196,35 +197,14 @@ class Node:
         self.metrics.rollbacks.labels(reason=where).inc()
 
     def _checkpoint(self, next_round: int, accuracy: float | None) -> None:
-        """Checkpoint in the background (node.net.checkpoint.Writer; `writer.flush` waits for it). A write that failed
-        (disk full, I/O error, permissions) is one line and retried now; after `checkpoint_give_up_rounds` rounds
-        with none written, raises CheckpointError (the node exits 2)."""
+        """Checkpoint in the background (node/net/checkpoint.py's Checkpointer: a failed write is one line and retried
+        at the next checkpoint; after `checkpoint_give_up_rounds` rounds with none written, CheckpointError)."""
         if not self.worker.all_finite():  # never over a good checkpoint (the engine rolls back first)
             log.warning("not checkpointing round %d: the model is not finite", next_round)
             return
-        try:
-            self.writer.submit(checkpoint.capture(self.worker, self.identity.peer_id, next_round, accuracy))
-        except checkpoint.CheckpointError as e:  # the previous submission's write failed
-            self._checkpoint_failed(e, next_round)
-            self.writer.submit(checkpoint.capture(self.worker, self.identity.peer_id, next_round, accuracy))
-
-    def _checkpoint_written(self, when: float) -> None:
-        self.metrics.checkpoint_time = when
-        if self.unsaved_since is not None:
-            log.info("checkpoints are written again to %s", self.ckpt_dir)
-        self.unsaved_since = None
-
-    def _checkpoint_failed(self, e: checkpoint.CheckpointError, r: int) -> None:
-        code = checkpoint.cause(e.__cause__ or e).rpartition("(")[2].rstrip(")")
-        self.metrics.checkpoint_failures.labels(reason=code if code.startswith("E") else "other").inc()
-        self.unsaved_since = r if self.unsaved_since is None else self.unsaved_since
-        left = self.unsaved_since + self.cfg.checkpoint_give_up_rounds - r
-        if left <= 0:
-            raise checkpoint.CheckpointError(
-                f"no checkpoint could be written for {self.cfg.checkpoint_give_up_rounds} rounds "
-                f"(checkpoint_give_up_rounds): {e}"
-            ) from None
-        log.error("%s; training on, retrying at the next checkpoint (%d rounds left before giving up)", e, left)
+        self.writer.submit(
+            lambda: checkpoint.capture(self.worker, self.identity.peer_id, next_round, accuracy), next_round
+        )
 
     def _teardown(self) -> None:
         try:

@@ -87,6 +87,36 @@ def task_for(cfg: NodeConfig) -> Checked:
     return load_task(cfg.task, cfg.task_config)
 
 
+def node_data(cfg: NodeConfig, task: Checked, device: torch.device):
+    """(attack, partition index, training data, (x, y, num_classes, proxy_digest, proxy_x)) of node `cfg.node_index`:
+    its attack rehearsal (security.attack, or None), the partition it trains on (a sybil group trains on one member's,
+    with its seed), and for a labelled task its samples and labels on `device` (labels flipped for a label-flipping
+    rehearsal) with the proxy set of logit exchange; (None, None, 0, "", None) for another task. Raises ConfigError
+    for bad attack parameters, TaskError for a labelled task whose train_data is not TensorDataset(x, y)."""
+    sec, labelled = cfg.security, task.task.labelled
+    try:
+        attack = Attack(sec.attack, **sec.attack_params) if sec.attack else None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid config: security.attack_params: {e}") from None
+    index = cfg.node_index  # a sybil group trains on one member's partition, with its seed
+    if attack is not None and attack.data_of is not None:
+        index = int(attack.data_of)
+        if index >= cfg.node_count:
+            raise ConfigError(f"invalid config: security.attack_params.data_of must be < {cfg.node_count}")
+    data = task.train_data(index, cfg.node_count, cfg.data.seed)
+    if labelled is None:
+        if isinstance(data, TensorDataset):  # indexed in place: on the device once
+            data = TensorDataset(*(t.to(device) for t in data.tensors))
+        return attack, index, data, (None, None, 0, "", None)
+    if not isinstance(data, TensorDataset) or len(data.tensors) != 2:
+        raise TaskError(f"task {task.ref}: a labelled task's train_data must be TensorDataset(x, y)")
+    x, y = data.tensors[0].to(device), data.tensors[1].to(device)
+    if attack is not None and attack.flips_labels:
+        y = flip_labels(y, labelled.num_classes)
+    proxy_x = labelled.proxy_x.to(device) if labelled.proxy_x is not None else None
+    return attack, index, TensorDataset(x, y), (x, y, labelled.num_classes, labelled.proxy_digest, proxy_x)
+
+
 class Worker:
     """The model, data and optimizer of node `cfg.node_index` of `cfg.node_count` on its task
     (node/task: the user's own, or the built-in image classification).
@@ -109,33 +139,9 @@ class Worker:
         TaskError, or DatasetMissing for data that is not installed."""
         self.cfg, self.device = cfg, device
         self.task = task or task_for(cfg)
-        labelled = self.task.task.labelled
         sec = cfg.security
-        try:
-            self.attack = Attack(sec.attack, **sec.attack_params) if sec.attack else None
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"invalid config: security.attack_params: {e}") from None
-        index = cfg.node_index  # a sybil group trains on one member's partition, with its seed
-        if self.attack is not None and self.attack.data_of is not None:
-            index = int(self.attack.data_of)
-            if index >= cfg.node_count:
-                raise ConfigError(f"invalid config: security.attack_params.data_of must be < {cfg.node_count}")
-        data = self.task.train_data(index, cfg.node_count, cfg.data.seed)
-        self.x = self.y = self.proxy_x = None
-        self.num_classes, self.proxy_digest = 0, ""
-        if labelled is not None:
-            if not isinstance(data, TensorDataset) or len(data.tensors) != 2:
-                raise TaskError(f"task {self.task.ref}: a labelled task's train_data must be TensorDataset(x, y)")
-            self.x, self.y = data.tensors[0].to(device), data.tensors[1].to(device)
-            if self.attack is not None and self.attack.flips_labels:
-                self.y = flip_labels(self.y, labelled.num_classes)
-            data = TensorDataset(self.x, self.y)
-            self.num_classes, self.proxy_digest = labelled.num_classes, labelled.proxy_digest
-            if labelled.proxy_x is not None:
-                self.proxy_x = labelled.proxy_x.to(device)
-        elif isinstance(data, TensorDataset):  # indexed in place: on the device once
-            data = TensorDataset(*(t.to(device) for t in data.tensors))
-        self.data = data
+        self.attack, index, self.data, labels = node_data(cfg, self.task, device)
+        self.x, self.y, self.num_classes, self.proxy_digest, self.proxy_x = labels
         m, o = cfg.model, cfg.optim
         self.model = self.task.model(cfg.train.seed if m.seed is None else m.seed).to(device)
         if cfg.comm.exchange == "ranks":  # FRL: the random weights stay, edge scores train
@@ -149,7 +155,7 @@ class Worker:
         self.trainer = LocalTrainer(
             self.model,
             self.optimizer,
-            data,
+            self.data,
             self.task.loss,
             o.batch_size,
             seed,
@@ -167,17 +173,9 @@ class Worker:
             raise TaskError(f"task {self.task.ref}: `exchanged` selects no tensor of the model: nothing would travel")
         self.init_vector = flatten(self.state())
         tracker = TrustTracker(flag_below=sec.flag_below, sybil_similarity=sec.sybil_similarity)
-        self.defence = Defence(  # the trust tracker compares what travels
-            sec.aggregator,
-            self.model,
-            self.x,
-            self.y,
-            self.num_classes,
-            sec.byzantine_fraction,
-            seed,
-            tracker,
-            float_keys(self.state()),
-        )
+        keys = float_keys(self.state())  # the trust tracker compares what travels
+        args = (sec.byzantine_fraction, seed, tracker, keys)
+        self.defence = Defence(sec.aggregator, self.model, self.x, self.y, self.num_classes, *args)
         if cfg.comm.exchange == "logits":
             # its own momentum-free optimizer: see node.algo.distill.kd.distill_steps
             self.distill_opt = torch.optim.SGD(self.model.parameters(), lr=cfg.distill.lr or o.lr)
@@ -187,25 +185,7 @@ class Worker:
         self._good: tuple | None = None
         self.rollbacks_in_a_row = 0
         self.metrics: dict[str, float] = {}
-        self._try_hooks()
-
-    def _try_hooks(self) -> None:
-        """A batch's loss and one evaluation, so a task whose hooks fail does so at start.
-        In eval mode and without gradients: nothing of the model changes."""
-        training = self.model.training
-        self.model.eval()
-        try:
-            try:
-                batch = self.trainer.peek()
-            except Exception as e:  # the user's Dataset items: one line, not a traceback
-                raise TaskError(
-                    f"task {self.task.ref}: the items `train_data` returns cannot be batched: {type(e).__name__}: {e}"
-                ) from e
-            with torch.no_grad():
-                self.task.loss(self.model, batch)
-            self.evaluate()
-        finally:
-            self.model.train(training)
+        try_hooks(self)
 
     @property
     def dataset_size(self) -> int:
@@ -323,3 +303,22 @@ class Worker:
             group["weight_decay"] = self.cfg.optim.weight_decay
             if "momentum" in group:
                 group["momentum"] = self.cfg.optim.momentum
+
+
+def try_hooks(worker: Worker) -> None:
+    """A batch's loss and one evaluation of `worker`, so a task whose hooks fail does so at start (TaskError).
+    In eval mode and without gradients: nothing of the model changes."""
+    training = worker.model.training
+    worker.model.eval()
+    try:
+        try:
+            batch = worker.trainer.peek()
+        except Exception as e:  # the user's Dataset items: one line, not a traceback
+            raise TaskError(
+                f"task {worker.task.ref}: the items `train_data` returns cannot be batched: {type(e).__name__}: {e}"
+            ) from e
+        with torch.no_grad():
+            worker.task.loss(worker.model, batch)
+        worker.evaluate()
+    finally:
+        worker.model.train(training)
