@@ -1,6 +1,10 @@
 """The weighted average and the variance rescale that every averaging in atoll uses (gossip
 mixing, merges, the robust aggregators' means): one implementation, below both node/comm and
-node/aggregate, so neither depends on the other for it. Pure functions over tensors."""
+node/aggregate, so neither depends on the other for it. Pure functions over tensors.
+
+Paper: variance-corrected averaging follows "Vanishing Variance Problem in Fully Decentralized
+Neural-Network Systems", 2024.
+"""
 
 from __future__ import annotations
 

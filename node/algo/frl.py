@@ -14,6 +14,10 @@ each edge its position in each voter's ranking and sums them; the new ranking so
 by that sum (ties by index). Each voter moves any edge's sum by at most numel - 1, whatever it
 sends: one vote, the paper's robustness argument. A node then reorders its own score values
 to the voted ranking, keeping their distribution.
+
+Papers: Mozaffari, Shejwalkar and Houmansadr, "FRL: Federated Rank Learning", 2021; the supermask,
+Ramanujan et al., "What's Hidden in a Randomly Weighted Neural Network?", CVPR 2020, arXiv
+1911.13299.
 """
 
 from __future__ import annotations

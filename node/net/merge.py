@@ -7,6 +7,9 @@ and says so (`FinalMerge.run` returns None; the daemon counts it in a metric).
 
 The averager runs in a forked process, so it is created when the node starts, before any
 gRPC object exists (gRPC does not survive a fork), with tensors shaped like the model's floating tensors.
+
+Paper: "A Single Merging Suffices: Recovering Server-based Learning Performance in Decentralized
+Learning", 2025; the all-reduce is hivemind's DecentralizedAverager.
 """
 
 from __future__ import annotations

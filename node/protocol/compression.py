@@ -22,6 +22,9 @@ give the first lineage's epoch, so they never need an estimate.
 
 Robust aggregation sees neighbour j as x_i + (x̂_j - x̂_i): with a lossless codec and gamma = 1
 that is x_j, and the step is plain gossip. Integer tensors (step counters) travel as values.
+
+Paper: CHOCO-SGD, Koloskova, Stich and Jaggi, "Decentralized Stochastic Optimization and Gossip
+Algorithms with Compressed Communication", ICML 2019, arXiv 1902.00340.
 """
 
 from __future__ import annotations

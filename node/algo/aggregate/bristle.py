@@ -13,6 +13,8 @@
 Departure from the paper: Bristle trains only the output layer on top of a frozen,
 transfer-learned feature extractor and integrates class by class; atoll's models are small and
 trained end to end, so the integrator weighs whole models by their familiar-class accuracy.
+
+Paper: "Bristle: Decentralized Federated Learning in Byzantine, Non-i.i.d. Environments", 2021.
 """
 
 from __future__ import annotations

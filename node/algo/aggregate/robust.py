@@ -16,6 +16,11 @@ floor(byzantine_fraction * n) for n inputs (self included).
   alike (node/algo/aggregate/sybilwall.py);
 - ``bristle``: distance-based prioritiser plus per-class performance check on own data
   (node/algo/aggregate/bristle.py).
+
+Papers: median and trimmed mean, Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal
+Statistical Rates", ICML 2018, arXiv 1803.01498; multi-Krum, Blanchard et al., "Machine Learning
+with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017; ClippedGossip, He, Karimireddy
+and Jaggi, "Byzantine-Robust Decentralized Learning via ClippedGossip", arXiv 2202.01545.
 """
 
 from __future__ import annotations

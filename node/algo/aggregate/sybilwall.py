@@ -8,6 +8,10 @@ gossip (``merge_heard``), so sybils spread over different honest nodes are still
 Weights follow FoolsGold: cs = pairwise history cosine; pardoning cs_ij *= v_i / v_j when
 v_j > v_i (v = each row's max); w = 1 - max_j cs_ij; w /= max(w); w = 0.99 where it is 1;
 w = clip(ln(w / (1 - w)) + 0.5, 0, 1). The neighbour's gossip weight is multiplied by w.
+
+Papers: "Towards Sybil Resilience in Decentralized Learning" (SybilWall), Werthenbach and Pouwelse,
+2023; FoolsGold, Fung, Yoon and Beschastnikh, "Mitigating Sybils in Federated Learning Poisoning",
+arXiv 1808.04866.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ W_ij = 1 / (1 + max(d_i, d_j)) for each neighbour j, W_ii = 1 - sum_j W_ij. This
 symmetric and doubly stochastic, so repeated mixing converges to the exact average. When some
 neighbours did not answer this round, the weights of self and the answering neighbours are
 renormalised to sum to one (nobody waits for a dead peer).
+
+Papers: Metropolis-Hastings weights, Xiao and Boyd, "Fast linear iterations for distributed
+averaging", Systems & Control Letters 2004; decentralized SGD (D-PSGD), Lian et al., NeurIPS 2017,
+arXiv 1705.09056.
 """
 
 from __future__ import annotations

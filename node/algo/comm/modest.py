@@ -5,6 +5,9 @@ Trainers pull the previous round's aggregate from any live aggregator of that ro
 and publish; aggregators pull what the round's trainers published and average it. Nodes
 outside the sample do nothing that round, and a sampled node that does not answer is simply
 skipped, which is why the scheme tolerates most peers being unresponsive.
+
+Paper: de Vos et al., "MoDeST: Bridging the Gap between Federated and Decentralized Learning with
+Decentralized Sampling", 2023.
 """
 
 from __future__ import annotations

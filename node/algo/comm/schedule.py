@@ -7,6 +7,10 @@
   constant, larger shapes concentrate harder.
 Integer steps are allotted by cumulative rounding, so the total is exactly the budget.
 A final global merge (one exact average of all live nodes) is a separate switch.
+
+Papers: multi-step gossip (MGS), Shi et al., "Improving the Model Consistency of Decentralized
+Federated Learning", arXiv 2302.04083; the late-concentrated budget, "A Single Merging Suffices:
+Recovering Server-based Learning Performance in Decentralized Learning", 2025.
 """
 
 from __future__ import annotations

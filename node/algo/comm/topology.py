@@ -8,6 +8,9 @@ Available kinds:
 - ``random``: a random k-regular-ish graph re-drawn every round (union of k/2 random perfect
   cycles, so every node has degree <= k), seeded by (seed, round).
 - ``complete``: everyone.
+
+Paper: the exponential graph, Ying et al., "Exponential Graph is Provably Efficient for
+Decentralized Deep Training", NeurIPS 2021.
 """
 
 from __future__ import annotations

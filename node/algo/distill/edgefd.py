@@ -1,4 +1,8 @@
-"""EdgeFD's proxy filter: keep the proxy samples that look like this node's own data."""
+"""EdgeFD's proxy filter: keep the proxy samples that look like this node's own data.
+
+Paper: "Federated Distillation on Edge Devices: Efficient Client-Side Filtering for Non-IID Data"
+(EdgeFD), 2025.
+"""
 
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ At round r, floor(drop_rate * r) layers are dropped, deepest first, never the fi
 its own (Linear, Conv2d, LayerNorm, ...), in the order the model registers them. Dropped
 layers get no gradient; BatchNorm running statistics, which are not parameters, still follow
 the proxy batches (the built-in models have none).
+
+Paper: "FedD2S: Personalized Data-Free Federated Knowledge Distillation", 2024.
 """
 
 from __future__ import annotations

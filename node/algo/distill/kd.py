@@ -1,4 +1,8 @@
-"""Knowledge distillation from fused soft targets on the proxy set."""
+"""Knowledge distillation from fused soft targets on the proxy set.
+
+Paper: knowledge distillation on soft targets, Hinton, Vinyals and Dean, "Distilling the Knowledge
+in a Neural Network", arXiv 1503.02531.
+"""
 
 from __future__ import annotations
 

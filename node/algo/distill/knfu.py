@@ -1,4 +1,7 @@
-"""KnFu's teacher weights: semantically similar neighbours count more."""
+"""KnFu's teacher weights: semantically similar neighbours count more.
+
+Paper: "KnFu: Effective Knowledge Fusion", 2024.
+"""
 
 from __future__ import annotations
 

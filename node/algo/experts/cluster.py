@@ -4,6 +4,9 @@ Pixels rather than features of an encoder: on 8x8 digits (and 28x28 Fashion-MNIS
 pixels already separates shapes, needs no extra training, and every node that knows (data
 set, K, seed) derives the same clusters with no coordination. The centroids' digest goes into
 expert records, so a router never mixes experts of different clusterings.
+
+Paper: McAllister et al., "Decentralized Diffusion Models", arXiv 2501.05450 (they cluster DINOv2
+features; here pixels).
 """
 
 from __future__ import annotations

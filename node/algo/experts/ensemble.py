@@ -6,6 +6,8 @@ weights; each expert is called once per step on just the samples that need it, a
 velocity is the weighted sum. An expert that fails (dead, slow, refused) is dropped for the
 rest of the run and its weight is renormalised over the others; the result says which experts
 served each sample.
+
+Paper: McAllister et al., "Decentralized Diffusion Models", arXiv 2501.05450.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 x_t = (1 - t) x_0 + t x_1 with x_0 ~ N(0, I) noise and x_1 a data point; the net predicts
 the velocity x_1 - x_0 and sampling integrates dx/dt = v(x_t, t) from t = 0 (noise) to t = 1
 (data) with Euler steps. The same time embedding serves the router (router.py).
+
+Paper: flow matching, Lipman et al., "Flow Matching for Generative Modeling", arXiv 2210.02747.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Near t = 0 (pure noise) it cannot tell clusters apart and its output tends to the cluster
 priors, so the ensemble averages experts there; near t = 1 it is confident and one expert
 dominates. That is the DDM paper's router, in small.
+
+Paper: McAllister et al., "Decentralized Diffusion Models", arXiv 2501.05450.
 """
 
 from __future__ import annotations

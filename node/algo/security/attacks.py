@@ -26,6 +26,10 @@ Attacks (``Attack.name``):
   labels from the shared init, never mixing, identical in every member (same data, same seed),
   plus a tiny per-identity jitter so the copies are not byte-identical. The identities of one
   attacker name the same partition with ``data_of`` (a node index): same data, same seed.
+
+Papers: ALIE, Baruch, Baruch and Goldberg, "A Little Is Enough: Circumventing Defenses For
+Distributed Learning", arXiv 1902.06156; IPM, Xie, Koyejo and Gupta, "Fall of Empires: Breaking
+Byzantine-tolerant SGD by Inner Product Manipulation", arXiv 1903.03936.
 """
 
 from __future__ import annotations

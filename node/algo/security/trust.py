@@ -22,6 +22,8 @@ opposed), while honest size ratios stay under 2 (measured): an update 4x the med
 t_j <- (1 - alpha) t_j + alpha s_j, starting at 1 (a newcomer is not suspect); a neighbour is
 *flagged* when t_j < flag_below, or when its history is as similar to another's as
 ``sybil_similarity`` (a suspected sybil).
+
+The history signal is FoolsGold's (Fung et al., arXiv 1808.04866); the score itself is atoll's.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ targets. FedD2S (`distill.method: fedd2s`) distils only the layers that have not
 out (node/algo/distill/fedd2s.py): the deeper ones stay personal. Distilling last keeps what the
 neighbours taught: with FedMD's order (digest, then train) the local steps on a node's few
 classes erased it again.
+
+Papers: EdgeFD (2025), KnFu (2024), FedD2S (2024): see node/algo/distill/.
 """
 
 from __future__ import annotations

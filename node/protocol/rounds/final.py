@@ -3,7 +3,11 @@ final model as (model, R); with `comm.final_merge` all live nodes then average o
 ("A Single Merging Suffices"), and publish the merged model as (model, R + 1); finally a node
 keeps serving until every live member got as far, so slower neighbours can still fetch.
 A protocol with `merge_state()` / `adopt_merged(merged)` (FRL's RankRounds) merges what
-those give instead of the model (for FRL: edge positions, so the merge is a vote)."""
+those give instead of the model (for FRL: edge positions, so the merge is a vote).
+
+Paper: "A Single Merging Suffices: Recovering Server-based Learning Performance in Decentralized
+Learning", 2025.
+"""
 
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ a round or multi-step gossip (MGS) with several; late = a late-concentrated budg
 With `comm.codec` / `comm.error_feedback` the snapshots travel coded, or as CHOCO-SGD deltas
 of public estimates (node/protocol/compression.py); the robust aggregators see each neighbour's
 model as this node reconstructs it, and the consensus step size scales the mix.
+
+Papers: D-PSGD, Lian et al., arXiv 1705.09056; MGS and DFedSAM, Shi et al., arXiv 2302.04083.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ publishes the aggregate as (model, r, AGGREGATE_STEP). Other nodes only note the
 A sampled node that does not answer is skipped, which is why the scheme tolerates most peers
 being unresponsive. When aggregators disagree (one missed a trainer), every trainer takes the
 first responsive aggregator's copy, in sorted order: the same choice on every node.
+
+Paper: de Vos et al., "MoDeST: Bridging the Gap between Federated and Decentralized Learning with
+Decentralized Sampling", 2023.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ same attacks as model exchange, applied to position vectors (node/algo/security/
 `reverse` publishes its ranking reversed (the worst single vote), `sign_flip` and `ipm` push
 positions against the round's movement, `alie` hides just outside the neighbours' spread,
 `label_flip` ranks by flipped labels.
+
+Paper: Mozaffari, Shejwalkar and Houmansadr, "FRL: Federated Rank Learning", 2021.
 """
 
 from __future__ import annotations
