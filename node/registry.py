@@ -1,7 +1,7 @@
 """The names of atoll's interchangeable algorithms, in one place. The config validates names
 against these tuples; each implementing module dispatches on them and checks at import that
-it implements exactly these (so a name cannot be added in one place only). No imports: the
-config (which everything uses) depends on this file, not on the algorithms.
+it implements exactly these with `check_registered` (so a name cannot be added in one place only). No imports:
+the config (which everything uses) depends on this file, not on the algorithms.
 
 - TOPOLOGIES: node/algo/comm/topology.py (gossip graphs);
 - AGGREGATORS: node/algo/aggregate/robust.py (how neighbour models are combined);
@@ -17,3 +17,13 @@ ATTACK_PARAMS = ("scale", "sigma", "epsilon", "z", "free_ride_mode", "jitter", "
 EXCHANGES = ("model", "logits", "ranks")
 ALGORITHMS = ("gossip", "modest")
 DISTILL_METHODS = ("edgefd", "knfu", "edgefd+knfu", "fedd2s")
+
+
+def check_registered(point: str, implemented, names) -> None:
+    """Raise RuntimeError (at import of the implementing module) unless `implemented` (names) are exactly `names`:
+    an extension point `point` whose names and implementations drifted apart is a bug, found at once."""
+    if set(implemented) != set(names):
+        missing, extra = sorted(set(names) - set(implemented)), sorted(set(implemented) - set(names))
+        raise RuntimeError(
+            f"{point}: registry names without implementation {missing}, implementations without name {extra}"
+        )

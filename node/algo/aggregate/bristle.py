@@ -29,7 +29,7 @@ from node.algo.aggregate.vectors import median
 
 
 def bristle(own, others, self_w, weights, ctx: Context) -> Outcome:
-    """Bristle (Chen et al. 2021), as in the module docstring: keep the nearest neighbours plus one random explorer,
+    """Bristle (2021), as in the module docstring: keep the nearest neighbours plus one random explorer,
     reject those more than `ctx.bristle_tolerance` below the reference familiar-class accuracy and weight the rest.
     Raises ValueError when `ctx` lacks `per_class_accuracy` or `familiar`."""
     if ctx.per_class_accuracy is None or ctx.familiar is None:

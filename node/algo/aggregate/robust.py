@@ -26,6 +26,7 @@ and Jaggi, "Byzantine-Robust Decentralized Learning via ClippedGossip", arXiv 22
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 
@@ -33,9 +34,76 @@ from node.algo.aggregate.base import Context, Outcome, assumed_byzantine, weight
 from node.algo.aggregate.bristle import bristle
 from node.algo.aggregate.sybilwall import sybilwall
 from node.algo.aggregate.vectors import median
-from node.registry import AGGREGATORS
+from node.registry import AGGREGATORS, check_registered
 
-__all__ = ["AGGREGATORS", "Context", "Outcome", "assumed_byzantine", "combine", "weighted_mean"]
+__all__ = [
+    "AGGREGATORS",
+    "Aggregator",
+    "Context",
+    "IMPLEMENTATIONS",
+    "Outcome",
+    "assumed_byzantine",
+    "combine",
+    "weighted_mean",
+]
+
+
+class Aggregator(Protocol):
+    """How a node combines its own flat float32 vector with its neighbours' (by peer id, at least one), given the
+    gossip weights and the aggregation Context: the new own vector and, per neighbour set aside, a reason label."""
+
+    def __call__(
+        self,
+        own: torch.Tensor,
+        others: Mapping[str, torch.Tensor],
+        self_w: float,
+        weights: Mapping[str, float],
+        ctx: Context,
+    ) -> Outcome:
+        """See the class docstring."""
+
+
+def _stacked(own, others) -> tuple[list[str], torch.Tensor]:
+    names = sorted(others)
+    return names, torch.stack([own] + [others[j] for j in names])
+
+
+def _mean(own, others, self_w, weights, ctx) -> Outcome:
+    return Outcome(weighted_mean(own, others, self_w, {j: weights[j] for j in sorted(others)}))
+
+
+def _median(own, others, self_w, weights, ctx) -> Outcome:
+    return Outcome(median(_stacked(own, others)[1]))
+
+
+def _trimmed_mean(own, others, self_w, weights, ctx) -> Outcome:
+    stack = _stacked(own, others)[1]
+    n = len(stack)
+    t = min(assumed_byzantine(n, ctx.byzantine_fraction), (n - 1) // 2)
+    return Outcome(stack.sort(dim=0).values[t : n - t].mean(dim=0))
+
+
+def _krum(own, others, self_w, weights, ctx) -> Outcome:
+    names, stack = _stacked(own, others)
+    chosen = multi_krum(stack, assumed_byzantine(len(stack), ctx.byzantine_fraction))
+    return Outcome(
+        stack[chosen].mean(dim=0), {j: "not_selected" for i, j in enumerate(names, start=1) if i not in chosen}
+    )
+
+
+# every aggregator by its name in node/registry.py (checked at import)
+IMPLEMENTATIONS: dict[str, Aggregator] = {
+    "mean": _mean,
+    "median": _median,
+    "trimmed_mean": _trimmed_mean,
+    "krum": _krum,
+    "clipped": lambda own, others, self_w, weights, ctx: clipped_gossip(own, others, self_w, weights),
+    "sybilwall": lambda own, others, self_w, weights, ctx: sybilwall(
+        own, others, self_w, weights, ctx.histories or {}
+    ),
+    "bristle": bristle,
+}
+check_registered("aggregator", IMPLEMENTATIONS, AGGREGATORS)
 
 
 def combine(
@@ -49,32 +117,11 @@ def combine(
     """Aggregate `own` with `others` (flat float32 vectors of one shape, by peer id) with aggregator `name` and the
     gossip weights `self_w` and `weights`; a copy of `own` when there are no others. Raises ValueError for an
     unknown name."""
-    if name not in AGGREGATORS:
+    if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown aggregator {name!r}; available: {', '.join(AGGREGATORS)}")
     if not others:
         return Outcome(own.clone())
-    names = sorted(others)
-    if name == "mean":
-        return Outcome(weighted_mean(own, others, self_w, {j: weights[j] for j in names}))
-    stack = torch.stack([own] + [others[j] for j in names])
-    n = len(stack)
-    f = assumed_byzantine(n, ctx.byzantine_fraction)
-    if name == "median":
-        return Outcome(median(stack))
-    if name == "trimmed_mean":
-        t = min(f, (n - 1) // 2)
-        kept = stack.sort(dim=0).values[t : n - t]
-        return Outcome(kept.mean(dim=0))
-    if name == "krum":
-        chosen = multi_krum(stack, f)
-        return Outcome(
-            stack[chosen].mean(dim=0), {j: "not_selected" for i, j in enumerate(names, start=1) if i not in chosen}
-        )
-    if name == "clipped":
-        return clipped_gossip(own, others, self_w, weights)
-    if name == "sybilwall":
-        return sybilwall(own, others, self_w, weights, ctx.histories or {})
-    return bristle(own, others, self_w, weights, ctx)
+    return IMPLEMENTATIONS[name](own, others, self_w, weights, ctx)
 
 
 def multi_krum(stack: torch.Tensor, f: int) -> list[int]:

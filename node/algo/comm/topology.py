@@ -18,53 +18,80 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Protocol
 
 from node.algo.comm import seeded_rng
-from node.registry import TOPOLOGIES
+from node.registry import TOPOLOGIES, check_registered
 
-KINDS = TOPOLOGIES  # dispatched in _graph below
+Edges = set[tuple[int, int]]
+
+
+class Topology(Protocol):
+    """The undirected edges (a < b) of one gossip step's graph over n nodes numbered 0..n-1 in sorted peer-id order,
+    from the round, the step, the seed and the random graphs' degree k: every node computes the same graph."""
+
+    def __call__(self, n: int, round_: int, step: int, seed: int, k: int) -> Edges:
+        """See the class docstring."""
+
+
+def _pairs(pairs) -> Edges:
+    return {(min(a, b), max(a, b)) for a, b in pairs if a != b}
+
+
+def _complete(n: int, round_: int, step: int, seed: int, k: int) -> Edges:
+    return _pairs((a, b) for a in range(n) for b in range(a + 1, n))
+
+
+def _ring(n: int, round_: int, step: int, seed: int, k: int) -> Edges:
+    return _pairs((a, (a + 1) % n) for a in range(n))
+
+
+def _torus(n: int, round_: int, step: int, seed: int, k: int) -> Edges:
+    rows = max(r for r in range(1, int(math.isqrt(n)) + 1) if n % r == 0)
+    cols = n // rows
+    out = []
+    for a in range(n):
+        r, c = divmod(a, cols)
+        out += [(a, r * cols + (c + 1) % cols), (a, ((r + 1) % rows) * cols + c)]
+    return _pairs(out)
+
+
+def _exponential(n: int, round_: int, step: int, seed: int, k: int) -> Edges:
+    out, hop = [], 1
+    while hop < n:
+        out += [(a, (a + hop) % n) for a in range(n)]
+        hop *= 2
+    return _pairs(out)
+
+
+def _random(n: int, round_: int, step: int, seed: int, k: int) -> Edges:
+    """k/2 random Hamiltonian cycles, drawn from the (seed, round, step) stream."""
+    rng, out = seeded_rng("random-graph", seed, round_, step), []
+    for _ in range(max(1, k // 2)):
+        perm = list(range(n))
+        rng.shuffle(perm)
+        out += [(perm[i], perm[(i + 1) % n]) for i in range(n)]
+    return _pairs(out)
+
+
+# every topology by its name in node/registry.py (checked at import)
+IMPLEMENTATIONS: dict[str, Topology] = {
+    "ring": _ring,
+    "torus": _torus,
+    "exponential": _exponential,
+    "random": _random,
+    "complete": _complete,
+}
+check_registered("topology", IMPLEMENTATIONS, TOPOLOGIES)
+KINDS = TOPOLOGIES
 
 
 @lru_cache(maxsize=256)
 def _graph(ids: tuple[str, ...], kind: str, round_: int, step: int, seed: int, k: int) -> dict[str, frozenset[str]]:
-    n = len(ids)
-    edges: set[tuple[int, int]] = set()
-
-    def add(a: int, b: int) -> None:
-        if a != b:
-            edges.add((min(a, b), max(a, b)))
-
-    if kind == "complete":
-        for a in range(n):
-            for b in range(a + 1, n):
-                add(a, b)
-    elif kind == "ring":
-        for a in range(n):
-            add(a, (a + 1) % n)
-    elif kind == "torus":
-        rows = max(r for r in range(1, int(math.isqrt(n)) + 1) if n % r == 0)
-        cols = n // rows
-        for a in range(n):
-            r, c = divmod(a, cols)
-            add(a, r * cols + (c + 1) % cols)
-            add(a, ((r + 1) % rows) * cols + c)
-    elif kind == "exponential":
-        hop = 1
-        while hop < n:
-            for a in range(n):
-                add(a, (a + hop) % n)
-            hop *= 2
-    elif kind == "random":
-        rng = seeded_rng("random-graph", seed, round_, step)
-        for _ in range(max(1, k // 2)):
-            perm = list(range(n))
-            rng.shuffle(perm)
-            for i in range(n):
-                add(perm[i], perm[(i + 1) % n])
-    else:
+    if kind not in IMPLEMENTATIONS:
         raise ValueError(f"unknown topology {kind!r}; available: {', '.join(KINDS)}")
     adj: dict[str, set[str]] = {p: set() for p in ids}
-    for a, b in edges:
+    for a, b in IMPLEMENTATIONS[kind](len(ids), round_, step, seed, k):
         adj[ids[a]].add(ids[b])
         adj[ids[b]].add(ids[a])
     return {p: frozenset(v) for p, v in adj.items()}

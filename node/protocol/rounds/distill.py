@@ -19,11 +19,11 @@ import torch
 
 from node.algo import distill
 from node.algo.comm.topology import neighbours
-from node.protocol.rounds import RoundResult
+from node.protocol.rounds import RoundResult, Rounds
 from p2pd.tensors import SnapshotKey
 
 
-class DistillRounds:
+class DistillRounds(Rounds):
     """Logit-exchange rounds of one node (see the module docstring)."""
 
     def __init__(self, cfg, worker, exchange):

@@ -25,13 +25,13 @@ from node.algo.comm.mixing import metropolis_hastings, renormalise
 from node.algo.comm.schedule import allotment
 from node.algo.comm.topology import graph
 from node.protocol.compression import CompressedGossip
-from node.protocol.rounds import RoundResult
+from node.protocol.rounds import RoundResult, Rounds
 from node.protocol.worker import NonFinite
 
 log = logging.getLogger("atoll.gossip")
 
 
-class GossipRounds:
+class GossipRounds(Rounds):
     """Gossip rounds of one node. `forger` (None in production) is installed by attack
     rehearsals (node/protocol/rehearsal.py) to publish a forgery in place of the model."""
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 from node.algo import aggregate
 from node.algo.comm import modest
 from node.protocol.exchange import model_like
-from node.protocol.rounds import RoundResult
+from node.protocol.rounds import RoundResult, Rounds
 from node.protocol.train import RoundStats
 from node.protocol.worker import NonFinite
 from p2pd.tensors import SnapshotKey
 
 
-class ModestRounds:
+class ModestRounds(Rounds):
     """MoDeST rounds of one node (see the module docstring)."""
 
     def __init__(self, cfg, worker, exchange):

@@ -25,12 +25,12 @@ import torch
 
 from node.algo import frl
 from node.algo.comm.topology import graph
-from node.protocol.rounds import RoundResult
+from node.protocol.rounds import RoundResult, Rounds
 from p2pd.errors import ReasonedError
 from p2pd.tensors import SnapshotKey
 
 
-class RankRounds:
+class RankRounds(Rounds):
     """FRL rounds of one node (see the module docstring)."""
 
     def __init__(self, cfg, worker, exchange):
@@ -113,8 +113,9 @@ class RankRounds:
         like the layer's scores (the averager was built with the scores' shapes)."""
         return {k: frl.positions(v).float().view(self.params[k].shape) for k, v in self.rankings().items()}
 
-    def adopt_merged(self, merged: dict[str, torch.Tensor], members: int) -> None:
+    def adopt_merged(self, merged: dict[str, torch.Tensor], members: int) -> dict[str, torch.Tensor]:
         """Take the ranking of the averaged positions of `members` nodes (the vote of every live
         node): rounded back to the exact integer sums first, so float rounding in the all-reduce
-        cannot break ties differently on different members."""
+        cannot break ties differently on different members; returns the merged positions (what is published)."""
         self._adopt({k: frl.ranking(torch.round(merged[k].double() * members)) for k in self.names})
+        return merged
