@@ -213,7 +213,7 @@ def test_ctrl_c_on_swarm_up_stops_every_node_with_a_checkpoint_and_a_summary(tmp
 )
 def test_config_that_would_be_meaningless_is_refused(sets, message):
     """Field report: `train.rounds=true` was taken as 1 round (`data.path` for digits, silently
-    ignored then, now names the digits table: see test_node_units)."""
+    ignored then, now names the digits table: see tests/test_data.py)."""
     from node.config import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(message)):
