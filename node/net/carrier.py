@@ -16,12 +16,11 @@ import threading
 from collections.abc import Callable
 
 from p2pd.client import FetchError
+from p2pd.reasons import FULL
 from p2pd.server import MAX_PUSH_MESSAGE_BYTES
 from p2pd.tensors import EncodedSnapshot, SnapshotKey
 
 log = logging.getLogger("atoll.exchange")
-
-_WAIT = ("busy", "rate_limited")  # the carrier is there but full: wait, do not replace it
 
 
 class Pusher:
@@ -97,7 +96,7 @@ class Pusher:
                 envelope = self.discovery.signed_record()
                 self.client(live[carrier].grpc_address).push(carrier, key, packed.parts, envelope, self.timeout)
             except FetchError as e:
-                if e.reason in _WAIT:
+                if e.reason in FULL:
                     self.stop.wait(0.5 * 2**attempt)
                     continue
                 log.warning("push of %s to carrier %s failed (%s); choosing another", key, carrier[:16], e)

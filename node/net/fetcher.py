@@ -28,6 +28,7 @@ from node.net.view import MemberView
 from node.protocol.exchange import Accept
 from p2pd.client import FetchError, SwarmClient
 from p2pd.errors import ReasonedError
+from p2pd.reasons import RETRYABLE
 from p2pd.records import RecordRefused, open_record
 from p2pd.server import MAX_HEALTH_WAIT
 from p2pd.tensors import SnapshotKey
@@ -37,7 +38,6 @@ log = logging.getLogger("atoll.exchange")
 # advertised address is wrong) for this long is given up for the round instead of retried until
 # fetch_timeout; one that accepts but is slow still gets the whole fetch_timeout.
 REFUSED_SECONDS = 2.0
-_RETRY = ("timeout", "unavailable", "busy", "not_found", "rate_limited", "denied")
 
 
 class Fetcher:
@@ -134,7 +134,7 @@ class Fetcher:
                     refused_since = refused_since or time.monotonic()
                     if time.monotonic() - refused_since > REFUSED_SECONDS:
                         break
-                if e.reason in _RETRY:  # denied: a peer that joined a moment ago may not know us yet
+                if e.reason in RETRYABLE:  # denied: a peer that joined a moment ago may not know us yet
                     time.sleep(0.1)
                     continue
                 break  # bad data: skip this neighbour for this round
