@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from p2pd.context import CallContext
 from p2pd.decoding import StreamDecoder
 from p2pd.records import RecordRefused, open_record
 from p2pd.refusals import UNDECODABLE
@@ -71,7 +72,7 @@ def _bytes(store: SnapshotStore) -> int:
     return sum(packed.wire_bytes for packed in map(store.get, store.keys()) if packed is not None)
 
 
-def receive_push(servicer: SwarmServicer, parts, context: grpc.ServicerContext) -> pb.PushReply:
+def receive_push(servicer: SwarmServicer, parts, context: CallContext) -> pb.PushReply:
     """Carry an outbound-only producer's snapshot: the first part is its signed request with
     the producer's signed record, which must name this node as its carrier and sign the
     snapshot's digest; the parts that follow are decoded and checked as a fetch is (limits,
@@ -129,7 +130,7 @@ def receive_push(servicer: SwarmServicer, parts, context: grpc.ServicerContext) 
     return pb.PushReply(stored=True)
 
 
-def dial_back(servicer: SwarmServicer, request: pb.ReachRequest, context: grpc.ServicerContext) -> pb.ReachReply:
+def dial_back(servicer: SwarmServicer, request: pb.ReachRequest, context: CallContext) -> pb.ReachReply:
     """Dial the requester back at the address its signed record advertises (the request
     names none, so nobody can point this node at a third party)."""
     if request is UNDECODABLE:

@@ -60,7 +60,8 @@ class _Aborted(Exception):
 
 
 class _StreamContext:
-    """What SwarmServicer needs of a gRPC ServicerContext, for a call over a libp2p stream."""
+    """A call over a libp2p stream, as p2pd/context.py's CallContext: what SwarmServicer may ask of gRPC's
+    ServicerContext."""
 
     def __init__(self, deadline: float, peer: str):
         self.deadline, self._peer, self.cancelled = deadline, peer, False

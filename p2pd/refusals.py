@@ -18,6 +18,8 @@ from typing import Any
 
 import grpc
 
+from p2pd.context import CallContext
+
 log = logging.getLogger("atoll.p2pd")
 UNDECODABLE = object()  # what a lenient deserializer hands a handler for bytes that are no request
 LOG_EVERY_SECONDS = 60.0
@@ -57,7 +59,7 @@ class Refusals:
         self._lock = threading.Lock()
         self._last_log = -LOG_EVERY_SECONDS
 
-    def refuse(self, context: grpc.ServicerContext, reason: str, code: grpc.StatusCode, details: str) -> None:
+    def refuse(self, context: CallContext, reason: str, code: grpc.StatusCode, details: str) -> None:
         """Count `reason`, log at most one line a minute, abort the call with `code` and `details` (raises)."""
         now = time.monotonic()
         with self._lock:
@@ -73,7 +75,7 @@ class Refusals:
             )
         context.abort(code, details)
 
-    def refuse_undecodable(self, request: Any, context: grpc.ServicerContext) -> None:
+    def refuse_undecodable(self, request: Any, context: CallContext) -> None:
         """Refuse (raises) when `request` is UNDECODABLE: `bad_request`, INVALID_ARGUMENT."""
         if request is UNDECODABLE:
             self.refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT, "undecodable request")

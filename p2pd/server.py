@@ -23,6 +23,7 @@ import grpc
 from p2pd.addresses import host_port, tcp_port_in_use
 from p2pd.admission import Admission
 from p2pd.carry import CarriedSnapshots, dial_back, receive_push
+from p2pd.context import CallContext
 from p2pd.refusals import UNDECODABLE, Refusals, lenient
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.store import MAX_MESSAGE_BYTES, SnapshotStore
@@ -100,18 +101,18 @@ class SwarmServicer:
         self._waits = threading.BoundedSemaphore(max(1, max_waits))
         self.per_identity, self.stall_seconds = per_identity, stall_seconds
         self._in_flight: Counter[str] = Counter()  # requester -> streams being served
-        self._progress: dict[int, tuple[float, grpc.ServicerContext]] = {}  # stream -> (last progress, context)
+        self._progress: dict[int, tuple[float, CallContext]] = {}  # stream -> (last progress, context)
         self.stats: Counter[str] = Counter()  # fetches_served, bytes_sent, not_found, bad_request, busy
         self._refusals = Refusals()
         self.refused = self._refusals.counts  # refusals by reason (admission's, busy_identity, stalled, ...)
         self._lock = threading.Lock()
         threading.Thread(target=self._cancel_stalled, name="atoll-stall-watch", daemon=True).start()
 
-    def _refuse(self, context: grpc.ServicerContext, reason: str, code: grpc.StatusCode, details: str) -> None:
+    def _refuse(self, context: CallContext, reason: str, code: grpc.StatusCode, details: str) -> None:
         """Count, log at most one line a minute, abort the call (raises)."""
         self._refusals.refuse(context, reason, code, details)
 
-    def _refuse_admission(self, context: grpc.ServicerContext, refusal: str) -> None:
+    def _refuse_admission(self, context: CallContext, refusal: str) -> None:
         """Abort a request admission refused: over its rate is RESOURCE_EXHAUSTED (back off and
         retry), anything else PERMISSION_DENIED."""
         code = grpc.StatusCode.RESOURCE_EXHAUSTED if refusal == "rate" else grpc.StatusCode.PERMISSION_DENIED
@@ -133,7 +134,7 @@ class SwarmServicer:
         with self._lock:
             self.stats[name] += n
 
-    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext):
+    def Fetch(self, request: pb.FetchRequest, context: CallContext):
         """Stream the ready wire parts of the requested snapshot once the deadline, admission and slot checks pass;
         refusals abort with INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND or RESOURCE_EXHAUSTED."""
         if request is UNDECODABLE:
@@ -181,7 +182,7 @@ class SwarmServicer:
             self._release(requester, stream)
             self._fetch_slots.release()
 
-    def _require_deadline(self, context: grpc.ServicerContext, call: str) -> None:
+    def _require_deadline(self, context: CallContext, call: str) -> None:
         """Refuse a transfer without a deadline of at most MAX_FETCH_SECONDS: it holds a server
         thread until the deadline passes."""
         remaining = context.time_remaining()
@@ -200,7 +201,7 @@ class SwarmServicer:
         held = self.carried.store(producer) if self.carried is not None else None
         return held[0] if held is not None else None
 
-    def Push(self, parts, context: grpc.ServicerContext) -> pb.PushReply:
+    def Push(self, parts, context: CallContext) -> pb.PushReply:
         """Carry an outbound-only producer's snapshot (p2pd/carry.py: `receive_push`); refusals abort like Fetch's."""
         return receive_push(self, parts, context)
 
@@ -212,11 +213,11 @@ class SwarmServicer:
             if stream is not None:
                 self._progress.pop(stream, None)
 
-    def Reach(self, request: pb.ReachRequest, context: grpc.ServicerContext) -> pb.ReachReply:
+    def Reach(self, request: pb.ReachRequest, context: CallContext) -> pb.ReachReply:
         """Dial the requester back at the address its signed record advertises (p2pd/carry.py: `dial_back`)."""
         return dial_back(self, request, context)
 
-    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+    def Health(self, request: pb.HealthRequest, context: CallContext) -> pb.HealthReply:
         """This node's signed record envelope and the keys of every snapshot it holds; with
         `wait_for`, once that snapshot is held (or a later one of its kind), or after
         `wait_seconds` (at most MAX_HEALTH_WAIT), or at once when every waiting slot is taken."""
