@@ -13,7 +13,9 @@ gossip step and how it reads what its neighbours published. Codecs: p2pd/codecs.
   last step, whatever it drops is lost (a top-k of the model itself would be mostly zeros):
   the ablation that shows what error feedback is for.
 
-Keeping copies in step: a delta names its predecessor (`_choco.prev`: round, step) and its
+The bookkeeping (estimates, copies, lineage) is node/algo/choco.py's, with no I/O; this module
+publishes and fetches what it computes. Keeping copies in step: a delta names its predecessor
+(`_choco.prev`: round, step) and its
 lineage (`_choco.epoch`); a receiver adds it to its copy only if the copy is at that
 predecessor of that lineage. Otherwise (first contact, a missed step, the sender restarted or
 redid a round) it fetches the estimate itself (kind `estimate`, raw) once and goes on from
@@ -29,20 +31,18 @@ Algorithms with Compressed Communication", ICML 2019, arXiv 1902.00340.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 
+from node.algo.choco import Choco
 from node.protocol.exchange import model_like
 from p2pd.codecs import Codec, decompress
 from p2pd.errors import ReasonedError
 from p2pd.tensors import SnapshotKey
 
 EPOCH, PREV, AT = "_choco.epoch", "_choco.prev", "_choco.at"
-START = (-1, -1)  # the predecessor of a lineage's first delta
 
 
 def default_step(comm) -> float:
@@ -63,62 +63,33 @@ def sends_deltas(record_codec_name: str) -> bool:
     return record_codec_name.endswith("+ef") or record_codec_name.split("+")[0] == "topk"
 
 
-def lineage(state: dict[str, torch.Tensor]) -> int:
-    """A 62-bit epoch from the bytes of `state` (the shared initial model: equal on every node)."""
-    h = hashlib.blake2b(digest_size=8)
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(h.digest(), "little") >> 2
-
-
-def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
-@dataclass
-class _Copy:
-    """A neighbour's public estimate as this node holds it: lineage, last step applied, tensors."""
-
-    epoch: int
-    at: tuple[int, int]
-    tensors: dict[str, torch.Tensor]
-
-
 class CompressedGossip:
     """One node's side of compressed gossip for `comm` (a CommConfig); see the module docstring.
-    `codec.name == "none"` and no error feedback: plain gossip, nothing kept."""
+    `codec.name == "none"` and no error feedback: plain gossip, nothing kept. The CHOCO-SGD
+    bookkeeping is node/algo/choco.py's (no I/O); this class publishes and fetches for it."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, rng: random.Random | None = None):
         """`comm`: the node's CommConfig: `codec`, `topk_ratio` and `int8_block` make the codec, `error_feedback` (or a
-        top-k codec) makes it send deltas, `consensus_step` is gamma (None or 0: default_step). Raises ValueError for a
-        codec setting out of range (p2pd.codecs.Codec)."""
+        top-k codec) makes it send deltas, `consensus_step` is gamma (None or 0: default_step); `rng`: where the
+        lineage ids of this node's own restarts come from (default: a generator seeded from the OS). Raises
+        ValueError for a codec setting out of range (p2pd.codecs.Codec)."""
         self.codec = Codec(comm.codec, comm.topk_ratio, comm.int8_block)
         self.feedback = comm.error_feedback
         # differences from estimates both sides keep: error feedback, or top-k (see above)
         self.tracked = sends_deltas(record_codec(comm))
         self.gamma = comm.consensus_step or default_step(comm)
-        self.mine: dict[str, torch.Tensor] | None = None  # x̂_i
-        self.last: dict[str, torch.Tensor] | None = None  # x_i at the last step (topk without feedback)
-        self.init: dict[str, torch.Tensor] | None = None
-        self.init_epoch: int | None = None
-        self.epoch = 0
-        self.at = START  # the last step this node published
-        self.copies: dict[str, _Copy] = {}
-        self.resyncs = 0  # estimates fetched (full-size transfers), for tests and benchmarks
+        self.choco = Choco(self.codec.compress, decompress, self.feedback, self.gamma, rng or random.Random())
+
+    @property
+    def resyncs(self) -> int:
+        """Estimates fetched (full-size transfers), for tests and benchmarks."""
+        return self.choco.resyncs
 
     def begin(self, round_: int, state: dict[str, torch.Tensor]) -> None:
         """Before this process's first round: at round 0 `state` is the shared initial model
         and starts the common lineage; a resumed node starts a lineage of its own."""
-        if self.mine is not None or not self.tracked:
-            return
-        self.mine = _clone(state)
-        self.last = None if self.feedback else _clone(state)
-        if round_ == 0:
-            self.init, self.init_epoch = _clone(state), lineage(state)
-            self.epoch = self.init_epoch
-        else:
-            self.epoch = random.getrandbits(62)
+        if self.tracked:
+            self.choco.begin(round_, state)
 
     def publish(self, exchange, round_: int, step: int, own: dict[str, torch.Tensor], **record) -> None:
         """Publish step (round_, step)'s snapshot of `own` (the model, or the delta and the
@@ -127,26 +98,16 @@ class CompressedGossip:
             coded = own if self.codec.name == "none" else self.codec.compress(own)
             exchange.publish(SnapshotKey("model", round_, step), coded, **record)
             return
-        epoch, prev = self.epoch, self.at
-        if (round_, step) <= self.at:  # a redone round: its deltas differ, start a new lineage
-            epoch, prev = random.getrandbits(62), START
-        ref = self.mine if self.feedback else self.last
-        diff = {k: v - ref[k] if v.is_floating_point() else v for k, v in own.items()}
-        coded = self.codec.compress(diff)
-        mine = self._apply(_clone(self.mine), decompress(coded))
-        meta = {EPOCH: torch.tensor([epoch]), PREV: torch.tensor(prev)}
+        out = self.choco.outgoing(round_, step, own)
+        meta = {EPOCH: torch.tensor([out.epoch]), PREV: torch.tensor(out.prev)}
         try:  # the estimate first: a neighbour that sees the delta and needs the estimate finds it
-            exchange.publish(
-                SnapshotKey("estimate", round_, step), {**mine, EPOCH: meta[EPOCH], AT: torch.tensor([round_, step])}
-            )
-            exchange.publish(SnapshotKey("delta", round_, step), {**coded, **meta}, **record)
+            estimate = {**out.estimate, EPOCH: meta[EPOCH], AT: torch.tensor([round_, step])}
+            exchange.publish(SnapshotKey("estimate", round_, step), estimate)
+            exchange.publish(SnapshotKey("delta", round_, step), {**out.delta, **meta}, **record)
         except BaseException:  # maybe published, maybe not: whatever comes next starts a new lineage
-            self.epoch, self.at = random.getrandbits(62), START
+            self.choco.lost_track()
             raise
-        # committed only once published: receivers' copies and ours move together
-        self.mine, self.epoch, self.at = mine, epoch, (round_, step)
-        if not self.feedback:
-            self.last = _clone(own)
+        self.choco.commit(out)  # only once published: receivers' copies and ours move together
 
     def gather(
         self, exchange, peers: Iterable[str], round_: int, step: int, own: dict[str, torch.Tensor]
@@ -157,54 +118,20 @@ class CompressedGossip:
         if not self.tracked:
             return exchange.fetch_many(peers, SnapshotKey("model", round_, step), model_like(own))
         got = exchange.fetch_many(peers, SnapshotKey("delta", round_, step), _with_meta(own, PREV))
-        resync = []
-        for j, (epoch, prev, delta) in got.items():
-            c = self.copies.get(j)
-            if c is not None and c.epoch == epoch and c.at == prev:
-                self._apply(c.tensors, delta)
-                c.at = (round_, step)
-            elif prev == START and epoch == self.init_epoch:
-                self.copies[j] = _Copy(epoch, (round_, step), self._apply(_clone(self.init), delta))
-            else:
-                resync.append(j)
+        resync = self.choco.receive(round_, step, got)
         if resync:
-            self.resyncs += len(resync)
             key = SnapshotKey("estimate", round_, step)
-            for j, (epoch, at, tensors) in exchange.fetch_many(resync, key, _with_meta(own, AT)).items():
-                if epoch == got[j][0] and at == (round_, step):
-                    self.copies[j] = _Copy(epoch, at, {k: v.to(own[k].device, copy=True) for k, v in tensors.items()})
-        out = {}
-        for j in got:
-            c = self.copies.get(j)
-            if c is not None and c.at == (round_, step):
-                out[j] = {
-                    k: own[k] + (c.tensors[k] - self.mine[k]) if v.is_floating_point() else c.tensors[k]
-                    for k, v in own.items()
-                }
-        return out
+            estimates = exchange.fetch_many(resync, key, _with_meta(own, AT))
+            self.choco.resynced({j: got[j][0] for j in resync}, (round_, step), estimates, own)
+        return self.choco.views(got, (round_, step), own)
 
     def blend(self, own: dict[str, torch.Tensor], mixed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The consensus step: own + gamma (mixed - own) for floating tensors (gamma = 1: mixed)."""
-        if self.gamma == 1.0:
-            return mixed
-        return {
-            k: own[k] + self.gamma * (v - own[k]) if v.is_floating_point() and k in own else v
-            for k, v in mixed.items()
-        }
+        return self.choco.blend(own, mixed)
 
     def forget(self, live: set[str]) -> None:
         """Drop the copies of peers that are no longer members."""
-        for j in [j for j in self.copies if j not in live]:
-            del self.copies[j]
-
-    def _apply(self, into: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for k, v in delta.items():
-            v = v.to(into[k].device)
-            if into[k].is_floating_point():
-                into[k].add_(v.to(into[k].dtype))
-            else:
-                into[k].copy_(v)
-        return into
+        self.choco.forget(live)
 
 
 def _with_meta(own: dict[str, torch.Tensor], position: str):
