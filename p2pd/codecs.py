@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -67,18 +68,9 @@ class Coded:
 def payload_bytes(codec: str, numel: int, block: int = 0, count: int = 0) -> int:
     """Payload bytes of a coded tensor of `numel` values. Raises CodecError for an unknown codec
     or arguments out of range (a block size outside [16, 2^20], more values kept than exist)."""
-    if codec in ("fp16", "bf16"):
-        return 2 * numel
-    if codec == "int8":
-        # a block larger than the tensor would make a few wire bytes decode into a large buffer
-        if not MIN_BLOCK <= block <= min(MAX_BLOCK, max(MIN_BLOCK, numel)):
-            raise CodecError("bad_codec", f"int8 block size {block} outside [{MIN_BLOCK}, max(16, {numel} values)]")
-        return 4 * math.ceil(numel / block) + numel
-    if codec == "topk":
-        if not 0 < count <= numel or numel >= 2**31:
-            raise CodecError("bad_codec", f"topk keeps {count} of {numel} values")
-        return 6 * count
-    raise CodecError("unknown_codec", f"codec {codec[:32]!r} is not one of {', '.join(CODECS)}")
+    if codec not in IMPLEMENTATIONS:
+        raise CodecError("unknown_codec", f"codec {codec[:32]!r} is not one of {', '.join(CODECS)}")
+    return IMPLEMENTATIONS[codec].payload_bytes(numel, block, count)
 
 
 @dataclass(frozen=True)
@@ -114,23 +106,10 @@ class Codec:
         x = t.detach().to("cpu", torch.float32).reshape(-1)
         dtype = next(k for k, v in CODED_DTYPES.items() if v == t.dtype)
         shape = tuple(t.shape)
-        if self.name == "fp16":
-            return Coded("fp16", dtype, shape, _bytes(x.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)))
-        if self.name == "bf16":
-            return Coded("bf16", dtype, shape, _bytes(x.to(torch.bfloat16)))
-        if self.name == "int8":
-            block = min(self.block, max(MIN_BLOCK, len(x)))
-            blocks = torch.nn.functional.pad(x, (0, (-len(x)) % block)).view(-1, block)
-            scales = blocks.abs().amax(dim=1)
-            q = torch.round(blocks * (127.0 / scales.clamp_min(1e-30)).unsqueeze(1)).to(torch.int8)
-            payload = torch.cat([_bytes(scales), _bytes(q.reshape(-1)[: len(x)])])
-            return Coded("int8", dtype, shape, payload, block=block)
-        if self.name == "topk":
-            k = max(1, math.ceil(self.ratio * len(x)))
-            idx = _top(x, k)
-            values = x[idx.long()].clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
-            return Coded("topk", dtype, shape, torch.cat([_bytes(idx), _bytes(values)]), count=k)
-        raise ValueError("codec none encodes nothing")
+        if self.name not in IMPLEMENTATIONS:
+            raise ValueError("codec none encodes nothing")
+        payload, block, count = IMPLEMENTATIONS[self.name].encode(x, self)
+        return Coded(self.name, dtype, shape, payload, block=block, count=count)
 
     def compress(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | Coded]:
         """`state` with every tensor the size rule picks coded, the others as they are."""
@@ -166,34 +145,120 @@ def decode(c: Coded) -> torch.Tensor:
     numel = math.prod(c.shape)
     if c.payload.dtype != torch.uint8 or c.payload.numel() != payload_bytes(c.codec, numel, c.block, c.count):
         raise CodecError("bad_codec", f"{c.codec} payload of {c.payload.numel()} bytes for shape {c.shape}")
-    p = c.payload.contiguous()
-    if c.codec in ("fp16", "bf16"):
-        x = p.view(torch.float16 if c.codec == "fp16" else torch.bfloat16).float()
-    elif c.codec == "int8":
-        nblocks = math.ceil(numel / c.block)
-        scales = p[: 4 * nblocks].view(torch.float32)
-        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
-            raise CodecError("bad_codec", "int8 scales must be finite and >= 0")
-        q = p[4 * nblocks :].view(torch.int8)
-        if numel and int(q.min()) == -128:
-            raise CodecError("bad_codec", "int8 value -128 is never sent")
-        step = scales / 127.0
-        x = q.to(torch.float32)  # exactly numel values: the tail block is shorter
-        full = (numel // c.block) * c.block
-        x[:full].view(-1, c.block).mul_(step[: numel // c.block].unsqueeze(1))
-        if full < numel:
-            x[full:].mul_(step[-1])
-    else:  # topk (payload_bytes refused anything else)
-        idx = p[: 4 * c.count].view(torch.int32).long()
-        if bool((idx < 0).any()) or bool((idx >= numel).any()):
-            raise CodecError("bad_codec", f"topk index out of range [0, {numel})")
-        if c.count > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            raise CodecError("bad_codec", "topk indices must be ascending and unique")
-        x = torch.zeros(numel, dtype=torch.float32)
-        x[idx] = p[4 * c.count :].view(torch.float16).float()
+    x = IMPLEMENTATIONS[c.codec].decode(c.payload.contiguous(), numel, c.block, c.count)
     return x.to(CODED_DTYPES[c.dtype]).reshape(c.shape)
 
 
 def decompress(state: Mapping[str, torch.Tensor | Coded]) -> dict[str, torch.Tensor]:
     """`state` with every Coded value decoded. Raises CodecError."""
     return {k: decode(v) if isinstance(v, Coded) else v for k, v in state.items()}
+
+
+class WireCodec(Protocol):
+    """One codec of the wire (see the module docstring): its payload size, and its encoding of a flat float32 tensor
+    and back. Registered by name in IMPLEMENTATIONS; a node's `Codec` picks one."""
+
+    def payload_bytes(self, numel: int, block: int, count: int) -> int:
+        """Bytes of the payload of `numel` values; raises CodecError for `block`/`count` out of range."""
+
+    def encode(self, x: torch.Tensor, codec: Codec) -> tuple[torch.Tensor, int, int]:
+        """(uint8 payload, block, count) of the flat float32 CPU tensor `x` under `codec`'s settings."""
+
+    def decode(self, payload: torch.Tensor, numel: int, block: int, count: int) -> torch.Tensor:
+        """The flat float32 tensor of `numel` values a payload of the right size stands for; raises CodecError for
+        values a sender never produces."""
+
+
+class _Half:
+    """fp16 or bf16: every value in 2 bytes."""
+
+    def __init__(self, dtype: torch.dtype):
+        """`dtype`: torch.float16 (values clamped to +-65504) or torch.bfloat16."""
+        self.dtype = dtype
+
+    def payload_bytes(self, numel: int, block: int, count: int) -> int:
+        """2 bytes a value."""
+        return 2 * numel
+
+    def encode(self, x: torch.Tensor, codec: Codec) -> tuple[torch.Tensor, int, int]:
+        """Each value rounded to the half type."""
+        half = x.clamp(-_FP16_MAX, _FP16_MAX).to(self.dtype) if self.dtype == torch.float16 else x.to(self.dtype)
+        return _bytes(half), 0, 0
+
+    def decode(self, payload: torch.Tensor, numel: int, block: int, count: int) -> torch.Tensor:
+        """Each value back to float32."""
+        return payload.view(self.dtype).float()
+
+
+class _Int8:
+    """Blockwise absmax int8: per block of `block` values a float32 scale, then the int8 values."""
+
+    def payload_bytes(self, numel: int, block: int, count: int) -> int:
+        """4 bytes a block and 1 a value; a block larger than the tensor would make a few wire bytes decode into a
+        large buffer, so it is refused."""
+        if not MIN_BLOCK <= block <= min(MAX_BLOCK, max(MIN_BLOCK, numel)):
+            raise CodecError("bad_codec", f"int8 block size {block} outside [{MIN_BLOCK}, max(16, {numel} values)]")
+        return 4 * math.ceil(numel / block) + numel
+
+    def encode(self, x: torch.Tensor, codec: Codec) -> tuple[torch.Tensor, int, int]:
+        """Scales then round(127 x / scale)."""
+        block = min(codec.block, max(MIN_BLOCK, len(x)))
+        blocks = torch.nn.functional.pad(x, (0, (-len(x)) % block)).view(-1, block)
+        scales = blocks.abs().amax(dim=1)
+        q = torch.round(blocks * (127.0 / scales.clamp_min(1e-30)).unsqueeze(1)).to(torch.int8)
+        return torch.cat([_bytes(scales), _bytes(q.reshape(-1)[: len(x)])]), block, 0
+
+    def decode(self, payload: torch.Tensor, numel: int, block: int, count: int) -> torch.Tensor:
+        """Refuses scales that are negative or not finite, and the value -128 (never sent)."""
+        nblocks = math.ceil(numel / block)
+        scales = payload[: 4 * nblocks].view(torch.float32)
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise CodecError("bad_codec", "int8 scales must be finite and >= 0")
+        q = payload[4 * nblocks :].view(torch.int8)
+        if numel and int(q.min()) == -128:
+            raise CodecError("bad_codec", "int8 value -128 is never sent")
+        step = scales / 127.0
+        x = q.to(torch.float32)  # exactly numel values: the tail block is shorter
+        full = (numel // block) * block
+        x[:full].view(-1, block).mul_(step[: numel // block].unsqueeze(1))
+        if full < numel:
+            x[full:].mul_(step[-1])
+        return x
+
+
+class _TopK:
+    """Top-k: the `count` entries of largest magnitude as ascending int32 indices, then their fp16 values."""
+
+    def payload_bytes(self, numel: int, block: int, count: int) -> int:
+        """6 bytes a value kept."""
+        if not 0 < count <= numel or numel >= 2**31:
+            raise CodecError("bad_codec", f"topk keeps {count} of {numel} values")
+        return 6 * count
+
+    def encode(self, x: torch.Tensor, codec: Codec) -> tuple[torch.Tensor, int, int]:
+        """The ceil(ratio x numel) largest in magnitude."""
+        k = max(1, math.ceil(codec.ratio * len(x)))
+        idx = _top(x, k)
+        values = x[idx.long()].clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+        return torch.cat([_bytes(idx), _bytes(values)]), 0, k
+
+    def decode(self, payload: torch.Tensor, numel: int, block: int, count: int) -> torch.Tensor:
+        """Zeros but at the indices; refuses indices out of range, repeated or out of order."""
+        idx = payload[: 4 * count].view(torch.int32).long()
+        if bool((idx < 0).any()) or bool((idx >= numel).any()):
+            raise CodecError("bad_codec", f"topk index out of range [0, {numel})")
+        if count > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise CodecError("bad_codec", "topk indices must be ascending and unique")
+        x = torch.zeros(numel, dtype=torch.float32)
+        x[idx] = payload[4 * count :].view(torch.float16).float()
+        return x
+
+
+# every codec by its name on the wire (and in comm.codec); CODECS is this table's names
+IMPLEMENTATIONS: dict[str, WireCodec] = {
+    "fp16": _Half(torch.float16),
+    "bf16": _Half(torch.bfloat16),
+    "int8": _Int8(),
+    "topk": _TopK(),
+}
+assert tuple(IMPLEMENTATIONS) == CODECS

@@ -17,6 +17,7 @@ from node.algo.comm.topology import graph
 from node.config import ConfigError, NodeConfig, SwarmConfig, load_config
 from node.protocol.rounds import PROTOCOLS, RoundProtocol, Rounds
 from node.protocol.sim import Simulation
+from p2pd.codecs import CODECS
 
 
 @pytest.mark.parametrize("name", registry.TOPOLOGIES)
@@ -85,3 +86,15 @@ def test_an_unknown_name_is_a_config_error_listing_the_valid_ones(setting, value
         load_config(None, {setting: value})
     message = str(e.value)
     assert setting in message and "Input should be" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_every_codec_round_trips_within_its_error_and_counts_its_bytes(name):
+    from p2pd.codecs import IMPLEMENTATIONS, Codec, decode, payload_bytes
+
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    codec = Codec(name, ratio=1.0, block=64)  # top-k keeping everything: exact up to fp16
+    coded = codec.encode(x)
+    assert coded.codec == name and coded.nbytes == payload_bytes(name, 1000, coded.block, coded.count)
+    assert torch.allclose(decode(coded), x, atol=0.02), name
+    assert name in IMPLEMENTATIONS
