@@ -1,6 +1,7 @@
 """Attack rehearsals: a node configured with `security.attack` publishes a forgery in place of
-its model. Tests and benchmarks install a `Forger` on the node's gossip protocol
-(`install`); nothing of it is on the path of an honest node.
+its model. `install` is the one way in, for every round protocol: it asks the protocol for its kind
+of forger (`Forger` for model gossip, `RankForger` for FRL) and sets it as the protocol's `forger`;
+nothing of it is on the path of an honest node.
 
 What the forger knows is what a malicious daemon would: its own model at the start of the
 round (`ref`) and after training (`own`), the shared init, and the neighbour models it
@@ -50,7 +51,39 @@ class Forger:
         self.seen = [flatten(sd) for sd in answered.values()]
 
 
+class RankForger:
+    """Forges what an attacking FRL node publishes (node/protocol/rounds/ranks.py): the same attacks, applied to the
+    vector of its edge positions instead of its weights. Its draws are seeded by (train.seed, round)."""
+
+    def __init__(self, cfg, worker, init: torch.Tensor):
+        """`cfg`: the attacker's NodeConfig (`train.seed`, `security.byzantine_fraction`); `worker`: its Worker, whose
+        `attack` (not None) it uses; `init`: its initial edge positions (float, flat), where the attacks start."""
+        self.attack, self.init = worker.attack, init
+        self.seed, self.byzantine_fraction = cfg.train.seed, cfg.security.byzantine_fraction
+        self.seen: list[torch.Tensor] = []
+
+    @property
+    def mixes(self) -> bool:
+        """Whether this attacker votes with its neighbours."""
+        return self.attack.mixes
+
+    def forge(self, start: torch.Tensor, positions: torch.Tensor, r: int) -> torch.Tensor | None:
+        """The position vector to publish in round `r` instead of `positions` (`start`: at the round's start); None
+        to publish the honest ranking (a label flip attacks the data, not what travels)."""
+        if self.attack.name == "label_flip":
+            return None
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + r)
+        n = len(self.seen) + 1
+        f = max(1, int(self.byzantine_fraction * n))
+        return self.attack.craft(start, positions, self.init, self.seen, n=n, f=f, gen=gen)
+
+    def saw(self, positions: list[torch.Tensor]) -> None:
+        """The neighbours' position vectors of this round."""
+        self.seen = positions
+
+
 def install(engine, me: str) -> None:
-    """Make `engine`'s node attack as its config says (no-op without `security.attack`)."""
+    """Make `engine`'s node attack as its config says, whatever its round protocol: the protocol's own kind of forger
+    (`forger_for`, node/protocol/rounds/__init__.py) becomes its `forger` (no-op without `security.attack`)."""
     if engine.cfg.security.attack:
-        engine.protocol.forger = Forger(engine.cfg, engine.worker, me)
+        engine.protocol.forger = engine.protocol.forger_for(engine.cfg, engine.worker, me)

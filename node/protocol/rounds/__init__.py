@@ -62,9 +62,17 @@ class RoundProtocol(Protocol):
 
 class Rounds:
     """The defaults of RoundProtocol's final hooks, for protocols that average models: `worker` is the node's
-    Worker, set by the subclass."""
+    Worker, set by the subclass. `forger` is None for an honest node; an attack rehearsal installs one
+    (node/protocol/rehearsal.py: `install`, which asks `forger_for`)."""
 
     worker: Any
+    forger: Any = None
+
+    def forger_for(self, cfg, worker, me: str):
+        """The forger of an attacking node of this protocol (`me`: its peer id): model forgeries by default."""
+        from node.protocol.rehearsal import Forger
+
+        return Forger(cfg, worker, me)
 
     def adopt_aggregate(self, last_round: int) -> None:
         """Nothing was aggregated apart from the model."""

@@ -35,14 +35,12 @@ class RankRounds(Rounds):
 
     def __init__(self, cfg, worker, exchange):
         """`cfg`: the node's NodeConfig; `worker`: its Worker, whose model is an FRL supermask (`comm.exchange: ranks`)
-        and whose `attack` (None when honest) crafts the published rankings; `exchange`: its Exchange. Records the
-        initial edge positions the attacks start from."""
+        `exchange`: its Exchange. Records the initial edge positions an attack rehearsal's forger starts from."""
         self.cfg, self.worker, self.exchange = cfg, worker, exchange
         self.names = frl.score_names(worker.model.state_dict())
         self.params = dict(worker.model.named_parameters())
-        self.attack = worker.attack
         self.init = self._positions()
-        self.seen: list[torch.Tensor] = []
+        self.forger = None  # RankForger of an attack rehearsal (forger_for)
 
     def rankings(self) -> dict[str, torch.Tensor]:
         """This node's ranking of every layer (int32 permutations)."""
@@ -52,14 +50,17 @@ class RankRounds(Rounds):
         """Every edge's position in this node's rankings, as one float vector."""
         return torch.cat([frl.positions(r).float() for r in self.rankings().values()])
 
+    def forger_for(self, cfg, worker, me: str):
+        """An attacking FRL node forges rankings: the attacks applied to its edge positions."""
+        from node.protocol.rehearsal import RankForger
+
+        return RankForger(cfg, worker, self.init)
+
     def _published(self, start: torch.Tensor, r: int) -> dict[str, torch.Tensor]:
         own = self.rankings()
-        if self.attack is None or self.attack.name == "label_flip":
+        vec = self.forger.forge(start, self._positions(), r) if self.forger is not None else None
+        if vec is None:
             return own
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + r)
-        n = len(self.seen) + 1
-        f = max(1, int(self.cfg.security.byzantine_fraction * n))
-        vec = self.attack.craft(start, self._positions(), self.init, self.seen, n=n, f=f, gen=gen)
         out, at = {}, 0
         for k, rank in own.items():
             out[k] = frl.ranking(vec[at : at + len(rank)])
@@ -81,9 +82,10 @@ class RankRounds(Rounds):
         g = graph([m.peer_id for m in members] + [ex.me], c.topology, r, self.cfg.train.seed, c.random_degree)
         nbrs = sorted(g[ex.me])
         got = ex.fetch_many(nbrs, SnapshotKey("ranks", r, 0), self._accept())
-        self.seen = [torch.cat([frl.positions(v[k]).float() for k in self.names]) for v in got.values()]
-        if self.attack is not None and not self.attack.mixes:
-            return result
+        if self.forger is not None:
+            self.forger.saw([torch.cat([frl.positions(v[k]).float() for k in self.names]) for v in got.values()])
+            if not self.forger.mixes:
+                return result
         self._adopt({k: frl.vote([published[k], *(v[k] for v in got.values())]) for k in self.names})
         result.mixed = sorted(got)
         return result
