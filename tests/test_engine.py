@@ -35,7 +35,6 @@ CASES = {
     "fedd2s": {"comm": {"exchange": "logits"}, "distill": {"method": "fedd2s", "proxy_size": 100, "steps": 5}},
     # CHOCO-SGD: top-k deltas against public estimates, with error feedback (two kinds of snapshots)
     "choco_topk_ef": {"comm": {"codec": "topk", "topk_ratio": 0.1, "error_feedback": True}},
-    "int8": {"comm": {"codec": "int8"}},
     "frl": {"comm": {"exchange": "ranks"}, "model": {"width": 64}},
 }
 

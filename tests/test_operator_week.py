@@ -389,7 +389,7 @@ def test_a_node_with_a_skewed_clock_names_the_offset_and_the_waiting_node_says_w
             "threads": 1,
             "checkpoint_dir": str(tmp_path / name),
             "train": {"rounds": 2, "local_steps": 2},
-            "comm": {"join_timeout": 10},
+            "comm": {"join_timeout": 6},
             "net": {"swarm": "skew", "identity_path": str(tmp_path / f"{name}.key")},
         }
         path.write_text(yaml.safe_dump(tree))
@@ -415,7 +415,7 @@ def test_a_node_with_a_skewed_clock_names_the_offset_and_the_waiting_node_says_w
         assert 115 < offset < 125, last
         healthy.proc.wait(timeout=90)
         log = (tmp_path / "a.log").read_text()
-        said = [line for line in log.splitlines() if "only 1 of 2 nodes live after 10 s" in line]
+        said = [line for line in log.splitlines() if "only 1 of 2 nodes live after 6 s" in line]
         assert said and "a node that cannot join says why in its own log (a clock more than 3 s off" in said[0].lower()
     finally:
         healthy.stop()
@@ -467,7 +467,7 @@ def test_router_query_into_another_swarm_gives_the_swarm_hint(tmp_path):
     try:
         maddr = peer.ready(90)["maddrs"][0]
         r = subprocess.run(
-            [sys.executable, "-m", "node.app.cli", "router", "query", "-p", maddr, "--n", "1"],
+            [sys.executable, "-m", "node.app.cli", "router", "query", "-p", maddr, "--n", "1", "--wait", "2"],
             capture_output=True,
             text=True,
             timeout=90,
@@ -475,13 +475,5 @@ def test_router_query_into_another_swarm_gives_the_swarm_hint(tmp_path):
         )
         assert r.returncode == 2, r.stderr
         assert "no live node in swarm 'atoll': if your nodes use another net.swarm, name it with --swarm" in r.stderr
-        r = subprocess.run(
-            [sys.executable, "-m", "node.app.cli", "router", "query", "-p", maddr, "--swarm", "lab", "--n", "1"],
-            capture_output=True,
-            text=True,
-            timeout=90,
-            cwd=ROOT,
-        )
-        assert r.returncode == 2 and "no live router in swarm 'lab' (1 live node(s), none a router" in r.stderr
     finally:
         peer.stop()

@@ -52,6 +52,9 @@ def router_query(
     out: Path | None = typer.Option(None, help="Write the images as a PNG grid here."),
     timeout: float = typer.Option(300.0, min=1.0, help="Seconds to wait for the answer."),
     as_json: bool = typer.Option(False, "--json", help="Print which experts served each image as JSON."),
+    wait: float = typer.Option(
+        10.0, min=0.5, max=300.0, help="With --peers: seconds to look for a live router in the DHT before giving up."
+    ),
     tls_ca: Path | None = typer.Option(
         None, "--tls-ca", help="For a router serving TLS (net.tls_cert): the CA certificate that signed its cert."
     ),
@@ -65,7 +68,7 @@ def router_query(
     from p2pd.rpc import router_pb2_grpc as rpb_grpc
     from p2pd.server import TLSConfig
 
-    address = router or _find_router(peers, swarm_name)
+    address = router or _find_router(peers, swarm_name, wait)
     tls = TLSConfig(ca_file=tls_ca) if tls_ca else None
     if tls_ca is not None and not tls_ca.is_file():
         fail(f"--tls-ca {tls_ca}: no such file")
@@ -128,11 +131,13 @@ def router_query(
         typer.echo(f"wrote {out}", err=True)
 
 
-def _find_router(peers: list[str], swarm_name: str) -> str:
+def _find_router(peers: list[str], swarm_name: str, wait: float) -> str:
+    """The gRPC address of a live router of `swarm_name`, looked for in the DHT for `wait` seconds at most; one line
+    and exit 2 when there is none (naming --swarm when no node at all is live)."""
     if not peers:
         fail("give --router HOST:PORT or --peers MADDR")
     with observer(peers, swarm_name) as d:
-        for _ in range(20):  # bounded: 10 s for the DHT to answer
+        for _ in range(max(1, round(wait / 0.5))):  # bounded: `wait` s for the DHT to answer
             live = d.live_peers()
             routers = [r for r in live if "router" in r.roles]
             if routers:
