@@ -88,6 +88,7 @@ def test_bench_help_lists_the_method_names():
 # -- a 2-machine swarm as the example script and README form it ----------------------------
 
 
+@pytest.mark.slow  # 23 s, for the default set's 10 minutes; its commands are parsed by test_readme
 @pytest.mark.integration
 def test_two_machines_example_forms_a_2_node_swarm_and_status_shows_it(tmp_path):
     """Before: `first` trained its 50 rounds alone in 2 s and exited before anyone could copy

@@ -457,6 +457,7 @@ def test_a_bracketed_ipv6_multiaddr_is_a_config_error_with_the_fix(tmp_path):
     ), r.stderr
 
 
+@pytest.mark.slow  # 10 s of DHT start-ups for one message, for the default set's 10 minutes
 @pytest.mark.integration
 def test_router_query_into_another_swarm_gives_the_swarm_hint(tmp_path):
     """Before: `router query -p MADDR` for a swarm not named atoll said "no live router in swarm
