@@ -78,3 +78,14 @@ def needs(*packages: str):
         return fn
 
     return mark
+
+
+@functools.cache
+def no_mount_namespace() -> str | None:
+    """Why this machine cannot give a test a private mount namespace (`unshare --mount`, root), or None."""
+    import subprocess
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "a private mount namespace needs root"
+    r = subprocess.run(["unshare", "--mount", "true"], capture_output=True, text=True, timeout=30)
+    return None if r.returncode == 0 else f"no mount namespace here: {r.stderr.strip()}"

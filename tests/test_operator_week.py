@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from helpers import ROOT
+from sysdeps import no_mount_namespace
 
 from p2pd.decoding import StreamDecoder
 from p2pd.rpc import swarm_pb2 as pb
@@ -171,15 +172,8 @@ def test_a_failed_checkpoint_write_names_the_directory_and_cause_and_keeps_the_p
     assert checkpoint.load(tmp_path, torch.device("cpu"))[2]["round"] == 1
 
 
-def _mount_namespaces() -> str | None:
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "a small tmpfs for checkpoint_dir needs a mount namespace (root)"
-    r = subprocess.run(["unshare", "--mount", "true"], capture_output=True, text=True, timeout=30)
-    return None if r.returncode == 0 else f"no mount namespace here: {r.stderr.strip()}"
-
-
 @pytest.mark.integration
-@pytest.mark.skipif(_mount_namespaces() is not None, reason=f"{_mount_namespaces()}")
+@pytest.mark.skipif(no_mount_namespace() is not None, reason=f"{no_mount_namespace()}")
 def test_a_full_disk_is_one_line_the_node_trains_on_and_gives_up_after_n_rounds(tmp_path):
     """Before: ENOSPC while checkpointing killed the node with a 150-line traceback and exit 1.
     A real node whose checkpoint_dir is a tmpfs with room for one checkpoint: its first one

@@ -9,6 +9,7 @@ import sys
 import pytest
 import sysdeps
 from helpers import ROOT
+from sysdeps import no_mount_namespace
 
 SCRIPT = ROOT / "scripts" / "system-packages.sh"
 
@@ -60,14 +61,7 @@ def test_install_without_apt_says_in_one_line_what_to_install(tmp_path):
     assert r.returncode == 1  # CI refuses to run without them
 
 
-def _can_hide() -> str | None:
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "hiding packages needs a mount namespace (root)"
-    r = subprocess.run(["unshare", "--mount", "true"], capture_output=True, text=True, timeout=30)
-    return None if r.returncode == 0 else f"no mount namespace here: {r.stderr.strip()}"
-
-
-@pytest.mark.skipif(_can_hide() is not None, reason=f"{_can_hide()}")
+@pytest.mark.skipif(no_mount_namespace() is not None, reason=f"{no_mount_namespace()}")
 def test_with_every_package_hidden_the_tests_that_need_one_skip_by_name():
     hide = ROOT / "scripts" / "without-system-packages.sh"
     r = subprocess.run(["bash", str(hide), "bash", str(SCRIPT), "missing"], capture_output=True, text=True, timeout=60)

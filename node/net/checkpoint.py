@@ -69,13 +69,17 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def errno_of(e: BaseException) -> int | None:
+    """The errno behind a failed write: OSError's, or the one safetensors writes as text ("... (os error 28)")."""
+    m = re.search(r"os error (\d+)", str(e))
+    code = getattr(e, "errno", None) or (int(m.group(1)) if m else None)
+    return code if code in errno.errorcode else None
+
+
 def cause(e: BaseException) -> str:
     """A failed write's cause in words with its errno name, e.g. "no space left on device (ENOSPC)"."""
-    code = getattr(e, "errno", None)
-    if code is None:  # safetensors reports I/O errors as text: "... (os error 28)"
-        m = re.search(r"os error (\d+)", str(e))
-        code = int(m.group(1)) if m else None
-    if code in errno.errorcode:
+    code = errno_of(e)
+    if code is not None:
         return f"{os.strerror(code).lower()} ({errno.errorcode[code]})"
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -351,10 +355,9 @@ class Writer:
 
 
 class Checkpointer:
-    """A node's checkpoints while it trains: a Writer in the background, and the policy for failed writes (disk
-    full, I/O error, permissions): each is one line and counted in atoll_checkpoint_failures_total{reason}, the
-    node trains on and the next checkpoint retries; after `give_up_rounds` rounds with none written, CheckpointError
-    (the node exits 2)."""
+    """A node's checkpoints while it trains: a Writer in the background, and the policy for failed writes (disk full,
+    I/O, permissions): one line each, counted in atoll_checkpoint_failures_total{reason}; the node trains on and the
+    next checkpoint retries; after `give_up_rounds` rounds with none written, CheckpointError (the node exits 2)."""
 
     def __init__(self, directory: Path, keep: int, give_up_rounds: int, metrics):
         """`directory`: checkpoint_dir; `keep`: saves kept (>= 1); `give_up_rounds`: rounds without a checkpoint
@@ -364,8 +367,7 @@ class Checkpointer:
         self._writer = Writer(directory, self._written, keep)
 
     def submit(self, capture: Callable[[], tuple[dict, dict, dict]], r: int) -> None:
-        """Queue `capture()` (see `capture`) as round `r`'s checkpoint. Raises CheckpointError after give_up_rounds
-        rounds with none written."""
+        """Queue `capture()` (see `capture`) as round `r`'s checkpoint; CheckpointError after give_up_rounds none."""
         try:
             self._writer.submit(capture())
         except CheckpointError as e:  # the previous submission's write failed
@@ -387,8 +389,8 @@ class Checkpointer:
         self.unsaved_since = None
 
     def _failed(self, e: CheckpointError, r: int) -> None:
-        code = cause(e.__cause__ or e).rpartition("(")[2].rstrip(")")
-        self.metrics.checkpoint_failures.labels(reason=code if code.startswith("E") else "other").inc()
+        code = errno_of(e.__cause__ or e)
+        self.metrics.checkpoint_failures.labels(reason=errno.errorcode[code] if code is not None else "other").inc()
         self.unsaved_since = r if self.unsaved_since is None else self.unsaved_since
         left = self.unsaved_since + self.give_up_rounds - r
         if left <= 0:

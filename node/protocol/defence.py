@@ -83,7 +83,7 @@ class Defence:
         signals = self.tracker.observe(ref_v, own_v, vecs)
         clipped = clip_flagged(ref_v, own_v, vecs, self.tracker.suspects(signals))
         if self.aggregator == "mean":  # plain gossip, with optional variance correction
-            others = {j: self._with(others[j], vecs[j]) if j in clipped else s for j, s in others.items()}
+            others = {j: unflatten(vecs[j], s, self.keys) if j in clipped else s for j, s in others.items()}
             return mix(own, others, self_w, weights, correct_variance), signals, Outcome(own_v, clipped)
         ctx = Context(
             byzantine_fraction=self.byzantine_fraction,
@@ -95,15 +95,6 @@ class Defence:
         out = combine(self.aggregator, own_v, vecs, self_w, weights, ctx)
         out.discarded = {**clipped, **out.discarded}
         return unflatten(out.vector, own), signals, out
-
-    def _with(self, state: Mapping[str, torch.Tensor], vec: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`state` with its compared tensors (self.keys) taken from the flat `vec`."""
-        out, i = dict(state), 0
-        for k in self.keys:
-            n = state[k].numel()
-            out[k] = vec[i : i + n].reshape(state[k].shape).to(device=state[k].device, dtype=state[k].dtype)
-            i += n
-        return out
 
 
 def clip_flagged(

@@ -20,14 +20,15 @@ def flatten(state: Mapping[str, torch.Tensor], keys: list[str] | None = None) ->
     return torch.cat([state[k].detach().reshape(-1).to(device="cpu", dtype=torch.float32) for k in keys])
 
 
-def unflatten(vec: torch.Tensor, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict shaped like `template` (its device and dtypes) whose float tensors come from `vec`."""
+def unflatten(
+    vec: torch.Tensor, template: Mapping[str, torch.Tensor], keys: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """A state dict shaped like `template` (its device and dtypes) whose tensors `keys` (default: float_keys, the
+    order `flatten` used) come from `vec` and the others are copies of the template's. Raises ValueError when `vec`
+    does not have exactly their values."""
     out, i = {}, 0
-    keys = set(float_keys(template))
-    for k in sorted(template):
+    for k in float_keys(template) if keys is None else keys:
         v = template[k]
-        if k not in keys:
-            continue
         n = v.numel()
         out[k] = vec[i : i + n].reshape(v.shape).to(device=v.device, dtype=v.dtype)
         i += n
