@@ -98,3 +98,30 @@ def test_every_codec_round_trips_within_its_error_and_counts_its_bytes(name):
     assert coded.codec == name and coded.nbytes == payload_bytes(name, 1000, coded.block, coded.count)
     assert torch.allclose(decode(coded), x, atol=0.02), name
     assert name in IMPLEMENTATIONS
+
+
+@pytest.mark.parametrize("name", registry.ATTACKS)
+def test_every_attack_crafts_a_finite_vector_unlike_the_honest_one(name):
+    from node.algo.security.attacks import CRAFTERS, Attack
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(50, generator=gen)
+    trained = base + 0.1 * torch.randn(50, generator=gen)
+    honest = [base + 0.1 * torch.randn(50, generator=gen) for _ in range(4)]
+    init = torch.randn(50, generator=gen)
+    out = Attack(name).craft(base, trained, init, honest, n=6, f=2, gen=torch.Generator().manual_seed(1))
+    assert out.shape == trained.shape and out.dtype == trained.dtype and torch.isfinite(out).all()
+    if name != "label_flip":  # label flipping poisons the training, then publishes honestly
+        assert not torch.allclose(out, trained), name
+    assert name in CRAFTERS
+
+
+@pytest.mark.parametrize("method", registry.DISTILL_METHODS)
+def test_every_distillation_method_runs_rounds_in_the_simulator(method):
+    from node.algo.distill import METHODS
+
+    tree = {"threads": 1, "model": {"width": 32}, "train": {"rounds": 2, "local_steps": 5}}
+    tree |= {"comm": {"exchange": "logits"}, "distill": {"method": method, "proxy_size": 40, "steps": 2}}
+    res = Simulation(SwarmConfig(nodes=3, node=NodeConfig.model_validate(tree))).run()
+    assert len(res.final_accuracies) == 3 and res.bytes_sent > 0 and sum(res.refused.values()) == 0
+    assert method in METHODS

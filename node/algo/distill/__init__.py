@@ -19,21 +19,50 @@ rows + similarity weights, "edgefd+knfu" = both; FedD2S = all rows, equal weight
 shallow layers distilled as rounds go on.
 """
 
+from dataclasses import dataclass
+
 from node.algo.distill.edgefd import edgefd_filter, speaking_rows
 from node.algo.distill.fedd2s import dropped_layers, layers
 from node.algo.distill.kd import distill_steps, distillation_loss, fused_targets, soft_targets
 from node.algo.distill.knfu import knfu_weights
 from node.algo.distill.proxy import LogitsRefused, check_logits, logits_payload, proxy_split
+from node.registry import DISTILL_METHODS, check_registered
+
+
+@dataclass(frozen=True)
+class Method:
+    """The distillation extension point: what a method (`distill.method`) does in a round. `row_filter`: whether a
+    teacher speaks only for the proxy rows its EdgeFD filter keeps; `teacher_weights`: "equal" or "knfu" (similarity,
+    softmax with sharpness `distill.knfu_beta`); `drops_layers`: whether deep layers stop distilling as rounds go on
+    (FedD2S). A new method is a row here under its name in node.registry.DISTILL_METHODS."""
+
+    row_filter: bool
+    teacher_weights: str
+    drops_layers: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "edgefd": Method(row_filter=True, teacher_weights="equal"),
+    "knfu": Method(row_filter=False, teacher_weights="knfu"),
+    "edgefd+knfu": Method(row_filter=True, teacher_weights="knfu"),
+    "fedd2s": Method(row_filter=False, teacher_weights="equal", drops_layers=True),
+}
+check_registered("distill.method", METHODS, DISTILL_METHODS)
 
 
 def uses_filter(method: str) -> bool:
     """Whether distillation method `method` applies the EdgeFD row filter (`edgefd`, `edgefd+knfu`)."""
-    return method in ("edgefd", "edgefd+knfu")
+    return METHODS[method].row_filter
 
 
 def uses_knfu(method: str) -> bool:
     """Whether distillation method `method` weights teachers by KnFu similarity (`knfu`, `edgefd+knfu`)."""
-    return method in ("knfu", "edgefd+knfu")
+    return METHODS[method].teacher_weights == "knfu"
+
+
+def drops_layers(method: str) -> bool:
+    """Whether distillation method `method` stops distilling its deep layers as rounds go on (`fedd2s`)."""
+    return METHODS[method].drops_layers
 
 
 __all__ = [
@@ -41,6 +70,9 @@ __all__ = [
     "check_logits",
     "distill_steps",
     "distillation_loss",
+    "METHODS",
+    "Method",
+    "drops_layers",
     "dropped_layers",
     "layers",
     "edgefd_filter",

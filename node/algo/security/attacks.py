@@ -38,10 +38,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Protocol
 
 import torch
 
-from node.registry import ATTACKS
+from node.registry import ATTACKS, check_registered
 
 
 def flip_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -104,27 +105,62 @@ class Attack:
         f: int = 0,
         gen: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """The vector this attacker publishes (see the module docstring)."""
-        name = self.name
-        if name == "label_flip":
-            return trained.clone()
-        if name == "sign_flip":
-            return base - self.scale * (trained - base)
-        if name == "reverse":
-            return -trained
-        if name == "gaussian":
-            return trained + self.sigma * torch.randn(trained.shape, generator=gen)
-        if name == "free_ride":
-            if self.free_ride_mode == "stale":
-                return init.clone()
-            return torch.randn(init.shape, generator=gen) * init.std()
-        if name == "sybil":
-            return trained + self.jitter * trained.std() * torch.randn(trained.shape, generator=gen)
-        if not honest:  # alie / ipm before anything was seen: behave (and stay unsuspicious)
-            return trained.clone()
-        stack = torch.stack(list(honest))
-        mu = stack.mean(0)
-        if name == "alie":
-            z = self.z if self.z is not None else alie_z(max(n, len(honest) + f), f)
-            return mu - z * stack.std(0, unbiased=len(honest) > 1)
-        return base - self.epsilon * (mu - base)  # ipm
+        """The vector this attacker publishes (flat float32, the shape of `trained`; see the module docstring):
+        CRAFTERS[name] given this attack's knobs and the round's vectors."""
+        return CRAFTERS[self.name](self, Round(base, trained, init, tuple(honest), n, f, gen))
+
+
+@dataclass(frozen=True)
+class Round:
+    """What an attacker sees in one round (flat float32 vectors of one length; see the module docstring): `base`,
+    `trained`, `init`, `honest` (the honest vectors it can see), `n` nodes of which `f` byzantine (0: unknown) and
+    `gen`, the generator of its noise (None: torch's global one)."""
+
+    base: torch.Tensor
+    trained: torch.Tensor
+    init: torch.Tensor
+    honest: tuple[torch.Tensor, ...]
+    n: int
+    f: int
+    gen: torch.Generator | None
+
+
+class Crafter(Protocol):
+    """The attack extension point: (attack knobs, the round) -> the flat vector the attacker publishes. Register a
+    new attack's crafter in CRAFTERS under its name in node.registry.ATTACKS."""
+
+    def __call__(self, attack: Attack, seen: Round) -> torch.Tensor:
+        """The vector `attack` publishes, having seen `seen` (flat float32, the shape of `seen.trained`)."""
+
+
+def _free_ride(a: Attack, s: Round) -> torch.Tensor:
+    if a.free_ride_mode == "stale":
+        return s.init.clone()
+    return torch.randn(s.init.shape, generator=s.gen) * s.init.std()
+
+
+def _alie(a: Attack, s: Round) -> torch.Tensor:
+    if not s.honest:  # before anything was seen: behave (and stay unsuspicious)
+        return s.trained.clone()
+    stack = torch.stack(list(s.honest))
+    z = a.z if a.z is not None else alie_z(max(s.n, len(s.honest) + s.f), s.f)
+    return stack.mean(0) - z * stack.std(0, unbiased=len(s.honest) > 1)
+
+
+def _ipm(a: Attack, s: Round) -> torch.Tensor:
+    if not s.honest:  # before anything was seen: behave (and stay unsuspicious)
+        return s.trained.clone()
+    return s.base - a.epsilon * (torch.stack(list(s.honest)).mean(0) - s.base)
+
+
+CRAFTERS: dict[str, Crafter] = {
+    "label_flip": lambda a, s: s.trained.clone(),
+    "sign_flip": lambda a, s: s.base - a.scale * (s.trained - s.base),
+    "reverse": lambda a, s: -s.trained,
+    "gaussian": lambda a, s: s.trained + a.sigma * torch.randn(s.trained.shape, generator=s.gen),
+    "free_ride": _free_ride,
+    "sybil": lambda a, s: s.trained + a.jitter * s.trained.std() * torch.randn(s.trained.shape, generator=s.gen),
+    "alie": _alie,
+    "ipm": _ipm,
+}
+check_registered("attack", CRAFTERS, ATTACKS)

@@ -60,7 +60,7 @@ class DistillRounds(Rounds):
             weights = {j: 1.0 for j in teachers}
         targets, covered = distill.fused_targets(n_proxy, w.num_classes, teachers, weights, d.temperature)
         gen = torch.Generator().manual_seed(cfg.train.seed * 31 + r * 7 + cfg.node_index)
-        personal = distill.dropped_layers(w.model, r, d.drop_rate) if d.method == "fedd2s" else []
+        personal = distill.dropped_layers(w.model, r, d.drop_rate) if distill.drops_layers(d.method) else []
         frozen = [p for m in personal for p in m.parameters(recurse=False) if p.requires_grad]
         for p in frozen:  # no gradient: the momentum-free distillation SGD leaves them as they are
             p.requires_grad_(False)
