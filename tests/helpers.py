@@ -172,3 +172,21 @@ def self_signed_cert(tmp_path: Path) -> tuple[Path, Path]:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_file, key_file
+
+
+def cli(*args: str):
+    """Run `atoll ARGS` in this process (Typer's runner: no interpreter start-up); the result has exit_code, stdout
+    and stderr. For the commands' arguments and their errors; commands that start daemons run as processes."""
+    from typer.testing import CliRunner
+
+    from node.app.cli.app import app
+
+    return CliRunner().invoke(app, [*args])
+
+
+def assert_one_line_error(result, *words: str) -> None:
+    """A user's mistake: exit status 2 and one line on stderr, naming each of `words`, with no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.stdout[-500:], result.stderr[-500:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert all(w in lines[0] for w in words), (words, lines[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -62,12 +63,19 @@ def router_query(
     """Ask a router for images; prints which experts served each one."""
     import grpc
 
+    from node.algo.experts.ensemble import parse_strategy
     from node.net.experts.service import matrix_from_pb
     from p2pd.client import open_channel
     from p2pd.rpc import router_pb2 as rpb
     from p2pd.rpc import router_pb2_grpc as rpb_grpc
     from p2pd.server import TLSConfig
 
+    try:  # the form only: how many experts the router has, it checks itself
+        parse_strategy(strategy, 999)
+    except ValueError:
+        fail(f"--strategy must be top1, top2, ... or full, got {strategy!r}")
+    if router is not None and not re.fullmatch(r"\S+:[0-9]{1,5}", router):
+        fail(f"--router must be HOST:PORT, got {router!r}")
     address = router or _find_router(peers, swarm_name, wait)
     tls = TLSConfig(ca_file=tls_ca) if tls_ca else None
     if tls_ca is not None and not tls_ca.is_file():
