@@ -74,6 +74,7 @@ class PeerRecord(BaseModel):
     dht_maddrs: Annotated[tuple[Annotated[str, Field(max_length=256)], ...], Field(max_length=8)] = ()
     device: str = "cpu"
     samples_per_second: Annotated[float, Field(ge=0.0)] = 0.0
+    utilization: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # compute / wall time since its first round
     dataset_size: Annotated[int, Field(ge=0, lt=2**63)] = 0
     round: Annotated[int, Field(ge=0, lt=2**63)] = 0
     step: Annotated[int, Field(ge=0, lt=2**32)] = 0  # gossip step within the round

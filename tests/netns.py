@@ -20,27 +20,19 @@ import functools
 import ipaddress
 import os
 import re
-import signal
 import subprocess
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sysdeps import missing
 
+from node.app.testbed.namespaces import Namespaces, ip, must, netns_list, netns_pids  # noqa: F401
+
 ROUTER = "router"
-_STOP_WAIT_S = 10.0
 _open_prefixes: set[str] = set()
 
 
-def _ip(*args: str, timeout: float = 10) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def _must(cmd: list[str], timeout: float = 10) -> None:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {(r.stderr or r.stdout).strip()}")
+_ip, _must = ip, must
 
 
 @functools.cache
@@ -71,7 +63,7 @@ def unavailable() -> str | None:
     return None
 
 
-class Topology:
+class Topology(Namespaces):
     """The namespaces of one ``nat_topology``, and the processes started in them.
 
     ``hosts`` maps ``pub1``, ``pub2`` and ``priv`` to their addresses; ``router_public_ip`` is
@@ -79,51 +71,18 @@ class Topology:
     """
 
     def __init__(self, prefix: str, public: ipaddress.IPv4Network, private: ipaddress.IPv4Network):
-        self.prefix = prefix
+        super().__init__(prefix)
         self.public = public
         self.private = private
         self.router_public_ip = str(public[1])
         self.router_private_ip = str(private[1])
         self.hosts = {"pub1": str(public[11]), "pub2": str(public[12]), "priv": str(private[2])}
-        self._names = {h: f"{prefix}-{h}" for h in (ROUTER, *self.hosts)}
-        self._procs: list[subprocess.Popen] = []
-        self._created: list[str] = []
-        self._closed = False
-
-    def ns(self, name: str) -> str:
-        """The namespace name of host ``name`` (``pub1``, ``pub2``, ``priv`` or ``router``)."""
-        return self._names[name]
-
-    def _exec(self, host: str, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.ns(host), *argv]
-
-    def popen(self, host: str, argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
-        """Start ``argv`` inside ``host``'s namespace, in its own session; stopped when the topology closes."""
-        if self._closed:
-            raise RuntimeError("the topology is closed")
-        proc = subprocess.Popen(self._exec(host, argv), start_new_session=True, **popen_kwargs)
-        self._procs.append(proc)
-        return proc
-
-    def run(self, host: str, argv: Sequence[str], timeout: float = 10, **run_kwargs) -> subprocess.CompletedProcess:
-        """Run a short command inside ``host``'s namespace; output captured as text unless told otherwise."""
-        run_kwargs.setdefault("capture_output", True)
-        run_kwargs.setdefault("text", True)
-        return subprocess.run(self._exec(host, argv), timeout=timeout, **run_kwargs)
+        self._names = {h: self.ns(h) for h in (ROUTER, *self.hosts)}
 
     # building
 
     def _in(self, host: str, *argv: str) -> None:
-        _must(self._exec(host, argv))
-
-    def _add_ns(self, host: str) -> None:
-        name = self.ns(host)
-        # our full pid is in the name, so one that exists was left by a dead process with that pid
-        if name in netns_list():
-            _ip("netns", "del", name)
-        _must(["ip", "netns", "add", name])
-        self._created.append(name)
-        self._in(host, "ip", "link", "set", "lo", "up")
+        self.inside(host, *argv)
 
     def _veth(self, host: str, router_end: str, addr: str, prefixlen: int) -> None:
         """A veth from the router (end ``router_end``) to ``host`` (end ``eth0`` with ``addr``)."""
@@ -135,7 +94,7 @@ class Topology:
     def build(self) -> None:
         """Create the namespaces, links, addresses, routes and the MASQUERADE rule."""
         for host in self._names:
-            self._add_ns(host)
+            self.add(host)
         r = self.ns(ROUTER)
         # the public LAN: a bridge in the router, one veth per public host
         _must(["ip", "-n", r, "link", "add", "br0", "type", "bridge"])
@@ -157,71 +116,12 @@ class Topology:
         masquerade = ["-t", "nat", "-A", "POSTROUTING", "-s", str(self.private), "-o", "br0", "-j", "MASQUERADE"]
         self._in(ROUTER, "iptables", *masquerade)
 
-    # tearing down
-
-    def _stop_started(self) -> None:
-        """SIGTERM each started process group, wait up to 10 s in all, then SIGKILL what is left."""
-        running = [p for p in self._procs if p.poll() is None]
-        for p in running:
-            _killpg(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_WAIT_S
-        for p in running:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _killpg(p.pid, signal.SIGKILL)
-
-    def _kill_rest(self) -> None:
-        """SIGKILL whatever still runs in our namespaces (children that left our process groups)."""
-        for _ in range(50):
-            pids = [pid for name in self._created for pid in netns_pids(name)]
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
-
     def close(self) -> None:
         """Stop every process in the namespaces and delete them; safe to call again."""
-        if self._closed:
-            return
-        self._closed = True
         try:
-            self._stop_started()
-            self._kill_rest()
-            for p in self._procs:  # reap them (killed above); never block for long
-                try:
-                    p.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    pass
+            super().close()
         finally:
-            # deleting the router's namespace removes the bridge and every veth with it
-            for name in reversed(self._created):
-                _ip("netns", "del", name)
-            self._created.clear()
             _open_prefixes.discard(self.prefix)
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def netns_list() -> list[str]:
-    """The names of the machine's named network namespaces (``ip netns list``)."""
-    r = _ip("netns", "list")
-    return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
-
-
-def netns_pids(name: str) -> list[int]:
-    """The processes running in namespace ``name`` (``ip netns pids``); empty when it is gone."""
-    r = _ip("netns", "pids", name)
-    return [int(x) for x in r.stdout.split() if x.isdigit()] if r.returncode == 0 else []
 
 
 @contextmanager

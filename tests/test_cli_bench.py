@@ -219,3 +219,43 @@ def test_bench_compression_counts_fewer_bytes_and_states_the_targets(tmp_path):
     assert "digits-mlp: int8+ef at" in r.stdout and "top-k with error feedback at >= 10x" in r.stdout
     for name in ("results.json", "table.md", "compression.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_the_baselines_environments_have_what_the_worker_imports():
+    """Flower and torchft run atoll's Worker in environments of their own with torch and WORKER_PACKAGES only: a
+    NodeConfig (its multiaddr check) and a Worker must import and build there. Found in the field: multiaddr was
+    missing, and every Flower client failed at its config."""
+    from node.app.bench.venvs import WORKER_PACKAGES
+
+    allowed = {"torch", "yaml" if "pyyaml" in WORKER_PACKAGES else "", *WORKER_PACKAGES, "node", "p2pd"}
+    code = f"""
+import importlib.abc, sys
+allowed = {sorted(allowed)!r}
+ours = (sys.argv[2] + "/node/", sys.argv[2] + "/p2pd/")
+class Only(importlib.abc.MetaPathFinder):  # what atoll's own modules import (their dependencies pull the rest)
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top in sys.stdlib_module_names or top in allowed or top.startswith("_"):
+            return None
+        f = sys._getframe(1)
+        while f is not None and f.f_code.co_filename.startswith("<frozen"):
+            f = f.f_back
+        if f is None or not f.f_code.co_filename.startswith(ours):
+            return None
+        raise ImportError(f"{{name}} is not in the baselines' environments")
+sys.meta_path.insert(0, Only())
+import json
+from node.config import NodeConfig
+from node.protocol.worker import Worker
+cfg = NodeConfig.model_validate(json.loads(sys.argv[1]))  # as the baselines read it: every field written
+print(json.dumps({{"dataset_size": Worker(cfg).dataset_size}}))
+"""
+    from node.config import NodeConfig
+    from node.protocol.data.datasets import digits_file
+
+    cfg = NodeConfig.model_validate({"model": {"width": 16}, "data": {"path": str(digits_file())}})
+    argv = [sys.executable, "-c", code, json.dumps(cfg.model_dump(mode="json")), str(ROOT)]
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["dataset_size"] > 0

@@ -1,5 +1,7 @@
 """What an operator sees of a node: its metrics pass promtool, the status table, the cores a local swarm shares."""
 
+import re
+
 import torch
 from sysdeps import needs
 
@@ -42,6 +44,11 @@ def test_status_table_shows_reach_where_it_says_something():
     assert "reach" not in text([direct], 80) and "reach" in text([direct], 160)
     out = text([direct, hidden], 160)
     assert "reach" in out and "pushed via" in out and "direct" in out
+    busy = rec(utilization=0.873, samples_per_second=1234, round=1200, dataset_size=100000)
+    for width in (80, 100, 160):  # every column shown is whole: only the peer id is shortened, on purpose
+        out = text([busy, hidden], width)
+        assert "87%" in out and "1200" in out and "1234" in out and "samples/s" in out, out
+        assert not re.search(r"\S…", out), out  # a cell cut by the table ends in "…"; our shortenings start with it
 
 
 def test_swarm_up_shares_the_cores_among_its_nodes(tmp_path, monkeypatch):

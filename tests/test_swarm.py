@@ -159,6 +159,10 @@ def test_sparse_checkpoints_still_end_with_the_last_round(tmp_path):
         done = node.wait_event("done", timeout=90)
         state = json.loads((tmp_path / "n0" / "ckpt" / "state.json").read_text())
         assert state["round"] == done["round"] == 6
+        # where its time went: 6 rounds of 2 local steps, alone (no neighbour to wait for)
+        spent = done["compute_s"] + done["comm_s"] + done["idle_s"]
+        assert done["compute_s"] > 0 and done["idle_s"] > 0 and 0 < done["utilization"] <= 1
+        assert done["utilization"] == pytest.approx(done["compute_s"] / spent, abs=2e-3)
     finally:
         node.stop()
 

@@ -146,41 +146,35 @@ _REACH = {"direct": "direct", "relayed": "relay", "outbound_only": "pushed"}  # 
 
 
 def status_table(records, columns: int) -> Table:
-    """`atoll status`: one row per live record; trainers show their round and throughput,
+    """`atoll status`: one row per live record; trainers show their round, throughput and compute utilization,
     experts their cluster, routers their role only; `reach` (shown when the terminal is wide
     or some node is not directly reachable) is the path peers take to the node's snapshots:
     direct gRPC, a libp2p relay, or pushed through its carrier."""
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    wide = columns >= 120
+    wide = columns >= 160  # the whole peer id (52 characters) and the reach column fit
     reach = wide or any(r.reachability != "direct" for r in records)
-    cols = [
-        ("peer id", "left"),
-        ("gRPC", "left"),
-        ("metrics", "right"),
-        ("role", "left"),
-        ("round", "right"),
-        ("device", "left"),
-        ("samples/s", "right"),
-        ("data", "right"),
-    ]
-    if reach:
-        cols.insert(2, ("reach", "left"))
-    for name, justify in cols:
-        t.add_column(name, justify=justify, no_wrap=True)
+    narrow = columns < (120 if reach else 100)  # the metrics port and device give way, so what is shown is readable
+    cols = {
+        "peer id": ("left", lambda r: r.peer_id if wide else "…" + r.peer_id[-8:]),
+        "gRPC": ("left", lambda r: r.grpc_address),
+        "reach": (
+            "left",
+            lambda r: _REACH[r.reachability] + (f" via …{r.carrier[-6:]}" if r.carrier and not narrow else ""),
+        ),
+        "metrics": ("right", lambda r: str(r.metrics_port or "-")),
+        "role": ("left", lambda r: ",".join(r.roles) + (f" {r.cluster}" if r.cluster >= 0 else "")),
+        "round": ("right", lambda r: str(r.round) if "trainer" in r.roles else "-"),
+        "device": ("left", lambda r: r.device),
+        "samples/s": ("right", lambda r: f"{r.samples_per_second:.0f}" if "trainer" in r.roles else "-"),
+        "util": ("right", lambda r: f"{r.utilization:.0%}" if "trainer" in r.roles else "-"),
+        "data": ("right", lambda r: str(r.dataset_size)),
+    }
+    hidden = {"reach"} if not reach else set()
+    hidden |= {"metrics", "device"} if narrow else set()
+    hidden |= {"data"} if narrow and reach and columns < 100 else set()
+    shown = [c for c in cols if c not in hidden]
+    for name in shown:
+        t.add_column(name, justify=cols[name][0], no_wrap=True)
     for r in records:
-        trainer = "trainer" in r.roles
-        role = ",".join(r.roles) + (f" {r.cluster}" if r.cluster >= 0 else "")
-        row = [
-            r.peer_id if wide else "…" + r.peer_id[-8:],
-            r.grpc_address,
-            str(r.metrics_port or "-"),
-            role,
-            str(r.round) if trainer else "-",
-            r.device,
-            f"{r.samples_per_second:.0f}" if trainer else "-",
-            str(r.dataset_size),
-        ]
-        if reach:
-            row.insert(2, _REACH[r.reachability] + (f" via …{r.carrier[-6:]}" if r.carrier else ""))
-        t.add_row(*row)
+        t.add_row(*(cols[name][1](r) for name in shown))
     return t

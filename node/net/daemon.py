@@ -21,6 +21,7 @@ from node.net.peer import Peer
 from node.net.threads import set_threads
 from node.protocol import rehearsal
 from node.protocol.rounds import RoundResult
+from node.protocol.timing import TimeSplit
 from node.protocol.worker import Worker, pick_device
 from p2pd.discovery import DiscoveryError
 from p2pd.identity import Identity
@@ -81,6 +82,7 @@ class Node:
                 **self._paths(),
                 dataset_size=self.worker.dataset_size,
                 metrics={k: round(v, 6) for k, v in self.worker.metrics.items()},  # every metric of the task
+                **self.engine.time.as_event(),
             )
             self.on_event(summary)
             return summary
@@ -138,6 +140,7 @@ class Node:
             )
         )
         self._round_t0 = time.perf_counter()
+        self._counted = TimeSplit()  # what the time counters have been given so far
 
     def _after_round(self, r: int, res: RoundResult) -> None:
         """Round r-1 is done: check the key, evaluate, checkpoint, export, tell."""
@@ -154,6 +157,13 @@ class Node:
         m.loss.set(self.loss)
         m.accuracy.set(self.accuracy)
         m.samples_per_second.set(res.stats.samples_per_second)
+        spent = self.engine.time
+        m.compute_seconds.inc(spent.compute - self._counted.compute)
+        m.comm_seconds.inc(spent.comm - self._counted.comm)
+        m.idle_seconds.inc(spent.idle - self._counted.idle)
+        self._counted = TimeSplit(spent.compute, spent.comm, spent.idle)
+        m.utilization.set(spent.utilization)
+        self.discovery.update(utilization=round(spent.utilization, 4))  # for `atoll status`
         m.neighbours_mixed.set(len(res.mixed))
         for reason in res.discarded.values():
             m.updates_discarded.labels(reason=reason).inc()
@@ -173,6 +183,8 @@ class Node:
                 **self._paths(),
                 seconds=round(seconds, 3),
                 model_digest=pack(self.worker.state()).hexdigest,
+                round_time=res.time.as_event(),  # this round: compute and comm (its idle is counted before the next)
+                **spent.as_event(),  # since the first round
             )
         )
 

@@ -101,6 +101,19 @@ class NodeMetrics:
             buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=r,
         )
+        # where the node's time goes (node/protocol/timing.py); utilization = compute / (compute + comm + idle)
+        self.compute_seconds = Counter("atoll_compute_seconds", "Seconds of local training steps", registry=r)
+        self.comm_seconds = Counter(
+            "atoll_comm_seconds",
+            "Seconds of rounds spent not computing: publishing, waiting for and fetching snapshots, mixing",
+            registry=r,
+        )
+        self.idle_seconds = Counter(
+            "atoll_idle_seconds", "Seconds between rounds: evaluation, checkpoint hand-off, events", registry=r
+        )
+        self.utilization = Gauge(
+            "atoll_compute_utilization", "Local computation over wall time since the first round, 0 to 1", registry=r
+        )
         # the node's own registry would otherwise export no process metrics (memory, CPU, files)
         ProcessCollector(registry=r)
         self.updates_discarded = Counter(

@@ -11,11 +11,13 @@ MAX_ROLLBACKS in a row the engine raises `Diverged`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from node.protocol import rounds
 from node.protocol.rounds import RoundResult
 from node.protocol.rounds.final import finish
+from node.protocol.timing import TimeSplit
 from node.protocol.worker import MAX_ROLLBACKS, NonFinite
 
 log = logging.getLogger("atoll.engine")
@@ -24,13 +26,15 @@ log = logging.getLogger("atoll.engine")
 class Engine:
     """`cfg`: the node's NodeConfig; `worker`: its node.protocol.worker.Worker; `exchange`: a
     node.protocol.exchange.Exchange. `protocol` is the round protocol, where attack rehearsals install
-    their forger (node/protocol/rehearsal.py)."""
+    their forger (node/protocol/rehearsal.py); `time` is where this node's time went (node/protocol/timing.py),
+    and each round's RoundResult carries its own split (`time`)."""
 
     def __init__(self, cfg, worker, exchange):
         """`cfg`, `worker`, `exchange`: the node's config, Worker and Exchange; builds the round protocol `cfg.comm`
         names. Raises ValueError, from the gossip rounds, for a comm.schedule or codec setting out of range."""
         self.cfg, self.worker, self.exchange = cfg, worker, exchange
         self.protocol = rounds.build(cfg, worker, exchange)
+        self.time = TimeSplit()
 
     def run(
         self,
@@ -43,7 +47,10 @@ class Engine:
         all are done). Raises Diverged."""
         w, r = self.worker, start
         w.keep_good_state()
+        ended = None  # when the last round ended: what follows until the next one starts is idle
         while r < self.cfg.train.rounds and not self.exchange.stopping():
+            if ended is not None:
+                self.time.add_idle(time.perf_counter() - ended)
             try:
                 result = self.step(r)
             except NonFinite as e:
@@ -57,18 +64,28 @@ class Engine:
                     w.rollbacks_in_a_row,
                     MAX_ROLLBACKS,
                 )
+                ended = time.perf_counter()
                 continue
+            ended = time.perf_counter()
             if self.exchange.stopping():
                 break  # the round was cut short: it is redone after a restart
             r += 1
             w.keep_good_state()
             after_round(r, result)
+        if ended is not None:
+            self.time.add_idle(time.perf_counter() - ended)
         return r
 
     def step(self, r: int) -> RoundResult:
         """Round r of the protocol, checked: raises NonFinite when the model is not finite
         after it (nothing non-finite was published)."""
-        result = self.protocol.run(r)
+        t0 = time.perf_counter()
+        try:
+            result = self.protocol.run(r)
+        except NonFinite:
+            self.time.add_round(time.perf_counter() - t0, 0.0)  # the round's time, spent for nothing
+            raise
+        result.time = self.time.add_round(time.perf_counter() - t0, result.stats.seconds)
         if not self.worker.all_finite():
             raise NonFinite("model_after_mixing")
         return result

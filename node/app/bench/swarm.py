@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +32,6 @@ from p2pd.procs import kill_tree
 
 SYSTEMS = ("atoll", "flower")
 FLOWER_VERSION = "1.42.0"
-FLOWER_PACKAGES = ("numpy", "pydantic", "pyyaml", "blake3")  # what node.protocol.worker needs besides torch
 SAMPLE_SECONDS = 0.2
 _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -158,30 +155,11 @@ def run_atoll(swarm_cfg: SwarmConfig, workdir: Path, repeat: int, target: float)
 
 
 def flower_python(venv: Path, progress=print) -> Path:
-    """The Python of the Flower environment at `venv`, created on first use with flwr and the
-    torch atoll runs (pip takes it from the local wheel cache where there is one)."""
-    import torch
+    """The Python of the Flower environment at `venv`, created on first use with flwr FLOWER_VERSION and what
+    atoll's Worker needs (node/app/bench/venvs.py). Raises BenchError when it cannot be created."""
+    from node.app.bench.venvs import baseline_python, requirements
 
-    python = venv / "bin" / "python"
-    marker = venv / f"atoll-flwr-{FLOWER_VERSION}"
-    if marker.exists():
-        return python
-    progress(f"creating the Flower environment in {venv} (once; about a minute)")
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
-        torch_version = torch.__version__.split("+")[0]
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", f"flwr=={FLOWER_VERSION}", f"torch=={torch_version}"]
-            + list(FLOWER_PACKAGES),
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-    except subprocess.CalledProcessError as e:
-        tail = (e.stderr or e.stdout or "").strip().splitlines()[-3:]
-        raise BenchError(f"could not create the Flower environment in {venv}: {' / '.join(tail)}") from None
-    marker.touch()
-    return python
+    return baseline_python(venv, "flower", requirements(f"flwr=={FLOWER_VERSION}"), progress)
 
 
 def run_flower(swarm_cfg: SwarmConfig, workdir: Path, repeat: int, target: float, python: Path) -> Run:

@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from node.protocol.timing import TimeSplit
 from node.protocol.train import RoundStats
 from node.registry import ALGORITHMS, EXCHANGES, check_registered
 
@@ -31,13 +32,15 @@ log = logging.getLogger("atoll.merge")
 @dataclass
 class RoundResult:
     """What one round did: training statistics, the neighbours mixed with (sorted peer ids),
-    the members seen, and the updates a robust aggregator discarded (peer -> reason)."""
+    the members seen, the updates a robust aggregator discarded (peer -> reason), and where the round's time went
+    (`time`: set by the engine, node/protocol/timing.py)."""
 
     stats: RoundStats
     mixed: list[str] = field(default_factory=list)
     members: int = 0
     discarded: dict[str, str] = field(default_factory=dict)
     distill_loss: float | None = None
+    time: TimeSplit = field(default_factory=TimeSplit)
 
 
 @runtime_checkable
