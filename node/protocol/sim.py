@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node.algo.comm.links import Compute, Idle
 from node.config import SwarmConfig
 from node.protocol import rehearsal
 from node.protocol.engine import Engine
@@ -52,6 +53,7 @@ class SimResult:
     seconds: float = 0.0
     detection: dict | None = None  # the honest nodes' last trust flags against the truly malicious
     digests: dict[str, list[str]] = field(default_factory=dict)  # peer -> model digest after each round
+    traces: dict[str, list] = field(default_factory=dict)  # peer -> what it did (node/algo/comm/links.py), if asked
     refused: Counter = field(default_factory=Counter)  # fetches that delivered nothing, by reason
     diverged: list[str] = field(default_factory=list)  # nodes that stopped with Diverged (NaN/Inf)
 
@@ -60,7 +62,9 @@ class Simulation:
     """`swarm`: nodes and their configs; `faults`: node.protocol.exchange.memory.Faults; `ids`: the
     virtual peer ids (default n0000, n0001, ...; the graphs depend on their order);
     `eval_every`: rounds between test evaluations; `digests`: record every node's model
-    digest after every round. Raises ConfigError / DatasetMissing like a daemon would."""
+    digest after every round; `traces`: record what every node did (local steps, publishes, fetches with their
+    wire bytes, all-reduces, gaps between rounds) for the link model, which replays them on given links
+    (node/algo/comm/links.py: time, utilization). Raises ConfigError / DatasetMissing like a daemon would."""
 
     def __init__(
         self,
@@ -69,11 +73,13 @@ class Simulation:
         ids: list[str] | None = None,
         eval_every: int = 1,
         digests: bool = False,
+        traces: bool = False,
     ):
         """`swarm`: the SwarmConfig of every virtual node; `faults`: the fault plan, None for none; `ids`: one distinct
         peer id per node, None for n0000, n0001, ...; `eval_every`: evaluation period in rounds; `digests`: whether to
         record model digests. Builds every Worker and Engine now: raises ValueError when `ids` are not `swarm.nodes`
-        distinct ids, and ConfigError, TaskError or DatasetMissing as a Worker does."""
+        distinct ids, and ConfigError, TaskError or DatasetMissing as a Worker does. `traces`: whether to record
+        every node's operations (SimResult.traces)."""
         n = swarm.nodes
         self.ids = list(ids) if ids is not None else [f"n{i:04d}" for i in range(n)]
         if len(self.ids) != n or len(set(self.ids)) != n:
@@ -84,6 +90,10 @@ class Simulation:
         self.workers = [Worker(c) for c in self.cfgs]
         sizes, swarms = [w.dataset_size for w in self.workers], [c.net.swarm for c in self.cfgs]
         self.board = Board(self.ids, sizes, faults, self.cfgs[0].comm.fetch_timeout, swarms)
+        if traces:
+            self.board.traces = {p: [] for p in self.ids}
+            for me, w in zip(self.ids, self.workers):
+                _record_steps(w, lambda steps, me=me: self.board.record(me, Compute(steps)))
         self.engines = []
         for i, (c, w) in enumerate(zip(self.cfgs, self.workers)):
             engine = Engine(c, w, MemoryExchange(self.board, self.ids[i]))
@@ -124,6 +134,7 @@ class Simulation:
                 self.finished_at[r] = time.perf_counter() - t0
             if self.keep_digests:
                 self.digests[me].append(pack(self.workers[i].state()).hexdigest)
+            self.board.record(me, Idle())  # a daemon evaluates and checkpoints here
 
         try:
             engine.run(0, after_round)
@@ -163,6 +174,7 @@ class Simulation:
         res.final_metrics = [dict(self.workers[i].metrics) for i in done]
         res.diverged = sorted(self.diverged)
         res.digests = self.digests if self.keep_digests else {}
+        res.traces = self.board.traces or {}
         res.detection = self.detection()
         return res
 
@@ -181,3 +193,15 @@ class Simulation:
             flagged=tp + fp,
             malicious_pairs=tp + fn,
         )
+
+
+def _record_steps(worker: Worker, record) -> None:
+    """Make `worker.train` call `record(steps)` with the local steps each round took."""
+    train = worker.train
+
+    def recorded(r, stop=lambda: False):
+        stats = train(r, stop)
+        record(stats.steps)
+        return stats
+
+    worker.train = recorded

@@ -28,6 +28,7 @@ import torch
 
 from node.algo.aggregate import mean, variance_corrected_mean
 from node.algo.comm import seeded_rng
+from node.algo.comm.links import AllReduce, Fetch, Op, Publish
 from node.protocol.exchange import Accept, Member
 from p2pd.codecs import CodecError, Coded, decompress
 from p2pd.decoding import StreamDecoder
@@ -128,6 +129,13 @@ class Board:
         self._waiters: dict[str, list[threading.Event]] = {}  # peer -> events of fetches waiting on it
         self._floor = -(1 << 62)
         self._lost: dict[int, frozenset[str]] = {}
+        # what each node did, in order, for the link model (node/algo/comm/links.py); None: not recorded
+        self.traces: dict[str, list[Op]] | None = None
+
+    def record(self, peer: str, op: Op) -> None:
+        """Append `op` to `peer`'s trace when traces are recorded (only `peer`'s own thread calls this)."""
+        if self.traces is not None:
+            self.traces.setdefault(peer, []).append(op)
 
     @property
     def bytes_sent(self) -> int:
@@ -207,6 +215,7 @@ class MemoryExchange:
         """node.protocol.exchange.Exchange.publish (a copy is kept); raises Crashed if this node fails at the round."""
         self._alive(key.round)
         copy = {k: v if isinstance(v, Coded) else v.detach().clone() for k, v in tensors.items()}
+        self.board.record(self.me, Publish((key.kind, key.round, key.step)))
         with self.board.cond:
             self.board.snapshots[(self.me, key)] = copy
             self.board.progress[self.me] = (key.round, key.step)
@@ -222,9 +231,10 @@ class MemoryExchange:
 
     def fetch_many(self, peers: Sequence[str], key: SnapshotKey, accept: Accept) -> dict[str, Any]:
         """node.protocol.exchange.Exchange.fetch_many, in order; refusals are counted in Board.refused by reason."""
-        out = {}
+        out, moved = {}, []
         for peer in peers:
-            state, reason = self._wait_for(peer, key)
+            state, reason, size = self._wait_for(peer, key)
+            moved.append((peer, (key.kind, key.round, key.step), size))
             if state is not None:
                 try:
                     out[peer] = accept(state)
@@ -233,6 +243,7 @@ class MemoryExchange:
                     reason = e.reason
             with self.board.cond:
                 self.board.refused[reason] += 1
+        self.board.record(self.me, Fetch(tuple(moved)))
         return out
 
     def all_reduce(self, round_: int, state: dict[str, torch.Tensor], how: str):
@@ -260,7 +271,8 @@ class MemoryExchange:
                     b.sent[p] += share
                 b.by_round[round_] += share * n
             merged, joined = b.merged[key]
-            return {k: v.clone() for k, v in merged.items()}, list(joined)
+        b.record(self.me, AllReduce(key, tuple(joined), b.wire_bytes(SnapshotKey("model", round_), merged)))
+        return {k: v.clone() for k, v in merged.items()}, list(joined)
 
     def linger(self, round_: int) -> None:
         """Nothing to do: the board keeps what finished nodes published."""
@@ -274,13 +286,13 @@ class MemoryExchange:
         if self.board.faults.failed(self.me, round_):
             raise Crashed(f"{self.me} fails at round {round_}")
 
-    def _wait_for(self, peer: str, key: SnapshotKey) -> tuple[dict | None, str]:
-        """(the snapshot, "") or (None, why it will never arrive)."""
+    def _wait_for(self, peer: str, key: SnapshotKey) -> tuple[dict | None, str, int]:
+        """(the snapshot, "", wire bytes moved) or (None, why it will never arrive, wire bytes moved)."""
         b, at = self.board, (key.round, key.step)
         if b.faults.failed(peer, key.round):
-            return None, "unavailable"
+            return None, "unavailable", 0
         if b.lost(peer, key.round):
-            return None, "timeout"
+            return None, "timeout", 0
         deadline = time.monotonic() + SAFETY_SECONDS
         while True:
             with b.cond:
@@ -292,21 +304,21 @@ class MemoryExchange:
                     b.by_round[key.round] += size
                     break
                 if peer in b.done:
-                    return None, "unavailable"
+                    return None, "unavailable", 0
                 if b.progress.get(peer, (-1, -1)) > at:
-                    return None, "evicted"
+                    return None, "evicted", 0
                 event = b.wait_on(peer)
             if not event.wait(max(0.0, deadline - time.monotonic())):
-                return None, "timeout"
+                return None, "timeout", 0
         if (peer, key.round) in b.faults.corrupted:
-            return None, _corrupted(state, key)
+            return None, _corrupted(state, key), size
         try:
             state = decompress(state)  # what the daemon's decoder hands over
         except CodecError as e:
-            return None, e.reason
+            return None, e.reason, size
         if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in state.values()):
-            return None, "non_finite"  # what the daemon's decoder refuses
-        return state, ""
+            return None, "non_finite", size  # what the daemon's decoder refuses
+        return state, "", size
 
 
 def _corrupted(state: dict[str, torch.Tensor], key: SnapshotKey) -> str:
