@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,15 @@ class NodeRun:
     rounds: list[dict] = field(default_factory=list)
 
 
+Wrap = Callable[[int, list[str]], list[str]]  # (node index, argv) -> the argv that runs it where it belongs
+
+
 def _reader(run: NodeRun) -> None:
+    with run.proc.stdout:  # closed once the process closed its end
+        _read_events(run)
+
+
+def _read_events(run: NodeRun) -> None:
     for line in run.proc.stdout:
         line = line.strip()
         if line.startswith("{"):
@@ -65,15 +74,16 @@ def _reader(run: NodeRun) -> None:
 def spawn(command: list[str], index: int, log_path: Path, env: dict | None = None, model: str = "") -> NodeRun:
     """Start `command` in its own session (see kill_tree), stderr to `log_path`, with a thread queueing the JSON
     events it prints on stdout; returns its NodeRun."""
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=open(log_path, "wb"),
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=dict(env or os.environ, PYTHONUNBUFFERED="1"),
-        start_new_session=True,
-    )
+    with open(log_path, "wb") as log:  # the child keeps its own descriptor of the log
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=dict(env or os.environ, PYTHONUNBUFFERED="1"),
+            start_new_session=True,
+        )
     run = NodeRun(index, proc, log_path=log_path, model=model)
     threading.Thread(target=_reader, args=(run,), daemon=True).start()
     return run
@@ -84,12 +94,14 @@ def node_command(config_path: Path) -> list[str]:
     return [sys.executable, "-m", "node.app.cli", "node", "start", "--config", str(config_path), "--json-events"]
 
 
-def start_node(cfg: NodeConfig, workdir: Path) -> NodeRun:
+def start_node(cfg: NodeConfig, workdir: Path, wrap: Wrap | None = None) -> NodeRun:
     """Write `cfg` to workdir/node<i>.yaml and start that node in its own session (stderr to node<i>.log), with a
-    thread queueing its JSON events; returns its NodeRun."""
+    thread queueing its JSON events; returns its NodeRun. `wrap(i, argv)`: the command line that runs argv for node
+    i (e.g. inside a network namespace of a testbed), None to run it as it is."""
     path = workdir / f"node{cfg.node_index}.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return spawn(node_command(path), cfg.node_index, workdir / f"node{cfg.node_index}.log", model=model_name(cfg))
+    argv = node_command(path) if wrap is None else wrap(cfg.node_index, node_command(path))
+    return spawn(argv, cfg.node_index, workdir / f"node{cfg.node_index}.log", model=model_name(cfg))
 
 
 def node_configs(swarm_cfg: SwarmConfig, workdir: Path) -> list[NodeConfig]:
@@ -209,9 +221,14 @@ def centralized_baseline(base: NodeConfig) -> float:
 
 
 def run_swarm(
-    swarm_cfg: SwarmConfig, workdir: Path, on_update, stop: threading.Event | None = None, stop_grace: float = 60.0
+    swarm_cfg: SwarmConfig,
+    workdir: Path,
+    on_update,
+    stop: threading.Event | None = None,
+    stop_grace: float = 60.0,
+    wrap: Wrap | None = None,
 ) -> list[NodeRun]:
-    """Start the swarm, feed events to on_update(runs), wait for every node to finish.
+    """Start the swarm, feed events to on_update(runs), wait for every node to finish. `wrap`: see start_node.
 
     Once `stop` is set (Ctrl-C), every node gets SIGTERM (it finishes its step, checkpoints and
     leaves) and is waited for up to `stop_grace` seconds; the runs are returned as they got."""
@@ -221,13 +238,13 @@ def run_swarm(
     runs: list[NodeRun] = []
     deadline = time.monotonic() + swarm_cfg.timeout
     try:
-        runs.append(start_node(cfgs[0], workdir))
+        runs.append(start_node(cfgs[0], workdir, wrap))
         _wait_ready(runs[0], deadline, stop, "joinable")  # its DHT is up: the others can join through it
         for c in cfgs[1:]:
             if stop.is_set():
                 break
             c.net.initial_peers = runs[0].joinable["maddrs"]
-            runs.append(start_node(c, workdir))
+            runs.append(start_node(c, workdir, wrap))
         for r in runs:
             _wait_ready(r, deadline, stop)
         on_update(runs)

@@ -92,4 +92,8 @@ class Engine:
 
     def finish(self) -> int | None:
         """The end of training (node.protocol.rounds.final.finish): the final merge's group size, or None."""
-        return finish(self.cfg, self.worker, self.exchange, self.protocol)
+        t0 = time.perf_counter()
+        try:
+            return finish(self.cfg, self.worker, self.exchange, self.protocol)
+        finally:  # the last publication and the final merge: communication
+            self.time.comm += time.perf_counter() - t0

@@ -37,6 +37,8 @@ class Testbed(Namespaces):
     """Hosts h0..h(n-1) with the given links on one bridge (see the module docstring); `addresses[i]` is host i's
     IPv4 address. Build with `Testbed.start(links, tag)`; `close()` stops everything and removes the namespaces."""
 
+    __test__ = False  # not a test class, whatever its name
+
     def __init__(self, links: Sequence[HostLink], tag: str = "tb"):
         """`links`: one HostLink per host (1 to 200 hosts); `tag`: letters and digits (up to 8) that tell testbeds
         of one process apart. Raises ValueError for a bad tag or host count. Nothing is created before `build`."""
