@@ -4,7 +4,7 @@ their source to publish, and all-reduces wait for their group; the same traces a
 import numpy as np
 import pytest
 
-from node.algo.comm.links import AllReduce, Compute, Fetch, Idle, Publish, max_min_rates, replay
+from node.algo.comm.links import AllReduce, Compute, Fetch, Idle, Linger, Publish, max_min_rates, replay
 
 MB = 1e6
 K = ("model", 0, 0)
@@ -60,3 +60,16 @@ def test_a_trace_that_cannot_complete_is_refused():
         replay(traces, {"a": MB, "b": MB}, {"a": MB, "b": MB}, {"a": 1.0, "b": 1.0})
     with pytest.raises(ValueError, match="positive"):
         replay(traces, {"a": 0, "b": MB}, {"a": MB, "b": MB}, {"a": 1.0, "b": 1.0})
+
+
+def test_a_finished_node_lingers_until_the_others_published_their_last_snapshot():
+    last = ("model", 1, 0)
+    traces = {
+        "fast": [Publish(K), Fetch((("slow", K, 1 * MB),)), Publish(last), Linger(last)],
+        "slow": [Publish(K), Fetch((("fast", K, 1 * MB),)), Publish(last), Linger(last)],
+    }
+    up, down = {"fast": 10 * MB, "slow": 0.5 * MB}, {"fast": 10 * MB, "slow": 10 * MB}
+    spent = replay(traces, up, down, {"fast": 1.0, "slow": 1.0})
+    # slow got fast's snapshot in 0.1 s, but serves its own through 0.5 MB/s: it lingers until fast has it (2 s)
+    assert spent["slow"].end == pytest.approx(2.0) and spent["fast"].end == pytest.approx(2.0)
+    assert spent["slow"].comm == pytest.approx(2.0)

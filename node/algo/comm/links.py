@@ -8,7 +8,9 @@ Each node's run is a sequence of operations (a trace, recorded by the simulator'
 - `Fetch(items)`: the node fetches every (source, key, bytes) at once and waits for all of them; a transfer starts
   when both ends are there (the source may publish later);
 - `AllReduce(tag, group, nbytes)`: a barrier of `group`, then a ring all-reduce of `nbytes` per member, which
-  moves 2 (n - 1) / n of them through every member's uplink and downlink.
+  moves 2 (n - 1) / n of them through every member's uplink and downlink;
+- `Linger(key)`: after its last round, the node keeps serving until every other node that publishes `key` has
+  (a daemon lingers so that slower neighbours can still fetch its last snapshot).
 
 Every node has an uplink and a downlink (bytes per second). Transfers at the same time share the links they cross
 with max-min fairness (progressive filling, as TCP flows roughly share a bottleneck): a transfer runs at the rate
@@ -65,7 +67,14 @@ class AllReduce:
     nbytes: int
 
 
-Op = Compute | Idle | Publish | Fetch | AllReduce
+@dataclass(frozen=True)
+class Linger:
+    """The node waits until every other node that publishes `key` has."""
+
+    key: tuple
+
+
+Op = Compute | Idle | Publish | Fetch | AllReduce | Linger
 
 
 @dataclass
@@ -119,6 +128,7 @@ class _Node:
     until: float | None = None  # a timer (compute, idle or all-reduce transfer) ends then
     waiting: set = field(default_factory=set)  # transfers it waits for
     barrier: tuple | None = None  # the all-reduce it waits in
+    lingers: tuple | None = None  # the key every other publisher must have published
     since: float = 0.0  # when its current wait began
     spent: Spent = field(default_factory=Spent)
     done: bool = False
@@ -151,6 +161,12 @@ def replay(
     flows: dict[int, list] = {}  # id -> [src index, dst index, bytes left, owner's peer id]: the active transfers
     pending_flows: dict[int, list] = {}
     arrived: dict[tuple, dict[str, float]] = {}
+    publishers: dict[tuple, set[str]] = {}  # key -> the nodes whose traces publish it
+    for p in ids:
+        for op in traces[p]:
+            if isinstance(op, Publish):
+                publishers.setdefault(op.key, set()).add(p)
+    lingering: list[str] = []
     next_flow, now, dirty, rates = 0, 0.0, True, {}
 
     def run(p: str) -> None:  # a ready node does its operations until one makes it wait
@@ -168,6 +184,10 @@ def replay(
                 if seconds > 0:
                     node.until = now + seconds
                     return
+            elif isinstance(op, Linger):
+                node.lingers, node.since = op.key, now
+                lingering.append(p)
+                return
             elif isinstance(op, Publish):
                 published[(p, op.key)] = now
                 for fid in pending.pop((p, op.key), []):
@@ -209,6 +229,15 @@ def replay(
         for p in ready:
             run(p)
         ready = []
+        for p in list(lingering):  # a lingering node goes on once every other publisher of its key has published
+            node = nodes[p]
+            if all((q, node.lingers) in published for q in publishers.get(node.lingers, ()) if q != p):
+                lingering.remove(p)
+                node.spent.comm += now - node.since
+                node.lingers = None
+                ready.append(p)
+        if ready:
+            continue
         if all(n.done for n in nodes.values()):
             return {p: nodes[p].spent for p in ids}
         if dirty:

@@ -11,7 +11,8 @@ model, init, partition, sampler, optimizer and step-size schedule are atoll's. F
 FedAvg (McMahan et al. 2017) is used as users run it: every client trains every round and the
 server averages weighted by examples. A client evaluates the global model it receives, so the
 accuracy of round r is known when round r+1's fit arrives; one extra round (no training) delivers
-the last model. Clients print atoll's JSON events: `round` (round, accuracy, bytes) and `done`.
+the last model. Clients print atoll's JSON events: `round` (round, the task's metric as `score`, bytes, and
+where the client's time went since its first fit: compute_s, comm_s, idle_s, utilization) and `done`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 
 
@@ -41,6 +43,26 @@ def client(address: str, config_path: str, threads: int) -> None:
     worker = Worker(cfg)
     rounds = cfg.train.rounds
     moved = {"received": 0, "sent": 0}
+    # where the client's time goes since its first fit, as atoll's events (node/protocol/timing.py): local
+    # training, evaluation (idle), and the rest (waiting for the server, sending and receiving: communication)
+    spent = {"compute": 0.0, "idle": 0.0, "start": None}
+    metric = worker.metric
+
+    def split() -> dict:
+        wall = time.perf_counter() - spent["start"] if spent["start"] is not None else 0.0
+        comm = max(0.0, wall - spent["compute"] - spent["idle"])
+        return dict(
+            compute_s=round(spent["compute"], 4),
+            comm_s=round(comm, 4),
+            idle_s=round(spent["idle"], 4),
+            utilization=round(spent["compute"] / wall, 4) if wall > 0 else 0.0,
+        )
+
+    def score() -> dict:
+        t = time.perf_counter()
+        v = round(worker.evaluate(), 5)
+        spent["idle"] += time.perf_counter() - t
+        return {"metric": metric, "score": v, **({"accuracy": v} if metric == "accuracy" else {})}
 
     def arrays() -> list[np.ndarray]:
         return [t.detach().cpu().numpy() for t in worker.state().values()]
@@ -53,18 +75,21 @@ def client(address: str, config_path: str, threads: int) -> None:
 
         def fit(self, parameters, config):
             r = int(config["round"])  # Flower counts from 1; round r trains atoll's round r-1
+            if spent["start"] is None:
+                spent["start"] = time.perf_counter()
             moved["received"] += sum(p.nbytes for p in parameters)
             worker.load({k: torch.from_numpy(np.asarray(p)) for k, p in zip(worker.state(), parameters)})
             if r > 1:  # the global model of round r-1
                 _emit(
                     event="round",
                     round=r - 1,
-                    accuracy=round(worker.evaluate(), 5),
+                    **score(),
                     sent_bytes=moved["sent"],
                     received_bytes=moved["received"],
+                    **split(),
                 )
             if r <= rounds:
-                worker.train(r - 1)
+                spent["compute"] += worker.train(r - 1).seconds
             out = arrays()
             moved["sent"] += sum(a.nbytes for a in out)
             return out, worker.dataset_size, {}
@@ -78,9 +103,10 @@ def client(address: str, config_path: str, threads: int) -> None:
     _emit(
         event="done",
         round=rounds,
-        accuracy=round(worker.evaluate(), 5),
+        **score(),
         sent_bytes=moved["sent"],
         received_bytes=moved["received"],
+        **split(),
     )
 
 

@@ -19,10 +19,11 @@ parameters, averaged over the quorum) and applies it with the outer optimizer, N
 trainable parameters are cut into F contiguous fragments of about equal size, one synced
 every H / F inner steps, its all-reduce started `--sync-delay` steps before it is applied.
 
-The replica prints atoll's JSON events on stdout: `round` after every outer step (round,
-the worker's metric every `--eval-every` rounds and on the last, else null; the mean inner loss;
-`compute_s`, the round's seconds outside DiLoCo's sync; `comm_s`, the seconds inside it: quorum,
-all-reduce, outer step; `sent_bytes` and `received_bytes`, cumulative) and `done` (the final
+The replica prints atoll's JSON events on stdout: `round` after every outer step (rounds done,
+the worker's metric every `--eval-every` rounds and on the last, else null, under its name and as
+`score`; the mean inner loss; since the start, as atoll's events: `compute_s`, seconds outside
+DiLoCo's sync, `comm_s`, seconds inside it (quorum, all-reduce, outer step), `idle_s`, evaluation,
+and `utilization`; `sent_bytes` and `received_bytes`, cumulative) and `done` (the final
 figures and `digest`, sha256 of the trainable parameters as float32 bytes in name order: equal on
 every replica with one fragment; with several, the fragments synced before the last have taken local
 steps since). gloo counts no bytes, so they are COMPUTED, not measured: a
@@ -227,6 +228,21 @@ def replica(a: argparse.Namespace) -> None:
         return dict(sent_bytes=round(moved["sent"]), received_bytes=round(moved["received"]))
 
     metric, value, walls = worker.metric, None, []
+    spent = {"compute": 0.0, "comm": 0.0, "idle": 0.0}  # cumulative, as atoll's events (node/protocol/timing.py)
+
+    def split() -> dict:
+        wall = sum(spent.values())
+        return dict(
+            compute_s=round(spent["compute"], 4),
+            comm_s=round(spent["comm"], 4),
+            idle_s=round(spent["idle"], 4),
+            utilization=round(spent["compute"] / wall, 4) if wall > 0 else 0.0,
+        )
+
+    def score(v) -> dict:  # the metric under its own name and as atoll's `score`
+        v = None if v is None else round(v, 5)
+        return {metric: v, "metric": metric, "score": v}
+
     t_start = time.perf_counter()
     try:
         with diloco:
@@ -236,22 +252,19 @@ def replica(a: argparse.Namespace) -> None:
                 wall = time.perf_counter() - t0
                 walls.append(wall)
                 comm = moved["comm_s"] - comm0
+                spent["compute"] += wall - comm
+                spent["comm"] += comm
                 last = r == rounds - 1
+                t1 = time.perf_counter()
                 value = worker.evaluate() if last or (r + 1) % a.eval_every == 0 else None
-                _emit(
-                    event="round",
-                    round=r,
-                    **{metric: None if value is None else round(value, 5)},
-                    loss=round(stats.loss, 5),
-                    compute_s=round(wall - comm, 4),
-                    comm_s=round(comm, 4),
-                    **figures(),
-                )
+                spent["idle"] += time.perf_counter() - t1
+                _emit(event="round", round=r + 1, **score(value), loss=round(stats.loss, 5), **split(), **figures())
         _emit(
             event="done",
             round=rounds,
-            **{metric: None if value is None else round(value, 5)},
+            **score(value),
             **figures(),
+            **split(),
             syncs=moved["syncs"],
             commits=moved["commits"],
             median_round_s=round(statistics.median(walls), 4) if walls else None,

@@ -28,7 +28,7 @@ import torch
 
 from node.algo.aggregate import mean, variance_corrected_mean
 from node.algo.comm import seeded_rng
-from node.algo.comm.links import AllReduce, Fetch, Op, Publish
+from node.algo.comm.links import AllReduce, Fetch, Linger, Op, Publish
 from node.protocol.exchange import Accept, Member
 from p2pd.codecs import CodecError, Coded, decompress
 from p2pd.decoding import StreamDecoder
@@ -275,7 +275,9 @@ class MemoryExchange:
         return {k: v.clone() for k, v in merged.items()}, list(joined)
 
     def linger(self, round_: int) -> None:
-        """Nothing to do: the board keeps what finished nodes published."""
+        """Nothing to wait for: the board keeps what finished nodes published (the trace notes that a daemon
+        would serve until every live peer published round `round_`)."""
+        self.board.record(self.me, Linger(("model", round_, 0)))
 
     def stopping(self) -> bool:
         """Whether the simulation is being stopped (a virtual node failed with an error)."""
