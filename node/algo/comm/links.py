@@ -80,12 +80,14 @@ Op = Compute | Idle | Publish | Fetch | AllReduce | Linger
 @dataclass
 class Spent:
     """Where one node's virtual time went, in seconds: `compute`, `comm` (waiting for transfers and all-reduces),
-    `idle`, and `end`, when its last operation finished."""
+    `idle`, `end`, when its last operation finished, and `round_ends`, when each of its rounds ended (the start
+    of each gap between rounds)."""
 
     compute: float = 0.0
     comm: float = 0.0
     idle: float = 0.0
     end: float = 0.0
+    round_ends: list[float] = field(default_factory=list)
 
     @property
     def utilization(self) -> float:
@@ -181,6 +183,7 @@ def replay(
                     node.spent.compute += seconds
                 else:
                     node.spent.idle += seconds
+                    node.spent.round_ends.append(now)
                 if seconds > 0:
                     node.until = now + seconds
                     return

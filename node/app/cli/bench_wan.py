@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from node.app.cli.bench import bench_app, report
-from node.app.cli.common import SET_HELP, fail, names_or_fail
+from node.app.cli.common import SET_HELP, fail, int_list, names_or_fail
 
 SYSTEMS = ("atoll", "flower", "torchft")
 METHODS = ("gossip", "late_merge", "choco_int8", "choco_topk")
@@ -70,5 +70,49 @@ def bench_wan(
     except (BenchError, RuntimeError, TimeoutError, ValueError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     typer.echo(wan_report.table(rep))
-    meta = {"profile": profile, "repeats": repeats, "nodes": cfg.nodes, "config": str(config)}
+    from node.app.testbed.testbed import netem_missing
+
+    no_netem = netem_missing()
+    latency = f"none added: {no_netem}" if no_netem else "none added (netem is available; profiles set rates only)"
+    meta = {"profile": profile, "repeats": repeats, "nodes": cfg.nodes, "config": str(config), "latency": latency}
     report(out, meta, lambda out, meta: wan_report.write_outputs(rep, out, meta))
+
+
+@bench_app.command("predict")
+def bench_predict(
+    config: Path = typer.Option(Path("examples/swarm4.yaml"), "--config", "-c", help="Swarm YAML of the workload."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every node."),
+    nodes: str = typer.Option("64,256,1024", help="Swarm sizes, comma-separated."),
+    profile: str = typer.Option("mixed7", help="Link profile, its host classes repeated to each size."),
+    step_seconds: float | None = typer.Option(
+        None, min=1e-6, help="Seconds per local step (default: measured here for the workload, one thread)."
+    ),
+    idle_seconds: float = typer.Option(0.0, min=0.0, help="Seconds between rounds (evaluation, checkpoints)."),
+    target: float = typer.Option(0.9, min=0.0, max=1.0, help="Accuracy every node must reach."),
+    out: Path | None = typer.Option(None, help="Write results.json and table.md here."),
+) -> None:
+    """Predicted wall time, compute utilization and time to a target accuracy for large swarms on heterogeneous
+    links: the simulator runs the swarm and the link model replays what every node did on the profile's links."""
+    from node.app.bench import predict as bench
+    from node.app.testbed.profiles import PROFILES
+    from node.config import ConfigError, load_swarm_config, parse_override
+
+    if profile not in PROFILES:
+        fail(f"--profile: unknown {profile!r}; known: {', '.join(PROFILES)}")
+    sizes = int_list(nodes, "--nodes", 2, 4096)
+    try:
+        cfg = load_swarm_config(config, dict(parse_override(s) for s in set_))
+    except ConfigError as e:
+        fail(str(e))
+    if cfg.node.task is not None:
+        fail("bench predict takes the built-in image tasks (its target is an accuracy): remove task from the config")
+    step = step_seconds or bench.measured_step_seconds(cfg)
+    typer.echo(f"bench predict: sizes {sizes} on {profile}, {step * 1000:.1f} ms per local step", err=True)
+    rows = []
+    for n in sizes:
+        rows.append(bench.predict(cfg, n, profile, step, idle_seconds, target))
+        typer.echo(f"  {n} nodes: simulated in {rows[-1].simulated_in_s:.0f} s", err=True)
+    text = bench.table(rows, profile, step, target)
+    typer.echo(text)
+    meta = {"profile": profile, "step_seconds": step, "idle_seconds": idle_seconds, "target": target}
+    report(out, meta, lambda out, meta: bench.write_outputs(rows, out, meta, text))

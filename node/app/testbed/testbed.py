@@ -26,6 +26,24 @@ SUBNET = "198.18.0"  # RFC 2544 benchmarking range; hosts are .10 onwards
 TBF_LATENCY_MS = 200  # how long a packet may queue in a bucket before it is dropped
 
 
+def netem_missing() -> str | None:
+    """Why links cannot be given latency here (`tc ... netem` refused in a probe namespace), or None when they
+    can. The kernels these benchmarks ran on have no netem: their links have rates only, and results say so."""
+    probe = f"atnetem{os.getpid()}"
+    try:
+        if subprocess.run(["ip", "netns", "add", probe], capture_output=True, timeout=10).returncode != 0:
+            return "network namespaces are refused"
+        r = subprocess.run(
+            ["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        return None if r.returncode == 0 else f"tc netem is refused: {(r.stderr or r.stdout).strip()[:200]}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"tc netem cannot be probed: {e}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
+
+
 def tbf(rate_mbit: float) -> list[str]:
     """The `tc` arguments of a token bucket at `rate_mbit` Mbit/s: a burst of at least 64 KiB (a whole TSO segment,
     or the bucket would drop it) and a queue of TBF_LATENCY_MS."""

@@ -1,0 +1,35 @@
+"""`atoll bench wan` and `atoll bench predict`: bad input is one line before anything is built, and predict
+writes a table whose times come from the link model (the testbed itself: tests/test_testbed.py)."""
+
+import json
+
+import pytest
+from helpers import assert_one_line_error, cli
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["wan", "--profile", "dialup"], ["--profile", "home3"]),
+        (["wan", "--methods", "gossip,carrier_pigeon"], ["--methods", "carrier_pigeon"]),
+        (["wan", "--systems", "atoll,spark"], ["--systems", "spark"]),
+        (["wan", "--config", "/nonexistent.yaml"], ["/nonexistent.yaml"]),
+        (["predict", "--profile", "dialup"], ["--profile"]),
+        (["predict", "--nodes", "1"], ["--nodes"]),
+        (["predict", "--config", "examples/kjv4.yaml"], ["image tasks"]),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, words):
+    assert_one_line_error(cli("bench", *args), *words)
+
+
+def test_predict_times_a_swarm_on_the_profile_links(tmp_path):
+    args = ["--nodes", "4,8", "--set", "train.rounds=3", "--set", "model.width=32", "--step-seconds", "0.01"]
+    r = cli("bench", "predict", *args, "--profile", "mixed7", "--target", "0.2", "--out", str(tmp_path))
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [row["nodes"] for row in rows] == [4, 8]
+    for row in rows:  # 3 rounds of 5 steps at 10 ms: 0.15 s of compute, plus transfers on 5-100 Mbit/s links
+        assert row["wall_max_s"] >= row["wall_median_s"] > 0.15 and 0 < row["utilization"] < 1
+        assert row["mb_per_node"] > 0 and row["to_target_s"] is not None
+    assert "| 8 |" in r.stdout and (tmp_path / "table.md").is_file()
