@@ -184,9 +184,11 @@ def cli(*args: str):
     return CliRunner().invoke(app, [*args])
 
 
-def assert_one_line_error(result, *words: str) -> None:
-    """A user's mistake: exit status 2 and one line on stderr, naming each of `words`, with no traceback."""
+def assert_one_line_error(result, *words: str, after_progress: bool = False) -> None:
+    """A user's mistake: exit status 2 and one line on stderr, naming each of `words`, with no traceback (with
+    `after_progress`, progress lines may come before it: the error is the last line)."""
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2, (result.exit_code, result.stdout[-500:], result.stderr[-500:])
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
-    assert all(w in lines[0] for w in words), (words, lines[0])
+    assert lines and (len(lines) == 1 or after_progress), result.stderr
+    assert lines[-1].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert all(w in lines[-1] for w in words), (words, lines[-1])

@@ -23,6 +23,12 @@ def test_bad_input_is_one_clear_line(args, words):
     assert_one_line_error(cli("bench", *args), *words)
 
 
+def test_a_swarm_the_data_cannot_be_split_for_is_one_clear_line_after_the_progress():
+    """Found running it: digits cannot give 64 nodes 10 samples each under Dirichlet 0.5; that was a traceback."""
+    r = cli("bench", "predict", "--nodes", "64", "--set", "train.rounds=1", "--step-seconds", "0.01")
+    assert_one_line_error(r, "could not give", after_progress=True)
+
+
 def test_predict_times_a_swarm_on_the_profile_links(tmp_path):
     args = ["--nodes", "4,8", "--set", "train.rounds=3", "--set", "model.width=32", "--step-seconds", "0.01"]
     r = cli("bench", "predict", *args, "--profile", "mixed7", "--target", "0.2", "--out", str(tmp_path))

@@ -106,12 +106,18 @@ def bench_predict(
         fail(str(e))
     if cfg.node.task is not None:
         fail("bench predict takes the built-in image tasks (its target is an accuracy): remove task from the config")
-    step = step_seconds or bench.measured_step_seconds(cfg)
-    typer.echo(f"bench predict: sizes {sizes} on {profile}, {step * 1000:.1f} ms per local step", err=True)
+    from node.protocol.data import DatasetMissing
+    from node.task import TaskError
+
     rows = []
-    for n in sizes:
-        rows.append(bench.predict(cfg, n, profile, step, idle_seconds, target))
-        typer.echo(f"  {n} nodes: simulated in {rows[-1].simulated_in_s:.0f} s", err=True)
+    try:
+        step = step_seconds or bench.measured_step_seconds(cfg)
+        typer.echo(f"bench predict: sizes {sizes} on {profile}, {step * 1000:.1f} ms per local step", err=True)
+        for n in sizes:
+            rows.append(bench.predict(cfg, n, profile, step, idle_seconds, target))
+            typer.echo(f"  {n} nodes: simulated in {rows[-1].simulated_in_s:.0f} s", err=True)
+    except (ConfigError, TaskError, DatasetMissing, ValueError) as e:  # e.g. too few samples for that many nodes
+        fail(str(e).splitlines()[0])
     text = bench.table(rows, profile, step, target)
     typer.echo(text)
     meta = {"profile": profile, "step_seconds": step, "idle_seconds": idle_seconds, "target": target}
