@@ -15,7 +15,7 @@ AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "clipped", "sybilwall",
 ATTACKS = ("label_flip", "sign_flip", "gaussian", "alie", "ipm", "free_ride", "sybil", "reverse")
 ATTACK_PARAMS = ("scale", "sigma", "epsilon", "z", "free_ride_mode", "jitter", "data_of")
 EXCHANGES = ("model", "logits", "ranks")
-ALGORITHMS = ("gossip", "modest")
+ALGORITHMS = ("gossip", "modest", "diloco")
 DISTILL_METHODS = ("edgefd", "knfu", "edgefd+knfu", "fedd2s")
 
 

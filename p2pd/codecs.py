@@ -15,6 +15,11 @@ decoded dtype and shape, and a flat uint8 payload (little-endian):
   indices (ascending, unique) then their values in fp16 (clamped as above); count x 6 bytes.
   The others decode as 0, which is why top-k is meant for differences with error feedback
   (CHOCO-SGD), where the fp16 rounding of the values is fed back too.
+- ``topk2bit``: top-k per chunk with 2-bit values, as SparseLoCo compresses pseudo-gradients: the flat tensor in
+  chunks of ``block`` values (at most 65536); in each, the ``count`` entries of largest magnitude (all of a
+  shorter last chunk's, if it has fewer) as uint16 offsets within the chunk (ascending), and their values as 2-bit
+  codes of the uniform levels {-s, -s/3, s/3, s}, s the chunk's largest kept magnitude (float32). Bytes: nchunks x
+  4 + kept x 2 + ceil(kept / 4). Meant for differences with error feedback, which sends the rounding later.
 
 The size rule (`Codec.applies`): integer tensors, tensors under ``min_elements`` values (biases,
 norm weights) and normalisation statistics (``running_mean``/``running_var``) are sent raw.
@@ -36,10 +41,11 @@ import torch
 
 from p2pd.errors import ReasonedError
 
-CODECS = ("fp16", "bf16", "int8", "topk")
+CODECS = ("fp16", "bf16", "int8", "topk", "topk2bit")
 CODED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _FP16_MAX = 65504.0
 MIN_BLOCK, MAX_BLOCK = 16, 1 << 20
+MAX_CHUNK = 1 << 16  # topk2bit: offsets within a chunk are uint16
 
 
 class CodecError(ReasonedError, ValueError):
@@ -50,7 +56,8 @@ class CodecError(ReasonedError, ValueError):
 class Coded:
     """One tensor as it travels under a codec: `codec` (one of CODECS), `dtype` (the decoded
     tensor's dtype name, a key of CODED_DTYPES), `shape` (decoded), `payload` (uint8 (nbytes,),
-    CPU), `block` (int8: values per scale) and `count` (topk: values kept)."""
+    CPU), `block` (int8: values per scale; topk2bit: values per chunk) and `count` (topk: values kept; topk2bit:
+    values kept per chunk)."""
 
     codec: str
     dtype: str
@@ -75,8 +82,9 @@ def payload_bytes(codec: str, numel: int, block: int = 0, count: int = 0) -> int
 
 @dataclass(frozen=True)
 class Codec:
-    """What a node sends: `name` none or one of CODECS, `ratio` (topk: the share of values
-    kept, in (0, 1]), `block` (int8: values per scale), `min_elements` (smaller tensors go raw).
+    """What a node sends: `name` none or one of CODECS, `ratio` (topk, topk2bit: the share of values
+    kept, in (0, 1]), `block` (int8: values per scale; topk2bit: values per chunk, at most 65536), `min_elements`
+    (smaller tensors go raw).
     Raises ValueError for values out of range."""
 
     name: str = "none"
@@ -254,11 +262,87 @@ class _TopK:
         return x
 
 
+class _TopK2Bit:
+    """Top-k per chunk with 2-bit values (see the module docstring): chunk scales (float32), then the kept values'
+    uint16 offsets within their chunks, then their 2-bit codes, four to a byte (first value in the low bits)."""
+
+    @staticmethod
+    def kept(numel: int, block: int, count: int) -> tuple[int, int]:
+        """(chunks, values kept) of `numel` values in chunks of `block`, `count` kept per chunk."""
+        nchunks = math.ceil(numel / block)
+        last = numel - (nchunks - 1) * block
+        return nchunks, (nchunks - 1) * count + min(count, last)
+
+    def payload_bytes(self, numel: int, block: int, count: int) -> int:
+        """4 bytes a chunk, 2 a value kept and a quarter byte for its code."""
+        if not MIN_BLOCK <= block <= min(MAX_CHUNK, max(MIN_BLOCK, numel)) or not 0 < count <= block:
+            raise CodecError("bad_codec", f"topk2bit keeps {count} of chunks of {block} ({numel} values)")
+        nchunks, kept = self.kept(numel, block, count)
+        return 4 * nchunks + 2 * kept + math.ceil(kept / 4)
+
+    def encode(self, x: torch.Tensor, codec: Codec) -> tuple[torch.Tensor, int, int]:
+        """Per chunk, the ceil(ratio x block) largest in magnitude, each rounded to the nearest of four levels."""
+        block = min(codec.block, MAX_CHUNK, max(MIN_BLOCK, len(x)))
+        count = max(1, math.ceil(codec.ratio * block))
+        nchunks, _ = self.kept(len(x), block, count)
+        full = (len(x) // block) * block
+        offsets, scales, codes = [], [], []
+
+        def keep(rows: torch.Tensor, k: int) -> None:  # rows (chunks, length): their k largest, coded
+            idx = rows.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+            v = rows.gather(1, idx)
+            scale = v.abs().amax(dim=1)
+            q = torch.round(v / scale.clamp_min(1e-30).unsqueeze(1) * 1.5 + 1.5).clamp(0, 3)
+            offsets.append(idx.reshape(-1))
+            scales.append(scale)
+            codes.append(q.reshape(-1).to(torch.uint8))
+
+        if full:
+            keep(x[:full].view(-1, block), count)
+        if full < len(x):
+            keep(x[full:].unsqueeze(0), min(count, len(x) - full))
+        q = torch.cat(codes)
+        q = torch.nn.functional.pad(q, (0, (-len(q)) % 4)).view(-1, 4)
+        packed = q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)
+        offs = torch.cat(offsets).to(torch.int32).to(torch.int16)  # uint16 offsets, stored as their 16 bits
+        scales = torch.cat(scales)
+        if len(scales) != nchunks:
+            raise AssertionError("topk2bit: one scale a chunk")
+        return torch.cat([_bytes(scales.float()), _bytes(offs), packed.reshape(-1)]), block, count
+
+    def decode(self, payload: torch.Tensor, numel: int, block: int, count: int) -> torch.Tensor:
+        """Zeros but at the kept offsets; refuses scales that are negative or not finite, and offsets out of their
+        chunk or not ascending within it."""
+        nchunks, kept = self.kept(numel, block, count)
+        scales = payload[: 4 * nchunks].view(torch.float32)
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise CodecError("bad_codec", "topk2bit scales must be finite and >= 0")
+        offs = payload[4 * nchunks : 4 * nchunks + 2 * kept].view(torch.int16).to(torch.int64) & 0xFFFF
+        packed = payload[4 * nchunks + 2 * kept :]
+        q = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=1).reshape(-1)[:kept]
+        per = torch.full((nchunks,), count, dtype=torch.int64)
+        per[-1] = kept - (nchunks - 1) * count
+        chunk = torch.repeat_interleave(torch.arange(nchunks), per)
+        length = torch.full((nchunks,), block, dtype=torch.int64)
+        length[-1] = numel - (nchunks - 1) * block
+        if bool((offs >= length[chunk]).any()):
+            raise CodecError("bad_codec", "topk2bit offset outside its chunk")
+        starts = torch.cumsum(per, 0) - per
+        first = torch.zeros(kept, dtype=torch.bool)
+        first[starts] = True
+        if kept > 1 and not bool((offs[1:] > offs[:-1])[~first[1:]].all()):
+            raise CodecError("bad_codec", "topk2bit offsets must be ascending and unique within a chunk")
+        x = torch.zeros(numel, dtype=torch.float32)
+        x[chunk * block + offs] = (q.to(torch.float32) - 1.5) / 1.5 * scales[chunk]
+        return x
+
+
 # every codec by its name on the wire (and in comm.codec); CODECS is this table's names
 IMPLEMENTATIONS: dict[str, WireCodec] = {
     "fp16": _Half(torch.float16),
     "bf16": _Half(torch.bfloat16),
     "int8": _Int8(),
     "topk": _TopK(),
+    "topk2bit": _TopK2Bit(),
 }
 assert tuple(IMPLEMENTATIONS) == CODECS

@@ -30,12 +30,12 @@ def test_a_swarm_the_data_cannot_be_split_for_is_one_clear_line_after_the_progre
 
 
 def test_predict_times_a_swarm_on_the_profile_links(tmp_path):
-    args = ["--nodes", "4,8", "--set", "train.rounds=3", "--set", "model.width=32", "--step-seconds", "0.01"]
+    args = ["--nodes", "4,8", "--set", "train.rounds=3", "--set", "train.local_steps=20", "--step-seconds", "0.01"]
     r = cli("bench", "predict", *args, "--profile", "mixed7", "--target", "0.2", "--out", str(tmp_path))
     assert r.exit_code == 0, r.stderr
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [row["nodes"] for row in rows] == [4, 8]
-    for row in rows:  # 3 rounds of 5 steps at 10 ms: 0.15 s of compute, plus transfers on 5-100 Mbit/s links
-        assert row["wall_max_s"] >= row["wall_median_s"] > 0.15 and 0 < row["utilization"] < 1
+    for row in rows:  # 3 rounds of 20 steps at 10 ms: 0.6 s of compute, plus transfers on 5-100 Mbit/s links
+        assert row["wall_max_s"] >= row["wall_median_s"] > 0.6 and 0 < row["utilization"] < 1
         assert row["mb_per_node"] > 0 and row["to_target_s"] is not None
     assert "| 8 |" in r.stdout and (tmp_path / "table.md").is_file()

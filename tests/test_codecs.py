@@ -156,3 +156,37 @@ def test_codec_settings_are_checked():
     for bad in (dict(name="zip"), dict(name="topk", ratio=0), dict(name="int8", block=8)):
         with pytest.raises(ValueError):
             Codec(**bad)
+
+
+def test_topk2bit_keeps_each_chunks_largest_on_four_levels_and_refuses_malformed_payloads():
+    """SparseLoCo's compression: per chunk of 64 values its 4 largest in magnitude, each on one of the levels
+    {-s, -s/3, s/3, s} of its chunk's scale s; 4 + 4 x 2 + 1 bytes a chunk (51x fewer than float32 here)."""
+    x = sample((64, 64))
+    c = Codec("topk2bit", ratio=4 / 64, block=64).encode(x)
+    assert (c.block, c.count) == (64, 4) and c.nbytes == 64 * (4 + 8 + 1)
+    y, rows = decode(c).reshape(64, 64), x.reshape(64, 64)
+    top = rows.abs().topk(4, dim=1).indices
+    assert torch.equal((y != 0).nonzero()[:, 1].view(64, 4), top.sort(dim=1).values)  # what is kept, and nothing else
+    s = rows.gather(1, top).abs().amax(1, keepdim=True)
+    levels = torch.cat([-s, -s / 3, s / 3, s], dim=1)
+    kept = y.gather(1, top.sort(dim=1).values)
+    assert torch.allclose((kept.unsqueeze(2) - levels.unsqueeze(1)).abs().amin(2), torch.zeros(64, 4), atol=1e-6)
+    tail = Codec("topk2bit", ratio=0.5, block=64).encode(sample((70,)))  # a last chunk of 6 keeps 6, not 32
+    assert int((decode(tail) != 0).sum()) <= 32 + 6 and tail.nbytes == 2 * 4 + 38 * 2 + math.ceil(38 / 4)
+    offsets_at = 4 * 64
+    out_of_chunk = c.payload.clone()
+    out_of_chunk[offsets_at : offsets_at + 2] = torch.tensor([64], dtype=torch.int16).view(torch.uint8)
+    repeated = c.payload.clone()
+    repeated[offsets_at + 2 : offsets_at + 4] = repeated[offsets_at : offsets_at + 2]
+    nan_scale = c.payload.clone()
+    nan_scale[:4] = torch.tensor([float("nan")]).view(torch.uint8)
+    for what, state in {
+        "offset outside its chunk": _bad(c, payload=out_of_chunk),
+        "offsets repeated": _bad(c, payload=repeated),
+        "nan scale": _bad(c, payload=nan_scale),
+        "chunk over 65536": _bad(c, block=1 << 17),
+        "more kept than a chunk has": _bad(c, count=65),
+    }.items():
+        with pytest.raises(TensorStreamError) as e:
+            wire(state)
+        assert e.value.reason == "bad_codec", what

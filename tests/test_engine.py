@@ -36,6 +36,12 @@ CASES = {
     # CHOCO-SGD: top-k deltas against public estimates, with error feedback (two kinds of snapshots)
     "choco_topk_ef": {"comm": {"codec": "topk", "topk_ratio": 0.1, "error_feedback": True}},
     "frl": {"comm": {"exchange": "ranks"}, "model": {"width": 64}},
+    # DiLoCo: AdamW inner steps, Nesterov outer steps; and on int8 CHOCO estimates, median of pseudo-gradients
+    "diloco": {"comm": {"algorithm": "diloco"}, "optim": {"name": "adamw", "lr": 0.01}},
+    "diloco_int8_ef_median": {
+        "comm": {"algorithm": "diloco", "codec": "int8", "error_feedback": True},
+        "security": {"aggregator": "median"},
+    },
 }
 
 

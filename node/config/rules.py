@@ -38,11 +38,13 @@ def logits_average_no_models(cfg: NodeConfig) -> None:
 def codecs_code_model_gossip(cfg: NodeConfig) -> None:
     """comm.codec and comm.error_feedback apply to gossip of models, and keep what they need."""
     c = cfg.comm
-    if (c.codec != "none" or c.error_feedback) and (c.exchange != "model" or c.algorithm != "gossip"):
-        raise ValueError("comm.codec and comm.error_feedback apply to gossip of models (exchange model, gossip)")
+    if (c.codec != "none" or c.error_feedback) and (c.exchange != "model" or c.algorithm == "modest"):
+        raise ValueError(
+            "comm.codec and comm.error_feedback apply to gossip of models (exchange model, algorithm gossip or diloco)"
+        )
     if c.error_feedback and c.codec == "none":
         raise ValueError("comm.error_feedback needs a comm.codec that loses something (fp16, bf16, int8, topk)")
-    if c.error_feedback or c.codec == "topk":  # deltas and estimates: two kinds of snapshots
+    if c.error_feedback or c.codec in ("topk", "topk2bit"):  # deltas and estimates: two kinds of snapshots
         if 2 * c.keep_snapshots + 2 > 32:
             raise ValueError(
                 "comm.keep_snapshots must be <= 15 with deltas (error feedback or topk): the record signs 32"
@@ -89,10 +91,26 @@ def ranks_and_security(cfg: NodeConfig) -> None:
         )
         if clash:
             raise ValueError(f"comm.exchange ranks votes on rankings: unset {', '.join(clash)}")
-    elif (sec.aggregator != "mean" or sec.attack) and (c.exchange != "model" or c.algorithm != "gossip"):
+    elif (sec.aggregator != "mean" or sec.attack) and (c.exchange != "model" or c.algorithm == "modest"):
         raise ValueError(
-            "security.aggregator and security.attack need comm.exchange model (or ranks) and comm.algorithm gossip"
+            "security.aggregator and security.attack need comm.exchange model (or ranks) and comm.algorithm gossip "
+            "or diloco"
         )
+
+
+def diloco_every_round(cfg: NodeConfig) -> None:
+    """comm.algorithm diloco averages models every round: no gossip schedule, and it needs model exchange."""
+    c = cfg.comm
+    if c.algorithm != "diloco":
+        return
+    clash = _named(
+        (f"comm.exchange: {c.exchange}", c.exchange != "model"),
+        ("comm.schedule: late", c.schedule != "constant"),
+        ("comm.gossip_budget", c.gossip_budget is not None),
+        ("comm.mix_variance_correction", c.mix_variance_correction),
+    )
+    if clash:
+        raise ValueError(f"comm.algorithm diloco averages every round: unset {', '.join(clash)}")
 
 
 RULES: tuple[Callable[[NodeConfig], None], ...] = (
@@ -102,6 +120,7 @@ RULES: tuple[Callable[[NodeConfig], None], ...] = (
     expert_cluster_exists,
     own_task_settings,
     ranks_and_security,
+    diloco_every_round,
 )
 
 

@@ -63,7 +63,7 @@ class ModelConfig(_Strict):
 class OptimConfig(_Strict):
     """The local optimizer and its step size schedule over the rounds."""
 
-    name: Literal["sgd", "adam"] = "sgd"
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(
         0.05,
         gt=0,
@@ -110,7 +110,13 @@ class CommConfig(_Strict):
     )
     topology: Literal[registry.TOPOLOGIES] = "ring"
     random_degree: int = Field(4, ge=2, le=64, description="topology random: degree bound k")
-    algorithm: Literal[registry.ALGORITHMS] = Field("gossip", description="gossip averaging, or MoDeST sampling")
+    algorithm: Literal[registry.ALGORITHMS] = Field(
+        "gossip",
+        description="gossip averaging; MoDeST sampling; or diloco: outer Nesterov steps on pseudo-gradients averaged "
+        "over the gossip graph every round (train.local_steps inner steps a round)",
+    )
+    outer_lr: float = Field(0.7, gt=0, le=10, description="diloco: the outer Nesterov SGD's learning rate")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: the outer Nesterov SGD's momentum")
     modest_trainers: int = Field(4, ge=1, description="modest: nodes sampled to train each round")
     modest_aggregators: int = Field(2, ge=1, description="modest: nodes sampled to aggregate each round")
     schedule: Literal["constant", "late"] = Field(
@@ -139,10 +145,14 @@ class CommConfig(_Strict):
     )
     fetch_timeout: float = Field(20.0, gt=0, le=600, description="seconds to wait for a neighbour's snapshot")
     codec: Literal[("none", *CODECS)] = Field(
-        "none", description="how gossiped models travel: raw float32, fp16, bf16, int8 (blockwise absmax) or topk"
+        "none",
+        description="how gossiped models travel: raw float32, fp16, bf16, int8 (blockwise absmax), topk, or topk2bit "
+        "(top-k per chunk of int8_block values with 2-bit values, SparseLoCo's)",
     )
     topk_ratio: float = Field(0.01, gt=0, le=1, description="codec topk: share of each tensor's values sent")
-    int8_block: int = Field(256, ge=16, le=1 << 20, description="codec int8: values per float32 scale")
+    int8_block: int = Field(
+        256, ge=16, le=1 << 20, description="codec int8: values per float32 scale; topk2bit: values a chunk (<= 2^16)"
+    )
     error_feedback: bool = Field(
         False, description="send the coded difference from an estimate both sides hold (CHOCO-SGD), not the model"
     )

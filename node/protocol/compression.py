@@ -43,6 +43,7 @@ from p2pd.errors import ReasonedError
 from p2pd.tensors import SnapshotKey
 
 EPOCH, PREV, AT = "_choco.epoch", "_choco.prev", "_choco.at"
+SPARSE = ("topk", "topk2bit")  # codecs that drop values: they always send deltas against estimates
 
 
 def default_step(comm) -> float:
@@ -50,7 +51,7 @@ def default_step(comm) -> float:
     codecs (their error is small), 0.25 + 5 x topk_ratio (at most 1) for top-k: sparser
     updates need a smaller step to stay stable (the best of a sweep on digits at 1, 5 and 10%,
     docs/benchmarks/compression)."""
-    return min(1.0, 0.25 + 5 * comm.topk_ratio) if comm.codec == "topk" else 1.0
+    return min(1.0, 0.25 + 5 * comm.topk_ratio) if comm.codec in SPARSE else 1.0
 
 
 def record_codec(comm) -> str:
@@ -60,7 +61,7 @@ def record_codec(comm) -> str:
 
 def sends_deltas(record_codec_name: str) -> bool:
     """Whether a node whose record names this codec publishes deltas (CompressedGossip.tracked)."""
-    return record_codec_name.endswith("+ef") or record_codec_name.split("+")[0] == "topk"
+    return record_codec_name.endswith("+ef") or record_codec_name.split("+")[0] in SPARSE
 
 
 class CompressedGossip:

@@ -24,13 +24,22 @@ COORDINATOR_LINK = HostLink(1000, 1000)  # Flower's server and torchft's Lightho
 
 def atoll_methods(rounds: int) -> dict[str, dict]:
     """atoll's methods as comm overrides: gossip every round, the late schedule (a third of the rounds' gossip,
-    late) with the final all-reduce merge, and CHOCO-SGD gossip with int8 and with top-5% values (both with error
-    feedback)."""
+    late) with the final all-reduce merge, CHOCO-SGD gossip with int8 and with top-5% values (both with error
+    feedback), DiLoCo over gossip (outer Nesterov lr 0.7, momentum 0.9), and DiLoCo with SparseLoCo's compression
+    (top 64 of every 4,096 values, 2-bit, with error feedback)."""
     return {
         "gossip": {},
         "late_merge": {"comm.schedule": "late", "comm.gossip_budget": max(1, rounds // 3), "comm.final_merge": True},
         "choco_int8": {"comm.codec": "int8", "comm.error_feedback": True},
         "choco_topk": {"comm.codec": "topk", "comm.topk_ratio": 0.05, "comm.error_feedback": True},
+        "diloco": {"comm.algorithm": "diloco"},
+        "diloco_topk2bit": {
+            "comm.algorithm": "diloco",
+            "comm.codec": "topk2bit",
+            "comm.topk_ratio": 64 / 4096,
+            "comm.int8_block": 4096,
+            "comm.error_feedback": True,
+        },
     }
 
 

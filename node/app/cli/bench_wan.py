@@ -10,7 +10,7 @@ from node.app.cli.bench import bench_app, report
 from node.app.cli.common import SET_HELP, fail, int_list, names_or_fail
 
 SYSTEMS = ("atoll", "flower", "torchft")
-METHODS = ("gossip", "late_merge", "choco_int8", "choco_topk")
+METHODS = ("gossip", "late_merge", "choco_int8", "choco_topk", "diloco", "diloco_topk2bit")
 
 
 @bench_app.command("wan")
@@ -18,7 +18,7 @@ def bench_wan(
     config: Path = typer.Option(Path("examples/wan3.yaml"), "--config", "-c", help="Swarm YAML of the workload."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every node."),
     profile: str = typer.Option("home3", help="Link profile: home3, even20 or mixed7 (node/app/testbed/profiles.py)."),
-    methods: str = typer.Option(",".join(METHODS), help="atoll's methods, comma-separated: " + ", ".join(METHODS)),
+    methods: str = typer.Option(",".join(METHODS[:4]), help="atoll's methods, comma-separated: " + ", ".join(METHODS)),
     systems: str = typer.Option("atoll,flower,torchft", help="Systems, comma-separated: " + ", ".join(SYSTEMS)),
     repeats: int = typer.Option(3, min=1, max=20, help="Alternated repeats; medians are reported."),
     target_ratio: float = typer.Option(

@@ -8,6 +8,8 @@ rounds, rolls back non-finite ones and ends with `node.protocol.rounds.final.fin
 - `gossip`: decentralized SGD under a gossip schedule (constant = D-PSGD / MGS, late), with
   variance correction and every robust aggregator with the trust tracker;
 - `modest`: MoDeST sampling of trainers and aggregators;
+- `diloco`: DiLoCo-class rounds: inner steps, then an outer Nesterov step on the pseudo-gradient averaged over
+  the round's gossip graph;
 - `distill`: logit exchange on a proxy set (EdgeFD, KnFu);
 - `ranks`: FRL, edge rankings of a shared random network voted on (node/algo/frl.py);
 - `final`: the last round's publication, MoDeST's last aggregate and the final merge.
@@ -100,6 +102,7 @@ class Rounds:
 PROTOCOLS = {
     ("model", "gossip"): "node.protocol.rounds.gossip:GossipRounds",
     ("model", "modest"): "node.protocol.rounds.modest:ModestRounds",
+    ("model", "diloco"): "node.protocol.rounds.diloco:DiLoCoRounds",
     ("logits", "gossip"): "node.protocol.rounds.distill:DistillRounds",
     ("ranks", "gossip"): "node.protocol.rounds.ranks:RankRounds",
 }

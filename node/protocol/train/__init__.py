@@ -48,12 +48,15 @@ def set_lr(optimizer, lr: float) -> None:
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float):
-    """An `sgd` (momentum, weight decay) or `adam` (weight decay) optimizer over `model`'s parameters; raises
+    """An `sgd` (momentum, weight decay), `adam` (L2 weight decay) or `adamw` (decoupled weight decay, DiLoCo's
+    inner optimizer: Loshchilov and Hutter, arXiv 1711.05101) optimizer over `model`'s parameters; raises
     ValueError for another name."""
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
 
 

@@ -1,0 +1,57 @@
+"""DiLoCo-class rounds with no coordinator (`comm.algorithm: diloco`): inner steps, then an outer step on the
+pseudo-gradient averaged over the round's gossip graph.
+
+Round r of node i, from its parameters theta_i:
+1. H = train.local_steps inner steps of the task's optimizer (its state stays with the node across rounds; with
+   train.local_seconds, nodes take different numbers of steps);
+2. publish theta_i' (the parameters after the inner steps) as snapshot (model, r, 0), coded as the codec says
+   (CHOCO-SGD estimates with comm.error_feedback: node/protocol/compression.py), and fetch the neighbours' of the
+   round's graph over the live members;
+3. combine theta_i' with them through the node's defence, measured from theta_i (node/protocol/defence.py: plain
+   Metropolis-Hastings mixing for `aggregator: mean`, else the robust aggregator, with the trust tracker's
+   scores): the result m_i; theta_i - m_i is then the average of the pseudo-gradients theta_j - theta_j' where
+   the nodes began the round together, plus a pull towards the neighbours' parameters where they did not (as
+   NoLoCo's modified momentum, so no step needs every node);
+4. the outer step (node/algo/diloco.py): Nesterov SGD with comm.outer_lr and comm.outer_momentum on theta_i - m_i,
+   from theta_i, with the node's own momentum buffers.
+
+Every robust aggregator, the trust tracker and the attack rehearsals work unchanged: an update is measured from
+the round's start, so what they judge is each neighbour's pseudo-gradient (a forger of sign_flip publishes
+theta - s (theta' - theta): its pseudo-gradient reversed and amplified). On a complete graph with plain mixing,
+every node takes the exact average of every pseudo-gradient (DiLoCo as published, without its all-reduce).
+
+Papers: DiLoCo, arXiv 2311.08105; NoLoCo, arXiv 2506.10911; CHOCO-SGD, arXiv 1902.00340.
+"""
+
+from __future__ import annotations
+
+from node.algo.diloco import outer_step
+from node.protocol.rounds import RoundResult
+from node.protocol.rounds.gossip import GossipRounds
+
+
+class DiLoCoRounds(GossipRounds):
+    """DiLoCo rounds of one node (see the module docstring); the gossip step is GossipRounds'. `momentum`: the
+    outer optimizer's buffers (None before the first outer step)."""
+
+    def __init__(self, cfg, worker, exchange):
+        """`cfg`: the node's NodeConfig (`comm.outer_lr`, `comm.outer_momentum`, the gossip graph and codec);
+        `worker`: its Worker (the inner optimizer is its own); `exchange`: its Exchange. Raises ValueError for a
+        codec setting out of range."""
+        super().__init__(cfg, worker, exchange)
+        self.momentum = None
+
+    def run(self, r: int) -> RoundResult:
+        """Round r: inner steps, one gossip step of the parameters, the outer step. Raises NonFinite."""
+        w, c = self.worker, self.cfg.comm
+        self.compression.begin(r, w.state())
+        start = w.round_start()
+        result = RoundResult(w.train(r, stop=self.exchange.stopping))
+        if self.exchange.stopping():
+            return result
+        self._step(r, 0, start, result, round(result.stats.samples_per_second, 3))
+        if self.exchange.stopping():
+            return result
+        new, self.momentum = outer_step(start, w.state(), self.momentum, c.outer_lr, c.outer_momentum)
+        w.load(new)
+        return result
