@@ -28,10 +28,20 @@ def atoll_methods(rounds: int) -> dict[str, dict]:
     feedback), DiLoCo over gossip (outer Nesterov lr 0.7, momentum 0.9), and DiLoCo with SparseLoCo's compression
     (top 64 of every 4,096 values, 2-bit, with error feedback)."""
     return {
-        "gossip": {},
-        "late_merge": {"comm.schedule": "late", "comm.gossip_budget": max(1, rounds // 3), "comm.final_merge": True},
-        "choco_int8": {"comm.codec": "int8", "comm.error_feedback": True},
-        "choco_topk": {"comm.codec": "topk", "comm.topk_ratio": 0.05, "comm.error_feedback": True},
+        "gossip": {"comm.algorithm": "gossip"},
+        "late_merge": {
+            "comm.algorithm": "gossip",
+            "comm.schedule": "late",
+            "comm.gossip_budget": max(1, rounds // 3),
+            "comm.final_merge": True,
+        },
+        "choco_int8": {"comm.algorithm": "gossip", "comm.codec": "int8", "comm.error_feedback": True},
+        "choco_topk": {
+            "comm.algorithm": "gossip",
+            "comm.codec": "topk",
+            "comm.topk_ratio": 0.05,
+            "comm.error_feedback": True,
+        },
         "diloco": {"comm.algorithm": "diloco"},
         "diloco_topk2bit": {
             "comm.algorithm": "diloco",

@@ -115,7 +115,12 @@ def bench_predict(
         typer.echo(f"bench predict: sizes {sizes} on {profile}, {step * 1000:.1f} ms per local step", err=True)
         for n in sizes:
             rows.append(bench.predict(cfg, n, profile, step, idle_seconds, target))
-            typer.echo(f"  {n} nodes: simulated in {rows[-1].simulated_in_s:.0f} s", err=True)
+            p = rows[-1]
+            typer.echo(
+                f"  {n} nodes: simulated in {p.simulated_in_s:.0f} s; wall {p.wall_median_s:.1f} s (slowest "
+                f"{p.wall_max_s:.1f}), utilization {p.utilization:.1%}, to target {p.to_target_s} s",
+                err=True,
+            )
     except (ConfigError, TaskError, DatasetMissing, ValueError) as e:  # e.g. too few samples for that many nodes
         fail(str(e).splitlines()[0])
     text = bench.table(rows, profile, step, target)
