@@ -20,13 +20,13 @@ import functools
 import ipaddress
 import os
 import re
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sysdeps import missing
 
 from node.app.testbed.namespaces import Namespaces, ip, must, netns_list, netns_pids  # noqa: F401
+from node.app.testbed.namespaces import unavailable as namespaces_unavailable
 
 ROUTER = "router"
 _open_prefixes: set[str] = set()
@@ -42,25 +42,10 @@ def unavailable() -> str | None:
     Tries the real thing once (a namespace with a MASQUERADE rule), since root alone is not
     enough: containers often forbid ``ip netns add`` or lack the kernel's nat table.
     """
-    reason = missing("iproute2", "iptables")
-    if reason:
-        return reason
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "network namespaces need root"
-    probe = f"atprobe{os.getpid()}"
-    try:
-        r = _ip("netns", "add", probe)
-        if r.returncode != 0:
-            return f"`ip netns add` fails here: {r.stderr.strip()}"
-        rule = ["-t", "nat", "-A", "POSTROUTING", "-s", "198.19.0.0/24", "-o", "lo", "-j", "MASQUERADE"]
-        r = _ip("netns", "exec", probe, "iptables", *rule)
-        if r.returncode != 0:
-            return f"iptables' nat table fails in a namespace: {r.stderr.strip()}"
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"cannot build a network namespace: {e}"
-    finally:
-        _ip("netns", "del", probe)
-    return None
+    rule = ["-t", "nat", "-A", "POSTROUTING", "-s", "198.19.0.0/24", "-o", "lo", "-j", "MASQUERADE"]
+    return missing("iproute2", "iptables") or namespaces_unavailable(
+        probe=["iptables", *rule], needs="iptables' nat table"
+    )
 
 
 class Topology(Namespaces):

@@ -82,33 +82,55 @@ def _summary(system: str, method: str, repeat: int, nodes: list[NodeRun], t0: fl
     return WanRun(system, method, repeat, times, reached, round(t_end - t0, 2), worst, curve)
 
 
+def _run(
+    swarm_cfg: SwarmConfig,
+    bed: Testbed,
+    workdir: Path,
+    names: tuple[str, str, str],
+    coordinator: list[str],
+    node_argv,
+    repeat: int,
+    target: float | None,
+) -> WanRun:
+    """One baseline run: `coordinator` (argv) on the coordinator host, node_argv(i, its config path) on host i;
+    `names`: (system, method, the coordinator's log name). Everything started is stopped by pid at the end."""
+    system, method, log = names
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(SOURCE))
+    t0, procs = time.monotonic(), []
+    try:
+        helper = spawn(bed.exec_argv(bed.host(coordinator_host(bed, swarm_cfg)), coordinator), -1, workdir / log, env)
+        procs.append(helper)
+        nodes = [
+            spawn(bed.exec_argv(bed.host(i), node_argv(i, path)), i, workdir / f"node{i}.log", env)
+            for i, path in enumerate(_configs(swarm_cfg, workdir))
+        ]
+        procs += nodes
+        t_end = _wait(nodes, [helper], swarm_cfg.timeout, system)
+        return _summary(system, method, repeat, nodes, t0, t_end, target, swarm_cfg)
+    finally:
+        for p in procs:
+            kill_tree(p.proc.pid)
+
+
+def _threads(swarm_cfg: SwarmConfig) -> str:
+    return str(swarm_cfg.node.threads or max(1, usable_cores() // swarm_cfg.nodes))
+
+
 def run_flower(
     swarm_cfg: SwarmConfig, bed: Testbed, workdir: Path, python: Path, repeat: int, target: float | None
 ) -> WanRun:
     """Flower FedAvg on the testbed: its server on the coordinator host, client i on host i. Raises BenchError."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    host = coordinator_host(bed, swarm_cfg)
-    address = f"{bed.addresses[host]}:{COORDINATOR_PORT}"
-    env = dict(os.environ, PYTHONPATH=str(SOURCE))
-    threads = str(swarm_cfg.node.threads or max(1, usable_cores() // swarm_cfg.nodes))
+    address = f"{bed.addresses[coordinator_host(bed, swarm_cfg)]}:{COORDINATOR_PORT}"
     app = [str(python), "-m", "node.app.bench.flower_app"]
-    rounds = str(swarm_cfg.node.train.rounds)
-    t0, procs = time.monotonic(), []
-    try:
-        server = spawn(
-            bed.exec_argv(bed.host(host), app + ["server", "--address", address, "--nodes", str(swarm_cfg.nodes),
-                                                 "--rounds", rounds]), -1, workdir / "server.log", env)  # fmt: skip
-        procs.append(server)
-        clients = []
-        for i, path in enumerate(_configs(swarm_cfg, workdir)):
-            argv = app + ["client", "--address", address, "--config", str(path), "--threads", threads]
-            clients.append(spawn(bed.exec_argv(bed.host(i), argv), i, workdir / f"node{i}.log", env))
-        procs += clients
-        t_end = _wait(clients, [server], swarm_cfg.timeout, "Flower")
-        return _summary("flower", "fedavg", repeat, clients, t0, t_end, target, swarm_cfg)
-    finally:
-        for p in procs:
-            kill_tree(p.proc.pid)
+    server = app + ["server", "--address", address, "--nodes", str(swarm_cfg.nodes)]
+    server += ["--rounds", str(swarm_cfg.node.train.rounds)]
+
+    def client(i: int, path: Path) -> list[str]:
+        return app + ["client", "--address", address, "--config", str(path), "--threads", _threads(swarm_cfg)]
+
+    names = ("flower", "fedavg", "server.log")
+    return _run(swarm_cfg, bed, workdir, names, server, client, repeat, target)
 
 
 def run_torchft(
@@ -118,30 +140,13 @@ def run_torchft(
     train.local_steps inner steps per outer step (Nesterov SGD, lr 0.7, momentum 0.9). Raises BenchError."""
     from node.app.bench.torchft_env import lighthouse_command
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    host = coordinator_host(bed, swarm_cfg)
-    bind = f"{bed.addresses[host]}:{COORDINATOR_PORT}"
-    env = dict(os.environ, PYTHONPATH=str(SOURCE))
-    threads = str(swarm_cfg.node.threads or max(1, usable_cores() // swarm_cfg.nodes))
-    n = str(swarm_cfg.nodes)
-    t0, procs = time.monotonic(), []
-    try:
-        lighthouse = spawn(
-            bed.exec_argv(bed.host(host), lighthouse_command(python, bind, swarm_cfg.nodes)),
-            -1,
-            workdir / "lighthouse.log",
-            env,
-        )
-        procs.append(lighthouse)
-        replicas = []
-        for i, path in enumerate(_configs(swarm_cfg, workdir)):
-            argv = [str(python), "-m", "node.app.bench.torchft_app", "replica", "--lighthouse", f"http://{bind}",
-                    "--config", str(path), "--replica-id", str(i), "--nodes", n, "--host", bed.addresses[i],
-                    "--threads", threads]  # fmt: skip
-            replicas.append(spawn(bed.exec_argv(bed.host(i), argv), i, workdir / f"node{i}.log", env))
-        procs += replicas
-        t_end = _wait(replicas, [lighthouse], swarm_cfg.timeout, "torchft")
-        return _summary("torchft", "diloco", repeat, replicas, t0, t_end, target, swarm_cfg)
-    finally:
-        for p in procs:
-            kill_tree(p.proc.pid)
+    bind = f"{bed.addresses[coordinator_host(bed, swarm_cfg)]}:{COORDINATOR_PORT}"
+
+    def replica(i: int, path: Path) -> list[str]:
+        return [str(python), "-m", "node.app.bench.torchft_app", "replica", "--lighthouse", f"http://{bind}",
+                "--config", str(path), "--replica-id", str(i), "--nodes", str(swarm_cfg.nodes),
+                "--host", bed.addresses[i], "--threads", _threads(swarm_cfg)]  # fmt: skip
+
+    names = ("torchft", "diloco", "lighthouse.log")
+    lighthouse = lighthouse_command(python, bind, swarm_cfg.nodes)
+    return _run(swarm_cfg, bed, workdir, names, lighthouse, replica, repeat, target)

@@ -42,23 +42,28 @@ def netns_pids(name: str) -> list[int]:
     return [int(x) for x in r.stdout.split() if x.isdigit()] if r.returncode == 0 else []
 
 
-def unavailable(*programs: str) -> str | None:
+def unavailable(*programs: str, probe: Sequence[str] = (), needs: str = "") -> str | None:
     """Why network namespaces (and `programs`, e.g. "tc") cannot be used here, or None when they can. Tries the real
-    thing once (`ip netns add`): root alone is not enough, containers often forbid it."""
+    thing once (`ip netns add`, then `probe` run inside it when given, which must succeed; `needs` says what it
+    checks): root alone is not enough, containers often forbid it."""
     absent = [p for p in ("ip", *programs) if shutil.which(p) is None]
     if absent:
         return f"{', '.join(absent)} not installed (Debian: iproute2)"
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return "network namespaces need root"
-    probe = f"atprobe{os.getpid()}"
+    name = f"atprobe{os.getpid()}"
     try:
-        r = ip("netns", "add", probe)
+        r = ip("netns", "add", name)
         if r.returncode != 0:
             return f"`ip netns add` fails here: {r.stderr.strip()}"
+        if probe:
+            r = ip("netns", "exec", name, *probe)
+            if r.returncode != 0:
+                return f"{needs or ' '.join(probe)} fails in a namespace: {r.stderr.strip()}"
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"cannot build a network namespace: {e}"
     finally:
-        ip("netns", "del", probe)
+        ip("netns", "del", name)
     return None
 
 
