@@ -17,6 +17,7 @@ def atoll(*args, timeout=300):
     )
 
 
+@pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
 def test_bench_transport_json_and_outputs(tmp_path):
     r = atoll("bench", "transport", "--sizes", "2", "--repeats", "1", "--json", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -174,6 +175,7 @@ def test_bench_distill_writes_per_architecture_results(tmp_path):
         assert b.returncode == 2 and "Traceback" not in b.stderr and b.stderr.strip(), (bad, b.stderr[-500:])
 
 
+@pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
 def test_bench_byzantine_tiny_grid(tmp_path):
     r = atoll(
         "bench",

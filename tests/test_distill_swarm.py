@@ -51,6 +51,7 @@ def start_three(tmp_path, nodes: list, swarm: str, rounds: int, method: str, edi
         nodes[-1].ready(60)
 
 
+@pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
 def test_mixed_architecture_swarm_learns_through_logits(tmp_path):
     """Three daemons with three architectures (no model could be averaged) exchange logits on
     the proxy set; every node distills from both others and ends above its round-0 accuracy,

@@ -132,6 +132,7 @@ def test_a_diverging_node_rolls_back_never_checkpoints_nan_and_exits_non_zero(tm
     assert all(torch.isfinite(t).all() for t in kept.values())
 
 
+@pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
 def test_a_lone_node_skips_the_final_merge_at_once_and_quietly(tmp_path):
     """Before: with comm.final_merge and no other live peer the node waited the whole
     merge_timeout (60 s), then printed hivemind's "could not find a group" with a traceback."""

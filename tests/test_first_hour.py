@@ -144,6 +144,7 @@ def test_two_machines_example_forms_a_2_node_swarm_and_status_shows_it(tmp_path)
 # -- atoll swarm up: Ctrl-C and 80 columns --------------------------------------------------
 
 
+@pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
 @pytest.mark.integration
 def test_ctrl_c_on_swarm_up_stops_every_node_with_a_checkpoint_and_a_summary(tmp_path):
     """Before: the prompt came back at once with rc 130 and no word; the nodes kept training
