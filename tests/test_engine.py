@@ -27,8 +27,8 @@ BASE = {
 }
 CASES = {
     "dpsgd": {},
-    "mgs": {"comm": {"gossip_budget": 3 * ROUNDS}},
     "late_merge": {"comm": {"schedule": "late", "gossip_budget": 2, "final_merge": True}},
+    # two gossip steps a round (MGS) through Krum and the trust tracker
     "krum_trust": {"security": {"aggregator": "krum"}, "comm": {"gossip_budget": 2 * ROUNDS}},
     "modest": {"comm": {"algorithm": "modest", "modest_trainers": 2, "modest_aggregators": 2}},
     "edgefd": {"comm": {"exchange": "logits"}, "distill": {"method": "edgefd", "proxy_size": 100, "steps": 5}},

@@ -160,6 +160,7 @@ def _expert_walkthrough() -> list[list[str]]:
 BUDGET = ["--set", "experts.width=64", "--set", "experts.sample_steps=10", "--set", "experts.sample_rate=50"]
 
 
+@pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
 @pytest.mark.integration
 def test_the_readme_expert_walkthrough_forms_a_4_expert_swarm_and_top2_uses_two_experts(tmp_path):
     steps = _expert_walkthrough()
