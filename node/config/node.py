@@ -157,8 +157,9 @@ _BUDGETS = ("train.local_steps", "train.local_seconds")
 SWARM_FIELDS = ("nodes", "timeout", "node", "per_node")
 
 
-def _apply(tree: dict, overrides: dict[str, Any]) -> None:
-    """Set dotted `overrides` in `tree`; setting one local-work budget clears the other."""
+def apply_overrides(tree: dict, overrides: dict[str, Any]) -> None:
+    """Set dotted `overrides` (e.g. {"comm.codec": "int8"}) in the config `tree` (a node section, nested dicts);
+    setting one local-work budget clears the other. Raises ConfigError when a dotted key passes through a value."""
     for key, value in overrides.items():
         _set_path(tree, key, value)
     for mine, other in (_BUDGETS, _BUDGETS[::-1]):
@@ -181,7 +182,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     overrides = dict(overrides or {})
     if is_swarm_file(tree):
         tree = _node_tree_of_swarm_file(tree, overrides, path)
-    _apply(tree, overrides)
+    apply_overrides(tree, overrides)
     return node_config(tree)
 
 
@@ -230,7 +231,7 @@ class SwarmConfig(_Strict):
     def config_for(self, index: int) -> NodeConfig:
         """The shared config with this node's overrides, index and count applied."""
         tree = self.node.model_dump(mode="json")
-        _apply(tree, self.per_node.get(index, {}))
+        apply_overrides(tree, self.per_node.get(index, {}))
         tree["node_index"], tree["node_count"] = index, self.nodes
         try:
             return NodeConfig.model_validate(tree)
@@ -248,7 +249,7 @@ def load_swarm_config(
         tree = {"node": tree}
     node_tree = tree.setdefault("node", {}) or {}
     tree["node"] = node_tree
-    _apply(node_tree, node_overrides or {})
+    apply_overrides(node_tree, node_overrides or {})
     if nodes is not None:
         tree["nodes"] = nodes
     try:

@@ -14,6 +14,23 @@ def write_results(out: Path, payload: dict, table_md: str) -> list[Path]:
     return [out / "results.json", out / "table.md"]
 
 
+def worst_curve(events: list[tuple[float, int, float]], nodes: int, lower_is_better: bool, target: float | None):
+    """(curve of the worst node's latest metric over time, seconds until every node is at `target`, None if never)
+    from (seconds since launch, node index, metric) events of `nodes` nodes; times rounded to ms (the curve) and
+    10 ms (the target)."""
+    latest: dict[int, float] = {}
+    curve, reached = [], None
+    for t, i, value in sorted(events):
+        latest[i] = value
+        if len(latest) == nodes:
+            worst = max(latest.values()) if lower_is_better else min(latest.values())
+            curve.append((round(t, 3), worst))
+            ok = target is not None and (worst <= target if lower_is_better else worst >= target)
+            if reached is None and ok:
+                reached = round(t, 2)
+    return curve, reached
+
+
 # What every simulated benchmark node runs unless a method says otherwise (nested NodeConfig
 # fields): a small MLP with SGD + momentum, one intra-op thread (the simulator runs the nodes
 # in parallel instead).

@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from node.app.bench import worst_curve
 from node.app.swarm import NodeRun, _drain, round_timing, run_swarm, spawn
 from node.config import SwarmConfig
 from node.net.threads import usable_cores
@@ -112,17 +113,8 @@ def summarize(
     run = Run(system, repeat, wall_s=round(t_end - t0, 2))
     run.round_ms, run.first_round_s = round_timing(nodes)
     # every node's latest accuracy, over time
-    events = sorted(
-        (e["_t"], n.index, e["accuracy"]) for n in nodes for e in n.rounds if e.get("accuracy") is not None
-    )
-    latest: dict[int, float] = {}
-    for t, i, acc in events:
-        latest[i] = acc
-        if len(latest) == len(nodes):
-            low = min(latest.values())
-            run.curve.append((round(t - t0, 3), low))
-            if run.to_target_s is None and low >= target:
-                run.to_target_s = round(t - t0, 2)
+    events = [(e["_t"] - t0, n.index, e["accuracy"]) for n in nodes for e in n.rounds if e.get("accuracy") is not None]
+    run.curve, run.to_target_s = worst_curve(events, len(nodes), False, target)
     finals = [(n.final or n.last or {}).get("accuracy") for n in nodes]
     if all(a is not None for a in finals):
         run.final_min_accuracy = min(finals)

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from node.app.bench import worst_curve
 from node.app.swarm import NodeRun, run_swarm
 from node.app.testbed.profiles import HostLink
 from node.app.testbed.testbed import Testbed
@@ -91,10 +92,9 @@ def testbed_swarm(base: SwarmConfig, bed: Testbed) -> SwarmConfig:
     return base.model_copy(update={"per_node": per_node})
 
 
-def node_time(run: NodeRun) -> NodeTime:
-    """A node's figures from its done event (and its round events for the steps)."""
+def node_time(run: NodeRun, local_steps: int) -> NodeTime:
+    """A node's figures from its done event; its rounds are its round events, `local_steps` each."""
     done = run.final or {}
-    steps = sum(1 for _ in run.rounds)  # rounds; steps come from the config (see run_atoll)
     return NodeTime(
         index=run.index,
         compute=float(done.get("compute_s", 0.0)),
@@ -104,25 +104,22 @@ def node_time(run: NodeRun) -> NodeTime:
         sent_mb=done.get("sent_bytes", 0) / 1e6,
         received_mb=done.get("received_bytes", 0) / 1e6,
         final=done.get("score"),
-        steps=0,
-        rounds=steps,
+        steps=len(run.rounds) * local_steps,
+        rounds=len(run.rounds),
     )
 
 
-def worst_curve(events: list[tuple[float, int, float]], nodes: int, lower_is_better: bool, target: float | None):
-    """(curve of the worst node's latest metric over time, seconds until every node is at `target`) from
-    (seconds since launch, node, metric) events."""
-    latest: dict[int, float] = {}
-    curve, reached = [], None
-    for t, i, value in sorted(events):
-        latest[i] = value
-        if len(latest) == nodes:
-            worst = max(latest.values()) if lower_is_better else min(latest.values())
-            curve.append((round(t, 3), worst))
-            ok = target is not None and (worst <= target if lower_is_better else worst >= target)
-            if reached is None and ok:
-                reached = round(t, 2)
-    return curve, reached
+def summarize(
+    system: str, method: str, repeat: int, runs: list[NodeRun], t0: float, t_end: float, target, cfg, lower: bool
+) -> WanRun:
+    """One run's figures from its nodes' events (`_t`: time.monotonic() when read; `t0`: launch, `t_end`: the last
+    node's end), node i's steps from `cfg` (a SwarmConfig), the metric lower-is-better or not."""
+    nodes = [node_time(r, cfg.config_for(r.index).train.local_steps) for r in runs]
+    events = [(e["_t"] - t0, r.index, e["score"]) for r in runs for e in r.rounds if e.get("score") is not None]
+    curve, reached = worst_curve(events, len(runs), lower, target)
+    finals = [n.final for n in nodes if n.final is not None]
+    worst = (max(finals) if lower else min(finals)) if finals else None
+    return WanRun(system, method, repeat, nodes, reached, round(t_end - t0, 2), worst, curve)
 
 
 def run_atoll(
@@ -133,18 +130,8 @@ def run_atoll(
     cfg = testbed_swarm(swarm_cfg, bed)
     t0 = time.monotonic()
     runs = run_swarm(cfg, workdir, lambda runs: None, wrap=lambda i, argv: bed.exec_argv(bed.host(i), argv))
-    t_end = time.monotonic()
-    nodes = []
-    for r in runs:
-        n = node_time(r)
-        n.steps = n.rounds * swarm_cfg.config_for(r.index).train.local_steps
-        nodes.append(n)
     lower = not bool((runs[0].ready or {}).get("higher_is_better", True))
-    events = [(e["_t"] - t0, r.index, e["score"]) for r in runs for e in r.rounds if e.get("score") is not None]
-    curve, reached = worst_curve(events, len(runs), lower, target)
-    finals = [n.final for n in nodes if n.final is not None]
-    worst = (max(finals) if lower else min(finals)) if finals else None
-    return WanRun("atoll", method, repeat, nodes, reached, round(t_end - t0, 2), worst, curve)
+    return summarize("atoll", method, repeat, runs, t0, time.monotonic(), target, swarm_cfg, lower)
 
 
 def predict(

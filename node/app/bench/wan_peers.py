@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from node.app.bench.swarm import BenchError
-from node.app.bench.wan import WanRun, node_time, worst_curve
+from node.app.bench.wan import WanRun, summarize
 from node.app.swarm import NodeRun, _drain, spawn
 from node.app.testbed.testbed import Testbed
 from node.config import SwarmConfig
@@ -68,20 +68,6 @@ def _wait(nodes: list[NodeRun], helpers: list[NodeRun], timeout: float, system: 
     return t_end
 
 
-def _summary(system: str, method: str, repeat: int, nodes: list[NodeRun], t0: float, t_end: float, target, cfg):
-    times = []
-    for n in nodes:
-        t = node_time(n)
-        t.steps = t.rounds * cfg.config_for(n.index).train.local_steps
-        times.append(t)
-    lower = times and nodes[0].final.get("metric", "accuracy") != "accuracy"
-    events = [(e["_t"] - t0, n.index, e["score"]) for n in nodes for e in n.rounds if e.get("score") is not None]
-    curve, reached = worst_curve(events, len(nodes), lower, target)
-    finals = [t.final for t in times if t.final is not None]
-    worst = (max(finals) if lower else min(finals)) if finals else None
-    return WanRun(system, method, repeat, times, reached, round(t_end - t0, 2), worst, curve)
-
-
 def _run(
     swarm_cfg: SwarmConfig,
     bed: Testbed,
@@ -107,7 +93,8 @@ def _run(
         ]
         procs += nodes
         t_end = _wait(nodes, [helper], swarm_cfg.timeout, system)
-        return _summary(system, method, repeat, nodes, t0, t_end, target, swarm_cfg)
+        lower = nodes[0].final.get("metric", "accuracy") != "accuracy"  # perplexity: lower is better
+        return summarize(system, method, repeat, nodes, t0, t_end, target, swarm_cfg, lower)
     finally:
         for p in procs:
             kill_tree(p.proc.pid)

@@ -17,7 +17,7 @@ from pathlib import Path
 from node.app.bench.wan import WanRun, compare, run_atoll
 from node.app.testbed.profiles import HostLink, hosts
 from node.app.testbed.testbed import Testbed
-from node.config import SwarmConfig
+from node.config import SwarmConfig, apply_overrides
 
 COORDINATOR_LINK = HostLink(1000, 1000)  # Flower's server and torchft's Lighthouse: a datacenter machine
 
@@ -54,15 +54,10 @@ def atoll_methods(rounds: int) -> dict[str, dict]:
 
 
 def with_overrides(cfg: SwarmConfig, overrides: dict) -> SwarmConfig:
-    """`cfg` with dotted node overrides applied (validated again: raises pydantic's ValidationError)."""
+    """`cfg` with dotted node overrides applied as `--set` applies them (node.config.apply_overrides), validated
+    again: raises pydantic's ValidationError or ConfigError."""
     tree = cfg.model_dump(mode="json")
-    node = tree["node"]
-    for dotted, value in overrides.items():
-        *path, leaf = dotted.split(".")
-        d = node
-        for k in path:
-            d = d.setdefault(k, {})
-        d[leaf] = value
+    apply_overrides(tree["node"], overrides)
     return SwarmConfig.model_validate(tree)
 
 
