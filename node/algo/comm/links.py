@@ -159,9 +159,8 @@ def replay(
     idle_seconds = idle_seconds or {}
     nodes = {p: _Node(traces[p]) for p in ids}
     published: dict[tuple[str, tuple], float] = {}
-    pending: dict[tuple[str, tuple], list[int]] = {}  # transfers waiting for their source to publish
     flows: dict[int, list] = {}  # id -> [src index, dst index, bytes left, owner's peer id]: the active transfers
-    pending_flows: dict[int, list] = {}
+    pending: dict[tuple[str, tuple], dict[int, list]] = {}  # (source, key) -> transfers waiting for its publish
     arrived: dict[tuple, dict[str, float]] = {}
     publishers: dict[tuple, set[str]] = {}  # key -> the nodes whose traces publish it
     for p in ids:
@@ -193,9 +192,9 @@ def replay(
                 return
             elif isinstance(op, Publish):
                 published[(p, op.key)] = now
-                for fid in pending.pop((p, op.key), []):
-                    flows[fid] = pending_flows.pop(fid)
-                    dirty = True
+                waiting = pending.pop((p, op.key), {})
+                flows.update(waiting)
+                dirty = dirty or bool(waiting)
             elif isinstance(op, Fetch):
                 for source, key, nbytes in op.items:
                     if nbytes <= 0 or source == p:
@@ -207,8 +206,7 @@ def replay(
                         flows[fid] = flow
                         dirty = True
                     else:
-                        pending.setdefault((source, key), []).append(fid)
-                        pending_flows[fid] = flow
+                        pending.setdefault((source, key), {})[fid] = flow
                 if node.waiting:
                     node.since = now
                     return
