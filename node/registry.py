@@ -4,7 +4,8 @@ it implements exactly these with `check_registered` (so a name cannot be added i
 the config (which everything uses) depends on this file, not on the algorithms.
 
 - TOPOLOGIES: node/algo/comm/topology.py (gossip graphs);
-- AGGREGATORS: node/algo/aggregate/robust.py (how neighbour models are combined);
+- AGGREGATORS: node/algo/aggregate/robust.py (how neighbour models are combined); SLICE_AGGREGATORS, those that
+  also work slice by slice inside an all-reduce: node/algo/comm/allreduce.py;
 - ATTACKS and ATTACK_PARAMS: node/algo/security/attacks.py (attack rehearsals);
 - EXCHANGES, ALGORITHMS: node/protocol/rounds/ (the round protocols; ranks: FRL, node/algo/frl.py);
 - DISTILL_METHODS: node/algo/distill/ (logit exchange).
@@ -12,6 +13,7 @@ the config (which everything uses) depends on this file, not on the algorithms.
 
 TOPOLOGIES = ("ring", "torus", "exponential", "random", "complete")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "clipped", "sybilwall", "bristle")
+SLICE_AGGREGATORS = ("mean", "median", "trimmed_mean")
 ATTACKS = ("label_flip", "sign_flip", "gaussian", "alie", "ipm", "free_ride", "sybil", "reverse")
 ATTACK_PARAMS = ("scale", "sigma", "epsilon", "z", "free_ride_mode", "jitter", "data_of")
 EXCHANGES = ("model", "logits", "ranks")

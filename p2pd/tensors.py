@@ -219,6 +219,7 @@ KINDS = {
     "delta": pb.SNAPSHOT_KIND_DELTA,
     "estimate": pb.SNAPSHOT_KIND_ESTIMATE,
     "ranks": pb.SNAPSHOT_KIND_RANKS,
+    "shard": pb.SNAPSHOT_KIND_SHARD,
 }
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
 

@@ -36,10 +36,17 @@ CASES = {
     # CHOCO-SGD: top-k deltas against public estimates, with error feedback (two kinds of snapshots)
     "choco_topk_ef": {"comm": {"codec": "topk", "topk_ratio": 0.1, "error_feedback": True}},
     "frl": {"comm": {"exchange": "ranks"}, "model": {"width": 64}},
-    # DiLoCo: AdamW inner steps, Nesterov outer steps; and on int8 CHOCO estimates, median of pseudo-gradients
+    # DiLoCo: AdamW inner steps, Nesterov outer steps over gossip; and over the all-reduce (reduce-scatter,
+    # all-gather) of top-k 2-bit pseudo-gradients with error feedback, each slice's median
     "diloco": {"comm": {"algorithm": "diloco"}, "optim": {"name": "adamw", "lr": 0.01}},
-    "diloco_int8_ef_median": {
-        "comm": {"algorithm": "diloco", "codec": "int8", "error_feedback": True},
+    "diloco_allreduce_topk2bit_median": {
+        "comm": {
+            "algorithm": "diloco",
+            "outer_average": "all_reduce",
+            "codec": "topk2bit",
+            "topk_ratio": 0.05,
+            "error_feedback": True,
+        },
         "security": {"aggregator": "median"},
     },
 }

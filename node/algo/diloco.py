@@ -24,6 +24,20 @@ def pseudo_gradient(start: Mapping[str, torch.Tensor], average: Mapping[str, tor
     return {k: start[k] - average[k] for k, v in start.items() if v.is_floating_point()}
 
 
+def nesterov(
+    start: Mapping[str, torch.Tensor],
+    g: Mapping[str, torch.Tensor],
+    momentum: Mapping[str, torch.Tensor] | None,
+    lr: float,
+    mu: float,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(new floating tensors, new momentum buffers): one Nesterov step from `start` on the pseudo-gradient `g` (a
+    tensor per floating tensor of `start`, same shapes). `momentum`: the last step's buffers, None on the first;
+    `lr` > 0 and `mu` in [0, 1). Raises KeyError when a tensor is missing."""
+    buf = {k: (g[k].clone() if momentum is None else mu * momentum[k] + g[k]) for k in g}
+    return {k: start[k] - lr * (g[k] + mu * buf[k]) for k in g}, buf
+
+
 def outer_step(
     start: Mapping[str, torch.Tensor],
     average: Mapping[str, torch.Tensor],
@@ -34,7 +48,5 @@ def outer_step(
     """(new parameters, new momentum buffers): one Nesterov outer step from `start` on the pseudo-gradient
     start - `average` (floating tensors; the others are taken from `average`). `momentum`: the buffers of the last
     step, None on the first; `lr` > 0 and `mu` in [0, 1). Raises KeyError when a tensor is missing."""
-    g = pseudo_gradient(start, average)
-    buf = {k: (g[k].clone() if momentum is None else mu * momentum[k] + g[k]) for k in g}
-    new = {k: (start[k] - lr * (g[k] + mu * buf[k]) if k in g else average[k].clone()) for k in start}
-    return new, buf
+    moved, buf = nesterov(start, pseudo_gradient(start, average), momentum, lr, mu)
+    return {k: moved[k] if k in moved else average[k].clone() for k in start}, buf

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from node.registry import SLICE_AGGREGATORS
+
 if TYPE_CHECKING:  # the rules read a NodeConfig; node.py imports this module
     from node.config.node import NodeConfig
 
@@ -102,6 +104,8 @@ def diloco_every_round(cfg: NodeConfig) -> None:
     """comm.algorithm diloco averages models every round: no gossip schedule, and it needs model exchange."""
     c = cfg.comm
     if c.algorithm != "diloco":
+        if c.outer_average != "gossip":
+            raise ValueError("comm.outer_average all_reduce is for comm.algorithm diloco")
         return
     clash = _named(
         (f"comm.exchange: {c.exchange}", c.exchange != "model"),
@@ -111,6 +115,18 @@ def diloco_every_round(cfg: NodeConfig) -> None:
     )
     if clash:
         raise ValueError(f"comm.algorithm diloco averages every round: unset {', '.join(clash)}")
+    if c.outer_average == "all_reduce":
+        rule = cfg.security.aggregator
+        if rule not in SLICE_AGGREGATORS:
+            raise ValueError(
+                f"security.aggregator {rule} compares whole updates, which no member of an all-reduce sees: use "
+                f"{', '.join(SLICE_AGGREGATORS)} with comm.outer_average all_reduce, or comm.outer_average gossip"
+            )
+        if c.allreduce_group > c.keep_snapshots:
+            raise ValueError(
+                f"comm.allreduce_group {c.allreduce_group} needs comm.keep_snapshots >= it (a member holds one slice "
+                f"per member), got {c.keep_snapshots}"
+            )
 
 
 RULES: tuple[Callable[[NodeConfig], None], ...] = (

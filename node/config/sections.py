@@ -117,6 +117,14 @@ class CommConfig(_Strict):
     )
     outer_lr: float = Field(0.7, gt=0, le=10, description="diloco: the outer Nesterov SGD's learning rate")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: the outer Nesterov SGD's momentum")
+    outer_average: Literal["gossip", "all_reduce"] = Field(
+        "gossip",
+        description="diloco: average pseudo-gradients over the round's gossip graph (no step needs every node), or by "
+        "an all-reduce in groups of comm.allreduce_group (every member takes the same step, weighted by samples)",
+    )
+    allreduce_group: int = Field(
+        8, ge=2, le=16, description="outer_average all_reduce: most members of a group (at most keep_snapshots)"
+    )
     modest_trainers: int = Field(4, ge=1, description="modest: nodes sampled to train each round")
     modest_aggregators: int = Field(2, ge=1, description="modest: nodes sampled to aggregate each round")
     schedule: Literal["constant", "late"] = Field(

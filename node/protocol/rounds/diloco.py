@@ -15,17 +15,27 @@ Round r of node i, from its parameters theta_i:
 4. the outer step (node/algo/diloco.py): Nesterov SGD with comm.outer_lr and comm.outer_momentum on theta_i - m_i,
    from theta_i, with the node's own momentum buffers.
 
-Every robust aggregator, the trust tracker and the attack rehearsals work unchanged: an update is measured from
-the round's start, so what they judge is each neighbour's pseudo-gradient (a forger of sign_flip publishes
-theta - s (theta' - theta): its pseudo-gradient reversed and amplified). On a complete graph with plain mixing,
-every node takes the exact average of every pseudo-gradient (DiLoCo as published, without its all-reduce).
+With `comm.outer_average: all_reduce`, steps 2-3 are instead an all-reduce of the pseudo-gradients theta_i - theta_i'
+in groups of comm.allreduce_group (node/protocol/allreduce.py: reduce-scatter then all-gather over signed snapshots,
+no coordinator), each weighted by the samples behind it, so every member of a group takes the same outer step (DiLoCo
+as published when the swarm is one group). Codecs there code the pseudo-gradient, with SparseLoCo's error feedback;
+the aggregator works slice by slice (mean, median, trimmed_mean); the trust tracker does not run (it needs whole
+updates, which no member of an all-reduce sees).
 
-Papers: DiLoCo, arXiv 2311.08105; NoLoCo, arXiv 2506.10911; CHOCO-SGD, arXiv 1902.00340.
+In gossip averaging, every robust aggregator, the trust tracker and the attack rehearsals work unchanged: an update
+is measured from the round's start, so what they judge is each neighbour's pseudo-gradient (a forger of sign_flip
+publishes theta - s (theta' - theta): its pseudo-gradient reversed and amplified). On a complete graph with plain
+mixing, every node takes the exact average of every pseudo-gradient (DiLoCo as published, without its all-reduce).
+
+Papers: DiLoCo, arXiv 2311.08105; NoLoCo, arXiv 2506.10911; CHOCO-SGD, arXiv 1902.00340; SparseLoCo,
+arXiv 2508.15706; Moshpit SGD, arXiv 2103.03239.
 """
 
 from __future__ import annotations
 
-from node.algo.diloco import outer_step
+from node.algo.aggregate.vectors import flatten, float_keys, unflatten
+from node.algo.diloco import nesterov, outer_step
+from node.protocol.allreduce import SlicedAllReduce
 from node.protocol.rounds import RoundResult
 from node.protocol.rounds.gossip import GossipRounds
 
@@ -40,6 +50,9 @@ class DiLoCoRounds(GossipRounds):
         codec setting out of range."""
         super().__init__(cfg, worker, exchange)
         self.momentum = None
+        self.allreduce = (
+            SlicedAllReduce(cfg.comm, cfg.security, cfg.train.seed) if cfg.comm.outer_average == "all_reduce" else None
+        )
 
     def run(self, r: int) -> RoundResult:
         """Round r: inner steps, one gossip step of the parameters, the outer step. Raises NonFinite."""
@@ -49,9 +62,33 @@ class DiLoCoRounds(GossipRounds):
         result = RoundResult(w.train(r, stop=self.exchange.stopping))
         if self.exchange.stopping():
             return result
+        if self.allreduce is not None:
+            self._all_reduce(r, start, result)
+            return result
         self._step(r, 0, start, result, round(result.stats.samples_per_second, 3))
         if self.exchange.stopping():
             return result
         new, self.momentum = outer_step(start, w.state(), self.momentum, c.outer_lr, c.outer_momentum)
         w.load(new)
         return result
+
+    def _all_reduce(self, r: int, start: dict, result: RoundResult) -> None:
+        """Steps 2-4 by the all-reduce: the group's average pseudo-gradient (one group), or average model (several:
+        the pull towards the group's parameters is part of the step), then the outer step."""
+        w, c = self.worker, self.cfg.comm
+        own = w.state()
+        published = own if self.forger is None else self.forger.forge(start, own, r, 0)
+        keys = float_keys(start)
+        origin, after = flatten(start, keys), flatten(published, keys)
+        group, several = self.allreduce.plan(self.exchange, r)
+        vector = after if several else origin - after
+        sps = round(result.stats.samples_per_second, 3)
+        weight = max(result.stats.samples, 1)
+        done = self.allreduce.run(self.exchange, r, group, vector, weight, several, samples_per_second=sps)
+        result.members, result.mixed = len(done.group), done.answered
+        if self.forger is not None and not self.forger.mixes:
+            return
+        floats = {k: start[k] for k in keys}
+        g = unflatten(origin - done.vector if several else done.vector, floats, keys)
+        moved, self.momentum = nesterov(floats, g, self.momentum, c.outer_lr, c.outer_momentum)
+        w.load({k: moved[k] if k in moved else own[k] for k in own})

@@ -1,0 +1,141 @@
+"""An all-reduce over signed snapshots, with no coordinator: reduce-scatter, then all-gather (the arithmetic and its
+papers: node/algo/comm/allreduce.py).
+
+Round r, for a member at position k of its group of n (node.algo.comm.allreduce.group_of):
+1. its flat vector x (plus, with comm.error_feedback, what the codec dropped before: SparseLoCo's error feedback,
+   arXiv 2508.15706) is cut into n slices, each coded with comm.codec; it publishes slice j as snapshot
+   (shard, r, j) for every other member j, with the samples behind it and the group's tag;
+2. it fetches (shard, r, k) from every other member and reduces slice k (`security.aggregator`: the mean weighted
+   by samples, or the coordinate-wise median or trimmed mean), in peer-id order;
+3. it publishes the reduced slice as (shard, r, REDUCED) (coded with comm.codec when that codec is dense; a sparse
+   codec would drop most of a sum, so it then travels as int8), and fetches every other member's;
+4. the result is the reduced slices in order. A slice whose part or whose owner did not arrive by comm.fetch_timeout
+   is the member's own (its pseudo-gradient there, not the average), and the result says which owners answered.
+
+Every member decodes the same bytes and reduces in the same order, so all members (and the simulator, which runs
+this code over its in-memory exchange) hold the same bits. Bytes per member and round: 2 (n - 1) / n coded vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from node.algo.comm.allreduce import bounds, group_of, reduce_slice, tag
+from p2pd.codecs import Codec, decode
+from p2pd.errors import ReasonedError
+from p2pd.tensors import SnapshotKey
+
+REDUCED = 1 << 20  # the step of a reduced slice's snapshot; slices for member j are step j < REDUCED
+SPARSE = ("topk", "topk2bit")
+
+
+@dataclass
+class Reduced:
+    """What one all-reduce gave: `vector` (flat float32, the input's length), the sorted `group`, and `answered`: the
+    other members whose reduced slice arrived (the others' slices are this member's own)."""
+
+    vector: torch.Tensor
+    group: list[str]
+    answered: list[str] = field(default_factory=list)
+
+
+def _check(own_tag: int, lengths: set[int], reduced: bool):
+    """The `accept` of a slice snapshot: names, dtype, a length in `lengths` and the tag as this member expects;
+    ReasonedError (incompatible) otherwise."""
+
+    def accept(theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        names = {"g", "w", "tag"} | ({"n"} if reduced else set())
+        g, w, t = theirs.get("g"), theirs.get("w"), theirs.get("tag")
+        if (
+            set(theirs) != names
+            or g is None
+            or g.dtype != torch.float32
+            or g.dim() != 1
+            or g.numel() not in lengths
+            or w is None
+            or w.dtype != torch.float64
+            or w.numel() != 1
+            or not bool(torch.isfinite(w).all())
+            or float(w) < 0
+            or t is None
+            or t.dtype != torch.int64
+            or t.numel() != 1
+            or int(t) != own_tag
+        ):
+            raise ReasonedError("incompatible", "slice does not fit this all-reduce (another group, model or layout)")
+        return theirs
+
+    return accept
+
+
+class SlicedAllReduce:
+    """One node's side of the all-reduce (see the module docstring). `residual`: with error feedback, what the codec
+    dropped so far (flat float32), else None."""
+
+    def __init__(self, comm, security, seed: int):
+        """`comm`: the CommConfig (`allreduce_group`, `codec`, `topk_ratio`, `int8_block`, `error_feedback`);
+        `security`: the SecurityConfig (`aggregator` one of node.algo.comm.allreduce.RULES, `byzantine_fraction`);
+        `seed`: train.seed (the groups of every round). Raises ValueError for a codec setting out of range."""
+        self.size, self.seed = comm.allreduce_group, seed
+        self.codec = Codec(comm.codec, comm.topk_ratio, comm.int8_block)
+        # what sparse codecs leave to a dense one: sums (reduced slices) and models
+        self.dense = Codec("int8", block=comm.int8_block) if comm.codec in SPARSE else self.codec
+        self.feedback = comm.error_feedback
+        self.rule, self.fraction = security.aggregator, security.byzantine_fraction
+        self.residual: torch.Tensor | None = None
+
+    def _coded(self, x: torch.Tensor, codec: Codec):
+        """(what travels, what a receiver decodes) for slice `x` under `codec`."""
+        if codec.name == "none" or not codec.applies("g", x):
+            return x, x
+        c = codec.encode(x)
+        return c, decode(c).to(torch.float32)
+
+    def plan(self, exchange, r: int) -> tuple[list[str], bool]:
+        """(this member's sorted group in round `r`, whether the live swarm is cut into several groups)."""
+        everyone = [m.peer_id for m in exchange.members(r)]
+        return group_of(exchange.me, everyone, self.size, self.seed, r), len({*everyone, exchange.me}) > self.size
+
+    def run(self, exchange, r: int, group: list[str], vector: torch.Tensor, weight: float, models: bool, **record):
+        """All-reduce `vector` (flat float32 CPU) with `group` (from `plan`) through `exchange`
+        (node.protocol.exchange), `weight`: the samples behind it (> 0); `models`: the vector is a model, not a
+        pseudo-gradient (a dense codec, no error feedback); `record`: progress fields for the peer record. Returns
+        a Reduced. Raises ValueError for a vector that is not flat float32."""
+        if vector.dtype != torch.float32 or vector.dim() != 1:
+            raise ValueError("the all-reduce takes one flat float32 vector")
+        me = exchange.me
+        n, k = len(group), group.index(me)
+        feedback = self.feedback and not models
+        x = vector if self.residual is None or not feedback else vector + self.residual
+        cuts = bounds(x.numel(), n)
+        marked = tag(group, x.numel(), models)
+        mark = {"w": torch.tensor([float(weight)], dtype=torch.float64), "tag": torch.tensor([marked])}
+        sent = []  # each slice as its receiver decodes it
+        for j, (lo, hi) in enumerate(cuts):
+            wire, seen = self._coded(x[lo:hi].clone(), self.dense if models else self.codec)
+            sent.append(seen)
+            if j != k:
+                exchange.publish(SnapshotKey("shard", r, j), {"g": wire, **mark}, **record)
+        if feedback:
+            self.residual = x - torch.cat(sent)
+        if n == 1:
+            exchange.note(r, 0, **record)
+            return Reduced(torch.cat(sent), group)
+        others = [p for p in group if p != me]
+        lo, hi = cuts[k]
+        parts = exchange.fetch_many(others, SnapshotKey("shard", r, k), _check(marked, {hi - lo}, False))
+        who = sorted([me, *parts])
+        mine = {me: (sent[k], float(weight))} | {p: (s["g"], float(s["w"])) for p, s in parts.items()}
+        reduced = reduce_slice([mine[p][0] for p in who], [mine[p][1] for p in who], self.rule, self.fraction)
+        wire, seen = self._coded(reduced, self.dense)
+        total = torch.tensor([sum(mine[p][1] for p in who)], dtype=torch.float64)
+        count = torch.tensor([len(who)])
+        reduced_snapshot = {"g": wire, "w": total, "tag": mark["tag"], "n": count}
+        exchange.publish(SnapshotKey("shard", r, REDUCED), reduced_snapshot, **record)
+        lengths = {b - a for a, b in cuts}
+        got = exchange.fetch_many(others, SnapshotKey("shard", r, REDUCED), _check(marked, lengths, True))
+        gathered = {p: got[p]["g"] for j, p in enumerate(group) if p in got and got[p]["g"].numel() == len(sent[j])}
+        slices = [seen if p == me else gathered.get(p, sent[j]) for j, p in enumerate(group)]
+        return Reduced(torch.cat(slices), group, sorted(gathered))
