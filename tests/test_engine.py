@@ -36,13 +36,17 @@ CASES = {
     # CHOCO-SGD: top-k deltas against public estimates, with error feedback (two kinds of snapshots)
     "choco_topk_ef": {"comm": {"codec": "topk", "topk_ratio": 0.1, "error_feedback": True}},
     "frl": {"comm": {"exchange": "ranks"}, "model": {"width": 64}},
-    # DiLoCo: AdamW inner steps, Nesterov outer steps over gossip; and over the all-reduce (reduce-scatter,
-    # all-gather) of top-k 2-bit pseudo-gradients with error feedback, each slice's median
+    # DiLoCo: AdamW inner steps, Nesterov outer steps over gossip; and streamed in 2 fragments over the all-reduce
+    # (reduce-scatter, all-gather: a background thread while 2 inner steps go on) of top-k 2-bit pseudo-gradients
+    # with error feedback, each slice's median
     "diloco": {"comm": {"algorithm": "diloco"}, "optim": {"name": "adamw", "lr": 0.01}},
-    "diloco_allreduce_topk2bit_median": {
+    "diloco_allreduce_streamed_topk2bit_median": {
+        "train": {"rounds": ROUNDS, "local_steps": 6},
         "comm": {
             "algorithm": "diloco",
             "outer_average": "all_reduce",
+            "fragments": 2,
+            "sync_delay": 2,
             "codec": "topk2bit",
             "topk_ratio": 0.05,
             "error_feedback": True,

@@ -103,9 +103,14 @@ def ranks_and_security(cfg: NodeConfig) -> None:
 def diloco_every_round(cfg: NodeConfig) -> None:
     """comm.algorithm diloco averages models every round: no gossip schedule, and it needs model exchange."""
     c = cfg.comm
+    streamed = c.fragments > 1 or c.sync_delay > 0
+    if c.algorithm != "diloco" or c.outer_average != "all_reduce":
+        if c.outer_average != "gossip" or streamed:
+            raise ValueError(
+                "comm.outer_average all_reduce is for comm.algorithm diloco, and comm.fragments and comm.sync_delay "
+                "(Streaming DiLoCo) for diloco with comm.outer_average all_reduce"
+            )
     if c.algorithm != "diloco":
-        if c.outer_average != "gossip":
-            raise ValueError("comm.outer_average all_reduce is for comm.algorithm diloco")
         return
     clash = _named(
         (f"comm.exchange: {c.exchange}", c.exchange != "model"),
@@ -122,11 +127,30 @@ def diloco_every_round(cfg: NodeConfig) -> None:
                 f"security.aggregator {rule} compares whole updates, which no member of an all-reduce sees: use "
                 f"{', '.join(SLICE_AGGREGATORS)} with comm.outer_average all_reduce, or comm.outer_average gossip"
             )
+        _streaming(cfg)
         if c.allreduce_group > c.keep_snapshots:
             raise ValueError(
                 f"comm.allreduce_group {c.allreduce_group} needs comm.keep_snapshots >= it (a member holds one slice "
                 f"per member), got {c.keep_snapshots}"
             )
+
+
+def _streaming(cfg: NodeConfig) -> None:
+    """Streaming DiLoCo cuts every round into comm.fragments equal parts of fixed steps."""
+    c, t = cfg.comm, cfg.train
+    if c.fragments == 1 and c.sync_delay == 0:
+        return
+    if t.local_seconds is not None:
+        raise ValueError(
+            "comm.fragments and comm.sync_delay cut a round of train.local_steps: unset train.local_seconds"
+        )
+    if t.local_steps % c.fragments:
+        raise ValueError(f"train.local_steps {t.local_steps} must be a multiple of comm.fragments {c.fragments}")
+    if c.sync_delay > t.local_steps // c.fragments:
+        raise ValueError(
+            f"comm.sync_delay {c.sync_delay} must be at most train.local_steps / comm.fragments "
+            f"({t.local_steps // c.fragments}): a fragment's outer step lands before the next one leaves"
+        )
 
 
 RULES: tuple[Callable[[NodeConfig], None], ...] = (

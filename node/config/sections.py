@@ -122,6 +122,22 @@ class CommConfig(_Strict):
         description="diloco: average pseudo-gradients over the round's gossip graph (no step needs every node), or by "
         "an all-reduce in groups of comm.allreduce_group (every member takes the same step, weighted by samples)",
     )
+    fragments: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="diloco over all_reduce: Streaming DiLoCo's fragments, each synchronised once a round on a "
+        "stagger (train.local_steps a multiple of it)",
+    )
+    sync_delay: int = Field(
+        0, ge=0, description="streaming: inner steps that run while a fragment's all-reduce travels (tau)"
+    )
+    stream_mix: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="streaming with sync_delay: share of the live fragment kept when the outer step lands",
+    )
     allreduce_group: int = Field(
         8, ge=2, le=16, description="outer_average all_reduce: most members of a group (at most keep_snapshots)"
     )

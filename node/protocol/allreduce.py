@@ -1,14 +1,15 @@
 """An all-reduce over signed snapshots, with no coordinator: reduce-scatter, then all-gather (the arithmetic and its
 papers: node/algo/comm/allreduce.py).
 
-Round r, for a member at position k of its group of n (node.algo.comm.allreduce.group_of):
+Round r, for a member at position k of its group of n (node.algo.comm.allreduce.group_of), and fragment f of the
+model (Streaming DiLoCo's, node/protocol/rounds/streaming.py; f = 0 for the whole model):
 1. its flat vector x (plus, with comm.error_feedback, what the codec dropped before: SparseLoCo's error feedback,
    arXiv 2508.15706) is cut into n slices, each coded with comm.codec; it publishes slice j as snapshot
-   (shard, r, j) for every other member j, with the samples behind it and the group's tag;
-2. it fetches (shard, r, k) from every other member and reduces slice k (`security.aggregator`: the mean weighted
-   by samples, or the coordinate-wise median or trimmed mean), in peer-id order;
-3. it publishes the reduced slice as (shard, r, REDUCED) (coded with comm.codec when that codec is dense; a sparse
-   codec would drop most of a sum, so it then travels as int8), and fetches every other member's;
+   (shard, r, f * STRIDE + j) for every other member j, with the samples behind it and the group's tag;
+2. it fetches (shard, r, f * STRIDE + k) from every other member and reduces slice k (`security.aggregator`: the
+   mean weighted by samples, or the coordinate-wise median or trimmed mean), in peer-id order;
+3. it publishes the reduced slice as (shard, r, f * STRIDE + REDUCED) (coded with comm.codec when that codec is
+   dense; a sparse codec would drop most of a sum, so it then travels as int8), and fetches every other member's;
 4. the result is the reduced slices in order. A slice whose part or whose owner did not arrive by comm.fetch_timeout
    is the member's own (its pseudo-gradient there, not the average), and the result says which owners answered.
 
@@ -27,7 +28,11 @@ from p2pd.codecs import Codec, decode
 from p2pd.errors import ReasonedError
 from p2pd.tensors import SnapshotKey
 
-REDUCED = 1 << 20  # the step of a reduced slice's snapshot; slices for member j are step j < REDUCED
+# Fragment f's snapshots take steps f * STRIDE + j (its slice for member j) and f * STRIDE + REDUCED (the reduced
+# slice): in the order a node publishes them, as a fetcher takes a peer whose record shows a later step for one that
+# moved past the snapshot it waits for.
+STRIDE = 32
+REDUCED = STRIDE - 1  # more than the largest group (comm.allreduce_group <= 16)
 SPARSE = ("topk", "topk2bit")
 
 
@@ -72,7 +77,7 @@ def _check(own_tag: int, lengths: set[int], reduced: bool):
 
 class SlicedAllReduce:
     """One node's side of the all-reduce (see the module docstring). `residual`: with error feedback, what the codec
-    dropped so far (flat float32), else None."""
+    dropped so far, per fragment (flat float32)."""
 
     def __init__(self, comm, security, seed: int):
         """`comm`: the CommConfig (`allreduce_group`, `codec`, `topk_ratio`, `int8_block`, `error_feedback`);
@@ -84,7 +89,7 @@ class SlicedAllReduce:
         self.dense = Codec("int8", block=comm.int8_block) if comm.codec in SPARSE else self.codec
         self.feedback = comm.error_feedback
         self.rule, self.fraction = security.aggregator, security.byzantine_fraction
-        self.residual: torch.Tensor | None = None
+        self.residual: dict[int, torch.Tensor] = {}  # per fragment
 
     def _coded(self, x: torch.Tensor, codec: Codec):
         """(what travels, what a receiver decodes) for slice `x` under `codec`."""
@@ -98,34 +103,48 @@ class SlicedAllReduce:
         everyone = [m.peer_id for m in exchange.members(r)]
         return group_of(exchange.me, everyone, self.size, self.seed, r), len({*everyone, exchange.me}) > self.size
 
-    def run(self, exchange, r: int, group: list[str], vector: torch.Tensor, weight: float, models: bool, **record):
+    def run(
+        self,
+        exchange,
+        r: int,
+        group: list[str],
+        vector: torch.Tensor,
+        weight: float,
+        models: bool,
+        fragment: int = 0,
+        **record,
+    ) -> Reduced:
         """All-reduce `vector` (flat float32 CPU) with `group` (from `plan`) through `exchange`
         (node.protocol.exchange), `weight`: the samples behind it (> 0); `models`: the vector is a model, not a
-        pseudo-gradient (a dense codec, no error feedback); `record`: progress fields for the peer record. Returns
-        a Reduced. Raises ValueError for a vector that is not flat float32."""
+        pseudo-gradient (a dense codec, no error feedback); `fragment`: which of Streaming DiLoCo's fragments (0 for
+        the whole model); `record`: progress fields for the peer record. Raises ValueError for a vector that is not
+        flat float32."""
         if vector.dtype != torch.float32 or vector.dim() != 1:
             raise ValueError("the all-reduce takes one flat float32 vector")
         me = exchange.me
         n, k = len(group), group.index(me)
         feedback = self.feedback and not models
-        x = vector if self.residual is None or not feedback else vector + self.residual
+        residual = self.residual.get(fragment)
+        x = vector + residual if feedback and residual is not None and residual.shape == vector.shape else vector
         cuts = bounds(x.numel(), n)
-        marked = tag(group, x.numel(), models)
+        marked = tag(group, x.numel(), models, fragment)
         mark = {"w": torch.tensor([float(weight)], dtype=torch.float64), "tag": torch.tensor([marked])}
         sent = []  # each slice as its receiver decodes it
         for j, (lo, hi) in enumerate(cuts):
             wire, seen = self._coded(x[lo:hi].clone(), self.dense if models else self.codec)
             sent.append(seen)
             if j != k:
-                exchange.publish(SnapshotKey("shard", r, j), {"g": wire, **mark}, **record)
+                exchange.publish(SnapshotKey("shard", r, fragment * STRIDE + j), {"g": wire, **mark}, **record)
         if feedback:
-            self.residual = x - torch.cat(sent)
+            self.residual[fragment] = x - torch.cat(sent)
         if n == 1:
             exchange.note(r, 0, **record)
             return Reduced(torch.cat(sent), group)
         others = [p for p in group if p != me]
         lo, hi = cuts[k]
-        parts = exchange.fetch_many(others, SnapshotKey("shard", r, k), _check(marked, {hi - lo}, False))
+        parts = exchange.fetch_many(
+            others, SnapshotKey("shard", r, fragment * STRIDE + k), _check(marked, {hi - lo}, False)
+        )
         who = sorted([me, *parts])
         mine = {me: (sent[k], float(weight))} | {p: (s["g"], float(s["w"])) for p, s in parts.items()}
         reduced = reduce_slice([mine[p][0] for p in who], [mine[p][1] for p in who], self.rule, self.fraction)
@@ -133,9 +152,11 @@ class SlicedAllReduce:
         total = torch.tensor([sum(mine[p][1] for p in who)], dtype=torch.float64)
         count = torch.tensor([len(who)])
         reduced_snapshot = {"g": wire, "w": total, "tag": mark["tag"], "n": count}
-        exchange.publish(SnapshotKey("shard", r, REDUCED), reduced_snapshot, **record)
+        exchange.publish(SnapshotKey("shard", r, fragment * STRIDE + REDUCED), reduced_snapshot, **record)
         lengths = {b - a for a, b in cuts}
-        got = exchange.fetch_many(others, SnapshotKey("shard", r, REDUCED), _check(marked, lengths, True))
+        got = exchange.fetch_many(
+            others, SnapshotKey("shard", r, fragment * STRIDE + REDUCED), _check(marked, lengths, True)
+        )
         gathered = {p: got[p]["g"] for j, p in enumerate(group) if p in got and got[p]["g"].numel() == len(sent[j])}
         slices = [seen if p == me else gathered.get(p, sent[j]) for j, p in enumerate(group)]
         return Reduced(torch.cat(slices), group, sorted(gathered))

@@ -196,12 +196,13 @@ class Simulation:
 
 
 def _record_steps(worker: Worker, record) -> None:
-    """Make `worker.train` call `record(steps)` with the local steps each round took."""
+    """Make `worker.train` call `record(steps)` with the local steps each round (or part of a round) took."""
     train = worker.train
 
-    def recorded(r, stop=lambda: False):
-        stats = train(r, stop)
-        record(stats.steps)
+    def recorded(r, stop=lambda: False, **part):
+        stats = train(r, stop, **part)
+        if stats.steps:
+            record(stats.steps)
         return stats
 
     worker.train = recorded

@@ -222,9 +222,11 @@ class Worker:
             raise KeyError(f"tensors that do not travel: {sorted(extra)[:3]}")
         self.model.load_state_dict(state, strict=False)
 
-    def train(self, r: int, stop=lambda: False) -> RoundStats:
+    def train(self, r: int, stop=lambda: False, steps: int | None = None, gen=None) -> RoundStats:
         """Local training of round r with the round's step size (`optim.schedule`); raises
-        NonFinite before anything of it can be published."""
+        NonFinite before anything of it can be published. `steps` and `gen` train a part of the round
+        (Streaming DiLoCo's fragments): that many steps, continuing the round's batch generator
+        (`self.trainer.batches(r)`)."""
         cfg = self.cfg
         o, t = cfg.optim, cfg.train
         if self._base_lrs is None:
@@ -233,7 +235,10 @@ class Worker:
             factor = round_lr(1.0, o.schedule, r, t.rounds, o.final_lr_fraction)
             for group, lr in zip(self.optimizer.param_groups, self._base_lrs):
                 group["lr"] = lr * factor
-        stats = self.trainer.train_round(r, t.local_steps, t.local_seconds, stop=stop)
+        if steps is not None:
+            stats = self.trainer.train_round(r, steps, None, stop=stop, gen=gen)
+        else:
+            stats = self.trainer.train_round(r, t.local_steps, t.local_seconds, stop=stop)
         if stats.steps and not math.isfinite(stats.loss):
             raise NonFinite("loss")
         if not self.all_finite():

@@ -47,11 +47,28 @@ def group_of(me: str, members: Sequence[str], size: int, seed: int, round_: int)
     return next(g for g in groups([*members, me], size, seed, round_) if me in g)
 
 
-def tag(group: Sequence[str], numel: int, models: bool = False) -> int:
-    """A 63-bit tag of (the sorted group, the vector's length, whether it holds models or pseudo-gradients): slices
-    cut for another group, model or kind of vector are told apart and refused, never summed."""
-    h = hashlib.blake2b(f"{numel}|{int(models)}|{'|'.join(sorted(group))}".encode(), digest_size=8).digest()
+def tag(group: Sequence[str], numel: int, models: bool = False, fragment: int = 0) -> int:
+    """A 63-bit tag of (the sorted group, the vector's length, whether it holds models or pseudo-gradients, which
+    fragment of the model): slices cut for another group, model, kind of vector or fragment are told apart and
+    refused, never summed."""
+    key = f"{numel}|{int(models)}|{fragment}|{'|'.join(sorted(group))}"
+    h = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") >> 1
+
+
+def fragments(sizes: dict[str, int], count: int) -> list[list[str]]:
+    """Streaming DiLoCo's fragments (arXiv 2501.18512): the tensors named in `sizes` (name -> values) dealt into
+    `count` groups of near-equal values, largest first to the lightest group (ties: the lower index), each sorted.
+    Deterministic, so every node cuts the same fragments. Raises ValueError for count < 1 or more groups than
+    tensors."""
+    if not 1 <= count <= len(sizes):
+        raise ValueError(f"{count} fragments of {len(sizes)} tensors")
+    load, out = [0] * count, [[] for _ in range(count)]
+    for name in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        i = min(range(count), key=lambda j: (load[j], j))
+        out[i].append(name)
+        load[i] += sizes[name]
+    return [sorted(f) for f in out]
 
 
 def bounds(numel: int, parts: int) -> list[tuple[int, int]]:

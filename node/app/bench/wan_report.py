@@ -22,11 +22,22 @@ from node.config import SwarmConfig, apply_overrides
 COORDINATOR_LINK = HostLink(1000, 1000)  # Flower's server and torchft's Lighthouse: a datacenter machine
 
 
+# SparseLoCo's compression: the top 64 of every 4,096 values, 2-bit values, error feedback
+SPARSELOCO = {
+    "comm.codec": "topk2bit",
+    "comm.topk_ratio": 1 / 64,
+    "comm.int8_block": 4096,
+    "comm.error_feedback": True,
+}
+STREAMED = {"comm.outer_average": "all_reduce", "comm.fragments": 4, "comm.sync_delay": 5}
+
+
 def atoll_methods(rounds: int) -> dict[str, dict]:
     """atoll's methods as comm overrides: gossip every round, the late schedule (a third of the rounds' gossip,
     late) with the final all-reduce merge, CHOCO-SGD gossip with int8 and with top-5% values (both with error
-    feedback), DiLoCo over gossip (outer Nesterov lr 0.7, momentum 0.9), and DiLoCo with SparseLoCo's compression
-    (top 64 of every 4,096 values, 2-bit, with error feedback)."""
+    feedback), DiLoCo over gossip (outer Nesterov lr 0.7, momentum 0.9), DiLoCo with SparseLoCo's compression
+    (top 64 of every 4,096 values, 2-bit, with error feedback), DiLoCo over the all-reduce, and Streaming DiLoCo over
+    it (4 fragments, each all-reduce running during 5 inner steps), plain and with SparseLoCo's compression."""
     return {
         "gossip": {"comm.algorithm": "gossip"},
         "late_merge": {
@@ -43,13 +54,10 @@ def atoll_methods(rounds: int) -> dict[str, dict]:
             "comm.error_feedback": True,
         },
         "diloco": {"comm.algorithm": "diloco"},
-        "diloco_topk2bit": {
-            "comm.algorithm": "diloco",
-            "comm.codec": "topk2bit",
-            "comm.topk_ratio": 64 / 4096,
-            "comm.int8_block": 4096,
-            "comm.error_feedback": True,
-        },
+        "diloco_topk2bit": {"comm.algorithm": "diloco", **SPARSELOCO},
+        "diloco_allreduce": {"comm.algorithm": "diloco", "comm.outer_average": "all_reduce"},
+        "diloco_streamed": {"comm.algorithm": "diloco", **STREAMED},
+        "diloco_streamed_topk2bit": {"comm.algorithm": "diloco", **STREAMED, **SPARSELOCO},
     }
 
 

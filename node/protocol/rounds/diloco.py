@@ -38,6 +38,7 @@ from node.algo.diloco import nesterov, outer_step
 from node.protocol.allreduce import SlicedAllReduce
 from node.protocol.rounds import RoundResult
 from node.protocol.rounds.gossip import GossipRounds
+from node.protocol.rounds.streaming import Stream
 
 
 class DiLoCoRounds(GossipRounds):
@@ -53,9 +54,15 @@ class DiLoCoRounds(GossipRounds):
         self.allreduce = (
             SlicedAllReduce(cfg.comm, cfg.security, cfg.train.seed) if cfg.comm.outer_average == "all_reduce" else None
         )
+        streamed = cfg.comm.fragments > 1 or cfg.comm.sync_delay > 0
+        self.stream = Stream(cfg, worker, exchange, self.allreduce) if streamed else None
 
     def run(self, r: int) -> RoundResult:
-        """Round r: inner steps, one gossip step of the parameters, the outer step. Raises NonFinite."""
+        """Round r: inner steps, one gossip step of the parameters (or the all-reduce), the outer step; streamed
+        in fragments (node/protocol/rounds/streaming.py) when comm.fragments or comm.sync_delay say so. Raises
+        NonFinite."""
+        if self.stream is not None:
+            return self.stream.run(r, self.forger)
         w, c = self.worker, self.cfg.comm
         self.compression.begin(r, w.state())
         start = w.round_start()

@@ -29,6 +29,12 @@ class RoundStats:
         """Throughput of the round in samples per second (0.0 when no time elapsed)."""
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
+    def __add__(self, other: RoundStats) -> RoundStats:
+        """Two parts of one round as one: steps, samples and seconds summed, the loss averaged over the steps."""
+        steps = self.steps + other.steps
+        loss = (self.loss * self.steps + other.loss * other.steps) / steps if steps else 0.0
+        return RoundStats(loss, steps, self.samples + other.samples, self.seconds + other.seconds)
+
 
 def round_lr(base_lr: float, schedule: str, round_: int, rounds: int, final_fraction: float = 0.05) -> float:
     """Learning rate of a round. Cosine decays from base_lr to base_lr * final_fraction, which
@@ -174,12 +180,22 @@ class LocalTrainer:
         with torch.autocast(self.device.type, dtype=self.autocast):
             return self.loss(self.model, batch)
 
+    def batches(self, round_: int) -> torch.Generator:
+        """The generator of round `round_`'s batch draws (seeded by the node's seed and the round)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + round_)
+
     def train_round(
-        self, round_: int, steps: int | None = None, seconds: float | None = None, stop=lambda: False
+        self,
+        round_: int,
+        steps: int | None = None,
+        seconds: float | None = None,
+        stop=lambda: False,
+        gen: torch.Generator | None = None,
     ) -> RoundStats:
         """Run `steps` steps, or as many as fit in `seconds` (at least one). `stop()` is checked
-        between steps so a shutdown finishes the current step, not the round."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_)
+        between steps so a shutdown finishes the current step, not the round. `gen`: the round's batch
+        generator (`batches`) when the round is trained in parts, so the parts draw what one call would."""
+        gen = self.batches(round_) if gen is None else gen
         self.model.train()
         total_loss, done, samples = 0.0, 0, 0
         t0 = time.perf_counter()

@@ -1,0 +1,110 @@
+"""Streaming DiLoCo (`comm.fragments` > 1 or `comm.sync_delay` > 0, with `comm.outer_average: all_reduce`): the
+model is synchronised in fragments on a stagger, each transfer running while the inner steps go on.
+
+The floating tensors are dealt into F fragments of near-equal size (node.algo.comm.allreduce.fragments). Every
+fragment keeps its shared parameters phi_f (what its last outer step gave; at the start, the model) and its own
+outer momentum. A round of H = train.local_steps inner steps is F parts of H / F steps; in part f:
+1. train H / F - tau steps (tau = comm.sync_delay);
+2. start the all-reduce of fragment f's pseudo-gradient phi_f - theta_f (node/protocol/allreduce.py) in a background
+   thread, and train tau more steps meanwhile;
+3. wait for it (time spent waiting is communication) and take the outer Nesterov step phi_f <- phi_f - lr (g + mu b);
+4. merge it into the live parameters, which moved on tau steps: theta_f <- alpha theta_f + (1 - alpha) phi_f, with
+   alpha = comm.stream_mix when tau > 0 and 0 when tau = 0.
+
+So each fragment is synchronised once every H steps, fragment f at step (f + 1) H / F of each round, and a node's
+upload is spread over the round instead of arriving all at once. With F = 1 and tau = 0 this is DiLoCo over the
+all-reduce exactly. As in node/protocol/rounds/diloco.py, a swarm cut into several groups averages models, not
+pseudo-gradients.
+
+Paper: Douillard et al., "Streaming DiLoCo with overlapping communication", arXiv 2501.18512.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from node.algo.aggregate.vectors import flatten, float_keys, unflatten
+from node.algo.comm.allreduce import fragments
+from node.algo.diloco import nesterov
+from node.protocol.rounds import RoundResult
+from node.protocol.worker import NonFinite
+
+
+class Stream:
+    """One node's streamed outer optimization (see the module docstring): `parts` (each fragment's tensor names),
+    `shared` (phi: the fragments' parameters after their last outer step), `momentum` (per fragment)."""
+
+    def __init__(self, cfg, worker, exchange, allreduce):
+        """`cfg`: the NodeConfig (`comm.fragments`, `comm.sync_delay`, `comm.stream_mix`, the outer optimizer,
+        `train.local_steps`); `worker`, `exchange`: the node's; `allreduce`: its SlicedAllReduce. Raises ValueError
+        for more fragments than floating tensors."""
+        self.cfg, self.worker, self.exchange, self.allreduce = cfg, worker, exchange, allreduce
+        state = worker.state()
+        self.parts = fragments({k: state[k].numel() for k in float_keys(state)}, cfg.comm.fragments)
+        self.shared: dict[str, torch.Tensor] | None = None
+        self.momentum: list[dict | None] = [None] * len(self.parts)
+        self.since = [0] * len(self.parts)  # samples each fragment's pseudo-gradient stands for
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="atoll-stream")
+
+    def run(self, r: int, forger) -> RoundResult:
+        """Round r (see the module docstring); `forger`: the attack rehearsal's, None for an honest node. Raises
+        NonFinite (the round's outer state is then as it was before the round, for the engine to redo it)."""
+        saved = (self.shared, list(self.momentum), list(self.since))
+        try:
+            return self._run(r, forger)
+        except NonFinite:
+            self.shared, self.momentum, self.since = saved
+            raise
+
+    def _run(self, r: int, forger) -> RoundResult:
+        w, c, ex = self.worker, self.cfg.comm, self.exchange
+        if self.shared is None:
+            self.shared = {k: v.detach().clone() for k, v in w.state().items() if v.is_floating_point()}
+        shared = dict(self.shared)
+        chunk, tau = self.cfg.train.local_steps // len(self.parts), c.sync_delay
+        alpha = c.stream_mix if tau > 0 else 0.0
+        gen = w.trainer.batches(r)
+        result, answered = RoundResult(w.train(r, stop=ex.stopping, steps=0, gen=gen)), set()
+        for f, keys in enumerate(self.parts):
+            self._train(result, r, chunk - tau, gen)
+            if ex.stopping():
+                return result
+            own = w.state()
+            published = own if forger is None else forger.forge(shared, own, r, f)
+            origin, after = flatten(shared, keys), flatten(published, keys)
+            group, several = self.allreduce.plan(ex, r)
+            vector = after if several else origin - after
+            weight, sps = max(self.since[f], 1), round(result.stats.samples_per_second, 3)
+            job = self.pool.submit(
+                self.allreduce.run, ex, r, group, vector, weight, several, f, samples_per_second=sps
+            )
+            try:
+                self._train(result, r, tau, gen)
+            finally:  # never leave a transfer running behind a failed part
+                done = job.result()
+            self.since[f] = 0
+            result.members = len(done.group)
+            answered |= set(done.answered)
+            if forger is not None and not forger.mixes:
+                continue
+            phi = {k: shared[k] for k in keys}
+            g = unflatten(origin - done.vector if several else done.vector, phi, keys)
+            moved, self.momentum[f] = nesterov(phi, g, self.momentum[f], c.outer_lr, c.outer_momentum)
+            shared.update(moved)
+            live = w.state()
+            w.load({k: (alpha * live[k] + (1 - alpha) * moved[k]) if k in moved else live[k] for k in live})
+            if not w.all_finite():
+                raise NonFinite("model_after_mixing")
+        self.shared = shared
+        result.mixed = sorted(answered)
+        return result
+
+    def _train(self, result: RoundResult, r: int, steps: int, gen) -> None:
+        """`steps` more inner steps of round r into `result`, counted towards every fragment's samples."""
+        if steps <= 0:
+            return
+        stats = self.worker.train(r, stop=self.exchange.stopping, steps=steps, gen=gen)
+        result.stats = result.stats + stats
+        self.since = [s + stats.samples for s in self.since]
