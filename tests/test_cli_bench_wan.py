@@ -39,3 +39,10 @@ def test_predict_times_a_swarm_on_the_profile_links(tmp_path):
         assert row["wall_max_s"] >= row["wall_median_s"] > 0.6 and 0 < row["utilization"] < 1
         assert row["mb_per_node"] > 0 and row["to_target_s"] is not None
     assert "| 8 |" in r.stdout and (tmp_path / "table.md").is_file()
+
+
+def test_every_method_the_benchmark_runs_can_be_named():
+    from node.app.bench.wan_report import atoll_methods
+    from node.app.cli.bench_wan import METHODS
+
+    assert METHODS == tuple(atoll_methods(rounds=4))

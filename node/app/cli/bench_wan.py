@@ -10,7 +10,19 @@ from node.app.cli.bench import bench_app, report
 from node.app.cli.common import SET_HELP, fail, int_list, names_or_fail
 
 SYSTEMS = ("atoll", "flower", "torchft")
-METHODS = ("gossip", "late_merge", "choco_int8", "choco_topk", "diloco", "diloco_topk2bit")
+# node.app.bench.wan_report.atoll_methods' names (tests/test_cli_bench_wan.py keeps them equal; that module is
+# imported only when a benchmark runs)
+METHODS = (
+    "gossip",
+    "late_merge",
+    "choco_int8",
+    "choco_topk",
+    "diloco",
+    "diloco_topk2bit",
+    "diloco_allreduce",
+    "diloco_streamed",
+    "diloco_streamed_topk2bit",
+)
 
 
 @bench_app.command("wan")
