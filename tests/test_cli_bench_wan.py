@@ -46,3 +46,15 @@ def test_every_method_the_benchmark_runs_can_be_named():
     from node.app.cli.bench_wan import METHODS
 
     assert METHODS == tuple(atoll_methods(rounds=4))
+
+
+def test_each_run_starts_in_an_empty_folder(tmp_path):
+    """Found running it: a second `bench wan` into the same --out resumed the nodes from the checkpoints the
+    first (interrupted) run left, and measured two rounds instead of four."""
+    from node.app.bench import fresh_dir
+
+    stale = tmp_path / "runs" / "r0-atoll-diloco" / "node0" / "checkpoints"
+    stale.mkdir(parents=True)
+    (stale / "state.json").write_text("{}")
+    run = fresh_dir(tmp_path / "runs" / "r0-atoll-diloco")
+    assert run.is_dir() and list(run.iterdir()) == []

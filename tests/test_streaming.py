@@ -86,3 +86,59 @@ def test_fragments_spread_a_rounds_transfer_at_the_same_bytes_and_quality():
 def test_settings_streaming_cannot_use_are_one_clear_error(sets, words):
     with pytest.raises(ConfigError, match=words):
         load_config(None, sets)
+
+
+def _protocol(comm: dict):
+    from node.protocol.rounds.diloco import DiLoCoRounds
+    from node.protocol.worker import Worker
+
+    tree = {
+        "threads": 1,
+        "model": {"width": 16},
+        "train": {"local_steps": 10},
+        "comm": {"algorithm": "diloco", **comm},
+    }
+    cfg = NodeConfig.model_validate(tree)
+    worker = Worker(cfg)
+    return cfg, worker, lambda: DiLoCoRounds(cfg, worker, exchange=None)
+
+
+STREAMED = {"outer_average": "all_reduce", "fragments": 2, "sync_delay": 1, "codec": "int8", "error_feedback": True}
+
+
+@pytest.mark.parametrize("comm", [{}, STREAMED], ids=["gossip", "streamed"])
+def test_a_checkpoint_keeps_the_outer_optimizer_state(tmp_path, comm):
+    """Found reading the code: a resumed DiLoCo node started its outer momentum (and streamed fragments) afresh."""
+    import torch
+
+    from node.net import checkpoint
+
+    cfg, worker, build = _protocol(comm)
+    rounds = build()
+    gen = torch.Generator().manual_seed(0)
+    like = {k: v for k, v in worker.state().items() if v.is_floating_point()}
+    noise = lambda: {k: torch.randn(v.shape, generator=gen) for k, v in like.items()}  # noqa: E731
+    if rounds.stream is None:
+        rounds.momentum = noise()
+    else:
+        rounds.stream.shared, rounds.stream.since = noise(), [7, 3]
+        rounds.stream.momentum = [{k: v for k, v in noise().items() if k in part} for part in rounds.stream.parts]
+        rounds.allreduce.residual = {1: torch.randn(40, generator=gen)}
+    saved = {k: v.clone() for k, v in rounds.outer_tensors().items()}
+    checkpoint.save(tmp_path, *checkpoint.capture(worker, "peer", 3, 0.5))
+
+    _, fresh, build_again = _protocol(comm)
+    assert checkpoint.resume(tmp_path, fresh, "peer")[0] == 3  # before the protocol exists, as in the daemon
+    back = build_again().outer_tensors()
+    assert set(back) == set(saved) and all(torch.equal(back[k], saved[k]) for k in saved)
+
+
+def test_outer_state_for_another_model_is_refused():
+    import torch
+
+    _, worker, build = _protocol({})
+    rounds = build()
+    with pytest.raises(ValueError, match="does not fit"):
+        rounds.load_outer({"momentum/0.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match="does not keep"):
+        rounds.load_outer({"shared/0.weight": torch.zeros(3)})

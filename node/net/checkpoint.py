@@ -1,18 +1,17 @@
 """Checkpoints: safetensors for tensors plus a small JSON state, crash-safe, the last K kept.
 
-Each save writes `model-<n>.safetensors`, `optim-<n>.safetensors` and `state-<n>.json`
-(which names both files and their sha256) under fresh names, then replaces `state.json` (the
-newest state) with one atomic rename, and only then deletes the saves older than the newest
-`keep`. A crash at any point leaves complete, intact sets: never a mix.
+Each save writes `model-<n>.safetensors`, `optim-<n>.safetensors` and `state-<n>.json` (which names both files and
+their sha256) under fresh names, then replaces `state.json` (the newest state) with one atomic rename, and only then
+deletes the saves older than the newest `keep`. A crash at any point leaves complete, intact sets: never a mix.
 
-Loading takes the newest set whose files match their sha256 and whose model holds only finite
-values. A set whose model holds NaN/Inf (a node that saved a diverging model, a disk that
-flipped bits in a way the digest cannot see because it was computed after) is refused in one
-line naming the file and the tensor, and the next older one is tried; a set whose optimizer
-state alone is not finite is resumed with a fresh optimizer state, and says so. Model or
-optimizer files with no state naming them are refused, never deleted. A write that fails
-(ENOSPC, EIO, permissions) removes its own partial files and raises CheckpointError naming the
-directory and the cause; the previous checkpoint stays.
+Loading takes the newest set whose files match their sha256 and whose model holds only finite values. A set whose
+model holds NaN/Inf (a node that saved a diverging model, a disk that flipped bits in a way the digest cannot see
+because it was computed after) is refused in one line naming the file and the tensor, and the next older one is
+tried; a set whose optimizer state alone is not finite is resumed with a fresh optimizer state, and says so. Model
+or optimizer files with no state naming them are refused, never deleted. The optimizer's file also holds the round
+protocol's own tensors (DiLoCo's outer momentum), named OUTER + name (node/protocol/worker.py). A write that fails
+(ENOSPC, EIO, permissions) removes its own partial files and raises CheckpointError naming the directory and the
+cause; the previous checkpoint stays.
 """
 
 from __future__ import annotations
@@ -33,6 +32,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from node.protocol.train import optimizer_tensors
+from node.protocol.worker import OUTER
+
 STATE = "state.json"
 _FILE = re.compile(r"^(model|optim)-([0-9]+)\.safetensors$")
 _STATE_N = re.compile(r"^state-([0-9]+)\.json$")
@@ -43,8 +45,6 @@ log = logging.getLogger("atoll.checkpoint")
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used or written: unreadable, corrupt (sha256 mismatch), not finite, malformed,
     written for another node, model or optimizer, or a failed write (its message names the directory and cause)."""
-
-    pass
 
 
 def _fsync_write(path: Path, write) -> None:
@@ -278,9 +278,8 @@ def resume(directory: Path, worker, peer_id: str) -> tuple[int, float] | None:
 def capture(worker, peer_id: str, next_round: int, accuracy: float | None) -> tuple[dict, dict, dict]:
     """(model, optimizer tensors, state) of `worker` as of `next_round`, copied: what `save`
     writes, safe to write while the worker trains on."""
-    from node.protocol.train import optimizer_tensors
-
     optim_t, optim_meta = optimizer_tensors(worker.optimizer)
+    optim_t.update({OUTER + k: v for k, v in worker.outer.tensors().items()})
     state = dict(round=next_round, peer_id=peer_id, accuracy=accuracy, time=time.time(), optim=optim_meta)
     copy = lambda sd: {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}  # noqa: E731
     return copy(worker.full_state()), copy(optim_t), {**state, **worker.checkpoint_identity()}

@@ -117,6 +117,39 @@ def node_data(cfg: NodeConfig, task: Checked, device: torch.device):
     return attack, index, TensorDataset(x, y), (x, y, labelled.num_classes, labelled.proxy_digest, proxy_x)
 
 
+OUTER = "outer/"  # the checkpoint names of the round protocol's own tensors, beside the optimizer's
+
+
+class OuterState:
+    """Where a round protocol's own state (DiLoCo's outer momentum) meets checkpoints: the protocol `attach`es
+    itself (`outer_tensors()`, and `load_outer(tensors)`, which raises ValueError when they do not fit), checkpoints
+    save `tensors()` and give back `restore(...)`, before or after the protocol exists."""
+
+    def __init__(self):
+        """Nothing attached and nothing restored yet."""
+        self.holder = None
+        self.pending: dict[str, torch.Tensor] = {}
+
+    def attach(self, holder) -> None:
+        """`holder` keeps the state from now on; what a checkpoint restored before it existed is loaded now. Raises
+        ValueError from `load_outer`."""
+        self.holder = holder
+        restored, self.pending = self.pending, {}
+        if restored:
+            holder.load_outer(restored)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The holder's state for a checkpoint (names without OUTER), {} without a holder."""
+        return {} if self.holder is None else self.holder.outer_tensors()
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A checkpoint's state: to the holder, or kept until one attaches. Raises ValueError from `load_outer`."""
+        if tensors and self.holder is not None:
+            self.holder.load_outer(tensors)
+        elif tensors:
+            self.pending = tensors
+
+
 class Worker:
     """The model, data and optimizer of node `cfg.node_index` of `cfg.node_count` on its task
     (node/task: the user's own, or the built-in image classification).
@@ -184,6 +217,7 @@ class Worker:
         self.task_digest = task_digest(self.task.task, self.state())
         self._good: tuple | None = None
         self.rollbacks_in_a_row = 0
+        self.outer = OuterState()  # the round protocol's own state that checkpoints keep
         self.metrics: dict[str, float] = {}
         try_hooks(self)
 
@@ -296,12 +330,15 @@ class Worker:
         )
 
     def restore(self, model_sd: dict, optim_t: dict | None, optim_meta: dict) -> None:
-        """Load a checkpoint's model and optimizer (`optim_t` None: keep the fresh optimizer state); the config's
-        hyperparameters win over the saved ones. Raises RuntimeError, KeyError, ValueError or TypeError if they do
-        not fit."""
+        """Load a checkpoint's model and optimizer (`optim_t` None: keep the fresh optimizer state; its tensors
+        named OUTER + name are the round protocol's, see OuterState); the config's hyperparameters win over the
+        saved ones. Raises RuntimeError, KeyError, ValueError or TypeError if they do not fit."""
         self.model.load_state_dict(model_sd)
         if optim_t is not None:
+            outer = {k[len(OUTER) :]: v for k, v in optim_t.items() if k.startswith(OUTER)}
+            optim_t = {k: v for k, v in optim_t.items() if not k.startswith(OUTER)}
             restore_optimizer(self.optimizer, optim_t, optim_meta)
+            self.outer.restore(outer)
         if self._base_lrs is not None:  # a task's own optimizer: its hyperparameters are its own
             return
         for group in self.optimizer.param_groups:

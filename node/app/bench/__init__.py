@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+
+def fresh_dir(path: Path) -> Path:
+    """`path` as an empty directory, made anew: a benchmark's run starts from nothing (nodes that found the
+    checkpoints of an earlier, interrupted run in their folders would resume it instead of training). Raises
+    OSError."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
 
 
 def write_results(out: Path, payload: dict, table_md: str) -> list[Path]:

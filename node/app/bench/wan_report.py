@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from node.app.bench import fresh_dir
 from node.app.bench.wan import WanRun, compare, run_atoll
 from node.app.testbed.profiles import HostLink, hosts
 from node.app.testbed.testbed import Testbed
@@ -111,7 +112,7 @@ def run(
                 report.efficiency = bed.measure(0, 1, 4) / min(links[0].up_mbit, links[1].down_mbit)
                 progress(f"a lone transfer h0 -> h1 reaches {report.efficiency:.1%} of its configured rate")
             for system, method in plan:
-                where = workdir / f"r{rep}-{system}-{method or system}"
+                where = fresh_dir(workdir / f"r{rep}-{system}-{method or system}")
                 progress(f"repeat {rep + 1}/{repeats}: {system} {method}".rstrip())
                 if system == "atoll":
                     c = with_overrides(cfg, every[method])

@@ -33,12 +33,14 @@ arXiv 2508.15706; Moshpit SGD, arXiv 2103.03239.
 
 from __future__ import annotations
 
+import torch
+
 from node.algo.aggregate.vectors import flatten, float_keys, unflatten
 from node.algo.diloco import nesterov, outer_step
 from node.protocol.allreduce import SlicedAllReduce
 from node.protocol.rounds import RoundResult
 from node.protocol.rounds.gossip import GossipRounds
-from node.protocol.rounds.streaming import Stream
+from node.protocol.rounds.streaming import Stream, fitting
 
 
 class DiLoCoRounds(GossipRounds):
@@ -56,6 +58,7 @@ class DiLoCoRounds(GossipRounds):
         )
         streamed = cfg.comm.fragments > 1 or cfg.comm.sync_delay > 0
         self.stream = Stream(cfg, worker, exchange, self.allreduce) if streamed else None
+        worker.outer.attach(self)  # checkpoints keep the outer momentum (a resumed node loads it here)
 
     def run(self, r: int) -> RoundResult:
         """Round r: inner steps, one gossip step of the parameters (or the all-reduce), the outer step; streamed
@@ -99,3 +102,34 @@ class DiLoCoRounds(GossipRounds):
         g = unflatten(origin - done.vector if several else done.vector, floats, keys)
         moved, self.momentum = nesterov(floats, g, self.momentum, c.outer_lr, c.outer_momentum)
         w.load({k: moved[k] if k in moved else own[k] for k in own})
+
+    def outer_tensors(self) -> dict[str, torch.Tensor]:
+        """The outer optimizer's state, for checkpoints: momentum/<tensor>; with error feedback over the all-reduce,
+        residual/<fragment>; streamed, the fragments' state (node/protocol/rounds/streaming.py: Stream.tensors)."""
+        out = {f"momentum/{k}": v for k, v in (self.momentum or {}).items()}
+        if self.allreduce is not None:
+            out |= {f"residual/{f}": v for f, v in self.allreduce.residual.items()}
+        return out | (self.stream.tensors() if self.stream is not None else {})
+
+    def load_outer(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load what outer_tensors gave (from a checkpoint: checked). Raises ValueError for a name this node does not
+        keep or a tensor whose shape or dtype does not fit its model."""
+        like = {k: v for k, v in self.worker.state().items() if v.is_floating_point()}
+        momentum, residual, rest = {}, {}, {}
+        for name, t in tensors.items():
+            kind, _, key = name.partition("/")
+            if kind == "momentum":
+                momentum[key] = fitting(name, t, like.get(key))
+            elif kind == "residual" and self.allreduce is not None and key.isdigit():
+                residual[int(key)] = fitting(name, t, t if t.dim() == 1 and t.is_floating_point() else None)
+            else:
+                rest[name] = t
+        if rest and self.stream is None:
+            raise ValueError(f"checkpoint holds outer state {sorted(rest)[0]!r} this node does not keep")
+        if momentum and set(momentum) != set(like):
+            raise ValueError("checkpoint's outer momentum does not cover this model's tensors")
+        if self.stream is not None:
+            self.stream.load(rest, like)
+        self.momentum = momentum or None
+        if self.allreduce is not None:
+            self.allreduce.residual = residual

@@ -101,6 +101,37 @@ class Stream:
         result.mixed = sorted(answered)
         return result
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fragments' state for checkpoints: shared/<tensor> (phi), stream_momentum/<fragment>/<tensor>, and
+        since (int64, per fragment: the samples behind its next pseudo-gradient)."""
+        out = {f"shared/{k}": v for k, v in (self.shared or {}).items()}
+        for f, m in enumerate(self.momentum):
+            out |= {f"stream_momentum/{f}/{k}": v for k, v in (m or {}).items()}
+        return out | {"since": torch.tensor(self.since, dtype=torch.int64)}
+
+    def load(self, tensors: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> None:
+        """Load what `tensors` gave, checked against `like` (the model's floating tensors). Raises ValueError for a
+        name, shape or dtype that does not fit."""
+        shared, momentum = {}, [{} for _ in self.parts]
+        since = tensors.get("since")
+        fitting("since", since, torch.zeros(len(self.parts), dtype=torch.int64) if since is not None else None)
+        for name, t in tensors.items():
+            kind, _, key = name.partition("/")
+            if kind == "shared":
+                shared[key] = fitting(name, t, like.get(key))
+            elif kind == "stream_momentum" and key.partition("/")[0].isdigit():
+                f, _, k = key.partition("/")
+                if int(f) >= len(self.parts) or k not in self.parts[int(f)]:
+                    raise ValueError(f"checkpoint's outer state {name!r} does not fit these fragments")
+                momentum[int(f)][k] = fitting(name, t, like.get(k))
+            elif name != "since":
+                raise ValueError(f"checkpoint holds outer state {name!r} this node does not keep")
+        if shared and set(shared) != set(like):
+            raise ValueError("checkpoint's shared parameters do not cover this model's tensors")
+        self.shared = shared or None
+        self.momentum = [m or None for m in momentum]
+        self.since = [int(x) for x in since]
+
     def _train(self, result: RoundResult, r: int, steps: int, gen) -> None:
         """`steps` more inner steps of round r into `result`, counted towards every fragment's samples."""
         if steps <= 0:
@@ -108,3 +139,11 @@ class Stream:
         stats = self.worker.train(r, stop=self.exchange.stopping, steps=steps, gen=gen)
         result.stats = result.stats + stats
         self.since = [s + stats.samples for s in self.since]
+
+
+def fitting(name: str, t: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """`t` (a checkpoint's tensor `name`) if it has `like`'s shape and dtype, on `like`'s device; raises ValueError
+    otherwise (and for no `like`: a name this node does not keep)."""
+    if like is None or t.shape != like.shape or t.dtype != like.dtype:
+        raise ValueError(f"checkpoint's outer state {name!r} does not fit this model")
+    return t.to(like.device)
