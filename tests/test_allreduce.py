@@ -144,3 +144,26 @@ def test_several_groups_train_as_far_as_ring_gossip_on_fewer_bytes():
 def test_settings_an_all_reduce_cannot_use_are_one_clear_error(sets, words):
     with pytest.raises(ConfigError, match=words):
         load_config(None, sets)
+
+
+def test_sparse_codecs_gather_whole_coded_vectors_once():
+    comm = {"algorithm": "diloco", "outer_average": "all_reduce", "codec": "topk2bit", "topk_ratio": 0.25}
+    cfg = NodeConfig.model_validate({"comm": {**comm, "int8_block": 64, "error_feedback": True}})
+    board, ids = _Board(), ["a", "b", "c"]
+    gen = torch.Generator().manual_seed(0)
+    vec = {p: torch.randn(1024, generator=gen) for p in ids}
+
+    def member(p):
+        end, ex = SlicedAllReduce(cfg.comm, cfg.security, seed=0), board.exchange(p, ids)
+        group, several = end.plan(ex, 0)
+        return end.run(ex, 0, group, vec[p], 1.0, several), end.residual[0]
+
+    with ThreadPoolExecutor(3) as pool:
+        got = dict(zip(ids, pool.map(member, ids)))
+    assert len(board.held) == 3  # one snapshot each: no slices, no reduced slices
+    a, b, c = (got[p][0].vector for p in ids)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    # each member's error feedback keeps what its codec dropped: the sent part plus it is the vector
+    sent = {p: vec[p] - got[p][1] for p in ids}
+    assert torch.allclose(a, sum(sent.values()) / 3, atol=1e-6)
+    assert all((sent[p] != 0).float().mean() <= 0.26 for p in ids)

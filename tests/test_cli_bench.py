@@ -47,6 +47,8 @@ def test_bench_transport_json_and_outputs(tmp_path):
         ["bench", "swarm", "--systems", "flower"],
         ["bench", "swarm", "--systems", "atoll,spark"],
         ["bench", "swarm", "--config", "/nonexistent.yaml"],
+        ["bench", "byzantine", "--algorithm", "streaming"],
+        ["bench", "byzantine", "--algorithm", "diloco_allreduce", "--aggregators", "median,krum"],
     ],
 )
 def test_bad_input_is_one_clear_line_not_a_traceback(args):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from node.config import NodeConfig
-from node.net import checkpoint, netcheck
+from node.net import checkpoint, join, netcheck
 from node.net.metrics import NodeMetrics
 from node.net.peer import Peer
 from node.net.threads import set_threads
@@ -54,6 +54,7 @@ class Node:
         try:
             self._setup()
             self.peer.wait(say=self.on_event)
+            self.start_round = self._catch_up(self.start_round) or self.start_round
             self.accuracy, self.loss = None, 0.0
             try:
                 r = self.engine.run(self.start_round, self._after_round, self._rolled_back)
@@ -142,8 +143,9 @@ class Node:
         self._round_t0 = time.perf_counter()
         self._counted = TimeSplit()  # what the time counters have been given so far
 
-    def _after_round(self, r: int, res: RoundResult) -> None:
-        """Round r-1 is done: check the key, evaluate, checkpoint, export, tell."""
+    def _after_round(self, r: int, res: RoundResult) -> int | None:
+        """Round r-1 is done: check the key, evaluate, checkpoint, export, tell, serve the join state; returns the
+        round to go on from when this node fell far behind its swarm (node/net/join.py), else None."""
         netcheck.check_key_in_use(self.discovery, self.advertised, self.tls, self.cfg.net.identity_path, running=True)
         self.done_rounds = r
         self.loss = res.stats.loss if res.stats.steps else self.loss
@@ -187,6 +189,16 @@ class Node:
                 **spent.as_event(),  # since the first round
             )
         )
+        join.publish_join_state(self.exchange, self.worker, r - 1)
+        return self._catch_up(r)
+
+    def _catch_up(self, next_round: int) -> int | None:
+        """Far behind the swarm (a late start, a stall): its newest join state, and the round to go on from
+        (node/net/join.py); None to go on as it is."""
+        jumped = join.catch_up(self.exchange, self.worker, next_round, self.on_event)
+        if jumped is not None:
+            self.metrics.round.set(jumped)
+        return jumped
 
     def _paths(self) -> dict:
         """For an event: this node's reachability as published, the neighbours' snapshots it

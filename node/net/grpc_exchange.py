@@ -100,7 +100,7 @@ class GrpcExchange:
     def members(self, round_: int) -> list[Member]:
         """Live peers (node.protocol.exchange.Exchange.members) from a view of the DHT that a background
         thread refreshes, so no gossip step waits for the DHT (node/net/view.py)."""
-        return self.view.members()
+        return self.view.members(round_)
 
     def publish(self, key: SnapshotKey, tensors: dict, **record: Any) -> None:
         """Serve `tensors` as `key`, its digest (with every other held one's) signed into the

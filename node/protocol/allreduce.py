@@ -9,12 +9,17 @@ model (Streaming DiLoCo's, node/protocol/rounds/streaming.py; f = 0 for the whol
 2. it fetches (shard, r, f * STRIDE + k) from every other member and reduces slice k (`security.aggregator`: the
    mean weighted by samples, or the coordinate-wise median or trimmed mean), in peer-id order;
 3. it publishes the reduced slice as (shard, r, f * STRIDE + REDUCED) (coded with comm.codec when that codec is
-   dense; a sparse codec would drop most of a sum, so it then travels as int8), and fetches every other member's;
+   dense; a sparse codec would drop most of a sum, so it then travels as int8), and fetches every other member's.
+   Pseudo-gradients under a sparse codec (topk, topk2bit) skip the reduce-scatter: each member publishes its
+   whole coded vector once, as (shard, r, f * STRIDE), and reduces everyone's itself, an all-gather as SparseLoCo
+   does: n - 1 coded vectors received, fewer bytes than dense reduced slices while n times the codec's share stays
+   under 2 (n - 1) / n of int8's;
 4. the result is the reduced slices in order. A slice whose part or whose owner did not arrive by comm.fetch_timeout
    is the member's own (its pseudo-gradient there, not the average), and the result says which owners answered.
 
 Every member decodes the same bytes and reduces in the same order, so all members (and the simulator, which runs
-this code over its in-memory exchange) hold the same bits. Bytes per member and round: 2 (n - 1) / n coded vectors.
+this code over its in-memory exchange) hold the same bits. Bytes per member and round: 2 (n - 1) / n coded vectors
+(n - 1 under a sparse codec).
 """
 
 from __future__ import annotations
@@ -127,8 +132,11 @@ class SlicedAllReduce:
         residual = self.residual.get(fragment)
         x = vector + residual if feedback and residual is not None and residual.shape == vector.shape else vector
         cuts = bounds(x.numel(), n)
-        marked = tag(group, x.numel(), models, fragment)
+        gather = not models and self.codec.name in SPARSE
+        marked = tag(group, x.numel(), models, fragment, gather)
         mark = {"w": torch.tensor([float(weight)], dtype=torch.float64), "tag": torch.tensor([marked])}
+        if gather:
+            return self._gather(exchange, r, group, x, mark, fragment, record)
         sent = []  # each slice as its receiver decodes it
         for j, (lo, hi) in enumerate(cuts):
             wire, seen = self._coded(x[lo:hi].clone(), self.dense if models else self.codec)
@@ -160,3 +168,19 @@ class SlicedAllReduce:
         gathered = {p: got[p]["g"] for j, p in enumerate(group) if p in got and got[p]["g"].numel() == len(sent[j])}
         slices = [seen if p == me else gathered.get(p, sent[j]) for j, p in enumerate(group)]
         return Reduced(torch.cat(slices), group, sorted(gathered))
+
+    def _gather(self, exchange, r: int, group: list[str], x: torch.Tensor, mark: dict, fragment: int, record):
+        """The all-gather of whole coded vectors that sparse codecs take (see the module docstring)."""
+        me, key = exchange.me, SnapshotKey("shard", r, fragment * STRIDE)
+        wire, seen = self._coded(x.clone(), self.codec)
+        if self.feedback:
+            self.residual[fragment] = x - seen
+        if len(group) == 1:
+            exchange.note(r, 0, **record)
+            return Reduced(seen, group)
+        exchange.publish(key, {"g": wire, **mark}, **record)
+        got = exchange.fetch_many([p for p in group if p != me], key, _check(int(mark["tag"]), {x.numel()}, False))
+        mine = {me: (seen, float(mark["w"]))} | {p: (s["g"], float(s["w"])) for p, s in got.items()}
+        who = sorted(mine)
+        vector = reduce_slice([mine[p][0] for p in who], [mine[p][1] for p in who], self.rule, self.fraction)
+        return Reduced(vector, group, sorted(got))

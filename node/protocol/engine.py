@@ -39,12 +39,13 @@ class Engine:
     def run(
         self,
         start: int,
-        after_round: Callable[[int, RoundResult], None] = lambda r, res: None,
+        after_round: Callable[[int, RoundResult], int | None] = lambda r, res: None,
         on_rollback: Callable[[int, str], None] = lambda r, where: None,
     ) -> int:
         """Rounds `start` .. `train.rounds` - 1, or until the exchange says stop; calls
-        `after_round(next_round, result)` after each. Returns the next round to do (R when
-        all are done). Raises Diverged."""
+        `after_round(next_round, result)` after each, which may return a later round to go on from (a node that
+        caught up with its swarm, node/net/join.py). Returns the next round to do (R when all are done). Raises
+        Diverged."""
         w, r = self.worker, start
         w.keep_good_state()
         ended = None  # when the last round ended: what follows until the next one starts is idle
@@ -71,7 +72,10 @@ class Engine:
                 break  # the round was cut short: it is redone after a restart
             r += 1
             w.keep_good_state()
-            after_round(r, result)
+            jump = after_round(r, result)
+            if jump is not None and jump > r:
+                r = min(jump, self.cfg.train.rounds)
+                w.keep_good_state()
         if ended is not None:
             self.time.add_idle(time.perf_counter() - ended)
         return r

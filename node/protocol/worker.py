@@ -121,9 +121,9 @@ OUTER = "outer/"  # the checkpoint names of the round protocol's own tensors, be
 
 
 class OuterState:
-    """Where a round protocol's own state (DiLoCo's outer momentum) meets checkpoints: the protocol `attach`es
-    itself (`outer_tensors()`, and `load_outer(tensors)`, which raises ValueError when they do not fit), checkpoints
-    save `tensors()` and give back `restore(...)`, before or after the protocol exists."""
+    """Where a round protocol's own state (DiLoCo's outer momentum) meets checkpoints and joining nodes: the protocol
+    `attach`es itself (`outer_tensors(private)`, and `load_outer(tensors)`, which raises ValueError when they do not
+    fit), checkpoints save `tensors()` and give back `restore(...)`, before or after the protocol exists."""
 
     def __init__(self):
         """Nothing attached and nothing restored yet."""
@@ -138,9 +138,10 @@ class OuterState:
         if restored:
             holder.load_outer(restored)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The holder's state for a checkpoint (names without OUTER), {} without a holder."""
-        return {} if self.holder is None else self.holder.outer_tensors()
+    def tensors(self, private: bool = True) -> dict[str, torch.Tensor]:
+        """The holder's state (names without OUTER), {} without a holder: for a checkpoint, or with `private` False
+        what a joining node may take (node/net/join.py: not this node's own error-feedback residuals)."""
+        return {} if self.holder is None else self.holder.outer_tensors(private)
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
         """A checkpoint's state: to the holder, or kept until one attaches. Raises ValueError from `load_outer`."""

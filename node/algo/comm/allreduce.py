@@ -47,11 +47,11 @@ def group_of(me: str, members: Sequence[str], size: int, seed: int, round_: int)
     return next(g for g in groups([*members, me], size, seed, round_) if me in g)
 
 
-def tag(group: Sequence[str], numel: int, models: bool = False, fragment: int = 0) -> int:
+def tag(group: Sequence[str], numel: int, models: bool = False, fragment: int = 0, gather: bool = False) -> int:
     """A 63-bit tag of (the sorted group, the vector's length, whether it holds models or pseudo-gradients, which
-    fragment of the model): slices cut for another group, model, kind of vector or fragment are told apart and
-    refused, never summed."""
-    key = f"{numel}|{int(models)}|{fragment}|{'|'.join(sorted(group))}"
+    fragment of the model, whether whole vectors are gathered rather than slices reduced): slices cut for another
+    group, model, kind of vector, fragment or scheme are told apart and refused, never summed."""
+    key = f"{numel}|{int(models)}|{fragment}|{int(gather)}|{'|'.join(sorted(group))}"
     h = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") >> 1
 

@@ -25,6 +25,26 @@ from node.algo.security.attacks import ATTACKS
 from node.app.bench import write_results
 from node.app.bench.algorithms import FRL_NODE, run_method
 from node.app.plotting import pyplot
+from node.registry import SLICE_AGGREGATORS
+
+# --algorithm: what the swarm runs (with diloco the attackers forge pseudo-gradients)
+ALGORITHMS = {
+    "gossip": {"algorithm": "gossip"},
+    "diloco": {"algorithm": "diloco"},
+    "diloco_allreduce": {"algorithm": "diloco", "outer_average": "all_reduce"},
+}
+
+
+def algorithm_comm(algorithm: str, aggregators) -> dict:
+    """The comm settings of `algorithm` (a key of ALGORITHMS) for a grid over `aggregators`. Raises ValueError, one
+    line, for another name, frl with diloco (it averages models), or an all-reduce with an aggregator that needs
+    whole updates."""
+    if algorithm not in ALGORITHMS or (algorithm != "gossip" and "frl" in aggregators):
+        raise ValueError(f"--algorithm: {', '.join(ALGORITHMS)} (diloco not with frl), got {algorithm!r}")
+    if algorithm == "diloco_allreduce" and set(aggregators) - set(SLICE_AGGREGATORS):
+        slices = ", ".join(SLICE_AGGREGATORS)
+        raise ValueError(f"--aggregators: an all-reduce reduces slice by slice with {slices} only")
+    return ALGORITHMS[algorithm]
 
 
 def byzantine_count(honest: int, fraction: float) -> int:

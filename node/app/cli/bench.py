@@ -234,7 +234,7 @@ def bench_byzantine(
     local_steps: int = typer.Option(10, min=1, help="Local SGD steps per node per round."),
     topology: str = typer.Option("complete", help="ring, torus, exponential, random or complete."),
     seeds: str = typer.Option("0,1", help="Comma-separated seeds."),
-    algorithm: str = typer.Option("gossip", help="gossip, or diloco: the attackers forge pseudo-gradients."),
+    algorithm: str = typer.Option("gossip", help="gossip, diloco or diloco_allreduce (pseudo-gradients forged)."),
     out: Path | None = typer.Option(None, help="Write results.json, table.md and accuracy.png here."),
 ) -> None:
     """Every attack (label flip, sign flip, Gaussian, ALIE, IPM, free riding, sybils, reverse)
@@ -247,11 +247,13 @@ def bench_byzantine(
     atk = names_or_fail(attacks, "--attacks", ATTACKS)
     agg = names_or_fail(aggregators, "--aggregators", byzantine.DEFENCES)
     _topology_or_fail(topology)
-    if algorithm not in ("gossip", "diloco") or (algorithm == "diloco" and "frl" in agg):
-        fail(f"--algorithm: gossip or diloco (which averages models: not with frl), got {algorithm!r}")
+    try:
+        chosen = byzantine.algorithm_comm(algorithm, agg)
+    except ValueError as e:
+        fail(str(e))
     seed_list = int_list(seeds, "--seeds", 0, 2**31)
     n_byz = byzantine.byzantine_count(honest, fraction)
-    base = _bench_node(dataset, alpha, rounds, local_steps, comm={"topology": topology, "algorithm": algorithm})
+    base = _bench_node(dataset, alpha, rounds, local_steps, comm={"topology": topology, **chosen})
     runs = len(list(byzantine.cases(honest, n_byz, sybils, sybil_honest, atk, agg))) * len(seed_list)
     typer.echo(
         f"bench byzantine: {honest} honest + {n_byz} byzantine; sybil run {sybils} vs {sybil_honest}; "

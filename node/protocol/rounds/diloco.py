@@ -103,11 +103,12 @@ class DiLoCoRounds(GossipRounds):
         moved, self.momentum = nesterov(floats, g, self.momentum, c.outer_lr, c.outer_momentum)
         w.load({k: moved[k] if k in moved else own[k] for k in own})
 
-    def outer_tensors(self) -> dict[str, torch.Tensor]:
-        """The outer optimizer's state, for checkpoints: momentum/<tensor>; with error feedback over the all-reduce,
-        residual/<fragment>; streamed, the fragments' state (node/protocol/rounds/streaming.py: Stream.tensors)."""
+    def outer_tensors(self, private: bool = True) -> dict[str, torch.Tensor]:
+        """The outer optimizer's state, for checkpoints: momentum/<tensor>; with error feedback over the all-reduce
+        and `private`, residual/<fragment> (this node's own, not for a joiner); streamed, the fragments' state
+        (node/protocol/rounds/streaming.py: Stream.tensors)."""
         out = {f"momentum/{k}": v for k, v in (self.momentum or {}).items()}
-        if self.allreduce is not None:
+        if self.allreduce is not None and private:
             out |= {f"residual/{f}": v for f, v in self.allreduce.residual.items()}
         return out | (self.stream.tensors() if self.stream is not None else {})
 
