@@ -7,7 +7,6 @@ accuracy while the swarm was at 96%), and the running nodes waited fetch_timeout
 
 import os
 import signal
-from types import SimpleNamespace
 
 import yaml
 from helpers import atoll_node
@@ -16,7 +15,7 @@ FETCH_TIMEOUT = 20
 NODE = {
     "threads": 1,
     "model": {"width": 32},
-    "train": {"rounds": 10_000, "local_steps": 10},  # runs until the test stops it
+    "train": {"rounds": 100_000, "local_steps": 300},  # about a second a round; runs until the test stops it
     "comm": {"fetch_timeout": FETCH_TIMEOUT, "join_timeout": 120, "topology": "ring", "min_peers": 3},
     "net": {"swarm": "join"},
     "checkpoint_rounds": 1000,
@@ -85,17 +84,13 @@ def test_a_late_joiner_catches_up_and_a_stalled_node_too(tmp_path):
             p.stop()
 
 
-def test_join_states_are_found_in_records_and_checked_before_use():
+def test_a_join_state_is_checked_before_use():
     import pytest
     import torch
 
-    from node.net.join import JOIN_STEP, _join_like, join_rounds
+    from node.net.join import _join_like
     from p2pd.errors import ReasonedError
 
-    record = SimpleNamespace(
-        snapshots=(f"model:7:{JOIN_STEP}:{'ab' * 32}", f"model:8:0:{'cd' * 32}", f"shard:8:3:{'ef' * 32}")
-    )
-    assert join_rounds(record) == [7]
     own = {"w": torch.zeros(3, 2), "n": torch.tensor(4)}
     accept = _join_like(own)
     good = {"w": torch.ones(3, 2), "n": torch.tensor(9), "outer/momentum/w": torch.ones(3, 2)}

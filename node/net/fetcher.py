@@ -148,6 +148,20 @@ class Fetcher:
             self._back_off(peer_id, address, key.round, reason)
         return None
 
+    def served(self, peer_id: str) -> list[SnapshotKey]:
+        """The snapshot keys `peer_id` serves now (one Health call on the path its record names, within
+        comm.fetch_timeout); [] when it cannot be asked or does not answer."""
+        if peer_id not in self.view.addresses:
+            return []
+        route = self._route(peer_id)
+        if isinstance(route, str):
+            return []
+        client, _, producer, _ = route
+        try:
+            return list(client.health(timeout=self.comm.fetch_timeout, producer_peer_id=producer)[1])
+        except FetchError:
+            return []
+
     def path(self, peer_id: str) -> str:
         """The way to `peer_id` its record names: its reachability, and the carrier for an
         outbound-only one (a peer backed off through one carrier is tried again through another)."""

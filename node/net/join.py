@@ -37,6 +37,7 @@ log = logging.getLogger("atoll.join")
 JOIN_STEP = 2**32 - 1  # the step of a round's join state: after every other snapshot of the round
 LAG = 2  # rounds behind the swarm's median before a node downloads instead of training alone
 DONORS = 3  # members tried, newest join state first
+_warned: set[int] = set()  # rounds after one whose catch-up failed: said once at WARNING, then at INFO
 
 
 def publish_join_state(exchange, worker, round_: int) -> None:
@@ -60,20 +61,23 @@ def catch_up(exchange, worker, next_round: int, say=lambda event: None) -> int |
     at = swarm_round(exchange)
     if at is None or at <= next_round + LAG:
         return None
-    # the newest join states near the median: a member far ahead of it is not trusted to say where the swarm is
-    offers = sorted(
+    # donors: members near the median (one far ahead of it is not trusted to say where the swarm is), the most
+    # advanced first; each is asked which join states it serves now, and its newest is fetched
+    near = sorted(
         (
-            (r, p.peer_id)
+            (p.round, p.peer_id)
             for p in exchange.view.candidates()
-            if p.peer_id != exchange.me
-            for r in join_rounds(p)
-            if abs(r - at) <= LAG
+            if p.peer_id != exchange.me and abs(p.round - at) <= LAG
         ),
         reverse=True,
     )
     own = worker.state()
-    for r, donor in offers[:DONORS]:
-        t0 = time.monotonic()
+    exchange.view.members()  # the donors' addresses, fresh
+    for _, donor in near[:DONORS]:
+        served = [k.round for k in exchange.fetcher.served(donor) if k.kind == "model" and k.step == JOIN_STEP]
+        if not served:
+            continue
+        r, t0 = max(served), time.monotonic()
         got = exchange.fetcher.fetch(
             donor, SnapshotKey("model", r, JOIN_STEP), _join_like(own), time.monotonic() + exchange.comm.fetch_timeout
         )
@@ -92,20 +96,15 @@ def catch_up(exchange, worker, next_round: int, say=lambda event: None) -> int |
         log.info("caught up: round %d of %s (%.1f s); the swarm is at round %d", r, donor[:16], seconds, at)
         say(dict(event="caught_up", round=r + 1, was=next_round, donor=donor, swarm_round=at, seconds=seconds))
         return r + 1
-    log.warning(
+    (log.info if next_round in _warned else log.warning)(
         "the swarm is at round %d, this node at %d, and no member's join state could be downloaded: training on from "
-        "round %d with this node's own state",
+        "round %d with this node's own state (tried again after every round)",
         at,
         next_round,
         next_round,
     )
+    _warned.add(next_round + 1)
     return None
-
-
-def join_rounds(record) -> list[int]:
-    """The rounds whose join state `record` (a PeerRecord) signs."""
-    tail = f":{JOIN_STEP}:"
-    return [int(e.split(":")[1]) for e in record.snapshots if e.startswith("model:") and tail in e]
 
 
 def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

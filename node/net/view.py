@@ -11,6 +11,7 @@ can fetch from it over that connection (connection reversal).
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 
@@ -23,7 +24,7 @@ from p2pd.discovery import DiscoveryError
 
 log = logging.getLogger("atoll.exchange")
 REFRESH_SECONDS = 1.0  # how often the view of the live members is re-read from the DHT
-BEHIND = 2  # a member whose record is this many rounds behind the round asked for is not waited for
+BEHIND = 2  # a member whose record is more rounds than this behind the swarm's median is not waited for
 
 
 class MemberView:
@@ -47,17 +48,19 @@ class MemberView:
 
     def members(self, round_: int | None = None) -> list[Member]:
         """The live peers this node exchanges with, this node included, sorted by peer id; remembers their gRPC
-        addresses. With `round_`, members whose record is more than BEHIND rounds before it are left out: a node
-        joining (node/net/join.py) or stalled, whose snapshots would not come in time, is not waited for. Starts
-        the refresh thread on first use."""
+        addresses. With `round_` (a protocol asking for a round's members), a member whose record is more than
+        BEHIND rounds behind the view's median is left out: a node joining (node/net/join.py) or stalled, whose
+        snapshots would not come in time, is not waited for. (The median, not `round_`: every record in the view is
+        as old as the view.) Starts the refresh thread on first use."""
         if self._view is None:
             self.refresh()
         if self._refresher is None:
             self._refresher = threading.Thread(target=self._refresh_loop, name="atoll-members", daemon=True)
             self._refresher.start()
         live = self.same_task(self._view)
-        if round_ is not None:
-            live = [p for p in live if p.peer_id == self.me or p.round >= round_ - BEHIND]
+        if round_ is not None and live:
+            swarm = statistics.median_high(p.round for p in live)
+            live = [p for p in live if p.peer_id == self.me or p.round >= swarm - BEHIND]
         self.live = len(live)
         self.metrics.peers_live.set(len(live))
         self.addresses = {p.peer_id: p.grpc_address for p in live}
