@@ -73,6 +73,7 @@ def test_mixed_architecture_swarm_learns_through_logits(tmp_path):
             n.stop()
 
 
+@pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores; the checks themselves: tests/test_distill.py
 def test_malformed_logits_are_refused_and_counted(tmp_path):
     """One honest daemon among four peers that serve logits with a wrong class count, a NaN,
     about another proxy set, or not signed in their record: it refuses each for its reason,

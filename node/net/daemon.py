@@ -54,10 +54,10 @@ class Node:
         try:
             self._setup()
             self.peer.wait(say=self.on_event)
-            self.start_round = self._catch_up(self.start_round) or self.start_round
             self.accuracy, self.loss = None, 0.0
+            start = join.catch_up(self.exchange, self.worker, self.start_round, self.on_event)  # a late start
             try:
-                r = self.engine.run(self.start_round, self._after_round, self._rolled_back)
+                r = self.engine.run(start or self.start_round, self._after_round, self._rolled_back)
             except DiscoveryError:
                 if not self.stop_requested.is_set():
                     raise
@@ -144,8 +144,7 @@ class Node:
         self._counted = TimeSplit()  # what the time counters have been given so far
 
     def _after_round(self, r: int, res: RoundResult) -> int | None:
-        """Round r-1 is done: check the key, evaluate, checkpoint, export, tell, serve the join state; returns the
-        round to go on from when this node fell far behind its swarm (node/net/join.py), else None."""
+        """Round r-1 is done: check the key, evaluate, checkpoint, tell, serve the join state; a round to jump to."""
         netcheck.check_key_in_use(self.discovery, self.advertised, self.tls, self.cfg.net.identity_path, running=True)
         self.done_rounds = r
         self.loss = res.stats.loss if res.stats.steps else self.loss
@@ -190,15 +189,7 @@ class Node:
             )
         )
         join.publish_join_state(self.exchange, self.worker, r - 1)
-        return self._catch_up(r)
-
-    def _catch_up(self, next_round: int) -> int | None:
-        """Far behind the swarm (a late start, a stall): its newest join state, and the round to go on from
-        (node/net/join.py); None to go on as it is."""
-        jumped = join.catch_up(self.exchange, self.worker, next_round, self.on_event)
-        if jumped is not None:
-            self.metrics.round.set(jumped)
-        return jumped
+        return join.catch_up(self.exchange, self.worker, r, self.on_event)  # far behind after a stall
 
     def _paths(self) -> dict:
         """For an event: this node's reachability as published, the neighbours' snapshots it
