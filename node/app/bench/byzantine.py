@@ -31,7 +31,13 @@ from node.registry import SLICE_AGGREGATORS
 ALGORITHMS = {
     "gossip": {"algorithm": "gossip"},
     "diloco": {"algorithm": "diloco"},
-    "diloco_allreduce": {"algorithm": "diloco", "outer_average": "all_reduce"},
+    # one group of up to 16: DiLoCo's all-reduce as published (random groups would gather attackers in some)
+    "diloco_allreduce": {
+        "algorithm": "diloco",
+        "outer_average": "all_reduce",
+        "allreduce_group": 16,
+        "keep_snapshots": 16,
+    },
 }
 
 
