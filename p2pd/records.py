@@ -46,7 +46,7 @@ Role = Literal["trainer", "aggregator", "expert", "router", "observer"]
 Reachability = Literal["direct", "relayed", "outbound_only"]
 _HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):(?P<port>[0-9]{1,5})$")
 MAX_SNAPSHOTS = 32
-_SNAPSHOT_ENTRY = r"^(model|logits|delta|estimate|ranks|shard):[0-9]{1,19}:[0-9]{1,10}:[0-9a-f]{64}$"
+_SNAPSHOT_ENTRY = r"^(model|logits|delta|estimate|ranks|shard|join):[0-9]{1,19}:[0-9]{1,10}:[0-9a-f]{64}$"
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:[0-9]{1,2})?)$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -17,15 +17,18 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a server's messages: > one chunk plus fr
 class SnapshotStore:
     """Thread-safe map SnapshotKey -> PackedSnapshot, newest `keep` per kind."""
 
-    def __init__(self, keep: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        """`keep`: snapshots held per kind (>= 1); `chunk_bytes`: bytes per wire part of an encoded snapshot
-        (1 to MAX_MESSAGE_BYTES - 4096). Raises ValueError for either out of range."""
+    def __init__(
+        self, keep: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES, keep_kinds: Mapping[str, int] | None = None
+    ):
+        """`keep`: snapshots held per kind (>= 1), `keep_kinds` for some kinds instead (e.g. one join state);
+        `chunk_bytes`: bytes per wire part of an encoded snapshot (1 to MAX_MESSAGE_BYTES - 4096). Raises ValueError
+        for either out of range."""
         if chunk_bytes < 1 or chunk_bytes + 4096 > MAX_MESSAGE_BYTES:
             raise ValueError(f"chunk_bytes must be in [1, {MAX_MESSAGE_BYTES - 4096}]")
         self.chunk_bytes = chunk_bytes
-        if keep < 1:
+        self.keep, self.keep_kinds = keep, dict(keep_kinds or {})
+        if keep < 1 or any(k < 1 for k in self.keep_kinds.values()):
             raise ValueError("keep must be >= 1")
-        self.keep = keep
         self._items: dict[SnapshotKey, EncodedSnapshot] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -55,7 +58,7 @@ class SnapshotStore:
             items = dict(self._items)
         items[key] = packed
         same_kind = sorted(k for k in items if k.kind == key.kind)
-        for old in same_kind[: max(0, len(same_kind) - self.keep)]:
+        for old in same_kind[: max(0, len(same_kind) - self.keep_kinds.get(key.kind, self.keep))]:
             del items[old]
         if before_visible is not None:
             before_visible(_index(items), packed)

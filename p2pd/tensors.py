@@ -220,6 +220,7 @@ KINDS = {
     "estimate": pb.SNAPSHOT_KIND_ESTIMATE,
     "ranks": pb.SNAPSHOT_KIND_RANKS,
     "shard": pb.SNAPSHOT_KIND_SHARD,
+    "join": pb.SNAPSHOT_KIND_JOIN,
 }
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
 

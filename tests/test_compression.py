@@ -104,7 +104,7 @@ def test_config_and_record_codec():
         ({"comm": {"codec": "int8", "exchange": "logits"}}, "apply to gossip of models"),
         ({"comm": {"codec": "int8", "algorithm": "modest"}}, "apply to gossip of models"),
         ({"comm": {"codec": "topk", "topology": "random"}}, "not random"),
-        ({"comm": {"codec": "int8", "error_feedback": True, "keep_snapshots": 16}}, "keep_snapshots must be <= 15"),
+        ({"comm": {"codec": "int8", "error_feedback": True, "keep_snapshots": 15}}, "keep_snapshots must be <= 14"),
     ):
         with pytest.raises((ValueError, ConfigError), match=needle):
             NodeConfig.model_validate(bad)

@@ -142,3 +142,18 @@ def test_outer_state_for_another_model_is_refused():
         rounds.load_outer({"momentum/0.weight": torch.zeros(3)})
     with pytest.raises(ValueError, match="does not keep"):
         rounds.load_outer({"shared/0.weight": torch.zeros(3)})
+
+
+def test_a_rolled_back_round_puts_the_outer_state_back():
+    """Found in review: a round whose average held Inf left an Inf outer momentum behind the rollback, so every
+    redo failed the same way and the node ended Diverged."""
+    import torch
+
+    _, worker, build = _protocol({})
+    rounds = build()
+    like = {k: v for k, v in worker.state().items() if v.is_floating_point()}
+    rounds.momentum = {k: torch.ones_like(v) for k, v in like.items()}
+    worker.keep_good_state()
+    rounds.momentum = {k: torch.full_like(v, float("inf")) for k, v in like.items()}
+    worker.roll_back(3, "model_after_mixing")
+    assert all(torch.equal(v, torch.ones_like(v)) for v in rounds.momentum.values())

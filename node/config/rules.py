@@ -47,9 +47,9 @@ def codecs_code_model_gossip(cfg: NodeConfig) -> None:
     if c.error_feedback and c.codec == "none":
         raise ValueError("comm.error_feedback needs a comm.codec that loses something (fp16, bf16, int8, topk)")
     if c.error_feedback or c.codec in ("topk", "topk2bit"):  # deltas and estimates: two kinds of snapshots
-        if 2 * c.keep_snapshots + 2 > 32:
+        if 2 * c.keep_snapshots + 3 > 32:  # deltas and estimates, the last two models, the join state
             raise ValueError(
-                "comm.keep_snapshots must be <= 15 with deltas (error feedback or topk): the record signs 32"
+                "comm.keep_snapshots must be <= 14 with deltas (error feedback or topk): the record signs 32"
             )
         if c.topology == "random":
             raise ValueError(

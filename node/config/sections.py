@@ -163,9 +163,9 @@ class CommConfig(_Strict):
     keep_snapshots: int = Field(
         8,
         ge=1,
-        le=32,
-        description="published snapshots kept for slower neighbours "
-        "(each one's digest is signed into the peer record, hence the cap)",
+        le=29,
+        description="published snapshots of each kind kept for slower neighbours (each one's digest is signed "
+        "into the peer record, which signs 32: hence the cap, with the last models and the join state)",
     )
     fetch_timeout: float = Field(20.0, gt=0, le=600, description="seconds to wait for a neighbour's snapshot")
     codec: Literal[("none", *CODECS)] = Field(

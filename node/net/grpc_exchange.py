@@ -58,7 +58,7 @@ class GrpcExchange:
                 task_digest,
                 client,
             )
-        self.store = SnapshotStore(keep=cfg.comm.keep_snapshots)
+        self.store = SnapshotStore(keep=cfg.comm.keep_snapshots, keep_kinds={"join": 1})  # node/net/join.py
         try:
             self.runtime.serve(self.store)
         except BaseException:  # a port in use: the averager process must not outlive us

@@ -1,11 +1,12 @@
 """Elastic join: a node that starts (or finds itself) far behind a running swarm downloads where the swarm is instead
 of training alone until its round counter catches up.
 
-Every daemon publishes, after each round r, its join state as snapshot (model, r, JOIN_STEP): the tensors it
+Every daemon publishes, after each round r, its join state as snapshot (join, r, JOIN_STEP): the tensors it
 publishes (the model, or a task's shared tensors) plus the round protocol's shared state (DiLoCo's outer momentum,
-a streamed swarm's fragments: node/protocol/worker.py OuterState). The step is the largest a key can take, so the
-snapshot comes after everything else of its round and a fetcher's "moved past" rule holds. Encoding it costs a
-digest and a copy a round; it travels only when a joiner asks.
+a streamed swarm's fragments: node/protocol/worker.py OuterState). A kind of its own, of which a node keeps only the
+newest, so it takes nothing from the snapshots kept for slower neighbours and one entry of the signed record; the
+step is the largest a key can take, so the record's (round, step) never goes back. Encoding it costs a digest and a
+copy a round; it travels only when a joiner asks.
 
 A node compares its round with the live members' (the median of their signed records, so one liar cannot send it
 to the end of training): when the swarm is more than LAG rounds ahead, at start or after any round (a node frozen
@@ -43,7 +44,7 @@ _warned: set[int] = set()  # rounds after one whose catch-up failed: said once a
 def publish_join_state(exchange, worker, round_: int) -> None:
     """Serve round `round_`'s join state (see the module docstring) through `exchange` (a GrpcExchange)."""
     shared = {OUTER + k: v.detach().clone() for k, v in worker.outer.tensors(private=False).items()}
-    exchange.publish(SnapshotKey("model", round_, JOIN_STEP), {**_copy(worker.state()), **shared})
+    exchange.publish(SnapshotKey("join", round_, JOIN_STEP), {**_copy(worker.state()), **shared})
 
 
 def swarm_round(exchange) -> int | None:
@@ -61,32 +62,33 @@ def catch_up(exchange, worker, next_round: int, say=lambda event: None) -> int |
     at = swarm_round(exchange)
     if at is None or at <= next_round + LAG:
         return None
-    # donors: members near the median (one far ahead of it is not trusted to say where the swarm is), the most
-    # advanced first; each is asked which join states it serves now, and its newest is fetched
+    # donors: members near the median, nearest first (one far from it is not trusted to say where the swarm is);
+    # each is asked which join states it serves now, and its newest within LAG of the median is fetched
     near = sorted(
-        (
-            (p.round, p.peer_id)
-            for p in exchange.view.candidates()
-            if p.peer_id != exchange.me and abs(p.round - at) <= LAG
-        ),
-        reverse=True,
+        (abs(p.round - at), p.peer_id)
+        for p in exchange.view.candidates()
+        if p.peer_id != exchange.me and abs(p.round - at) <= LAG
     )
     own = worker.state()
     exchange.view.members()  # the donors' addresses, fresh
     for _, donor in near[:DONORS]:
-        served = [k.round for k in exchange.fetcher.served(donor) if k.kind == "model" and k.step == JOIN_STEP]
+        served = [
+            k.round
+            for k in exchange.fetcher.served(donor)
+            if k.kind == "join" and k.step == JOIN_STEP and next_round <= k.round <= at + LAG
+        ]
         if not served:
             continue
         r, t0 = max(served), time.monotonic()
         got = exchange.fetcher.fetch(
-            donor, SnapshotKey("model", r, JOIN_STEP), _join_like(own), time.monotonic() + exchange.comm.fetch_timeout
+            donor, SnapshotKey("join", r, JOIN_STEP), _join_like(own), time.monotonic() + exchange.comm.fetch_timeout
         )
         if got is None:
             continue
         model = {k: v for k, v in got.items() if not k.startswith(OUTER)}
-        try:
-            worker.load({k: v.to(device=own[k].device) for k, v in model.items()})
+        try:  # the outer state first: it is what may not fit (the model's names, shapes and dtypes were checked)
             worker.outer.restore({k[len(OUTER) :]: v for k, v in got.items() if k.startswith(OUTER)})
+            worker.load({k: v.to(device=own[k].device) for k, v in model.items()})
         except (ValueError, KeyError, RuntimeError) as e:
             log.warning("join state of %s does not fit this node (%s); trying another member", donor[:16], e)
             continue

@@ -10,16 +10,17 @@ model (Streaming DiLoCo's, node/protocol/rounds/streaming.py; f = 0 for the whol
    mean weighted by samples, or the coordinate-wise median or trimmed mean), in peer-id order;
 3. it publishes the reduced slice as (shard, r, f * STRIDE + REDUCED) (coded with comm.codec when that codec is
    dense; a sparse codec would drop most of a sum, so it then travels as int8), and fetches every other member's.
-   Pseudo-gradients under a sparse codec (topk, topk2bit) skip the reduce-scatter: each member publishes its
-   whole coded vector once, as (shard, r, f * STRIDE), and reduces everyone's itself, an all-gather as SparseLoCo
-   does: n - 1 coded vectors received, fewer bytes than dense reduced slices while n times the codec's share stays
-   under 2 (n - 1) / n of int8's;
+   Pseudo-gradients under a sparse codec (topk, topk2bit) or a robust rule (median, trimmed_mean) skip the
+   reduce-scatter: each member publishes its whole coded vector once, as (shard, r, f * STRIDE), and reduces
+   everyone's itself, an all-gather as SparseLoCo does: n - 1 coded vectors received. Under a sparse codec that is
+   fewer bytes than dense reduced slices (while n times the codec's share stays under 2 (n - 1) / n of int8's);
+   under a robust rule it is what makes the rule hold, as the owner of a slice would otherwise decide it for all;
 4. the result is the reduced slices in order. A slice whose part or whose owner did not arrive by comm.fetch_timeout
    is the member's own (its pseudo-gradient there, not the average), and the result says which owners answered.
 
 Every member decodes the same bytes and reduces in the same order, so all members (and the simulator, which runs
 this code over its in-memory exchange) hold the same bits. Bytes per member and round: 2 (n - 1) / n coded vectors
-(n - 1 under a sparse codec).
+(n - 1 under a sparse codec or a robust rule).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from p2pd.tensors import SnapshotKey
 # slice): in the order a node publishes them, as a fetcher takes a peer whose record shows a later step for one that
 # moved past the snapshot it waits for.
 STRIDE = 32
+MAX_WEIGHT = 2.0**40  # samples a slice may claim: sums stay finite (the robust rules ignore the claims)
 REDUCED = STRIDE - 1  # more than the largest group (comm.allreduce_group <= 16)
 SPARSE = ("topk", "topk2bit")
 
@@ -68,7 +70,7 @@ def _check(own_tag: int, lengths: set[int], reduced: bool):
             or w.dtype != torch.float64
             or w.numel() != 1
             or not bool(torch.isfinite(w).all())
-            or float(w) < 0
+            or not 0 <= float(w) <= MAX_WEIGHT
             or t is None
             or t.dtype != torch.int64
             or t.numel() != 1
@@ -132,7 +134,9 @@ class SlicedAllReduce:
         residual = self.residual.get(fragment)
         x = vector + residual if feedback and residual is not None and residual.shape == vector.shape else vector
         cuts = bounds(x.numel(), n)
-        gather = not models and self.codec.name in SPARSE
+        # whole vectors, each member reducing them itself: under a sparse codec (fewer bytes), and under a robust rule,
+        # which a byzantine owner of a slice could otherwise decide for everyone
+        gather = not models and (self.codec.name in SPARSE or self.rule != "mean")
         marked = tag(group, x.numel(), models, fragment, gather)
         mark = {"w": torch.tensor([float(weight)], dtype=torch.float64), "tag": torch.tensor([marked])}
         if gather:

@@ -143,6 +143,11 @@ class OuterState:
         what a joining node may take (node/net/join.py: not this node's own error-feedback residuals)."""
         return {} if self.holder is None else self.holder.outer_tensors(private)
 
+    def reset(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put the holder back to `tensors` (what `tensors()` gave; {} is the state before the first round)."""
+        if self.holder is not None:
+            self.holder.load_outer(tensors)
+
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
         """A checkpoint's state: to the holder, or kept until one attaches. Raises ValueError from `load_outer`."""
         if tensors and self.holder is not None:
@@ -302,6 +307,7 @@ class Worker:
         self._good = (
             {k: v.detach().clone() for k, v in self.full_state().items()},
             copy.deepcopy(self.optimizer.state_dict()),
+            {k: v.detach().clone() for k, v in self.outer.tensors().items()},  # the protocol's (outer momentum)
         )
         self.rollbacks_in_a_row = 0
 
@@ -309,9 +315,10 @@ class Worker:
         """Undo a round that went non-finite. Raises Diverged after MAX_ROLLBACKS in a row:
         lowering the step size silently would hide a broken run."""
         self.rollbacks_in_a_row += 1
-        model_sd, optim_sd = self._good
+        model_sd, optim_sd, outer = self._good
         self.model.load_state_dict(model_sd)
         self.optimizer.load_state_dict(copy.deepcopy(optim_sd))
+        self.outer.reset({k: v.clone() for k, v in outer.items()})
         if self.rollbacks_in_a_row >= MAX_ROLLBACKS:
             raise Diverged(
                 f"the {where.replace('_', ' ')} became non-finite (NaN/Inf) in round {r} "

@@ -113,6 +113,9 @@ class Stream:
         """Load what `tensors` gave, checked against `like` (the model's floating tensors). Raises ValueError for a
         name, shape or dtype that does not fit."""
         shared, momentum = {}, [{} for _ in self.parts]
+        if not tensors:  # the state before the first round
+            self.shared, self.momentum, self.since = None, [None] * len(self.parts), [0] * len(self.parts)
+            return
         since = tensors.get("since")
         fitting("since", since, torch.zeros(len(self.parts), dtype=torch.int64) if since is not None else None)
         for name, t in tensors.items():
