@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node.algo.aggregate.vectors import flatten, unflatten
 from node.algo.comm.allreduce import bounds, group_of, reduce_slice, tag
 from p2pd.codecs import Codec, decode
 from p2pd.errors import ReasonedError
@@ -110,6 +111,19 @@ class SlicedAllReduce:
         everyone = [m.peer_id for m in exchange.members(r)]
         return group_of(exchange.me, everyone, self.size, self.seed, r), len({*everyone, exchange.me}) > self.size
 
+    def pseudo_gradient(
+        self, exchange, r: int, start: dict, after: dict, keys: list[str], weight: float, fragment: int = 0, **record
+    ) -> tuple[Reduced, dict[str, torch.Tensor]]:
+        """(the all-reduce's Reduced, the group's average pseudo-gradient of tensors `keys`, shaped as `start`'s) for
+        a member whose tensors went from `start` (the shared parameters) to `after` (what it publishes), `weight`
+        samples behind it. One group averages pseudo-gradients; a swarm cut into several averages the models, so
+        start - average also pulls this member towards the group's parameters (see `run` for the rest)."""
+        origin, mine = flatten(start, keys), flatten(after, keys)
+        group, several = self.plan(exchange, r)
+        done = self.run(exchange, r, group, mine if several else origin - mine, weight, several, fragment, **record)
+        g = unflatten(origin - done.vector if several else done.vector, {k: start[k] for k in keys}, keys)
+        return done, g
+
     def run(
         self,
         exchange,
@@ -157,12 +171,8 @@ class SlicedAllReduce:
         parts = exchange.fetch_many(
             others, SnapshotKey("shard", r, fragment * STRIDE + k), _check(marked, {hi - lo}, False)
         )
-        who = sorted([me, *parts])
-        mine = {me: (sent[k], float(weight))} | {p: (s["g"], float(s["w"])) for p, s in parts.items()}
-        reduced = reduce_slice([mine[p][0] for p in who], [mine[p][1] for p in who], self.rule, self.fraction)
+        reduced, total, count = self._reduce(me, sent[k], float(weight), parts)
         wire, seen = self._coded(reduced, self.dense)
-        total = torch.tensor([sum(mine[p][1] for p in who)], dtype=torch.float64)
-        count = torch.tensor([len(who)])
         reduced_snapshot = {"g": wire, "w": total, "tag": mark["tag"], "n": count}
         exchange.publish(SnapshotKey("shard", r, fragment * STRIDE + REDUCED), reduced_snapshot, **record)
         lengths = {b - a for a, b in cuts}
@@ -184,7 +194,15 @@ class SlicedAllReduce:
             return Reduced(seen, group)
         exchange.publish(key, {"g": wire, **mark}, **record)
         got = exchange.fetch_many([p for p in group if p != me], key, _check(int(mark["tag"]), {x.numel()}, False))
-        mine = {me: (seen, float(mark["w"]))} | {p: (s["g"], float(s["w"])) for p, s in got.items()}
-        who = sorted(mine)
-        vector = reduce_slice([mine[p][0] for p in who], [mine[p][1] for p in who], self.rule, self.fraction)
-        return Reduced(vector, group, sorted(got))
+        return Reduced(self._reduce(me, seen, float(mark["w"]), got)[0], group, sorted(got))
+
+    def _reduce(
+        self, me: str, own: torch.Tensor, weight: float, got: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the reduction of `own` with the vectors `got` holds, in peer-id order; the samples behind it, float64;
+        how many vectors, int64)."""
+        entries = {me: (own, weight)} | {p: (s["g"], float(s["w"])) for p, s in got.items()}
+        who = sorted(entries)
+        reduced = reduce_slice([entries[p][0] for p in who], [entries[p][1] for p in who], self.rule, self.fraction)
+        total = torch.tensor([sum(entries[p][1] for p in who)], dtype=torch.float64)
+        return reduced, total, torch.tensor([len(who)])

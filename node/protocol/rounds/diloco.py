@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from node.algo.aggregate.vectors import flatten, float_keys, unflatten
+from node.algo.aggregate.vectors import float_keys
 from node.algo.diloco import nesterov, outer_step
 from node.protocol.allreduce import SlicedAllReduce
 from node.protocol.rounds import RoundResult
@@ -88,19 +88,15 @@ class DiLoCoRounds(GossipRounds):
         w, c = self.worker, self.cfg.comm
         own = w.state()
         published = own if self.forger is None else self.forger.forge(start, own, r, 0)
-        keys = float_keys(start)
-        origin, after = flatten(start, keys), flatten(published, keys)
-        group, several = self.allreduce.plan(self.exchange, r)
-        vector = after if several else origin - after
-        sps = round(result.stats.samples_per_second, 3)
+        keys, sps = float_keys(start), round(result.stats.samples_per_second, 3)
         weight = max(result.stats.samples, 1)
-        done = self.allreduce.run(self.exchange, r, group, vector, weight, several, samples_per_second=sps)
+        done, g = self.allreduce.pseudo_gradient(
+            self.exchange, r, start, published, keys, weight, samples_per_second=sps
+        )
         result.members, result.mixed = len(done.group), done.answered
         if self.forger is not None and not self.forger.mixes:
             return
-        floats = {k: start[k] for k in keys}
-        g = unflatten(origin - done.vector if several else done.vector, floats, keys)
-        moved, self.momentum = nesterov(floats, g, self.momentum, c.outer_lr, c.outer_momentum)
+        moved, self.momentum = nesterov({k: start[k] for k in keys}, g, self.momentum, c.outer_lr, c.outer_momentum)
         w.load({k: moved[k] if k in moved else own[k] for k in own})
 
     def outer_tensors(self, private: bool = True) -> dict[str, torch.Tensor]:

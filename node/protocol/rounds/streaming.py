@@ -25,10 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from node.algo.aggregate.vectors import flatten, float_keys, unflatten
+from node.algo.aggregate.vectors import float_keys
 from node.algo.comm.allreduce import fragments
 from node.algo.diloco import nesterov
 from node.protocol.rounds import RoundResult
+from node.protocol.train import RoundStats
 from node.protocol.worker import NonFinite
 
 
@@ -50,54 +51,42 @@ class Stream:
 
     def run(self, r: int, forger) -> RoundResult:
         """Round r (see the module docstring); `forger`: the attack rehearsal's, None for an honest node. Raises
-        NonFinite (the round's outer state is then as it was before the round, for the engine to redo it)."""
-        saved = (self.shared, list(self.momentum), list(self.since))
-        try:
-            return self._run(r, forger)
-        except NonFinite:
-            self.shared, self.momentum, self.since = saved
-            raise
-
-    def _run(self, r: int, forger) -> RoundResult:
+        NonFinite; the engine's rollback then puts the fragments' state back (node/protocol/worker.py, OuterState).
+        Each fragment's shared parameters and momentum move together, so a stop mid-round leaves them matching."""
         w, c, ex = self.worker, self.cfg.comm, self.exchange
         if self.shared is None:
             self.shared = {k: v.detach().clone() for k, v in w.state().items() if v.is_floating_point()}
-        shared = dict(self.shared)
+        shared = self.shared
         chunk, tau = self.cfg.train.local_steps // len(self.parts), c.sync_delay
         alpha = c.stream_mix if tau > 0 else 0.0
         gen = w.trainer.batches(r)
-        result, answered = RoundResult(w.train(r, stop=ex.stopping, steps=0, gen=gen)), set()
+        result, answered = RoundResult(RoundStats(0.0, 0, 0, 0.0)), set()
         for f, keys in enumerate(self.parts):
             self._train(result, r, chunk - tau, gen)
             if ex.stopping():
                 return result
             own = w.state()
             published = own if forger is None else forger.forge(shared, own, r, f)
-            origin, after = flatten(shared, keys), flatten(published, keys)
-            group, several = self.allreduce.plan(ex, r)
-            vector = after if several else origin - after
+            after = {k: published[k].detach().clone() for k in keys}  # the live tensors train on meanwhile
             weight, sps = max(self.since[f], 1), round(result.stats.samples_per_second, 3)
-            job = self.pool.submit(
-                self.allreduce.run, ex, r, group, vector, weight, several, f, samples_per_second=sps
-            )
+            average = self.allreduce.pseudo_gradient
+            job = self.pool.submit(average, ex, r, shared, after, keys, weight, f, samples_per_second=sps)
             try:
                 self._train(result, r, tau, gen)
             finally:  # never leave a transfer running behind a failed part
-                done = job.result()
+                done, g = job.result()
             self.since[f] = 0
             result.members = len(done.group)
             answered |= set(done.answered)
             if forger is not None and not forger.mixes:
                 continue
             phi = {k: shared[k] for k in keys}
-            g = unflatten(origin - done.vector if several else done.vector, phi, keys)
             moved, self.momentum[f] = nesterov(phi, g, self.momentum[f], c.outer_lr, c.outer_momentum)
             shared.update(moved)
             live = w.state()
             w.load({k: (alpha * live[k] + (1 - alpha) * moved[k]) if k in moved else live[k] for k in live})
             if not w.all_finite():
                 raise NonFinite("model_after_mixing")
-        self.shared = shared
         result.mixed = sorted(answered)
         return result
 
