@@ -7,7 +7,9 @@ recorded at one node being replayed to another; the clock bounds replays to the 
 
 - ``unsigned``: no or an invalid signature, or a peer id that is not an Ed25519 key;
 - ``stale``: issued_at further than ``max_skew`` from the server's clock;
-- ``unknown``: a valid identity without a live record in the swarm's DHT (``is_known``);
+- ``unknown``: a valid identity without a live record in the swarm's DHT (``is_known``) and
+  without one presented: a request may carry the requester's signed record (sampled membership,
+  where a server has not read every member's record), which admits it while the record is valid;
 - ``rate``: the identity spent its token bucket (``rate`` per second, ``burst`` deep).
 
 What this does and does not buy is written up in docs/security.md: identities are free
@@ -25,12 +27,15 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import blake3
+from hivemind.utils import get_dht_time
 
 from p2pd.identity import Identity, verify
+from p2pd.records import RecordRefused, open_record
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.tensors import SnapshotKey
 
 DOMAIN = b"atoll/fetch/v1\x00"
+MAX_PRESENTED = 100_000  # presented records remembered (oldest forgotten first)
 PREDICT_SCALE = 50  # Predict calls allowed per fetch (security.fetch_rate and fetch_burst)
 
 
@@ -166,13 +171,17 @@ class Admission:
         burst: int,
         max_skew: float = 30.0,
         clock: Callable[[], float] = time.time,
+        presented: bool = False,
     ):
         """`server_peer_id`: this node's peer id, which every signed request must name; `is_known(peer_id)`: whether a
         requester has a live record in the DHT; `rate`, `burst`: each requester's requests per second and bucket depth
         (Predict has a bucket of its own, PREDICT_SCALE times both); `max_skew`: seconds a request's issued_at may
-        differ from `clock()`, Unix seconds (time.time). Raises ValueError unless `rate` > 0 and `burst` >= 1."""
+        differ from `clock()`, Unix seconds (time.time); `presented`: a fetch's requester_record (the requester's
+        signed record, valid and unexpired) admits it as known (sampled membership). Raises ValueError unless
+        `rate` > 0 and `burst` >= 1."""
         self.server_peer_id, self.is_known, self.max_skew, self.clock = server_peer_id, is_known, max_skew, clock
         self.buckets = TokenBuckets(rate, burst)
+        self.presented: OrderedDict[str, float] | None = OrderedDict() if presented else None  # peer id -> expiry
         # a router calls an expert once per sampling step: Predict gets a bucket of its own,
         # PREDICT_SCALE times the fetch rate, so a long sampling run is not cut off halfway
         self.predict_buckets = TokenBuckets(rate * PREDICT_SCALE, burst * PREDICT_SCALE)
@@ -214,8 +223,25 @@ class Admission:
             return "stale"
         if not verify(requester, message(), request.signature):
             return "unsigned"
-        if not self.is_known(requester):
+        if not self._presented(request) and not self.is_known(requester):
             return "unknown"
         if not (buckets or self.buckets).take(requester):
             return "rate"
         return None
+
+    def _presented(self, request) -> bool:
+        """Whether the (signed, checked) request's requester is admitted by a record it presented, now or before."""
+        if self.presented is None:
+            return False
+        requester, now = request.requester_peer_id, get_dht_time()
+        envelope = getattr(request, "requester_record", b"")
+        if envelope and self.presented.get(requester, 0.0) <= now:
+            try:
+                record = open_record(envelope, now=now, expected_peer_id=requester)
+            except RecordRefused:
+                return False
+            self.presented[requester] = record.expires_at
+            self.presented.move_to_end(requester)
+            while len(self.presented) > MAX_PRESENTED:
+                self.presented.popitem(last=False)
+        return self.presented.get(requester, 0.0) > now

@@ -20,7 +20,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from p2pd.errors import ReasonedError
 from p2pd.identity import Identity
 from p2pd.rpc import swarm_pb2 as pb
 from p2pd.rpc import swarm_pb2_grpc as pb_grpc
+from p2pd.sampling import entries_of, to_pb
 from p2pd.server import MAX_FETCH_SECONDS, MAX_MESSAGE_BYTES, MAX_PUSH_MESSAGE_BYTES, SERVICE_NAME, TLSConfig
 from p2pd.tensors import Limits, SnapshotKey, TensorStreamError
 
@@ -169,18 +170,21 @@ class SwarmClient:
         tls: TLSConfig | None = None,
         tls_server_name: str | None = None,
         identity: Identity | None = None,
+        envelope: Callable[[], bytes] | None = None,
     ):
         """`address`: the peer's gRPC host:port; `limits`: what a fetched snapshot may hold; `timeout`: the default
         fetch deadline, seconds, in (0, MAX_FETCH_SECONDS]; `retries`: further attempts after an unavailable or busy
         answer; `backoff`: the first pause before a retry, seconds (doubled per attempt, jittered); `tls`: TLS files,
         None for plaintext; `tls_server_name`: the name checked in the server's certificate (None: the address's host);
-        `identity`: signs requests, None sends unsigned fetches (reach and push then raise ValueError). Raises
-        ValueError for a `timeout` out of range, OSError when `tls.ca_file` cannot be read."""
+        `identity`: signs requests, None sends unsigned fetches (reach and push then raise ValueError); `envelope()`:
+        this node's signed record, presented with every fetch (sampled membership: p2pd/admission.py), None: not.
+        Raises ValueError for a `timeout` out of range, OSError when `tls.ca_file` cannot be read."""
         if not 0 < timeout <= MAX_FETCH_SECONDS:
             raise ValueError(f"timeout must be in (0, {MAX_FETCH_SECONDS:.0f}] s (servers refuse longer fetches)")
         self.address = address
         self.limits, self.timeout, self.retries, self.backoff = limits, timeout, retries, backoff
         self.identity = identity  # signs every fetch request; None sends unsigned ones
+        self.envelope = envelope
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_PUSH_MESSAGE_BYTES),  # requests, and pushed parts
@@ -225,6 +229,8 @@ class SwarmClient:
         deadline = start + min(timeout if timeout is not None else self.timeout, MAX_FETCH_SECONDS)
         if self.identity is not None:
             request = signed_request(self.identity, server_peer_id, key, time.time(), producer_peer_id)
+            if self.envelope is not None:
+                request.requester_record = self.envelope()
         else:
             request = pb.FetchRequest(key=key.to_pb(), producer_peer_id=producer_peer_id)
         for attempt in range(self.retries + 1):
@@ -275,6 +281,24 @@ class SwarmClient:
         except grpc.RpcError as e:
             raise status_error(e.code(), e.details() or "", self.address, wait_for) from e
         return health_answer(reply)
+
+    def sample(
+        self, push: Sequence[tuple[str, str]] = (), pull: bool = False, nonce: bytes = b"", timeout: float = 5.0
+    ) -> tuple[bytes, list[tuple[str, str]], bytes]:
+        """A Health call for peer sampling (p2pd/sampling.py): pushes the (peer id, address) entries `push`, asks for
+        the peer's view when `pull`, and with `nonce` (16 to 64 bytes; needs `identity`, whom the signature names) asks
+        for a probe signature. Returns (the peer's signed record envelope, its view's well-formed entries, the probe
+        signature or b""). Raises FetchTimeout or FetchRefused."""
+        request = pb.HealthRequest(view=to_pb(push), want_view=pull)
+        if nonce:
+            if self.identity is None:
+                raise ValueError("a probe needs an identity: the reply's signature names the requester")
+            request.nonce, request.requester_peer_id = nonce, self.identity.peer_id
+        try:
+            reply = self._stub.Health(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise status_error(e.code(), e.details() or "", self.address, None) from e
+        return reply.signed_record, entries_of(reply.view), reply.probe_signature
 
     def push(self, server_peer_id: str, key: SnapshotKey, parts: Sequence[bytes], envelope: bytes, timeout: float):
         """Hand the snapshot `key` (its serialized `parts`) to the carrier `server_peer_id`, with

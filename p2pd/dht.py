@@ -20,7 +20,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.serializer import MSGPackSerializer
 
 from p2pd.procs import start_hivemind_process
-from p2pd.records import RecordRefused, open_record, swarm_key
+from p2pd.records import RecordRefused, directory_key, open_record
 
 
 def clock_skew(error: str) -> str | None:
@@ -60,16 +60,20 @@ class PeerRecordValidator(RecordValidatorBase):
     `dropped` counts the rows it refused, in memory shared with the DHT child process where
     it runs (created before the fork), so the node can export the count."""
 
-    def __init__(self, swarm: str):
-        """`swarm`: the swarm name whose DHT key it checks (rows under other keys pass). Raises ValueError for a name
-        swarm_key refuses."""
-        self._key_id = DHTID.generate(source=swarm_key(swarm)).to_bytes()
+    def __init__(self, swarm: str, directory_bits: int = 0):
+        """`swarm`: the swarm name whose directory keys it checks (rows under other keys pass); `directory_bits`: the
+        directory's split (p2pd.records.directory_key; 0: the one swarm key). Raises ValueError for a name
+        directory_key refuses or bits out of range."""
+        self._key_ids = {
+            DHTID.generate(source=directory_key(swarm, directory_bits, b)).to_bytes()
+            for b in range(1 << directory_bits)
+        }
         self.dropped = multiprocessing.Value("Q", 0)
 
     def validate(self, record: DHTRecord) -> bool:
-        """True for rows under other keys; for a swarm row, whether its signed record opens with the subkey as signer
-        and its DHT expiry is at most the signed one (refusals counted in `dropped`)."""
-        if record.key != self._key_id:
+        """True for rows under other keys; for a directory row, whether its signed record opens with the subkey as
+        signer and its DHT expiry is at most the signed one (refusals counted in `dropped`)."""
+        if record.key not in self._key_ids:
             return True
         ok = self._valid_row(record)
         if not ok:

@@ -1,9 +1,12 @@
 """Swarm membership on the hivemind DHT: join, heartbeat a signed record, list live peers.
 
-Every member stores its signed PeerRecord under one DHT key, ``atoll/<swarm>/peers``, with
-its peer id as the subkey, so a single ``get`` returns the whole swarm (one row per peer,
-each row with its own expiry). A node re-publishes every ``ttl / 3`` seconds (p2pd/announce.py);
-a node that stops doing so disappears once its row expires, i.e. within ``ttl``.
+Every member stores its signed PeerRecord in the swarm's directory, with its peer id as the
+subkey: by default one DHT key, ``atoll/<swarm>/peers``, so a single ``get`` returns the whole
+swarm (one row per peer, each row with its own expiry); with ``directory_bits`` b >= 1, in one
+of 2^b bucket keys chosen by its peer id (p2pd.records.directory_key), read together, so no
+one key (and no one set of DHT nodes holding it) carries the whole swarm: a key's reply must
+stay under p2pd's 4 MiB message cap, about 3,000 records. A node re-publishes every ``ttl / 3``
+seconds (p2pd/announce.py); a node that stops doing so disappears once its row expires, i.e. within ``ttl``.
 
 Two checks keep forged rows out: ``PeerRecordValidator`` inside every atoll DHT node
 (p2pd/dht.py), and ``live_peers``, which opens every row again (signature, schema, binding,
@@ -24,7 +27,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import hivemind
-from hivemind.utils import get_dht_time
 
 from p2pd.addresses import maddr_tcp_listen, tcp_port_in_use
 from p2pd.announce import Announcing
@@ -34,9 +36,10 @@ from p2pd.dht import (  # DiscoveryError: raised to every caller of Discovery
     clock_skew,
     start_dht,
 )
+from p2pd.directory import DirectoryReading
 from p2pd.identity import Identity
 from p2pd.procs import stop_hivemind_process
-from p2pd.records import PeerRecord, RecordRefused, open_record, swarm_key
+from p2pd.records import MAX_DIRECTORY_BITS, PeerRecord, bucket_of, directory_key
 
 log = logging.getLogger(__name__)
 BOOTSTRAP_ATTEMPTS = 3  # DHT starts tried when no initial peer answers
@@ -57,7 +60,7 @@ def dht_kwargs(initial_peers, host_maddrs, announce_maddrs, startup_timeout: flo
     )
 
 
-class Discovery(Announcing):
+class Discovery(Announcing, DirectoryReading):
     """Membership of one swarm for one node: it starts the DHT (p2pd/dht.py), publishes the node's signed record
     (Announcing, p2pd/announce.py) and reads the live members' records.
 
@@ -80,21 +83,28 @@ class Discovery(Announcing):
         client_mode: bool = False,
         call_timeout: float | None = None,
         relay: bool = True,
+        directory_bits: int = 0,
     ):
         """`client_mode`: read the swarm without serving DHT requests (for observers such as
         `atoll status`); such a node should not announce. `relay`: the daemon may use circuit
         relays and, when AutoNAT finds it behind NAT, reserves a slot on one (hivemind's
-        use_auto_relay; its initial peers are its trusted relays)."""
+        use_auto_relay; its initial peers are its trusted relays). `directory_bits`: the
+        directory's split into 2^bits bucket keys (0 to MAX_DIRECTORY_BITS; every node of a swarm
+        must use the same). Raises ValueError for a bad swarm name, ttl or bits."""
         if identity.path is None:
             raise ValueError("Discovery needs an identity persisted to a file (Identity.load_or_create)")
         if not 1.0 <= ttl <= 3600.0:
             raise ValueError(f"ttl must be within [1, 3600] s, got {ttl}")
         self.identity = identity
         self.swarm = swarm
-        self.key = swarm_key(swarm)
+        if not 0 <= directory_bits <= MAX_DIRECTORY_BITS:
+            raise ValueError(f"directory_bits must be within [0, {MAX_DIRECTORY_BITS}], got {directory_bits}")
+        self.bits = directory_bits
+        self.keys = [directory_key(swarm, directory_bits, b) for b in range(1 << directory_bits)]
+        self.key = self.keys[bucket_of(identity.peer_id, directory_bits)]  # where this node's record goes
         self.ttl = ttl
         self._refused: Counter[str] = Counter()  # rows dropped by live_peers, by reason
-        self._validator = PeerRecordValidator(swarm)
+        self._validator = PeerRecordValidator(swarm, directory_bits)
         self.call_timeout = call_timeout if call_timeout is not None else max(10.0, ttl)
         self._dht_kwargs = dht_kwargs(initial_peers, host_maddrs, announce_maddrs, startup_timeout, client_mode, relay)
         self._dht: hivemind.DHT | None = None
@@ -195,60 +205,3 @@ class Discovery(Announcing):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    # -- reading ---------------------------------------------------------------------------
-    def live_peers(self, include_self: bool = True) -> list[PeerRecord]:
-        """Records of every peer whose row is alive and checks out, sorted by peer id."""
-        found = self._call(self.dht.get(self.key, latest=True, return_future=True))
-        if found is None or not isinstance(found.value, dict):
-            return []
-        now = get_dht_time()
-        peers = []
-        for subkey, item in found.value.items():
-            try:
-                if not isinstance(subkey, str):
-                    raise RecordRefused("malformed", "subkey is not a peer id")
-                peers.append(open_record(item.value, now=now, expected_peer_id=subkey))
-            except RecordRefused as e:
-                self._count_refusal(str(subkey), e)
-        self._known = {p.peer_id: p.expires_at for p in peers}  # replaced whole: readers need no lock
-        self._addresses = {p.peer_id: p.grpc_address for p in peers}
-        mine = next((p for p in peers if p.peer_id == self.identity.peer_id), None)
-        self._foreign_self = mine if mine is not None and mine.issued_at not in self._issued else None
-        if not include_self:
-            peers = [p for p in peers if p.peer_id != self.identity.peer_id]
-        return sorted(peers, key=lambda p: p.peer_id)
-
-    def address_of(self, peer_id: str) -> str | None:
-        """The gRPC address `peer_id` signed into its record, as of the last live_peers(); None
-        if it had no live record then (a fresh look costs the caller one live_peers())."""
-        return self._addresses.get(peer_id)
-
-    def foreign_self(self) -> PeerRecord | None:
-        """A live record under this node's own peer id that this process did not sign, as of
-        the last live_peers(): the key is (or was, before a restart) in use elsewhere. Whether
-        that other process is alive is for the caller to ask it (see Node._check_key_in_use)."""
-        return self._foreign_self
-
-    def is_known(self, peer_id: str) -> bool:
-        """Whether `peer_id` has a live, valid record in the swarm's DHT row (admission of
-        fetches). Answers from the last look at the DHT; an id not seen there triggers a fresh
-        look at most once a second, so a flood of unknown ids cannot flood the DHT."""
-        now = get_dht_time()
-        if self._known.get(peer_id, 0.0) > now:
-            return True
-        with self._lock_known:
-            if now - self._known_at < 1.0:
-                return False
-            self._known_at = now
-        try:
-            self.live_peers()
-        except DiscoveryError:
-            return False
-        return self._known.get(peer_id, 0.0) > get_dht_time()
-
-    def _count_refusal(self, subkey: str, e: RecordRefused) -> None:
-        self._refused[e.reason] += 1
-        if (subkey, e.reason) not in self._logged and len(self._logged) < 10_000:
-            self._logged.add((subkey, e.reason))
-            log.warning("refused peer record in row %s: %s", subkey[:20], e)

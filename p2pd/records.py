@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import re
@@ -60,6 +61,24 @@ def swarm_key(swarm: str) -> str:
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", swarm):
         raise ValueError(f"swarm name must match [a-z0-9][a-z0-9_-]{{0,62}}, got {swarm!r}")
     return f"atoll/{swarm}/peers"
+
+
+MAX_DIRECTORY_BITS = 12  # at most 4,096 directory buckets
+
+
+def directory_key(swarm: str, bits: int, bucket: int) -> str:
+    """The DHT key of bucket `bucket` of `swarm`'s directory split into 2**bits buckets (subkey = peer id). With
+    bits = 0 it is swarm_key(swarm): the one key every member stores its record under. Raises ValueError for a bad
+    swarm name or a bucket or bits out of range. The bits are part of the key: a swarm's nodes must agree on them."""
+    if not 0 <= bits <= MAX_DIRECTORY_BITS or not 0 <= bucket < 1 << bits:
+        raise ValueError(f"need 0 <= bits <= {MAX_DIRECTORY_BITS} and 0 <= bucket < 2**bits, got {bits}, {bucket}")
+    key = swarm_key(swarm)
+    return key if bits == 0 else f"atoll/{swarm}/dir{bits}/{bucket}"
+
+
+def bucket_of(peer_id: str, bits: int) -> int:
+    """The directory bucket of `peer_id` among 2**bits: the first 4 bytes of its BLAKE2b digest, modulo 2**bits."""
+    return int.from_bytes(hashlib.blake2b(peer_id.encode(), digest_size=4).digest(), "big") % (1 << bits)
 
 
 class PeerRecord(BaseModel):

@@ -26,6 +26,7 @@ from p2pd.carry import CarriedSnapshots, dial_back, receive_push
 from p2pd.context import CallContext
 from p2pd.refusals import UNDECODABLE, Refusals, lenient
 from p2pd.rpc import swarm_pb2 as pb
+from p2pd.sampling import Sampling, answer_probe, exchange_views
 from p2pd.store import MAX_MESSAGE_BYTES, SnapshotStore
 from p2pd.tensors import (
     SnapshotKey,
@@ -75,6 +76,8 @@ class SwarmServicer:
         dial: Callable[[str], str | None] | None = None,
         dial_libp2p: Callable[[str], bool] | None = None,
         carried: CarriedSnapshots | None = None,
+        sampling: Sampling | None = None,
+        sign_probe: Callable[[bytes, str], bytes] | None = None,
     ):
         """`store`: this node's SnapshotStore; `signed_record()`: its signed record envelope (bytes); `max_fetches`:
         Fetch and Push streams served at once; `max_waits`: Health calls that may wait at once (at least 1);
@@ -82,7 +85,9 @@ class SwarmServicer:
         streams at once per requester; `stall_seconds`: seconds without progress before a stream is cancelled;
         `address_of(peer_id)`: a requester's advertised address, None without a live record; `dial(address)`: the peer
         id answering there, or None (`dial` None: no dial-backs); `dial_libp2p(peer_id)`: whether it answers over
-        libp2p (None: not checked); `carried`: what is carried for outbound-only producers, None carries nothing.
+        libp2p (None: not checked); `carried`: what is carried for outbound-only producers, None carries nothing;
+        `sampling`: the peer sampler whose view Health serves and takes pushes for (None: views are neither served nor
+        read); `sign_probe(nonce, requester)`: this node's probe signature (p2pd/sampling.py; None: probes unanswered).
         Starts the stall watchdog thread."""
         self.store = store
         # Push: snapshots carried for outbound-only producers; None: this node carries none
@@ -94,6 +99,7 @@ class SwarmServicer:
         self.address_of, self.dial = address_of, dial
         self._dials = threading.BoundedSemaphore(2)  # dial-backs at once; the rest are refused as busy
         self.signed_record = signed_record
+        self.sampling, self.sign_probe = sampling, sign_probe
         self.admission = admission  # None: serve anyone (tools and tests); daemons always pass one
         self._fetch_slots = threading.BoundedSemaphore(max_fetches)
         # Health calls that may wait for a snapshot at once; the rest answer at once, so waiting
@@ -237,11 +243,16 @@ class SwarmServicer:
                 pass  # an unknown kind or a bad key: answer at once
             finally:
                 self._waits.release()
+        if self.sampling is not None and not producer and (request.view or request.want_view) and not request.nonce:
+            return exchange_views(self.sampling, request)
         keys = store.keys()  # before the record: a key it shows is signed in the record (signed first)
         # a carrier answers with the newest envelope pushed: it signs every key held
         held = self.carried.store(producer) if producer else None
         record = self.signed_record() if not producer else held[1] if held is not None else b""
-        return pb.HealthReply(signed_record=record, available=[k.to_pb() for k in keys])
+        reply = pb.HealthReply(signed_record=record, available=[k.to_pb() for k in keys])
+        if self.sign_probe is not None and not producer:
+            answer_probe(self.sign_probe, request, reply)
+        return reply
 
 
 class SwarmServer:
@@ -261,12 +272,15 @@ class SwarmServer:
         dial: Callable[[str], str | None] | None = None,
         dial_libp2p: Callable[[str], bool] | None = None,
         max_request_bytes: int = 64 * 1024,
+        sampling: Sampling | None = None,
+        sign_probe: Callable[[bytes, str], bytes] | None = None,
     ):
         """`store`: the snapshots served; `signed_record()`: the node's signed record envelope (bytes, default empty);
         `host`, `port`: where `start` binds (port 0: a free one); `tls`: cert and key files, None for plaintext;
         `max_workers`: server threads (>= 4: two stay free, about a third of the rest may wait in Health, the others
         serve fetches); `admission`, `address_of`, `dial`, `dial_libp2p`: as SwarmServicer takes them;
-        `max_request_bytes`: the largest request accepted, bytes (never below MAX_PUSH_MESSAGE_BYTES). Raises
+        `max_request_bytes`: the largest request accepted, bytes (never below MAX_PUSH_MESSAGE_BYTES); `sampling`,
+        `sign_probe`: as SwarmServicer takes them. Raises
         ValueError when `max_workers` < 4."""
         if max_workers < 4:
             raise ValueError("max_workers must be >= 4 (two threads stay free for Health and other calls)")
@@ -281,6 +295,8 @@ class SwarmServer:
             dial=dial,
             dial_libp2p=dial_libp2p,
             carried=CarriedSnapshots(),
+            sampling=sampling,
+            sign_probe=sign_probe,
         )
         self.host, self._want_port, self.tls = host, port, tls
         self.port: int | None = None

@@ -153,6 +153,30 @@ def _streaming(cfg: NodeConfig) -> None:
         )
 
 
+def sampled_membership(cfg: NodeConfig) -> None:
+    """net.membership sampled: each node sees a sample of the swarm, so only what needs no global list runs on it."""
+    c = cfg.comm
+    if cfg.net.membership != "sampled":
+        return
+    clash = _named(
+        ("comm.algorithm: " + c.algorithm, c.algorithm != "gossip"),
+        ("comm.exchange: " + c.exchange, c.exchange != "model"),
+        ("comm.error_feedback", c.error_feedback),
+        ("comm.codec: " + c.codec, c.codec in ("topk", "topk2bit")),
+    )
+    if clash:
+        raise ValueError(
+            "net.membership sampled runs gossip of models over neighbours that change every round (MoDeST's "
+            "committee, DiLoCo's all-reduce groups, FRL's vote and CHOCO's estimates need the same list on "
+            f"every node): unset {', '.join(clash)}, or use net.membership full"
+        )
+    if c.topology != "complete":
+        raise ValueError(
+            "net.membership sampled: the round's sample is the neighbourhood; set comm.topology complete "
+            "(net.sample_size sets how many neighbours)"
+        )
+
+
 RULES: tuple[Callable[[NodeConfig], None], ...] = (
     index_in_count,
     logits_average_no_models,
@@ -161,6 +185,7 @@ RULES: tuple[Callable[[NodeConfig], None], ...] = (
     own_task_settings,
     ranks_and_security,
     diloco_every_round,
+    sampled_membership,
 )
 
 

@@ -283,6 +283,21 @@ class NetConfig(_Strict):
     announce_maddrs: list[str] = []
     initial_peers: list[str] = []
     record_ttl: float = Field(15.0, ge=1, le=3600)
+    directory_bits: int = Field(
+        0,
+        ge=0,
+        le=12,
+        description="split the swarm's DHT directory into 2^bits keys, about 64 records each at most (0: one key, "
+        "fine to about 1,000 nodes); every node of a swarm must use the same value",
+    )
+    membership: Literal["full", "sampled"] = Field(
+        "full",
+        description="full: every node reads the whole directory each second and neighbours come from the sorted "
+        "list (to about 1,000 nodes); sampled: a Basalt peer-sampling view exchanged with peers, each round's "
+        "neighbours drawn from it and probed (any size; gossip of models only)",
+    )
+    view_size: int = Field(64, ge=8, le=256, description="sampled: slots of the peer-sampling view")
+    sample_size: int = Field(4, ge=1, le=32, description="sampled: neighbours drawn from the view each round")
 
     @field_validator("dht_listen", "announce_maddrs", "initial_peers")
     @classmethod

@@ -44,13 +44,14 @@ class Fetcher:
     """One daemon's fetches of its neighbours' snapshots (see the module docstring): the clients it keeps per address,
     the back-off of unreachable neighbours, and the bytes and paths it fetched."""
 
-    def __init__(self, comm, runtime, view: MemberView, metrics: NodeMetrics, stop: threading.Event):
+    def __init__(self, comm, runtime, view: MemberView | None, metrics: NodeMetrics, stop: threading.Event):
         """`comm`: the node's CommConfig (fetch_timeout, seconds); `runtime`: its joined Runtime (identity, TLS,
-        libp2p plane, discovery); `view`: its MemberView (addresses and records of the live members); `metrics`:
-        its NodeMetrics; `stop`: the Event set on a stop request."""
+        libp2p plane, discovery); `view`: its MemberView (addresses and records of the live members; None: set
+        before the first fetch); `metrics`: its NodeMetrics; `stop`: the Event set on a stop request."""
         self.comm, self.runtime, self.view, self.metrics, self.stop = comm, runtime, view, metrics, stop
         self.identity, self.discovery = runtime.identity, runtime.discovery
         self.backoff = Backoff()
+        self.present_record = False  # sampled membership: every fetch carries this node's signed record
         self.received_bytes = 0  # snapshot bytes fetched
         self.paths: collections.Counter[str] = collections.Counter()  # snapshots fetched, by path
         self._clients: dict[str, SwarmClient] = {}
@@ -205,7 +206,12 @@ class Fetcher:
         """The gRPC client of `address` (host:port), made on first use and kept."""
         if address not in self._clients:
             self._clients[address] = SwarmClient(
-                address, timeout=self.comm.fetch_timeout, retries=1, tls=self.runtime.tls, identity=self.identity
+                address,
+                timeout=self.comm.fetch_timeout,
+                retries=1,
+                tls=self.runtime.tls,
+                identity=self.identity,
+                envelope=self.discovery.signed_record if self.present_record else None,
             )
         return self._clients[address]
 

@@ -66,8 +66,19 @@ class GrpcExchange:
                 self.merger.close()
             raise
         self.server = self.runtime.server
-        self.view = MemberView(cfg.comm, runtime, metrics, stop)
-        self.fetcher = Fetcher(cfg.comm, runtime, self.view, metrics, stop)
+        self.fetcher = Fetcher(cfg.comm, runtime, None, metrics, stop)
+        if cfg.net.membership == "sampled":  # node/net/sampled_view.py
+            from node.net.sampled_view import SampledView
+            from node.net.sampler import PeerSampler
+
+            net = cfg.net
+            sampler = PeerSampler(self.me, runtime.advertised, self.fetcher.client, net.view_size, net.sample_size)
+            self.server.servicer.sampling = sampler
+            self.fetcher.present_record = True
+            self.view = SampledView(cfg.comm, runtime, metrics, stop, sampler)
+        else:
+            self.view = MemberView(cfg.comm, runtime, metrics, stop)
+        self.fetcher.view = self.view
         self.reachability = "direct"  # this node's, as published (see reachable_as)
         self.pusher: Pusher | None = None  # outbound-only: hands each snapshot to a carrier
 
@@ -158,7 +169,7 @@ class GrpcExchange:
         from node.net.merge import adopt_canonical
 
         self.view.wait_all_at(round_, self.comm.merge_timeout)
-        if not self.discovery.live_peers(include_self=False):
+        if not self.view.anyone_else():
             log.info("final merge skipped: no other live node")
             result = ({k: v.clone() for k, v in state.items()}, [self.me])
         else:

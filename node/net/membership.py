@@ -10,7 +10,7 @@ from p2pd.identity import Identity
 
 def join(net: NetConfig, identity: Identity) -> Discovery:
     """Start this node's DHT membership (`net`: swarm, initial peers, listen and announced
-    multiaddrs, record TTL, relays). Forks the DHT process: call it before any gRPC object exists in
+    multiaddrs, record TTL, relays, directory split). Forks the DHT process: call it before any gRPC object exists in
     this process (gRPC does not survive a fork). Raises DiscoveryError with a one-line reason."""
     return Discovery(
         identity,
@@ -20,6 +20,7 @@ def join(net: NetConfig, identity: Identity) -> Discovery:
         announce_maddrs=net.announce_maddrs or None,
         ttl=net.record_ttl,
         relay=net.relay,
+        directory_bits=net.directory_bits,
     ).start()
 
 

@@ -120,7 +120,7 @@ class Peer:
         runtime, worker, cfg = self.runtime, self.worker, self.cfg
         advertised, tls, discovery = runtime.advertised, runtime.tls, runtime.discovery
         netcheck.check_own_address(advertised, tls)
-        discovery.live_peers()  # before announcing: is this key already live elsewhere?
+        discovery.read_own_bucket()  # before announcing: is this key already live elsewhere?
         netcheck.check_key_in_use(discovery, advertised, tls, cfg.net.identity_path)
         runtime.announce(
             device=device_label(worker.device),

@@ -13,6 +13,7 @@ from p2pd import __version__
 from p2pd.addresses import host_port
 from p2pd.admission import Admission
 from p2pd.libp2p import Libp2pPlane
+from p2pd.sampling import sign_probe
 from p2pd.server import SnapshotStore, SwarmServer, TLSConfig
 
 log = logging.getLogger("atoll.node")
@@ -30,7 +31,13 @@ class Runtime:
         net, sec = cfg.net, cfg.security
         self.discovery = membership.join(net, identity)
         self.tls = TLSConfig(net.tls_cert, net.tls_key, net.tls_ca) if net.tls_cert or net.tls_key else None
-        self.admission = Admission(identity.peer_id, self.discovery.is_known, sec.fetch_rate, sec.fetch_burst)
+        self.admission = Admission(
+            identity.peer_id,
+            self.discovery.is_known,
+            sec.fetch_rate,
+            sec.fetch_burst,
+            presented=net.membership == "sampled",  # a member may present its record (p2pd/admission.py)
+        )
         self.server: SwarmServer | None = None
         self.plane: Libp2pPlane | None = None
         self.advertised: str | None = None
@@ -56,6 +63,7 @@ class Runtime:
             dial=lambda address: netcheck.peer_at(address, self.tls),
             dial_libp2p=self.plane.answers if self.plane is not None else None,
             max_request_bytes=max_request_bytes,
+            sign_probe=lambda nonce, requester: sign_probe(self.identity, nonce, requester),
         )
         for register, servicer in services:
             self.server.add_service(register, servicer)

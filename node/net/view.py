@@ -147,6 +147,10 @@ class MemberView:
                     return  # the DHT is gone with the node
                 log.warning("could not refresh the live peers (%s); keeping the last view", e)
 
+    def anyone_else(self) -> bool:
+        """Whether another node is live (a fresh read of the directory; raises DiscoveryError)."""
+        return bool(self.discovery.live_peers(include_self=False))
+
     def wait_all_at(self, round_: int, timeout: float) -> None:
         """Until every live member this node exchanges with has reached `round_` (at most `timeout` s, or a stop)."""
         deadline = time.monotonic() + timeout

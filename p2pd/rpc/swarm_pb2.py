@@ -24,45 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14p2pd/rpc/swarm.proto\x12\x08\x61toll.v1\"W\n\x0bSnapshotKey\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.atoll.v1.SnapshotKind\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x13\n\x0bgossip_step\x18\x03 \x01(\r\"\x8d\x01\n\x0c\x46\x65tchRequest\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.atoll.v1.SnapshotKey\x12\x19\n\x11requester_peer_id\x18\x02 \x01(\t\x12\x11\n\tissued_at\x18\x03 \x01(\x01\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x18\n\x10producer_peer_id\x18\x05 \x01(\t\"]\n\x0cStreamHeader\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.atoll.v1.SnapshotKey\x12\x14\n\x0ctensor_count\x18\x02 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"\x87\x01\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\r\n\x05\x62lock\x18\x07 \x01(\r\x12\r\n\x05\x63ount\x18\x08 \x01(\x04\"\x1f\n\rStreamTrailer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\"\x94\x01\n\x0cSnapshotPart\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.atoll.v1.StreamHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.atoll.v1.TensorChunkH\x00\x12*\n\x07trailer\x18\x03 \x01(\x0b\x32\x17.atoll.v1.StreamTrailerH\x00\x42\x06\n\x04part\"O\n\x0cReachRequest\x12\x19\n\x11requester_peer_id\x18\x01 \x01(\t\x12\x11\n\tissued_at\x18\x02 \x01(\x01\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"Z\n\nReachReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x18\n\x10libp2p_reachable\x18\x04 \x01(\x08\"h\n\rHealthRequest\x12\'\n\x08wait_for\x18\x01 \x01(\x0b\x32\x15.atoll.v1.SnapshotKey\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\x12\x18\n\x10producer_peer_id\x18\x03 \x01(\t\"N\n\x0bHealthReply\x12\x15\n\rsigned_record\x18\x01 \x01(\x0c\x12(\n\tavailable\x18\x02 \x03(\x0b\x32\x15.atoll.v1.SnapshotKey\"\x89\x01\n\x0bPushRequest\x12\x19\n\x11requester_peer_id\x18\x01 \x01(\t\x12\x11\n\tissued_at\x18\x02 \x01(\x01\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\"\n\x03key\x18\x04 \x01(\x0b\x32\x15.atoll.v1.SnapshotKey\x12\x15\n\rsigned_record\x18\x05 \x01(\x0c\"U\n\x08PushPart\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x15.atoll.v1.PushRequestH\x00\x12\x17\n\rsnapshot_part\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x1b\n\tPushReply\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"\x84\x01\n\rStreamRequest\x12\'\n\x05\x66\x65tch\x18\x01 \x01(\x0b\x32\x16.atoll.v1.FetchRequestH\x00\x12)\n\x06health\x18\x02 \x01(\x0b\x32\x17.atoll.v1.HealthRequestH\x00\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x42\x06\n\x04\x63\x61ll\",\n\x0cStreamStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*\xdf\x01\n\x0cSnapshotKind\x12\x1d\n\x19SNAPSHOT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13SNAPSHOT_KIND_MODEL\x10\x01\x12\x18\n\x14SNAPSHOT_KIND_LOGITS\x10\x02\x12\x17\n\x13SNAPSHOT_KIND_DELTA\x10\x03\x12\x1a\n\x16SNAPSHOT_KIND_ESTIMATE\x10\x04\x12\x17\n\x13SNAPSHOT_KIND_RANKS\x10\x05\x12\x17\n\x13SNAPSHOT_KIND_SHARD\x10\x06\x12\x16\n\x12SNAPSHOT_KIND_JOIN\x10\x07\x32\xe6\x01\n\x05Swarm\x12\x39\n\x05\x46\x65tch\x12\x16.atoll.v1.FetchRequest\x1a\x16.atoll.v1.SnapshotPart0\x01\x12\x38\n\x06Health\x12\x17.atoll.v1.HealthRequest\x1a\x15.atoll.v1.HealthReply\x12\x35\n\x05Reach\x12\x16.atoll.v1.ReachRequest\x1a\x14.atoll.v1.ReachReply\x12\x31\n\x04Push\x12\x12.atoll.v1.PushPart\x1a\x13.atoll.v1.PushReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14p2pd/rpc/swarm.proto\x12\x08\x61toll.v1\"W\n\x0bSnapshotKey\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.atoll.v1.SnapshotKind\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x13\n\x0bgossip_step\x18\x03 \x01(\r\"\xa7\x01\n\x0c\x46\x65tchRequest\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.atoll.v1.SnapshotKey\x12\x19\n\x11requester_peer_id\x18\x02 \x01(\t\x12\x11\n\tissued_at\x18\x03 \x01(\x01\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x18\n\x10producer_peer_id\x18\x05 \x01(\t\x12\x18\n\x10requester_record\x18\x06 \x01(\x0c\"]\n\x0cStreamHeader\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.atoll.v1.SnapshotKey\x12\x14\n\x0ctensor_count\x18\x02 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"\x87\x01\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\r\n\x05\x62lock\x18\x07 \x01(\r\x12\r\n\x05\x63ount\x18\x08 \x01(\x04\"\x1f\n\rStreamTrailer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\"\x94\x01\n\x0cSnapshotPart\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.atoll.v1.StreamHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.atoll.v1.TensorChunkH\x00\x12*\n\x07trailer\x18\x03 \x01(\x0b\x32\x17.atoll.v1.StreamTrailerH\x00\x42\x06\n\x04part\"O\n\x0cReachRequest\x12\x19\n\x11requester_peer_id\x18\x01 \x01(\t\x12\x11\n\tissued_at\x18\x02 \x01(\x01\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"Z\n\nReachReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x18\n\x10libp2p_reachable\x18\x04 \x01(\x08\"*\n\tPeerEntry\x12\x0c\n\x04peer\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xc8\x01\n\rHealthRequest\x12\'\n\x08wait_for\x18\x01 \x01(\x0b\x32\x15.atoll.v1.SnapshotKey\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\x12\x18\n\x10producer_peer_id\x18\x03 \x01(\t\x12!\n\x04view\x18\x04 \x03(\x0b\x32\x13.atoll.v1.PeerEntry\x12\x11\n\twant_view\x18\x05 \x01(\x08\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12\x19\n\x11requester_peer_id\x18\x07 \x01(\t\"\x8a\x01\n\x0bHealthReply\x12\x15\n\rsigned_record\x18\x01 \x01(\x0c\x12(\n\tavailable\x18\x02 \x03(\x0b\x32\x15.atoll.v1.SnapshotKey\x12!\n\x04view\x18\x03 \x03(\x0b\x32\x13.atoll.v1.PeerEntry\x12\x17\n\x0fprobe_signature\x18\x04 \x01(\x0c\"\x89\x01\n\x0bPushRequest\x12\x19\n\x11requester_peer_id\x18\x01 \x01(\t\x12\x11\n\tissued_at\x18\x02 \x01(\x01\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\"\n\x03key\x18\x04 \x01(\x0b\x32\x15.atoll.v1.SnapshotKey\x12\x15\n\rsigned_record\x18\x05 \x01(\x0c\"U\n\x08PushPart\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x15.atoll.v1.PushRequestH\x00\x12\x17\n\rsnapshot_part\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x1b\n\tPushReply\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"\x84\x01\n\rStreamRequest\x12\'\n\x05\x66\x65tch\x18\x01 \x01(\x0b\x32\x16.atoll.v1.FetchRequestH\x00\x12)\n\x06health\x18\x02 \x01(\x0b\x32\x17.atoll.v1.HealthRequestH\x00\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x42\x06\n\x04\x63\x61ll\",\n\x0cStreamStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*\xdf\x01\n\x0cSnapshotKind\x12\x1d\n\x19SNAPSHOT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13SNAPSHOT_KIND_MODEL\x10\x01\x12\x18\n\x14SNAPSHOT_KIND_LOGITS\x10\x02\x12\x17\n\x13SNAPSHOT_KIND_DELTA\x10\x03\x12\x1a\n\x16SNAPSHOT_KIND_ESTIMATE\x10\x04\x12\x17\n\x13SNAPSHOT_KIND_RANKS\x10\x05\x12\x17\n\x13SNAPSHOT_KIND_SHARD\x10\x06\x12\x16\n\x12SNAPSHOT_KIND_JOIN\x10\x07\x32\xe6\x01\n\x05Swarm\x12\x39\n\x05\x46\x65tch\x12\x16.atoll.v1.FetchRequest\x1a\x16.atoll.v1.SnapshotPart0\x01\x12\x38\n\x06Health\x12\x17.atoll.v1.HealthRequest\x1a\x15.atoll.v1.HealthReply\x12\x35\n\x05Reach\x12\x16.atoll.v1.ReachRequest\x1a\x14.atoll.v1.ReachReply\x12\x31\n\x04Push\x12\x12.atoll.v1.PushPart\x1a\x13.atoll.v1.PushReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'p2pd.rpc.swarm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SNAPSHOTKIND']._serialized_start=1481
-  _globals['_SNAPSHOTKIND']._serialized_end=1704
+  _globals['_SNAPSHOTKIND']._serialized_start=1709
+  _globals['_SNAPSHOTKIND']._serialized_end=1932
   _globals['_SNAPSHOTKEY']._serialized_start=34
   _globals['_SNAPSHOTKEY']._serialized_end=121
   _globals['_FETCHREQUEST']._serialized_start=124
-  _globals['_FETCHREQUEST']._serialized_end=265
-  _globals['_STREAMHEADER']._serialized_start=267
-  _globals['_STREAMHEADER']._serialized_end=360
-  _globals['_TENSORCHUNK']._serialized_start=363
-  _globals['_TENSORCHUNK']._serialized_end=498
-  _globals['_STREAMTRAILER']._serialized_start=500
-  _globals['_STREAMTRAILER']._serialized_end=531
-  _globals['_SNAPSHOTPART']._serialized_start=534
-  _globals['_SNAPSHOTPART']._serialized_end=682
-  _globals['_REACHREQUEST']._serialized_start=684
-  _globals['_REACHREQUEST']._serialized_end=763
-  _globals['_REACHREPLY']._serialized_start=765
-  _globals['_REACHREPLY']._serialized_end=855
-  _globals['_HEALTHREQUEST']._serialized_start=857
-  _globals['_HEALTHREQUEST']._serialized_end=961
-  _globals['_HEALTHREPLY']._serialized_start=963
-  _globals['_HEALTHREPLY']._serialized_end=1041
-  _globals['_PUSHREQUEST']._serialized_start=1044
-  _globals['_PUSHREQUEST']._serialized_end=1181
-  _globals['_PUSHPART']._serialized_start=1183
-  _globals['_PUSHPART']._serialized_end=1268
-  _globals['_PUSHREPLY']._serialized_start=1270
-  _globals['_PUSHREPLY']._serialized_end=1297
-  _globals['_STREAMREQUEST']._serialized_start=1300
-  _globals['_STREAMREQUEST']._serialized_end=1432
-  _globals['_STREAMSTATUS']._serialized_start=1434
-  _globals['_STREAMSTATUS']._serialized_end=1478
-  _globals['_SWARM']._serialized_start=1707
-  _globals['_SWARM']._serialized_end=1937
+  _globals['_FETCHREQUEST']._serialized_end=291
+  _globals['_STREAMHEADER']._serialized_start=293
+  _globals['_STREAMHEADER']._serialized_end=386
+  _globals['_TENSORCHUNK']._serialized_start=389
+  _globals['_TENSORCHUNK']._serialized_end=524
+  _globals['_STREAMTRAILER']._serialized_start=526
+  _globals['_STREAMTRAILER']._serialized_end=557
+  _globals['_SNAPSHOTPART']._serialized_start=560
+  _globals['_SNAPSHOTPART']._serialized_end=708
+  _globals['_REACHREQUEST']._serialized_start=710
+  _globals['_REACHREQUEST']._serialized_end=789
+  _globals['_REACHREPLY']._serialized_start=791
+  _globals['_REACHREPLY']._serialized_end=881
+  _globals['_PEERENTRY']._serialized_start=883
+  _globals['_PEERENTRY']._serialized_end=925
+  _globals['_HEALTHREQUEST']._serialized_start=928
+  _globals['_HEALTHREQUEST']._serialized_end=1128
+  _globals['_HEALTHREPLY']._serialized_start=1131
+  _globals['_HEALTHREPLY']._serialized_end=1269
+  _globals['_PUSHREQUEST']._serialized_start=1272
+  _globals['_PUSHREQUEST']._serialized_end=1409
+  _globals['_PUSHPART']._serialized_start=1411
+  _globals['_PUSHPART']._serialized_end=1496
+  _globals['_PUSHREPLY']._serialized_start=1498
+  _globals['_PUSHREPLY']._serialized_end=1525
+  _globals['_STREAMREQUEST']._serialized_start=1528
+  _globals['_STREAMREQUEST']._serialized_end=1660
+  _globals['_STREAMSTATUS']._serialized_start=1662
+  _globals['_STREAMSTATUS']._serialized_end=1706
+  _globals['_SWARM']._serialized_start=1935
+  _globals['_SWARM']._serialized_end=2165
 # @@protoc_insertion_point(module_scope)

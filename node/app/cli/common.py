@@ -17,6 +17,9 @@ PEERS_OPTION = typer.Option([], "--initial-peers", "-p", help="Multiaddr of a sw
 IDENTITY_OPTION = typer.Option(None, "--identity", help="Node key file (created on first start); net.identity_path.")
 
 
+DIRECTORY_BITS_HELP = "The swarm's net.directory_bits (its DHT directory split into 2^bits keys)."
+
+
 def join_overrides(initial_peers: list[str], identity: Path | None, **more) -> dict:
     """Config overrides from the joining options (None: not given, keep the config's)."""
     extra = {"net.identity_path": str(identity) if identity else None, **more}
@@ -80,7 +83,7 @@ SWARM_HINT = (
 
 
 @contextlib.contextmanager
-def observer(peers: list[str], swarm_name: str):
+def observer(peers: list[str], swarm_name: str, directory_bits: int = 0):
     """A client-mode DHT member with a throwaway identity, for commands that only read the
     swarm's records; a bad multiaddr or an unreachable swarm is one error line."""
     import tempfile
@@ -97,6 +100,7 @@ def observer(peers: list[str], swarm_name: str):
                 swarm=swarm_name,
                 initial_peers=peers,
                 client_mode=True,
+                directory_bits=directory_bits,
             ).start()
         except (DiscoveryError, ValueError) as e:
             fail(str(e).splitlines()[0])

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from node.app.cli.common import (
+    DIRECTORY_BITS_HELP,
     SWARM_HINT,
     GracefulStop,
     fail,
@@ -22,9 +23,10 @@ def status(
     swarm_name: str = typer.Option("atoll", "--swarm", help="Swarm name (the DHT key atoll/<swarm>/peers)."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
     wait: float = typer.Option(2.0, min=0.0, help="Seconds to let the DHT settle before reading."),
+    directory_bits: int = typer.Option(0, min=0, max=12, help=DIRECTORY_BITS_HELP),
 ) -> None:
     """The swarm as the DHT sees it: every live node's signed record."""
-    with observer(peers, swarm_name) as d:
+    with observer(peers, swarm_name, directory_bits) as d:
         time.sleep(wait)
         records = d.live_peers()
     if as_json:
@@ -47,6 +49,7 @@ def prometheus_targets(
     swarm_name: str = typer.Option("atoll", "--swarm", help="Swarm name."),
     every: float = typer.Option(0.0, min=0.0, help="Rewrite every this many seconds until stopped (0: once)."),
     wait: float = typer.Option(2.0, min=0.0, help="Seconds to let the DHT settle before the first read."),
+    directory_bits: int = typer.Option(0, min=0, max=12, help=DIRECTORY_BITS_HELP),
 ) -> None:
     """Write Prometheus file_sd targets (every live node's metrics endpoint) from the DHT, so
     Prometheus follows the swarm as nodes join and leave."""
@@ -57,7 +60,7 @@ def prometheus_targets(
 
     stop = threading.Event()
     GracefulStop(stop.set)
-    with observer(peers, swarm_name) as d:
+    with observer(peers, swarm_name, directory_bits) as d:
         stop.wait(wait)
         while True:
             try:

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from node.app.cli.common import (
+    DIRECTORY_BITS_HELP,
     IDENTITY_OPTION,
     PEERS_OPTION,
     SET_HELP,
@@ -46,6 +47,7 @@ def router_query(
     router: str | None = typer.Option(None, help="The router's gRPC host:port."),
     peers: list[str] = typer.Option([], "--peers", "-p", help="Or: a swarm member's multiaddr, to find a router."),
     swarm_name: str = typer.Option("atoll", "--swarm", help="Swarm name (with --peers)."),
+    directory_bits: int = typer.Option(0, min=0, max=12, help=DIRECTORY_BITS_HELP + " With --peers."),
     n: int = typer.Option(16, min=1, help="Images to sample."),
     strategy: str = typer.Option("top1", help="top1, top2, ..., or full."),
     seed: int = typer.Option(0, min=0),
@@ -76,7 +78,7 @@ def router_query(
         fail(f"--strategy must be top1, top2, ... or full, got {strategy!r}")
     if router is not None and not re.fullmatch(r"\S+:[0-9]{1,5}", router):
         fail(f"--router must be HOST:PORT, got {router!r}")
-    address = router or _find_router(peers, swarm_name, wait)
+    address = router or _find_router(peers, swarm_name, wait, directory_bits)
     tls = TLSConfig(ca_file=tls_ca) if tls_ca else None
     if tls_ca is not None and not tls_ca.is_file():
         fail(f"--tls-ca {tls_ca}: no such file")
@@ -139,12 +141,12 @@ def router_query(
         typer.echo(f"wrote {out}", err=True)
 
 
-def _find_router(peers: list[str], swarm_name: str, wait: float) -> str:
+def _find_router(peers: list[str], swarm_name: str, wait: float, directory_bits: int = 0) -> str:
     """The gRPC address of a live router of `swarm_name`, looked for in the DHT for `wait` seconds at most; one line
     and exit 2 when there is none (naming --swarm when no node at all is live)."""
     if not peers:
         fail("give --router HOST:PORT or --peers MADDR")
-    with observer(peers, swarm_name) as d:
+    with observer(peers, swarm_name, directory_bits) as d:
         for _ in range(max(1, round(wait / 0.5))):  # bounded: `wait` s for the DHT to answer
             live = d.live_peers()
             routers = [r for r in live if "router" in r.roles]
