@@ -131,3 +131,21 @@ def test_views_and_probes_travel_in_health_calls():
     assert abs((big["push"] - small["push"]) / 24 - per_entry) < 5
     # a probe carries the peer's signed record and its signature over the nonce
     assert small["probe"] > small["record"] + 64
+
+
+def test_a_sampler_ranking_by_prefix_gives_one_address_block_about_one_share():
+    from node.net.sampler import PeerSampler, address_prefix
+
+    assert address_prefix("198.18.3.7:5000") == address_prefix("198.18.3.200:1") == "198.18.3.0/24"
+    assert address_prefix("[2001:db8::1]:5000") == "2001:db8::/48"
+    assert address_prefix("a.lab.example.org:443") == address_prefix("b.lab.example.org:1")
+    crowd = [(Identity.generate().peer_id, f"198.18.9.{i % 250 + 1}:5000") for i in range(200)]
+    spread = [(Identity.generate().peer_id, f"198.18.{10 + i}.1:5000") for i in range(20)]
+    shares = {}
+    for by_prefix in (False, True):
+        s = PeerSampler(Identity.generate().peer_id, "198.18.0.1:1", client=None, view_size=32, by_prefix=by_prefix)
+        s.offer(crowd + spread)
+        crowded = {p for p, _ in crowd}
+        held = s.views.peers[0]
+        shares[by_prefix] = sum(s._names[i] in crowded for i in held) / len(held)
+    assert shares[False] > 0.7 and shares[True] < 0.3, shares  # 200 of 220 ids, 1 of 21 prefixes

@@ -298,6 +298,11 @@ class NetConfig(_Strict):
     )
     view_size: int = Field(64, ge=8, le=256, description="sampled: slots of the peer-sampling view")
     sample_size: int = Field(4, ge=1, le=32, description="sampled: neighbours drawn from the view each round")
+    sample_by_prefix: bool = Field(
+        False,
+        description="sampled: rank view entries by network prefix first (/24, /48, domain), so identities packed "
+        "into a few prefixes win no more of a view than those prefixes; costs fairness to honest nodes that share one",
+    )
 
     @field_validator("dht_listen", "announce_maddrs", "initial_peers")
     @classmethod

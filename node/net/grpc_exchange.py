@@ -72,7 +72,8 @@ class GrpcExchange:
             from node.net.sampler import PeerSampler
 
             net = cfg.net
-            sampler = PeerSampler(self.me, runtime.advertised, self.fetcher.client, net.view_size, net.sample_size)
+            args = (net.view_size, net.sample_size, net.sample_by_prefix)
+            sampler = PeerSampler(self.me, runtime.advertised, self.fetcher.client, *args)
             self.server.servicer.sampling = sampler
             self.fetcher.present_record = True
             self.view = SampledView(cfg.comm, runtime, metrics, stop, sampler)

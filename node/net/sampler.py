@@ -14,6 +14,7 @@ signed records: they hold attackers only at their share of identities, whatever 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import threading
@@ -33,16 +34,31 @@ BOOT_BUCKETS = 4  # directory buckets read at bootstrap
 CALL_SECONDS = 5.0  # deadline of one exchange or probe call
 
 
+def address_prefix(address: str) -> str:
+    """The network prefix an address (host:port) sits in, for hierarchical ranking: an IPv4 /24, an IPv6 /48, or a
+    host name without its first label (so the hosts of one domain share a prefix)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host.split(".", 1)[-1]
+    bits = 24 if ip.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
+
+
 class PeerSampler:
     """One node's Basalt view and probes (see the module docstring); implements p2pd.sampling.Sampling for the
     node's gRPC server."""
 
-    def __init__(self, me: str, address: str, client, view_size: int = 64, sample_size: int = 4):
+    def __init__(
+        self, me: str, address: str, client, view_size: int = 64, sample_size: int = 4, by_prefix: bool = False
+    ):
         """`me`: this node's peer id; `address`: its advertised gRPC address (its own entry in the views it sends);
         `client(address)`: a SwarmClient there (signed as this node; probes name it); `view_size`: slots (v);
-        `sample_size`: neighbours drawn per round."""
+        `sample_size`: neighbours drawn per round; `by_prefix`: rank by the network prefix of each entry's address
+        first (Basalt's hierarchical ranking, see `address_prefix`)."""
         self.me, self.address, self.client, self.sample_size = me, address, client, sample_size
-        self.views = BasaltViews(1, view_size, k=1)
+        self.views = BasaltViews(1, view_size, k=1, hierarchical=by_prefix)
         self._ids: dict[str, int] = {}
         self._names: list[str] = []
         self._hashes: list[int] = []
@@ -73,7 +89,9 @@ class PeerSampler:
             for p, a in entries:
                 if p not in self.verified:  # a probed peer's address is the one its record signs
                     self.hints.setdefault(p, a)
-            self.views.offer(self._row, ids, hashes)
+            # the prefix of the address the id will be probed at: a claimed prefix it does not answer at fails there
+            prefixes = np.array([[peer_hash(address_prefix(self.hints.get(p, a))) for p, a in entries]], np.uint64)
+            self.views.offer(self._row, ids, hashes, prefixes)
 
     def peers(self) -> list[str]:
         """The distinct peer ids the view holds, sorted."""
