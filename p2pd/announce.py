@@ -33,6 +33,8 @@ class Announcing:
         self._heartbeat: threading.Thread | None = None
         self._envelope = b""
         self._issued: collections.deque[float] = collections.deque(maxlen=64)  # issued_at of our records
+        # False (sampled membership): updates are served by Health only, the DHT copy re-stored every ttl/3
+        self.store_updates = True
 
     def announce(self, **fields: Any) -> PeerRecord:
         """Publish this node's record (fields of PeerRecord except id and times) and keep it alive."""
@@ -49,13 +51,17 @@ class Announcing:
     def update(self, **fields: Any) -> PeerRecord:
         """Change some fields (round, model_digest, ...): the new record is signed and served by
         Health at once, and stored to the DHT in the background (nothing on a node's per-step
-        path waits for the DHT; the heartbeat re-stores it in any case)."""
+        path waits for the DHT; the heartbeat re-stores it in any case). With `store_updates`
+        False (sampled membership, where peers read a node's progress from its Health answers,
+        never from the directory) only the heartbeat stores it: the directory's copy is a ticket,
+        re-signed every ttl/3, whose round and digests may be that old."""
         with self._lock:
             if self._fields is None:
                 raise RuntimeError("announce() first")
             self._fields.update(fields)
             record = self._sign_locked()
-        self._store_soon.set()
+        if self.store_updates:
+            self._store_soon.set()
         return record
 
     @property

@@ -92,13 +92,13 @@ NODE = {
     "threads": 1,
     "model": {"width": 32},
     "train": {"rounds": 12, "local_steps": 20},
-    "comm": {"fetch_timeout": 20, "join_timeout": 120, "topology": "complete", "min_peers": 5},
+    "comm": {"fetch_timeout": 20, "join_timeout": 120, "topology": "complete", "min_peers": 5, "final_merge": True},
     "net": {"swarm": "sampled", "membership": "sampled", "directory_bits": 1, "view_size": 8, "sample_size": 2},
 }
 
 
 @pytest.mark.integration
-def test_a_sampled_swarm_trains_with_two_probed_neighbours_a_round(tmp_path):
+def test_a_sampled_swarm_trains_with_two_probed_neighbours_a_round_and_merges(tmp_path):
     swarm = tmp_path / "swarm.yaml"
     swarm.write_text(yaml.safe_dump({"nodes": 5, "node": NODE}))
     procs, boot = [], []
@@ -116,6 +116,8 @@ def test_a_sampled_swarm_trains_with_two_probed_neighbours_a_round(tmp_path):
         late = [e for e in rounds if e["round"] >= 3]
         assert sum(e["mixed"] >= 1 for e in late) >= 0.9 * len(late), [e["mixed"] for e in late]
         assert all(d["accuracy"] >= 0.8 for d in done), [d["accuracy"] for d in done]
+        # the final merge finds its groups through the DHT's group keys, with no member list
+        assert all(d["merged_with"] >= 2 for d in done), [d["merged_with"] for d in done]
     finally:
         for p in procs:
             p.stop()

@@ -21,6 +21,7 @@ from p2pd.server import PUSH_CHUNK_BYTES, SnapshotStore
 from p2pd.tensors import SnapshotKey
 
 log = logging.getLogger("atoll.exchange")
+SAMPLED_MERGE_GROUP = 16  # the final merge's largest group under sampled membership
 
 
 class GrpcExchange:
@@ -48,11 +49,14 @@ class GrpcExchange:
 
             c = cfg.comm
             client = cfg.net.reachability == "outbound_only"  # known before the fork only when configured
+            # sampled membership: groups of at most SAMPLED_MERGE_GROUP, matched through the DHT's group keys (one
+            # Moshpit step, arXiv:2103.03239), not one all-reduce of the whole swarm
+            group = cfg.node_count if cfg.net.membership == "full" else min(cfg.node_count, SAMPLED_MERGE_GROUP)
             self.merger = FinalMerge(
                 self.discovery.dht,
                 cfg.net.swarm,
                 model_state,
-                cfg.node_count,
+                group,
                 c.merge_timeout,
                 c.merge,
                 task_digest,

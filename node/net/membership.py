@@ -12,7 +12,7 @@ def join(net: NetConfig, identity: Identity) -> Discovery:
     """Start this node's DHT membership (`net`: swarm, initial peers, listen and announced
     multiaddrs, record TTL, relays, directory split). Forks the DHT process: call it before any gRPC object exists in
     this process (gRPC does not survive a fork). Raises DiscoveryError with a one-line reason."""
-    return Discovery(
+    discovery = Discovery(
         identity,
         swarm=net.swarm,
         initial_peers=net.initial_peers,
@@ -21,7 +21,9 @@ def join(net: NetConfig, identity: Identity) -> Discovery:
         ttl=net.record_ttl,
         relay=net.relay,
         directory_bits=net.directory_bits,
-    ).start()
+    )
+    discovery.store_updates = net.membership == "full"  # sampled: progress travels in Health answers only
+    return discovery.start()
 
 
 def why_not_joined(refused: dict[str, int], other_task: int) -> str:
