@@ -32,7 +32,7 @@ def run(bits: int, repeat: int, out: Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     sets = [*SETTINGS, f"net.directory_bits={bits}", f"net.swarm=dir{bits}r{repeat}"]
     cmd = [str(ROOT / ".venv/bin/atoll"), "swarm", "up", "-c", str(ROOT / "examples/swarm4.yaml"), "--nodes", "24"]
-    cmd += [x for s in sets for x in ("--set", s)] + ["--out", str(dest / "results.json")]
+    cmd += [x for s in sets for x in ("--set", s)] + ["--out", str(dest)]
     with open(dest / "swarm.log", "w") as log:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=3600, check=False)
     return json.loads((dest / "results.json").read_text())

@@ -8,17 +8,7 @@ from pathlib import Path
 import typer
 
 from node.app.cli.bench import bench_app, report
-from node.app.cli.common import fail, int_list
-
-
-def _floats(text: str, name: str, low: float, high: float) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        fail(f"{name}: expected comma-separated numbers, got {text!r}")
-    if not values or any(not low <= x <= high for x in values):
-        fail(f"{name}: every value must be within [{low}, {high}], got {text!r}")
-    return values
+from node.app.cli.common import fail, float_list, int_list
 
 
 @bench_app.command("membership")
@@ -47,8 +37,8 @@ def bench_membership(
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     size_list = int_list(sizes, "--sizes", 10, 100000)
-    shares = _floats(attackers, "--attackers", 0.0, 0.9)
-    flood_list = _floats(floods, "--floods", 0.0, 1000.0)
+    shares = float_list(attackers, "--attackers", 0.0, 0.9)
+    flood_list = float_list(floods, "--floods", 0.0, 1000.0)
     cal_rows = int_list(calibration_rows, "--calibration-rows", 1, 20000) if calibration_rows.strip() else []
     try:
         wire = measure(view)

@@ -118,12 +118,21 @@ def fail(message: str) -> None:
 
 def int_list(text: str, option: str, lo: int, hi: int) -> list[int]:
     """A comma-separated list of integers in [lo, hi], or one clear error line."""
+    return _number_list(text, option, lo, hi, int, "integers")
+
+
+def float_list(text: str, option: str, lo: float, hi: float) -> list[float]:
+    """A comma-separated list of numbers in [lo, hi], or one clear error line."""
+    return _number_list(text, option, lo, hi, float, "numbers")
+
+
+def _number_list(text: str, option: str, lo, hi, kind, name: str) -> list:
     try:
-        values = [int(s) for s in text.split(",") if s.strip()]
+        values = [kind(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        fail(f"{option} must be comma-separated integers, got {text!r}")
+        fail(f"{option} must be comma-separated {name}, got {text!r}")
     if not values or any(not lo <= v <= hi for v in values):
-        fail(f"{option} must list integers between {lo} and {hi}")
+        fail(f"{option} must list {name} between {lo} and {hi}")
     return values
 
 
