@@ -54,22 +54,28 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--first-repeat", type=int, default=0, help="Number the runs from here (to add repeats to --out).")
     args = ap.parse_args()
-    rows = []
-    for r in range(args.repeats):
+    for r in range(args.first_repeat, args.first_repeat + args.repeats):
         for bits in (0, args.bits):
-            s = dict(bits=bits, repeat=r, **summary(run(bits, r, args.out)))
-            print(json.dumps(s), flush=True)
-            rows.append(s)
+            print(json.dumps(dict(bits=bits, repeat=r, **summary(run(bits, r, args.out)))), flush=True)
+    rows = []  # every run in --out, earlier invocations' included
+    for path in sorted(args.out.glob("bits*_run*/results.json")):
+        bits, repeat = path.parent.name.removeprefix("bits").split("_run")
+        rows.append(dict(bits=int(bits), repeat=int(repeat), **summary(json.loads(path.read_text()))))
     lines = [
-        f"`.venv/bin/python scripts/directory-swarm24.py --out {args.out} --repeats {args.repeats} --bits {args.bits}`",
+        f"`.venv/bin/python scripts/directory-swarm24.py --out {args.out} --bits {args.bits}` "
+        "(every run in runs.json, medians here)",
         "",
         "| directory | runs | nodes finished | final accuracy, mean over nodes | lowest node | wall s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for bits in (0, args.bits):
+    for bits in sorted({x["bits"] for x in rows}):
         mine = [x for x in rows if x["bits"] == bits]
-        med = lambda k: statistics.median(x[k] for x in mine if x[k] is not None)  # noqa: E731
+
+        def med(k, mine=mine):
+            return statistics.median(x[k] for x in mine if x[k] is not None)
+
         name = "one key" if bits == 0 else f"{2**bits} buckets (b = {bits})"
         lines.append(
             f"| {name} | {len(mine)} | {med('nodes_finished'):.0f} of 24 | {med('accuracy_mean'):.4f} | "

@@ -100,8 +100,8 @@ class PeerSampler:
 
     def view(self) -> list[tuple[str, str]]:
         """The view as (peer id, address) entries, this node's own first (what a pull answers, what a push sends)."""
-        entries = [(self.me, self.address)]
-        return entries + [(p, self.hints[p]) for p in self.peers() if p in self.hints]
+        hints = [(p, self.hints.get(p)) for p in self.peers()]  # a hint may go as a server thread forgets its peer
+        return [(self.me, self.address)] + [(p, a) for p, a in hints if a is not None]
 
     def pushed(self, entries: list[tuple[str, str]]) -> None:
         """A peer pushed its view (p2pd.sampling.Sampling)."""
