@@ -7,12 +7,13 @@ the caches set up in its constructor."""
 from __future__ import annotations
 
 import logging
+import math
 import random
 
 from hivemind.utils import get_dht_time
 
 from p2pd.dht import DiscoveryError
-from p2pd.records import PeerRecord, RecordRefused, open_record
+from p2pd.records import PeerRecord, RecordRefused, bucket_of, open_record
 
 log = logging.getLogger("p2pd.discovery")
 
@@ -52,9 +53,25 @@ class DirectoryReading:
                 self._count_refusal(str(subkey), e)
         return sorted(peers, key=lambda p: p.peer_id)
 
-    def live_peers(self, include_self: bool = True) -> list[PeerRecord]:
-        """Records of every peer whose row is alive and checks out (every bucket read), sorted by peer id."""
-        peers = self._open(self._rows(self.keys))
+    def live_peers(self, include_self: bool = True, rotate: bool = False) -> list[PeerRecord]:
+        """Records of every peer whose row is alive and checks out, sorted by peer id. Every bucket is read, unless
+        `rotate`: then only the buckets due (round-robin, each read again within ttl/3 of its last read, as its
+        members re-store theirs) and the others' records taken from their last read, the expired ones left out. A
+        node re-reading the directory every second so makes about one DHT lookup a second for 2^b <= ttl/3 buckets,
+        not 2^b."""
+        due = self._due() if rotate else self.keys
+        rows, rows_of = self._rows(due), set(due)
+        for key in due:
+            self._bucket_records[key] = []
+        for record in self._open(rows):  # a row filed in another bucket than its peer id's is left out
+            key = self.keys[bucket_of(record.peer_id, self.bits)]
+            if key in rows_of:
+                self._bucket_records[key].append(record)
+        now = get_dht_time()
+        peers = sorted(
+            (r for key in self.keys for r in self._bucket_records.get(key, ()) if r.expires_at > now),
+            key=lambda p: p.peer_id,
+        )
         self._known = {p.peer_id: p.expires_at for p in peers}  # replaced whole: readers need no lock
         self._addresses = {p.peer_id: p.grpc_address for p in peers}
         mine = next((p for p in peers if p.peer_id == self.identity.peer_id), None)
@@ -62,6 +79,16 @@ class DirectoryReading:
         if not include_self:
             peers = [p for p in peers if p.peer_id != self.identity.peer_id]
         return peers
+
+    def _due(self) -> list[str]:
+        """The buckets a rotating read takes now: those never read, else the next ceil(2^b / (ttl / 3)) round-robin."""
+        unread = [k for k in self.keys if k not in self._bucket_records]
+        if unread:
+            return unread
+        n = min(len(self.keys), math.ceil(len(self.keys) / max(1.0, self.ttl / 3)))
+        start = self._next_bucket % len(self.keys)
+        self._next_bucket = start + n
+        return [self.keys[(start + i) % len(self.keys)] for i in range(n)]
 
     def read_own_bucket(self) -> list[PeerRecord]:
         """The valid records of the bucket this node's record goes to (sorted by peer id), noting a live record under

@@ -115,6 +115,8 @@ class Discovery(Announcing, DirectoryReading):
         self._addresses: dict[str, str] = {}  # peer id -> advertised gRPC address, from the last live_peers()
         self._foreign_self: PeerRecord | None = None
         self._known_at = 0.0
+        self._bucket_records: dict[str, list[PeerRecord]] = {}  # bucket key -> its records at its last read
+        self._next_bucket = 0  # where a rotating read goes on (p2pd/directory.py)
         self._lock_known = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -73,6 +73,13 @@ def test_every_node_reads_every_bucket(nodes):
         held = sorted(found.value) if found is not None else []
         assert held == sorted(p for p in ids if bucket_of(p, BITS) == b)
     assert reader.dht.get(swarm_key(SWARM), latest=True) is None
+    # a node re-reading every second rotates: one bucket a read (4 buckets, each due within ttl / 3 = 10 s), the
+    # others' records from their last read
+    d = nodes[3]
+    for _ in range(6):
+        assert [p.peer_id for p in d.live_peers(rotate=True)] == ids
+    due = [tuple(d._due()) for _ in range(8)]
+    assert all(len(k) == 1 for k in due) and {k[0] for k in due} == set(d.keys) and due[:4] == due[4:]
 
 
 def test_a_forged_row_in_a_bucket_is_never_returned(nodes, tmp_path):

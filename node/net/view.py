@@ -112,7 +112,7 @@ class MemberView:
 
     def refresh(self) -> None:
         """Re-read the live records from the DHT (raises DiscoveryError)."""
-        self._set(self.discovery.live_peers())
+        self._set(self.discovery.live_peers(rotate=True))
         if self.keep_connected and self.runtime.plane is not None:
             self._keep_connected()
 
