@@ -34,6 +34,9 @@ def test_a_slot_keeps_the_lowest_rank_it_was_offered_and_flooding_moves_nothing(
     samples = v.reset(np.array([0]))
     assert samples.shape == (1, 1) and samples[0, 0] == before[0, 0]
     assert v.peers[0, 0] != EMPTY  # the re-seeded slot refilled from the rest of the view at once
+    # the oldest slots come first (slot 1 is next to be re-seeded, slot 0 was just): a daemon's round neighbours
+    oldest = v.oldest(0)
+    assert oldest[0] == v.peers[0, 1] and len(oldest) == len(set(v.peers[0].tolist())) and oldest[-1] != EMPTY
 
 
 def test_hierarchical_ranking_gives_a_prefix_of_many_ids_the_share_of_one():

@@ -42,14 +42,14 @@ class SampledView(MemberView):
         """This node and round `round_`'s probed sample (drawn once per round), as MemberView.members filters them."""
         if round_ is not None and round_ != self._round:
             self._round = round_
-            self._set(self._own() + self.sampler.sample(round_))
+            self._set(self._own() + self.sampler.sample())
         return super().members(round_)
 
     def refresh(self) -> None:
         """Bootstrap from the directory while the view is empty, then probe a sample (raises DiscoveryError)."""
         if not self.sampler.peers():
             self.sampler.bootstrap(self.discovery)
-        self._set(self._own() + self.sampler.sample(self._round if self._round is not None else -1))
+        self._set(self._own() + self.sampler.sample())
 
     def _refresh_loop(self) -> None:
         while not self.stop.wait(SAMPLE_SECONDS) and not self._closed:

@@ -3,10 +3,11 @@ exchanges in Health calls (p2pd/sampling.py), and each round's neighbours drawn 
 
 Every SAMPLE_SECONDS the node pulls the view of the peer in its least-hit slot, pushes its own to the next least-hit
 and re-seeds one slot: O(view) ids a round whatever the swarm's size, instead of every member's record every second.
-Entries are (peer id, address) hints. A round's neighbours are `sample_size` distinct peers of the view drawn by an
-RNG seeded with (round, own id), so a node's neighbours are a pure function of its view, the round and its id; each is
-used only after a probe at the hinted address answers with that peer's signed, unexpired record and its signature
-over a fresh nonce. A peer whose call fails leaves the view at once; its hint may be wrong, or it may be gone.
+Entries are (peer id, address) hints. A round's neighbours are the peers of the `sample_size` oldest slots (the next
+to be re-seeded, closest to their seeds' lowest ranks: Basalt's samples), so a node's neighbours are a pure function
+of its view; each is used only after a probe at the hinted address answers with that peer's signed, unexpired record
+and its signature over a fresh nonce. A peer whose call fails leaves the view at once; its hint may be wrong, or it
+may be gone.
 
 Bootstrap: a few random buckets of the DHT directory (p2pd/discovery.py read_buckets), whose rows are the members'
 signed records: they hold attackers only at their share of identities, whatever those flood.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -174,12 +174,11 @@ class PeerSampler:
             self.hints[peer_id] = record.grpc_address
         return record
 
-    def sample(self, round_: int, seed: int = 0) -> list[PeerRecord]:
-        """This round's neighbours: up to sample_size distinct peers of the view drawn by an RNG seeded with (seed,
-        round, own id), each probed (in parallel); a failed probe is replaced by the next draw, at most twice over."""
-        order = self.peers()
-        random.Random(f"{seed}:{round_}:{self.me}").shuffle(order)
-        order = order[: 3 * self.sample_size]  # the draw, and two replacements for each
+    def sample(self) -> list[PeerRecord]:
+        """This round's neighbours: the peers of the sample_size oldest slots, each probed (in parallel); a failed
+        probe is replaced by the next oldest, at most twice over. Sorted by peer id."""
+        with self._lock:
+            order = [self._names[i] for i in self.views.oldest(0)][: 3 * self.sample_size]
         got: list[PeerRecord] = []
         with ThreadPoolExecutor(max_workers=self.sample_size, thread_name_prefix="atoll-probe") as pool:
             while order and len(got) < self.sample_size:

@@ -154,6 +154,16 @@ class BasaltViews:
         self.peers[rr, ss], self.ranks[rr, ss], self.hits[rr, ss] = EMPTY, NO_RANK, 0
         return len(rr)
 
+    def oldest(self, row: int) -> list[int]:
+        """The distinct peers of view `row`, oldest slot first: the slots next to be re-seeded, which have had the
+        longest to reach their seed's lowest rank (Basalt's samples are the peers they hold when re-seeded)."""
+        order = (self._cursor[row] + np.arange(self.v)) % self.v
+        out: list[int] = []
+        for p in self.peers[row, order].tolist():
+            if p != EMPTY and p not in out:
+                out.append(p)
+        return out
+
     def view(self, row: int) -> np.ndarray:
         """The distinct peers view `row` holds (int64, sorted)."""
         held = self.peers[row]

@@ -83,6 +83,13 @@ async def _calibrate(rows: list[int], nodes: int, repeats: int, conn) -> None:
     dht.append(reader)
     results = []
     try:
+        # the per-node key first: a read that fails (over 4 MiB) gets the holders blacklisted for a while
+        peer_key = f"atoll/{swarm}/peer/one"
+        pid, env = _tickets(1, swarm)[0]
+        await writer.store(peer_key, env, get_dht_time() + 600, subkey=pid)
+        results.append(
+            dict(await _reads(reader, peer_key, 1, repeats, served, calls, latest=False), kind="per-node key")
+        )
         for r in rows:
             key = f"atoll/{swarm}/calibration-{r}"
             tickets = _tickets(r, swarm)
@@ -92,12 +99,6 @@ async def _calibrate(rows: list[int], nodes: int, repeats: int, conn) -> None:
                 await writer.store_many([key] * len(part), [t[1] for t in part], exp, subkeys=[t[0] for t in part])
             results.append(await _reads(reader, key, r, repeats, served, calls))
             conn.send(("progress", results[-1]))
-        peer_key = f"atoll/{swarm}/peer/one"
-        pid, env = _tickets(1, swarm)[0]
-        await writer.store(peer_key, env, get_dht_time() + 600, subkey=pid)
-        results.append(
-            dict(await _reads(reader, peer_key, 1, repeats, served, calls, latest=False), kind="per-node key")
-        )
         conn.send(("done", results))
     finally:
         for node in dht:

@@ -90,12 +90,13 @@ def today_at(n: int, calibration: list[dict]) -> dict | None:
     """Today's single key at n members, from the calibration row of the most rows: bytes read per node per second
     (scaled linearly in rows) and the busiest DHT node's bytes per second (n readers a second), or None."""
     rows = [c for c in calibration if c["kind"] == "one key" and c["rows"] > 1]
-    if not rows:
+    read = [c for c in rows if c["failed_reads"] == 0]
+    if not read:
         return None
-    big = max(rows, key=lambda c: c["rows"])
+    big = max(read, key=lambda c: c["rows"])  # the largest key read whole
     per_row = big["bytes_per_read"] / big["rows"]
     busiest_row = big["busiest_node_bytes_per_read"] / big["rows"]
-    fits = n <= max(c["rows"] for c in rows if c["failed_reads"] == 0)
+    fits = n <= big["rows"]
     return dict(
         bytes_per_node_s=per_row * n / TODAY_REFRESH_SECONDS,
         busiest_bytes_s=busiest_row * n * n / TODAY_REFRESH_SECONDS,
