@@ -33,6 +33,8 @@ RECORD = {
     "expired": "past its signed expiry",
     "newer_version": "written by a newer release of the record format",
     "invalid_row": "refused by the DHT validator on its way in (counted inside the DHT process)",
+    "bad_probe": "a probe answered without the probed peer's signature over its nonce (sampled membership)",
+    "bucket_unread": "a directory bucket whose DHT read failed: its members are missing from that read",
 }
 
 # -- a request to this node's server (atoll_requests_refused_total) ---------------------------------------------

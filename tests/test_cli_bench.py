@@ -263,20 +263,3 @@ print(json.dumps({{"dataset_size": Worker(cfg).dataset_size}}))
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-1500:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["dataset_size"] > 0
-
-
-def test_bench_membership_tiny(tmp_path):
-    r = atoll(
-        "bench", "membership", "--sizes", "60", "--rounds", "6", "--attack-nodes", "60", "--attackers", "0.25",
-        "--floods", "10", "--attack-rounds", "6", "--calibration-rows", "", "--out", str(tmp_path),
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((tmp_path / "results.json").read_text())
-    assert (tmp_path / "membership.png").stat().st_size > 0 and "Attackers' share" in (tmp_path / "table.md").read_text()
-    costs = res["costs"]
-    assert costs["pull"] > 60 * 40 and costs["probe"] > 500  # measured on a real gRPC server: 60 entries, a record
-    row = res["scale"][0]
-    assert row["honest"] == 60 and costs["pull"] + costs["push"] <= row["bytes_p50"] <= row["bytes_max"]
-    assert [a["hierarchical"] for a in res["attack"]] == [False, True]
-    assert all(0 < a["view_share"] < 1 and abs(a["identity_share"] - 0.25) < 0.02 for a in res["attack"])
-    assert len(res["churn"]) == 2 and res["calibration"] == []

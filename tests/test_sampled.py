@@ -76,7 +76,9 @@ def test_a_presented_record_admits_a_requester_the_dht_does_not_know():
         now = get_dht_time()
         req = signed_request(asker, server.peer_id, key, time.time())
         if record_of is not None:
-            rec = PeerRecord(peer_id=record_of.peer_id, grpc_address="198.18.0.3:1", issued_at=now, expires_at=now + ttl)
+            rec = PeerRecord(
+                peer_id=record_of.peer_id, grpc_address="198.18.0.3:1", issued_at=now, expires_at=now + ttl
+            )
             req.requester_record = sign_record(rec, record_of)
         return req
 
