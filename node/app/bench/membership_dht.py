@@ -72,7 +72,15 @@ async def _calibrate(rows: list[int], nodes: int, repeats: int, conn) -> None:
         f.__annotations__["return"] = f.__annotations__.pop("return_")
     DHTProtocol.rpc_find, DHTProtocol.rpc_store = rpc_find, rpc_store
     swarm = "calibration"
-    kw = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validator=PeerRecordValidator(swarm), cache_locally=False)
+    # patient RPCs and a short blacklist: on a loaded machine a slow answer must not bar a node from the next reads
+    kw = dict(
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        record_validator=PeerRecordValidator(swarm),
+        cache_locally=False,
+        wait_timeout=30,
+        blacklist_time=0.5,
+        backoff_rate=1.0,
+    )
     dht = [await DHTNode.create(**kw)]
     peers = [str(m) for m in await dht[0].get_visible_maddrs()]
     for _ in range(nodes - 1):
