@@ -54,6 +54,7 @@ CASES = {
         "security": {"aggregator": "median"},
     },
 }
+SLOW_CASES = ("late_merge", "fedd2s")
 
 
 def _daemons(tmp_path, name: str, node: dict) -> tuple[list[str], dict[str, list[str]], dict[str, dict]]:
@@ -86,7 +87,19 @@ def test_daemons_and_simulator_end_every_round_with_the_same_models(tmp_path):
     the daemons' peer ids: bitwise the same model after every round, for every protocol. Only
     the final merge is compared within float rounding: hivemind's butterfly all-reduce adds in
     another order than the simulator's exact mean (both then agree on one copy)."""
-    nodes = {name: merged(BASE, extra) for name, extra in CASES.items()}
+    _same_models(tmp_path, [name for name in CASES if name not in SLOW_CASES])
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
+def test_daemons_and_simulator_agree_on_the_final_merge_and_personalised_distillation(tmp_path):
+    """The same check for the cases the default set leaves out (a second logit method beside edgefd, and the final
+    merge, which the default set's sampled swarm also runs)."""
+    _same_models(tmp_path, list(SLOW_CASES))
+
+
+def _same_models(tmp_path, names: list[str]) -> None:
+    nodes = {name: merged(BASE, CASES[name]) for name in names}
     with ThreadPoolExecutor(max_workers=2) as pool:  # two swarms at a time on 2 cores
         runs = dict(zip(nodes, pool.map(lambda kv: _daemons(tmp_path, *kv), nodes.items())))
     for name, (ids, daemon_rounds, done) in runs.items():
