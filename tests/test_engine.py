@@ -54,7 +54,7 @@ CASES = {
         "security": {"aggregator": "median"},
     },
 }
-SLOW_CASES = ("late_merge", "fedd2s")
+SLOW_CASES = ("late_merge", "fedd2s", "krum_trust", "frl", "diloco")
 
 
 def _daemons(tmp_path, name: str, node: dict) -> tuple[list[str], dict[str, list[str]], dict[str, dict]]:
@@ -92,9 +92,10 @@ def test_daemons_and_simulator_end_every_round_with_the_same_models(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
-def test_daemons_and_simulator_agree_on_the_final_merge_and_personalised_distillation(tmp_path):
-    """The same check for the cases the default set leaves out (a second logit method beside edgefd, and the final
-    merge, which the default set's sampled swarm also runs)."""
+def test_daemons_and_simulator_agree_on_the_cases_the_default_set_leaves_out(tmp_path):
+    """The same check for the cases the default set leaves out to stay under 10 minutes: the final merge (the default
+    set's sampled swarm runs one), FedD2S (a second logit method beside EdgeFD), Krum with the trust tracker and two
+    gossip steps a round, FRL, and DiLoCo over gossip (the default set runs it over the streamed all-reduce)."""
     _same_models(tmp_path, list(SLOW_CASES))
 
 

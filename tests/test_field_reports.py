@@ -161,6 +161,7 @@ def test_a_lone_node_skips_the_final_merge_at_once_and_quietly(tmp_path):
     assert "Traceback" not in run.stderr and "deadlock" not in run.stderr, run.stderr[-2000:]
 
 
+@pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
 def test_ports_in_use_are_refused_with_the_setting_named(tmp_path):
     """Before: a second node on the same fixed DHT port started and reported ready (joining
     through its address then failed); a metrics port in use printed only [Errno 98]."""
@@ -202,6 +203,7 @@ def _ipv6_loopback() -> bool:
         return False
 
 
+@pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
 @pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
 def test_a_two_node_swarm_on_ipv6_loopback(tmp_path):
     """Before: net.host=::1 failed to bind gRPC, and [::1] failed in the metrics server."""

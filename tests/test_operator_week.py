@@ -361,6 +361,7 @@ def test_a_heavy_sample_request_is_bounded_so_it_cannot_hold_small_ones_for_long
 
 # -- a skewed clock ----------------------------------------------------------------------------------
 @pytest.mark.integration
+@pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
 def test_a_node_with_a_skewed_clock_names_the_offset_and_the_waiting_node_says_what_it_saw(tmp_path):
     """Before: a node 120 s ahead exited with hivemind's "local time must be within 3 seconds
     of others" and no advice; the healthy node waited all of join_timeout and trained alone
