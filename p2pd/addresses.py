@@ -24,6 +24,15 @@ def is_ipv6(host: str) -> bool:
         return False
 
 
+_HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):(?P<port>[0-9]{1,5})$")
+
+
+def is_host_port(address: str) -> bool:
+    """Whether `address` is `host:port` (a name, an IPv4 address or a bracketed IPv6 one; port 1 to 65535)."""
+    m = _HOST_PORT.fullmatch(address)
+    return m is not None and 0 < int(m["port"]) < 65536
+
+
 def host_port(host: str, port: int) -> str:
     """`host:port`, with an IPv6 host in brackets."""
     return f"[{bare_host(host)}]:{port}" if is_ipv6(host) else f"{host}:{port}"

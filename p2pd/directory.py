@@ -74,8 +74,7 @@ class DirectoryReading:
         )
         self._known = {p.peer_id: p.expires_at for p in peers}  # replaced whole: readers need no lock
         self._addresses = {p.peer_id: p.grpc_address for p in peers}
-        mine = next((p for p in peers if p.peer_id == self.identity.peer_id), None)
-        self._foreign_self = mine if mine is not None and mine.issued_at not in self._issued else None
+        self._note_own(peers)
         if not include_self:
             peers = [p for p in peers if p.peer_id != self.identity.peer_id]
         return peers
@@ -95,8 +94,7 @@ class DirectoryReading:
         this node's own id that this process did not sign (foreign_self). One bucket read, whatever the swarm's size.
         Raises DiscoveryError."""
         peers = self._open(self._rows([self.key]))
-        mine = next((p for p in peers if p.peer_id == self.identity.peer_id), None)
-        self._foreign_self = mine if mine is not None and mine.issued_at not in self._issued else None
+        self._note_own(peers)
         return peers
 
     def read_buckets(self, n: int) -> tuple[list[PeerRecord], int]:
@@ -140,3 +138,8 @@ class DirectoryReading:
         if (subkey, e.reason) not in self._logged and len(self._logged) < 10_000:
             self._logged.add((subkey, e.reason))
             log.warning("refused peer record in row %s: %s", subkey[:20], e)
+
+    def _note_own(self, peers: list[PeerRecord]) -> None:
+        """Remember a live record under this node's own id that this process did not sign (see foreign_self)."""
+        mine = next((p for p in peers if p.peer_id == self.identity.peer_id), None)
+        self._foreign_self = mine if mine is not None and mine.issued_at not in self._issued else None

@@ -25,6 +25,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from p2pd import __version__
+from p2pd.addresses import is_host_port
 from p2pd.errors import ReasonedError
 from p2pd.identity import Identity, IdentityError, public_key_from_peer_id, verify
 
@@ -45,7 +46,6 @@ Role = Literal["trainer", "aggregator", "expert", "router", "observer"]
 # connection, hole punching or a circuit relay); outbound_only: through its `carrier`, a reachable
 # neighbour it pushes its snapshots to (the Push RPC)
 Reachability = Literal["direct", "relayed", "outbound_only"]
-_HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):(?P<port>[0-9]{1,5})$")
 MAX_SNAPSHOTS = 32
 _SNAPSHOT_ENTRY = r"^(model|logits|delta|estimate|ranks|shard|join):[0-9]{1,19}:[0-9]{1,10}:[0-9a-f]{64}$"
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:[0-9]{1,2})?)$")
@@ -143,8 +143,7 @@ class PeerRecord(BaseModel):
     @field_validator("grpc_address")
     @classmethod
     def _address(cls, v: str) -> str:
-        m = _HOST_PORT.fullmatch(v)
-        if not m or not 0 < int(m["port"]) < 65536:
+        if not is_host_port(v):
             raise ValueError(f"grpc_address must be host:port, got {v!r}")
         return v
 

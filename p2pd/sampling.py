@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import binascii
 import os
-import re
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import base58
 
+from p2pd.addresses import is_host_port
 from p2pd.identity import Identity, IdentityError, public_key_from_peer_id, verify
 from p2pd.rpc import swarm_pb2 as pb
 
 DOMAIN = b"atoll/probe/v1\x00"
 MAX_VIEW_ENTRIES = 256  # entries read from one pushed or pulled view; the rest are dropped unread
 NONCE_BYTES = 16
-_HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):(?P<port>[0-9]{1,5})$")
 
 
 class Sampling(Protocol):
@@ -64,8 +63,7 @@ def probe_ok(signature: bytes, nonce: bytes, requester: str, responder: str) -> 
 
 def valid_entry(peer_id: str, address: str) -> bool:
     """Whether (peer id, address) is well formed: an Ed25519 peer id and a host:port address."""
-    m = _HOST_PORT.fullmatch(address)
-    if m is None or not 0 < int(m["port"]) < 65536 or len(peer_id) > 128:
+    if not is_host_port(address) or len(peer_id) > 128:
         return False
     try:
         public_key_from_peer_id(peer_id)

@@ -47,15 +47,13 @@ class SampledView(MemberView):
 
     def refresh(self) -> None:
         """Bootstrap from the directory while the view is empty, then probe a sample (raises DiscoveryError)."""
-        if not self.sampler.peers():
-            self.sampler.bootstrap(self.discovery)
+        self.sampler.bootstrap_if_empty(self.discovery)
         self._set(self._own() + self.sampler.sample())
 
     def _refresh_loop(self) -> None:
         while not self.stop.wait(SAMPLE_SECONDS) and not self._closed:
             try:
-                if not self.sampler.peers():
-                    self.sampler.bootstrap(self.discovery)
+                self.sampler.bootstrap_if_empty(self.discovery)
                 self.sampler.exchange()
             except DiscoveryError as e:
                 if self.stop.is_set() or self._closed:

@@ -120,6 +120,11 @@ class PeerSampler:
             self.verified.pop(peer_id, None)
 
     # -- bootstrap and rounds ------------------------------------------------------------------
+    def bootstrap_if_empty(self, discovery) -> None:
+        """Bootstrap (see `bootstrap`) while the view holds nobody. Raises DiscoveryError."""
+        if not self.peers():
+            self.bootstrap(discovery)
+
     def bootstrap(self, discovery) -> int:
         """Offer the records of BOOT_BUCKETS random directory buckets; returns the swarm size they suggest (also kept
         in `size_estimate`). Raises DiscoveryError when no bucket can be read."""

@@ -158,11 +158,7 @@ class BasaltViews:
         """The distinct peers of view `row`, oldest slot first: the slots next to be re-seeded, which have had the
         longest to reach their seed's lowest rank (Basalt's samples are the peers they hold when re-seeded)."""
         order = (self._cursor[row] + np.arange(self.v)) % self.v
-        out: list[int] = []
-        for p in self.peers[row, order].tolist():
-            if p != EMPTY and p not in out:
-                out.append(p)
-        return out
+        return [p for p in dict.fromkeys(self.peers[row, order].tolist()) if p != EMPTY]
 
     def view(self, row: int) -> np.ndarray:
         """The distinct peers view `row` holds (int64, sorted)."""

@@ -59,8 +59,9 @@ class CountingRelay:
         self._listener.close()
 
 
-def daemon_record(identity: Identity) -> bytes:
-    """The signed record envelope of a typical training daemon: four snapshot digests, task digest, two multiaddrs."""
+def daemon_record(identity: Identity, issued_at: float = 1.0e9, ttl: float = 300.0) -> bytes:
+    """The signed record envelope of a typical training daemon (four snapshot digests, task digest, two multiaddrs),
+    issued at `issued_at` (DHT time, s) for `ttl` s."""
     digest = "ab" * 32
     record = PeerRecord(
         peer_id=identity.peer_id,
@@ -76,8 +77,8 @@ def daemon_record(identity: Identity) -> bytes:
         snapshots=tuple(f"model:{r}:0:{digest}" for r in range(1231, 1235)),
         task_digest=digest,
         codec="int8",
-        issued_at=1.0e9,
-        expires_at=1.0e9 + 300,
+        issued_at=issued_at,
+        expires_at=issued_at + ttl,
     )
     return sign_record(record, identity)
 

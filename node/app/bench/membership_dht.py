@@ -26,17 +26,9 @@ def _tickets(n: int, swarm: str) -> list[tuple[str, bytes]]:
 
     from node.app.bench.membership_costs import daemon_record
     from p2pd.identity import Identity
-    from p2pd.records import open_record, sign_record
 
-    out = []
-    for _ in range(n):
-        ident = Identity.generate()
-        rec = open_record(daemon_record(ident), now=None)
-        now = get_dht_time()
-        out.append(
-            (ident.peer_id, sign_record(rec.model_copy(update=dict(issued_at=now, expires_at=now + 600)), ident))
-        )
-    return out
+    idents = [Identity.generate() for _ in range(n)]
+    return [(i.peer_id, daemon_record(i, get_dht_time(), ttl=600.0)) for i in idents]
 
 
 async def _calibrate(rows: list[int], nodes: int, repeats: int, conn) -> None:

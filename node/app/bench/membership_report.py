@@ -104,6 +104,11 @@ def today_at(n: int, calibration: list[dict]) -> dict | None:
     )
 
 
+def bucket_read(calibration: list[dict]) -> dict | None:
+    """The calibration's read of a key the size of a directory bucket (at most 128 tickets), None without one."""
+    return next((c for c in calibration if c["kind"] == "one key" and c["rows"] <= 128), None)
+
+
 def sampled_dht_load(calibration: list[dict], churn: float = 0.002, round_s: float = 2.0, ttl: float = 300.0):
     """The busiest DHT node's bytes per second under sampled membership, modelled from the measured read of a bucket
     of about 64 tickets (None without one): buckets of 64 rows, each joiner reads BOOT_BUCKETS of them
@@ -111,10 +116,9 @@ def sampled_dht_load(calibration: list[dict], churn: float = 0.002, round_s: flo
     whatever the swarm's size), and each of its 64 members re-stores its row every ttl / 3 s. Flat in N."""
     from node.net.sampler import BOOT_BUCKETS
 
-    bucket = [c for c in calibration if c["kind"] == "one key" and c["rows"] <= 128]
-    if not bucket:
+    b = bucket_read(calibration)
+    if b is None:
         return None
-    b = bucket[0]
     reads = BOOT_BUCKETS * churn * b["rows"] / round_s * b["busiest_node_bytes_per_read"]
     stores = b["rows"] * (b["busiest_node_bytes_per_read"] / b["rows"]) / (ttl / 3)
     return reads + stores

@@ -45,12 +45,12 @@ def bench_membership(
         calibration = calibrate(cal_rows, progress=lambda r: typer.echo(f"  DHT: {r}", err=True)) if cal_rows else []
     except (OSError, RuntimeError) as e:
         fail(str(e))
-    bucket = [c for c in calibration if c["kind"] == "one key" and c["rows"] <= 128]
+    bucket = membership_report.bucket_read(calibration)
     costs = Costs(
         pull=wire["pull"],
         push=wire["push"],
         probe=wire["probe"],
-        bucket_read=int(bucket[0]["bytes_per_read"]) if bucket else 0,
+        bucket_read=int(bucket["bytes_per_read"]) if bucket else 0,
     )
     parts = membership_report.run(
         size_list,
