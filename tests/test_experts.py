@@ -13,6 +13,7 @@ from helpers import self_signed_cert
 from node.algo.experts import ensemble
 from node.algo.experts.cluster import cluster, from_unit, to_unit
 from node.app.evaluate import frechet
+from node.net.experts.sampling import Sampler
 from node.net.experts.service import (
     MAX_MESSAGE_BYTES,
     ExpertService,
@@ -194,15 +195,15 @@ def test_an_expert_over_tls(tmp_path):
 
 
 def test_a_router_limits_sample_requests_per_client_address():
-    svc = RouterService(
+    sampler = Sampler(
         _uniform_router(2),
         lambda: {0: _const(0.0), 1: _const(0.0)},
         2,
-        4,
         (1, 2, 2),
         default_steps=2,
         per_client=TokenBuckets(rate=0.01, burst=2),
     )
+    svc = RouterService(sampler)
     server, port = _serve(svc, pb_grpc.add_RouterServicer_to_server)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -213,7 +214,7 @@ def test_a_router_limits_sample_requests_per_client_address():
                 stub.Sample(pb.SampleRequest(n=1, strategy="top1"), timeout=30)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and svc.refused == {"rate": 1}
     finally:
-        svc.close()
+        sampler.close()
         server.stop(0)
     assert client_host("ipv4:127.0.0.1:5000") == "127.0.0.1" and client_host("ipv6:[::1]:5000") == "::1"
 
@@ -239,7 +240,8 @@ def test_router_service_batches_concurrent_requests_and_refuses_bad_ones():
         time.sleep(0.05)
         return torch.zeros_like(x)
 
-    svc = RouterService(_uniform_router(2), lambda: {0: slow, 1: slow}, 2, 4, (1, 2, 2), max_n=8, default_steps=10)
+    sampler = Sampler(_uniform_router(2), lambda: {0: slow, 1: slow}, 2, (1, 2, 2), max_n=8, default_steps=10)
+    svc = RouterService(sampler)
     server, port = _serve(svc, pb_grpc.add_RouterServicer_to_server)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -263,7 +265,7 @@ def test_router_service_batches_concurrent_requests_and_refuses_bad_ones():
             for th in [first, *rest]:
                 th.join(30)
             assert len(replies) == 4 and sorted(len(r.served) for r in replies) == [2, 3, 3, 3]
-            assert svc.runs == 2
+            assert sampler.runs == 2
             for req, what in (
                 (pb.SampleRequest(n=9, strategy="top1"), "n must be"),
                 (pb.SampleRequest(n=1, strategy="median"), "strategy"),
@@ -274,7 +276,7 @@ def test_router_service_batches_concurrent_requests_and_refuses_bad_ones():
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and what in e.value.details()
             assert len(stub.Sample(pb.SampleRequest(n=1, strategy="full"), timeout=30).served) == 1
     finally:
-        svc.close()
+        sampler.close()
         server.stop(0)
 
 

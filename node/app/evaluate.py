@@ -9,54 +9,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-from torch import nn
 
-from node.protocol.models import build_model
-from node.protocol.train import evaluate
+from node.protocol.judge import Judge, train_judge
 
-
-@dataclass
-class Judge:
-    """The classifier that scores generated images: a CNN (nn.Sequential ending in a Linear) and its accuracy on the
-    held-out split (a fraction)."""
-
-    model: nn.Sequential
-    accuracy: float  # on the held-out split
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate features (N, F) of `images` (N, C, H, W): every layer but the last Linear, in eval mode."""
-        self.model.eval()
-        out = images
-        for layer in list(self.model)[:-1]:  # everything but the last Linear
-            out = layer(out)
-        return out
-
-    @torch.no_grad()
-    def probs(self, images: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (N, num_classes) of `images` (N, C, H, W), in eval mode."""
-        self.model.eval()
-        return torch.softmax(self.model(images), dim=1)
-
-
-def train_judge(ds, steps: int = 1500, seed: int = 0) -> Judge:
-    """Train a `cnn` classifier (width 32) on `ds`'s training split with Adam (lr 1e-3, batches of 128) for `steps`
-    steps from `seed`; returns it with its test accuracy."""
-    model = build_model("cnn", tuple(ds.x_train.shape[1:]), ds.num_classes, 32, seed)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(ds.x_train), (128,), generator=gen)
-        loss = nn.functional.cross_entropy(model(ds.x_train[idx]), ds.y_train[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return Judge(model, evaluate(model, ds.x_test, ds.y_test))
+__all__ = ["Judge", "frechet", "score", "train_judge"]
 
 
 def frechet(a: torch.Tensor, b: torch.Tensor) -> float:

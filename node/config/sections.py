@@ -253,8 +253,17 @@ class ExpertsConfig(_Strict):
     cluster: int = Field(0, ge=0, description="the cluster an expert node trains on")
     steps: int = Field(1500, ge=1, description="expert training steps (flow matching, Adam)")
     router_steps: int = Field(2000, ge=1, description="router training steps")
-    width: int = Field(256, ge=8, le=4096)
-    depth: int = Field(3, ge=1, le=8)
+    net: Literal["mlp", "unet"] = Field(
+        "mlp", description="mlp: an MLP over flattened pixels (8x8 digits); unet: a small conv U-Net (28x28 images)"
+    )
+    cluster_on: Literal["pixels", "features"] = Field(
+        "pixels",
+        description="KMeans on flattened pixels, or on the penultimate features of a judge classifier trained "
+        "first (the clustering is kept in checkpoint_dir/clustering-*.safetensors: copy it to share it)",
+    )
+    feature_steps: int = Field(1000, ge=1, le=100_000, description="cluster_on features: judge training steps")
+    width: int = Field(256, ge=8, le=4096, description="mlp: hidden units; unet: channels at full resolution")
+    depth: int = Field(3, ge=1, le=8, description="mlp: hidden layers (unet: unused)")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints while training")
@@ -269,6 +278,19 @@ class ExpertsConfig(_Strict):
     predict_timeout: float = Field(10.0, gt=0, le=300, description="router: deadline of one expert call")
     sample_rate: float = Field(5.0, gt=0, description="router: Sample requests per second per client address")
     sample_burst: int = Field(20, ge=1, description="router: token bucket size per client address")
+    http_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="router: serve the HTTP API (/v1/samples, /v1/experts, /healthz, the page at /) on net.host at "
+        "this port beside gRPC; 0: a free port; null: gRPC only",
+    )
+
+    @model_validator(mode="after")
+    def _unet_width(self) -> ExpertsConfig:
+        if self.net == "unet" and self.width % 8:
+            raise ValueError(f"net unet needs width a multiple of 8 (GroupNorm of 8 groups), got {self.width}")
+        return self
 
 
 class NetConfig(_Strict):

@@ -152,21 +152,34 @@ class NodeMetrics:
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics endpoint on `host` (IPv4, IPv6 with or without brackets, or a
         name); returns the bound port. Raises OSError naming the port and the setting."""
-        try:
-            self._server, _ = start_http_server(port, addr=bare_host(host), registry=self.registry)
-        except OSError as e:
-            raise OSError(
-                f"cannot serve metrics on {host_port(host, port)}: {e.strerror or e} "
-                f"(metrics_port / --metrics-port; 0 picks a free port)"
-            ) from None
+        self._server = serve_registry(self.registry, host, port)
         return self._server.server_port
 
     def close(self) -> None:
         """Stop the /metrics endpoint if it is running."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        stop_server(self._server)
+        self._server = None
+
+
+def serve_registry(registry: CollectorRegistry, host: str, port: int):
+    """prometheus_client's /metrics HTTP server for `registry` on `host` (IPv4, IPv6 with or without brackets, or a
+    name) and `port` (0: a free one); its `server_port` is the bound port. Raises OSError naming the port and the
+    setting."""
+    try:
+        server, _ = start_http_server(port, addr=bare_host(host), registry=registry)
+    except OSError as e:
+        raise OSError(
+            f"cannot serve metrics on {host_port(host, port)}: {e.strerror or e} "
+            f"(metrics_port / --metrics-port; 0 picks a free port)"
+        ) from None
+    return server
+
+
+def stop_server(server) -> None:
+    """Stop a server from serve_registry (None: nothing to stop)."""
+    if server is not None:
+        server.shutdown()
+        server.server_close()
 
 
 class _Callback:

@@ -6,5 +6,6 @@ which cluster a noisy sample comes from (router.py); at sampling time the expert
 predictions are combined with the router's weights, top-1, top-k or the full ensemble
 (ensemble.py). node/app/evaluate.py measures samples with a classifier trained in the same
 run; node/net/experts/ serves experts and the router as live nodes.
-Images live in [-1, 1] and are flattened: the nets are MLPs, small enough for CPUs.
+Images live in [-1, 1] and are flattened; the nets (nets.py) are MLPs for 8x8 digits and small
+convolutional U-Nets for 28x28 images (unet.py), both small enough for CPUs.
 """

@@ -1,12 +1,15 @@
-"""Deterministic clustering of a data set for the experts: KMeans on pixels.
+"""Deterministic clustering of a data set for the experts: KMeans on pixels or on features.
 
-Pixels rather than features of an encoder: on 8x8 digits (and 28x28 Fashion-MNIST) KMeans on
-pixels already separates shapes, needs no extra training, and every node that knows (data
-set, K, seed) derives the same clusters with no coordination. The centroids' digest goes into
-expert records, so a router never mixes experts of different clusterings.
+`cluster` runs KMeans on the flattened pixels: on 8x8 digits that already separates shapes and
+needs no extra training. `cluster_points` runs it on any (N, F) points, such as the
+penultimate features of a classifier (node/protocol/judge.py): on 28x28 Fashion-MNIST that
+groups garments by kind rather than by brightness, as the paper's DINOv2 features do. Either
+way every node that knows (data set, K, seed) derives the same clusters on the same machine;
+the centroids' digest goes into expert records, so a router never mixes experts of different
+clusterings (node/net/experts/clustering.py shares one clustering file across machines).
 
 Paper: McAllister et al., "Decentralized Diffusion Models", arXiv 2501.05450 (they cluster DINOv2
-features; here pixels).
+features).
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import torch
 
 @dataclass(frozen=True)
 class Clustering:
-    """A KMeans clustering of a data set: (K, D) float32 centroids in the flattened [-1, 1] pixel space, numbered by
-    cluster size (largest first), and the (N,) int64 cluster of each training image."""
+    """A KMeans clustering of a data set: (K, F) float32 centroids in the space it was run in (flattened [-1, 1]
+    pixels, or standardised features), numbered by cluster size (largest first), and the (N,) int64 cluster of each
+    training image."""
 
-    centroids: torch.Tensor  # (K, D) float32, in the flattened [-1, 1] pixel space
+    centroids: torch.Tensor  # (K, F) float32
     labels: torch.Tensor  # (N,) int64 cluster of each training image
 
     @property
@@ -38,7 +42,8 @@ class Clustering:
         return hashlib.sha256(self.centroids.numpy().astype("<f4").tobytes()).hexdigest()
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Nearest centroid of each (flattened) image."""
+        """Nearest centroid (N,) int64 of each row of x (N, F), in the clustering's own space (pixels: flattened
+        images; features: the standardised features it was run on)."""
         return torch.cdist(x.reshape(len(x), -1).float(), self.centroids).argmin(dim=1)
 
 
@@ -53,12 +58,21 @@ def from_unit(v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def cluster(x: torch.Tensor, k: int, seed: int = 0) -> Clustering:
-    """KMeans (k-means++, 10 restarts, fixed seed) on the flattened [-1, 1] pixels of `x`."""
+    """KMeans on the flattened [-1, 1] pixels of images `x` (N, ...) in [0, 1]; see cluster_points."""
+    return cluster_points(to_unit(x), k, seed)
+
+
+def cluster_points(points: torch.Tensor, k: int, seed: int = 0, standardise: bool = False) -> Clustering:
+    """KMeans (k-means++, 10 restarts, fixed seed, float64) on `points` (N, F); with `standardise` every feature is
+    first scaled to zero mean and unit variance (features of a classifier differ widely in scale). Raises ValueError
+    unless 2 <= k <= N."""
     from sklearn.cluster import KMeans
 
-    if not 2 <= k <= len(x):
-        raise ValueError(f"need 2 <= k <= {len(x)} clusters, got {k}")
-    v = to_unit(x).numpy().astype(np.float64)
+    if not 2 <= k <= len(points):
+        raise ValueError(f"need 2 <= k <= {len(points)} clusters, got {k}")
+    v = points.reshape(len(points), -1).double().numpy()
+    if standardise:
+        v = (v - v.mean(0)) / np.maximum(v.std(0), 1e-6)
     km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(v)
     # order clusters by size, largest first, so cluster ids do not depend on KMeans' labelling
     sizes = np.bincount(km.labels_, minlength=k)

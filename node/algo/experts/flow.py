@@ -46,13 +46,6 @@ class TimeMLP(nn.Module):
         return self.net(torch.cat([x, time_embedding(t, self.t_dim)], dim=1))
 
 
-def denoiser(dim: int, width: int = 256, depth: int = 3, seed: int = 0) -> TimeMLP:
-    """A velocity net TimeMLP (dim -> dim) initialised from `seed`, leaving the global RNG state untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return TimeMLP(dim, dim, width, depth)
-
-
 def noisy(x1: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A training triple (x_t, t, target velocity) for data x1."""
     x0 = torch.randn(x1.shape, generator=gen).to(x1.device)
@@ -100,7 +93,7 @@ def fit(
     return sum(recent) / len(recent) if recent else float("nan")
 
 
-def train_denoiser(model: TimeMLP, x: torch.Tensor, steps: int, *, batch_size: int = 128, **kw) -> float:
+def train_denoiser(model: nn.Module, x: torch.Tensor, steps: int, *, batch_size: int = 128, **kw) -> float:
     """Flow matching on x (N, D) in [-1, 1]; see `fit` for the other arguments."""
     if len(x) == 0:
         raise ValueError("no data to train on")

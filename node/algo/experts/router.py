@@ -11,18 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from node.algo.experts.flow import TimeMLP, fit, noisy
-
-
-def router_net(dim: int, k: int, width: int = 256, depth: int = 3, seed: int = 0) -> TimeMLP:
-    """A router TimeMLP (dim -> k cluster logits) initialised from `seed`, leaving the global RNG state untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return TimeMLP(dim, k, width, depth)
+from node.algo.experts.flow import fit, noisy
 
 
 def train_router(
-    model: TimeMLP, x: torch.Tensor, labels: torch.Tensor, steps: int, *, batch_size: int = 128, **kw
+    model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, steps: int, *, batch_size: int = 128, **kw
 ) -> float:
     """Cross-entropy on (x_t, t) -> cluster of x_1; see flow.fit for the other arguments."""
 
@@ -35,7 +28,7 @@ def train_router(
 
 
 @torch.no_grad()
-def router_accuracy(model: TimeMLP, x: torch.Tensor, labels: torch.Tensor, t: float, seed: int = 0) -> float:
+def router_accuracy(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, t: float, seed: int = 0) -> float:
     """How often the router names the right cluster of noisy samples at time t."""
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(x.shape, generator=gen)

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from node.algo.experts import ensemble, flow
-from node.algo.experts.cluster import cluster, from_unit, to_unit
-from node.algo.experts.router import router_accuracy, router_net, train_router
+from node.algo.experts.cluster import cluster, cluster_points, from_unit, to_unit
+from node.algo.experts.nets import denoiser_net, router_net
+from node.algo.experts.router import router_accuracy, train_router
 from node.app import evaluate
 from node.app.bench import write_results
 from node.app.grid import save_grid
@@ -33,41 +34,38 @@ METHODS = ("monolith", "top1", "top2", "full")
 
 
 def _run_seed(
-    ds,
-    k: int,
-    steps: int,
-    router_steps: int,
-    width: int,
-    n: int,
-    sample_steps: int,
-    seed: int,
-    judge,
-    out: Path | None,
-    note: Callable[[str], None],
+    ds, spec: dict, seed: int, judge, out: Path | None, note: Callable[[str], None]
 ) -> tuple[list[dict], dict]:
-    cl = cluster(ds.x_train, k, seed)
+    k, steps, width, net, bs = spec["k"], spec["steps"], spec["width"], spec["net"], spec["batch_size"]
+    n, sample_steps = spec["n"], spec["sample_steps"]
+    if spec["cluster_on"] == "features":
+        cl = cluster_points(judge.features(ds.x_train), k, seed, standardise=True)
+    else:
+        cl = cluster(ds.x_train, k, seed)
     x = to_unit(ds.x_train)
     dim, shape = x.shape[1], tuple(ds.x_train.shape[1:])
     t0 = time.perf_counter()
     experts = {}
     for j in range(k):
-        experts[j] = flow.denoiser(dim, width, seed=seed * 1000 + j)
-        flow.train_denoiser(experts[j], x[cl.labels == j], steps, seed=seed * 1000 + j)
+        experts[j] = denoiser_net(net, shape, width, seed=seed * 1000 + j)
+        flow.train_denoiser(experts[j], x[cl.labels == j], steps, batch_size=bs, seed=seed * 1000 + j)
         note(f"seed {seed}: expert {j} trained ({int((cl.labels == j).sum())} images)")
     expert_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mono = flow.denoiser(dim, width, seed=seed * 1000 + 999)
-    flow.train_denoiser(mono, x, k * steps, seed=seed * 1000 + 999)
+    mono = denoiser_net(net, shape, width, seed=seed * 1000 + 999)
+    flow.train_denoiser(mono, x, k * steps, batch_size=bs, seed=seed * 1000 + 999)
     mono_s = time.perf_counter() - t0
-    note(f"seed {seed}: monolith trained")
-    rt = router_net(dim, k, width, seed=seed)
-    train_router(rt, x, cl.labels, router_steps, seed=seed)
+    note(f"seed {seed}: monolith trained ({mono_s:.0f} s; experts {expert_s:.0f} s)")
+    rt = router_net(net, shape, k, width, seed=seed)
+    train_router(rt, x, cl.labels, spec["router_steps"], batch_size=bs, seed=seed)
+    probe = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:2000]  # router accuracy on these
     info = dict(
         seed=seed,
         cluster_sizes=torch.bincount(cl.labels, minlength=k).tolist(),
         expert_train_s=expert_s,
         mono_train_s=mono_s,
-        router_acc={str(t): router_accuracy(rt, x, cl.labels, t) for t in (0.1, 0.5, 0.9)},
+        router_acc={str(t): router_accuracy(rt, x[probe], cl.labels[probe], t) for t in (0.1, 0.5, 0.9)},
+        class_mix=_class_mix(ds.y_train, cl.labels, k, ds.num_classes),
     )
     rows = []
     for method in METHODS:
@@ -89,10 +87,15 @@ def _run_seed(
                 sample_seconds=seconds,
             )
         )
-        if out is not None and seed == 0:
-            save_grid(images[:64], out / f"grid_{method}.png", cols=8, title=f"{method} (seed 0)")
+        if out is not None and seed == spec["grid_seed"]:
+            save_grid(images[:64], out / f"grid_{method}.png", cols=8, title=f"{method} (seed {seed})")
     info["throughput"] = throughput(rt, experts, k, dim, sample_steps)
     return rows, info
+
+
+def _class_mix(y: torch.Tensor, labels: torch.Tensor, k: int, classes: int) -> list[list[int]]:
+    """(K, classes) counts: how many images of each class every cluster holds."""
+    return torch.bincount(labels * classes + y, minlength=k * classes).reshape(k, classes).tolist()
 
 
 def throughput(rt, experts: dict, k: int, dim: int, sample_steps: int, n: int = 64, repeats: int = 3) -> dict:
@@ -137,27 +140,22 @@ def _timed(fn) -> float:
 
 def run(
     dataset: str,
-    k: int,
-    steps: int,
-    router_steps: int,
-    width: int,
-    n: int,
-    sample_steps: int,
+    spec: dict,
     seeds: list[int],
     out: Path | None,
     note: Callable[[str], None] = lambda s: None,
 ) -> tuple[list[dict], list[dict], float]:
     """Every method over every seed: one row per (method, seed) with the judge's scores."""
     ds = load_dataset(dataset)
-    judge = evaluate.train_judge(ds)
+    judge = evaluate.train_judge(ds, spec.get("judge_steps", 1500))
     note(f"judge classifier: {100 * judge.accuracy:.1f}% test accuracy")
     rows, infos = [], []
     for seed in seeds:
-        r, info = _run_seed(ds, k, steps, router_steps, width, n, sample_steps, seed, judge, out, note)
+        r, info = _run_seed(ds, dict(spec, grid_seed=seeds[0]), seed, judge, out, note)
         rows += r
         infos.append(info)
     # what real data scores (the floor of the Fréchet distance at this sample size)
-    real = ds.x_train[torch.randperm(len(ds.x_train), generator=torch.Generator().manual_seed(0))[:n]]
+    real = ds.x_train[torch.randperm(len(ds.x_train), generator=torch.Generator().manual_seed(0))[: spec["n"]]]
     rows.append(
         dict(
             method="real (train images)",

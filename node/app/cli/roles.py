@@ -14,7 +14,8 @@ def run_role(cfg, json_events: bool, serve: bool = True) -> dict:
     """Run an expert or router node in the foreground until done or SIGTERM / Ctrl-C."""
     stopper = GracefulStop()
     from node.net.checkpoint import CheckpointError
-    from node.net.experts.roles import ExpertNode, RouterNode
+    from node.net.experts.roles import ExpertNode
+    from node.net.experts.router_role import RouterNode
     from p2pd.discovery import DiscoveryError
     from p2pd.identity import IdentityError
 
@@ -48,6 +49,12 @@ def role_event(e: dict) -> None:
         ):
             typer.echo(line)
         typer.echo(f"{what} serving on {e['grpc']} (Ctrl-C stops it)")
+        if e.get("http"):
+            typer.echo(f"HTTP API and page: {e['http']}/  (curl {e['http']}/healthz)")
+        if e.get("metrics_port"):
+            typer.echo(f"Prometheus metrics on port {e['metrics_port']}")
+    elif kind == "evaluated":
+        typer.echo(f"expert of cluster {e['cluster']}: held-out flow loss {e['flow_loss']:.4f}")
     elif kind == "done":
         typer.echo(f"expert of cluster {e['cluster']} done, checkpoint {e['checkpoint'][:16]}")
     elif kind == "stopped":

@@ -32,12 +32,25 @@ def router_serve(
     initial_peers: list[str] = PEERS_OPTION,
     identity: Path | None = IDENTITY_OPTION,
     checkpoint_dir: Path | None = typer.Option(None, help="The router's checkpoint goes to DIR/router."),
+    http_port: int | None = typer.Option(
+        None,
+        min=0,
+        max=65535,
+        help="Also serve the HTTP API (POST /v1/samples, GET /v1/experts, /healthz, /openapi.json) and a page at / "
+        "on this port (0: a free one; default: experts.http_port).",
+    ),
+    metrics_port: int | None = typer.Option(None, min=0, max=65535, help="Prometheus endpoint port (0: any free)."),
     json_events: bool = typer.Option(False, "--json-events", help="Print progress as JSON lines."),
 ) -> None:
     """Train (or load) the router p(cluster | x_t, t), join the swarm and serve ensemble
-    sampling over the experts live in the DHT (the same as `atoll node start --set role=router`)."""
+    sampling over the experts live in the DHT, over gRPC and, with --http-port, HTTP (the same as
+    `atoll node start --set role=router`)."""
     extra = join_overrides(
-        initial_peers, identity, role="router", checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None
+        initial_peers,
+        identity,
+        role="router",
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+        **{"experts.http_port": http_port, "metrics_port": metrics_port},
     )
     run_role(load(config, set_, extra), json_events)
 

@@ -1,4 +1,4 @@
-"""The two diffusion roles as long-running nodes.
+"""The diffusion roles as long-running nodes (the router's is router_role.py).
 
 - ``ExpertNode``: derive the clustering, train the flow-matching expert of one cluster in
   isolation (checkpointed every `experts.checkpoint_every` steps, resumed after a crash),
@@ -12,116 +12,34 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from node.algo.experts import flow
-from node.algo.experts.cluster import cluster, to_unit
-from node.algo.experts.router import router_net, train_router
+from node.algo.experts.cluster import to_unit
 from node.config import NodeConfig
-from node.net import checkpoint
 from node.net.experts import service
+from node.net.experts.metrics import ExpertMetrics
+from node.net.experts.training import Event, Stopped, train_checkpointed
 from node.net.runtime import Runtime
 from node.net.threads import set_threads
-from node.protocol.data import load_dataset
-from p2pd.admission import TokenBuckets
+from node.task import Checked
+from node.task import flow as flow_task
+from node.task.images import dataset
 from p2pd.identity import Identity
 
 log = logging.getLogger("atoll.experts")
-Event = Callable[[dict], None]
 
 
 def prepare(cfg: NodeConfig):
-    """(data set, clustering, training images as flat [-1, 1] vectors): the same on every node."""
-    ds = load_dataset(cfg.data.dataset, seed=cfg.data.seed)
-    cl = cluster(ds.x_train, cfg.experts.clusters, cfg.data.seed)
-    return ds, cl, to_unit(ds.x_train)
-
-
-def _train_checkpointed(
-    model: torch.nn.Module,
-    directory: Path,
-    kind: str,
-    meta: dict,
-    steps: int,
-    train: Callable[..., float],
-    on_event: Event,
-    stop: threading.Event,
-) -> str:
-    """Train `model` to `steps` with checkpoints in `directory` (resuming from one made with the
-    same `meta`); returns the final checkpoint's model sha256."""
-    saved = checkpoint.load(directory, torch.device("cpu"))
-    start, opt_state = 0, None
-    if saved is not None:
-        model_sd, optim_sd, state = saved
-        if state.get("meta") != meta:
-            raise ValueError(
-                f"{directory} holds a checkpoint of another {kind} ({state.get('meta')}); use another checkpoint_dir"
-            )
-        model.load_state_dict(model_sd)
-        start = int(state["step"])
-        opt_state = _unflatten_optim(optim_sd, state["optim"]) if start < steps else None
-        log.info("%s: resuming at step %d of %d", kind, start, steps)
-    if start >= steps:
-        return checkpoint.load(directory, torch.device("cpu"))[2]["sha256"]["model"]
-    t0 = time.monotonic()
-    report = max(1, steps // 10)
-
-    def on_checkpoint(step, opt):
-        flat, layout = _flatten_optim(opt.state_dict())
-        checkpoint.save(directory, model.state_dict(), flat, dict(meta=meta, step=step, optim=layout))
-        if stop.is_set():
-            raise _Stopped(step)
-
-    def progress(step, loss):
-        if step % report == 0 or step == steps:
-            on_event(
-                dict(
-                    event="train",
-                    role=kind,
-                    step=step,
-                    steps=steps,
-                    loss=round(loss, 4),
-                    seconds=round(time.monotonic() - t0, 1),
-                )
-            )
-
-    try:
-        loss = train(start=start, opt_state=opt_state, on_checkpoint=on_checkpoint, progress=progress)
-    except _Stopped as s:
-        raise _Stopped(s.step) from None
-    on_event(
-        dict(event="trained", role=kind, steps=steps, loss=round(loss, 4), seconds=round(time.monotonic() - t0, 1))
+    """(data set, clustering, training images as flat [-1, 1] vectors): the same on every node of a machine, and on
+    every machine that holds the same clustering file in its checkpoint_dir (node/task/flow.py: clustering)."""
+    e = cfg.experts
+    ds = dataset(cfg.data.dataset, 0.25, 0, None)
+    cl = flow_task.clustering(
+        cfg.data.dataset, e.clusters, cfg.data.seed, e.cluster_on, e.feature_steps, cfg.checkpoint_dir.expanduser()
     )
-    return checkpoint.load(directory, torch.device("cpu"))[2]["sha256"]["model"]
-
-
-class _Stopped(Exception):
-    def __init__(self, step: int):
-        super().__init__(f"stopped at step {step}")
-        self.step = step
-
-
-def _flatten_optim(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Adam's state dict as named tensors (safetensors) plus a JSON layout."""
-    tensors, layout = {}, {"param_groups": sd["param_groups"], "state": {}}
-    for pid, st in sd["state"].items():
-        layout["state"][str(pid)] = {}
-        for name, v in st.items():
-            key = f"{pid}.{name}"
-            tensors[key] = v if torch.is_tensor(v) else torch.tensor(v)
-            layout["state"][str(pid)][name] = key
-    return tensors, layout
-
-
-def _unflatten_optim(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
-    state = {
-        int(pid): {name: tensors[key] for name, key in entries.items()} for pid, entries in layout["state"].items()
-    }
-    return {"state": state, "param_groups": layout["param_groups"]}
+    return ds, cl, to_unit(ds.x_train)
 
 
 class _Role:
@@ -135,6 +53,7 @@ class _Role:
         self.runtime: Runtime | None = None
 
     def request_stop(self) -> None:
+        """Stop at the next checkpoint while training, or stop serving."""
         self.stop_requested.set()
 
     def _meta(self, role: str, steps: int, **extra) -> dict:
@@ -145,6 +64,8 @@ class _Role:
             **extra,
             clusters=e.clusters,
             clustering=self.clustering.digest,
+            net=e.net,
+            cluster_on=e.cluster_on,
             width=e.width,
             depth=e.depth,
             steps=steps,
@@ -158,18 +79,28 @@ class _Role:
         self.discovery = self.runtime.discovery
         self._record = record
 
-    def _serve(self, register, servicer) -> None:
-        """Serve `servicer` beside Health and Reach (same TLS and admission as a trainer), then
-        announce the record."""
+    def _serve(self, register, servicer, metrics=None) -> None:
+        """Serve `servicer` beside Health and Reach (same TLS and admission as a trainer), and `metrics` (an
+        ExpertMetrics or RouterMetrics) on `metrics_port` unless that is null, then announce the record."""
         self.runtime.serve(services=[(register, servicer)], max_request_bytes=service.MAX_MESSAGE_BYTES)
-        self.runtime.announce(cluster_digest=self.clustering.digest, dataset_size=len(self.x), **self._record)
+        self.metrics_port = 0
+        if metrics is not None and self.cfg.metrics_port is not None:
+            self.metrics_port = metrics.serve(self.cfg.net.host, self.cfg.metrics_port)
+        self.runtime.announce(
+            cluster_digest=self.clustering.digest,
+            dataset_size=len(self.x),
+            metrics_port=self.metrics_port,
+            **self._record,
+        )
 
     def _serve_until_stopped(self) -> None:
         while not self.stop_requested.wait(0.5):
             pass
 
     def close(self) -> None:
-        """Stop serving and leave the swarm."""
+        """Stop serving (metrics too) and leave the swarm."""
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         if self.runtime is not None:
             self.runtime.close()
 
@@ -186,8 +117,27 @@ class ExpertNode(_Role):
         super().__init__(cfg, on_event)
         e = cfg.experts
         self.k = e.cluster
-        self.data = self.x[self.clustering.labels == self.k]
-        self.model = flow.denoiser(self.dim, e.width, e.depth, seed=cfg.data.seed * 1000 + self.k)
+        # the expert trainer is a task on the task contract (node/task/flow.py), its hooks checked
+        self.task = Checked(
+            flow_task.denoiser(
+                dict(
+                    dataset=cfg.data.dataset,
+                    net=e.net,
+                    width=e.width,
+                    depth=e.depth,
+                    split="clusters",
+                    clusters=e.clusters,
+                    cluster_on=e.cluster_on,
+                    feature_steps=e.feature_steps,
+                    cache_dir=str(cfg.checkpoint_dir.expanduser()),
+                )
+            ),
+            "node.task.flow:denoiser",
+        )
+        self.data = self.task.train_data(self.k, e.clusters, cfg.data.seed).tensors[0]
+        self.metrics = ExpertMetrics(self.k)
+        self.on_event = lambda ev: (self.metrics.on_event(ev), on_event(ev))
+        self.model = self.task.model(cfg.data.seed * 1000 + self.k)
         self.directory = cfg.checkpoint_dir.expanduser() / f"expert-{self.k}"
 
     def train(self) -> str:
@@ -197,19 +147,28 @@ class ExpertNode(_Role):
         e = self.cfg.experts
         meta = self._meta("expert", e.steps, cluster=self.k)
         self.on_event(dict(event="expert", cluster=self.k, images=len(self.data), clusters=e.clusters))
-        train = lambda **kw: flow.train_denoiser(  # noqa: E731
+        size = min(e.batch_size, len(self.data))
+
+        def batch_loss(gen: torch.Generator) -> torch.Tensor:
+            return self.task.loss(self.model, (self.data[torch.randint(len(self.data), (size,), generator=gen)],))
+
+        train = lambda **kw: flow.fit(  # noqa: E731
             self.model,
-            self.data,
+            batch_loss,
             e.steps,
-            batch_size=e.batch_size,  # noqa: E731
             lr=e.lr,
             seed=self.cfg.data.seed * 1000 + self.k,
             every=e.checkpoint_every,
             **kw,
         )
-        return _train_checkpointed(
+        digest = train_checkpointed(
             self.model, self.directory, "expert", meta, e.steps, train, self.on_event, self.stop_requested
         )
+        held_out = self.task.evaluate(self.model)
+        self.on_event(
+            dict(event="evaluated", role="expert", cluster=self.k, **{k: round(v, 4) for k, v in held_out.items()})
+        )
+        return digest
 
     def run(self, serve: bool = True) -> dict:
         """Train (or resume, or load), then serve Predict until stopped if `serve`."""
@@ -218,15 +177,21 @@ class ExpertNode(_Role):
                 self._join(roles=("expert",), cluster=self.k)
             try:
                 digest = self.train()
-            except _Stopped as s:
+            except Stopped as s:
                 return dict(event="stopped", step=s.step)
             if not serve:
                 return dict(event="done", cluster=self.k, checkpoint=digest)
             svc = service.ExpertService(
-                self.model, self.k, self.clustering.digest, self.dim, torch.device("cpu"), self.runtime.admission
+                self.model,
+                self.k,
+                self.clustering.digest,
+                self.dim,
+                torch.device("cpu"),
+                self.runtime.admission,
+                observe=self.metrics.observe,
             )
             self._record["model_digest"] = digest
-            self._serve(service.register_expert, svc)
+            self._serve(service.register_expert, svc, self.metrics)
             self.on_event(
                 dict(
                     event="ready",
@@ -237,113 +202,10 @@ class ExpertNode(_Role):
                     maddrs=self.discovery.visible_maddrs(),
                     dht_pid=self.discovery.pid,
                     checkpoint=digest,
+                    metrics_port=self.metrics_port,
                 )
             )
             self._serve_until_stopped()
             return dict(event="stopped", calls=svc.calls)
         finally:
-            self.close()
-
-
-class RouterNode(_Role):
-    """The router: trains p(cluster | x_t, t) on the whole data set, then answers Sample with the experts live in the
-    DHT at each request."""
-
-    def __init__(self, cfg: NodeConfig, on_event: Event = lambda e: None):
-        """`cfg`: the node's NodeConfig (`experts.clusters`, `width` and `depth` shape the router, `data.seed` seeds
-        it); `on_event(event)`: called with each event dict (ignored by default). Loads the data set and derives the
-        clustering here, before joining anything: raises DatasetMissing and ValueError as ExpertNode does."""
-        super().__init__(cfg, on_event)
-        e = cfg.experts
-        self.router = router_net(self.dim, e.clusters, e.width, e.depth, seed=cfg.data.seed)
-        self.directory = cfg.checkpoint_dir.expanduser() / "router"
-        self._remotes: dict[str, service.RemoteExpert] = {}
-
-    def train(self) -> str:
-        """Train (or resume, or just load) the router to `experts.router_steps` steps, checkpointed under
-        checkpoint_dir/router; returns the checkpoint's model sha256. Raises ValueError when that directory holds a
-        checkpoint made with other settings."""
-        e = self.cfg.experts
-        meta = self._meta("router", e.router_steps)
-        labels = self.clustering.labels
-        train = lambda **kw: train_router(  # noqa: E731
-            self.router,
-            self.x,
-            labels,
-            e.router_steps,
-            batch_size=e.batch_size,  # noqa: E731
-            lr=e.lr,
-            seed=self.cfg.data.seed,
-            every=e.checkpoint_every,
-            **kw,
-        )
-        return _train_checkpointed(
-            self.router, self.directory, "router", meta, e.router_steps, train, self.on_event, self.stop_requested
-        )
-
-    def live_experts(self) -> dict[int, service.RemoteExpert]:
-        """One live expert per cluster of our clustering (the lowest peer id when several)."""
-        chosen: dict[int, service.RemoteExpert] = {}
-        for rec in self.discovery.live_peers(include_self=False):
-            if (
-                "expert" not in rec.roles
-                or rec.cluster_digest != self.clustering.digest
-                or not 0 <= rec.cluster < self.cfg.experts.clusters
-                or rec.cluster in chosen
-            ):
-                continue
-            key = f"{rec.peer_id}@{rec.grpc_address}/{rec.cluster}"
-            if key not in self._remotes:
-                self._remotes[key] = service.RemoteExpert(
-                    rec.grpc_address,
-                    rec.cluster,
-                    self.clustering.digest,
-                    self.dim,
-                    self.cfg.experts.predict_timeout,
-                    peer_id=rec.peer_id,
-                    identity=self.identity,
-                    tls=self.runtime.tls,
-                )
-            chosen[rec.cluster] = self._remotes[key]
-        return chosen
-
-    def run(self) -> dict:
-        """Join the swarm with role `router`, train, then serve Sample until stopped; returns the final `stopped` event
-        (runs served, or the training step reached)."""
-        try:
-            self._join(roles=("router",))
-            try:
-                self.train()
-            except _Stopped as s:
-                return dict(event="stopped", step=s.step)
-            e = self.cfg.experts
-            self.service = service.RouterService(
-                self.router,
-                self.live_experts,
-                e.clusters,
-                self.dim,
-                self.image_shape,
-                max_n=e.max_n,
-                default_steps=e.sample_steps,
-                per_client=TokenBuckets(e.sample_rate, e.sample_burst),
-                max_image_steps=e.max_image_steps,
-            )
-            self._serve(service.register_router, self.service)
-            self.on_event(
-                dict(
-                    event="ready",
-                    role="router",
-                    peer_id=self.identity.peer_id,
-                    grpc=self.runtime.server.address,
-                    maddrs=self.discovery.visible_maddrs(),
-                    dht_pid=self.discovery.pid,
-                )
-            )
-            self._serve_until_stopped()
-            return dict(event="stopped", runs=self.service.runs)
-        finally:
-            if getattr(self, "service", None) is not None:
-                self.service.close()
-            for r in self._remotes.values():
-                r.close()
             self.close()
