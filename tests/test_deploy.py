@@ -16,9 +16,11 @@ DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
 def exported_metric_names() -> set[str]:
+    """Every series a trainer (under attack), a router and an expert export after real work."""
     from test_alert_rules import scrape_with_attacker
+    from test_router_http import router_scrape
 
-    return set(re.findall(r"^([a-z_]+)[{ ]", scrape_with_attacker().decode(), re.M))
+    return set(re.findall(r"^([a-z_]+)[{ ]", (scrape_with_attacker() + router_scrape()).decode(), re.M))
 
 
 def test_dockerfile_has_cpu_default_and_cuda_build_arg():
@@ -82,9 +84,12 @@ def test_systemd_unit():
 def test_grafana_dashboard_queries_exported_metrics():
     dash = json.loads((DEPLOY / "grafana" / "atoll-dashboard.json").read_text())
     names = exported_metric_names()
-    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     used = {n for e in exprs for n in re.findall(r"\batoll_[a-z_]+", e)}
     assert len(exprs) >= 12 and used <= names, used - names
+    router_row = [p["title"] for p in dash["panels"] if p["type"] == "row"]
+    assert router_row == ["Router and diffusion experts"]
+    assert {"atoll_router_requests_total", "atoll_router_samples_total", "atoll_router_experts_live"} <= used
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
 
 

@@ -246,8 +246,9 @@ def test_make_demo_ends_with_the_three_next_steps_and_each_names_a_real_program(
 def test_the_experts_next_step_trains_four_experts_and_a_router_and_writes_a_grid(tmp_path):
     """examples/experts_local.sh as printed (with small budgets): a top-2 grid from 4 of 4
     live experts, and nothing left running."""
-    env = dict(ENV, OUT=str(tmp_path), STEPS="100", ATOLL=ATOLL)
-    budget = ["--set", "experts.width=64", "--set", "experts.router_steps=100", "--set", "experts.sample_steps=10"]
+    env = dict(ENV, OUT=str(tmp_path), STEPS="60", ATOLL=ATOLL)
+    budget = ["--set", "experts.width=8", "--set", "experts.router_steps=60", "--set", "experts.sample_steps=10"]
+    budget += ["--set", "experts.feature_steps=100"]
     r = subprocess.run(
         ["bash", "examples/experts_local.sh", *budget], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
     )

@@ -301,9 +301,11 @@ def test_undecodable_sample_and_predict_requests_are_refused_counted_and_barely_
 
     from test_experts import _const, _linear, _serve, _uniform_router
 
+    from node.net.experts.sampling import Sampler
     from node.net.experts.service import ExpertService, RouterService, register_expert, register_router
 
-    router = RouterService(_uniform_router(2), lambda: {0: _const(0.0), 1: _const(0.0)}, 2, 4, (1, 2, 2))
+    sampler = Sampler(_uniform_router(2), lambda: {0: _const(0.0), 1: _const(0.0)}, 2, (1, 2, 2))
+    router = RouterService(sampler)
     expert = ExpertService(_linear(4), 0, "digest", 4, torch.device("cpu"))
     servers = [_serve(router, register_router), _serve(expert, register_expert)]
     caplog.set_level(logging.INFO)
@@ -319,7 +321,7 @@ def test_undecodable_sample_and_predict_requests_are_refused_counted_and_barely_
         assert len(caplog.records) <= 2, [r.getMessage() for r in caplog.records]
         assert "Traceback" not in caplog.text and "Exception deserializing" not in caplog.text
     finally:
-        router.close()
+        sampler.close()
         for server, _ in servers:
             server.stop(0)
 
@@ -330,21 +332,22 @@ def test_a_heavy_sample_request_is_bounded_so_it_cannot_hold_small_ones_for_long
     from test_experts import _const, _serve, _uniform_router
 
     from node.config import ExpertsConfig
+    from node.net.experts.sampling import Sampler
     from node.net.experts.service import RouterService, register_router
     from p2pd.rpc import router_pb2 as rpb
     from p2pd.rpc import router_pb2_grpc as rpb_grpc
 
     bound = ExpertsConfig().max_image_steps
     assert bound == ExpertsConfig().max_n * ExpertsConfig().sample_steps  # the largest request at default steps
-    router = RouterService(
+    sampler = Sampler(
         _uniform_router(2),
         lambda: {0: _const(0.0), 1: _const(0.0)},
         2,
-        4,
         (1, 2, 2),
         max_steps=500,
         max_image_steps=64,
     )
+    router = RouterService(sampler)
     server, port = _serve(router, register_router)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -355,7 +358,7 @@ def test_a_heavy_sample_request_is_bounded_so_it_cannot_hold_small_ones_for_long
             assert "n x steps = 80 is over this router's 64 per request" in e.value.details()
             assert len(stub.Sample(rpb.SampleRequest(n=16, strategy="full", steps=4), timeout=30).served) == 16
     finally:
-        router.close()
+        sampler.close()
         server.stop(0)
 
 

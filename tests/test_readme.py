@@ -149,15 +149,30 @@ def test_every_option_in_the_cli_synopsis_exists(line):
     assert named <= known, f"`{line}`: {sorted(named - known)} are not options of atoll {' '.join(path)}"
 
 
+def section() -> str:
+    """The README's experts section."""
+    return README.split("## Diffusion experts and the ensemble router", 1)[1].split("\n## ", 1)[0]
+
+
 def _expert_walkthrough() -> list[list[str]]:
-    section = README.split("## Diffusion experts and the ensemble router", 1)[1]
-    return [shlex.split(line) for line in code_blocks(section)[0][1].splitlines() if line.startswith("atoll ")]
+    return [shlex.split(line) for line in code_blocks(section())[0][1].splitlines() if line.startswith("atoll ")]
 
 
-# Smaller nets and fewer steps than the defaults, so the walkthrough runs in seconds; these are
-# appended, every flag the README shows is used as written.
-# The router's per-client Sample rate is raised: the test polls it twice a second.
-BUDGET = ["--set", "experts.width=64", "--set", "experts.sample_steps=10", "--set", "experts.sample_rate=50"]
+def _post(url: str, body: dict) -> dict:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+# Smaller nets and fewer steps than the example config, so the walkthrough runs in a few minutes; these
+# are appended, every flag the README shows is used as written (but the router's HTTP port, which a
+# test cannot own: 0 picks a free one). The router's per-client Sample rate is raised: the test
+# polls it twice a second.
+BUDGET = ["--set", "experts.width=8", "--set", "experts.sample_steps=10", "--set", "experts.sample_rate=50"]
+BUDGET += ["--set", "experts.feature_steps=100"]
 
 
 @pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
@@ -171,7 +186,7 @@ def test_the_readme_expert_walkthrough_forms_a_4_expert_swarm_and_top2_uses_two_
     running: list[Terminal] = []
 
     def start(args: list[str], name: str, maddr: str | None, *budget: str) -> Terminal:
-        args = [maddr if a == "MADDR" else a for a in args]
+        args = [maddr if a == "MADDR" else "0" if a == "8080" else a for a in args]
         argv = [sys.executable, "-m", "node.app.cli", *args, *budget, *BUDGET]
         running.append(Terminal(argv, tmp_path / f"{name}.log", cwd=tmp_path))
         return running[-1]
@@ -187,20 +202,24 @@ def test_the_readme_expert_walkthrough_forms_a_4_expert_swarm_and_top2_uses_two_
         )
 
     try:
-        first = start(experts[0], "e0", None, "--steps", "150")
-        maddr = first.wait_for(r"^\s+(/ip4/\S+/p2p/\S+)$", 120).group(1)
-        start(router, "router", maddr, "--set", "experts.router_steps=150").wait_for(r"router serving on", 120)
+        first = start(experts[0], "e0", None, "--steps", "60")
+        maddr = first.wait_for(r"^\s+(/ip4/\S+/p2p/\S+)$", 300).group(1)
+        served = start(router, "router", maddr, "--set", "experts.router_steps=60")
+        http = served.wait_for(r"HTTP API and page: (http://\S+)/ ", 300).group(1)
 
         # one expert of four live: the query still answers, says so, and warns
         alone = ask()
         assert alone.returncode == 0, alone.stderr[-2000:]
         assert "1 of 4 experts live: 0" in alone.stdout, alone.stdout
         assert "warning: top2 asks for 2 experts per image" in alone.stderr and "missing: 1, 2, 3" in alone.stderr
+        over_http = _post(http + "/v1/samples", {"count": 2, "strategy": "top2"})  # and over HTTP
+        assert over_http["live"] == [0] and over_http["missing"] == [1, 2, 3] and not over_http["complete"]
+        assert "1 of 4 experts were live" in over_http["warning"], over_http
 
         for k, args in enumerate(experts[1:], start=1):
-            start(args, f"e{k}", maddr, "--steps", "150")
+            start(args, f"e{k}", maddr, "--steps", "60")
         for t in running[2:]:
-            t.wait_for(r"serving on", 120)
+            t.wait_for(r"serving on", 300)
         router_addr = running[1].wait_for(r"router serving on (\S+)", 1).group(1)
         deadline = time.monotonic() + 60
         while len(_sample(router_addr, n=1, strategy="top1").live) < 4 and time.monotonic() < deadline:
@@ -211,6 +230,18 @@ def test_the_readme_expert_walkthrough_forms_a_4_expert_swarm_and_top2_uses_two_
         assert per_step == ["2"] * 16, reply.stdout
         assert "warning" not in reply.stderr
         assert (tmp_path / "grid.png").stat().st_size > 0
+        port = http.rsplit(":", 1)[1]
+        for line in [line for line in code_blocks(section())[1][1].splitlines() if line.startswith("curl ")]:
+            r = subprocess.run(
+                ["bash", "-c", line.replace(":8080", f":{port}")],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert r.returncode == 0 and (r.stdout.startswith("{") or "-o samples.png" in line), (line, r.stdout)
+        assert (tmp_path / "samples.png").read_bytes().startswith(b"\x89PNG")
+        assert _post(http + "/v1/samples", {"count": 4, "strategy": "top2"})["complete"] is True
 
         expert1_addr = running[2].wait_for(r"expert of cluster 1 serving on (\S+)", 1).group(1)
         _bad_requests_are_clear_errors(router_addr, expert1_addr, tmp_path)

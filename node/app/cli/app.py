@@ -8,6 +8,7 @@ import logging
 import typer
 
 from node.app.cli.bench import bench_app
+from node.app.cli.bench_experts import bench_experts  # noqa: F401  (registers `bench experts`)
 from node.app.cli.bench_membership import bench_membership  # noqa: F401  (registers `bench membership`)
 from node.app.cli.bench_wan import bench_wan  # noqa: F401  (registers `bench wan` on bench_app)
 from node.app.cli.config import config_app

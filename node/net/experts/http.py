@@ -71,10 +71,16 @@ def warning(answer: Answer) -> str | None:
     if answer.complete:
         return None
     fewest = min(answer.fewest, default=0)
+    mix = (
+        f"some steps mixed only {fewest}"
+        if fewest < answer.per_image
+        else f"every step still mixed {answer.per_image}, from fewer experts to choose from"
+    )
+    dropped = f"; dropped during the run: {', '.join(map(str, sorted(answer.failed)))}" if answer.failed else ""
     return (
         f"{len(answer.live)} of {answer.clusters} experts were live (missing: "
-        f"{', '.join(map(str, answer.missing)) or 'none'}); the strategy asks for {answer.per_image} per image, "
-        f"some steps mixed {fewest}"
+        f"{', '.join(map(str, answer.missing)) or 'none'}){dropped}; the strategy asks for {answer.per_image} per "
+        f"image, {mix}"
     )
 
 

@@ -87,7 +87,9 @@ class _Refused:
 
     def collect(self):
         c = CounterMetricFamily(
-            "atoll_requests_refused", "Sample requests this router refused, by reason (rate, bad_request)", ["reason"]
+            "atoll_requests_refused",
+            "Sample requests this router refused, by reason (rate, bad_request)",
+            labels=["reason"],
         )
         for reason, n in sorted(self.refused().items()):
             c.add_metric([reason], float(n))
