@@ -52,6 +52,14 @@ REQUEST = {
     "not_carrier": "a push whose record does not name this node as the carrier",
 }
 
+# -- a router's sample request, over gRPC or HTTP (node/net/experts/sampling.py; SampleRefused.reason;
+# atoll_router_requests_total{status} counts them by the transport's status) --------------------------------------
+SAMPLE = {
+    "invalid": "a count, strategy or step count outside the router's bounds (gRPC INVALID_ARGUMENT, HTTP 400)",
+    "rate": "over the client address's token bucket (experts.sample_rate; gRPC RESOURCE_EXHAUSTED, HTTP 429)",
+    "unavailable": "no live expert could serve the run (gRPC UNAVAILABLE, HTTP 503)",
+}
+
 # -- a neighbour's snapshot this node could not use (atoll_fetch_failures_total) -----------------------------------
 FETCH = {
     "timeout": "not had before comm.fetch_timeout",

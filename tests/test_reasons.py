@@ -20,6 +20,7 @@ RAISERS = {
     "ReasonedError": "FETCH",
     "LogitsRefused": "FETCH",
     "CodecError": "STREAM",
+    "SampleRefused": "SAMPLE",
 }
 
 
@@ -72,7 +73,8 @@ def test_docs_security_lists_exactly_the_vocabulary():
     documented = {r for rows in listed.values() for r in rows}
     own_fetch = {r for r in reasons.FETCH if not r.startswith("record_") and r not in reasons.STREAM}
     everything = own_fetch | set(reasons.STREAM) | set(reasons.RECORD) | set(reasons.REQUEST) | set(reasons.DISCARDED)
-    assert documented == everything, documented ^ everything
+    assert documented == everything | set(reasons.SAMPLE), documented ^ (everything | set(reasons.SAMPLE))
+    assert listed["atoll_router_requests_total"] == list(reasons.SAMPLE)
 
 
 def test_the_retryable_sets_come_from_the_vocabulary():
