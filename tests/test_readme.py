@@ -186,7 +186,8 @@ def test_the_readme_expert_walkthrough_forms_a_4_expert_swarm_and_top2_uses_two_
     running: list[Terminal] = []
 
     def start(args: list[str], name: str, maddr: str | None, *budget: str) -> Terminal:
-        args = [maddr if a == "MADDR" else "0" if a == "8080" else a for a in args]
+        here = {"MADDR": maddr, "8080": "0"}  # and the example config from the checkout, as a user's cwd would hold it
+        args = [here.get(a, str(ROOT / a) if a.startswith("examples/") else a) for a in args]
         argv = [sys.executable, "-m", "node.app.cli", *args, *budget, *BUDGET]
         running.append(Terminal(argv, tmp_path / f"{name}.log", cwd=tmp_path))
         return running[-1]

@@ -37,11 +37,13 @@ def role_event(e: dict) -> None:
 
     kind = e["event"]
     if kind == "expert":
-        typer.echo(f"expert of cluster {e['cluster']} of {e['clusters']}: training on {e['images']} images")
+        on = f" on {e['device']}" if e.get("device") else ""
+        typer.echo(f"expert of cluster {e['cluster']} of {e['clusters']}: training on {e['images']} images{on}")
     elif kind == "train":
         typer.echo(f"{e['role']} step {e['step']:>6}/{e['steps']}  loss {e['loss']:.4f}  {e['seconds']:.0f}s")
     elif kind == "trained":
-        typer.echo(f"{e['role']} trained: {e['steps']} steps, loss {e['loss']:.4f}, {e['seconds']:.0f}s")
+        rate = f", {e['images_per_second']:.0f} images/s" if e.get("images_per_second") else ""
+        typer.echo(f"{e['role']} trained: {e['steps']} steps, loss {e['loss']:.4f}, {e['seconds']:.0f}s{rate}")
     elif kind == "ready":
         what = f"expert of cluster {e['cluster']}" if e["role"] == "expert" else "router"
         for line in console.ready_lines(

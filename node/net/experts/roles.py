@@ -23,6 +23,7 @@ from node.net.experts.metrics import ExpertMetrics
 from node.net.experts.training import Event, Stopped, train_checkpointed
 from node.net.runtime import Runtime
 from node.net.threads import set_threads
+from node.protocol.worker import pick_device
 from node.task import Checked
 from node.task import flow as flow_task
 from node.task.images import dataset
@@ -134,10 +135,11 @@ class ExpertNode(_Role):
             ),
             "node.task.flow:denoiser",
         )
-        self.data = self.task.train_data(self.k, e.clusters, cfg.data.seed).tensors[0]
+        self.device = pick_device(cfg.device)  # auto: a GPU where there is one; every tensor is moved explicitly
+        self.data = self.task.train_data(self.k, e.clusters, cfg.data.seed).tensors[0].to(self.device)
         self.metrics = ExpertMetrics(self.k)
         self.on_event = lambda ev: (self.metrics.on_event(ev), on_event(ev))
-        self.model = self.task.model(cfg.data.seed * 1000 + self.k)
+        self.model = self.task.model(cfg.data.seed * 1000 + self.k).to(self.device)
         self.directory = cfg.checkpoint_dir.expanduser() / f"expert-{self.k}"
 
     def train(self) -> str:
@@ -146,7 +148,9 @@ class ExpertNode(_Role):
         holds a checkpoint made with other settings."""
         e = self.cfg.experts
         meta = self._meta("expert", e.steps, cluster=self.k)
-        self.on_event(dict(event="expert", cluster=self.k, images=len(self.data), clusters=e.clusters))
+        self.on_event(
+            dict(event="expert", cluster=self.k, images=len(self.data), clusters=e.clusters, device=str(self.device))
+        )
         size = min(e.batch_size, len(self.data))
 
         def batch_loss(gen: torch.Generator) -> torch.Tensor:
@@ -162,7 +166,7 @@ class ExpertNode(_Role):
             **kw,
         )
         digest = train_checkpointed(
-            self.model, self.directory, "expert", meta, e.steps, train, self.on_event, self.stop_requested
+            self.model, self.directory, "expert", meta, e.steps, train, self.on_event, self.stop_requested, size
         )
         held_out = self.task.evaluate(self.model)
         self.on_event(
@@ -186,7 +190,7 @@ class ExpertNode(_Role):
                 self.k,
                 self.clustering.digest,
                 self.dim,
-                torch.device("cpu"),
+                self.device,
                 self.runtime.admission,
                 observe=self.metrics.observe,
             )
