@@ -322,14 +322,14 @@ def _bad_requests_are_clear_errors(router: str, expert: str, workdir: Path) -> N
     digest = json.loads((workdir / "ck" / "expert-1" / "state.json").read_text())["meta"]["clustering"]
     with grpc.insecure_channel(expert) as ch:
         stub = pb_grpc.ExpertStub(ch)
-        unsigned = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 64)), t=[0.5, 0.5], cluster_digest=digest)
+        unsigned = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 784)), t=[0.5, 0.5], cluster_digest=digest)
         code, detail = code_of(lambda: stub.Predict(unsigned, timeout=10))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "unsigned" in detail
-        foreign = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 64)), t=[0.5, 0.5], cluster_digest="x")
+        foreign = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 784)), t=[0.5, 0.5], cluster_digest="x")
         assert code_of(lambda: stub.Predict(signed(foreign), timeout=10))[0] == grpc.StatusCode.FAILED_PRECONDITION
         wrong = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 10)), t=[0.5, 0.5], cluster_digest=digest)
         code, detail = code_of(lambda: stub.Predict(signed(wrong), timeout=10))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "columns" in detail
-        good = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 64)), t=[0.5, 0.5], cluster_digest=digest)
+        good = pb.PredictRequest(x=matrix_to_pb(torch.zeros(2, 784)), t=[0.5, 0.5], cluster_digest=digest)
         assert stub.Predict(signed(good), timeout=10).cluster == 1
-    assert _sample(router, n=2, strategy="top1", seed=3).image_shape == [1, 8, 8]  # still serving
+    assert _sample(router, n=2, strategy="top1", seed=3).image_shape == [1, 28, 28]  # still serving
