@@ -6,6 +6,7 @@ gRPC errors, and a SIGKILLed expert the router serves without."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -232,15 +233,10 @@ def test_the_readme_expert_walkthrough_forms_a_4_expert_swarm_and_top2_uses_two_
         assert "warning" not in reply.stderr
         assert (tmp_path / "grid.png").stat().st_size > 0
         port = http.rsplit(":", 1)[1]
-        for line in [line for line in code_blocks(section())[1][1].splitlines() if line.startswith("curl ")]:
-            r = subprocess.run(
-                ["bash", "-c", line.replace(":8080", f":{port}")],
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert r.returncode == 0 and (r.stdout.startswith("{") or "-o samples.png" in line), (line, r.stdout)
+        from test_router_http import run_readme_curls
+
+        health, samples, _ = run_readme_curls(int(port), tmp_path)
+        assert json.loads(health)["status"] == "ok" and json.loads(samples)["count"] == 4
         assert (tmp_path / "samples.png").read_bytes().startswith(b"\x89PNG")
         assert _post(http + "/v1/samples", {"count": 4, "strategy": "top2"})["complete"] is True
 

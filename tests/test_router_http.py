@@ -83,22 +83,24 @@ def readme_curls() -> list[str]:
     return [line for line in section.splitlines() if line.startswith("curl ")]
 
 
-@needs("curl")
-def test_the_readme_curl_commands_work_as_written(tmp_path):
+def run_readme_curls(port: int, cwd) -> list[str]:
+    """Run the README's curl lines as written, but for the port a test cannot own; their outputs."""
     lines = readme_curls()
     assert len(lines) >= 3 and all("127.0.0.1:8080" in line for line in lines), lines
+    outputs = []
+    for line in lines:
+        r = subprocess.run(
+            ["bash", "-c", line.replace(":8080", f":{port}")], cwd=cwd, capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 0, (line, r.stderr)
+        outputs.append(r.stdout)
+    return outputs
+
+
+@needs("curl")
+def test_the_readme_curl_commands_work_as_written(tmp_path):
     with router() as (http, _, _):
-        outputs = []
-        for line in lines:  # as written, but for the port a test cannot own
-            r = subprocess.run(
-                ["bash", "-c", line.replace(":8080", f":{http.port}")],
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert r.returncode == 0, (line, r.stderr)
-            outputs.append(r.stdout)
+        outputs = run_readme_curls(http.port, tmp_path)
     health = json.loads(outputs[0])
     assert health == {"status": "ok", "live": K, "clusters": K}
     reply = json.loads(outputs[1])
