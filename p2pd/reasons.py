@@ -57,7 +57,8 @@ REQUEST = {
 SAMPLE = {
     "invalid": "a count, strategy or step count outside the router's bounds (gRPC INVALID_ARGUMENT, HTTP 400)",
     "rate": "over the client address's token bucket (experts.sample_rate; gRPC RESOURCE_EXHAUSTED, HTTP 429)",
-    "unavailable": "no live expert could serve the run (gRPC UNAVAILABLE, HTTP 503)",
+    "busy": "experts.max_pending requests already waiting (gRPC RESOURCE_EXHAUSTED, HTTP 503)",
+    "unavailable": "no live expert could serve the run, or the router is stopping (gRPC UNAVAILABLE, HTTP 503)",
 }
 
 # -- a neighbour's snapshot this node could not use (atoll_fetch_failures_total) -----------------------------------

@@ -313,3 +313,60 @@ def test_frechet_distance():
     a, b = torch.randn(3000, 6, generator=g), torch.randn(3000, 6, generator=g)
     assert frechet(a, a) < 1e-6 and frechet(a, b) < 0.05
     assert abs(frechet(a, b + 2) - 6 * 4) < 0.5  # |mu difference|^2
+
+
+def test_a_closed_sampler_refuses_at_once_and_ends_queued_requests():
+    """Before: a request submitted after close() (or still queued at close) waited forever."""
+    from node.net.experts.sampling import SampleRefused
+
+    sampler = Sampler(_uniform_router(2), lambda: {0: _const(0.0), 1: _const(0.0)}, 2, (1, 2, 2), default_steps=2)
+    assert sampler.submit(1, "top1", 2, 0, "c").images.shape == (1, 1, 2, 2)
+    sampler.close()
+    t0 = time.monotonic()
+    with pytest.raises(SampleRefused) as e:
+        sampler.submit(1, "top1", 2, 0, "c")
+    assert e.value.reason == "unavailable" and "stopping" in str(e.value) and time.monotonic() - t0 < 2
+
+
+def test_a_remote_expert_splits_a_large_batch_into_messages_under_the_limit():
+    """Before: 3000 28x28 rows in one Predict were 9.4 MB, over the 8 MiB message limit, and the healthy expert was
+    dropped as failed."""
+    svc = ExpertService(_linear(784), 0, "digest", 784, torch.device("cpu"))
+    server, port = _serve(svc, pb_grpc.add_ExpertServicer_to_server)
+    try:
+        remote = RemoteExpert(f"127.0.0.1:{port}", 0, "digest", 784)
+        x, t = torch.randn(3000, 784), torch.rand(3000)
+        assert torch.allclose(remote(x, t), x + t.unsqueeze(1)) and remote.calls == 3 and remote.failures == 0
+        remote.close()
+    finally:
+        server.stop(0)
+
+
+def test_a_bad_clustering_file_is_one_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from node.task.flow import clustering
+
+    good = clustering("digits", 3, 0, "pixels", cache_dir=tmp_path)
+    path = next(tmp_path.glob("clustering-*.safetensors"))
+    assert clustering("digits", 3, 0, "pixels", cache_dir=tmp_path).digest == good.digest  # read back
+    n = len(good.labels)
+    for bad, words in (
+        ({"centroids": torch.zeros(3, 5), "labels": torch.zeros(n, dtype=torch.int64)}, "without images"),
+        ({"centroids": torch.full((3, 64), float("nan")), "labels": good.labels}, "finite centroids"),
+        ({"centroids": good.centroids, "labels": good.labels.float()}, "int64"),
+        ({"centroids": good.centroids, "labels": good.labels[:10]}, "one label"),
+        ({"centroids": good.centroids[:2], "labels": good.labels}, "3 finite centroids"),
+    ):
+        save_file(bad, path)
+        with pytest.raises(ValueError, match=words):
+            clustering("digits", 3, 0, "pixels", cache_dir=tmp_path)
+    path.write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="not a clustering file"):
+        clustering("digits", 3, 0, "pixels", cache_dir=tmp_path)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(ValueError, match="not a file"):
+        clustering("digits", 3, 0, "pixels", cache_dir=tmp_path)
+    other = type(good)(good.centroids, good.labels.roll(1))
+    assert other.digest != good.digest  # the digest covers how the data is split, not only the centroids

@@ -10,6 +10,7 @@ import base64
 import json
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -45,9 +46,10 @@ def _router(x, t):
 
 
 @contextmanager
-def router(live=tuple(range(K)), **sampler_kw):
-    """A Sampler over in-process experts `live`, its gRPC service and its HTTP API on 127.0.0.1."""
-    experts = {j: _expert(j) for j in live}
+def router(live=tuple(range(K)), velocity=_expert, **sampler_kw):
+    """A Sampler over in-process experts `live` (`velocity(j)`: expert j), its gRPC service and its HTTP API on
+    127.0.0.1."""
+    experts = {j: velocity(j) for j in live}
     sampler = Sampler(_router, lambda: dict(experts), K, SHAPE, **sampler_kw)
     grpc_service = RouterService(sampler)
     metrics = RouterMetrics(K, lambda: len(experts), lambda: dict(grpc_service.refused))
@@ -222,3 +224,50 @@ def test_router_and_expert_metrics_pass_promtool():
     assert re.search(r'atoll_router_request_duration_seconds_count\{route="http_samples"\} 2\.0', s)
     assert 'atoll_expert_predict_requests_total{status="OK"} 1.0' in s and "atoll_expert_predict_rows_total 3.0" in s
     assert "atoll_expert_train_step 10.0" in s
+
+
+def test_a_burst_of_slow_requests_is_refused_as_busy_and_health_still_answers():
+    """Before: 100 concurrent samples each held a server thread until served, and /healthz (and gRPC Health) timed
+    out behind them. Now at most max_pending wait; the rest are refused at once as busy."""
+    import threading
+
+    def slow(x, t):
+        threading.Event().wait(0.05)
+        return torch.zeros_like(x)
+
+    with router(max_pending=2, velocity=lambda j: slow) as (http, _, _):
+        codes: list[int] = []
+        threads = [
+            threading.Thread(
+                target=lambda s=s: codes.append(call(f"{http.url}/v1/samples", {"count": 1, "steps": s})[0])
+            )
+            for s in range(1, 9)  # different steps: they cannot be batched into one run
+        ]
+        for th in threads:
+            th.start()
+        t0 = time.monotonic()
+        status, _, body = call(f"{http.url}/healthz")
+        assert status == 200 and time.monotonic() - t0 < 5
+        for th in threads:
+            th.join(60)
+    assert sorted(codes).count(200) >= 2 and 503 in codes, codes
+    assert set(codes) <= {200, 503}
+
+
+def test_http_errors_are_one_json_line_even_for_unknown_routes_big_bodies_and_loose_types():
+    with router() as (http, _, _):
+        status, _, body = call(f"{http.url}/v1/nothing")
+        assert status == 404 and json.loads(body) == {"error": "Not Found"}
+        status, _, body = call(f"{http.url}/healthz", {"count": 1})  # POST to a GET route
+        assert status == 405 and "error" in json.loads(body)
+        status, _, body = call(f"{http.url}/v1/samples", {"count": 1, "strategy": "x" * 100_000})
+        assert status == 413 and len(body) < 300
+        for loose in ({"count": True}, {"count": "2"}, {"count": 2.0}, {"count": 1, "strategy": "top1" * 10}):
+            status, _, body = call(f"{http.url}/v1/samples", loose)
+            assert status == 422 and "\n" not in json.loads(body)["error"], (loose, body)
+        status, _, body = call(f"{http.url}/v1/samples", {"count": 1, "a\nb": 1})
+        assert status == 422 and "\n" not in json.loads(body)["error"]
+        status, _, body = call(f"{http.url}/v1/samples", {"count": 1, "seed": 2**64 - 1, "steps": 2})
+        assert status == 200  # the same seed range as gRPC's uint64
+        doc = json.loads(call(f"{http.url}/openapi.json")[2])
+        assert {"400", "422", "429", "503"} <= set(doc["paths"]["/v1/samples"]["post"]["responses"])

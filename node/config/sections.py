@@ -278,6 +278,13 @@ class ExpertsConfig(_Strict):
     predict_timeout: float = Field(10.0, gt=0, le=300, description="router: deadline of one expert call")
     sample_rate: float = Field(5.0, gt=0, description="router: Sample requests per second per client address")
     sample_burst: int = Field(20, ge=1, description="router: token bucket size per client address")
+    max_pending: int = Field(
+        8,
+        ge=1,
+        le=8,
+        description="router: sample requests queued or running at once (gRPC and HTTP together); more are refused as "
+        "busy. Each holds a server thread while it waits, and the gRPC server keeps the rest of its 12 for Health",
+    )
     http_port: int | None = Field(
         None,
         ge=0,

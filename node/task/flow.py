@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 from pathlib import Path
 
 import torch
@@ -42,8 +44,7 @@ def clustering(
     read back from) `cache_dir/clustering-<key>.safetensors`, a file other machines can copy to share one clustering
     (its digest is what expert records carry). Raises ValueError for an unknown `cluster_on`, k out of range or a
     cache file that does not fit the data set, DatasetMissing for data that is not installed."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     if cluster_on not in ("pixels", "features"):
         raise ValueError(f"cluster_on must be pixels or features, got {cluster_on!r}")
@@ -51,24 +52,10 @@ def clustering(
     spec = dict(dataset=name, k=k, seed=seed, cluster_on=cluster_on, feature_steps=feature_steps)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"clustering-{key}.safetensors" if cache_dir is not None else None
+    if path is not None and path.exists() and not path.is_file():
+        raise ValueError(f"{path}: not a file; remove it to derive the clustering again")
     if path is not None and path.is_file():
-        try:
-            saved = load_file(path)
-            cl = Clustering(saved["centroids"].float(), saved["labels"].long())
-        except (SafetensorError, KeyError, OSError) as e:
-            raise ValueError(
-                f"{path}: not a clustering file ({e}); delete it to derive the clustering again"
-            ) from None
-        if (
-            cl.centroids.dim() != 2
-            or cl.k != k
-            or cl.labels.shape != (len(ds.x_train),)
-            or not ((cl.labels >= 0) & (cl.labels < k)).all()
-        ):
-            raise ValueError(
-                f"{path}: does not fit {name} with {k} clusters; delete it to derive the clustering again"
-            )
-        return cl
+        return _read_clustering(path, name, k, len(ds.x_train))
     if cluster_on == "pixels":
         cl = cluster(ds.x_train, k, seed)
     else:
@@ -79,12 +66,35 @@ def clustering(
         cl = cluster_points(judge.features(ds.x_train), k, seed, standardise=True)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer
         save_file(
             {"centroids": cl.centroids.contiguous(), "labels": cl.labels.contiguous()}, tmp, metadata=spec_str(spec)
         )
         tmp.replace(path)  # atomic: a daemon that starts beside this one reads a whole file or none
     return cl
+
+
+def _read_clustering(path: Path, name: str, k: int, n: int) -> Clustering:
+    """The clustering in `path`, checked against the data set (`n` images, `k` clusters). Raises ValueError naming
+    what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    fix = "delete it to derive the clustering again"
+    try:
+        saved = load_file(path)
+        centroids, labels = saved["centroids"], saved["labels"]
+    except (SafetensorError, KeyError, OSError) as e:
+        raise ValueError(f"{path}: not a clustering file ({e}); {fix}") from None
+    if centroids.dtype != torch.float32 or labels.dtype != torch.int64:
+        raise ValueError(f"{path}: centroids must be float32 and labels int64; {fix}")
+    if centroids.dim() != 2 or len(centroids) != k or not torch.isfinite(centroids).all():
+        raise ValueError(f"{path}: needs {k} finite centroids (one row each); {fix}")
+    if labels.shape != (n,) or not ((labels >= 0) & (labels < k)).all():
+        raise ValueError(f"{path}: needs one label in [0, {k}) for each of the {n} images of {name}; {fix}")
+    if (torch.bincount(labels, minlength=k) == 0).any():
+        raise ValueError(f"{path}: a cluster without images; {fix}")
+    return Clustering(centroids, labels)
 
 
 def spec_str(spec: dict) -> dict[str, str]:

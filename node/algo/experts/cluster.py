@@ -37,9 +37,11 @@ class Clustering:
 
     @property
     def digest(self) -> str:
-        """SHA-256 hex digest of the centroids as little-endian float32 bytes: the clustering's identity in expert
-        records."""
-        return hashlib.sha256(self.centroids.numpy().astype("<f4").tobytes()).hexdigest()
+        """SHA-256 hex digest of the centroids (little-endian float32) and the labels (little-endian int64): the
+        clustering's identity in expert records (two files that split the data differently never share it)."""
+        h = hashlib.sha256(self.centroids.numpy().astype("<f4").tobytes())
+        h.update(self.labels.numpy().astype("<i8").tobytes())
+        return h.hexdigest()
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest centroid (N,) int64 of each row of x (N, F), in the clustering's own space (pixels: flattened

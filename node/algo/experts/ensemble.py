@@ -31,7 +31,8 @@ def parse_strategy(text: str, k: int) -> int:
         return k
     m = re.fullmatch(r"top-?([0-9]{1,3})", text)
     if not m or not 1 <= int(m.group(1)) <= k:
-        raise ValueError(f"strategy must be top1 .. top{k} or full, got {text!r}")
+        shown = text if len(text) <= 16 else text[:16] + "..."
+        raise ValueError(f"strategy must be top1 .. top{k} or full, got {shown!r}")
     return int(m.group(1))
 
 

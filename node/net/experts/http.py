@@ -29,22 +29,48 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from node.net.experts.sampling import Answer, Sampler, SampleRefused
 from p2pd.addresses import bare_host, host_port
 
 PAGE = Path(__file__).with_name("page.html")
-STATUS = {"invalid": 400, "rate": 429, "unavailable": 503}
+STATUS = {"invalid": 400, "rate": 429, "busy": 503, "unavailable": 503}
+MAX_BODY_BYTES = 16 * 1024  # a sample request is a few dozen bytes
+
+
+class ApiError(BaseModel):
+    """Every error the API answers: one line, and for a refused sample the reason (invalid, rate, busy,
+    unavailable)."""
+
+    error: str
+    reason: str | None = None
+
+
+ERRORS = {
+    400: {"model": ApiError, "description": "a bound or the strategy"},
+    413: {"model": ApiError, "description": f"a body over {MAX_BODY_BYTES} bytes"},
+    422: {"model": ApiError, "description": "a body that is not the schema"},
+    429: {"model": ApiError, "description": "over this client address's rate"},
+    503: {"model": ApiError, "description": "busy, no live expert, or stopping"},
+}
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class SampleBody(BaseModel):
     """The body of POST /v1/samples."""
 
     model_config = ConfigDict(extra="forbid")
-    count: int = Field(16, ge=1, description="images wanted (the router's experts.max_n at most)")
-    strategy: str = Field("top1", description="top1, top2, ... topK, or full (every expert at every step)")
-    seed: int = Field(0, ge=0, lt=2**63, description="seed of the starting noise: same seed, same images")
-    steps: int = Field(0, ge=0, description="Euler steps; 0: the router's default (experts.sample_steps)")
+    count: int = Field(16, ge=1, strict=True, description="images wanted (the router's experts.max_n at most)")
+    strategy: str = Field(
+        "top1", max_length=8, description="top1, top2, ... topK, or full (every expert at every step)"
+    )
+    seed: int = Field(0, ge=0, lt=2**64, strict=True, description="seed of the starting noise: same seed, same images")
+    steps: int = Field(0, ge=0, strict=True, description="Euler steps; 0: the router's default (experts.sample_steps)")
     format: str = Field("json", pattern="^(json|png)$", description="json: base64 PNGs and experts; png: one grid")
 
 
@@ -110,6 +136,13 @@ def build_app(
     @app.middleware("http")
     async def _observe(request: Request, call_next):
         t0 = time.monotonic()
+        size = request.headers.get("content-length", "0")
+        if (
+            not size.isdigit()
+            or int(size) > MAX_BODY_BYTES
+            or "chunked" in request.headers.get("transfer-encoding", "")
+        ):
+            return JSONResponse({"error": f"the body must be at most {MAX_BODY_BYTES} bytes, with a length"}, 413)
         response = await call_next(request)
         route = routes.get(request.url.path)
         if observe is not None and route is not None and route != "http_samples":  # samples observe themselves
@@ -122,21 +155,35 @@ def build_app(
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         if observe is not None and request.url.path == "/v1/samples":
             observe("http_samples", "422", 0.0, None)
-        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
+        return JSONResponse({"error": _one_line(f"{where}: {first.get('msg', 'invalid')}")}, status_code=422)
 
-    @app.post("/v1/samples", summary="Sample images from the experts' ensemble")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"error": _one_line(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.post(
+        "/v1/samples",
+        summary="Sample images from the experts' ensemble",
+        responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or one PNG grid"}},
+    )
     def samples(body: SampleBody, request: Request) -> Response:
         """Run the ensemble (blocking, in FastAPI's thread pool) and answer JSON or one PNG grid."""
-        t0, status, answer = time.monotonic(), "200", None
+        t0, status, answer = time.monotonic(), "500", None
         client = request.client.host if request.client else "unknown"
         try:
-            answer = sampler.submit(body.count, body.strategy, body.steps, body.seed, client)
-        except SampleRefused as e:
-            status = str(STATUS[e.reason])
-            return JSONResponse({"error": str(e), "reason": e.reason}, status_code=STATUS[e.reason])
+            try:
+                answer = sampler.submit(body.count, body.strategy, body.steps, body.seed, client)
+            except SampleRefused as e:
+                status = str(STATUS[e.reason])
+                return JSONResponse({"error": _one_line(e), "reason": e.reason}, status_code=STATUS[e.reason])
+            response = _answer(body, answer)
+            status = "200"
+            return response
         finally:
             if observe is not None:
-                observe("http_samples", status, time.monotonic() - t0, answer)
+                observe("http_samples", status, time.monotonic() - t0, answer if status == "200" else None)
+
+    def _answer(body: SampleBody, answer: Answer) -> Response:
         head = {
             "clusters": answer.clusters,
             "live": list(answer.live),
@@ -174,7 +221,7 @@ def build_app(
             "missing": sorted(set(range(sampler.k)) - {e["cluster"] for e in live}),
         }
 
-    @app.get("/healthz", summary="Whether this router can answer")
+    @app.get("/healthz", summary="Whether this router can answer", responses={503: {"description": "no live expert"}})
     def healthz() -> JSONResponse:
         """200 ok (every expert live) or degraded (some), 503 when no expert is live."""
         n = len({e["cluster"] for e in experts()})
@@ -224,6 +271,9 @@ class HttpServer:
             if self._server.started or not self._thread.is_alive():
                 break
             time.sleep(0.1)
+        if not self._server.started:
+            self.close()
+            raise OSError(f"the HTTP server on {self.url} did not start (see the log above)")
 
     def close(self) -> None:
         """Stop serving, waiting up to 10 s for requests in progress."""

@@ -9,6 +9,7 @@ Paper: McAllister et al., "Decentralized Diffusion Models", arXiv 2501.05450.
 
 from __future__ import annotations
 
+import threading
 import time
 
 from node.algo.experts.nets import router_net
@@ -22,6 +23,7 @@ from node.net.experts.training import Event, Stopped, train_checkpointed
 from p2pd.admission import TokenBuckets
 
 LIVE_REFRESH_SECONDS = 2.0  # how often the serving loop refreshes the live-expert count for metrics
+LIVE_CACHE_SECONDS = 1.0  # the live experts are read from the DHT at most this often
 
 
 class RouterNode(_Role):
@@ -39,6 +41,9 @@ class RouterNode(_Role):
         self.directory = cfg.checkpoint_dir.expanduser() / "router"
         self._remotes: dict[str, service.RemoteExpert] = {}
         self._live_count = 0
+        self._live_lock = threading.Lock()
+        self._live: dict[int, service.RemoteExpert] = {}
+        self._live_at = -LIVE_CACHE_SECONDS
         self.sampler: Sampler | None = None
         self.http = None
 
@@ -68,7 +73,16 @@ class RouterNode(_Role):
         )
 
     def live_experts(self) -> dict[int, service.RemoteExpert]:
-        """One live expert per cluster of our clustering (the lowest peer id when several)."""
+        """One live expert per cluster of our clustering (the lowest peer id when several), read from the DHT at
+        most once every LIVE_CACHE_SECONDS whoever asks (the sampler, /healthz, /v1/experts, the metrics loop);
+        channels to experts that left are closed."""
+        with self._live_lock:
+            if time.monotonic() - self._live_at > LIVE_CACHE_SECONDS:
+                self._live = self._read_live_experts()
+                self._live_at = time.monotonic()
+            return dict(self._live)
+
+    def _read_live_experts(self) -> dict[int, service.RemoteExpert]:
         chosen: dict[int, service.RemoteExpert] = {}
         for rec in sorted(self.discovery.live_peers(include_self=False), key=lambda r: r.peer_id):
             if (
@@ -91,6 +105,8 @@ class RouterNode(_Role):
                     tls=self.runtime.tls,
                 )
             chosen[rec.cluster] = self._remotes[key]
+        for key in [key for key, r in self._remotes.items() if r not in chosen.values()]:
+            self._remotes.pop(key).close()  # an expert that left, or one a lower peer id replaced
         self._live_count = len(chosen)
         return chosen
 
@@ -129,6 +145,7 @@ class RouterNode(_Role):
                 default_steps=e.sample_steps,
                 per_client=TokenBuckets(e.sample_rate, e.sample_burst),
                 max_image_steps=e.max_image_steps,
+                max_pending=e.max_pending,
             )
             grpc_service = service.RouterService(self.sampler)
             self.metrics = RouterMetrics(e.clusters, lambda: self._live_count, lambda: dict(grpc_service.refused))

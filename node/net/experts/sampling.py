@@ -27,10 +27,11 @@ from p2pd.admission import TokenBuckets
 
 class SampleRefused(Exception):
     """A request the sampler will not run. `reason`: `invalid` (a bound or the strategy), `rate` (over the client's
-    token bucket) or `unavailable` (no expert could serve); the message says what to change."""
+    token bucket), `busy` (max_pending requests already waiting) or `unavailable` (no expert could serve, or the
+    router is stopping); the message says what to change."""
 
     def __init__(self, reason: str, message: str):
-        """`reason`: invalid, rate or unavailable; `message`: one line for the client."""
+        """`reason`: invalid, rate, busy or unavailable; `message`: one line for the client."""
         super().__init__(message)
         self.reason = reason
 
@@ -88,16 +89,20 @@ class Sampler:
         max_batch: int = 1024,
         per_client: TokenBuckets | None = None,
         max_image_steps: int = 256 * 50,
+        max_pending: int = 8,
     ):
         """`router`: p(cluster | x_t, t) over flattened images; `experts()`: the live experts' velocities by cluster;
         `k`: clusters; `image_shape`: (C, H, W) of one image; `max_n`, `default_steps`, `max_steps`: bounds and
         default of one request; `max_batch`: images in one batched run; `per_client`: a token bucket per client
         address that every request spends from (None: no limit); `max_image_steps`: the most n x steps one request
-        may ask for, so a heavy request holds a small one behind it for a bounded time."""
+        may ask for, so a heavy request holds a small one behind it for a bounded time; `max_pending`: requests queued
+        or running at once, over which a request is refused as `busy` (each holds a server thread while it waits: the
+        cap keeps threads free for Health and the other calls)."""
         self.router, self.experts, self.k, self.image_shape = router, experts, k, tuple(image_shape)
         self.dim = int(torch.Size(self.image_shape).numel())
         self.max_n, self.default_steps, self.max_steps, self.max_batch = max_n, default_steps, max_steps, max_batch
-        self.per_client, self.max_image_steps = per_client, max_image_steps
+        self.per_client, self.max_image_steps, self.max_pending = per_client, max_image_steps, max_pending
+        self._pending = threading.BoundedSemaphore(max_pending)
         self.runs = 0  # ensemble runs (fewer than requests when batching works)
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._stop = threading.Event()
@@ -105,9 +110,17 @@ class Sampler:
         self._worker.start()
 
     def close(self) -> None:
-        """Stop the batching worker, waiting up to 10 s for a run in progress."""
+        """Stop the batching worker, waiting up to 10 s for a run in progress; requests still queued, and any
+        submitted later, are refused as `unavailable`."""
         self._stop.set()
         self._worker.join(timeout=10)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            job.error = "the router is stopping"
+            job.done.set()
 
     def check(self, n: int, strategy: str, steps: int, client: str) -> tuple[int, int]:
         """(experts per image, Euler steps) of a request, after spending one token of `client`'s bucket. Raises
@@ -138,11 +151,21 @@ class Sampler:
         noise of `seed`, batched with concurrent requests; blocks until the run ends. Returns None when `wanted()`
         turned False while waiting (the client left; the run finishes for the others). Raises SampleRefused."""
         top, steps = self.check(n, strategy, steps, client)
-        job = _Job(n, top, steps, seed)
-        self._queue.put(job)
-        while not job.done.wait(0.5):  # bounded by the run: the worker always sets `done`
-            if not wanted():
-                return None
+        if self._stop.is_set():
+            raise SampleRefused("unavailable", "the router is stopping")
+        if not self._pending.acquire(blocking=False):
+            raise SampleRefused("busy", f"busy: {self.max_pending} sample requests are already waiting; retry shortly")
+        try:
+            job = _Job(n, top, steps, seed)
+            self._queue.put(job)
+            while not job.done.wait(0.5):  # bounded: the worker or close() always sets `done`
+                if not wanted():
+                    return None
+                if self._stop.is_set() and not self._worker.is_alive():
+                    job.error = job.error or "the router is stopping"
+                    break
+        finally:
+            self._pending.release()
         if job.error is not None:
             raise SampleRefused("unavailable", job.error)
         res = job.result

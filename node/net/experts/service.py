@@ -98,14 +98,13 @@ class ExpertService(pb_grpc.ExpertServicer):
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictReply:
         """See `_predict`; times the call and reports it to `observe`."""
-        t0, status, rows = time.monotonic(), "INVALID_ARGUMENT", 0
+        t0, status, rows = time.monotonic(), "UNKNOWN", 0
         try:
             reply = self._predict(request, context)
             status, rows = "OK", reply.velocity.shape[0]
             return reply
         except Exception:
-            code = context.code() if hasattr(context, "code") else None
-            status = code.name if isinstance(code, grpc.StatusCode) else status
+            status = _code_name(context)
             raise
         finally:
             if self.observe is not None:
@@ -175,8 +174,13 @@ class RemoteExpert:
         self.failures = 0  # of them, the ones that failed
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The remote expert's velocity (B, dim) float32 at x_t (B, dim) and t (B,); raises ExpertUnavailable on an RPC
-        error, a malformed reply or an answer from another cluster."""
+        """The remote expert's velocity (B, dim) float32 at x_t (B, dim) and t (B,), in as many Predict calls as keep
+        each message under half the message limit; raises ExpertUnavailable on an RPC error, a malformed reply or an
+        answer from another cluster."""
+        rows = max(1, min(MAX_ROWS, MAX_MESSAGE_BYTES // 2 // (4 * self.dim)))
+        return torch.cat([self._predict(x[i : i + rows], t[i : i + rows]) for i in range(0, len(x), rows)])
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         req = pb.PredictRequest(x=matrix_to_pb(x), t=t.tolist(), cluster_digest=self.cluster_digest)
         if self.identity is not None:
             sign_predict(self.identity, self.peer_id, req, time.time())
@@ -186,7 +190,10 @@ class RemoteExpert:
             if reply.cluster != self.cluster:
                 self.failures += 1
                 raise ensemble.ExpertUnavailable(f"{self.address} answered as cluster {reply.cluster}")
-            return matrix_from_pb(reply.velocity, self.dim)
+            v = matrix_from_pb(reply.velocity, self.dim)
+            if len(v) != len(x):
+                raise ValueError(f"{len(v)} rows for {len(x)}")
+            return v
         except grpc.RpcError as e:
             self.failures += 1
             raise ensemble.ExpertUnavailable(f"{self.address}: {e.code().name}") from None
@@ -208,7 +215,7 @@ class RouterService(pb_grpc.RouterServicer):
         called once per request for metrics (route `grpc_sample`, status the gRPC code's name)."""
         self.sampler, self.observe = sampler, observe
         self._refusals = Refusals("a Sample request")
-        self.refused = self._refusals.counts  # Sample requests refused, by reason (rate, bad_request)
+        self.refused = self._refusals.counts  # Sample requests refused, by reason (rate, busy, bad_request)
 
     def Sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> pb.SampleReply:
         """Generate `n` images in [0, 1] with the ensemble (strategy top1 .. topK or full, `steps` Euler steps, noise
@@ -230,8 +237,8 @@ class RouterService(pb_grpc.RouterServicer):
             except SampleRefused as e:
                 code = _CODES[e.reason]
                 status = code.name
-                if e.reason == "rate":
-                    self._refusals.refuse(context, "rate", code, str(e))
+                if e.reason in ("rate", "busy"):  # counted (atoll_requests_refused_total), logged once a minute
+                    self._refusals.refuse(context, e.reason, code, str(e))
                 context.abort(code, str(e))
             if answer is None:
                 status = "CANCELLED"
@@ -246,16 +253,24 @@ class RouterService(pb_grpc.RouterServicer):
                 per_image=answer.per_image,
             )
         except Exception:
-            status = "INVALID_ARGUMENT" if status == "OK" and request is UNDECODABLE else status
+            if status == "OK":  # an abort below (undecodable bytes), or something unexpected
+                status = "INVALID_ARGUMENT" if request is UNDECODABLE else _code_name(context)
             raise
         finally:
             if self.observe is not None:
                 self.observe("grpc_sample", status, time.monotonic() - t0, answer)
 
 
+def _code_name(context) -> str:
+    """The status an aborted call ended with (UNKNOWN for an exception that was not an abort)."""
+    code = context.code() if hasattr(context, "code") else None
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
 _CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "rate": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 
