@@ -10,6 +10,8 @@ from helpers import assert_one_line_error, cli
     [
         (["serve", "--set", "experts.clusters=1"], ["experts.clusters"]),
         (["serve", "--set", "experts.router_steps=zero"], ["experts.router_steps"]),
+        (["serve", "--set", "experts.net=unet", "--set", "experts.width=12"], ["multiple of 8"]),
+        (["serve", "--set", "experts.max_pending=100"], ["experts.max_pending"]),
         (["query"], ["--router", "--peers"]),
         (["query", "--router", "127.0.0.1:1", "--strategy", "top0"], ["--strategy", "top0"]),
         (["query", "--router", "127.0.0.1:1", "--strategy", "best"], ["--strategy"]),
@@ -26,3 +28,5 @@ def test_bad_router_input_is_one_clear_line(args, words):
 def test_typer_range_checks_name_the_option():
     r = cli("router", "query", "--router", "127.0.0.1:1", "--n", "0")
     assert r.exit_code == 2 and "--n" in r.stderr and "Traceback" not in r.stderr
+    r = cli("router", "serve", "--http-port", "70000")
+    assert r.exit_code == 2 and "--http-port" in r.stderr and "Traceback" not in r.stderr

@@ -271,3 +271,16 @@ def test_http_errors_are_one_json_line_even_for_unknown_routes_big_bodies_and_lo
         assert status == 200  # the same seed range as gRPC's uint64
         doc = json.loads(call(f"{http.url}/openapi.json")[2])
         assert {"400", "422", "429", "503"} <= set(doc["paths"]["/v1/samples"]["post"]["responses"])
+
+
+def test_an_http_port_in_use_is_one_clear_error():
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with pytest.raises(OSError, match=r"cannot serve HTTP on 127\.0\.0\.1:\d+: .*experts\.http_port"):
+            HttpServer(build_app(None, list), "127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
