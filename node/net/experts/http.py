@@ -130,8 +130,8 @@ def build_app(
         "/v1/experts": "http_experts",
         "/healthz": "http_healthz",
         "/": "http_page",
+        "/openapi.json": "http_openapi",
     }
-    routes["/openapi.json"] = "http_openapi"
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):
