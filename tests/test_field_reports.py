@@ -41,6 +41,7 @@ def _pair_config(tmp_path, name: str, swarm: str, rounds: int, net: dict | None 
     )
 
 
+@pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
 def test_a_copied_key_is_refused_and_the_original_keeps_its_record(tmp_path):
     """Node A, node B joining A, then a copy of A's key joining B: the copy must refuse with one
     line, and A's record must still point at A (before: the copy ran silently and took over

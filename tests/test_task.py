@@ -134,6 +134,7 @@ def test_a_broken_task_is_one_clear_error(case, task_file):
     assert "\n" not in str(e.value) and tree["task"] in str(e.value)
 
 
+@pytest.mark.slow  # keeps the default set under 10 minutes on 2 cores (`make test-all` runs it)
 @pytest.mark.integration
 def test_atoll_new_task_then_a_task_atoll_never_saw_in_a_three_daemon_swarm(tmp_path):
     """What a new user does: `atoll new task demo`, edit demo.py (here: replaced by a task atoll
