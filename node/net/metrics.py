@@ -21,14 +21,52 @@ from p2pd.addresses import bare_host, host_port
 PATHS = ("direct", "relay", "pushed")  # how a neighbour's snapshot reached this node (node/net/grpc_exchange.py)
 
 
-class NodeMetrics:
+class Exporter:
+    """One registry of metrics and its /metrics HTTP endpoint: what every role's metrics (a trainer's NodeMetrics,
+    node/net/experts/metrics.py's router and expert) build on."""
+
+    def __init__(self) -> None:
+        """A fresh registry; nothing is served before `serve`."""
+        self.registry = CollectorRegistry()
+        self._server = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics endpoint on `host` (IPv4, IPv6 with or without brackets, or a
+        name); returns the bound port. Raises OSError naming the port and the setting."""
+        try:
+            self._server, _ = start_http_server(port, addr=bare_host(host), registry=self.registry)
+        except OSError as e:
+            raise OSError(
+                f"cannot serve metrics on {host_port(host, port)}: {e.strerror or e} "
+                f"(metrics_port / --metrics-port; 0 picks a free port)"
+            ) from None
+        return self._server.server_port
+
+    def close(self) -> None:
+        """Stop the /metrics endpoint if it is running."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def by_reason(name: str, doc: str, counts: dict[str, int]) -> CounterMetricFamily:
+    """A counter family `name` with one series per reason of `counts` (reason -> count), sorted by reason."""
+    family = CounterMetricFamily(name, doc, labels=["reason"])
+    for reason, n in sorted(counts.items()):
+        family.add_metric([reason], float(n))
+    return family
+
+
+class NodeMetrics(Exporter):
     """The Prometheus metrics of one node in their own registry (rounds, training, fetches, refusals, trust,
     checkpoints, the process), exported over HTTP by `serve`."""
 
     def __init__(self) -> None:
         """Registers every metric in a fresh registry (the path, reachability and checkpoint-failure series at 0 from
         the start, atoll_reachable at -1: not checked); nothing is served before `serve`."""
-        self.registry = r = CollectorRegistry()
+        super().__init__()
+        r = self.registry
         self.round = Gauge("atoll_round", "Last completed training round", registry=r)
         self.loss = Gauge("atoll_train_loss", "Mean local training loss in the last round", registry=r)
         self.accuracy = Gauge(
@@ -134,7 +172,6 @@ class NodeMetrics:
         Gauge(
             "atoll_checkpoint_age_seconds", "Seconds since the last checkpoint was written (-1: none yet)", registry=r
         ).set_function(lambda: time.time() - self.checkpoint_time if self.checkpoint_time else -1.0)
-        self._server = None
 
     def watch(
         self,
@@ -149,38 +186,6 @@ class NodeMetrics:
         """Export per-neighbour trust from `view()` = (signals by peer id, sybil clusters)."""
         self.registry.register(_TrustCallback(view, top_n))
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics endpoint on `host` (IPv4, IPv6 with or without brackets, or a
-        name); returns the bound port. Raises OSError naming the port and the setting."""
-        self._server = serve_registry(self.registry, host, port)
-        return self._server.server_port
-
-    def close(self) -> None:
-        """Stop the /metrics endpoint if it is running."""
-        stop_server(self._server)
-        self._server = None
-
-
-def serve_registry(registry: CollectorRegistry, host: str, port: int):
-    """prometheus_client's /metrics HTTP server for `registry` on `host` (IPv4, IPv6 with or without brackets, or a
-    name) and `port` (0: a free one); its `server_port` is the bound port. Raises OSError naming the port and the
-    setting."""
-    try:
-        server, _ = start_http_server(port, addr=bare_host(host), registry=registry)
-    except OSError as e:
-        raise OSError(
-            f"cannot serve metrics on {host_port(host, port)}: {e.strerror or e} "
-            f"(metrics_port / --metrics-port; 0 picks a free port)"
-        ) from None
-    return server
-
-
-def stop_server(server) -> None:
-    """Stop a server from serve_registry (None: nothing to stop)."""
-    if server is not None:
-        server.shutdown()
-        server.server_close()
-
 
 class _Callback:
     def __init__(self, sent_bytes, refused, requests_refused):
@@ -190,18 +195,12 @@ class _Callback:
         sent = CounterMetricFamily("atoll_sent_bytes", "Snapshot bytes served to neighbours")
         sent.add_metric([], float(self.sent_bytes()))
         yield sent
-        refused = CounterMetricFamily("atoll_records_refused", "Peer records dropped, by reason", labels=["reason"])
-        for reason, n in sorted(self.refused().items()):
-            refused.add_metric([reason], float(n))
-        yield refused
-        requests = CounterMetricFamily(
+        yield by_reason("atoll_records_refused", "Peer records dropped, by reason", self.refused())
+        yield by_reason(
             "atoll_requests_refused",
             "Fetch requests this node refused to serve, by reason (unsigned, stale, unknown identity, rate limit)",
-            labels=["reason"],
+            self.requests_refused(),
         )
-        for reason, n in sorted(self.requests_refused().items()):
-            requests.add_metric([reason], float(n))
-        yield requests
 
 
 class _TrustCallback:

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from node.algo.experts import flow
-from node.algo.experts.cluster import Clustering, cluster, cluster_points, to_unit
+from node.algo.experts.cluster import SPACES, Clustering, cluster, to_unit
 from node.algo.experts.nets import NETS, denoiser_net
 from node.task import Task
 from node.task.images import dataset
@@ -46,8 +46,8 @@ def clustering(
     cache file that does not fit the data set, DatasetMissing for data that is not installed."""
     from safetensors.torch import save_file
 
-    if cluster_on not in ("pixels", "features"):
-        raise ValueError(f"cluster_on must be pixels or features, got {cluster_on!r}")
+    if cluster_on not in SPACES:
+        raise ValueError(f"cluster_on must be one of {', '.join(SPACES)}, got {cluster_on!r}")
     ds = dataset(name, 0.25, 0, None)
     spec = dict(dataset=name, k=k, seed=seed, cluster_on=cluster_on, feature_steps=feature_steps)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -56,14 +56,13 @@ def clustering(
         raise ValueError(f"{path}: not a file; remove it to derive the clustering again")
     if path is not None and path.is_file():
         return _read_clustering(path, name, k, len(ds.x_train))
-    if cluster_on == "pixels":
-        cl = cluster(ds.x_train, k, seed)
-    else:
+    features = None
+    if cluster_on == "features":
         from node.protocol.judge import train_judge
 
         with torch.random.fork_rng(devices=[]):
-            judge = train_judge(ds, feature_steps, seed)
-        cl = cluster_points(judge.features(ds.x_train), k, seed, standardise=True)
+            features = train_judge(ds, feature_steps, seed).features(ds.x_train)
+    cl = cluster(ds.x_train, k, seed, features)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer

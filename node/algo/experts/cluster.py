@@ -1,12 +1,12 @@
 """Deterministic clustering of a data set for the experts: KMeans on pixels or on features.
 
-`cluster` runs KMeans on the flattened pixels: on 8x8 digits that already separates shapes and
-needs no extra training. `cluster_points` runs it on any (N, F) points, such as the
-penultimate features of a classifier (node/protocol/judge.py): on 28x28 Fashion-MNIST that
-groups garments by kind rather than by brightness, as the paper's DINOv2 features do. Either
-way every node that knows (data set, K, seed) derives the same clusters on the same machine;
-the centroids' digest goes into expert records, so a router never mixes experts of different
-clusterings (node/net/experts/clustering.py shares one clustering file across machines).
+`cluster` runs KMeans on the flattened pixels (on 8x8 digits that already separates shapes and
+needs no extra training), or on given features, such as the penultimate features of a
+classifier (node/protocol/judge.py): on 28x28 Fashion-MNIST those group garments by kind rather
+than by brightness, as the paper's DINOv2 features do. Either way every node that knows (data
+set, K, seed) derives the same clusters on the same machine; the digest goes into expert
+records, so a router never mixes experts of different clusterings (node/task/flow.py keeps one
+clustering in a file that can be copied across machines).
 
 Paper: McAllister et al., "Decentralized Diffusion Models", arXiv 2501.05450 (they cluster DINOv2
 features).
@@ -59,8 +59,14 @@ def from_unit(v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return ((v.clamp(-1, 1) + 1) / 2).reshape(len(v), *shape)
 
 
-def cluster(x: torch.Tensor, k: int, seed: int = 0) -> Clustering:
-    """KMeans on the flattened [-1, 1] pixels of images `x` (N, ...) in [0, 1]; see cluster_points."""
+SPACES = ("pixels", "features")  # what KMeans runs on (experts.cluster_on)
+
+
+def cluster(x: torch.Tensor, k: int, seed: int = 0, features: torch.Tensor | None = None) -> Clustering:
+    """KMeans on the flattened [-1, 1] pixels of images `x` (N, ...) in [0, 1], or, when given, on `features` (N, F)
+    of those images, standardised; see cluster_points."""
+    if features is not None:
+        return cluster_points(features, k, seed, standardise=True)
     return cluster_points(to_unit(x), k, seed)
 
 

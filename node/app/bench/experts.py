@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from node.algo.experts import ensemble, flow
-from node.algo.experts.cluster import cluster, cluster_points, from_unit, to_unit
+from node.algo.experts.cluster import cluster, from_unit, to_unit
 from node.algo.experts.nets import denoiser_net, router_net
 from node.algo.experts.router import router_accuracy, train_router
 from node.app import evaluate
@@ -38,10 +38,8 @@ def _run_seed(
 ) -> tuple[list[dict], dict]:
     k, steps, width, net, bs = spec["k"], spec["steps"], spec["width"], spec["net"], spec["batch_size"]
     n, sample_steps = spec["n"], spec["sample_steps"]
-    if spec["cluster_on"] == "features":
-        cl = cluster_points(judge.features(ds.x_train), k, seed, standardise=True)
-    else:
-        cl = cluster(ds.x_train, k, seed)
+    features = judge.features(ds.x_train) if spec["cluster_on"] == "features" else None
+    cl = cluster(ds.x_train, k, seed, features)
     x = to_unit(ds.x_train)
     dim, shape = x.shape[1], tuple(ds.x_train.shape[1:])
     t0 = time.perf_counter()

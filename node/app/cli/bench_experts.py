@@ -37,10 +37,13 @@ def bench_experts(
     seed_list = int_list(seeds, "--seeds", 0, 2**31)
     if dataset not in ("digits", "fashion-mnist"):
         fail(f"--dataset: unknown {dataset!r}")
-    if net not in ("mlp", "unet"):
-        fail(f"--net must be mlp or unet, got {net!r}")
-    if cluster_on not in ("pixels", "features"):
-        fail(f"--cluster-on must be pixels or features, got {cluster_on!r}")
+    from node.algo.experts.cluster import SPACES
+    from node.algo.experts.nets import NETS
+
+    if net not in NETS:
+        fail(f"--net must be one of {', '.join(NETS)}, got {net!r}")
+    if cluster_on not in SPACES:
+        fail(f"--cluster-on must be one of {', '.join(SPACES)}, got {cluster_on!r}")
     if net == "unet" and (width % 8 or dataset == "digits"):
         fail("--net unet needs --width a multiple of 8 and 28x28 images (--dataset fashion-mnist)")
     spec = dict(

@@ -12,39 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import Counter, Gauge, Histogram
 
 from node.net.experts.sampling import Answer
-from node.net.metrics import serve_registry, stop_server
+from node.net.metrics import Exporter, by_reason
 
 ROUTES = ("grpc_sample", "http_samples", "http_experts", "http_healthz", "http_page", "http_openapi")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
-class _Registry:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self._server = None
-
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics endpoint on `host` and `port` (0: a free one); returns the bound port. Raises OSError
-        naming the port and the setting."""
-        self._server = serve_registry(self.registry, host, port)
-        return self._server.server_port
-
-    def close(self) -> None:
-        """Stop the /metrics endpoint if it is running."""
-        stop_server(self._server)
-        self._server = None
-
-
-class RouterMetrics(_Registry):
+class RouterMetrics(Exporter):
     """The router's series (see the module docstring); `observe` is what the gRPC and HTTP front ends call."""
 
     def __init__(self, clusters: int, live: Callable[[], int], refused: Callable[[], dict[str, int]] = dict):
         """`clusters`: K; `live()`: experts live now (read at each scrape, so keep it cheap: a cached count);
-        `refused()`: gRPC Sample refusals by reason (rate, bad_request)."""
+        `refused()`: gRPC Sample refusals by reason (rate, busy, bad_request)."""
         super().__init__()
         r = self.registry
         self.requests = Counter(
@@ -86,17 +68,14 @@ class _Refused:
         self.refused = refused
 
     def collect(self):
-        c = CounterMetricFamily(
+        yield by_reason(
             "atoll_requests_refused",
-            "Sample requests this router refused, by reason (rate, bad_request)",
-            labels=["reason"],
+            "Sample requests this router refused, by reason (rate, busy, bad_request)",
+            self.refused(),
         )
-        for reason, n in sorted(self.refused().items()):
-            c.add_metric([reason], float(n))
-        yield c
 
 
-class ExpertMetrics(_Registry):
+class ExpertMetrics(Exporter):
     """An expert's series: Predict calls, latency and rows, training progress."""
 
     def __init__(self, cluster: int) -> None:

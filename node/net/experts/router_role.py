@@ -40,7 +40,6 @@ class RouterNode(_Role):
         self.router = router_net(e.net, self.image_shape, e.clusters, e.width, e.depth, seed=cfg.data.seed)
         self.directory = cfg.checkpoint_dir.expanduser() / "router"
         self._remotes: dict[str, service.RemoteExpert] = {}
-        self._live_count = 0
         self._live_lock = threading.Lock()
         self._live: dict[int, service.RemoteExpert] = {}
         self._live_at = -LIVE_CACHE_SECONDS
@@ -107,7 +106,6 @@ class RouterNode(_Role):
             chosen[rec.cluster] = self._remotes[key]
         for key in [key for key, r in self._remotes.items() if r not in chosen.values()]:
             self._remotes.pop(key).close()  # an expert that left, or one a lower peer id replaced
-        self._live_count = len(chosen)
         return chosen
 
     def experts_info(self) -> list[dict]:
@@ -148,7 +146,7 @@ class RouterNode(_Role):
                 max_pending=e.max_pending,
             )
             grpc_service = service.RouterService(self.sampler)
-            self.metrics = RouterMetrics(e.clusters, lambda: self._live_count, lambda: dict(grpc_service.refused))
+            self.metrics = RouterMetrics(e.clusters, lambda: len(self._live), lambda: dict(grpc_service.refused))
             grpc_service.observe = self.metrics.observe
             self._serve(service.register_router, grpc_service, self.metrics)
             if e.http_port is not None:
