@@ -118,7 +118,9 @@ def test_prometheus_scrapes_the_swarm_through_file_sd(tmp_path):
                 trust = query(port, "count by (peer) (atoll_peer_trust_ratio)")
             except OSError:  # not listening yet
                 continue
-            if len(accuracy) == N and {t["metric"]["peer"] for t in trust} == peers:
+            if len(accuracy) == N and {t["metric"]["peer"]: int(t["value"][1]) for t in trust} == dict.fromkeys(
+                peers, N - 1
+            ):
                 break
         assert {a["metric"]["node"] for a in accuracy} == peers, (
             accuracy,
